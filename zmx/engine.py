@@ -1,0 +1,381 @@
+"""The matching engine of one symbol: commands in, events out, nothing else.
+
+``MatchingEngine(spec).handle(cmd, *, ts_ns) -> list[Event]`` is deterministic: the same
+commands with the same timestamps give the same events, byte for byte, which is what
+journal replay and standby matchers rely on. The rules are in ``docs/matching.md``; this
+module is their only implementation.
+
+Hot path notes (profiled, see perf/bench_engine.py): events are NamedTuples built with
+``tuple.__new__`` (no keyword parsing), the matching loop touches the book's levels and
+queues directly, and the levels a command touched are collected in a small dict per side
+and turned into one ``BookChanged`` at the end.
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+from zmx.book import BookSide, Order, OrderBook
+from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
+from zmx.events import (
+    AmendRejected,
+    BookChanged,
+    CancelRejected,
+    Event,
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderFilled,
+    OrderRejected,
+    TradeOccurred,
+)
+from zmx.model import MAX_UNITS, OrderType, Side, SymbolSpec, TimeInForce
+
+_new = tuple.__new__
+BUY, SELL = Side.BUY, Side.SELL
+LIMIT, MARKET = OrderType.LIMIT, OrderType.MARKET
+GTC, IOC, FOK, POST_ONLY = TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.POST_ONLY
+_NO_LIMIT = 1 << 64  # a limit key beyond every price (market orders), below book.EMPTY
+
+SNAPSHOT_VERSION = 1
+
+
+def _valid_price(price: object) -> bool:
+    return type(price) is int and 0 < price <= MAX_UNITS
+
+
+class MatchingEngine:
+    """Price-time priority matching for one symbol (see docs/matching.md)."""
+
+    __slots__ = ("spec", "symbol", "seq", "next_trade_id", "book", "_used_ids")
+
+    def __init__(self, spec: SymbolSpec) -> None:
+        self.spec = spec
+        self.symbol = spec.symbol
+        self.seq = 0
+        self.next_trade_id = 1
+        self.book = OrderBook()
+        # (account, order_id) of every order ever accepted: ids are never reused.
+        self._used_ids: set[tuple[str, str]] = set()
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def handle(self, cmd: SubmitOrder | CancelOrder | AmendOrder, *, ts_ns: int) -> list[Event]:
+        kind = type(cmd)
+        if kind is SubmitOrder:
+            return self._submit(cmd, ts_ns)
+        if kind is CancelOrder:
+            return self._cancel(cmd, ts_ns)
+        if kind is AmendOrder:
+            return self._amend(cmd, ts_ns)
+        raise TypeError(f"not a command: {cmd!r}")
+
+    def depth(self, limit: int | None = None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The L2 book: (bids best first, asks best first), each level (price, total lots)."""
+        return self.book.depth(limit)
+
+    # -- submit --------------------------------------------------------------------------------
+
+    def _reject(self, cmd: SubmitOrder, ts_ns: int, reason: str) -> list[Event]:
+        return [_new(OrderRejected, (self.symbol, self.seq, ts_ns, cmd.order_id, cmd.account, reason))]
+
+    def _submit(self, cmd: SubmitOrder, ts_ns: int) -> list[Event]:
+        order_id, account, symbol, side, otype, tif, price, quantity = cmd
+        if symbol != self.symbol:
+            return self._reject(cmd, ts_ns, "unknown_symbol")
+        if side is not BUY and side is not SELL:
+            return self._reject(cmd, ts_ns, "invalid_field")
+        if otype is LIMIT:
+            if not _valid_price(price):
+                return self._reject(cmd, ts_ns, "invalid_price")
+            limit_key = price if side is BUY else -price
+        elif otype is MARKET:
+            if price is not None:
+                return self._reject(cmd, ts_ns, "invalid_price")
+            if tif is POST_ONLY:
+                return self._reject(cmd, ts_ns, "invalid_field")
+            limit_key = _NO_LIMIT
+        else:
+            return self._reject(cmd, ts_ns, "invalid_field")
+        if tif is not GTC and tif is not IOC and tif is not FOK and tif is not POST_ONLY:
+            return self._reject(cmd, ts_ns, "invalid_field")
+        spec = self.spec
+        if type(quantity) is not int or not spec.min_lots <= quantity <= spec.max_lots:
+            return self._reject(cmd, ts_ns, "invalid_quantity")
+        key = (account, order_id)
+        if key in self._used_ids:
+            return self._reject(cmd, ts_ns, "duplicate_order_id")
+
+        book = self.book
+        opposite = book.asks if side is BUY else book.bids
+        crosses = opposite.best <= limit_key
+        if tif is POST_ONLY and crosses:
+            return self._reject(cmd, ts_ns, "would_cross")
+        self._used_ids.add(key)
+        symbol = self.symbol
+
+        if not crosses:
+            if otype is LIMIT and (tif is GTC or tif is POST_ONLY):
+                # The common case: a passive limit order joins the book.
+                seq = self.seq = self.seq + 1
+                order = Order(order_id, account, side, price, quantity, 0, quantity, tif)
+                book.index[key] = order
+                level = (book.bids if side is BUY else book.asks).append(order)
+                changed = ((price, level.total),)
+                return [
+                    _new(OrderAccepted, (symbol, seq, ts_ns, order_id, account, side, otype, tif, price, quantity)),
+                    _new(BookChanged, (symbol, seq, ts_ns, changed, ()) if side is BUY
+                         else (symbol, seq, ts_ns, (), changed)),
+                ]
+            # Nothing to trade with and nothing rests: accepted and ended, the book is as it was.
+            seq = self.seq
+            reason = "fok" if tif is FOK else "no_liquidity" if otype is MARKET else "ioc"
+            return [
+                _new(OrderAccepted, (symbol, seq, ts_ns, order_id, account, side, otype, tif, price, quantity)),
+                _new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, price, 0, quantity, reason)),
+            ]
+        if tif is FOK and not self._available(opposite, limit_key, account, quantity):
+            seq = self.seq
+            return [
+                _new(OrderAccepted, (symbol, seq, ts_ns, order_id, account, side, otype, tif, price, quantity)),
+                _new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, price, 0, quantity, "fok")),
+            ]
+
+        seq = self.seq = self.seq + 1
+        events: list[Event] = [_new(OrderAccepted, (symbol, seq, ts_ns, order_id, account, side, otype, tif,
+                                                    price, quantity))]
+        touched_opposite: dict[int, int] = {}
+        remaining, filled = self._match(opposite, limit_key, side, order_id, account, quantity, 0,
+                                        events, touched_opposite, seq, ts_ns)
+        touched_own: dict[int, int] = {}
+        if remaining:
+            if otype is LIMIT and (tif is GTC or tif is POST_ONLY):
+                level = book.add(Order(order_id, account, side, price, quantity, filled, remaining, tif))
+                touched_own[level.key] = level.price
+            else:
+                reason = "no_liquidity" if otype is MARKET else "ioc"  # a FOK that got here filled in full
+                events.append(_new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, price, filled,
+                                                   remaining, reason)))
+        if side is BUY:
+            events.append(self._book_changed(seq, ts_ns, touched_own, touched_opposite))
+        else:
+            events.append(self._book_changed(seq, ts_ns, touched_opposite, touched_own))
+        return events
+
+    def _available(self, opposite: BookSide, limit_key: int, account: str, wanted: int) -> bool:
+        """Whether ``opposite`` holds ``wanted`` lots within ``limit_key`` from other accounts."""
+        levels = opposite.levels
+        found = 0
+        for key in opposite.keys:  # best first
+            if key > limit_key:
+                return False
+            order = levels[key].head
+            while order is not None:
+                if order.account != account:
+                    found += order.remaining
+                    if found >= wanted:
+                        return True
+                order = order.next
+        return False
+
+    def _match(self, opposite: BookSide, limit_key: int, side: Side, order_id: str, account: str,
+               remaining: int, filled: int, events: list[Event], touched: dict[int, int],
+               seq: int, ts_ns: int) -> tuple[int, int]:
+        """Trade an incoming order against ``opposite`` while it crosses; return what is left."""
+        symbol = self.symbol
+        levels = opposite.levels
+        index = self.book.index
+        append = events.append
+        while remaining:
+            key = opposite.best
+            if key > limit_key:
+                break
+            level = levels[key]
+            price = level.price
+            touched[key] = price
+            maker = level.head
+            while maker is not None:
+                if maker.account == account:
+                    # Self-trade prevention: cancel the resting order, keep matching.
+                    append(_new(OrderCanceled, (symbol, seq, ts_ns, maker.order_id, maker.account, maker.side,
+                                                maker.price, maker.filled, maker.remaining, "self_trade")))
+                    level.total -= maker.remaining
+                    maker.remaining = 0
+                else:
+                    maker_left = maker.remaining
+                    qty = maker_left if maker_left < remaining else remaining
+                    trade_id = self.next_trade_id
+                    self.next_trade_id = trade_id + 1
+                    maker_left -= qty
+                    maker.remaining = maker_left
+                    maker.filled += qty
+                    level.total -= qty
+                    remaining -= qty
+                    filled += qty
+                    append(_new(TradeOccurred, (symbol, seq, ts_ns, trade_id, price, qty, side)))
+                    append(_new(OrderFilled, (symbol, seq, ts_ns, maker.order_id, maker.account, maker.side,
+                                              trade_id, price, qty, maker.filled, maker_left, True)))
+                    append(_new(OrderFilled, (symbol, seq, ts_ns, order_id, account, side,
+                                              trade_id, price, qty, filled, remaining, False)))
+                    if maker_left:
+                        break  # the incoming order is done; the maker stays at the head
+                # The maker is done (filled or self-trade canceled): take it off the head.
+                nxt = maker.next
+                del index[(maker.account, maker.order_id)]
+                maker.level = maker.next = None
+                level.head = nxt
+                if nxt is None:
+                    level.tail = None
+                else:
+                    nxt.prev = None
+                maker = nxt
+                if not remaining:
+                    break
+            if level.head is None:
+                opposite.drop(level)
+        return remaining, filled
+
+    def _book_changed(self, seq: int, ts_ns: int, touched_bids: dict[int, int],
+                      touched_asks: dict[int, int]) -> BookChanged:
+        return _new(BookChanged, (self.symbol, seq, ts_ns, self._levels_after(self.book.bids, touched_bids),
+                                  self._levels_after(self.book.asks, touched_asks)))
+
+    @staticmethod
+    def _levels_after(book_side: BookSide, touched: dict[int, int]) -> tuple[tuple[int, int], ...]:
+        """The new total of each touched level (0 = gone), best first."""
+        if not touched:
+            return ()
+        levels = book_side.levels
+        if len(touched) == 1:
+            for key, price in touched.items():
+                level = levels.get(key)
+                return ((price, level.total if level is not None else 0),)
+        out = []
+        for key in sorted(touched):
+            level = levels.get(key)
+            out.append((touched[key], level.total if level is not None else 0))
+        return tuple(out)
+
+    # -- cancel ---------------------------------------------------------------------------------
+
+    def _cancel(self, cmd: CancelOrder, ts_ns: int) -> list[Event]:
+        order_id, account, symbol = cmd
+        if symbol != self.symbol:
+            return [_new(CancelRejected, (self.symbol, self.seq, ts_ns, order_id, account, "unknown_symbol"))]
+        order = self.book.index.get((account, order_id))
+        if order is None:
+            return [_new(CancelRejected, (self.symbol, self.seq, ts_ns, order_id, account, "unknown_order"))]
+        seq = self.seq = self.seq + 1
+        side = order.side
+        canceled = order.remaining
+        level = self.book.remove(order)
+        changed = ((level.price, level.total),)  # total is 0 when the level went away
+        return [
+            _new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, order.price, order.filled,
+                                 canceled, "user")),
+            _new(BookChanged, (symbol, seq, ts_ns, changed, ()) if side is BUY else (symbol, seq, ts_ns, (), changed)),
+        ]
+
+    # -- amend ----------------------------------------------------------------------------------
+
+    def _amend(self, cmd: AmendOrder, ts_ns: int) -> list[Event]:
+        order_id, account, symbol, new_price, new_quantity = cmd
+
+        def rejected(reason: str) -> list[Event]:
+            return [_new(AmendRejected, (self.symbol, self.seq, ts_ns, order_id, account, reason))]
+
+        if symbol != self.symbol:
+            return rejected("unknown_symbol")
+        book = self.book
+        order = book.index.get((account, order_id))
+        if order is None:
+            return rejected("unknown_order")
+        price = order.price if new_price is None else new_price
+        quantity = order.quantity if new_quantity is None else new_quantity
+        if not _valid_price(price):
+            return rejected("invalid_price")
+        spec = self.spec
+        if (type(quantity) is not int or not spec.min_lots <= quantity <= spec.max_lots
+                or quantity <= order.filled):
+            return rejected("invalid_quantity")
+        side = order.side
+        remaining = quantity - order.filled
+        if price == order.price and quantity == order.quantity:
+            return [_new(OrderAmended, (symbol, self.seq, ts_ns, order_id, account, side, price, quantity,
+                                        remaining))]
+        opposite = book.asks if side is BUY else book.bids
+        limit_key = price if side is BUY else -price
+        crosses = opposite.best <= limit_key
+        if crosses and order.time_in_force is POST_ONLY:
+            return rejected("would_cross")
+
+        seq = self.seq = self.seq + 1
+        events: list[Event] = [_new(OrderAmended, (symbol, seq, ts_ns, order_id, account, side, price, quantity,
+                                                   remaining))]
+        touched_own: dict[int, int] = {}
+        touched_opposite: dict[int, int] = {}
+        if price == order.price and quantity < order.quantity:
+            # Smaller at the same price: keeps its place in the queue.
+            level = order.level
+            assert level is not None
+            level.total -= order.remaining - remaining
+            order.remaining = remaining
+            order.quantity = quantity
+            touched_own[level.key] = level.price
+        else:
+            level = book.remove(order)
+            touched_own[level.key] = level.price
+            filled = order.filled
+            if crosses:
+                remaining, filled = self._match(opposite, limit_key, side, order_id, account, remaining, filled,
+                                                events, touched_opposite, seq, ts_ns)
+            if remaining:
+                order.price = price
+                order.quantity = quantity
+                order.filled = filled
+                order.remaining = remaining
+                level = book.add(order)
+                touched_own[level.key] = level.price
+        if side is BUY:
+            events.append(self._book_changed(seq, ts_ns, touched_own, touched_opposite))
+        else:
+            events.append(self._book_changed(seq, ts_ns, touched_opposite, touched_own))
+        return events
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Everything that decides future events, as bytes (deterministic for a given state)."""
+        spec = self.spec
+        orders = [
+            [o.order_id, o.account, o.side.value, o.price, o.quantity, o.filled, o.remaining, o.time_in_force.value]
+            for side in (BUY, SELL) for o in self.book.orders(side)
+        ]
+        state = [
+            SNAPSHOT_VERSION,
+            [spec.symbol, spec.tick_size, spec.lot_size, spec.min_quantity, spec.max_quantity],
+            self.seq,
+            self.next_trade_id,
+            sorted(self._used_ids),
+            orders,
+        ]
+        return msgpack.packb(state)
+
+    @classmethod
+    def restore(cls, data: bytes) -> MatchingEngine:
+        """An engine in exactly the state that ``snapshot()`` recorded."""
+        version, spec_fields, seq, next_trade_id, used_ids, orders = msgpack.unpackb(data)
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(f"engine snapshot version {version} is not supported (expected {SNAPSHOT_VERSION})")
+        engine = cls(SymbolSpec(*spec_fields))
+        engine.seq = seq
+        engine.next_trade_id = next_trade_id
+        engine._used_ids = {(account, order_id) for account, order_id in used_ids}
+        for order_id, account, side, price, quantity, filled, remaining, tif in orders:
+            engine.book.add(Order(order_id, account, Side(side), price, quantity, filled, remaining,
+                                  TimeInForce(tif)))
+        return engine
+
+    def resting(self) -> int:
+        """How many orders rest on the book."""
+        return len(self.book.index)
