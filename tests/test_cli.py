@@ -1,0 +1,135 @@
+"""The ``zmx`` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import zmx
+from zmx import cli
+from zmx.cli import builtin_topology_path, main
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = REPO / "topology" / "local.yaml"
+SHARDED = REPO / "topology" / "sharded.yaml"
+
+BAD = """\
+cluster: local
+symbols:
+  BTC-USDT: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}
+nodes:
+  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", data_dir: "var/m1"}
+  m3: {role: matchr}
+"""
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_check_shows_nodes_and_symbols(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check", str(LOCAL)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "cluster 'local' is valid" in out
+    for text in ("r1", "m1", "m2", "g1", "router", "matcher", "gateway",
+                 "tcp://127.0.0.1:5550", "tcp://127.0.0.1:5560", "ws://127.0.0.1:8765",
+                 "BTC-USDT", "ETH-USDT", "0.00001"):
+        assert text in out, text
+
+
+def test_check_sharded_shows_relay_and_upstream(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check", str(SHARDED)])
+    assert result.exit_code == 0, result.output
+    assert "relay" in result.output
+    assert "upstream x1" in result.output
+    assert "upstream m1, m2, m3, m4" in result.output
+    assert "DOGE-USDT" in result.output
+
+
+def test_check_bad_topology_exits_2_with_the_line(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD, encoding="utf-8")
+    result = runner.invoke(main, ["check", str(path)])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (f"Error: {path}:6: node 'm3': unknown role 'matchr' "
+                             "(expected one of: gateway, matcher, relay, router)\n")
+    assert "Traceback" not in result.output
+
+
+def test_check_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["check", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "nope.yaml: cannot read the topology" in result.stderr
+
+
+def test_check_needs_a_topology(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check"])
+    assert result.exit_code == 2
+    assert "Missing argument 'TOPOLOGY'" in result.stderr
+
+
+def test_builtin_topology_is_the_shipped_local_yaml() -> None:
+    assert builtin_topology_path() == LOCAL.resolve()
+    assert builtin_topology_path().is_file()
+
+
+def test_up_without_argument_uses_the_builtin_topology(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["up"])
+    assert result.exit_code == 0, result.output
+    assert "cluster 'local'" in result.output
+    assert "clients connect to ws://127.0.0.1:8765 (gateway g1)" in result.output
+    assert "does not start the node processes yet" in result.output
+    assert "BTC-USDT" in result.output
+
+
+def test_up_with_a_topology_lists_every_gateway(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["up", str(SHARDED)])
+    assert result.exit_code == 0, result.output
+    assert "clients connect to ws://127.0.0.1:5780 (gateway g1)" in result.output
+    assert "clients connect to ws://127.0.0.1:5781 (gateway g2)" in result.output
+
+
+def test_up_with_a_bad_topology_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD, encoding="utf-8")
+    result = runner.invoke(main, ["up", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:6: node 'm3': unknown role 'matchr'" in result.stderr
+
+
+def test_up_without_the_builtin_topology_says_so(runner: CliRunner, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "topology" / "local.yaml"
+    monkeypatch.setattr(cli, "builtin_topology_path", lambda: missing)
+    result = runner.invoke(main, ["up"])
+    assert result.exit_code == 2
+    assert f"the built-in topology {missing} is missing" in result.stderr
+    assert "zmx up TOPOLOGY" in result.stderr
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert zmx.__version__ in result.output
+
+
+def test_real_process_checks_a_topology(tmp_path: Path) -> None:
+    """``python -m zmx.cli`` in a child process: the entry point works outside the test runner."""
+    good = subprocess.run([sys.executable, "-m", "zmx.cli", "check", str(LOCAL)],
+                          check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert "BTC-USDT" in good.stdout and "m1" in good.stdout
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD, encoding="utf-8")
+    bad = subprocess.run([sys.executable, "-m", "zmx.cli", "check", "bad.yaml"],
+                         check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("Error: bad.yaml:6: node 'm3': unknown role 'matchr'"), bad.stderr
+    assert "Traceback" not in bad.stderr
