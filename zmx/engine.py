@@ -92,8 +92,6 @@ class MatchingEngine:
         elif otype is MARKET:
             if price is not None:
                 return self._reject(cmd, ts_ns, "invalid_price")
-            if tif is POST_ONLY:
-                return self._reject(cmd, ts_ns, "invalid_field")
             limit_key = _NO_LIMIT
         else:
             return self._reject(cmd, ts_ns, "invalid_field")
@@ -105,6 +103,8 @@ class MatchingEngine:
         key = (account, order_id)
         if key in self._used_ids:
             return self._reject(cmd, ts_ns, "duplicate_order_id")
+        if otype is MARKET and tif is POST_ONLY:
+            return self._reject(cmd, ts_ns, "invalid_field")
 
         book = self.book
         opposite = book.asks if side is BUY else book.bids
