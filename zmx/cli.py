@@ -121,5 +121,21 @@ def up(topology: Path | None) -> None:
                   soft_wrap=True)
 
 
+@main.command()
+@click.argument("name")
+@click.option("-t", "--topology", "topology_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="the cluster's topology file")
+def node(name: str, topology_path: Path) -> None:
+    """Run node NAME of a topology in this process (for a cluster across machines)."""
+    from zmx.node.runtime import run_node
+
+    topology = _load(topology_path)
+    try:
+        topology.node(name)
+    except TopologyError as e:
+        raise TopologyFailure(str(e)) from None
+    raise SystemExit(run_node(topology, name))
+
+
 if __name__ == "__main__":
     main(prog_name="zmx")

@@ -1,11 +1,35 @@
-"""What every node process shares: reading its topology file."""
+"""What every node process shares: reading its topology, logging, readiness and stopping.
+
+A node process is started as ``zmx node NAME -t TOPOLOGY``. It binds its sockets, then
+prints exactly one line ``READY {"node": ..., "role": ..., ...}`` (JSON) on standard output,
+which is how ``zmx up`` and the tests know it is serving: the line is written by the node
+after its sockets are bound, never guessed with a sleep. It stops cleanly on SIGINT or
+SIGTERM: every loop polls its sockets with a short timeout and checks ``Stopper.stopped``.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import logging
+import signal
+import sys
 from os import PathLike
+from typing import Any
 
 from zmx.exceptions import TopologyError
 from zmx.topology import Topology, parse_topology
+
+READY_PREFIX = "READY "
+POLL_MS = 100  # how long a node loop may block before it looks at its Stopper again
+
+# role -> module whose run(topology, name, stopper) serves a node of that role
+ROLE_MODULES = {
+    "matcher": "zmx.node.matcher",
+    "router": "zmx.node.router",
+    "relay": "zmx.node.relay",
+    "gateway": "zmx.node.gateway",
+}
 
 
 def load_topology(path: str | PathLike[str]) -> Topology:
@@ -19,3 +43,56 @@ def load_topology(path: str | PathLike[str]) -> Topology:
     except UnicodeDecodeError as e:
         raise TopologyError(f"{source}: the topology is not UTF-8 text ({e.reason})") from None
     return parse_topology(text, source)
+
+
+class Stopper:
+    """Set by SIGINT/SIGTERM (or by code); node loops check it between polls."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.signal: int | None = None
+
+    def stop(self, signum: int | None = None, _frame: Any = None) -> None:
+        self.stopped = True
+        self.signal = signum
+
+    def install(self) -> Stopper:
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+        return self
+
+
+def setup_logging(node: str, level: int = logging.INFO) -> None:
+    """Log lines name the node; messages about a symbol name the symbol (``BTC-USDT: ...``)."""
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {node} %(name)s: %(message)s",
+    )
+
+
+def announce_ready(node: str, role: str, **details: Any) -> None:
+    """Tell whoever started this process that it is serving (one line on stdout)."""
+    sys.stdout.write(READY_PREFIX + json.dumps({"node": node, "role": role, **details}) + "\n")
+    sys.stdout.flush()
+
+
+def parse_ready(line: str) -> dict[str, Any] | None:
+    """The details of a ``READY`` line, or None for any other line."""
+    if not line.startswith(READY_PREFIX):
+        return None
+    try:
+        details = json.loads(line[len(READY_PREFIX):])
+    except ValueError:
+        return None
+    return details if isinstance(details, dict) else None
+
+
+def run_node(topology: Topology, name: str) -> int:
+    """Serve node ``name`` of ``topology`` in this process until SIGINT/SIGTERM; exit status."""
+    node = topology.node(name)
+    setup_logging(name)
+    module = importlib.import_module(ROLE_MODULES[node.role])
+    stopper = Stopper().install()
+    module.run(topology, name, stopper)
+    return 0
