@@ -40,14 +40,11 @@ _NO_LIMIT = 1 << 64  # a limit key beyond every price (market orders), below boo
 SNAPSHOT_VERSION = 1
 
 
-def _valid_price(price: object) -> bool:
-    return type(price) is int and 0 < price <= MAX_UNITS
-
-
 class MatchingEngine:
     """Price-time priority matching for one symbol (see docs/matching.md)."""
 
-    __slots__ = ("spec", "symbol", "seq", "next_trade_id", "book", "_used_ids")
+    __slots__ = ("spec", "symbol", "seq", "next_trade_id", "book", "_used_ids",
+                 "_bids", "_asks", "_index", "_min_lots", "_max_lots")
 
     def __init__(self, spec: SymbolSpec) -> None:
         self.spec = spec
@@ -57,6 +54,12 @@ class MatchingEngine:
         self.book = OrderBook()
         # (account, order_id) of every order ever accepted: ids are never reused.
         self._used_ids: set[tuple[str, str]] = set()
+        # Shortcuts for the hot paths (one attribute load instead of two).
+        self._bids = self.book.bids
+        self._asks = self.book.asks
+        self._index = self.book.index
+        self._min_lots = spec.min_lots
+        self._max_lots = spec.max_lots
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -83,10 +86,14 @@ class MatchingEngine:
         order_id, account, symbol, side, otype, tif, price, quantity = cmd
         if symbol != self.symbol:
             return self._reject(cmd, ts_ns, "unknown_symbol")
-        if side is not BUY and side is not SELL:
+        if side is BUY:
+            own, opposite = self._bids, self._asks
+        elif side is SELL:
+            own, opposite = self._asks, self._bids
+        else:
             return self._reject(cmd, ts_ns, "invalid_field")
         if otype is LIMIT:
-            if not _valid_price(price):
+            if type(price) is not int or not 0 < price <= MAX_UNITS:
                 return self._reject(cmd, ts_ns, "invalid_price")
             limit_key = price if side is BUY else -price
         elif otype is MARKET:
@@ -97,30 +104,32 @@ class MatchingEngine:
             return self._reject(cmd, ts_ns, "invalid_field")
         if tif is not GTC and tif is not IOC and tif is not FOK and tif is not POST_ONLY:
             return self._reject(cmd, ts_ns, "invalid_field")
-        spec = self.spec
-        if type(quantity) is not int or not spec.min_lots <= quantity <= spec.max_lots:
+        if type(quantity) is not int or not self._min_lots <= quantity <= self._max_lots:
             return self._reject(cmd, ts_ns, "invalid_quantity")
         key = (account, order_id)
-        if key in self._used_ids:
+        used_ids = self._used_ids
+        if key in used_ids:
             return self._reject(cmd, ts_ns, "duplicate_order_id")
         if otype is MARKET and tif is POST_ONLY:
             return self._reject(cmd, ts_ns, "invalid_field")
 
-        book = self.book
-        opposite = book.asks if side is BUY else book.bids
         crosses = opposite.best <= limit_key
         if tif is POST_ONLY and crosses:
             return self._reject(cmd, ts_ns, "would_cross")
-        self._used_ids.add(key)
-        symbol = self.symbol
+        used_ids.add(key)
 
         if not crosses:
             if otype is LIMIT and (tif is GTC or tif is POST_ONLY):
                 # The common case: a passive limit order joins the book.
                 seq = self.seq = self.seq + 1
-                order = Order(order_id, account, side, price, quantity, 0, quantity, tif)
-                book.index[key] = order
-                level = (book.bids if side is BUY else book.asks).append(order)
+                order = self._index[key] = Order(order_id, account, side, price, quantity, 0, quantity, tif)
+                # BookSide.append, inlined: this is the most frequent path of all.
+                level = own.levels.get(-limit_key)
+                if level is None:
+                    level = own.append(order)
+                else:
+                    level.queue.append(order)
+                    level.total += quantity
                 changed = ((price, level.total),)
                 return [
                     _new(OrderAccepted, (symbol, seq, ts_ns, order_id, account, side, otype, tif, price, quantity)),
@@ -150,7 +159,9 @@ class MatchingEngine:
         touched_own: dict[int, int] = {}
         if remaining:
             if otype is LIMIT and (tif is GTC or tif is POST_ONLY):
-                level = book.add(Order(order_id, account, side, price, quantity, filled, remaining, tif))
+                order = Order(order_id, account, side, price, quantity, filled, remaining, tif)
+                self._index[key] = order
+                level = own.append(order)
                 touched_own[level.key] = level.price
             else:
                 reason = "no_liquidity" if otype is MARKET else "ioc"  # a FOK that got here filled in full
@@ -169,13 +180,11 @@ class MatchingEngine:
         for key in opposite.keys:  # best first
             if key > limit_key:
                 return False
-            order = levels[key].head
-            while order is not None:
+            for order in levels[key].live():
                 if order.account != account:
                     found += order.remaining
                     if found >= wanted:
                         return True
-                order = order.next
         return False
 
     def _match(self, opposite: BookSide, limit_key: int, side: Side, order_id: str, account: str,
@@ -184,7 +193,7 @@ class MatchingEngine:
         """Trade an incoming order against ``opposite`` while it crosses; return what is left."""
         symbol = self.symbol
         levels = opposite.levels
-        index = self.book.index
+        index = self._index
         append = events.append
         while remaining:
             key = opposite.best
@@ -193,45 +202,43 @@ class MatchingEngine:
             level = levels[key]
             price = level.price
             touched[key] = price
-            maker = level.head
-            while maker is not None:
+            queue = level.queue
+            while True:
+                maker = queue[0]
+                maker_left = maker.remaining
+                if not maker_left:  # canceled earlier, still queued
+                    queue.popleft()
+                    level.dead -= 1
+                    continue
                 if maker.account == account:
                     # Self-trade prevention: cancel the resting order, keep matching.
-                    append(_new(OrderCanceled, (symbol, seq, ts_ns, maker.order_id, maker.account, maker.side,
-                                                maker.price, maker.filled, maker.remaining, "self_trade")))
-                    level.total -= maker.remaining
+                    append(_new(OrderCanceled, (symbol, seq, ts_ns, maker.order_id, account, maker.side,
+                                                price, maker.filled, maker_left, "self_trade")))
+                    level.total -= maker_left
                     maker.remaining = 0
                 else:
-                    maker_left = maker.remaining
                     qty = maker_left if maker_left < remaining else remaining
                     trade_id = self.next_trade_id
                     self.next_trade_id = trade_id + 1
                     maker_left -= qty
                     maker.remaining = maker_left
-                    maker.filled += qty
+                    maker_filled = maker.filled = maker.filled + qty
                     level.total -= qty
                     remaining -= qty
                     filled += qty
                     append(_new(TradeOccurred, (symbol, seq, ts_ns, trade_id, price, qty, side)))
                     append(_new(OrderFilled, (symbol, seq, ts_ns, maker.order_id, maker.account, maker.side,
-                                              trade_id, price, qty, maker.filled, maker_left, True)))
+                                              trade_id, price, qty, maker_filled, maker_left, True)))
                     append(_new(OrderFilled, (symbol, seq, ts_ns, order_id, account, side,
                                               trade_id, price, qty, filled, remaining, False)))
                     if maker_left:
                         break  # the incoming order is done; the maker stays at the head
-                # The maker is done (filled or self-trade canceled): take it off the head.
-                nxt = maker.next
+                # The maker is done (filled, or canceled by self-trade prevention).
+                queue.popleft()
                 del index[(maker.account, maker.order_id)]
-                maker.level = maker.next = None
-                level.head = nxt
-                if nxt is None:
-                    level.tail = None
-                else:
-                    nxt.prev = None
-                maker = nxt
-                if not remaining:
+                if not remaining or not level.total:
                     break
-            if level.head is None:
+            if not level.total:
                 opposite.drop(level)
         return remaining, filled
 
@@ -262,13 +269,13 @@ class MatchingEngine:
         order_id, account, symbol = cmd
         if symbol != self.symbol:
             return [_new(CancelRejected, (self.symbol, self.seq, ts_ns, order_id, account, "unknown_symbol"))]
-        order = self.book.index.get((account, order_id))
+        order = self._index.pop((account, order_id), None)
         if order is None:
             return [_new(CancelRejected, (self.symbol, self.seq, ts_ns, order_id, account, "unknown_order"))]
         seq = self.seq = self.seq + 1
         side = order.side
         canceled = order.remaining
-        level = self.book.remove(order)
+        level = (self._bids if side is BUY else self._asks).remove(order)
         changed = ((level.price, level.total),)  # total is 0 when the level went away
         return [
             _new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, order.price, order.filled,
@@ -292,7 +299,7 @@ class MatchingEngine:
             return rejected("unknown_order")
         price = order.price if new_price is None else new_price
         quantity = order.quantity if new_quantity is None else new_quantity
-        if not _valid_price(price):
+        if type(price) is not int or not 0 < price <= MAX_UNITS:
             return rejected("invalid_price")
         spec = self.spec
         if (type(quantity) is not int or not spec.min_lots <= quantity <= spec.max_lots
@@ -316,25 +323,24 @@ class MatchingEngine:
         touched_opposite: dict[int, int] = {}
         if price == order.price and quantity < order.quantity:
             # Smaller at the same price: keeps its place in the queue.
-            level = order.level
-            assert level is not None
+            own = book.side(side)
+            level = own.levels[own.sign * price]
             level.total -= order.remaining - remaining
             order.remaining = remaining
             order.quantity = quantity
             touched_own[level.key] = level.price
         else:
+            # A new price or more quantity: out of its queue, matched if it crosses, then
+            # back at the end of the queue at its price as a new entry.
+            filled = order.filled
             level = book.remove(order)
             touched_own[level.key] = level.price
-            filled = order.filled
             if crosses:
                 remaining, filled = self._match(opposite, limit_key, side, order_id, account, remaining, filled,
                                                 events, touched_opposite, seq, ts_ns)
             if remaining:
-                order.price = price
-                order.quantity = quantity
-                order.filled = filled
-                order.remaining = remaining
-                level = book.add(order)
+                level = book.add(Order(order_id, account, side, price, quantity, filled, remaining,
+                                       order.time_in_force))
                 touched_own[level.key] = level.price
         if side is BUY:
             events.append(self._book_changed(seq, ts_ns, touched_own, touched_opposite))
