@@ -1,0 +1,179 @@
+"""Shared helpers of the benchmarks in ``perf/``: timing, metadata and the results files.
+
+Every benchmark writes ``perf/results/<name>.json`` through ``write_results``, which adds
+the same metadata to each file (Python, platform, CPU count, load, git commit, time), so
+figures from different runs and machines can be told apart.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+PERF_DIR = Path(__file__).resolve().parent
+ROOT = PERF_DIR.parent
+RESULTS_DIR = PERF_DIR / "results"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """``HEAD``'s hash, with ``-dirty`` when tracked files have changes; ``unknown`` outside a
+    repository or before its first commit."""
+    head = _git("rev-parse", "--verify", "--quiet", "HEAD")
+    if not head:
+        return "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return head + "-dirty" if status else head
+
+
+def metadata() -> dict[str, Any]:
+    """Where and when the figures were measured."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "loadavg": load,
+        "commit": git_commit(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, figures: dict[str, Any]) -> Path:
+    """Write ``{"benchmark": name, **figures, **metadata()}`` to ``perf/results/<name>.json``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    data = {"benchmark": name, **figures, **metadata()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds``: ``time.perf_counter`` around the block."""
+
+    __slots__ = ("seconds", "start")
+
+    def __enter__(self) -> Timer:
+        self.seconds = 0.0
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def best_of(repeat: int, run: Callable[[], float]) -> tuple[float, list[float]]:
+    """Call ``run`` ``repeat`` times; it times its own loop and returns seconds.
+
+    Garbage from the previous round is collected before each round (outside the timing);
+    gc stays enabled while ``run`` runs, as in production. Returns (best, all rounds).
+    """
+    rounds = []
+    for _ in range(max(1, repeat)):
+        gc.collect()
+        rounds.append(run())
+    return min(rounds), rounds
+
+
+def interleaved(repeat: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Rounds of several runs taken in turn (A B, B A, A B, ...), so that a burst of load
+    from elsewhere on the machine hits all of them alike; each run times its own loop and
+    returns seconds. Garbage is collected before each run, outside the timing. Returns the
+    seconds of every round by name; take ``min`` of each for best-of figures."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for i in range(max(1, repeat)):
+        for name in order if i % 2 == 0 else reversed(order):
+            gc.collect()
+            seconds[name].append(runs[name]())
+    return seconds
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, steal) clock ticks of the whole machine so far, from ``/proc/stat``; None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+class CpuWatch:
+    """How much else ran on the machine during a block: ``with CpuWatch() as w: ...``.
+
+    ``others`` is the average number of CPUs that other processes kept busy, ``steal`` the
+    average number the hypervisor gave to other machines (both None where ``/proc/stat`` is
+    missing). Either above about 0.5 means the figures of the block are suspect.
+    """
+
+    __slots__ = ("_own", "_start", "_wall", "others", "steal")
+
+    def __enter__(self) -> CpuWatch:
+        self.others = self.steal = None
+        self._start = _cpu_jiffies()
+        own = os.times()
+        self._own = own.user + own.system
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._wall
+        end = _cpu_jiffies()
+        own = os.times()
+        if self._start is None or end is None or wall <= 0:
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (end[0] - self._start[0]) / hz - (own.user + own.system - self._own)
+        self.others = round(max(0.0, busy) / wall, 2)
+        self.steal = round((end[1] - self._start[1]) / hz / wall, 2)
+
+
+def machine_busy(seconds: float = 1.0) -> CpuWatch:
+    """Watch an idle second: what the rest of the machine is doing right now."""
+    with CpuWatch() as watch:
+        time.sleep(seconds)
+    return watch
+
+
+def noise_note(watch: CpuWatch, what: str) -> str | None:
+    """A warning when other processes or the hypervisor took CPU during ``what``."""
+    if watch.others is None:
+        return None
+    if watch.others > 0.5 or (watch.steal or 0) > 0.5:
+        return (f"{what}, other processes kept {watch.others} CPUs busy (hypervisor steal {watch.steal}): "
+                "the figures are suspect; re-run when the machine is idle")
+    return None
+
+
+def warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr)
