@@ -1,0 +1,134 @@
+"""The relay node, as a real process between publishers that the test owns and a SUB.
+
+The test binds an XPUB at each matcher's ``pub`` endpoint of the topology (no matcher process
+is needed): an XPUB sees the subscriptions that reach it, which is the proof that they travel
+upstream through the relay -- and the moment from which a publication reaches the subscriber.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from nodes import Cluster, write_topology
+
+from zmx.codec import encode_publication
+from zmx.events import BookChanged
+from zmx.node.runtime import load_topology
+from zmx.topics import topic
+from zmx.topology import Topology, connect_endpoint
+
+TIMEOUT_MS = 10_000
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
+def book(symbol: str, seq: int) -> bytes:
+    return encode_publication(symbol, [BookChanged(symbol, seq, 1, ((100, seq),), ())])
+
+
+def recv(sock: zmq.Socket, what: str) -> bytes:
+    assert sock.poll(TIMEOUT_MS), f"nothing received: {what}"
+    return sock.recv()
+
+
+def upstream_publishers(ctx: zmq.Context, topology: Topology) -> dict[str, zmq.Socket]:
+    """An XPUB bound where each matcher would publish."""
+    publishers = {}
+    for node in topology.nodes_by_role("matcher"):
+        xpub = ctx.socket(zmq.XPUB)
+        xpub.linger = 0
+        xpub.bind(node.pub)  # type: ignore[union-attr]
+        publishers[node.name] = xpub
+    return publishers
+
+
+def test_subscriptions_travel_upstream_and_only_subscribed_topics_arrive(
+        cluster: Cluster, tmp_path: Path, context: zmq.Context) -> None:
+    cluster.topology = write_topology(tmp_path, relay=True)
+    topology = load_topology(cluster.topology)
+    m1, m2 = upstream_publishers(context, topology).values()
+    relay = cluster.start("x1")
+    ready = relay.ready
+    relay_pub = topology.nodes["x1"].pub  # type: ignore[union-attr]
+    assert ready is not None and ready["role"] == "relay"
+    assert ready["pub"] == relay_pub
+
+    sub = context.socket(zmq.SUB)
+    sub.linger = 0
+    sub.connect(connect_endpoint(relay_pub))
+    sub.subscribe(topic("BTC-USDT"))
+
+    # The subscription reaches every upstream matcher, and it is the only one: the relay
+    # receives what its subscribers hold, not everything.
+    assert recv(m1, "BTC-USDT subscription at m1") == b"\x01" + topic("BTC-USDT")
+    assert recv(m2, "BTC-USDT subscription at m2") == b"\x01" + topic("BTC-USDT")
+
+    # XPUBs drop what nobody subscribed; a message that slipped through would arrive before
+    # the last BTC-USDT one, which travels the same path.
+    m1.send(book("SOL-USDT", 1))
+    m1.send(book("BTC-USDTX", 1))
+    m1.send(book("BTC-USDT", 1))
+    m1.send(book("BTC-USDT", 2))
+    assert recv(sub, "BTC-USDT 1") == book("BTC-USDT", 1)
+    assert recv(sub, "BTC-USDT 2") == book("BTC-USDT", 2)
+
+    # A second topic, from the other matcher: subscribed (at every upstream), then published.
+    sub.subscribe(topic("ETH-USDT"))
+    assert recv(m1, "ETH-USDT subscription at m1") == b"\x01" + topic("ETH-USDT")
+    assert recv(m2, "ETH-USDT subscription at m2") == b"\x01" + topic("ETH-USDT")
+    m2.send(book("ETH-USDT", 7))
+    assert recv(sub, "ETH-USDT 7") == book("ETH-USDT", 7)
+
+    # Unsubscribing travels upstream too.
+    sub.unsubscribe(topic("BTC-USDT"))
+    assert recv(m1, "BTC-USDT unsubscription at m1") == b"\x00" + topic("BTC-USDT")
+
+    # SIGTERM stops the proxy cleanly.
+    sub.close()
+    assert relay.stop() == 0
+    assert "stopped" in relay.log()
+
+
+def test_a_relay_fans_out_to_several_subscribers(cluster: Cluster, tmp_path: Path, context: zmq.Context) -> None:
+    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}, relay=True)
+    topology = load_topology(cluster.topology)
+    (m1,) = upstream_publishers(context, topology).values()
+    cluster.start("x1")
+    endpoint = connect_endpoint(topology.nodes["x1"].pub)  # type: ignore[union-attr]
+    subs = []
+    for _ in range(3):
+        sub = context.socket(zmq.SUB)
+        sub.linger = 0
+        sub.connect(endpoint)
+        sub.subscribe(topic("BTC-USDT"))
+        subs.append(sub)
+    # The relay's XPUB passes one subscription per topic upstream, not one per subscriber.
+    assert recv(m1, "the subscription") == b"\x01" + topic("BTC-USDT")
+    # ... so the first one only proves the relay holds at least one subscriber: send until
+    # each subscriber has its first message (a subscriber that joins late misses the first).
+    seen = [False] * len(subs)
+    poller = zmq.Poller()
+    for sub in subs:
+        poller.register(sub, zmq.POLLIN)
+    seq = 0
+    while not all(seen):
+        seq += 1
+        assert seq < 10_000, "a subscriber never got a message"
+        m1.send(book("BTC-USDT", seq))
+        for sock, _ in poller.poll(10):
+            sock.recv()
+            seen[subs.index(sock)] = True
+    m1.send(book("BTC-USDT", seq + 1))
+    for i, sub in enumerate(subs):
+        while recv(sub, f"subscriber {i}") != book("BTC-USDT", seq + 1):
+            pass  # the earlier ones of the warm-up

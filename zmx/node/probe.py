@@ -1,0 +1,374 @@
+"""The probe: a SUB socket on any PUB endpoint (a matcher's or a relay's) that measures the feed.
+
+Three layers, so tests and benchmarks can use the measuring without the screen:
+
+- ``ProbeStats`` is the measuring core: fed each received frame with its receive time
+  (``time.time_ns()``), it counts messages and bytes, follows each symbol's ``seq`` and counts
+  the gaps, and records publish-to-receive latency. No sockets, no clock of its own.
+- ``run_probe`` is the socket loop: it subscribes, feeds every frame to a ``ProbeStats`` and
+  hands an ``Interval`` to a callback once a second, until the duration is over or the
+  ``Stopper`` is set.
+- ``interval_table`` and ``summary_table`` draw them with ``rich``; the CLI (``zmx probe``)
+  shows the first in a ``rich.live.Live`` and prints the second at the end.
+
+What counts (docs/wire.md: one frame per command per symbol):
+
+- a **message** is a frame that decodes (``codec.decode_publication``); an empty publication
+  is a symbol's heartbeat: a message with no ``seq``. A frame that does not decode counts
+  as a **decode error** (and its bytes as bytes), never as a message, and never stops the probe.
+- a **gap** is a missing ``seq``: a publication of a symbol whose ``seq`` is more than 1 above
+  the last one seen for that symbol adds the difference minus one. The first publication of a
+  symbol only sets the starting point. A ``seq`` at or below the last one (a matcher that
+  lost its state, a duplicate) is counted as **backwards** and becomes the new starting point.
+- **latency** is the receive time minus the ``ts_ns`` of the publication's events (all events
+  of one command share one ``ts_ns``), one sample per non-empty publication. Both are wall
+  clocks; across machines the figure includes their offset, so a negative one is taken as 0.
+- private publications (``@account`` topics) are counted as messages, under ``private``, with
+  no ``seq`` to follow: an account's events do not advance by exactly one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any
+
+import zmq
+from rich.table import Table
+
+from zmx.codec import decode_publication
+from zmx.exceptions import DecodeError
+from zmx.node.runtime import POLL_MS, Stopper
+from zmx.topics import is_private, topic
+
+__all__ = ["Interval", "LatencyHistogram", "ProbeStats", "SymbolStats", "interval_table", "run_probe",
+           "summary_table"]
+
+# -- latency ---------------------------------------------------------------------------------
+
+_SUB_BITS = 7
+_SUB = 1 << _SUB_BITS  # 128 buckets per power of two: a recorded value is off by < 1/128
+_EXACT = 2 * _SUB  # values below this (ns) get a bucket of their own
+
+
+class LatencyHistogram:
+    """Counts of nanosecond values in log-linear buckets (the HdrHistogram layout).
+
+    Values below 256 ns are exact; above, each power of two is cut into 128 buckets, so a
+    percentile is within 0.8% of the true value, with constant memory however long the probe
+    runs. ``max`` is exact.
+    """
+
+    __slots__ = ("count", "counts", "max")
+
+    def __init__(self) -> None:
+        self.counts: list[int] = [0] * (_SUB * 64)
+        self.count = 0
+        self.max = 0
+
+    def add(self, value_ns: int) -> None:
+        if value_ns < 0:
+            value_ns = 0
+        shift = value_ns.bit_length() - _SUB_BITS - 1
+        if shift <= 0:
+            self.counts[value_ns] += 1
+        else:
+            self.counts[(value_ns >> shift) + _SUB * shift] += 1
+        self.count += 1
+        if value_ns > self.max:
+            self.max = value_ns
+
+    @staticmethod
+    def _bucket_value(index: int) -> int:
+        """The middle of bucket ``index``'s range of values."""
+        if index < _EXACT:
+            return index
+        shift = index // _SUB - 1
+        top = index - _SUB * shift
+        return (top << shift) + (1 << (shift - 1))
+
+    def percentile(self, p: float) -> int | None:
+        """The value (ns) that ``p`` percent of the samples are at or below; None without samples."""
+        if not self.count:
+            return None
+        rank = max(1, -(-self.count * p // 100))  # nearest rank, ceil(count * p / 100)
+        for index, seen in enumerate(accumulate(self.counts)):
+            if seen >= rank:
+                return min(self._bucket_value(index), self.max)
+        return self.max  # unreachable: the last cumulative count is self.count
+
+    def summary_us(self) -> dict[str, float | int | None]:
+        """``{"p50": µs, "p99": µs, "max": µs, "samples": n}``, None where there are no samples."""
+        def us(ns: int | None) -> float | None:
+            return None if ns is None else round(ns / 1000, 1)
+        return {"p50": us(self.percentile(50)), "p99": us(self.percentile(99)),
+                "max": us(self.max if self.count else None), "samples": self.count}
+
+
+# -- the measuring core ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SymbolStats:
+    """What the probe knows about one symbol's stream."""
+
+    messages: int = 0
+    heartbeats: int = 0
+    last_seq: int | None = None
+    gaps: int = 0
+    backwards: int = 0
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {"messages": self.messages, "heartbeats": self.heartbeats, "last_seq": self.last_seq,
+                "gaps": self.gaps, "backwards": self.backwards}
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """What arrived since the previous ``ProbeStats.interval`` call."""
+
+    seconds: float
+    messages: int
+    bytes: int
+    decode_errors: int
+    gaps: int
+    latency_p50_us: float | None
+    latency_p99_us: float | None
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class ProbeStats:
+    """Counters of a probe, fed one frame at a time with ``feed(frame, received_ns)``."""
+
+    messages: int = 0
+    bytes: int = 0
+    decode_errors: int = 0
+    private: int = 0
+    last_error: str | None = None
+    symbols: dict[str, SymbolStats] = field(default_factory=dict)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # the current interval (reset by interval())
+    _messages: int = 0
+    _bytes: int = 0
+    _decode_errors: int = 0
+    _gaps: int = 0
+    _latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def feed(self, frame: bytes | bytearray | memoryview, received_ns: int) -> None:
+        """Account for one received frame; ``received_ns`` is ``time.time_ns()`` at its arrival."""
+        size = len(frame)
+        self.bytes += size
+        self._bytes += size
+        try:
+            name, events = decode_publication(frame)
+        except DecodeError as e:
+            self.decode_errors += 1
+            self._decode_errors += 1
+            self.last_error = str(e)
+            return
+        self.messages += 1
+        self._messages += 1
+        if is_private(name):
+            self.private += 1
+            return
+        stats = self.symbols.get(name)
+        if stats is None:
+            stats = self.symbols[name] = SymbolStats()
+        stats.messages += 1
+        if not events:
+            stats.heartbeats += 1
+            return
+        last_event = events[-1]  # all events of one publication share one seq and one ts_ns
+        seq = last_event.seq
+        last = stats.last_seq
+        if last is not None:
+            if seq > last + 1:
+                missing = seq - last - 1
+                stats.gaps += missing
+                self._gaps += missing
+            elif seq <= last:
+                stats.backwards += 1
+        stats.last_seq = seq
+        latency = received_ns - last_event.ts_ns
+        self.latency.add(latency)
+        self._latency.add(latency)
+
+    @property
+    def gaps(self) -> int:
+        return sum(s.gaps for s in self.symbols.values())
+
+    def interval(self, seconds: float) -> Interval:
+        """The counts since the previous call (``seconds`` ago, by the caller's clock); resets them."""
+        p50, p99 = self._latency.percentile(50), self._latency.percentile(99)
+        result = Interval(seconds=seconds, messages=self._messages, bytes=self._bytes,
+                          decode_errors=self._decode_errors, gaps=self._gaps,
+                          latency_p50_us=None if p50 is None else p50 / 1000,
+                          latency_p99_us=None if p99 is None else p99 / 1000)
+        self._messages = self._bytes = self._decode_errors = self._gaps = 0
+        self._latency = LatencyHistogram()
+        return result
+
+    def summary(self, duration: float) -> dict[str, Any]:
+        """Everything as one JSON-ready dict (what ``zmx probe --json`` prints)."""
+        return {
+            "duration": round(duration, 3),
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "messages_per_s": round(self.messages / duration, 1) if duration > 0 else None,
+            "bytes_per_s": round(self.bytes / duration, 1) if duration > 0 else None,
+            "decode_errors": self.decode_errors,
+            "private": self.private,
+            "gaps": self.gaps,
+            "symbols": {name: s.as_dict() for name, s in sorted(self.symbols.items())},
+            "latency_us": self.latency.summary_us(),
+        }
+
+
+# -- the socket loop -------------------------------------------------------------------------
+
+DRAIN_LIMIT = 10_000  # frames read without blocking before the loop looks at its clock again
+RCVHWM = 100_000  # generous, so that a gap is the feed's, not the probe's own queue
+
+
+def subscriptions(symbols: Iterable[str]) -> list[bytes]:
+    """The SUB prefixes for ``symbols``: their topics, or everything (``b""``) for none.
+
+    ``ValueError`` for a name that cannot be a symbol.
+    """
+    topics = [topic(s) for s in symbols]
+    return topics or [b""]
+
+
+def run_probe(endpoint: str, *, symbols: Iterable[str] = (), duration: float | None = None,
+              stopper: Stopper | None = None, on_interval: Callable[[Interval, ProbeStats], None] | None = None,
+              interval: float = 1.0, stats: ProbeStats | None = None,
+              context: zmq.Context | None = None) -> tuple[ProbeStats, float]:
+    """Attach to ``endpoint`` and measure until ``duration`` seconds passed or ``stopper`` is set.
+
+    ``on_interval(interval, stats)`` is called every ``interval`` seconds. Returns the stats
+    and the seconds measured.
+    """
+    stats = stats if stats is not None else ProbeStats()
+    stopper = stopper if stopper is not None else Stopper()
+    prefixes = subscriptions(symbols)
+    own_context = context is None
+    ctx = zmq.Context() if context is None else context
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.linger = 0
+        sub.rcvhwm = RCVHWM
+        for prefix in prefixes:
+            sub.subscribe(prefix)
+        sub.connect(endpoint)
+        recv = sub.recv
+        feed = stats.feed
+        now_ns = time.time_ns
+        again = zmq.Again
+        noblock = zmq.NOBLOCK
+        start = last_tick = time.monotonic()
+        end = None if duration is None else start + duration
+        next_tick = start + interval
+        while not stopper.stopped:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                break
+            if now >= next_tick:
+                report = stats.interval(now - last_tick)
+                last_tick = now
+                next_tick = max(next_tick + interval, now + interval / 2)
+                if on_interval is not None:
+                    on_interval(report, stats)
+            wake = next_tick if end is None else min(next_tick, end)
+            timeout_ms = max(0, min(POLL_MS, int((wake - now) * 1000) + 1))
+            if not sub.poll(timeout_ms):
+                continue
+            for _ in range(DRAIN_LIMIT):
+                try:
+                    frame = recv(noblock)
+                except again:
+                    break
+                feed(frame, now_ns())
+        return stats, time.monotonic() - start
+    finally:
+        sub.close(linger=0)
+        if own_context:
+            ctx.term()
+
+
+# -- display ---------------------------------------------------------------------------------
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{value:,.1f} GiB"
+
+
+def _symbol_rows(table: Table, stats: ProbeStats) -> None:
+    for name, s in sorted(stats.symbols.items()):
+        table.add_row(name, f"{s.messages:,}", "-" if s.last_seq is None else str(s.last_seq),
+                      f"{s.gaps:,}", f"{s.heartbeats:,}")
+
+
+def _symbols_table(stats: ProbeStats, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("symbol", no_wrap=True)
+    table.add_column("messages", justify="right")
+    table.add_column("last seq", justify="right")
+    table.add_column("gaps", justify="right")
+    table.add_column("heartbeats", justify="right")
+    _symbol_rows(table, stats)
+    return table
+
+
+def interval_table(target: str, report: Interval, stats: ProbeStats, elapsed: float) -> Table:
+    """The live view: this second's rates and latency, then every symbol's stream."""
+    grid = Table.grid(padding=(0, 2))
+    rates = Table(title=f"probe {target}: {elapsed:,.0f} s", title_justify="left")
+    for column in ("messages/s", "bytes/s", "latency p50 µs", "latency p99 µs", "gaps", "decode errors",
+                   "messages"):
+        rates.add_column(column, justify="right", no_wrap=True)
+    rates.add_row(f"{report.messages_per_s:,.0f}", f"{_bytes(report.bytes_per_s)}/s", _us(report.latency_p50_us),
+                  _us(report.latency_p99_us), f"{stats.gaps:,}", f"{stats.decode_errors:,}", f"{stats.messages:,}")
+    grid.add_row(rates)
+    grid.add_row(_symbols_table(stats, "symbols"))
+    return grid
+
+
+def summary_table(target: str, summary: dict[str, Any]) -> Table:
+    """The end of a probe run: totals, latency and every symbol."""
+    latency = summary["latency_us"]
+    grid = Table.grid(padding=(0, 2))
+    totals = Table(title=f"probe {target}: summary of {summary['duration']:,.1f} s", title_justify="left")
+    for column in ("messages", "messages/s", "bytes", "gaps", "decode errors", "latency p50 µs",
+                   "latency p99 µs", "latency max µs"):
+        totals.add_column(column, justify="right", no_wrap=True)
+    rate = summary["messages_per_s"]
+    totals.add_row(f"{summary['messages']:,}", "-" if rate is None else f"{rate:,.0f}", _bytes(summary["bytes"]),
+                   f"{summary['gaps']:,}", f"{summary['decode_errors']:,}", _us(latency["p50"]),
+                   _us(latency["p99"]), _us(latency["max"]))
+    grid.add_row(totals)
+    symbols = Table(title="symbols", title_justify="left")
+    for column in ("symbol", "messages", "last seq", "gaps", "heartbeats"):
+        symbols.add_column(column, justify="left" if column == "symbol" else "right", no_wrap=True)
+    for name, s in summary["symbols"].items():
+        symbols.add_row(name, f"{s['messages']:,}", "-" if s["last_seq"] is None else str(s["last_seq"]),
+                        f"{s['gaps']:,}", f"{s['heartbeats']:,}")
+    grid.add_row(symbols)
+    return grid

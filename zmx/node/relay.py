@@ -1,0 +1,82 @@
+"""The relay node: an XSUB/XPUB proxy, a fan-out tier between matchers and gateways.
+
+Its XSUB connects to the PUB of every upstream matcher (``RelayNode.upstream``), its XPUB is
+bound at ``pub``. ZeroMQ forwards the subscriptions of the relay's subscribers upstream, so a
+relay only receives the topics that somebody downstream holds, and filtering happens at the
+matcher. Frames pass through untouched (one frame per publication, see docs/wire.md).
+
+The proxy itself runs in C (``zmq.proxy_steerable``) in a thread; the main thread waits on the
+``Stopper`` and, when SIGINT or SIGTERM sets it, sends ``TERMINATE`` on the proxy's control
+socket. The proxy returns, the thread ends, and the sockets are closed with ``linger=0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready
+from zmx.topology import RelayNode, Topology
+
+log = logging.getLogger("zmx.relay")
+
+# Subscribers that fall behind drop messages at this many queued frames, never the relay's
+# memory; the matchers' own PUB sockets keep the same default.
+HWM = 100_000
+
+
+def run(topology: Topology, name: str, stopper: Stopper) -> None:
+    """Serve relay ``name`` of ``topology`` until ``stopper`` is set."""
+    node = topology.node(name)
+    if not isinstance(node, RelayNode):
+        raise TypeError(f"node {name!r} is a {node.role}, not a relay")
+    upstream = topology.upstream_endpoints(name)
+    context = zmq.Context()
+    control_address = f"inproc://relay-{name}-control"
+    xsub = context.socket(zmq.XSUB)
+    xpub = context.socket(zmq.XPUB)
+    control_in = context.socket(zmq.PAIR)
+    control_out = context.socket(zmq.PAIR)
+    try:
+        for sock in (xsub, xpub, control_in, control_out):
+            sock.linger = 0
+        xsub.rcvhwm = HWM
+        xpub.sndhwm = HWM
+        control_in.bind(control_address)
+        control_out.connect(control_address)
+        for endpoint in upstream:
+            xsub.connect(endpoint)
+        xpub.bind(node.pub)
+        # The proxy thread owns xsub, xpub and control_in from here on (a thread start is a
+        # full memory barrier, which is what ZeroMQ asks of a socket that changes threads).
+        proxy = threading.Thread(target=_proxy, args=(xsub, xpub, control_in, name),
+                                 name=f"relay-{name}", daemon=True)
+        proxy.start()
+        log.info("relaying %s -> %s", ", ".join(upstream), node.pub)
+        announce_ready(name, "relay", pub=node.pub, upstream=list(upstream))
+        while not stopper.stopped and proxy.is_alive():
+            time.sleep(POLL_MS / 1000)
+        control_out.send(b"TERMINATE")
+        proxy.join(timeout=5)
+        if proxy.is_alive():
+            log.error("the proxy did not stop within 5 s")
+        else:
+            log.info("stopped")
+    finally:
+        for sock in (control_out, control_in, xpub, xsub):
+            sock.close(linger=0)
+        context.term()
+
+
+def _proxy(xsub: zmq.Socket, xpub: zmq.Socket, control: zmq.Socket, name: str) -> None:
+    try:
+        # frontend = XSUB (publications in), backend = XPUB (subscriptions in); the proxy
+        # moves each direction across.
+        zmq.proxy_steerable(xsub, xpub, None, control)
+    except zmq.ContextTerminated:
+        pass
+    except zmq.ZMQError:
+        log.exception("proxy of relay %s failed", name)
