@@ -80,17 +80,20 @@ def test_builtin_topology_is_the_shipped_local_yaml() -> None:
     assert builtin_topology_path().is_file()
 
 
-def test_up_without_argument_uses_the_builtin_topology(runner: CliRunner) -> None:
-    result = runner.invoke(main, ["up"])
+def test_up_dry_run_without_argument_shows_the_builtin_topology(runner: CliRunner) -> None:
+    """``--dry-run`` starts nothing; ``zmx up`` for real is tests/test_up.py."""
+    result = runner.invoke(main, ["up", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "cluster 'local'" in result.output
     assert "clients connect to ws://127.0.0.1:8765 (gateway g1)" in result.output
-    assert "does not start the node processes yet" in result.output
+    assert "would start" in result.output
+    for name in ("r1", "m1", "m2"):
+        assert name in result.output
     assert "BTC-USDT" in result.output
 
 
-def test_up_with_a_topology_lists_every_gateway(runner: CliRunner) -> None:
-    result = runner.invoke(main, ["up", str(SHARDED)])
+def test_up_dry_run_with_a_topology_lists_every_gateway(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["up", "--dry-run", str(SHARDED)])
     assert result.exit_code == 0, result.output
     assert "clients connect to ws://127.0.0.1:5780 (gateway g1)" in result.output
     assert "clients connect to ws://127.0.0.1:5781 (gateway g2)" in result.output

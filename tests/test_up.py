@@ -1,0 +1,322 @@
+"""``zmx up`` as a user runs it: a real supervisor process and its node processes.
+
+Every test runs ``zmx up`` in its own temporary directory, so the nodes' relative data_dirs
+land there and the processes of a test are the ``zmx.cli node`` processes whose working
+directory is that directory (``/proc``): that is how a test finds them, checks that none is
+left, and kills any that would be, even when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from nodes import write_topology
+
+from zmx.cli import builtin_topology_path
+from zmx.node.runtime import load_topology
+from zmx.node.supervisor import (
+    BACKOFF_FIRST,
+    BoundPort,
+    bound_ports,
+    describe_status,
+    gateway_available,
+    port_problem,
+    restart_delay,
+)
+
+UP_TIMEOUT = 30.0  # seconds for a whole cluster to come up, or for `zmx up` to give up
+EXIT_TIMEOUT = 20.0
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def node_processes(cwd: Path) -> dict[str, int]:
+    """node name -> pid of every living ``zmx.cli node`` process working in ``cwd``."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"zmx.cli" not in argv or b"node" not in argv or Path(os.readlink(f"/proc/{pid}/cwd")) != cwd:
+                continue
+        except OSError:
+            continue
+        if alive(pid):
+            found[argv[argv.index(b"node") + 1].decode()] = pid
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float = EXIT_TIMEOUT) -> list[int]:
+    """Wait until every one of ``pids`` has exited (a pidfd becomes readable then); the ones
+    still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as waiting:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            waiting.register(fd, selectors.EVENT_READ, pid)
+        try:
+            while waiting.get_map() and (remaining := deadline - time.monotonic()) > 0:
+                for key, _ in waiting.select(remaining):
+                    waiting.unregister(key.fd)
+                    os.close(key.fd)
+        finally:
+            left = [key.data for key in waiting.get_map().values()]
+            for fd in list(waiting.get_map()):
+                waiting.unregister(fd)
+                os.close(fd)
+    return left
+
+
+class Up:
+    """A ``zmx up`` process with its stdout read line by line and its stderr in a file."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.cwd = cwd
+        self.err_path = cwd / "up.stderr"
+        self.out = ""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "zmx.cli", "up", *args], cwd=cwd, env=env,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        self.selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self.eof = False
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def _read(self, timeout: float) -> None:
+        assert self.proc.stdout is not None
+        if self.eof or not self.selector.select(timeout):
+            return
+        chunk = os.read(self.proc.stdout.fileno(), 65536)
+        if chunk:
+            self.out += chunk.decode(errors="replace")
+        else:
+            self.eof = True
+
+    def wait_for(self, text: str, timeout: float = UP_TIMEOUT) -> str:
+        """Read stdout until ``text`` appears; fail with both outputs if it exits or times out first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.out:
+            remaining = deadline - time.monotonic()
+            if self.eof or remaining <= 0:
+                raise AssertionError(f"{text!r} not printed by zmx up (exit {self.proc.poll()}):\n"
+                                     f"--- stdout\n{self.out}\n--- stderr\n{self.err}")
+            self._read(min(remaining, 0.5))
+        return self.out
+
+    def finish(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """Read to the end and return the exit status."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and time.monotonic() < deadline:
+            self._read(deadline - time.monotonic())
+        return self.proc.wait(max(0.1, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.selector.close()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
+    """Start ``zmx up ARGS`` in tmp_path; at the end it and every node it left are killed."""
+    started: list[Up] = []
+
+    def start(*args: str) -> Up:
+        process = Up(list(args), tmp_path)
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.close()
+        left = node_processes(tmp_path)
+        for pid in left.values():
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(list(left.values()))
+        assert not left, f"node processes left behind: {left}"
+
+
+def test_up_starts_every_node_and_stops_them_on_sigint(tmp_path: Path, up: Callable[..., Up]) -> None:
+    path = write_topology(tmp_path, relay=True)
+    sup = up(path.name)
+    out = sup.wait_for("is up")
+    children = node_processes(tmp_path)
+    assert set(children) == {"r1", "m1", "m2", "x1"}
+    for name, pid in children.items():
+        assert _stat(pid)[1] == sup.proc.pid, name  # its own children
+        assert name in out and str(pid) in out  # the table: node, pid
+    topology = load_topology(path)
+    assert topology.nodes["x1"].pub in out  # type: ignore[union-attr]
+    assert f"clients connect to {topology.nodes['r1'].front}" in out  # type: ignore[union-attr]
+    assert "cluster 'test' is up: 4 node(s) ready" in out
+
+    sup.proc.send_signal(signal.SIGINT)
+    assert sup.finish() == 0, sup.err
+    assert "stopped 4 node(s)" in sup.out
+    assert not wait_gone(list(children.values()))
+    assert not node_processes(tmp_path)
+
+
+def test_up_without_argument_runs_the_builtin_topology_here(tmp_path: Path, up: Callable[..., Up]) -> None:
+    topology = load_topology(builtin_topology_path())
+    nodes = [n for n in topology.nodes.values() if n.role != "gateway" or gateway_available()]
+    for address in bound_ports(nodes):
+        problem = port_problem(address)
+        if problem is not None:
+            pytest.skip(f"the built-in topology needs its fixed ports: {problem}")
+    sup = up()
+    out = sup.wait_for("is up")
+    assert "cluster 'local' is up" in out
+    children = node_processes(tmp_path)
+    assert {"r1", "m1", "m2"} <= set(children)
+    if gateway_available():
+        assert "clients connect to ws://127.0.0.1:8765 (gateway g1)" in out
+    else:
+        assert "gateway g1 (ws://127.0.0.1:8765) is not started" in out
+    assert (tmp_path / "var" / "m1").is_dir()  # relative data_dirs land where zmx up runs
+
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.finish() == 0, sup.err
+    assert not wait_gone(list(children.values()))
+
+
+def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path: Path, up: Callable[..., Up]) -> None:
+    path = write_topology(tmp_path)
+    pub = load_topology(path).nodes["m2"].pub  # type: ignore[union-attr]
+    port = int(pub.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        sup = up(path.name)
+        code = sup.finish()
+    assert code == 1
+    assert f"node 'm2' pub {pub}: port {port} is already in use" in sup.err
+    assert "nothing was started" in sup.err
+    assert "is up" not in sup.out
+    assert not node_processes(tmp_path)
+    assert not (tmp_path / "var").exists()  # no matcher ever ran
+
+
+def test_a_node_that_fails_to_start_is_reported_and_nothing_is_left(tmp_path: Path, up: Callable[..., Up]) -> None:
+    path = write_topology(tmp_path)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "m1").write_text("a file where m1's data_dir should be\n")
+    sup = up(path.name)
+    code = sup.finish()
+    assert code == 1
+    assert "Error: node m1 (matcher, pid" in sup.err
+    assert "failed before it was ready: exit status" in sup.err
+    assert "last lines of its stderr" in sup.err
+    assert "is up" not in sup.out
+    assert not node_processes(tmp_path)
+
+
+def test_a_node_that_dies_stops_the_cluster(tmp_path: Path, up: Callable[..., Up]) -> None:
+    path = write_topology(tmp_path)
+    sup = up(path.name)
+    sup.wait_for("is up")
+    children = node_processes(tmp_path)
+    os.kill(children["m1"], signal.SIGKILL)
+    assert sup.finish() == 1
+    assert f"node m1 (matcher, pid {children['m1']}) died: killed by signal SIGKILL (9)" in sup.err
+    assert not wait_gone(list(children.values()))
+
+
+def test_restart_brings_a_dead_node_back(tmp_path: Path, up: Callable[..., Up]) -> None:
+    path = write_topology(tmp_path)
+    sup = up(path.name, "--restart")
+    sup.wait_for("is up")
+    before = node_processes(tmp_path)
+    os.kill(before["r1"], signal.SIGKILL)
+    sup.wait_for("node r1 restarted (pid")
+    after = node_processes(tmp_path)
+    assert after["r1"] != before["r1"]
+    assert after["m1"] == before["m1"] and after["m2"] == before["m2"]
+    assert f"node r1 (router, pid {before['r1']}) died: killed by signal SIGKILL (9)" in sup.err
+    assert "restarting node r1 in 0.5 s (restart 1)" in sup.err
+
+    sup.proc.send_signal(signal.SIGINT)
+    assert sup.finish() == 0, sup.err
+    assert not wait_gone(list(after.values()))
+
+
+def test_nodes_die_with_a_killed_supervisor(tmp_path: Path, up: Callable[..., Up]) -> None:
+    """kill -9 of zmx up: the kernel sends each node SIGTERM (PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    path = write_topology(tmp_path)
+    sup = up(path.name)
+    sup.wait_for("is up")
+    children = node_processes(tmp_path)
+    sup.proc.kill()
+    sup.proc.wait()
+    assert not wait_gone(list(children.values()))
+
+
+# -- the supervisor's rules, without processes -------------------------------------------------
+
+
+def test_restart_backoff_doubles_to_ten_seconds_and_resets_after_30_s_of_running() -> None:
+    backoff, delays = BACKOFF_FIRST, []
+    for _ in range(7):
+        delay, backoff = restart_delay(backoff, ran_for=2.0)  # dies 2 s after each start
+        delays.append(delay)
+    assert delays == [0.5, 1, 2, 4, 8, 10, 10]
+    assert restart_delay(backoff, ran_for=None) == (10, 10)  # never got ready: no reset
+    assert restart_delay(backoff, ran_for=30.0) == (0.5, 1)  # ran 30 s: back to the start
+
+
+def test_port_check_names_a_port_in_use_and_skips_other_hosts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        problem = port_problem(BoundPort("m1", "pub", f"tcp://127.0.0.1:{port}", "127.0.0.1", port))
+        assert problem == f"node 'm1' pub tcp://127.0.0.1:{port}: port {port} is already in use"
+        # 192.0.2.1 (TEST-NET-1) is no address of this machine: another host's port, not checked
+        assert port_problem(BoundPort("m1", "pub", f"tcp://192.0.2.1:{port}", "192.0.2.1", port)) is None
+    assert port_problem(BoundPort("m1", "pub", f"tcp://127.0.0.1:{port}", "127.0.0.1", port)) is None
+
+
+def test_exit_statuses_read_as_a_user_expects() -> None:
+    assert describe_status(0) == "exit status 0"
+    assert describe_status(3) == "exit status 3"
+    assert describe_status(-9) == "killed by signal SIGKILL (9)"
+    assert describe_status(-15) == "killed by signal SIGTERM (15)"

@@ -1,0 +1,556 @@
+"""``zmx up``: run every node of a topology on this machine as child processes, and supervise them.
+
+Lifetimes, in order:
+
+1. **Check** -- every TCP port the topology binds on this machine is tried (bound and
+   listened on with ``SO_REUSEADDR``, as ZeroMQ and asyncio do). A port in use refuses the
+   start before any process exists. Addresses of other hosts (``EADDRNOTAVAIL``) are skipped.
+2. **Start** -- one child per node, ``python -m zmx.cli node NAME -t FILE`` with this
+   interpreter and the current directory (so relative ``data_dir``s land where the user runs
+   ``zmx up``): matchers first, then routers, relays and gateways; the nodes of one role start
+   together. A node is up when it prints its ``READY`` line (``zmx.node.runtime``), which it
+   does after its sockets are bound. A child that exits first, or is not ready within
+   ``ready_timeout``, fails the start: it is reported with its exit status and the tail of its
+   stderr, every other child is stopped, and ``zmx up`` exits 1 with nothing left running.
+3. **Supervise** -- a child that dies is reported with its name and exit status. Without
+   ``--restart`` the cluster is stopped and ``zmx up`` exits 1; with it the node is started
+   again after a backoff (0.5 s, doubled at each death up to 10 s, back to 0.5 s once the node
+   had run for 30 s).
+4. **Stop** -- SIGINT or SIGTERM stops every child (SIGTERM, then SIGKILL for those still
+   running after ``stop_timeout``), prints a summary and exits 0.
+
+Each child's stderr is passed through line by line, prefixed with its node name, and the
+last lines are kept for the failure reports. Each child runs in its own process group, so a
+Ctrl-C in the terminal reaches only the supervisor, which stops the nodes itself (gateways
+first, matchers last). On Linux each child also asks the kernel for SIGTERM when the
+supervisor dies (``prctl(PR_SET_PDEATHSIG)``), so even a ``kill -9`` of ``zmx up`` leaves no
+node behind. The signal is tied to the thread that forked the child, which is why every child
+is started from the main thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import importlib.util
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.table import Table
+
+import zmx
+from zmx.node.runtime import Stopper, parse_ready
+from zmx.topology import GatewayNode, MatcherNode, Node, RelayNode, RouterNode, Topology
+
+START_ORDER = ("matcher", "router", "relay", "gateway")
+READY_TIMEOUT = 20.0  # seconds a node has to print READY
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 10.0
+BACKOFF_RESET_AFTER = 30.0  # a node that ran this long starts again from BACKOFF_FIRST
+STDERR_TAIL = 20  # lines of a child's stderr kept for a failure report
+GATEWAY_MODULE = "zmx.node.gateway"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def gateway_available() -> bool:
+    """True once this zmx ships a gateway implementation (``zmx.node.gateway``)."""
+    return importlib.util.find_spec(GATEWAY_MODULE) is not None
+
+
+# -- ports -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BoundPort:
+    """A TCP address a node binds: ``node 'm1' pub tcp://127.0.0.1:5560``."""
+
+    node: str
+    key: str
+    endpoint: str
+    host: str
+    port: int
+
+    def describe(self) -> str:
+        return f"node {self.node!r} {self.key} {self.endpoint}"
+
+
+def bound_ports(nodes: list[Node]) -> list[BoundPort]:
+    """The TCP addresses ``nodes`` bind (ipc and inproc endpoints have no port)."""
+    found = []
+    for node in nodes:
+        for key, endpoint in _endpoints(node):
+            if isinstance(node, GatewayNode) and key == "listen":
+                host, _, port = endpoint.rpartition(":")
+                found.append(BoundPort(node.name, key, endpoint, host, int(port)))
+                continue
+            if endpoint.startswith("tcp://"):  # the topology checked its form: tcp://host:port
+                host, _, port = endpoint[len("tcp://"):].rpartition(":")
+                found.append(BoundPort(node.name, key, endpoint, host, int(port)))
+    return found
+
+
+def _endpoints(node: Node) -> list[tuple[str, str]]:
+    if isinstance(node, RouterNode):
+        return [("front", node.front), ("back", node.back)]
+    if isinstance(node, MatcherNode):
+        return [("pub", node.pub), ("snapshot", node.snapshot)]
+    if isinstance(node, RelayNode):
+        return [("pub", node.pub)]
+    return [("listen", node.listen)]
+
+
+def port_problem(address: BoundPort) -> str | None:
+    """Why ``address`` cannot be bound on this machine, or None (free, or another host's)."""
+    host = address.host.strip("[]")
+    if host in ("*", ""):
+        host = "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return None  # a name this machine cannot resolve: not one of its addresses
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+            probe.listen(1)
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                return None  # another host's address
+            if e.errno == errno.EADDRINUSE:
+                return f"{address.describe()}: port {address.port} is already in use"
+            return f"{address.describe()}: cannot bind port {address.port}: {e.strerror or e}"
+    return None
+
+
+# -- children ----------------------------------------------------------------------------------
+
+
+def _pdeathsig() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to SIGTERM the child when the supervisor dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def restart_delay(backoff: float, ran_for: float | None) -> tuple[float, float]:
+    """(seconds to wait before restarting a node that died, the backoff after that restart).
+
+    ``backoff`` is the node's current backoff; ``ran_for`` how long the process that died had
+    run, None if it never was ready. After ``BACKOFF_RESET_AFTER`` seconds of good running the
+    backoff starts again from ``BACKOFF_FIRST``.
+    """
+    if ran_for is not None and ran_for >= BACKOFF_RESET_AFTER:
+        backoff = BACKOFF_FIRST
+    return backoff, min(backoff * 2, BACKOFF_MAX)
+
+
+def describe_status(returncode: int) -> str:
+    """``exit status 1`` or ``killed by signal SIGKILL (9)``."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "signal"
+        return f"killed by signal {name} ({-returncode})"
+    return f"exit status {returncode}"
+
+
+class _Output:
+    """Serialises the lines that reader threads and the main thread write."""
+
+    def __init__(self, out: Console, err: Console) -> None:
+        self.out = out
+        self.err = err
+        self.lock = threading.Lock()
+
+    def print(self, *items: Any, err: bool = False) -> None:
+        with self.lock:
+            (self.err if err else self.out).print(*items, soft_wrap=True)
+
+    def raw(self, text: str, err: bool = True) -> None:
+        stream = sys.stderr if err else sys.stdout
+        with self.lock:
+            try:
+                stream.write(text)
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # our own output is gone; keep supervising
+
+
+@dataclass(eq=False)
+class Run:
+    """One incarnation of a node's process."""
+
+    node: Node
+    popen: subprocess.Popen[str]
+    started: float  # time.monotonic()
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
+    ready: dict[str, Any] | None = None
+    ready_at: float | None = None
+    stopping: bool = False
+    timed_out: bool = False
+    returncode: int | None = None
+    readers: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+@dataclass(eq=False)
+class Child:
+    """A node under supervision, across its restarts."""
+
+    node: Node
+    run: Run | None = None
+    restarts: int = 0
+    backoff: float = BACKOFF_FIRST
+    restart_at: float | None = None
+
+
+class Supervisor:
+    """Starts, watches and stops the nodes of one topology; ``run()`` is ``zmx up``."""
+
+    def __init__(self, topology: Topology, topology_path: Path, *, restart: bool = False,
+                 console: Console | None = None, err_console: Console | None = None,
+                 ready_timeout: float = READY_TIMEOUT, stop_timeout: float = STOP_TIMEOUT) -> None:
+        self.topology = topology
+        self.topology_path = topology_path
+        self.restart = restart
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.output = _Output(console or Console(highlight=False),
+                              err_console or Console(stderr=True, highlight=False))
+        self.events: queue.Queue[tuple[str, Run, Any]] = queue.Queue()
+        self.children: dict[str, Child] = {}
+        self.skipped: list[GatewayNode] = []
+        self.stopper = Stopper()
+        self.width = max(len(name) for name in topology.nodes)
+        self._preexec = _pdeathsig()
+
+    # -- the plan ------------------------------------------------------------------------
+
+    def plan(self) -> list[Node]:
+        """The nodes to start, in start order; gateways are left out while zmx has none."""
+        has_gateway = gateway_available()
+        nodes: list[Node] = []
+        self.skipped = []
+        for role in START_ORDER:
+            for node in self.topology.nodes_by_role(role):
+                if isinstance(node, GatewayNode) and not has_gateway:
+                    self.skipped.append(node)
+                else:
+                    nodes.append(node)
+        return nodes
+
+    def report_skipped(self) -> None:
+        for gateway in self.skipped:
+            self.output.print(f"gateway {gateway.name} ({gateway.url}) is not started: zmx {zmx.__version__} "
+                              f"has no gateway yet ({GATEWAY_MODULE} arrives in a later version)")
+
+    def port_problems(self, nodes: list[Node]) -> list[str]:
+        return [p for p in map(port_problem, bound_ports(nodes)) if p is not None]
+
+    # -- zmx up --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Check, start, supervise until SIGINT/SIGTERM or a death, stop. The exit status."""
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.stopper.install()
+        try:
+            return self._run()
+        finally:
+            self.stop_all()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _run(self) -> int:
+        nodes = self.plan()
+        self.report_skipped()
+        problems = self.port_problems(nodes)
+        if problems:
+            for problem in problems:
+                self.output.print(f"Error: {problem}", err=True)
+            self.output.print(f"Error: cluster {self.topology.cluster!r} not started: nothing was started "
+                              f"(free the port{'s' if len(problems) > 1 else ''} or change {self.topology_path})",
+                              err=True)
+            return EXIT_FAILED
+        if not nodes:
+            self.output.print("Error: nothing to start in this topology", err=True)
+            return EXIT_FAILED
+        started = time.monotonic()
+        for role in START_ORDER:
+            group = [n for n in nodes if n.role == role]
+            if not group:
+                continue
+            for node in group:
+                self.children[node.name] = child = Child(node)
+                child.run = self._spawn(node)
+            if not self._await_ready(group):
+                return EXIT_FAILED if not self.stopper.stopped else EXIT_OK
+        self.output.print(self.status_table())
+        self._print_where_to_connect()
+        self.output.print(f"cluster {self.topology.cluster!r} is up: {len(nodes)} node(s) ready in "
+                          f"{time.monotonic() - started:.1f} s"
+                          f"{' (restarting nodes that die)' if self.restart else ''}; Ctrl-C stops it")
+        return self._supervise()
+
+    # -- starting ------------------------------------------------------------------------
+
+    def _command(self, node: Node) -> list[str]:
+        return [sys.executable, "-m", "zmx.cli", "node", node.name, "-t", str(self.topology_path)]
+
+    def _spawn(self, node: Node) -> Run:
+        """Start ``node``'s process (from the main thread: see PR_SET_PDEATHSIG above)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The children run the zmx this supervisor runs, wherever the user starts it from.
+        source_root = str(Path(zmx.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
+        popen = subprocess.Popen(
+            self._command(node), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, errors="replace", bufsize=1, env=env, process_group=0,
+            preexec_fn=self._preexec,  # noqa: PLW1509 - only prctl and getppid run between fork and exec
+        )
+        run = Run(node=node, popen=popen, started=time.monotonic())
+        err = threading.Thread(target=self._read_stderr, args=(run,), name=f"{node.name}-stderr", daemon=True)
+        out = threading.Thread(target=self._read_stdout, args=(run, err), name=f"{node.name}-stdout", daemon=True)
+        run.readers = [err, out]
+        err.start()
+        out.start()
+        return run
+
+    def _read_stderr(self, run: Run) -> None:
+        assert run.popen.stderr is not None
+        prefix = f"{run.node.name:<{self.width}} | "
+        for line in _lines(run.popen.stderr):
+            run.stderr_tail.append(line)
+            self.output.raw(prefix + line + "\n", err=True)
+
+    def _read_stdout(self, run: Run, stderr_reader: threading.Thread) -> None:
+        """Finds the READY line, passes other lines through, reports the exit."""
+        assert run.popen.stdout is not None
+        prefix = f"{run.node.name:<{self.width}} | "
+        for line in _lines(run.popen.stdout):
+            details = parse_ready(line) if run.ready is None else None
+            if details is not None:
+                self.events.put(("ready", run, details))
+            else:
+                self.output.raw(prefix + line + "\n", err=False)
+        returncode = run.popen.wait()
+        stderr_reader.join(timeout=2)  # the tail of stderr is complete before the exit is reported
+        self.events.put(("exited", run, returncode))
+
+    def _await_ready(self, group: list[Node]) -> bool:
+        """Wait for every node of ``group`` to be READY; False (reported) if one fails or on a signal."""
+        waiting = {node.name for node in group}
+        deadline = time.monotonic() + self.ready_timeout
+        while waiting:
+            if self.stopper.stopped:
+                self.output.print("interrupted while starting; stopping the nodes started so far", err=True)
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for name in sorted(waiting):
+                    run = self.children[name].run
+                    assert run is not None
+                    self._report_failure(run, f"was not ready after {self.ready_timeout:g} s")
+                return False
+            try:
+                kind, run, value = self.events.get(timeout=min(0.2, remaining))
+            except queue.Empty:
+                continue
+            if run is not self.children[run.node.name].run:
+                continue
+            if kind == "ready":
+                run.ready, run.ready_at = value, time.monotonic()
+                waiting.discard(run.node.name)
+            else:
+                run.returncode = value
+                self._report_failure(run, f"failed before it was ready: {describe_status(value)}")
+                return False
+        return True
+
+    def _report_failure(self, run: Run, what: str) -> None:
+        node = run.node
+        lines = [f"Error: node {node.name} ({node.role}, pid {run.pid}) {what}"]
+        if run.stderr_tail:
+            lines.append("last lines of its stderr:")
+            lines += [f"  {line}" for line in run.stderr_tail]
+        else:
+            lines.append("it wrote nothing on stderr")
+        self.output.raw("\n".join(lines) + "\n", err=True)
+
+    # -- running -------------------------------------------------------------------------
+
+    def status_table(self) -> Table:
+        table = Table(title=f"cluster {self.topology.cluster}: {len(self.children)} node(s) running",
+                      title_justify="left")
+        table.add_column("node", no_wrap=True)
+        table.add_column("role", no_wrap=True)
+        table.add_column("pid", justify="right", no_wrap=True)
+        table.add_column("endpoints", no_wrap=True)
+        for child in self.children.values():
+            node = child.node
+            endpoints = [node.url] if isinstance(node, GatewayNode) else [f"{k} {e}" for k, e in _endpoints(node)]
+            pid = str(child.run.pid) if child.run is not None else "-"
+            table.add_row(node.name, node.role, pid, "\n".join(endpoints))
+        return table
+
+    def _print_where_to_connect(self) -> None:
+        gateways = [c.node for c in self.children.values() if isinstance(c.node, GatewayNode)]
+        if gateways:
+            for gateway in gateways:
+                assert isinstance(gateway, GatewayNode)
+                self.output.print(f"clients connect to {gateway.url} (gateway {gateway.name})")
+            return
+        for router in self.topology.nodes_by_role("router"):
+            assert isinstance(router, RouterNode)
+            self.output.print(f"clients connect to {router.front} (front of router {router.name}; "
+                              "there is no gateway yet)")
+        publishers = [c.node for c in self.children.values() if isinstance(c.node, (MatcherNode, RelayNode))]
+        if publishers:
+            feeds = ", ".join(f"{n.pub} ({n.name})" for n in publishers)  # type: ignore[union-attr]
+            self.output.print(f"market data: {feeds}; watch one with: zmx probe NODE -t {self.topology_path}")
+
+    def _supervise(self) -> int:
+        while not self.stopper.stopped:
+            now = time.monotonic()
+            self._restart_due(now)
+            self._check_restart_readiness(now)
+            try:
+                kind, run, value = self.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            child = self.children[run.node.name]
+            if run is not child.run:
+                continue
+            if kind == "ready":
+                run.ready, run.ready_at = value, time.monotonic()
+                self.output.print(f"node {run.node.name} restarted (pid {run.pid}) and is ready")
+                continue
+            run.returncode = value
+            if run.stopping:
+                continue
+            if self.stopper.stopped:
+                break
+            was_ready = run.ready is not None
+            self.output.print(f"node {run.node.name} ({run.node.role}, pid {run.pid}) "
+                              f"{'died' if was_ready else 'failed to start'}: {describe_status(value)}", err=True)
+            if not self.restart:
+                self.output.print(f"stopping cluster {self.topology.cluster!r} (use --restart to restart "
+                                  "nodes that die)", err=True)
+                return EXIT_FAILED
+            self._schedule_restart(child, run)
+        return EXIT_OK
+
+    def _schedule_restart(self, child: Child, run: Run) -> None:
+        now = time.monotonic()
+        delay, child.backoff = restart_delay(child.backoff, now - run.started if run.ready_at is not None else None)
+        child.restart_at = now + delay
+        child.run = None
+        self.output.print(f"restarting node {child.node.name} in {delay:g} s (restart {child.restarts + 1})",
+                          err=True)
+
+    def _restart_due(self, now: float) -> None:
+        for child in self.children.values():
+            if child.restart_at is not None and now >= child.restart_at:
+                child.restart_at = None
+                child.restarts += 1
+                child.run = self._spawn(child.node)
+                self.output.print(f"node {child.node.name} restarted: pid {child.run.pid} "
+                                  f"(restart {child.restarts})", err=True)
+
+    def _check_restart_readiness(self, now: float) -> None:
+        for child in self.children.values():
+            run = child.run
+            if (run is not None and run.ready is None and not run.stopping and not run.timed_out
+                    and now - run.started > self.ready_timeout and run.popen.poll() is None):
+                run.timed_out = True
+                self._report_failure(run, f"was not ready after {self.ready_timeout:g} s; killing it")
+                run.popen.kill()  # its exit arrives as an event and is handled as a death
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def _running(self) -> Iterator[Run]:
+        for child in reversed(list(self.children.values())):
+            if child.run is not None:
+                yield child.run
+
+    def stop_all(self) -> None:
+        """SIGTERM every child (gateways first, matchers last), SIGKILL the ones still running
+        after ``stop_timeout``, reap them all; print a summary if anything was running."""
+        runs = list(self._running())
+        for child in self.children.values():
+            child.restart_at = None
+        if not runs:
+            return
+        started = time.monotonic()
+        for run in runs:
+            run.stopping = True
+            if run.popen.poll() is None:
+                try:
+                    run.popen.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = started + self.stop_timeout
+        killed = []
+        for run in runs:
+            try:
+                run.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                killed.append(run.node.name)
+                run.popen.kill()
+                run.popen.wait()
+        for run in runs:
+            for reader in run.readers:
+                reader.join(timeout=2)
+        statuses = ", ".join(f"{run.node.name} {describe_status(run.popen.returncode)}" for run in reversed(runs))
+        summary = f"stopped {len(runs)} node(s) in {time.monotonic() - started:.1f} s: {statuses}"
+        if killed:
+            summary += f" (SIGKILL after {self.stop_timeout:g} s: {', '.join(killed)})"
+        self.output.print(summary)
+        for child in self.children.values():
+            child.run = None
+
+
+def _lines(stream: IO[str]) -> Iterator[str]:
+    try:
+        for line in stream:
+            yield line.rstrip("\n")
+    except (OSError, ValueError):
+        return
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass
