@@ -1,0 +1,249 @@
+"""A small synchronous client of the routers, for tests, benchmarks and the gateway.
+
+One DEALER socket connected to the ``front`` of every router, with ``ZMQ_IMMEDIATE=1``:
+a message is only queued on a connection that is up, so nothing waits in a queue for a
+router that is down, and the DEALER's round robin spreads requests over the routers that
+are up. The frames are those of ``docs/wire.md``.
+
+    with Client.from_topology(topology) as client:
+        reply = client.submit("o1", "alice", "BTC-USDT", "buy", "30000", "0.5")
+        assert reply.ok, reply.message
+
+``send`` / ``recv`` pipeline (many requests in flight, replies in any order, matched by
+``request_id``); ``request`` sends one command and waits for its reply, keeping the other
+replies that arrive meanwhile for later ``recv`` calls. A client is one ZeroMQ socket: use it
+from one thread.
+
+Losing a router
+---------------
+When one of several routers dies, its connection drops and the DEALER stops sending to it;
+new requests go to the others. A request that was already on its way to the dead router,
+or waiting there for its matcher's reply, is lost with it: no reply comes, and ``request``
+raises ``RequestTimeout``. The caller may send the same command again (it then goes
+through a router that is up). A command that did reach its matcher is answered the second
+time as a duplicate (a ``SubmitOrder`` with ``OrderRejected(reason="duplicate_order_id")``, a
+``CancelOrder`` with ``CancelRejected(reason="unknown_order")``), so a resend never places an
+order twice; the first answer was the one that counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import NamedTuple, Self
+
+import zmq
+
+from zmx import codec
+from zmx.commands import CancelOrder, Command, SubmitOrder
+from zmx.events import Event
+from zmx.exceptions import DecodeError, ZmxError
+from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
+from zmx.topology import RouterNode, Topology, connect_endpoint
+
+__all__ = ["BAD_REPLY", "Client", "NoRouter", "Reply", "RequestTimeout", "encode_header"]
+
+VERSION_BYTE = bytes((codec.VERSION,))
+# A reply whose payload this client could not decode gets this status (it is not on the wire).
+BAD_REPLY = "bad_reply"
+HWM = 100_000  # queue bound per direction; the routers' replies must never be dropped for lack of room
+
+
+class NoRouter(ZmxError, TimeoutError):
+    """No router took the request in time: none is connected, or every queue is full."""
+
+
+class RequestTimeout(ZmxError, TimeoutError):
+    """No reply to a request in time (its router or matcher may have died on the way)."""
+
+    def __init__(self, message: str, request_id: int) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class Reply(NamedTuple):
+    """The answer to one request.
+
+    ``status`` is ``"ok"`` with the command's ``events`` (its acknowledgement, fills,
+    rejection ...), or an error status of ``docs/wire.md`` (``unknown_symbol``,
+    ``unavailable``, ``bad_request``) with a human ``message``; ``BAD_REPLY`` when the reply
+    could not be decoded here.
+    """
+
+    request_id: int
+    status: str
+    events: tuple[Event, ...]
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def encode_header(request_id: int, symbol: str) -> bytes:
+    """The request header: version byte, 8-byte big-endian request id, ASCII symbol."""
+    return VERSION_BYTE + request_id.to_bytes(8, "big") + symbol.encode("ascii")
+
+
+class Client:
+    """A DEALER to every router front; see the module documentation."""
+
+    def __init__(self, front_endpoints: Sequence[str], *, context: zmq.Context[zmq.Socket[bytes]] | None = None,
+                 symbols: dict[str, SymbolSpec] | None = None) -> None:
+        if not front_endpoints:
+            raise ValueError("a client needs at least one router front endpoint")
+        self._context = context or zmq.Context.instance()
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, HWM)
+        sock.setsockopt(zmq.RCVHWM, HWM)
+        for endpoint in front_endpoints:
+            sock.connect(connect_endpoint(endpoint))
+        self.socket = sock
+        self.endpoints = tuple(front_endpoints)
+        self.symbols = dict(symbols or {})
+        self._ids = itertools.count(1)
+        self._kept: deque[Reply] = deque()  # replies that arrived while request() waited for another
+        self.undecodable = 0  # replies without a readable header: counted, never returned
+
+    @classmethod
+    def from_topology(cls, topology: Topology, *, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> Client:
+        """A client of every router of ``topology``, converting prices with its symbols' specs."""
+        fronts = [n.front for n in topology.nodes_by_role("router") if isinstance(n, RouterNode)]
+        return cls(fronts, context=context, symbols=dict(topology.symbols))
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- requests and replies -------------------------------------------------------------
+
+    def send(self, command: Command, *, timeout: float = 5.0) -> int:
+        """Send ``command`` to the router of its symbol's choosing; its request id.
+
+        Returns as soon as ZeroMQ has taken the message. It waits (up to ``timeout`` s, then
+        ``NoRouter``) only while no router is connected -- just after the client is made, or
+        when every router is down -- or while every queue is full."""
+        request_id = next(self._ids)
+        frames = (encode_header(request_id, command.symbol), codec.encode(command))
+        self.send_frames(frames, timeout=timeout)
+        return request_id
+
+    def send_frames(self, frames: Sequence[bytes], *, timeout: float = 5.0) -> None:
+        """Send raw frames (any, even malformed ones: for tests) with ``send``'s waiting rule."""
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.socket.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+                raise NoRouter(f"no router took the request within {timeout} s "
+                               f"(routers: {', '.join(self.endpoints)})")
+            try:
+                self.socket.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.Again:  # another thread's message took the room; wait again
+                continue
+
+    def recv(self, timeout: float) -> Reply | None:
+        """The next reply, waiting up to ``timeout`` s; None if there is none by then."""
+        if self._kept:
+            return self._kept.popleft()
+        return self._recv(time.monotonic() + timeout)
+
+    def request(self, command: Command, timeout: float = 5.0) -> Reply:
+        """Send ``command`` and wait for its reply (``RequestTimeout`` after ``timeout`` s).
+
+        Other replies that arrive meanwhile are kept, in order, for ``recv``."""
+        deadline = time.monotonic() + timeout
+        request_id = self.send(command, timeout=timeout)
+        while True:
+            # The kept replies are not ours: they arrived before our request was sent.
+            reply = self._recv(deadline)
+            if reply is None:
+                raise RequestTimeout(f"no reply to request {request_id} ({type(command).__name__} "
+                                     f"{command.symbol}) within {timeout} s", request_id)
+            if reply.request_id == request_id:
+                return reply
+            self._kept.append(reply)
+
+    def _recv(self, deadline: float) -> Reply | None:
+        sock = self.socket
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                    return None
+                continue
+            reply = self._parse(frames)
+            if reply is not None:
+                return reply
+
+    def _parse(self, frames: list[bytes]) -> Reply | None:
+        if len(frames) != 3 or len(frames[0]) < 9:
+            self.undecodable += 1
+            return None
+        header, status, payload = frames
+        request_id = int.from_bytes(header[1:9], "big")
+        try:
+            status_text = status.decode("ascii")
+        except UnicodeDecodeError:
+            return Reply(request_id, BAD_REPLY, (), f"status {status[:40]!r} is not ASCII")
+        if status == b"ok":
+            try:
+                events = codec.decode_batch(payload)
+            except DecodeError as e:
+                return Reply(request_id, BAD_REPLY, (), f"ok reply with an undecodable payload: {e}")
+            return Reply(request_id, "ok", events, "")  # type: ignore[arg-type]
+        return Reply(request_id, status_text, (), payload.decode("utf-8", errors="replace"))
+
+    # -- orders -------------------------------------------------------------------------
+
+    def _spec(self, symbol: str, spec: SymbolSpec | None) -> SymbolSpec:
+        if spec is not None:
+            return spec
+        try:
+            return self.symbols[symbol]
+        except KeyError:
+            raise ZmxError(f"no SymbolSpec for {symbol!r} to convert prices with; pass spec= "
+                           f"(known: {', '.join(self.symbols) or 'none'})") from None
+
+    def submit_command(self, order_id: str, account: str, symbol: str, side: str, price: str | None,
+                       quantity: str, *, type: str = "limit", time_in_force: str = "gtc",
+                       spec: SymbolSpec | None = None) -> SubmitOrder:
+        """A ``SubmitOrder`` from decimal strings (``InvalidNumber`` if off the symbol's grid)."""
+        grid = self._spec(symbol, spec)
+        order_type = OrderType(type)
+        ticks = None if price is None else grid.to_ticks(price)
+        return SubmitOrder(order_id, account, symbol, Side(side), order_type, TimeInForce(time_in_force),
+                           ticks, grid.to_lots(quantity))
+
+    def submit(self, order_id: str, account: str, symbol: str, side: str, price: str | None, quantity: str, *,
+               type: str = "limit", time_in_force: str = "gtc", spec: SymbolSpec | None = None,
+               timeout: float = 5.0) -> Reply:
+        """Submit an order (price and quantity as decimal strings; ``price=None`` for a
+        market order) and wait for its reply."""
+        command = self.submit_command(order_id, account, symbol, side, price, quantity, type=type,
+                                      time_in_force=time_in_force, spec=spec)
+        return self.request(command, timeout)
+
+    def cancel(self, order_id: str, account: str, symbol: str, *, timeout: float = 5.0) -> Reply:
+        """Cancel a resting order and wait for the reply."""
+        return self.request(CancelOrder(order_id, account, symbol), timeout)
