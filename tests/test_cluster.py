@@ -1,0 +1,216 @@
+"""A real cluster: router and matcher processes, orders through ``zmx.node.client``.
+
+Every process is started by the ``cluster`` fixture, which stops all of them at the end.
+A SUB socket proves its subscription is live by the first message it gets (a matcher
+publishes an empty heartbeat frame for every idle symbol each second), never by a sleep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+from nodes import Cluster, NodeProcess, write_topology
+
+from zmx.codec import decode_publication
+from zmx.events import BookChanged, OrderAccepted, OrderRejected, TradeOccurred
+from zmx.node.client import Client, Reply, RequestTimeout
+from zmx.node.runtime import load_topology
+from zmx.topics import topic
+from zmx.topology import Topology
+
+FAST = 0.1  # the router answers unavailable within this many seconds
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
+def start(cluster: Cluster, routers: int = 1, **matchers: list[str]) -> Topology:
+    """Write a topology, start every router and matcher of it (each READY), and return it."""
+    cluster.topology = write_topology(cluster.directory, routers=routers,
+                                      matchers=matchers or {"m1": ["BTC-USDT", "BTC-USDTX"], "m2": ["ETH-USDT"]})
+    topology = load_topology(cluster.topology)
+    for name in (*(f"r{i}" for i in range(1, routers + 1)), *(matchers or ("m1", "m2"))):
+        cluster.start(name)
+    return topology
+
+
+def node(cluster: Cluster, name: str) -> NodeProcess:
+    return next(p for p in reversed(cluster.procs) if p.name == name)
+
+
+def until_ok(client: Client, submit: dict[str, str], timeout: float = 15.0) -> Reply:
+    """Submit the same order until it is accepted (the matchers' HELLOs may still be on
+    their way to the routers: ``unavailable`` until then); its reply."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reply = client.submit(**submit, timeout=1.0)  # type: ignore[arg-type]
+        except RequestTimeout:
+            reply = None
+        if reply is not None and reply.ok:
+            return reply
+        assert reply is None or reply.status == "unavailable", reply
+        assert time.monotonic() < deadline, f"never accepted: {submit} ({reply})"
+
+
+def subscriber(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, *symbols: str) -> zmq.Socket[bytes]:
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for symbol in symbols:
+        sub.setsockopt(zmq.SUBSCRIBE, topic(symbol))
+    sub.connect(endpoint)
+    return sub
+
+
+def publications(sub: zmq.Socket[bytes], timeout: float) -> Iterator[tuple[str, tuple]]:
+    """Decoded frames as they arrive, until none comes for ``timeout`` s."""
+    while sub.poll(int(timeout * 1000)):
+        yield decode_publication(sub.recv())
+
+
+def wait_live(sub: zmq.Socket[bytes], symbol: str) -> None:
+    """Block until ``sub`` receives a frame of ``symbol`` (an idle heartbeat at the latest)."""
+    for name, _ in publications(sub, 5.0):
+        if name == symbol:
+            return
+    raise AssertionError(f"no publication of {symbol} within 5 s")
+
+
+def timed_unavailable(client: Client, submit: dict[str, str]) -> Reply:
+    """Submit until the answer is ``unavailable`` and assert that answer came within FAST.
+
+    A request sent just as the matcher went away may be lost with its connection (no
+    answer); it is sent again."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        start = time.perf_counter()
+        try:
+            reply = client.submit(**submit, timeout=0.5)  # type: ignore[arg-type]
+        except RequestTimeout:
+            assert time.monotonic() < deadline, "no unavailable reply"
+            continue
+        elapsed = time.perf_counter() - start
+        assert reply.status == "unavailable", reply
+        assert elapsed < FAST, f"unavailable after {elapsed * 1000:.1f} ms"
+        return reply
+
+
+def btc(order_id: str, account: str, side: str, price: str = "30000", quantity: str = "0.5",
+        symbol: str = "BTC-USDT") -> dict[str, str]:
+    return {"order_id": order_id, "account": account, "symbol": symbol, "side": side, "price": price,
+            "quantity": quantity}
+
+
+def test_orders_reach_their_matcher_replies_their_sender_events_the_right_pub(
+        cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    topology = start(cluster)
+    m1_pub, m2_pub = topology.nodes["m1"].pub, topology.nodes["m2"].pub  # type: ignore[union-attr]
+    on_m1 = subscriber(context, m1_pub, "BTC-USDT", "ETH-USDT")
+    on_m2 = subscriber(context, m2_pub, "ETH-USDT", "BTC-USDT")
+    alice = Client.from_topology(topology, context=context)
+    bob = Client.from_topology(topology, context=context)
+    wait_live(on_m1, "BTC-USDT")
+    wait_live(on_m2, "ETH-USDT")
+    # Seen accepted once, both matchers are connected to the router.
+    until_ok(alice, btc("a0", "alice", "buy", "29000"))
+    until_ok(bob, btc("b0", "bob", "buy", "1999", "1", "ETH-USDT"))
+
+    # Published before the orders below, so on_m1 would have it before theirs if it matched.
+    assert alice.submit(**btc("x1", "alice", "buy", symbol="BTC-USDTX")).ok
+    sent = {
+        alice: [btc("a1", "alice", "buy"), btc("a2", "alice", "sell", "2000", "1", "ETH-USDT")],
+        bob: [btc("b1", "bob", "sell", quantity="0.2"), btc("b2", "bob", "buy", "2000", "1", "ETH-USDT")],
+    }
+    ids = {client: {client.send(client.submit_command(**o)): o for o in orders} for client, orders in sent.items()}
+    for client, mine in ids.items():
+        for _ in mine:
+            reply = client.recv(5.0)
+            assert reply is not None and reply.ok, reply
+            order = mine[reply.request_id]  # a reply to one of this client's own requests
+            first = reply.events[0]
+            assert isinstance(first, OrderAccepted), reply
+            assert (first.order_id, first.account, first.symbol) == (order["order_id"], order["account"],
+                                                                     order["symbol"])
+        assert client.recv(0.05) is None
+
+    # m1 published BTC-USDT only (not BTC-USDTX, which merely starts the same), m2 ETH-USDT only;
+    # the seq of each symbol's book changes grows by exactly 1.
+    for sub, symbol, changes in ((on_m1, "BTC-USDT", 3), (on_m2, "ETH-USDT", 3)):
+        seqs, trades = [], 0
+        for name, events in publications(sub, 2.0):
+            assert name == symbol
+            seqs += [e.seq for e in events if isinstance(e, BookChanged)]
+            trades += sum(isinstance(e, TradeOccurred) for e in events)
+            if len(seqs) == changes:
+                break
+        assert len(seqs) == changes and seqs == list(range(seqs[0], seqs[0] + changes)), seqs
+        assert trades == 1
+    for client in (alice, bob):
+        client.close()
+
+
+def test_two_routers_one_killed_orders_go_through_the_other(cluster: Cluster,
+                                                            context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    topology = start(cluster, routers=2, m1=["BTC-USDT"])
+    fronts = {name: topology.nodes[name].front for name in ("r1", "r2")}  # type: ignore[union-attr]
+    for name, front in fronts.items():  # each router has heard m1's HELLO
+        with Client([front], context=context, symbols=dict(topology.symbols)) as one:
+            until_ok(one, btc(f"hello-{name}", "carol", "buy", "1000"))
+    client = Client.from_topology(topology, context=context)
+    for n in range(10):  # the DEALER spreads these over both routers
+        assert client.submit(**btc(f"before{n}", "alice", "buy", "1000"), timeout=5.0).ok
+    node(cluster, "r1").kill()
+
+    lost = 0
+    for n in range(50):
+        order = btc(f"after{n}", "alice", "buy", "1000")
+        for _ in range(3):
+            try:
+                reply = client.submit(**order, timeout=1.0)
+                break
+            except RequestTimeout:
+                lost += 1  # on its way to r1 when it died: sent again, through r2
+        else:
+            raise AssertionError(f"{order['order_id']} never answered")
+        assert reply.ok, reply
+        first = reply.events[0]
+        # a resend of an order that did arrive is refused as a duplicate: placed once either way
+        assert isinstance(first, OrderAccepted) or (
+            isinstance(first, OrderRejected) and first.reason == "duplicate_order_id"), reply
+    assert lost <= 2, f"{lost} requests lost after r1 died"
+    client.close()
+
+
+def test_matcher_stopped_is_unavailable_at_once_and_serves_again_after_restart(
+        cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    topology = start(cluster, m1=["BTC-USDT"], m2=["ETH-USDT"])
+    client = Client.from_topology(topology, context=context)
+    until_ok(client, btc("o1", "alice", "buy"))
+    until_ok(client, btc("e1", "alice", "buy", "2000", "1", "ETH-USDT"))
+
+    assert node(cluster, "m1").stop() == 0  # clean stop: BYE
+    reply = timed_unavailable(client, btc("o2", "alice", "buy"))
+    assert "m1" in reply.message
+    assert client.submit(**btc("e2", "alice", "buy", "2000", "1", "ETH-USDT")).ok  # m2 unaffected
+
+    cluster.start("m1")
+    accepted = until_ok(client, btc("o3", "alice", "buy")).events[0]
+    assert isinstance(accepted, OrderAccepted)
+    # The restarted matcher kept its state: o1 is still known, seq went on.
+    again = client.submit(**btc("o1", "alice", "buy")).events[0]
+    assert isinstance(again, OrderRejected) and again.reason == "duplicate_order_id"
+
+    node(cluster, "m1").kill()  # no BYE: the router learns it from the lost connection
+    timed_unavailable(client, btc("o4", "alice", "buy"))
+    cluster.start("m1")
+    until_ok(client, btc("o5", "alice", "buy"))
+    client.close()

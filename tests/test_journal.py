@@ -1,0 +1,333 @@
+"""The matcher's journal: records survive, torn tails are cut, damage elsewhere stops the start."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from zmx import codec
+from zmx.commands import CancelOrder, SubmitOrder
+from zmx.engine import MatchingEngine
+from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
+from zmx.node import journal as journal_module
+from zmx.node.journal import Journal, JournalError
+
+SYM = "BTC-USDT"
+SPEC = SymbolSpec(SYM, "0.01", "0.001")
+
+
+def order(i: int) -> SubmitOrder:
+    side = Side.BUY if i % 2 else Side.SELL
+    price = 1000 - i % 7 if side is Side.BUY else 1010 + i % 5
+    return SubmitOrder(f"o{i}", f"acct{i % 3}", SYM, side, OrderType.LIMIT, TimeInForce.GTC, price, 1 + i % 4)
+
+
+def records(start: int, n: int) -> list[tuple[int, bytes]]:
+    return [(1_000_000 + i, codec.encode(order(i))) for i in range(start, start + n)]
+
+
+def commands(start: int, n: int) -> list[tuple[int, SubmitOrder]]:
+    return [(1_000_000 + i, order(i)) for i in range(start, start + n)]
+
+
+def record_offsets(n: int) -> list[int]:
+    """Where each of the first ``n`` records of ``records(0, n)`` starts, and where the last ends."""
+    sizes = [len(journal_module.encode_records(records(i, 1))) for i in range(n)]
+    return [sum(sizes[:i]) for i in range(n + 1)]
+
+
+def fresh(directory: Path, fsync: str = "batch") -> Journal:
+    journal = Journal(directory, fsync=fsync)
+    assert journal.recover() == (None, [])
+    return journal
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("journal-*.log"))
+
+
+def snapshots(directory: Path) -> list[Path]:
+    return sorted(directory.glob("snapshot-*.snap"))
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 3))
+        journal.sync()
+        journal.append_batch(records(3, 2) + [(7, codec.encode(CancelOrder("o1", "acct1", SYM)))])
+        journal.sync()
+    with Journal(tmp_path) as journal:
+        state, replay = journal.recover()
+    assert state is None
+    assert replay == commands(0, 5) + [(7, CancelOrder("o1", "acct1", SYM))]
+
+
+def test_appending_after_recovery_continues_the_journal(tmp_path: Path) -> None:
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 2))
+        journal.sync()
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 2)
+        journal.append_batch(records(2, 2))
+        journal.sync()
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 4)
+        assert journal.since_snapshot == 4
+
+
+@pytest.mark.parametrize("cut", [1, 5, 8, 12, 20])
+def test_torn_tail_is_cut_off_and_reported(tmp_path: Path, cut: int, caplog: pytest.LogCaptureFixture) -> None:
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 5))
+        journal.sync()
+    segment = segments(tmp_path)[-1]
+    size = segment.stat().st_size
+    offsets = record_offsets(5)
+    assert offsets[-1] == size
+    record_size = offsets[5] - offsets[4]
+    os.truncate(segment, size - cut)  # the last record loses its last `cut` bytes
+    with caplog.at_level(logging.WARNING, logger="zmx.journal"), Journal(tmp_path) as journal:
+        state, replay = journal.recover()
+        assert replay == commands(0, 4)
+        journal.append_batch(records(5, 1))  # and the journal goes on after the cut
+        journal.sync()
+    assert f"cut off a torn tail of {record_size - cut} byte(s)" in caplog.text
+    assert segment.stat().st_size == offsets[4] + len(journal_module.encode_records(records(5, 1)))
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 4) + commands(5, 1)
+
+
+def test_garbage_tail_is_cut_off(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 3))
+        journal.sync()
+    segment = segments(tmp_path)[-1]
+    with open(segment, "ab") as f:
+        f.write(random.Random(7).randbytes(300))  # a crash in a file system that leaves junk
+        f.write(bytes(4096))  # or zeros
+    with caplog.at_level(logging.WARNING, logger="zmx.journal"), Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 3)
+    assert "cut off a torn tail of 4396 byte(s)" in caplog.text
+
+
+def test_corrupt_last_record_is_a_torn_tail(tmp_path: Path) -> None:
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 3))
+        journal.sync()
+    segment = segments(tmp_path)[-1]
+    data = bytearray(segment.read_bytes())
+    data[-3] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 2)
+
+
+@pytest.mark.parametrize("flip", ["length", "crc", "payload"])
+def test_corrupt_record_in_the_middle_is_refused(tmp_path: Path, flip: str) -> None:
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 5))
+        journal.sync()
+    segment = segments(tmp_path)[-1]
+    data = bytearray(segment.read_bytes())
+    start = record_offsets(5)[2]
+    offset = start + {"length": 0, "crc": 5, "payload": 20}[flip]
+    data[offset] ^= 0x40
+    segment.write_bytes(bytes(data))
+    with Journal(tmp_path) as journal, pytest.raises(JournalError) as error:
+        journal.recover()
+    message = str(error.value)
+    assert f"is damaged at offset {start}" in message
+    assert "an intact record follows" in message
+    assert segment.stat().st_size == len(data), "nothing is cut off a journal that is refused"
+
+
+def test_damage_in_an_earlier_segment_is_refused(tmp_path: Path) -> None:
+    engine = MatchingEngine(SPEC)
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 3))
+        journal.sync()
+        journal.write_snapshot({SYM: engine.snapshot()})
+        journal.append_batch(records(3, 3))
+        journal.sync()
+        journal.write_snapshot({SYM: engine.snapshot()})
+    first_snapshot = snapshots(tmp_path)[-1]
+    first_snapshot.write_bytes(b"ZMXS" + bytes(20))  # the newest snapshot is damaged: fall back ...
+    middle = segments(tmp_path)[-2]
+    os.truncate(middle, middle.stat().st_size - 2)  # ... and the segment it needs is damaged too
+    with Journal(tmp_path) as journal, pytest.raises(JournalError, match="it is not the last segment"):
+        journal.recover()
+
+
+def test_snapshot_and_later_records(tmp_path: Path) -> None:
+    engine = MatchingEngine(SPEC)
+    with fresh(tmp_path) as journal:
+        for ts, cmd in commands(0, 10):
+            engine.handle(cmd, ts_ns=ts)
+        journal.append_batch(records(0, 10))
+        journal.sync()
+        journal.write_snapshot({SYM: engine.snapshot()})
+        assert journal.since_snapshot == 0
+        journal.append_batch(records(10, 4))
+        journal.sync()
+    with Journal(tmp_path) as journal:
+        state, replay = journal.recover()
+    assert state is not None and state[SYM] == engine.snapshot()
+    assert replay == commands(10, 4)
+    restored = MatchingEngine.restore(state[SYM])
+    for ts, cmd in replay:
+        assert restored.handle(cmd, ts_ns=ts) == engine.handle(cmd, ts_ns=ts)
+    assert restored.snapshot() == engine.snapshot()
+
+
+def test_crash_between_snapshot_and_new_segment(tmp_path: Path) -> None:
+    """The snapshot is renamed into place, then the process dies before the new segment exists."""
+    engine = MatchingEngine(SPEC)
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 3))
+        journal.sync()
+        journal.write_snapshot({SYM: engine.snapshot()})
+    segments(tmp_path)[-1].unlink()
+    with Journal(tmp_path) as journal:
+        state, replay = journal.recover()
+        assert state == {SYM: engine.snapshot()} and replay == []
+        journal.append_batch(records(3, 1))
+        journal.sync()
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(3, 1)
+
+
+def test_a_snapshot_written_elsewhere_that_never_arrives(tmp_path: Path) -> None:
+    """rotate, then the process that should store the snapshot dies: the journal still holds
+    everything, from the previous snapshot on."""
+    engine = MatchingEngine(SPEC)
+    with fresh(tmp_path) as journal:
+        journal.write_snapshot({SYM: engine.snapshot()})
+        journal.append_batch(records(0, 3))
+        journal.sync()
+        assert journal.rotate() == 3
+        journal.append_batch(records(3, 2))
+        journal.sync()
+        number = journal.rotate()  # this one arrives
+        for ts, cmd in commands(0, 5):
+            engine.handle(cmd, ts_ns=ts)
+        journal.store_snapshot(number, {SYM: engine.snapshot()})
+        journal.snapshot_stored(number)
+        journal.append_batch(records(5, 1))
+        journal.sync()
+    with Journal(tmp_path) as journal:
+        assert journal.recover() == ({SYM: engine.snapshot()}, commands(5, 1))
+    (tmp_path / "snapshot-0000000004.snap").unlink()  # as if the one before segment 4 never arrived
+    with Journal(tmp_path) as journal:
+        state, replay = journal.recover()
+    assert state == {SYM: MatchingEngine(SPEC).snapshot()} and replay == commands(0, 6)
+
+
+def test_obsolete_files_are_removed_and_the_previous_snapshot_kept(tmp_path: Path) -> None:
+    engine = MatchingEngine(SPEC)
+    with fresh(tmp_path) as journal:
+        for round_ in range(5):
+            journal.append_batch(records(10 * round_, 10))
+            journal.sync()
+            for ts, cmd in commands(10 * round_, 10):
+                engine.handle(cmd, ts_ns=ts)
+            journal.write_snapshot({SYM: engine.snapshot()})
+        journal.append_batch(records(50, 2))
+        journal.sync()
+    # segments 1..6 and snapshots before 2..6 were written: kept are the snapshots before
+    # segments 5 and 6 and the segments from 5 on
+    assert [p.name for p in snapshots(tmp_path)] == ["snapshot-0000000005.snap", "snapshot-0000000006.snap"]
+    assert [p.name for p in segments(tmp_path)] == ["journal-0000000005.log", "journal-0000000006.log"]
+    assert not list(tmp_path.glob("*.tmp"))
+    with Journal(tmp_path) as journal:
+        state, replay = journal.recover()
+    assert state == {SYM: engine.snapshot()} and replay == commands(50, 2)
+
+
+def test_a_damaged_newest_snapshot_falls_back_to_the_previous_one(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    engine = MatchingEngine(SPEC)
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 5))
+        journal.sync()
+        for ts, cmd in commands(0, 5):
+            engine.handle(cmd, ts_ns=ts)
+        old_state = engine.snapshot()
+        journal.write_snapshot({SYM: old_state})
+        journal.append_batch(records(5, 5))
+        journal.sync()
+        for ts, cmd in commands(5, 5):
+            engine.handle(cmd, ts_ns=ts)
+        journal.write_snapshot({SYM: engine.snapshot()})
+        journal.append_batch(records(10, 1))
+        journal.sync()
+    newest = snapshots(tmp_path)[-1]
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 1
+    newest.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR, logger="zmx.journal"), Journal(tmp_path) as journal:
+        state, replay = journal.recover()
+    assert state == {SYM: old_state}
+    assert replay == commands(5, 6)
+    assert "crc32 does not match" in caplog.text
+    assert newest.with_name(newest.name + ".corrupt").exists()
+
+
+def test_a_missing_segment_is_refused(tmp_path: Path) -> None:
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 1))
+        journal.sync()
+    segments(tmp_path)[0].rename(tmp_path / "journal-0000000002.log")
+    with Journal(tmp_path) as journal, pytest.raises(JournalError, match="journal-0000000001.log is missing"):
+        journal.recover()
+
+
+@pytest.mark.parametrize(("mode", "writes", "syncs"), [("batch", 2, 2), ("always", 5, 5), ("never", 2, 0)])
+def test_fsync_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, writes: int, syncs: int) -> None:
+    calls = {"write": 0, "sync": 0}
+    real_write, real_sync = journal_module._write, journal_module._datasync
+
+    def write(fd: int, data: bytes) -> int:
+        calls["write"] += 1
+        return real_write(fd, data)
+
+    def sync(fd: int) -> None:
+        calls["sync"] += 1
+        real_sync(fd)
+
+    with fresh(tmp_path, mode) as journal:
+        monkeypatch.setattr(journal_module, "_write", write)
+        monkeypatch.setattr(journal_module, "_datasync", sync)
+        journal.append_batch(records(0, 3))
+        journal.sync()
+        journal.append_batch(records(3, 2))
+        journal.sync()
+        journal.sync()  # nothing new: no second fdatasync
+        assert calls == {"write": writes, "sync": syncs}
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 5)
+
+
+def test_unknown_fsync_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fsync mode 'sometimes'"):
+        Journal(tmp_path, fsync="sometimes")
+
+
+def test_epoch_grows_by_one_at_each_start(tmp_path: Path) -> None:
+    for expected in (1, 2, 3):
+        with Journal(tmp_path) as journal:
+            assert journal.bump_epoch() == expected
+    assert (tmp_path / "epoch").read_text() == "3\n"
+    (tmp_path / "epoch").write_text("garbage")
+    with Journal(tmp_path) as journal, pytest.raises(JournalError, match="should hold a number"):
+        journal.bump_epoch()
+
+
+def test_a_data_dir_has_one_owner(tmp_path: Path) -> None:
+    with Journal(tmp_path):
+        with pytest.raises(JournalError, match="in use by another process"):
+            Journal(tmp_path)
+    Journal(tmp_path).close()  # free again once the owner closed it

@@ -1,0 +1,587 @@
+"""A real matcher process, with the test playing its router (frames of docs/wire.md).
+
+The topology has one router entry, ``r1``; no router process runs: the test binds a ROUTER
+at ``r1``'s back endpoint, waits for the matcher's HELLO and sends it REQ frames itself.
+Subscriptions are proven live, never slept on: the test cancels an order that does not
+exist for the account ``probe`` until its SUB sockets receive the private event.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from nodes import Cluster, NodeProcess, write_topology
+
+from zmx import codec
+from zmx.commands import CancelOrder, SubmitOrder
+from zmx.depth import L2Mirror
+from zmx.engine import MatchingEngine
+from zmx.events import (
+    BookChanged,
+    OrderAccepted,
+    OrderCanceled,
+    OrderFilled,
+    OrderRejected,
+    TradeOccurred,
+)
+from zmx.model import OrderType, Side, TimeInForce
+from zmx.node.runtime import load_topology
+from zmx.topics import topic
+
+TIMEOUT_MS = 10_000
+BUY, SELL = Side.BUY, Side.SELL
+LIMIT, GTC, IOC = OrderType.LIMIT, TimeInForce.GTC, TimeInForce.IOC
+FAST_HEARTBEAT = ", heartbeat_ms: 50"
+
+
+# -- the test as router ------------------------------------------------------------------------
+
+
+def header(request_id: int, symbol: str | bytes) -> bytes:
+    name = symbol.encode() if isinstance(symbol, str) else symbol
+    return b"\x01" + request_id.to_bytes(8, "big") + name
+
+
+def limit(order_id: str, account: str, symbol: str, side: Side, price: int, quantity: int,
+          tif: TimeInForce = GTC) -> SubmitOrder:
+    return SubmitOrder(order_id, account, symbol, side, LIMIT, tif, price, quantity)
+
+
+class FakeRouter:
+    """Router r1 as the matcher sees it: a ROUTER bound at r1's back endpoint."""
+
+    def __init__(self, ctx: zmq.Context, topology_path: Path) -> None:
+        topology = load_topology(topology_path)
+        self.topology = topology
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted matcher takes its name back at once
+        self.sock.bind(topology.nodes["r1"].back)  # type: ignore[union-attr]
+        self.replies: dict[bytes, tuple[bytes, bytes]] = {}  # header -> (status, payload)
+        self.control: list[list[bytes]] = []  # HELLO / HB / BYE, as received
+        self.other: list[list[bytes]] = []
+
+    def _receive(self, timeout_ms: int) -> list[bytes] | None:
+        if not self.sock.poll(timeout_ms):
+            return None
+        frames = self.sock.recv_multipart()
+        if len(frames) == 6 and frames[1] == b"REP":
+            assert frames[0] == b"m1"
+            self.replies[frames[3]] = (frames[4], frames[5])
+        elif frames[1] in (b"HELLO", b"HB", b"BYE"):
+            self.control.append(frames)
+        else:
+            self.other.append(frames)
+        return frames
+
+    def wait_for(self, kind: bytes, epoch: int | None = None, timeout_ms: int = TIMEOUT_MS) -> list[bytes]:
+        """The next control message of ``kind`` (of ``epoch``, if given) that arrives from now on."""
+        self.control.clear()
+        deadline = _Deadline(timeout_ms)
+        while True:
+            for frames in self.control:
+                if frames[1] == kind and (epoch is None or _epoch_of(frames) == epoch):
+                    return frames
+            self.control.clear()
+            if self._receive(deadline.left()) is None:
+                raise AssertionError(f"no {kind!r} from the matcher within {timeout_ms} ms")
+
+    def send(self, *frames: bytes, to: bytes = b"m1") -> None:
+        self.sock.send_multipart([to, *frames])
+
+    def request(self, request_id: int, symbol: str, command: Any, *, client: bytes = b"c1") -> bytes:
+        head = header(request_id, symbol)
+        self.send(b"REQ", client, head, codec.encode(command))
+        return head
+
+    def reply(self, head: bytes, timeout_ms: int = TIMEOUT_MS) -> tuple[bytes, bytes]:
+        deadline = _Deadline(timeout_ms)
+        while head not in self.replies:
+            if self._receive(deadline.left()) is None:
+                raise AssertionError(f"no reply to {head!r} within {timeout_ms} ms")
+        return self.replies.pop(head)
+
+    def events(self, head: bytes) -> tuple:
+        status, payload = self.reply(head)
+        assert status == b"ok", (status, payload)
+        return codec.decode_batch(payload)
+
+    def order(self, request_id: int, command: Any) -> tuple:
+        """Send one command and return its events."""
+        return self.events(self.request(request_id, command.symbol, command))
+
+
+class _Deadline:
+    def __init__(self, timeout_ms: int) -> None:
+        self.end = time.monotonic() + timeout_ms / 1000
+
+    def left(self) -> int:
+        return max(0, int((self.end - time.monotonic()) * 1000))
+
+
+def _epoch_of(frames: list[bytes]) -> int | None:
+    body = msgpack.unpackb(frames[2]) if len(frames) > 2 else None
+    return body["epoch"] if isinstance(body, dict) else body
+
+
+def subscriber(ctx: zmq.Context, endpoint: str, *topics: bytes) -> zmq.Socket:
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    for t in (*topics, b"@probe\x00"):
+        sub.setsockopt(zmq.SUBSCRIBE, t)
+    sub.connect(endpoint)
+    return sub
+
+
+def probe(router: FakeRouter, subs: list[zmq.Socket], symbol: str, marker: str) -> None:
+    """Cancel the order ``marker`` of account ``probe`` (it does not exist) until every SUB got
+    the ``CancelRejected``: they are subscribed, and they hold everything published before."""
+    waiting = list(subs)
+    deadline = _Deadline(TIMEOUT_MS)
+    request_id = 10**12
+    while waiting:
+        assert deadline.left() > 0, "the subscriptions never became live"
+        request_id += 1
+        router.request(request_id, symbol, CancelOrder(marker, "probe", symbol))
+        for sub in list(waiting):
+            while sub.poll(100):
+                frame = sub.recv()
+                if frame.startswith(b"@probe\x00") and codec.decode_publication(frame)[1][0].order_id == marker:
+                    waiting.remove(sub)
+                    break
+
+
+def mark(router: FakeRouter, symbol: str, marker: str) -> None:
+    """A probe that marks a point of the stream: what was published before it arrives before it."""
+    router.request(2 * 10**12, symbol, CancelOrder(marker, "probe", symbol))
+
+
+def read_until_probe(sub: zmq.Socket, marker: str) -> list[tuple[str, tuple]]:
+    """Every publication (``(topic name, events)``) up to the probe ``marker``; probes and idle
+    heartbeats (no events) left out."""
+    got = []
+    deadline = _Deadline(TIMEOUT_MS)
+    while True:
+        assert sub.poll(deadline.left()), f"probe {marker} never arrived"
+        name, events = codec.decode_publication(sub.recv())
+        if name == "@probe":
+            if events[0].order_id == marker:
+                return got
+            continue
+        if events:
+            got.append((name, events))
+
+
+def snapshot_request(sock: zmq.Socket, symbol: bytes, *, retries: int = 1) -> list[bytes]:
+    """Ask the snapshot service for a book; retried on silence (a dropped connection)."""
+    for _ in range(retries):
+        sock.send_multipart([b"SNAP", symbol])
+        if sock.poll(TIMEOUT_MS // retries):
+            return sock.recv_multipart()
+    raise AssertionError(f"no answer from the snapshot service for {symbol!r}")
+
+
+def book_of(sock: zmq.Socket, symbol: str) -> tuple[int, list, list]:
+    kind, name, body = snapshot_request(sock, symbol.encode())
+    assert (kind, name) == (b"SNAP", symbol.encode())
+    seq, bids, asks = msgpack.unpackb(body)
+    return seq, [tuple(level) for level in bids], [tuple(level) for level in asks]
+
+
+def without_ts(events: tuple | list) -> list:
+    return [e._replace(ts_ns=0) for e in events]
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
+def start_matcher(cluster: Cluster, tmp_path: Path, zctx: zmq.Context, symbols: list[str], **options: Any
+                  ) -> tuple[NodeProcess, FakeRouter]:
+    cluster.topology = write_topology(tmp_path, matchers={"m1": symbols, "m2": ["ETH-USDT"]},
+                                      extra_matcher=FAST_HEARTBEAT, **options)
+    router = FakeRouter(zctx, cluster.topology)
+    node = cluster.start("m1")
+    return node, router
+
+
+def snapshot_socket(zctx: zmq.Context, node: NodeProcess, kind: int = zmq.DEALER) -> zmq.Socket:
+    sock = zctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(node.ready["snapshot"])  # type: ignore[index]
+    return sock
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_orders_on_several_symbols_get_replies_and_publications(cluster: Cluster, tmp_path: Path,
+                                                                 zctx: zmq.Context) -> None:
+    symbols = ["BTC-USDT", "BTC-USDTX", "SOL-USDT"]
+    node, router = start_matcher(cluster, tmp_path, zctx, symbols)
+    assert node.ready == {"node": "m1", "role": "matcher", "pub": node.ready["pub"],
+                          "snapshot": node.ready["snapshot"], "symbols": symbols, "epoch": 1,
+                          "seq": dict.fromkeys(symbols, 0)}
+    hello = router.wait_for(b"HELLO")
+    assert msgpack.unpackb(hello[2]) == {"node": "m1", "symbols": symbols, "epoch": 1}
+    assert msgpack.unpackb(router.wait_for(b"HB")[2]) == 1
+    btc = subscriber(zctx, node.ready["pub"], topic("BTC-USDT"))
+    everything = subscriber(zctx, node.ready["pub"], b"")
+    probe(router, [btc, everything], "BTC-USDT", "ready")
+
+    request_id = 0
+    for symbol in symbols:
+        request_id += 1
+        placed = router.order(request_id, limit("s1", "alice", symbol, SELL, 1000, 100))
+        assert [type(e) for e in placed] == [OrderAccepted, BookChanged]
+        assert placed[1].asks == ((1000, 100),) and placed[1].seq == 1
+        request_id += 1
+        taken = router.order(request_id, limit("b1", "bob", symbol, BUY, 1000, 40))
+        assert [type(e) for e in taken] == [OrderAccepted, TradeOccurred, OrderFilled, OrderFilled, BookChanged]
+        assert {e.seq for e in taken} == {2}
+        assert taken[1].trade_id == 1 and taken[1].quantity == 40
+        request_id += 1
+        router.order(request_id, limit("b2", "bob", symbol, BUY, 990, 10))
+        request_id += 1
+        canceled = router.order(request_id, CancelOrder("b2", "bob", symbol))
+        assert [type(e) for e in canceled] == [OrderCanceled, BookChanged]
+        assert canceled[1].bids == ((990, 0),) and canceled[1].seq == 4
+    request_id += 1
+    status, payload = router.reply(router.request(request_id, "ETH-USDT", limit("e", "bob", "ETH-USDT", BUY, 1, 1)))
+    assert status == b"unknown_symbol" and b"ETH-USDT" in payload
+
+    mark(router, "BTC-USDT", "end")
+    only_btc = read_until_probe(btc, "end")
+    assert {name for name, _ in only_btc} == {"BTC-USDT"}, "a SUB to BTC-USDT gets BTC-USDT only"
+    assert [events[-1].seq for _, events in only_btc] == [1, 2, 3, 4]
+    assert [[type(e) for e in events] for _, events in only_btc][1] == [TradeOccurred, BookChanged]
+
+    published = read_until_probe(everything, "end")
+    for symbol in symbols:
+        seqs = [events[-1].seq for name, events in published if name == symbol]
+        assert seqs == [1, 2, 3, 4], symbol
+    alice = [e for name, events in published if name == "@alice" for e in events]
+    assert [(type(e), e.symbol) for e in alice] == [
+        (t, s) for s in symbols for t in (OrderAccepted, OrderFilled)]
+    assert all(e.maker for e in alice if type(e) is OrderFilled)
+    bob = [e for name, events in published if name == "@bob" for e in events]
+    assert len([e for e in bob if type(e) is OrderFilled]) == 3
+
+    # a quiet symbol gets an empty publication about once a second
+    deadline = _Deadline(3000)
+    while True:
+        assert btc.poll(deadline.left()), "no heartbeat publication for BTC-USDT"
+        name, events = codec.decode_publication(btc.recv())
+        if name == "BTC-USDT" and events == ():
+            break
+
+
+def test_snapshot_service_is_consistent_with_the_stream(cluster: Cluster, tmp_path: Path,
+                                                         zctx: zmq.Context) -> None:
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT", "SOL-USDT"])
+    router.wait_for(b"HELLO")
+    sub = subscriber(zctx, node.ready["pub"], topic("BTC-USDT"))
+    probe(router, [sub], "BTC-USDT", "ready")
+    snapshots = snapshot_socket(zctx, node)
+    rng = random.Random(3)
+    reference = MatchingEngine(router.topology.symbols["BTC-USDT"])
+    heads = []
+    for i in range(300):
+        if i == 120:
+            for head in heads:
+                assert router.reply(head)[0] == b"ok"
+            heads.clear()
+            # answered between two commands, somewhere in the 180 that follow (or after them)
+            snapshots.send_multipart([b"SNAP", b"BTC-USDT"])
+        if i % 4 == 3:
+            cmd: Any = CancelOrder(f"o{rng.randrange(i)}", f"a{i % 3}", "BTC-USDT")
+        else:
+            side = rng.choice((BUY, SELL))
+            price = 1000 + rng.randint(-8, 8)
+            cmd = limit(f"o{i}", f"a{i % 3}", "BTC-USDT", side, price, rng.randint(1, 5),
+                        rng.choice((GTC, GTC, IOC)))
+        reference.handle(cmd, ts_ns=0)
+        heads.append(router.request(i, "BTC-USDT", cmd))
+    for head in heads:
+        assert router.reply(head)[0] == b"ok"
+    mark(router, "BTC-USDT", "end")
+    changes = [e for _, events in read_until_probe(sub, "end") for e in events if type(e) is BookChanged]
+    assert [c.seq for c in changes] == list(range(1, reference.seq + 1))
+
+    assert snapshots.poll(TIMEOUT_MS)
+    kind, name, body = snapshots.recv_multipart()
+    assert (kind, name) == (b"SNAP", b"BTC-USDT")
+    seq, bids, asks = msgpack.unpackb(body)
+    assert 0 < seq <= reference.seq
+    mirror = L2Mirror("BTC-USDT")
+    mirror.load_snapshot(seq, [tuple(lv) for lv in bids], [tuple(lv) for lv in asks])
+    for change in changes:
+        mirror.apply(change)  # older than the snapshot: ignored; newer: applied in order
+    final = book_of(snapshots, "BTC-USDT")
+    assert final == (reference.seq, *map(list, reference.depth()))
+    assert (mirror.seq, *mirror.levels()) == final
+
+    # a REQ socket (with its empty delimiter frame) is served too
+    req = snapshot_socket(zctx, node, zmq.REQ)
+    assert book_of(req, "SOL-USDT") == (0, [], [])
+    kind, name, message = snapshot_request(snapshots, b"ETH-USDT")
+    assert (kind, name) == (b"ERR", b"ETH-USDT") and b"does not own" in message
+
+
+def test_malformed_frames_to_the_matcher_are_refused_or_dropped(cluster: Cluster, tmp_path: Path,
+                                                                zctx: zmq.Context) -> None:
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT", "SOL-USDT"], fsync="always")
+    router.wait_for(b"HELLO")
+    good = codec.encode(limit("g", "alice", "BTC-USDT", BUY, 1000, 1))
+    event = codec.encode(OrderRejected("BTC-USDT", 0, 0, "x", "alice", "invalid_price"))
+    rng = random.Random(5)
+    router.send(rng.randbytes(50))  # not a message kind: dropped
+    router.send(b"REQ")  # a REQ without client id or header: dropped
+    router.send(b"NOPE", b"c1", header(1, "BTC-USDT"), good)  # unknown kind: dropped
+    expected = {
+        header(2, "BTC-USDT"): (b"REQ", b"c1", header(2, "BTC-USDT")),  # 3 frames
+        header(3, "BTC-USDT"): (b"REQ", b"c1", header(3, "BTC-USDT"), good, b"extra"),  # 5 frames
+        b"\x02" + header(4, "BTC-USDT")[1:]: (b"REQ", b"c1", b"\x02" + header(4, "BTC-USDT")[1:], good),
+        b"\x01abc": (b"REQ", b"c1", b"\x01abc", good),  # a header too short for a request id
+        header(5, "BTC-USDT"): (b"REQ", b"c1", header(5, "BTC-USDT"), b"\x09" + good[1:]),  # wire version 9
+        header(6, "BTC-USDT"): (b"REQ", b"c1", header(6, "BTC-USDT"), rng.randbytes(40)),
+        header(7, "BTC-USDT"): (b"REQ", b"c1", header(7, "BTC-USDT"), event),  # an event, not a command
+        header(8, "SOL-USDT"): (b"REQ", b"c1", header(8, "SOL-USDT"), good),  # header and body disagree
+        header(9, "BTC-USDT"): (b"REQ", b"c1", header(9, "BTC-USDT"), b""),
+    }
+    for frames in expected.values():
+        router.send(*frames)
+    ok_head = router.request(10, "BTC-USDT", limit("g", "alice", "BTC-USDT", BUY, 1000, 1))
+    assert [type(e) for e in router.events(ok_head)] == [OrderAccepted, BookChanged]
+    # replies leave in order: every answer to the malformed ones is in already, and nothing else
+    assert set(router.replies) == set(expected)
+    assert {status for status, _ in router.replies.values()} == {b"bad_request"}
+    assert b"version 9" in router.replies[header(5, "BTC-USDT")][1]
+    assert b"OrderRejected" in router.replies[header(7, "BTC-USDT")][1]
+    assert router.other == []
+
+    # a frame over the 1 MiB limit: ZeroMQ drops the connection, the matcher reconnects and says HELLO
+    router.send(b"REQ", b"c1", header(11, "BTC-USDT"), bytes(2 << 20))
+    router.wait_for(b"HELLO", epoch=1)
+    assert [type(e) for e in router.order(12, limit("g2", "alice", "BTC-USDT", BUY, 1001, 1))] == \
+        [OrderAccepted, BookChanged]
+    assert header(11, "BTC-USDT") not in router.replies
+
+    assert node.stop() == 0
+    log = node.log()
+    assert "unknown message kind (dropped) 2" in log
+    assert "wrong frame count 2" in log and "wrong frame count (dropped) 1" in log
+    assert "bad header 2" in log and "undecodable body 3" in log and "not a command 1" in log
+    assert "symbol mismatch 1" in log and "connection to router r1 lost 1" in log
+
+
+def test_malformed_requests_to_the_snapshot_service_get_errors(cluster: Cluster, tmp_path: Path,
+                                                               zctx: zmq.Context) -> None:
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"])
+    router.wait_for(b"HELLO")
+    sock = snapshot_socket(zctx, node)
+    rng = random.Random(9)
+    for frames, symbol in [
+        ([rng.randbytes(64)], b""),
+        ([b"SNAP"], b""),
+        ([b"SNAP", b"BTC-USDT", b"extra"], b"BTC-USDT"),
+        ([b"BOOK", b"BTC-USDT"], b"BTC-USDT"),
+        ([b"\x01" * 300, b"A" * 200], b""),
+        ([b"SNAP", b"BTC-USDTX"], b"BTC-USDTX"),
+    ]:
+        sock.send_multipart(frames)
+        assert sock.poll(TIMEOUT_MS)
+        kind, name, message = sock.recv_multipart()
+        assert (kind, name) == (b"ERR", symbol), frames
+        assert message
+    sock.send_multipart([b"SNAP", bytes(2 << 20)])  # over the limit: the connection is dropped
+    # the DEALER reconnects by itself; a request that went down with the old connection is asked again
+    assert book_of_retrying(sock, "BTC-USDT") == (0, [], [])
+    assert [type(e) for e in router.order(1, limit("x", "alice", "BTC-USDT", SELL, 5, 1))] == \
+        [OrderAccepted, BookChanged]
+    fresh = snapshot_socket(zctx, node)  # the retries above may still get answers on the old one
+    assert book_of(fresh, "BTC-USDT") == (1, [], [(5, 1)])
+    assert node.stop() == 0
+    assert "snapshot: malformed request 5" in node.log()
+
+
+def book_of_retrying(sock: zmq.Socket, symbol: str) -> tuple[int, list, list]:
+    for _ in range(50):
+        sock.send_multipart([b"SNAP", symbol.encode()])
+        if sock.poll(200):
+            kind, name, body = sock.recv_multipart()
+            seq, bids, asks = msgpack.unpackb(body)
+            return seq, bids, asks
+    raise AssertionError("the snapshot service never answered again")
+
+
+def _stream(n: int, seed: int) -> list[Any]:
+    """Commands on two symbols: resting and crossing orders, IOCs, cancels of earlier orders."""
+    rng = random.Random(seed)
+    commands: list[Any] = []
+    for i in range(n):
+        symbol = "BTC-USDT" if i % 3 else "SOL-USDT"
+        account = f"a{rng.randrange(4)}"
+        if i > 10 and rng.random() < 0.25:
+            commands.append(CancelOrder(f"o{rng.randrange(i)}", account, symbol))
+        else:
+            side = rng.choice((BUY, SELL))
+            commands.append(limit(f"o{i}", account, symbol, side, 1000 + rng.randint(-10, 10), rng.randint(1, 9),
+                                  rng.choice((GTC, GTC, GTC, IOC))))
+    return commands
+
+
+def test_kill_9_in_the_middle_of_a_stream_loses_no_acknowledged_order(cluster: Cluster, tmp_path: Path,
+                                                                        zctx: zmq.Context) -> None:
+    symbols = ["BTC-USDT", "SOL-USDT"]
+    node, router = start_matcher(cluster, tmp_path, zctx, symbols, snapshot_every=120)
+    router.wait_for(b"HELLO")
+    commands = _stream(3000, seed=11)
+    heads = [header(i, cmd.symbol) for i, cmd in enumerate(commands)]
+    index_of = {head: i for i, head in enumerate(heads)}
+    acked: dict[int, tuple] = {}
+    sent = 0
+    window = 100
+    while len(acked) < 1000:  # pipelined: up to `window` commands in flight
+        while sent < len(commands) and sent - len(acked) < window:
+            router.send(b"REQ", b"c1", heads[sent], codec.encode(commands[sent]))
+            sent += 1
+        assert router._receive(TIMEOUT_MS) is not None
+        for head in list(router.replies):
+            status, payload = router.replies.pop(head)
+            assert status == b"ok"
+            acked[index_of[head]] = codec.decode_batch(payload)
+    while sent - len(acked) < window:  # a full window in flight when the kill comes
+        router.send(b"REQ", b"c1", heads[sent], codec.encode(commands[sent]))
+        sent += 1
+    node.kill()
+    while router._receive(0) is not None:  # replies that were on their way count as acknowledged
+        pass
+    for head, (status, payload) in router.replies.items():
+        assert status == b"ok"
+        acked[index_of[head]] = codec.decode_batch(payload)
+    assert sorted(acked) == list(range(len(acked))), "replies come back in order"
+
+    # the acknowledged replies are exactly what a reference engine answers (timestamps aside)
+    references = {s: MatchingEngine(router.topology.symbols[s]) for s in symbols}
+    states: list[dict[str, tuple]] = []  # after the first k commands: symbol -> (seq, bids, asks)
+    saved: dict[int, dict[str, bytes]] = {}
+    for k, cmd in enumerate(commands[:sent]):
+        states.append({s: (e.seq, *map(list, e.depth())) for s, e in references.items()})
+        saved[k] = {s: e.snapshot() for s, e in references.items()}
+        events = references[cmd.symbol].handle(cmd, ts_ns=0)
+        if k in acked:
+            assert without_ts(acked[k]) == without_ts(events), k
+    states.append({s: (e.seq, *map(list, e.depth())) for s, e in references.items()})
+    saved[sent] = {s: e.snapshot() for s, e in references.items()}
+
+    restarted = cluster.start("m1")
+    assert restarted.ready["epoch"] == 2
+    router.wait_for(b"HELLO", epoch=2)
+    books = snapshot_socket(zctx, restarted)
+    recovered = {s: book_of(books, s) for s in symbols}
+    assert restarted.ready["seq"] == {s: recovered[s][0] for s in symbols}
+    # the books are those after some prefix of the stream that holds every acknowledged command
+    prefixes = [k for k in range(len(acked), sent + 1) if states[k] == recovered]
+    assert prefixes, f"the recovered books match no prefix of the stream from {len(acked)} to {sent} commands"
+    data_dir = tmp_path / "var" / "m1"
+    assert len(list(data_dir.glob("snapshot-*.snap"))) == 2, "snapshot + journal recovery was exercised"
+
+    # a second kill -9 with nothing in flight: exactly the same books
+    restarted.kill()
+    again = cluster.start("m1")
+    assert again.ready["epoch"] == 3 and again.ready["seq"] == restarted.ready["seq"]
+    router.wait_for(b"HELLO", epoch=3)
+    books = snapshot_socket(zctx, again)
+    assert {s: book_of(books, s) for s in symbols} == recovered
+
+    # the stream goes on at seq + 1, trade ids where they were
+    reference = MatchingEngine.restore(saved[prefixes[0]]["BTC-USDT"])
+    seq = recovered["BTC-USDT"][0]
+    sub = subscriber(zctx, again.ready["pub"], topic("BTC-USDT"))
+    probe(router, [sub], "BTC-USDT", "ready")
+    follow_up = [limit("n1", "z", "BTC-USDT", BUY, 1, 1), limit("n2", "y", "BTC-USDT", SELL, 1, 50, IOC)]
+    for i, cmd in enumerate(follow_up):
+        events = router.order(10**6 + i, cmd)
+        assert without_ts(events) == without_ts(reference.handle(cmd, ts_ns=0))
+        assert events[-1].seq == seq + 1 + i
+    mark(router, "BTC-USDT", "end")
+    published = read_until_probe(sub, "end")
+    assert [events[-1].seq for _, events in published] == [seq + 1, seq + 2]
+    assert any(type(e) is TradeOccurred for e in published[1][1])
+
+
+def test_clean_stop_exits_0_says_bye_and_a_restart_restores_the_books(cluster: Cluster, tmp_path: Path,
+                                                                       zctx: zmq.Context) -> None:
+    symbols = ["BTC-USDT", "SOL-USDT"]
+    node, router = start_matcher(cluster, tmp_path, zctx, symbols, fsync="never")
+    router.wait_for(b"HELLO")
+    commands = _stream(200, seed=2)
+    heads = [router.request(i, cmd.symbol, cmd) for i, cmd in enumerate(commands)]
+    for head in heads:
+        assert router.reply(head)[0] == b"ok"
+    books = snapshot_socket(zctx, node)
+    before = {s: book_of(books, s) for s in symbols}
+    assert before["BTC-USDT"][0] > 0 and before["SOL-USDT"][0] > 0
+
+    node.proc.send_signal(signal.SIGTERM)
+    router.wait_for(b"BYE")
+    assert node.proc.wait(TIMEOUT_MS / 1000) == 0
+    assert "stopped after 200 command(s)" in node.log()
+
+    restarted = cluster.start("m1")
+    assert restarted.ready["epoch"] == 2
+    assert restarted.ready["seq"] == {s: before[s][0] for s in symbols}
+    # the snapshot written at the first start, then the whole journal after it
+    assert "recovered from the snapshot before segment 2 + 200 journaled command(s)" in restarted.log()
+    books = snapshot_socket(zctx, restarted)
+    assert {s: book_of(books, s) for s in symbols} == before
+    assert restarted.stop() == 0
+
+
+def test_a_matcher_that_cannot_recover_says_why_and_exits_1(cluster: Cluster, tmp_path: Path,
+                                                            zctx: zmq.Context) -> None:
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"])
+    router.wait_for(b"HELLO")
+    for i in range(20):
+        router.order(i, limit(f"o{i}", "alice", "BTC-USDT", BUY, 1000 + i, 1))
+    assert node.stop() == 0
+    assert cluster.topology is not None
+    original = cluster.topology.read_text()
+
+    # a new tick size would change what every journaled price means
+    cluster.topology.write_text(original.replace('BTC-USDT: {matcher: m1, tick_size: "0.01"',
+                                                 'BTC-USDT: {matcher: m1, tick_size: "0.1"', 1))
+    refused = cluster.start("m1", wait=False)
+    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
+    assert "changes the symbol's spec (tick_size 0.01 -> 0.1)" in refused.log()
+
+    # a damaged record in the middle of the journal
+    cluster.topology.write_text(original)
+    segment = max((tmp_path / "var" / "m1").glob("journal-*.log"))
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    refused = cluster.start("m1", wait=False)
+    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
+    assert f"journal segment {str(Path('var/m1') / segment.name)!r} is damaged at offset" in refused.log()
+
+    # repaired: the same books as before
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    restarted = cluster.start("m1")
+    assert restarted.ready["seq"] == {"BTC-USDT": 20}

@@ -1,0 +1,482 @@
+"""Durability of one matcher: an append-only journal of commands, snapshots, an epoch.
+
+Files in the matcher's ``data_dir`` (a relative path is resolved against the process's
+working directory)::
+
+    lock                       flock()ed while a process owns the directory
+    epoch                      decimal text: how many times the matcher has started
+    journal-0000000001.log     journal segments, numbered from 1
+    snapshot-0000000003.snap   the engines' state before segment 3 (every record of
+                               segments 1 and 2 is in it)
+
+Journal records
+---------------
+
+A segment is a sequence of records, little-endian::
+
+    u32 length | u32 crc32 | u64 ts_ns | command
+
+``length`` counts the ``ts_ns`` and ``command`` bytes, ``crc32`` (``zlib.crc32``) covers the
+same bytes, and ``command`` is the codec-encoded command exactly as it arrived
+(``zmx.codec.decode`` reads it back). A record is only ever appended, never rewritten.
+
+``append_batch`` writes a whole batch with one ``write`` call; ``sync`` makes it durable
+according to the ``fsync`` mode of the topology:
+
+- ``batch`` (default): one ``fdatasync`` per batch, before the batch is answered;
+- ``always``: every record is written and synced on its own (one write + one fdatasync
+  per record, so no answered command can be lost, even inside a batch);
+- ``never``: no sync at all; the operating system writes the pages when it likes.
+
+(``fdatasync`` also persists the file size, which is all an append needs; where it does
+not exist, ``fsync``.)
+
+Snapshots
+---------
+
+``write_snapshot`` stores every engine's ``snapshot()`` bytes, msgpack-packed with the number
+of the segment that follows it, as ``b"ZMXS" | u32 crc32 | msgpack {version, segment,
+engines}``: written to a temporary file, fsynced, renamed over, the directory fsynced. Then
+a new segment starts. The previous snapshot and the segments after it are kept (if the
+newest snapshot is ever unreadable, recovery falls back to it and replays more); anything
+older is deleted.
+
+Recovery
+--------
+
+``recover`` loads the newest valid snapshot and reads every record of the segments from
+its segment on. A torn tail of the **last** segment -- an incomplete record, or a bad
+record with no valid record after it, which is what a crash in the middle of a write
+leaves -- is cut off with a warning that says how many bytes. Any other damage (a bad
+record followed by good ones, a bad record in an earlier segment, a missing segment) raises
+``JournalError``: replaying around it could silently lose commands that were answered.
+
+Only the last segment can have a torn tail: a segment is fsynced before the next one is
+started, whatever the mode. ``recover`` also clears what a crash may leave behind: temporary
+files, and snapshots and segments that a newer snapshot made obsolete. A data directory has
+one owner at a time (``flock`` on ``lock``); a second process is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from zmx.codec import MAX_MESSAGE_BYTES, decode
+from zmx.commands import COMMAND_TYPES, Command
+from zmx.exceptions import DecodeError, ZmxError
+
+__all__ = ["FSYNC_MODES", "Journal", "JournalError", "SNAPSHOT_VERSION"]
+
+log = logging.getLogger("zmx.journal")
+
+FSYNC_MODES = ("batch", "always", "never")
+SNAPSHOT_VERSION = 1
+SNAPSHOT_MAGIC = b"ZMXS"
+
+_RECORD_HEAD = struct.Struct("<II")  # length, crc32
+_TS = struct.Struct("<Q")
+_SNAP_HEAD = struct.Struct("<4sI")  # magic, crc32
+_MIN_RECORD = _TS.size + 1  # a timestamp and at least one byte of command
+_MAX_RECORD = _TS.size + MAX_MESSAGE_BYTES
+_SEGMENT = re.compile(r"journal-(\d{10})\.log")
+_SNAPSHOT = re.compile(r"snapshot-(\d{10})\.snap")
+
+# Looked up at call time, so a test can count them.
+_write = os.write
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+class JournalError(ZmxError):
+    """The data directory cannot be used: in use, damaged, or unwritable. The message says
+    which file and what to do."""
+
+
+def _segment_name(number: int) -> str:
+    return f"journal-{number:010d}.log"
+
+
+def _snapshot_name(number: int) -> str:
+    return f"snapshot-{number:010d}.snap"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One write call (a regular file takes it whole); loop only if the OS writes less."""
+    written = _write(fd, data)
+    if written < len(data):
+        view = memoryview(data)
+        while written < len(data):
+            written += _write(fd, view[written:])
+
+
+def encode_records(records: Sequence[tuple[int, bytes]]) -> bytes:
+    """``[(ts_ns, command_bytes), ...]`` -> the bytes of those journal records."""
+    parts = []
+    append = parts.append
+    head, ts_pack, crc32 = _RECORD_HEAD.pack, _TS.pack, zlib.crc32
+    for ts_ns, command in records:
+        ts = ts_pack(ts_ns)
+        append(head(len(command) + 8, crc32(command, crc32(ts))))
+        append(ts)
+        append(command)
+    return b"".join(parts)
+
+
+class _BadRecord(Exception):
+    def __init__(self, offset: int, problem: str) -> None:
+        super().__init__(problem)
+        self.offset = offset
+        self.problem = problem
+
+
+def _record_at(data: bytes, offset: int) -> tuple[int, bytes, int] | str:
+    """``(ts_ns, command, next_offset)`` of the record at ``offset``, or what is wrong with it."""
+    end = len(data)
+    if end - offset < _RECORD_HEAD.size:
+        return f"{end - offset} byte(s) where a record header (8 bytes) should be"
+    length, crc = _RECORD_HEAD.unpack_from(data, offset)
+    if not _MIN_RECORD <= length <= _MAX_RECORD:
+        return f"a record length of {length} bytes (valid: {_MIN_RECORD} to {_MAX_RECORD})"
+    start = offset + _RECORD_HEAD.size
+    if start + length > end:
+        return f"a {length}-byte record with only {end - start} byte(s) left in the file"
+    if zlib.crc32(data[start:start + length]) != crc:
+        return "a record whose crc32 does not match its bytes"
+    (ts_ns,) = _TS.unpack_from(data, start)
+    return ts_ns, data[start + _TS.size:start + length], start + length
+
+
+def _valid_record_after(data: bytes, offset: int) -> int | None:
+    """The offset of the first intact record that starts after ``offset``, if any.
+
+    A crash leaves nothing valid after a torn write; something valid there means the damage
+    is in the middle of the journal. Tried first where the damaged record says it ends,
+    then at every byte.
+    """
+    if len(data) - offset >= _RECORD_HEAD.size:
+        length = _RECORD_HEAD.unpack_from(data, offset)[0]
+        candidate = offset + _RECORD_HEAD.size + length
+        if _MIN_RECORD <= length <= _MAX_RECORD and not isinstance(_record_at(data, candidate), str):
+            return candidate
+    unpack_from, head = _RECORD_HEAD.unpack_from, _RECORD_HEAD.size
+    end = len(data)
+    for candidate in range(offset + 1, end - head - _MIN_RECORD + 1):
+        length = unpack_from(data, candidate)[0]
+        if _MIN_RECORD <= length <= _MAX_RECORD and candidate + head + length <= end:
+            if not isinstance(_record_at(data, candidate), str):
+                return candidate
+    return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """``path`` holds either its old content or ``data``, whatever happens."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Journal:
+    """The journal, snapshots and epoch of one matcher in ``directory``.
+
+    Use: ``Journal(dir, fsync=...)`` (takes the directory's lock), ``bump_epoch()``,
+    ``recover()`` (required before appending), then ``append_batch`` + ``sync`` per batch and
+    ``write_snapshot`` now and then; ``close()`` at the end.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: str = "batch") -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync mode {fsync!r} is not one of: {', '.join(FSYNC_MODES)}")
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self.segment = 0  # the segment appended to; 0 until recover()
+        self.since_snapshot = 0  # records after the newest snapshot (replayed ones included)
+        self.snapshot_segment: int | None = None  # the segment that follows the snapshot recovered from
+        self._fd = -1
+        self._dirty = False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise JournalError(f"cannot use the data directory {str(self.directory)!r}: "
+                               f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self._lock_fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise JournalError(f"the data directory {str(self.directory)!r} is in use by another process "
+                                   "(is this matcher already running?)") from None
+            raise JournalError(f"cannot lock the data directory {str(self.directory)!r}: {e.strerror or e}") from None
+
+    # -- epoch ----------------------------------------------------------------------------
+
+    def bump_epoch(self) -> int:
+        """Read the epoch, add one, write it back atomically; the new epoch."""
+        path = self.directory / "epoch"
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            text = "0"
+        except (OSError, UnicodeDecodeError) as e:
+            raise JournalError(f"cannot read {str(path)!r}: {e}") from None
+        if not text.isdigit():
+            raise JournalError(f"{str(path)!r} should hold a number, not {text[:40]!r}; "
+                               "fix or remove it (a removed epoch starts again at 1)")
+        epoch = int(text) + 1
+        _write_atomically(path, f"{epoch}\n".encode("ascii"))
+        return epoch
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def _numbered(self, pattern: re.Pattern[str]) -> dict[int, Path]:
+        found = {}
+        for path in self.directory.iterdir():
+            m = pattern.fullmatch(path.name)
+            if m is not None:
+                found[int(m.group(1))] = path
+        return dict(sorted(found.items()))
+
+    def _read_snapshot(self, number: int, path: Path) -> dict[str, bytes] | str:
+        """The engines of a snapshot file, or what is wrong with it."""
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            return f"unreadable ({e.strerror or e})"
+        if len(data) < _SNAP_HEAD.size:
+            return f"only {len(data)} bytes long"
+        magic, crc = _SNAP_HEAD.unpack_from(data)
+        body = data[_SNAP_HEAD.size:]
+        if magic != SNAPSHOT_MAGIC:
+            return f"does not start with {SNAPSHOT_MAGIC!r}"
+        if zlib.crc32(body) != crc:
+            return "its crc32 does not match its content"
+        try:
+            state = msgpack.unpackb(body, raw=False)
+            version, segment, engines = state["version"], state["segment"], state["engines"]
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+            return f"not a snapshot ({e})"
+        if version != SNAPSHOT_VERSION:
+            return f"snapshot format version {version!r}, this zmx reads version {SNAPSHOT_VERSION}"
+        if segment != number or not isinstance(engines, dict) or not all(
+                isinstance(k, str) and isinstance(v, bytes) for k, v in engines.items()):
+            return "its content does not match its name"
+        return engines
+
+    def _read_segment(self, path: Path, last: bool) -> list[tuple[int, Command]]:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise JournalError(f"cannot read journal segment {str(path)!r}: {e.strerror or e}") from None
+        records: list[tuple[int, Command]] = []
+        offset = 0
+        end = len(data)
+        while offset < end:
+            found = _record_at(data, offset)
+            if isinstance(found, str):
+                later = _valid_record_after(data, offset)
+                if last and later is None:
+                    self._truncate(path, offset, end - offset, found)
+                    break
+                where = (f"an intact record follows at offset {later}" if later is not None
+                         else "it is not the last segment")
+                raise JournalError(
+                    f"journal segment {str(path)!r} is damaged at offset {offset}: {found}, and {where}; "
+                    "replaying past it could lose answered commands, so the matcher does not start. "
+                    "Restore the data directory from a backup, or move the damaged segment and the "
+                    "later ones aside to accept losing the commands they hold")
+            ts_ns, command, next_offset = found
+            try:
+                cmd = decode(command)
+            except DecodeError as e:
+                raise JournalError(f"journal segment {str(path)!r}: the record at offset {offset} "
+                                   f"is intact but not a command: {e}") from None
+            if type(cmd) not in COMMAND_TYPES:
+                raise JournalError(f"journal segment {str(path)!r}: the record at offset {offset} "
+                                   f"holds a {type(cmd).__name__}, not a command")
+            records.append((ts_ns, cmd))  # type: ignore[arg-type]
+            offset = next_offset
+        return records
+
+    @staticmethod
+    def _truncate(path: Path, offset: int, size: int, problem: str) -> None:
+        log.warning("%s: cut off a torn tail of %d byte(s) at offset %d (%s); a crash interrupted that write",
+                    path.name, size, offset, problem)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def recover(self) -> tuple[dict[str, bytes] | None, list[tuple[int, Command]]]:
+        """``(engines, replay)``: the newest valid snapshot's engine states (symbol ->
+        ``MatchingEngine.snapshot()`` bytes; ``None`` without a snapshot) and every
+        ``(ts_ns, command)`` journaled after it, in order. Opens the journal for appending."""
+        if self._fd >= 0:
+            raise RuntimeError("recover() was already called")
+        for stale in self.directory.glob("*.tmp"):  # a snapshot or epoch write cut short
+            stale.unlink()
+        snapshots = self._numbered(_SNAPSHOT)
+        segments = self._numbered(_SEGMENT)
+        engines: dict[str, bytes] | None = None
+        base = 1
+        for number in reversed(snapshots):
+            found = self._read_snapshot(number, snapshots[number])
+            if isinstance(found, str):
+                bad = snapshots[number].with_name(snapshots[number].name + ".corrupt")
+                log.error("%s is not usable (%s); moved to %s, recovering from an older state",
+                          snapshots[number].name, found, bad.name)
+                os.replace(snapshots[number], bad)
+                continue
+            engines, base = found, number
+            break
+        needed = [n for n in segments if n >= base]
+        if needed != list(range(base, base + len(needed))):
+            missing = next(n for n in range(base, needed[-1] + 1) if n not in segments)
+            after = f" after snapshot {_snapshot_name(base)}" if engines is not None else " (no usable snapshot)"
+            raise JournalError(
+                f"journal segment {_segment_name(missing)} is missing from {str(self.directory)!r}: recovery "
+                f"starts at segment {base}{after} and needs every segment from there on")
+        replay: list[tuple[int, Command]] = []
+        for number in needed:
+            replay.extend(self._read_segment(segments[number], last=number == needed[-1]))
+        self.segment = needed[-1] if needed else base
+        self.snapshot_segment = base if engines is not None else None
+        self.since_snapshot = len(replay)
+        self._open_segment(self.segment)
+        self._remove_obsolete()  # a crash may have come between a snapshot and its clean-up
+        return engines, replay
+
+    def _open_segment(self, number: int) -> None:
+        path = self.directory / _segment_name(number)
+        existed = path.exists()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if not existed:
+            _fsync_dir(self.directory)
+
+    # -- appending ------------------------------------------------------------------------
+
+    def append_batch(self, records: Sequence[tuple[int, bytes]]) -> None:
+        """Append ``[(ts_ns, command_bytes), ...]``: one write (``always``: one write and one
+        fdatasync per record). ``OSError`` means the batch may not be durable: do not answer it."""
+        if not records:
+            return
+        if self.fsync == "always":
+            fd = self._fd
+            for record in records:
+                _write_all(fd, encode_records((record,)))
+                _datasync(fd)
+        else:
+            _write_all(self._fd, encode_records(records))
+            self._dirty = True
+        self.since_snapshot += len(records)
+
+    def sync(self) -> None:
+        """Make what was appended durable, as the mode says (``batch``: one fdatasync)."""
+        if self._dirty:
+            if self.fsync == "batch":
+                _datasync(self._fd)
+            self._dirty = False
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def write_snapshot(self, engines: Mapping[str, bytes]) -> None:
+        """Store the state of every engine (symbol -> ``MatchingEngine.snapshot()``), which
+        must hold every record appended so far; start a new segment; delete what is obsolete.
+
+        The same in three steps, for a snapshot written by another process (the matcher
+        forks one, so the engines' state is frozen while it keeps serving): ``rotate`` at
+        the moment of the state, ``store_snapshot`` in the other process, ``snapshot_stored``
+        once it succeeded."""
+        number = self.rotate()
+        self.store_snapshot(number, engines)
+        self.snapshot_stored(number)
+
+    def rotate(self) -> int:
+        """Close the current segment (fsynced, whatever the mode: only the last segment may
+        have a torn tail) and start the next; its number, which is the name of the snapshot
+        of the state as of now."""
+        new = self.segment + 1
+        os.fsync(self._fd)
+        self._dirty = False
+        os.close(self._fd)
+        self._fd = -1
+        self._open_segment(new)
+        self.segment = new
+        self.since_snapshot = 0
+        return new
+
+    def store_snapshot(self, number: int, engines: Mapping[str, bytes]) -> None:
+        """Write snapshot ``number`` atomically and durably. Touches no state of this object
+        (safe in a forked child process)."""
+        body = msgpack.packb({"version": SNAPSHOT_VERSION, "segment": number, "engines": dict(engines)},
+                             use_bin_type=True)
+        _write_atomically(self.directory / _snapshot_name(number),
+                          _SNAP_HEAD.pack(SNAPSHOT_MAGIC, zlib.crc32(body)) + body)
+
+    def snapshot_stored(self, number: int) -> None:
+        """Snapshot ``number`` is on disk: delete what it made obsolete."""
+        self.snapshot_segment = number
+        self._remove_obsolete()
+
+    def _remove_obsolete(self) -> None:
+        """Keep the newest snapshot, the one before it and the segments from that one on."""
+        snapshots = list(self._numbered(_SNAPSHOT))
+        if len(snapshots) < 2:
+            return
+        keep_from = snapshots[-2]
+        for number, path in self._numbered(_SNAPSHOT).items():
+            if number < keep_from:
+                path.unlink()
+        for number, path in self._numbered(_SEGMENT).items():
+            if number < keep_from:
+                path.unlink()
+        for path in self.directory.glob("*.corrupt"):
+            m = _SNAPSHOT.fullmatch(path.name[:-len(".corrupt")])
+            if m is not None and int(m.group(1)) < keep_from:
+                path.unlink()
+
+    # -- closing --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Sync (whatever the mode: a clean stop loses nothing), release the directory."""
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,699 @@
+"""The matcher node: the matching engines of its symbols behind ZeroMQ sockets.
+
+``run(topology, name, stopper)`` serves matcher ``name`` until ``stopper.stopped``:
+
+- one ``MatchingEngine`` per symbol it owns (``Topology.symbols_of``), restored at start
+  from its journal (``zmx.node.journal``): the newest snapshot, then every journaled command
+  replayed with its recorded ``ts_ns`` (nothing is published during replay), so books,
+  ``seq`` and trade ids are exactly what they were and publishing goes on at ``seq + 1``;
+- one DEALER per router, routing id = the node name, connected to the router's ``back``;
+  ``HELLO`` each time a connection to a router is established (a socket monitor reports
+  it) and every ``HELLO_INTERVAL_S`` as a safety net, ``HB`` every ``heartbeat_ms``, ``BYE``
+  on a clean stop (docs/wire.md);
+- a PUB socket bound at ``pub`` and a ROUTER bound at ``snapshot`` (Clone pattern).
+
+The loop: poll, then drain each ready socket without blocking (at most ``BATCH`` messages
+each), run the commands through the engines, append the batch to the journal and make it
+durable (``fsync`` mode), and only then answer each request on the DEALER it came from and
+publish the events: per command and symbol one frame of public events, per account one
+frame of private events. Book requests are answered after that, so a snapshot is always
+taken between two published commands. Every ``snapshot_every`` commands the journal starts a
+new segment and a forked child process writes the engines' snapshot (``fork_snapshot``), so
+the loop never waits for it.
+
+Nothing a peer sends can stop the loop: malformed messages are answered with
+``bad_request`` where the sender can be told, else dropped, and counted; the counts are
+logged at most once a second. A journal that cannot be written stops the process (exit 1)
+before anything of that batch is answered.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+
+import msgpack
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from zmx.codec import (
+    MAX_MESSAGE_BYTES,
+    decode,
+    encode_account_publication,
+    encode_batch,
+    encode_publication,
+)
+from zmx.commands import COMMAND_TYPES
+from zmx.engine import MatchingEngine
+from zmx.events import PUBLIC_EVENT_TYPES
+from zmx.exceptions import DecodeError
+from zmx.node.journal import Journal, JournalError
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready
+from zmx.topology import MatcherNode, RouterNode, Topology, connect_endpoint
+
+__all__ = ["BATCH", "MAX_FRAME_BYTES", "run"]
+
+log = logging.getLogger("zmx.matcher")
+
+BATCH = 512  # messages drained from one socket before the batch is committed
+MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # ZMQ_MAXMSGSIZE: a bigger frame makes ZeroMQ drop the connection
+PUB_HWM = 100_000  # messages queued per subscriber before ZeroMQ drops (the subscriber sees a seq gap)
+DEALER_HWM = 100_000
+HELLO_INTERVAL_S = 5.0
+IDLE_HEARTBEAT_S = 1.0  # a symbol with no public event for this long gets an empty publication
+IDLE_CHECK_S = 0.25
+STATS_INTERVAL_S = 10.0
+PROBLEM_LOG_S = 1.0
+STOP_LINGER_MS = 500  # BYE and the last batch's replies and events may take this long to leave
+ZMTP_HEARTBEAT_MS = 1000  # ZeroMQ's own pings, so a router that vanished is noticed
+
+HEADER_VERSION = 1
+HEADER_MIN = 10  # version byte + 8-byte request id + at least one byte of symbol
+
+REQ, REP, HELLO, HB, BYE = b"REQ", b"REP", b"HELLO", b"HB", b"BYE"
+OK, BAD_REQUEST, UNKNOWN_SYMBOL = b"ok", b"bad_request", b"unknown_symbol"
+SNAP, ERR = b"SNAP", b"ERR"
+
+_COMMANDS = frozenset(COMMAND_TYPES)
+_PUBLIC = frozenset(PUBLIC_EVENT_TYPES)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+# The hot loop calls the Cython socket methods directly: pyzmq's Python layer adds about a
+# microsecond per call, and recv_multipart asks ZMQ_RCVMORE through getsockopt, which builds
+# an enum member each time; a received Frame knows whether more parts follow.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
+
+
+class _StartFailure(Exception):
+    """The matcher cannot start; the message says why."""
+
+
+class _Link:
+    """The DEALER to one router and the monitor that reports its connections."""
+
+    __slots__ = ("dealer", "endpoint", "monitor", "router")
+
+    def __init__(self, router: str, endpoint: str, dealer: zmq.Socket, monitor: zmq.Socket) -> None:
+        self.router = router
+        self.endpoint = endpoint
+        self.dealer = dealer
+        self.monitor = monitor
+
+
+def _restore(topology: Topology, name: str, journal: Journal) -> tuple[dict[str, MatchingEngine], bool]:
+    """The engines of ``name``'s symbols as the journal left them, and whether a snapshot
+    should be written at once (there is none yet, or a symbol left this matcher).
+
+    A snapshot records each symbol's spec, and a matcher writes one at its first start, so
+    the journal always says which spec its commands were handled with. A topology that
+    gives a symbol another spec (tick, lot, or quantity limits) is refused: replaying the
+    journal under it could answer differently than the matcher did.
+    """
+    symbols = topology.symbols_of(name)
+    started = time.perf_counter()
+    states, replay = journal.recover()
+    engines: dict[str, MatchingEngine] = {}
+    for symbol in symbols:
+        spec = topology.symbols[symbol]
+        state = states.get(symbol) if states else None
+        if state is None:
+            engines[symbol] = MatchingEngine(spec)
+            continue
+        try:
+            engine = MatchingEngine.restore(state)
+        except Exception as e:  # noqa: BLE001 - any failure to read it is reported the same way
+            raise _StartFailure(f"{symbol}: the engine snapshot in the journal cannot be restored: {e}") from None
+        if engine.spec.describe() != spec.describe():
+            was, now = engine.spec.describe(), spec.describe()
+            diff = ", ".join(f"{key} {was[key]} -> {now[key]}" for key in now if was[key] != now[key])
+            raise _StartFailure(
+                f"{symbol}: the topology changes the symbol's spec ({diff}); the journal was handled with the "
+                "old one (prices in ticks, quantities in lots), and replaying it under a new one could answer "
+                "differently. Keep the spec, or give the symbol a new, empty data_dir")
+        engines[symbol] = engine
+    gone = sorted(set(states or ()) - set(engines))
+    for symbol in gone:
+        log.warning("%s: in the journal's snapshot but no longer owned by %s; its book is dropped", symbol, name)
+    skipped: Counter[str] = Counter()
+    failed = 0
+    for ts_ns, cmd in replay:
+        engine = engines.get(cmd.symbol)
+        if engine is None:
+            skipped[cmd.symbol] += 1
+            continue
+        try:
+            engine.handle(cmd, ts_ns=ts_ns)
+        except Exception:  # noqa: BLE001 - it failed the same way when it was first handled
+            failed += 1
+    for symbol, count in sorted(skipped.items()):
+        log.warning("%s: %d journaled command(s) skipped: %s no longer owns it", symbol, count, name)
+    if failed:
+        log.warning("%d journaled command(s) failed in the engine again on replay", failed)
+    took_ms = (time.perf_counter() - started) * 1000
+    seqs = ", ".join(f"{s} seq {e.seq}" for s, e in engines.items())
+    base = "no snapshot" if states is None else f"the snapshot before segment {journal.snapshot_segment}"
+    log.info("recovered from %s + %d journaled command(s) in %.0f ms: %s", base, len(replay), took_ms,
+             seqs or "no symbols")
+    return engines, states is None or bool(gone)
+
+
+class Matcher:
+    """One matcher node's state and sockets; ``run`` drives it."""
+
+    def __init__(self, topology: Topology, name: str) -> None:
+        node = topology.node(name)
+        if not isinstance(node, MatcherNode):
+            raise _StartFailure(f"node {name!r} is a {node.role}, not a matcher")
+        self.topology = topology
+        self.name = name
+        self.node = node
+        self.symbols = topology.symbols_of(name)
+        self.routers: tuple[RouterNode, ...] = tuple(
+            r for r in topology.nodes_by_role("router") if isinstance(r, RouterNode))
+        self.epoch = 0
+        self.engines: dict[str, MatchingEngine] = {}
+        self.header_symbols: dict[bytes, str] = {}  # the symbol as a request header holds it -> symbol
+        self.journal: Journal | None = None
+        self.ctx: zmq.Context | None = None
+        self.pub: zmq.Socket | None = None
+        self.snap: zmq.Socket | None = None
+        self.links: list[_Link] = []
+        self.dealers: set[zmq.Socket] = set()
+        self.monitors: dict[zmq.Socket, _Link] = {}
+        self.poller = zmq.Poller()
+        self.hello = b""
+        self.hb = b""
+        self.snapshot_child: tuple[int, int, float] | None = None  # pid, snapshot number, start time
+        # statistics
+        self.commands: Counter[str] = Counter()
+        self._reported: Counter[str] = Counter()
+        self.problems: Counter[str] = Counter()  # since the last problem log line
+        self.problems_total: Counter[str] = Counter()
+        self.dropped_replies = 0
+        self._last_conn_log: dict[str, float] = {}
+        self._last_engine_log = -1e9
+
+    # -- start ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        node = self.node
+        self.ctx = zmq.Context()
+        self.pub = self._bind(zmq.PUB, node.pub, "pub")
+        self.pub.setsockopt(zmq.SNDHWM, PUB_HWM)
+        self.snap = self._bind(zmq.ROUTER, node.snapshot, "snapshot")
+        try:
+            self.journal = Journal(node.data_dir, fsync=node.fsync)
+            self.epoch = self.journal.bump_epoch()
+            self.engines, snapshot_now = _restore(self.topology, self.name, self.journal)
+            if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
+                # A snapshot records each symbol's spec, so a later replay uses the right one.
+                self.journal.write_snapshot({s: e.snapshot() for s, e in self.engines.items()})
+        except (JournalError, OSError) as e:
+            raise _StartFailure(f"cannot recover from data_dir {node.data_dir!r}: {e}") from None
+        self.header_symbols = {symbol.encode(): symbol for symbol in self.engines}
+        self.hello = msgpack.packb({"node": self.name, "symbols": list(self.symbols), "epoch": self.epoch})
+        self.hb = msgpack.packb(self.epoch)
+        for router in self.routers:
+            self.links.append(self._link(router.name, connect_endpoint(router.back)))
+        self.poller.register(self.snap, zmq.POLLIN)
+
+    def _link(self, router: str, endpoint: str) -> _Link:
+        """A new DEALER connected to a router's back, registered with the poller."""
+        dealer = self._socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        dealer.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a router that is down
+        dealer.setsockopt(zmq.SNDHWM, DEALER_HWM)
+        dealer.setsockopt(zmq.RCVHWM, DEALER_HWM)
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ZMTP_HEARTBEAT_MS)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        monitor.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint)
+        link = _Link(router, endpoint, dealer, monitor)
+        self.dealers.add(dealer)
+        self.monitors[monitor] = link
+        self.poller.register(dealer, zmq.POLLIN)
+        self.poller.register(monitor, zmq.POLLIN)
+        return link
+
+    def _unlink(self, link: _Link) -> int:
+        """Close a link's sockets; how many requests were still queued on it (dropped)."""
+        self.poller.unregister(link.dealer)
+        self.poller.unregister(link.monitor)
+        self.dealers.discard(link.dealer)
+        del self.monitors[link.monitor]
+        pending = 0
+        while True:
+            try:
+                link.dealer.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                break
+            pending += 1
+        link.dealer.disable_monitor()
+        link.monitor.close(0)
+        link.dealer.close(0)
+        return pending
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        assert self.ctx is not None
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        return sock
+
+    def _bind(self, kind: int, endpoint: str, what: str) -> zmq.Socket:
+        sock = self._socket(kind)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise _StartFailure(f"cannot bind the {what} socket to {endpoint}: {e.strerror}") from None
+        return sock
+
+    def ready_details(self) -> dict[str, object]:
+        return {"pub": self.node.pub, "snapshot": self.node.snapshot, "symbols": list(self.symbols),
+                "epoch": self.epoch, "seq": {s: e.seq for s, e in self.engines.items()}}
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self, stopper: Stopper) -> None:
+        assert self.journal is not None and self.pub is not None and self.snap is not None
+        journal = self.journal
+        snap = self.snap
+        poll = self.poller.poll
+        dealers = self.dealers  # the set itself: _link and _unlink keep it up to date
+        monitors = self.monitors
+        monotonic = time.monotonic
+        snapshot_every = self.node.snapshot_every
+        hb_interval = self.node.heartbeat_ms / 1000
+        now = monotonic()
+        next_hb = now  # the first heartbeat goes at once
+        next_hello = now + HELLO_INTERVAL_S
+        next_idle = now + IDLE_CHECK_S
+        next_stats = now + STATS_INTERVAL_S
+        next_problem_log = now
+        last_public = dict.fromkeys(self.engines, now)
+        records: list[tuple[int, bytes]] = []
+        replies: list[tuple[zmq.Socket, bytes, bytes, bytes, object]] = []
+        published: list[tuple[str, list]] = []
+
+        while not stopper.stopped:
+            timeout = max(0, min(POLL_MS, int((next_hb - now) * 1000) + 1))
+            try:
+                ready = poll(timeout)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EINTR:
+                    continue
+                raise
+            now = monotonic()
+            if ready:
+                snap_ready = False
+                events_from: list[zmq.Socket] = []
+                for sock, _ in ready:
+                    if sock in dealers:
+                        self.drain_requests(sock, records, replies, published)
+                    elif sock is snap:
+                        snap_ready = True
+                    elif sock in monitors:
+                        events_from.append(sock)
+                if records:
+                    try:
+                        journal.append_batch(records)
+                        journal.sync()
+                    except OSError as e:
+                        log.critical("cannot write the journal in %s (%s); stopping before this batch of %d "
+                                     "command(s) is answered", self.node.data_dir, e, len(records))
+                        raise SystemExit(1) from None
+                    records.clear()
+                if replies:
+                    self.send_replies(replies)
+                    replies.clear()
+                if published:
+                    self.publish(published, last_public, now)
+                    published.clear()
+                if snap_ready:
+                    self.serve_snapshots()
+                for monitor in events_from:
+                    self.connection_events(monitor, now)
+                if journal.since_snapshot >= snapshot_every and self.snapshot_child is None:
+                    self.fork_snapshot()
+            if self.snapshot_child is not None:
+                self.reap_snapshot(os.WNOHANG)
+            if now >= next_hb:
+                self.broadcast(HB, self.hb)
+                next_hb += hb_interval
+                if next_hb <= now:  # fell behind (a long batch): no burst of heartbeats
+                    next_hb = now + hb_interval
+                if now >= next_hello:
+                    self.broadcast(HELLO, self.hello)
+                    next_hello = now + HELLO_INTERVAL_S
+            if now >= next_idle:
+                self.idle_heartbeats(last_public, now)
+                next_idle = now + IDLE_CHECK_S
+            if self.problems and now >= next_problem_log:
+                self.log_problems()
+                next_problem_log = now + PROBLEM_LOG_S
+            if now >= next_stats:
+                self.log_stats()
+                next_stats = now + STATS_INTERVAL_S
+
+    def drain_requests(self, dealer: zmq.Socket, records: list, replies: list, published: list) -> None:
+        """Read up to BATCH requests from one router and run them through the engines."""
+        recv = _recv
+        engines = self.engines
+        header_symbols = self.header_symbols
+        counts = self.commands
+        time_ns = time.time_ns
+        add_record, add_reply, add_published = records.append, replies.append, published.append
+        commands = _COMMANDS
+        for _ in range(BATCH):
+            try:
+                frame = recv(dealer, _NOBLOCK, False)
+            except zmq.Again:
+                return
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv(dealer, _NOBLOCK, False)
+                frames.append(frame.bytes)
+            if len(frames) != 4 or frames[0] != REQ:
+                self.malformed_request(dealer, frames, replies)
+                continue
+            _, client, header, body = frames
+            if len(header) < HEADER_MIN or header[0] != HEADER_VERSION:
+                add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
+                    "bad header", f"the header is not {HEADER_VERSION:#04x} + 8-byte request id + symbol")))
+                continue
+            try:
+                cmd = decode(body)
+            except DecodeError as e:
+                add_reply((dealer, client, header, BAD_REQUEST, self.refuse("undecodable body", str(e))))
+                continue
+            if type(cmd) not in commands:
+                add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
+                    "not a command", f"the body is a {type(cmd).__name__}, not a command")))
+                continue
+            symbol = cmd.symbol  # type: ignore[union-attr]
+            if header_symbols.get(header[9:]) != symbol:
+                if header[9:] != symbol.encode():
+                    add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
+                        "symbol mismatch", f"the header names symbol {header[9:][:64]!r}, the body {symbol!r}")))
+                else:
+                    self.problems["unknown symbol"] += 1
+                    add_reply((dealer, client, header, UNKNOWN_SYMBOL,
+                               f"matcher {self.name} does not own {symbol}".encode()))
+                continue
+            ts_ns = time_ns()
+            add_record((ts_ns, body))  # it reaches the engine: journaled, whatever happens in there
+            try:
+                events = engines[symbol].handle(cmd, ts_ns=ts_ns)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 - a bug must not stop the other symbols
+                self.engine_failed(symbol, cmd)
+                add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
+                    "engine failure", "internal error: the matcher failed on this command")))
+                continue
+            counts[symbol] += 1
+            add_reply((dealer, client, header, OK, events))
+            add_published((symbol, events))
+
+    def engine_failed(self, symbol: str, cmd: object) -> None:
+        """Log an engine exception (a bug), at most once a second with its traceback."""
+        now = time.monotonic()
+        if now - self._last_engine_log >= PROBLEM_LOG_S:
+            self._last_engine_log = now
+            log.exception("%s: the engine failed on %r", symbol, cmd)
+
+    def refuse(self, problem: str, message: str) -> bytes:
+        self.problems[problem] += 1
+        return message.encode()
+
+    def malformed_request(self, dealer: zmq.Socket, frames: list[bytes], replies: list) -> None:
+        """Answer what can be answered (a REQ with a client id and a header), drop the rest."""
+        if len(frames) >= 3 and frames[0] == REQ:
+            replies.append((dealer, frames[1], frames[2], BAD_REQUEST, self.refuse(
+                "wrong frame count", f"a REQ is 4 frames (REQ, client, header, body), got {len(frames)}")))
+        elif frames and frames[0] == REQ:
+            self.problems["wrong frame count (dropped)"] += 1
+        else:
+            self.problems["unknown message kind (dropped)"] += 1
+
+    def send_replies(self, replies: Iterable[tuple[zmq.Socket, bytes, bytes, bytes, object]]) -> None:
+        for dealer, client, header, status, payload in replies:
+            if status is OK:
+                payload = encode_batch(payload)  # type: ignore[arg-type]
+            try:
+                _send(dealer, REP, _MORE)
+            except zmq.Again:
+                self.dropped_replies += 1  # that router is gone: its client's connection went with it
+                continue
+            # A message's first part was accepted: the rest will be too.
+            _send(dealer, client, _MORE)
+            _send(dealer, header, _MORE)
+            _send(dealer, status, _MORE)
+            _send(dealer, payload, _NOBLOCK)
+
+    def publish(self, published: Iterable[tuple[str, list]], last_public: dict[str, float], now: float) -> None:
+        pub = self.pub
+        public_types = _PUBLIC
+        for symbol, events in published:
+            public = []
+            private: dict[str, list] = {}
+            for event in events:
+                if type(event) in public_types:
+                    public.append(event)
+                else:
+                    account = event.account
+                    held = private.get(account)
+                    if held is None:
+                        private[account] = [event]
+                    else:
+                        held.append(event)
+            if public:
+                _send(pub, encode_publication(symbol, public), _NOBLOCK)
+                last_public[symbol] = now
+            for account, own in private.items():
+                _send(pub, encode_account_publication(account, own), _NOBLOCK)
+
+    def idle_heartbeats(self, last_public: dict[str, float], now: float) -> None:
+        send = self.pub.send  # type: ignore[union-attr]
+        for symbol, last in last_public.items():
+            if now - last >= IDLE_HEARTBEAT_S:
+                send(encode_publication(symbol, ()), _NOBLOCK)
+                last_public[symbol] = now
+
+    def serve_snapshots(self) -> None:
+        """Answer up to BATCH book requests (Clone pattern); see docs/wire.md."""
+        snap = self.snap
+        assert snap is not None
+        recv, send = snap.recv_multipart, snap.send_multipart
+        engines = self.header_symbols
+        for _ in range(BATCH):
+            try:
+                frames = recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            peer, request = frames[0], frames[1:]
+            envelope: list[bytes] = []
+            if request and request[0] == b"":  # a REQ socket's delimiter: echo it
+                envelope, request = [b""], request[1:]
+            symbol = request[1] if len(request) >= 2 and len(request[1]) <= 128 else b""
+            if len(request) == 2 and request[0] == SNAP:
+                name = engines.get(symbol)
+                if name is None:
+                    self.problems["snapshot: unknown symbol"] += 1
+                    reply = [ERR, symbol, f"matcher {self.name} does not own symbol {symbol[:64]!r}".encode()]
+                else:
+                    engine = self.engines[name]
+                    bids, asks = engine.depth()
+                    reply = [SNAP, symbol, msgpack.packb([engine.seq, bids, asks])]
+            else:
+                reply = [ERR, symbol, self.refuse(
+                    "snapshot: malformed request",
+                    f"a book request is 2 frames, {SNAP!r} and a symbol; got {len(request)} frame(s)"
+                    + (f" starting {request[0][:16]!r}" if request else ""))]
+            try:
+                send([peer, *envelope, *reply], _NOBLOCK)
+            except zmq.ZMQError:
+                self.problems["snapshot: reply dropped"] += 1
+
+    def connection_events(self, monitor: zmq.Socket, now: float) -> None:
+        """HELLO on every new connection to a router; a new DEALER for a lost one.
+
+        A lost connection is never left to ZeroMQ to restore: after a protocol error (such
+        as a frame over MAXMSGSIZE) libzmq gives the connection up for good.
+        """
+        link = self.monitors[monitor]
+        router = link.router
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except Exception:  # noqa: BLE001 - a monitor message we cannot read is not worth stopping for
+                return
+            kind = event["event"]  # type: ignore[index]
+            quiet = now - self._last_conn_log.get(router, -1e9) < PROBLEM_LOG_S
+            if not quiet:
+                self._last_conn_log[router] = now
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                try:
+                    link.dealer.send(HELLO, _MORE)
+                    link.dealer.send(self.hello, _NOBLOCK)
+                except zmq.Again:
+                    pass  # gone again already: the next connection says HELLO
+                if not quiet:
+                    log.info("connected to router %s: HELLO sent (epoch %d)", router, self.epoch)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self.problems[f"connection to router {router} lost"] += 1
+                dropped = self._unlink(link)
+                self.links[self.links.index(link)] = self._link(router, link.endpoint)
+                if dropped:
+                    self.problems[f"requests dropped with the connection to router {router}"] += dropped
+                if not quiet:
+                    log.warning("lost the connection to router %s (it went away, or sent a frame over %d bytes); "
+                                "connecting again", router, MAX_FRAME_BYTES)
+                return  # that monitor is closed
+
+    def broadcast(self, kind: bytes, body: bytes) -> None:
+        for link in self.links:
+            try:
+                link.dealer.send(kind, _MORE)
+                link.dealer.send(body, _NOBLOCK)
+            except zmq.Again:
+                pass  # not connected to that router now (IMMEDIATE): nothing to tell it
+
+    def fork_snapshot(self) -> None:
+        """Snapshot every engine in a forked child process, so the loop never waits for it.
+
+        ``engine.snapshot()`` costs time in proportion to the whole history of a symbol (its
+        book and every order id ever used): hundreds of milliseconds for a busy one, which
+        would stall every order behind it. The child gets a copy-on-write image of the engines
+        at the moment the journal starts its new segment, writes the snapshot file and exits;
+        the parent goes on serving and reaps it (``reap_snapshot``).
+        """
+        journal = self.journal
+        assert journal is not None
+        try:
+            number = journal.rotate()
+        except OSError as e:
+            log.critical("cannot start a new journal segment in %s (%s); stopping", self.node.data_dir, e)
+            raise SystemExit(1) from None
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.error("cannot fork to write a snapshot (%s); the journal goes on without it", e)
+            return
+        if pid == 0:  # the child: no sockets, no logging, no cleanup, only the file
+            status = 1
+            try:
+                os.closerange(3, _MAX_FD)  # not its sockets, nor the data directory's lock
+                os.nice(19)  # the serving process comes first
+                journal.store_snapshot(number, {s: e.snapshot() for s, e in self.engines.items()})
+                status = 0
+            finally:
+                os._exit(status)
+        self.snapshot_child = (pid, number, time.perf_counter())
+
+    def reap_snapshot(self, flags: int) -> None:
+        """Collect the snapshot child if it ended (``os.WNOHANG``), or wait for it (``0``)."""
+        assert self.snapshot_child is not None and self.journal is not None
+        pid, number, started = self.snapshot_child
+        try:
+            done, status = os.waitpid(pid, flags)
+        except ChildProcessError:
+            done, status = pid, -1
+        if not done:
+            return
+        self.snapshot_child = None
+        took_ms = (time.perf_counter() - started) * 1000
+        if status == 0:
+            self.journal.snapshot_stored(number)
+            (log.info if took_ms > 1000 else log.debug)(
+                "snapshot %d of %d engine(s) written in %.0f ms (by process %d)", number, len(self.engines),
+                took_ms, pid)
+        else:
+            log.error("the process writing snapshot %d ended with status %#x; the journal goes on without it, "
+                      "a later snapshot replaces it", number, status)
+
+    # -- logs -------------------------------------------------------------------------------
+
+    def log_problems(self) -> None:
+        self.problems_total.update(self.problems)
+        counts = ", ".join(f"{what} {n}" for what, n in sorted(self.problems.items()))
+        log.warning("refused or dropped in the last %.0f s: %s", PROBLEM_LOG_S, counts)
+        self.problems.clear()
+
+    def log_stats(self) -> None:
+        for symbol, engine in self.engines.items():
+            total = self.commands[symbol]
+            new = total - self._reported[symbol]
+            if new:
+                log.info("%s: %d command(s) (+%d in %.0f s), %d trade(s), seq %d, %d resting order(s)",
+                         symbol, total, new, STATS_INTERVAL_S, engine.next_trade_id - 1, engine.seq,
+                         engine.resting())
+                self._reported[symbol] = total
+        if self.dropped_replies:
+            log.warning("%d repl(y/ies) dropped: their router was not connected", self.dropped_replies)
+            self.dropped_replies = 0
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Let a snapshot being written finish, sync the journal, say BYE, close every socket
+        (what is queued may leave for ``STOP_LINGER_MS``)."""
+        if self.snapshot_child is not None:
+            self.reap_snapshot(0)
+        if self.journal is not None:
+            try:
+                self.journal.close()
+            except OSError as e:
+                log.error("cannot sync the journal on stop: %s", e)
+        for link in self.links:
+            try:
+                link.dealer.send(BYE, _NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            link.dealer.disable_monitor()
+            link.monitor.close(0)
+            link.dealer.close(STOP_LINGER_MS)
+        if self.pub is not None:
+            self.pub.close(STOP_LINGER_MS)
+        if self.snap is not None:
+            self.snap.close(0)
+        if self.ctx is not None:
+            self.ctx.term()
+        self.problems_total.update(self.problems)
+        total = sum(self.commands.values())
+        problems = ", ".join(f"{what} {n}" for what, n in sorted(self.problems_total.items())) or "none"
+        log.info("stopped after %d command(s) this run; refused or dropped since start: %s", total, problems)
+
+
+def run(topology: Topology, name: str, stopper: Stopper) -> None:
+    """Serve matcher ``name`` until ``stopper.stopped``; exit status 1 if it cannot start."""
+    try:
+        matcher = Matcher(topology, name)
+    except _StartFailure as e:
+        log.error("%s", e)
+        raise SystemExit(1) from None
+    try:
+        try:
+            matcher.start()
+        except _StartFailure as e:
+            log.error("%s", e)
+            raise SystemExit(1) from None
+        # Every object so far (modules, recovered books) lives as long as the process: keep
+        # them out of the garbage collector's full passes, which otherwise stall the loop
+        # for tens of milliseconds (measured: p99 ack latency).
+        gc.freeze()
+        announce_ready(name, "matcher", **matcher.ready_details())
+        log.info("serving %s (epoch %d, fsync %s) on pub %s, snapshot %s, routers %s",
+                 ", ".join(matcher.symbols) or "no symbols", matcher.epoch, matcher.node.fsync,
+                 matcher.node.pub, matcher.node.snapshot, ", ".join(r.name for r in matcher.routers) or "none")
+        matcher.serve(stopper)
+    finally:
+        matcher.close()
