@@ -758,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     def median_round(rounds: list[Round]) -> tuple[Round, list[dict[str, Any]]]:
         stats = [percentiles_us(r.latency_ns) for r in rounds]
         order = sorted(range(len(rounds)), key=lambda i: stats[i]["p99"] or 0.0)
-        listed = [{"rate": round(args.paced_n / r.seconds), "ack_us": s, "ack_from_schedule_us": percentiles_us(r.late_ns)}
+        listed = [{"rate": round(args.paced_n / r.seconds), "ack_us": s,
+                   "ack_from_schedule_us": percentiles_us(r.late_ns)}
                   for r, s in zip(rounds, stats, strict=True)]
         return rounds[order[len(order) // 2]], listed
 

@@ -666,7 +666,8 @@ def test_amend_of_a_post_only_order_to_a_crossing_price_is_rejected(engine):
     assert run(engine, amend("a1", price=99)) == [AmendRejected(SYM, 2, TS, "a1", "alice", "would_cross")]
     assert resting(engine, SELL) == [("a1", "alice", 101, 8, 0, 8)]
     # a post-only order may still move where it does not cross
-    assert run(engine, amend("a1", price=100)) == [amended(3, "a1", SELL, 100, 8, 8), book(3, asks=[(100, 8), (101, 0)])]
+    assert run(engine, amend("a1", price=100)) == [amended(3, "a1", SELL, 100, 8, 8),
+                                                   book(3, asks=[(100, 8), (101, 0)])]
 
 
 @pytest.mark.parametrize("price, quantity", [(None, None), (100, None), (None, 10), (100, 10)])

@@ -172,7 +172,8 @@ class OrderBook:
                 for order in level.live():
                     assert order.side is book_side.side, f"{order!r} on the wrong side"
                     assert order.price == level.price, f"{order!r} in level {level.price}"
-                    assert order.filled + order.remaining == order.quantity, f"{order!r}: filled + remaining != quantity"
+                    assert order.filled + order.remaining == order.quantity, \
+                        f"{order!r}: filled + remaining != quantity"
                     assert self.index.get((order.account, order.order_id)) is order, f"{order!r} not indexed"
                     total += order.remaining
                     seen += 1

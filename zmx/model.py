@@ -58,7 +58,8 @@ def parse_decimal(text: object, what: str = "value") -> tuple[int, int]:
     if m is None:
         if text == "":
             raise InvalidNumber(f"{what} is empty")
-        raise InvalidNumber(f"{what} {text!r} is not a plain decimal number (digits with an optional fraction, no sign or exponent)")
+        raise InvalidNumber(f"{what} {text!r} is not a plain decimal number "
+                            "(digits with an optional fraction, no sign or exponent)")
     whole, frac = m.group(1), m.group(2) or ""
     return int(whole + frac), len(frac)
 
