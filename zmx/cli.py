@@ -57,13 +57,13 @@ def _nodes_table(topology: Topology) -> Table:
     table.add_column("symbols / upstream")
     for node in topology.nodes.values():
         if isinstance(node, RouterNode):
-            endpoints = [f"front {node.front}", f"back {node.back}"]
+            endpoints = [f"{key} {endpoint}" for key, endpoint in node.endpoints]
             served = [f"heartbeat timeout {node.heartbeat_timeout_ms} ms"]
         elif isinstance(node, MatcherNode):
-            endpoints = [f"pub {node.pub}", f"snapshot {node.snapshot}", f"data {node.data_dir}"]
+            endpoints = [f"{key} {endpoint}" for key, endpoint in node.endpoints] + [f"data {node.data_dir}"]
             served = list(topology.symbols_of(node.name)) or ["(no symbols)"]
         elif isinstance(node, RelayNode):
-            endpoints = [f"pub {node.pub}"]
+            endpoints = [f"{key} {endpoint}" for key, endpoint in node.endpoints]
             served = [f"upstream {', '.join(node.upstream)}"]
         else:
             assert isinstance(node, GatewayNode)

@@ -77,6 +77,11 @@ class RouterNode:
     back: str
     heartbeat_timeout_ms: int = 1000
 
+    @property
+    def endpoints(self) -> tuple[tuple[str, str], ...]:
+        """What this node binds, as (key, endpoint)."""
+        return (("front", self.front), ("back", self.back))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MatcherNode:
@@ -104,6 +109,11 @@ class MatcherNode:
     snapshot_every: int = 100_000
     heartbeat_ms: int = 200
 
+    @property
+    def endpoints(self) -> tuple[tuple[str, str], ...]:
+        """What this node binds, as (key, endpoint)."""
+        return (("pub", self.pub), ("snapshot", self.snapshot))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayNode:
@@ -118,6 +128,11 @@ class RelayNode:
     role: Literal["relay"] = field(default="relay", init=False)
     pub: str
     upstream: tuple[str, ...]
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, str], ...]:
+        """What this node binds, as (key, endpoint)."""
+        return (("pub", self.pub),)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +182,11 @@ class GatewayNode:
     workers: int = 1
     upstream: tuple[str, ...]
     limits: GatewayLimits = GatewayLimits()
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, str], ...]:
+        """What this node binds, as (key, ``host:port``)."""
+        return (("listen", self.listen),)
 
     @property
     def host(self) -> str:

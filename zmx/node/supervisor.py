@@ -94,7 +94,7 @@ def bound_ports(nodes: list[Node]) -> list[BoundPort]:
     """The TCP addresses ``nodes`` bind (ipc and inproc endpoints have no port)."""
     found = []
     for node in nodes:
-        for key, endpoint in _endpoints(node):
+        for key, endpoint in node.endpoints:
             if isinstance(node, GatewayNode) and key == "listen":
                 host, _, port = endpoint.rpartition(":")
                 found.append(BoundPort(node.name, key, endpoint, host, int(port)))
@@ -103,16 +103,6 @@ def bound_ports(nodes: list[Node]) -> list[BoundPort]:
                 host, _, port = endpoint[len("tcp://"):].rpartition(":")
                 found.append(BoundPort(node.name, key, endpoint, host, int(port)))
     return found
-
-
-def _endpoints(node: Node) -> list[tuple[str, str]]:
-    if isinstance(node, RouterNode):
-        return [("front", node.front), ("back", node.back)]
-    if isinstance(node, MatcherNode):
-        return [("pub", node.pub), ("snapshot", node.snapshot)]
-    if isinstance(node, RelayNode):
-        return [("pub", node.pub)]
-    return [("listen", node.listen)]
 
 
 def port_problem(address: BoundPort) -> str | None:
@@ -421,7 +411,7 @@ class Supervisor:
         table.add_column("endpoints", no_wrap=True)
         for child in self.children.values():
             node = child.node
-            endpoints = [node.url] if isinstance(node, GatewayNode) else [f"{k} {e}" for k, e in _endpoints(node)]
+            endpoints = [node.url] if isinstance(node, GatewayNode) else [f"{k} {e}" for k, e in node.endpoints]
             pid = str(child.run.pid) if child.run is not None else "-"
             table.add_row(node.name, node.role, pid, "\n".join(endpoints))
         return table
