@@ -167,10 +167,7 @@ class MatchingEngine:
                 reason = "no_liquidity" if otype is MARKET else "ioc"  # a FOK that got here filled in full
                 events.append(_new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, price, filled,
                                                    remaining, reason)))
-        if side is BUY:
-            events.append(self._book_changed(seq, ts_ns, touched_own, touched_opposite))
-        else:
-            events.append(self._book_changed(seq, ts_ns, touched_opposite, touched_own))
+        events.append(self._book_changed(seq, ts_ns, side, touched_own, touched_opposite))
         return events
 
     def _available(self, opposite: BookSide, limit_key: int, account: str, wanted: int) -> bool:
@@ -242,10 +239,13 @@ class MatchingEngine:
                 opposite.drop(level)
         return remaining, filled
 
-    def _book_changed(self, seq: int, ts_ns: int, touched_bids: dict[int, int],
-                      touched_asks: dict[int, int]) -> BookChanged:
-        return _new(BookChanged, (self.symbol, seq, ts_ns, self._levels_after(self.book.bids, touched_bids),
-                                  self._levels_after(self.book.asks, touched_asks)))
+    def _book_changed(self, seq: int, ts_ns: int, side: Side, touched_own: dict[int, int],
+                      touched_opposite: dict[int, int]) -> BookChanged:
+        """The ``BookChanged`` of a command by an order of ``side``: the levels it touched on
+        its own side and on the other, each with its new total."""
+        touched_bids, touched_asks = (touched_own, touched_opposite) if side is BUY else (touched_opposite, touched_own)
+        return _new(BookChanged, (self.symbol, seq, ts_ns, self._levels_after(self._bids, touched_bids),
+                                  self._levels_after(self._asks, touched_asks)))
 
     @staticmethod
     def _levels_after(book_side: BookSide, touched: dict[int, int]) -> tuple[tuple[int, int], ...]:
@@ -342,10 +342,7 @@ class MatchingEngine:
                 level = book.add(Order(order_id, account, side, price, quantity, filled, remaining,
                                        order.time_in_force))
                 touched_own[level.key] = level.price
-        if side is BUY:
-            events.append(self._book_changed(seq, ts_ns, touched_own, touched_opposite))
-        else:
-            events.append(self._book_changed(seq, ts_ns, touched_opposite, touched_own))
+        events.append(self._book_changed(seq, ts_ns, side, touched_own, touched_opposite))
         return events
 
     # -- state ----------------------------------------------------------------------------------
