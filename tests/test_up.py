@@ -28,7 +28,6 @@ from zmx.node.supervisor import (
     BoundPort,
     bound_ports,
     describe_status,
-    gateway_available,
     port_problem,
     restart_delay,
 )
@@ -196,8 +195,7 @@ def test_up_starts_every_node_and_stops_them_on_sigint(tmp_path: Path, up: Calla
 
 def test_up_without_argument_runs_the_builtin_topology_here(tmp_path: Path, up: Callable[..., Up]) -> None:
     topology = load_topology(builtin_topology_path())
-    nodes = [n for n in topology.nodes.values() if n.role != "gateway" or gateway_available()]
-    for address in bound_ports(nodes):
+    for address in bound_ports(list(topology.nodes.values())):
         problem = port_problem(address)
         if problem is not None:
             pytest.skip(f"the built-in topology needs its fixed ports: {problem}")
@@ -205,11 +203,8 @@ def test_up_without_argument_runs_the_builtin_topology_here(tmp_path: Path, up: 
     out = sup.wait_for("is up")
     assert "cluster 'local' is up" in out
     children = node_processes(tmp_path)
-    assert {"r1", "m1", "m2"} <= set(children)
-    if gateway_available():
-        assert "clients connect to ws://127.0.0.1:8765 (gateway g1)" in out
-    else:
-        assert "gateway g1 (ws://127.0.0.1:8765) is not started" in out
+    assert {"r1", "m1", "m2", "g1"} <= set(children)
+    assert "clients connect to ws://127.0.0.1:8765 (gateway g1)" in out
     assert (tmp_path / "var" / "m1").is_dir()  # relative data_dirs land where zmx up runs
 
     sup.proc.send_signal(signal.SIGTERM)

@@ -144,7 +144,6 @@ def up(topology: Path | None, restart: bool, dry_run: bool) -> None:
         console.print(f"cluster {loaded.cluster!r} from {topology}", soft_wrap=True)
         _print_layout(console, loaded)
         nodes = supervisor.plan()
-        supervisor.report_skipped()
         console.print(f"would start {len(nodes)} node(s): {', '.join(n.name for n in nodes)}", soft_wrap=True)
         for gateway in loaded.nodes_by_role("gateway"):
             assert isinstance(gateway, GatewayNode)

@@ -44,7 +44,7 @@ from zmx.exceptions import DecodeError, ZmxError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 from zmx.topology import RouterNode, Topology, connect_endpoint
 
-__all__ = ["BAD_REPLY", "Client", "NoRouter", "Reply", "RequestTimeout", "encode_header"]
+__all__ = ["BAD_REPLY", "Client", "NoRouter", "Reply", "RequestTimeout", "encode_header", "parse_reply"]
 
 VERSION_BYTE = bytes((codec.VERSION,))
 # A reply whose payload this client could not decode gets this status (it is not on the wire).
@@ -86,6 +86,27 @@ class Reply(NamedTuple):
 def encode_header(request_id: int, symbol: str) -> bytes:
     """The request header: version byte, 8-byte big-endian request id, ASCII symbol."""
     return VERSION_BYTE + request_id.to_bytes(8, "big") + symbol.encode("ascii")
+
+
+def parse_reply(frames: Sequence[bytes]) -> Reply | None:
+    """A router's reply frames (``header, status, payload``) -> ``Reply``; None when there is
+    no header to tell which request it answers. A payload that does not decode gives a
+    ``BAD_REPLY`` reply."""
+    if len(frames) != 3 or len(frames[0]) < 9:
+        return None
+    header, status, payload = frames
+    request_id = int.from_bytes(header[1:9], "big")
+    try:
+        status_text = bytes(status).decode("ascii")
+    except UnicodeDecodeError:
+        return Reply(request_id, BAD_REPLY, (), f"status {bytes(status[:40])!r} is not ASCII")
+    if status_text == "ok":
+        try:
+            events = codec.decode_batch(payload)
+        except DecodeError as e:
+            return Reply(request_id, BAD_REPLY, (), f"ok reply with an undecodable payload: {e}")
+        return Reply(request_id, "ok", events, "")  # type: ignore[arg-type]
+    return Reply(request_id, status_text, (), bytes(payload).decode("utf-8", errors="replace"))
 
 
 class Client:
@@ -197,22 +218,10 @@ class Client:
                 return reply
 
     def _parse(self, frames: list[bytes]) -> Reply | None:
-        if len(frames) != 3 or len(frames[0]) < 9:
+        reply = parse_reply(frames)
+        if reply is None:
             self.undecodable += 1
-            return None
-        header, status, payload = frames
-        request_id = int.from_bytes(header[1:9], "big")
-        try:
-            status_text = status.decode("ascii")
-        except UnicodeDecodeError:
-            return Reply(request_id, BAD_REPLY, (), f"status {status[:40]!r} is not ASCII")
-        if status == b"ok":
-            try:
-                events = codec.decode_batch(payload)
-            except DecodeError as e:
-                return Reply(request_id, BAD_REPLY, (), f"ok reply with an undecodable payload: {e}")
-            return Reply(request_id, "ok", events, "")  # type: ignore[arg-type]
-        return Reply(request_id, status_text, (), payload.decode("utf-8", errors="replace"))
+        return reply
 
     # -- orders -------------------------------------------------------------------------
 

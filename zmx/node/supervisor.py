@@ -33,7 +33,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import importlib.util
 import os
 import queue
 import signal
@@ -62,15 +61,9 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 BACKOFF_RESET_AFTER = 30.0  # a node that ran this long starts again from BACKOFF_FIRST
 STDERR_TAIL = 20  # lines of a child's stderr kept for a failure report
-GATEWAY_MODULE = "zmx.node.gateway"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-
-
-def gateway_available() -> bool:
-    """True once this zmx ships a gateway implementation (``zmx.node.gateway``)."""
-    return importlib.util.find_spec(GATEWAY_MODULE) is not None
 
 
 # -- ports -------------------------------------------------------------------------------------
@@ -243,7 +236,6 @@ class Supervisor:
                               err_console or Console(stderr=True, highlight=False))
         self.events: queue.Queue[tuple[str, Run, Any]] = queue.Queue()
         self.children: dict[str, Child] = {}
-        self.skipped: list[GatewayNode] = []
         self.stopper = Stopper()
         self.width = max(len(name) for name in topology.nodes)
         self._preexec = _pdeathsig()
@@ -251,22 +243,8 @@ class Supervisor:
     # -- the plan ------------------------------------------------------------------------
 
     def plan(self) -> list[Node]:
-        """The nodes to start, in start order; gateways are left out while zmx has none."""
-        has_gateway = gateway_available()
-        nodes: list[Node] = []
-        self.skipped = []
-        for role in START_ORDER:
-            for node in self.topology.nodes_by_role(role):
-                if isinstance(node, GatewayNode) and not has_gateway:
-                    self.skipped.append(node)
-                else:
-                    nodes.append(node)
-        return nodes
-
-    def report_skipped(self) -> None:
-        for gateway in self.skipped:
-            self.output.print(f"gateway {gateway.name} ({gateway.url}) is not started: zmx {zmx.__version__} "
-                              f"has no gateway yet ({GATEWAY_MODULE} arrives in a later version)")
+        """The nodes to start, in start order."""
+        return [node for role in START_ORDER for node in self.topology.nodes_by_role(role)]
 
     def port_problems(self, nodes: list[Node]) -> list[str]:
         return [p for p in map(port_problem, bound_ports(nodes)) if p is not None]
@@ -286,7 +264,6 @@ class Supervisor:
 
     def _run(self) -> int:
         nodes = self.plan()
-        self.report_skipped()
         problems = self.port_problems(nodes)
         if problems:
             for problem in problems:
@@ -426,7 +403,7 @@ class Supervisor:
         for router in self.topology.nodes_by_role("router"):
             assert isinstance(router, RouterNode)
             self.output.print(f"clients connect to {router.front} (front of router {router.name}; "
-                              "there is no gateway yet)")
+                              "this topology has no gateway)")
         publishers = [c.node for c in self.children.values() if isinstance(c.node, (MatcherNode, RelayNode))]
         if publishers:
             feeds = ", ".join(f"{n.pub} ({n.name})" for n in publishers)  # type: ignore[union-attr]

@@ -1,0 +1,816 @@
+"""The WebSocket gateway node: per-symbol channels and orders for WebSocket clients.
+
+An asyncio shell (uvloop) around two Sans-I/O state machines: ``websockets``'
+``ServerProtocol`` (handshake, incoming frames, pings, closing) and ``zmx.protocol``
+(``Session`` per connection, ``Channel`` per subscribed symbol). The protocol is in
+../shared/DESIGN.md and docs/protocol.md.
+
+Market data: one SUB socket connected to the upstream PUBs (matchers or relays). A symbol's
+topic is subscribed when the first local client subscribes its channel and unsubscribed when
+the last one leaves. Each subscribed channel keeps an L2 mirror (snapshot from the owner's
+snapshot service, then updates; Clone pattern); a gap, or a reconnection to the upstream (a
+restarted matcher), makes it fetch a fresh snapshot that goes to every subscriber.
+
+Fan-out: each channel message is JSON-encoded and framed once; the frames of everything
+read from the SUB in one loop turn are joined per channel, and each connection gets one
+``transport.write`` per turn with all of its channels' bytes. A connection whose unread
+bytes pass ``send_queue_bytes`` is *behind* (the transport tells us with ``pause_writing``):
+it gets no channel data until it drains, then a ``slow_consumer`` error and a fresh
+``depth_snapshot`` per channel it missed; behind for longer than ``slow_consumer_ms`` closes
+it with 1013.
+
+Orders: one DEALER to every router's front (docs/wire.md frames). Each connection is its own
+account; the account's private topic is subscribed on its first order, for the fills of its
+resting orders.
+
+Workers: ``workers: N`` forks N processes before anything else is created; each one is a
+whole gateway (own sockets, own mirrors) listening on the same port with ``SO_REUSEPORT``,
+so the kernel spreads connections over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import uvloop
+import zmq
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from zmx import codec
+from zmx.commands import CancelOrder, SubmitOrder
+from zmx.exceptions import DecodeError, SequenceGap, ZmxError
+from zmx.node.client import HWM, encode_header, parse_reply
+from zmx.node.runtime import Stopper, announce_ready
+from zmx.protocol import Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe, error
+from zmx.topics import account_topic, is_private, topic
+from zmx.topology import GatewayLimits, GatewayNode, MatcherNode, RouterNode, Topology, connect_endpoint
+
+log = logging.getLogger("zmx.gateway")
+
+REQUEST_TIMEOUT_S = 5.0  # an order with no reply by then is answered ``unavailable``
+SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again
+SUB_BATCH = 4096  # publications read per loop turn before the connections are written to
+CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
+TICK_S = 0.25
+BACKLOG = 16384
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN = 1013
+CLOSE_PING_TIMEOUT = 1011
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked text frame (a server's frames are never masked, so the same bytes go to
+    every client)."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+
+
+class Connection(asyncio.Protocol):
+    """One WebSocket client: the transport, the websockets state machine and the session."""
+
+    __slots__ = ("account_subscribed", "behind", "behind_since", "closing", "fragments", "gateway", "missed",
+                 "out", "ping_sent", "ping_slot", "session", "transport", "ws")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.Transport | None = None
+        self.ws = ServerProtocol(max_size=gateway.limits.max_message_bytes)
+        self.session: Session | None = None  # set once the handshake is done
+        self.out: list[bytes] | None = None  # channel bytes of this loop turn
+        self.behind = False
+        self.behind_since = 0.0
+        self.missed: dict[str, list[int]] | None = None  # channel -> [updates, trades, from_seq, to_seq]
+        self.fragments: list[bytes] | None = None
+        self.ping_sent = 0.0
+        self.ping_slot = 0
+        self.closing = False
+        self.account_subscribed = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
+        limit = self.gateway.limits.send_queue_bytes
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self.gateway.handshaking.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        for event in ws.events_received():
+            if type(event) is Frame:
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._handshake(event)
+        self._flush_ws()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._flush_ws()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gateway.drop(self)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        if not self.behind and self.session is not None:
+            self.behind = True
+            self.behind_since = time.monotonic()
+            self.gateway.behind.add(self)
+
+    def resume_writing(self) -> None:
+        if self.behind:
+            self.behind = False
+            self.gateway.behind.discard(self)
+            self.gateway.caught_up(self)
+
+    # -- incoming -----------------------------------------------------------------------------------------
+
+    def _handshake(self, request: Request) -> None:
+        ws = self.ws
+        response = ws.accept(request)
+        ws.send_response(response)
+        if ws.state is State.OPEN:
+            self.gateway.opened(self)
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if not frame.fin:
+                self.fragments = [frame.data] if opcode is Opcode.TEXT else None
+                if opcode is Opcode.BINARY:
+                    self.send(error("bad_json", "binary frames are not accepted; send JSON text"))
+                return
+            if opcode is Opcode.BINARY:
+                self.send(error("bad_json", "binary frames are not accepted; send JSON text"))
+                return
+            self._message(frame.data)
+        elif opcode is Opcode.CONT:
+            if self.fragments is None:
+                return  # the rest of a refused binary message
+            self.fragments.append(frame.data)
+            if frame.fin:
+                data, self.fragments = b"".join(self.fragments), None
+                self._message(data)
+        elif opcode is Opcode.PONG:
+            self.ping_sent = 0.0
+
+    def _message(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self.closing:
+            return
+        gateway = self.gateway
+        for action in session.receive(data, time.monotonic()):
+            kind = type(action)
+            if kind is Send:
+                self.send(action.payload)
+            elif kind is Subscribe:
+                gateway.subscribe(self, action.channel)
+            elif kind is Unsubscribe:
+                gateway.unsubscribe(self, action.channel)
+            elif kind is Submit or kind is Cancel:
+                gateway.order(self, action.command, action.request_id)
+            elif kind is Close:
+                gateway.counts["rate_limit_closed"] += 1
+                self.close(action.code, action.reason)
+                return
+
+    # -- outgoing ----------------------------------------------------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        """Write one message now (replies, order updates: never dropped)."""
+        transport = self.transport
+        if transport is not None and not self.closing:
+            transport.write(text_frame(payload))
+
+    def send_frames(self, frames: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closing:
+            transport.write(frames)
+
+    def _flush_ws(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.ws.data_to_send():
+            if data:
+                transport.write(data)
+            else:  # the protocol is done with the connection (close handshake complete)
+                self.closing = True
+                transport.close()
+                return
+        if self.ws.state is State.CLOSED or (self.ws.close_expected() and not self.closing):
+            self.closing = True
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._cut)
+
+    def ping(self, now: float) -> None:
+        try:
+            self.ws.send_ping(secrets.token_bytes(4))
+        except InvalidState:
+            return
+        self.ping_sent = now
+        self._flush_ws()
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake with ``code``; cut the connection if it does not finish."""
+        if self.transport is None or self.closing:
+            return
+        try:
+            self.ws.send_close(code, reason)
+        except InvalidState:
+            pass
+        self._flush_ws()
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._cut)
+
+    def _cut(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class ChannelState:
+    """A subscribed channel in this gateway: its protocol ``Channel`` and its subscribers."""
+
+    __slots__ = ("channel", "frames", "last_sent", "snapshot_asked", "subscribers", "trades", "updates")
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.subscribers: dict[Connection, None] = {}  # insertion-ordered set
+        self.frames: list[bytes] = []  # framed messages of this loop turn
+        self.updates = 0  # depth updates and trades among them (counted for slow consumers)
+        self.trades = 0
+        self.last_sent = time.monotonic()
+        self.snapshot_asked = 0.0  # when the pending snapshot request was sent (0: none pending)
+
+
+class Gateway:
+    """One gateway process (a worker): its WebSocket server and its ZeroMQ sockets."""
+
+    def __init__(self, topology: Topology, node: GatewayNode, worker: int) -> None:
+        self.topology = topology
+        self.node = node
+        self.worker = worker
+        self.limits: GatewayLimits = node.limits
+        self.symbols = dict(topology.symbols)
+        self.account_prefix = f"{node.name}.{worker}." if node.workers > 1 else f"{node.name}."
+        self.handshaking: set[Connection] = set()
+        self.connections: set[Connection] = set()
+        self.behind: set[Connection] = set()
+        self.accounts: dict[str, Connection] = {}
+        self.channels: dict[str, ChannelState] = {}
+        self.requests: OrderedDict[int, tuple[Connection, SubmitOrder | CancelOrder, object, float]] = OrderedDict()
+        self.counts: dict[str, int] = {key: 0 for key in (
+            "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
+            "bad_publication", "bad_reply", "gaps", "resyncs")}
+        self._request_ids = 0
+        self._dirty: list[ChannelState] = []
+        self._ping_turn = 0
+        self._opened = 0
+        # connections in ping_interval_s / TICK_S slots; one slot is pinged per tick
+        slots = max(1, round(self.limits.ping_interval_s / TICK_S))
+        self.ping_slots: list[set[Connection]] = [set() for _ in range(slots)]
+        self.server: asyncio.AbstractServer | None = None
+        # ZeroMQ
+        self.context = zmq.Context()
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.linger = 0
+        self.sub.rcvhwm = HWM
+        self.sub.maxmsgsize = codec.MAX_MESSAGE_BYTES
+        self.upstream_symbols: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> symbols coming through it
+        for upstream in node.upstream:
+            endpoint = connect_endpoint(topology.node(upstream).pub)  # type: ignore[union-attr]
+            self.upstream_symbols[endpoint] = tuple(
+                s for m in topology.matchers_behind(upstream) for s in topology.symbols_of(m))
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        for endpoint in self.upstream_symbols:
+            self.sub.connect(endpoint)
+        self.connected_once: set[str] = set()
+        self.dealer = self.context.socket(zmq.DEALER)
+        self.dealer.linger = 0
+        self.dealer.immediate = 1
+        self.dealer.sndhwm = self.dealer.rcvhwm = HWM
+        for router in topology.nodes_by_role("router"):
+            assert isinstance(router, RouterNode)
+            self.dealer.connect(connect_endpoint(router.front))
+        self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
+        for matcher in topology.nodes_by_role("matcher"):
+            assert isinstance(matcher, MatcherNode)
+            sock = self.context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.maxmsgsize = 64 * codec.MAX_MESSAGE_BYTES  # a deep book is a big snapshot
+            sock.connect(connect_endpoint(matcher.snapshot))
+            self.snapshot_sockets[matcher.name] = sock
+        self._readers: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = []
+
+    # -- lifetime ---------------------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event, ready: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._watch(self.sub, self._read_sub)
+        self._watch(self.dealer, self._read_replies)
+        self._watch(self.monitor, self._read_monitor)
+        for name, sock in self.snapshot_sockets.items():
+            self._watch(sock, lambda s=sock: self._read_snapshots(s))
+        node = self.node
+        self.server = await loop.create_server(
+            lambda: Connection(self), node.host, node.port, reuse_port=node.workers > 1 or None,
+            backlog=BACKLOG)
+        ticker = loop.create_task(self._tick())
+        ready()
+        try:
+            await stop.wait()
+        finally:
+            ticker.cancel()
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections | self.handshaking):
+            if conn.session is not None:
+                conn.close(CLOSE_GOING_AWAY, "gateway stopping")
+            elif conn.transport is not None:
+                conn.transport.abort()
+        deadline = time.monotonic() + 1.0
+        while (self.connections or self.handshaking) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # let the close frames go out
+        for conn in list(self.connections | self.handshaking):
+            conn._cut()
+        loop = asyncio.get_running_loop()
+        for sock, _ in self._readers:
+            loop.remove_reader(sock.getsockopt(zmq.FD))
+        self.sub.disable_monitor()
+        for sock in (self.monitor, self.sub, self.dealer, *self.snapshot_sockets.values()):
+            sock.close(linger=0)
+        self.context.term()
+        log.info("stopped; counts: %s", ", ".join(f"{k}={v}" for k, v in self.counts.items() if v) or "none")
+
+    def _watch(self, sock: zmq.Socket[bytes], read: Callable[[], None]) -> None:
+        """Call ``read`` whenever ``sock`` may have messages (ZeroMQ's FD is edge-triggered:
+        ``read`` drains until ``zmq.Again`` or reschedules itself)."""
+        asyncio.get_running_loop().add_reader(sock.getsockopt(zmq.FD), read)
+        self._readers.append((sock, read))
+        asyncio.get_running_loop().call_soon(read)
+
+    # -- connections --------------------------------------------------------------------------------------
+
+    def opened(self, conn: Connection) -> None:
+        self.handshaking.discard(conn)
+        conn.session = Session(self.account_prefix + secrets.token_hex(6), self.symbols,
+                               rate_limit_per_s=self.limits.rate_limit_per_s)
+        self.connections.add(conn)
+        self._opened += 1
+        conn.ping_slot = self._opened % len(self.ping_slots)
+        self.ping_slots[conn.ping_slot].add(conn)
+
+    def drop(self, conn: Connection) -> None:
+        """``conn`` is gone: it leaves its channels; its orders stay on the books."""
+        self.handshaking.discard(conn)
+        self.connections.discard(conn)
+        self.behind.discard(conn)
+        self.ping_slots[conn.ping_slot].discard(conn)
+        session = conn.session
+        if session is None:
+            return
+        for channel in list(session.channels):
+            self.unsubscribe(conn, channel)
+        session.channels.clear()
+        if conn.account_subscribed:
+            self.accounts.pop(session.account, None)
+            self.sub.unsubscribe(account_topic(session.account))
+            self._rearm(self.sub, self._read_sub)
+
+    # -- channels -----------------------------------------------------------------------------------------
+
+    def subscribe(self, conn: Connection, symbol: str) -> None:
+        state = self.channels.get(symbol)
+        if state is None:
+            state = self.channels[symbol] = ChannelState(Channel(self.symbols[symbol]))
+            self.sub.subscribe(topic(symbol))  # first the updates, then the snapshot (Clone pattern)
+            self._rearm(self.sub, self._read_sub)
+            self._ask_snapshot(state)
+        state.subscribers[conn] = None
+        if state.channel.synced:
+            conn.send(state.channel.snapshot_message())
+
+    def unsubscribe(self, conn: Connection, symbol: str) -> None:
+        state = self.channels.get(symbol)
+        if state is None:
+            return
+        state.subscribers.pop(conn, None)
+        if conn.missed is not None:
+            conn.missed.pop(symbol, None)
+        if not state.subscribers:
+            del self.channels[symbol]
+            self.sub.unsubscribe(topic(symbol))
+            self._rearm(self.sub, self._read_sub)
+
+    def _ask_snapshot(self, state: ChannelState) -> None:
+        symbol = state.channel.symbol
+        sock = self.snapshot_sockets[self.topology.owner_of(symbol)]
+        try:
+            sock.send_multipart((b"SNAP", symbol.encode()), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # retried by the tick
+        state.snapshot_asked = time.monotonic()
+        self._rearm(sock, lambda: self._read_snapshots(sock))
+
+    def _read_snapshots(self, sock: zmq.Socket[bytes]) -> None:
+        for _ in range(64):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._snapshot_reply(frames)
+        self._rearm(sock, lambda: self._read_snapshots(sock))
+
+    def _snapshot_reply(self, frames: list[bytes]) -> None:
+        if len(frames) != 3:
+            self.counts["bad_reply"] += 1
+            return
+        kind, symbol_bytes, body = frames
+        state = self.channels.get(symbol_bytes.decode("ascii", errors="replace"))
+        if state is None or not state.snapshot_asked:
+            return  # nobody holds the channel any more, or it is synced already
+        symbol = state.channel.symbol
+        if kind != b"SNAP":
+            log.warning("%s: snapshot refused: %s", symbol, body.decode("utf-8", errors="replace"))
+            return  # asked again by the tick
+        try:
+            seq, bids, asks = msgpack.unpackb(body, use_list=False)
+            levels = [(int(p), int(q)) for p, q in bids], [(int(p), int(q)) for p, q in asks]
+            if type(seq) is not int:
+                raise ValueError("seq is not an integer")
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            log.warning("%s: undecodable snapshot: %s", symbol, e)
+            self.counts["bad_reply"] += 1
+            return
+        try:
+            message = state.channel.load_snapshot(seq, *levels)
+        except SequenceGap as e:
+            log.info("%s: snapshot at seq %d does not reach the buffered updates (%s); asking again", symbol,
+                     seq, e)
+            self._ask_snapshot(state)
+            return
+        state.snapshot_asked = 0.0
+        frame = text_frame(message)
+        for conn in state.subscribers:
+            if conn.behind:
+                self._miss(conn, symbol, state.channel.seq, 0, 0)
+            else:
+                conn.send_frames(frame)
+        state.last_sent = time.monotonic()
+
+    def _resync(self, state: ChannelState, why: str) -> None:
+        self.counts["resyncs"] += 1
+        log.info("%s: resync (%s)", state.channel.symbol, why)
+        state.channel.reset()
+        self._ask_snapshot(state)
+
+    # -- market data --------------------------------------------------------------------------------------
+
+    def _read_sub(self) -> None:
+        sub = self.sub
+        channels = self.channels
+        dirty = self._dirty
+        for _ in range(SUB_BATCH):
+            try:
+                frame = sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                name, events = codec.decode_publication(frame)
+            except DecodeError as e:
+                self.counts["bad_publication"] += 1
+                log.warning("dropped an undecodable publication: %s", e)
+                continue
+            if is_private(name):
+                conn = self.accounts.get(name[1:])
+                if conn is not None and conn.session is not None:
+                    for payload in conn.session.on_private(events):
+                        conn.send(payload)
+                continue
+            state = channels.get(name)
+            if state is None:
+                continue  # unsubscribed a moment ago
+            if not events:
+                continue  # the matcher's heartbeat
+            try:
+                messages = state.channel.publish(events)
+            except SequenceGap as e:
+                self.counts["gaps"] += 1
+                log.warning("%s: %s", name, e)
+                state.channel.reset()
+                self._ask_snapshot(state)
+                continue
+            if messages:
+                if not state.frames:
+                    dirty.append(state)
+                state.frames.extend(map(text_frame, messages))
+                state.updates += 1  # a publication is its trades, then one depth update
+                state.trades += len(messages) - 1
+        else:
+            self._rearm(sub, self._read_sub)
+        if dirty:
+            self._fan_out()
+
+    def _fan_out(self) -> None:
+        """Write this turn's channel bytes: one write per connection."""
+        now = time.monotonic()
+        touched: list[Connection] = []
+        for state in self._dirty:
+            frames = state.frames
+            blob = frames[0] if len(frames) == 1 else b"".join(frames)
+            symbol = state.channel.symbol
+            seq = state.channel.seq
+            for conn in state.subscribers:
+                if conn.behind:
+                    self._miss(conn, symbol, seq, state.updates, state.trades)
+                    continue
+                out = conn.out
+                if out is None:
+                    conn.out = [blob]
+                    touched.append(conn)
+                else:
+                    out.append(blob)
+            state.frames = []
+            state.updates = state.trades = 0
+            state.last_sent = now
+        self._dirty.clear()
+        for conn in touched:
+            out = conn.out
+            conn.out = None
+            transport = conn.transport
+            if transport is not None and not conn.closing:
+                transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[index]
+
+    def _miss(self, conn: Connection, symbol: str, seq: int | None, updates: int, trades: int) -> None:
+        missed = conn.missed
+        if missed is None:
+            missed = conn.missed = {}
+        entry = missed.get(symbol)
+        if entry is None:
+            missed[symbol] = [updates, trades, seq or 0, seq or 0]
+        else:
+            entry[0] += updates
+            entry[1] += trades
+            entry[3] = seq or entry[3]
+
+    def caught_up(self, conn: Connection) -> None:
+        """``conn`` drained below the low-water mark: what it missed, then fresh snapshots."""
+        missed, conn.missed = conn.missed, None
+        if not missed:
+            return
+        self.counts["slow_consumer"] += 1
+        for symbol, (updates, trades, first, last) in missed.items():
+            state = self.channels.get(symbol)
+            conn.send(error("slow_consumer", f"this connection fell behind on {symbol}: {updates} depth updates "
+                            f"and {trades} trades were dropped; a fresh depth_snapshot follows", channel=symbol,
+                            data={"missed_updates": updates, "missed_trades": trades, "from_seq": first,
+                                  "to_seq": last}))
+            if state is not None and state.channel.synced:
+                conn.send(state.channel.snapshot_message())
+
+    def _read_monitor(self) -> None:
+        for _ in range(64):
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2 or len(frames[0]) < 6:
+                continue
+            event = int.from_bytes(frames[0][:2], "little")
+            endpoint = frames[1].decode(errors="replace")
+            if event == zmq.EVENT_DISCONNECTED:
+                log.warning("lost the feed from %s", endpoint)
+            elif event == zmq.EVENT_CONNECTED:
+                if endpoint in self.connected_once:
+                    # Reconnected: the publisher may have restarted, what it sent meanwhile is lost.
+                    log.info("feed from %s is back; resyncing its channels", endpoint)
+                    for symbol in self.upstream_symbols.get(endpoint, ()):
+                        state = self.channels.get(symbol)
+                        if state is not None:
+                            self._resync(state, f"reconnected to {endpoint}")
+                self.connected_once.add(endpoint)
+        self._rearm(self.monitor, self._read_monitor)
+
+    # -- orders ---------------------------------------------------------------------------------------------
+
+    def order(self, conn: Connection, command: SubmitOrder | CancelOrder, request_id: object) -> None:
+        session = conn.session
+        assert session is not None
+        if type(command) is SubmitOrder and not conn.account_subscribed:
+            conn.account_subscribed = True
+            self.accounts[session.account] = conn
+            self.sub.subscribe(account_topic(session.account))
+        self._request_ids += 1
+        rid = self._request_ids
+        try:
+            self.dealer.send_multipart((encode_header(rid, command.symbol), codec.encode(command)), zmq.NOBLOCK)
+        except zmq.Again:
+            session.forget(command)
+            for payload in session.on_reply(command, request_id, "unavailable", (), "no router is connected"):
+                conn.send(payload)
+            return
+        self.requests[rid] = (conn, command, request_id, time.monotonic() + REQUEST_TIMEOUT_S)
+        self._rearm(self.dealer, self._read_replies)
+        self._rearm(self.sub, self._read_sub)
+
+    def _read_replies(self) -> None:
+        for _ in range(1024):
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = parse_reply(frames)
+            if reply is None:
+                self.counts["bad_reply"] += 1
+                continue
+            entry = self.requests.pop(reply.request_id, None)
+            if entry is None:
+                continue  # answered already (timed out)
+            conn, command, request_id, _ = entry
+            if conn.session is None or conn.transport is None:
+                continue
+            if reply.status == "bad_reply":
+                self.counts["bad_reply"] += 1
+                payloads = conn.session.on_reply(command, request_id, "unavailable", (),
+                                                 "the reply could not be read; the outcome is unknown")
+            else:
+                payloads = conn.session.on_reply(command, request_id, reply.status, reply.events, reply.message)
+            for payload in payloads:
+                conn.send(payload)
+        self._rearm(self.dealer, self._read_replies)
+
+    # -- housekeeping -------------------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        limits = self.limits
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            # orders without a reply
+            requests = self.requests
+            while requests:
+                rid, (conn, command, request_id, deadline) = next(iter(requests.items()))
+                if deadline > now:
+                    break
+                del requests[rid]
+                if conn.session is not None and conn.transport is not None:
+                    conn.session.forget(command)
+                    for payload in conn.session.on_reply(
+                            command, request_id, "unavailable",
+                            (), f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"):
+                        conn.send(payload)
+            # slow consumers that stay behind
+            for conn in list(self.behind):
+                if now - conn.behind_since > limits.slow_consumer_ms / 1000:
+                    self.behind.discard(conn)
+                    self.counts["slow_consumer_closed"] += 1
+                    conn.close(CLOSE_TRY_AGAIN, "too slow to keep up")
+            # snapshots not answered, heartbeats of idle channels
+            for state in self.channels.values():
+                if state.snapshot_asked and now - state.snapshot_asked > SNAPSHOT_RETRY_S:
+                    self._ask_snapshot(state)
+                if state.channel.synced and now - state.last_sent >= limits.heartbeat_s:
+                    frame = text_frame(state.channel.heartbeat_message())
+                    for conn in state.subscribers:
+                        if not conn.behind:
+                            conn.send_frames(frame)
+                    state.last_sent = now
+            # pings: each connection once per ping_interval_s, one slot of them per tick; one
+            # that has not answered the previous ping by its next turn is closed
+            self._ping_turn = (self._ping_turn + 1) % len(self.ping_slots)
+            for conn in list(self.ping_slots[self._ping_turn]):
+                if not conn.ping_sent:
+                    conn.ping(now)
+                elif now - conn.ping_sent > limits.ping_timeout_s:
+                    self.counts["ping_timeout_closed"] += 1
+                    conn.close(CLOSE_PING_TIMEOUT, "no pong")
+
+    def _rearm(self, sock: zmq.Socket[bytes], read: Callable[[], None]) -> None:
+        """After a send (or a partial read) on ``sock``, look again: its edge-triggered FD may
+        not fire for messages that arrived meanwhile."""
+        asyncio.get_running_loop().call_soon(read)
+
+
+# -- process --------------------------------------------------------------------------------------------------
+
+def _serve(topology: Topology, node: GatewayNode, worker: int, ready: Callable[[], None]) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await Gateway(topology, node, worker).serve(stop, ready)
+
+    uvloop.run(main())
+
+
+def run(topology: Topology, name: str, stopper: Stopper) -> None:
+    """Serve gateway ``name`` of ``topology`` until SIGINT/SIGTERM."""
+    node = topology.node(name)
+    if not isinstance(node, GatewayNode):
+        raise TypeError(f"node {name!r} is a {node.role}, not a gateway")
+    details: dict[str, Any] = {"url": node.url, "listen": node.listen, "workers": node.workers}
+    if node.workers == 1:
+        log.info("serving %s, upstream %s", node.url, ", ".join(node.upstream))
+        _serve(topology, node, 0, lambda: announce_ready(name, "gateway", **details))
+        return
+    _run_workers(topology, node, details)
+
+
+def _run_workers(topology: Topology, node: GatewayNode, details: dict[str, Any]) -> None:
+    """Fork ``node.workers`` gateway processes on one port; READY once all of them are."""
+    _check_port(node)
+    read_end, write_end = os.pipe()
+    children: dict[int, int] = {}
+    for worker in range(node.workers):
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            code = 0
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _serve(topology, node, worker, lambda w=worker: os.write(write_end, bytes((w,))))
+            except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+                log.exception("worker %d failed", worker)
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = worker
+    os.close(write_end)
+    stopping = False
+
+    def stop_children(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGINT, stop_children)
+    signal.signal(signal.SIGTERM, stop_children)
+    ready = 0
+    while ready < node.workers:
+        try:
+            data = os.read(read_end, 64)
+        except InterruptedError:
+            continue
+        if not data:
+            break  # every worker exited before it was ready
+        ready += len(data)
+    os.close(read_end)
+    if ready == node.workers and not stopping:
+        log.info("serving %s with %d workers, upstream %s", node.url, node.workers, ", ".join(node.upstream))
+        announce_ready(node.name, "gateway", **details)
+    failed: list[str] = []
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        worker = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if not stopping:
+            failed.append(f"worker {worker} exited with status {code}")
+            stop_children(signal.SIGTERM, None)
+    if failed:
+        raise ZmxError("; ".join(failed))
+
+
+def _check_port(node: GatewayNode) -> None:
+    """Workers share the port with SO_REUSEPORT, which would also let them join a stranger
+    that listens there with it: refuse a port that is already taken."""
+    family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((node.host, node.port))
+        except OSError as e:
+            raise ZmxError(f"gateway {node.name}: cannot listen on {node.listen}: {e.strerror}") from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("start a gateway with: zmx node NAME -t TOPOLOGY")

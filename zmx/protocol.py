@@ -1,0 +1,540 @@
+"""The WebSocket JSON protocol, as Sans-I/O state machines (no sockets, no clock of its own).
+
+``Session`` is one client connection: ``receive(text, now)`` takes a client message and
+returns the actions the I/O shell carries out, in order (``Send`` bytes to this client,
+``Subscribe``/``Unsubscribe`` a channel, ``Submit``/``Cancel`` an order, ``Close``). Replies to
+orders come back through ``on_reply`` and ``on_private``, which return the JSON messages to
+send. ``Channel`` is one symbol's channel: it keeps the L2 mirror and turns what the matcher
+published into the JSON messages every subscriber gets, each encoded once.
+
+The public contract is ../shared/DESIGN.md ("WebSocket protocol"); what it leaves open is
+decided in docs/protocol.md. Messages are built as bytes (``orjson``) so that the shell can
+frame them once and write the same bytes to every subscriber.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple, Union
+
+import orjson
+
+from zmx.codec import is_valid_id
+from zmx.commands import CancelOrder, SubmitOrder
+from zmx.depth import L2Mirror
+from zmx.events import (
+    BookChanged, CancelRejected, Event, Level, OrderAccepted, OrderCanceled, OrderFilled, OrderRejected,
+    TradeOccurred,
+)
+from zmx.exceptions import ClientError, InvalidNumber, SequenceGap
+from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
+
+__all__ = [
+    "CLOSE_POLICY", "MAX_CHANNELS_PER_REQUEST", "MAX_ID_CHARS", "Action", "Cancel", "Channel", "Close", "Send",
+    "SequenceGap", "Session", "Submit", "Subscribe", "Unsubscribe", "error", "order_update", "rejected",
+]
+
+MAX_ID_CHARS = 64
+MAX_CHANNELS_PER_REQUEST = 100
+_MAX_INT_ID = 2**63 - 1
+
+# WebSocket close codes the session asks for
+CLOSE_POLICY = 1008  # a flood past twice the rate limit
+
+
+# -- actions for the I/O shell -------------------------------------------------------------
+
+class Send(NamedTuple):
+    """Write this JSON message (UTF-8 bytes of one text frame) to the client."""
+
+    payload: bytes
+
+
+class Subscribe(NamedTuple):
+    """The client now holds ``channel``: add it to the channel's subscribers and send it the
+    channel's ``depth_snapshot`` as soon as there is one."""
+
+    channel: str
+
+
+class Unsubscribe(NamedTuple):
+    """The client dropped ``channel``: send it nothing more of it."""
+
+    channel: str
+
+
+class Submit(NamedTuple):
+    """Send ``command`` to the routers; give the reply to ``Session.on_reply``."""
+
+    command: SubmitOrder
+    request_id: object  # the client's ``id`` (None when it sent none)
+
+
+class Cancel(NamedTuple):
+    command: CancelOrder
+    request_id: object
+
+
+class Close(NamedTuple):
+    """Close the connection with this WebSocket close code."""
+
+    code: int
+    reason: str
+
+
+Action = Union[Send, Subscribe, Unsubscribe, Submit, Cancel, Close]
+
+
+# -- message builders ------------------------------------------------------------------------
+
+def _dumps(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+def error(code: str, message: str, request_id: object = None, **extra: Any) -> bytes:
+    """``{"type":"error","code":...,"message":...}`` with the request's ``id`` if it had one."""
+    body: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    body.update(extra)
+    if request_id is not None:
+        body["id"] = request_id
+    return _dumps(body)
+
+
+def _with_id(body: dict[str, Any], request_id: object) -> bytes:
+    if request_id is not None:
+        body["id"] = request_id
+    return _dumps(body)
+
+
+def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
+                 command: SubmitOrder | None = None) -> bytes | None:
+    """The ``order_update`` (or, for a refused cancel, the ``error``) a private event becomes;
+    None for an event that clients do not see. ``command`` is the submit the event answers,
+    when it is known: it gives the order's own price and type."""
+    price_text, quantity_text = spec.ticks_to_price, spec.lots_to_quantity
+    kind = type(event)
+    data: dict[str, Any]
+    if kind is OrderAccepted:
+        data = {"order_id": event.order_id, "symbol": event.symbol, "status": "accepted",
+                "side": event.side.value, "type": event.type.value, "time_in_force": event.time_in_force.value,
+                "price": None if event.price is None else price_text(event.price),
+                "quantity": quantity_text(event.quantity), "filled": "0",
+                "remaining": quantity_text(event.quantity), "ts": event.ts_ns}
+    elif kind is OrderFilled:
+        if command is not None and command.order_id == event.order_id:
+            price = None if command.price is None else price_text(command.price)
+        else:  # a resting order: it rested at its own price, which is the trade's price
+            price = price_text(event.price)
+        data = {"order_id": event.order_id, "symbol": event.symbol,
+                "status": "partially_filled" if event.remaining else "filled",
+                "side": event.side.value, "price": price, "quantity": quantity_text(event.filled + event.remaining),
+                "filled": quantity_text(event.filled), "remaining": quantity_text(event.remaining),
+                "last_price": price_text(event.price), "last_quantity": quantity_text(event.quantity),
+                "trade_id": event.trade_id, "liquidity": "maker" if event.maker else "taker", "ts": event.ts_ns}
+    elif kind is OrderCanceled:
+        data = {"order_id": event.order_id, "symbol": event.symbol, "status": "canceled", "reason": event.reason,
+                "side": event.side.value, "price": None if event.price is None else price_text(event.price),
+                "quantity": quantity_text(event.filled + event.canceled), "filled": quantity_text(event.filled),
+                "remaining": "0", "ts": event.ts_ns}
+    elif kind is OrderRejected:
+        data = _rejected_data(spec, command, event.order_id, event.symbol, event.reason)
+        data["ts"] = event.ts_ns
+    elif kind is CancelRejected:
+        what = {"unknown_order": f"order {event.order_id!r} is not on the {event.symbol} book of this connection"}
+        return error(event.reason, what.get(event.reason, f"cancel refused: {event.reason}"), request_id,
+                     order_id=event.order_id, symbol=event.symbol)
+    else:
+        return None
+    return _with_id({"type": "order_update", "data": data}, request_id)
+
+
+def _rejected_data(spec: SymbolSpec | None, command: SubmitOrder | None, order_id: str, symbol: str,
+                   reason: str, message: str | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"order_id": order_id, "symbol": symbol, "status": "rejected", "reason": reason}
+    if command is not None:
+        data["side"] = command.side.value
+        data["type"] = command.type.value
+        data["time_in_force"] = command.time_in_force.value
+        if spec is not None:
+            data["price"] = None if command.price is None else spec.ticks_to_price(command.price)
+            data["quantity"] = spec.lots_to_quantity(command.quantity)
+    if message:
+        data["message"] = message
+    return data
+
+
+def rejected(order_id: str, symbol: str, reason: str, message: str, request_id: object = None, *,
+             spec: SymbolSpec | None = None, command: SubmitOrder | None = None) -> bytes:
+    """An ``order_update`` ``rejected`` that did not come from a matcher (the gateway, a router)."""
+    data = _rejected_data(spec, command, order_id, symbol, reason, message)
+    return _with_id({"type": "order_update", "data": data}, request_id)
+
+
+# -- one client connection -------------------------------------------------------------------
+
+_SIDES = {s.value: s for s in Side}
+_TYPES = {t.value: t for t in OrderType}
+_TIFS = {t.value: t for t in TimeInForce}
+
+
+def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    try:
+        value = message[name]
+    except KeyError:
+        raise ClientError("missing_field", f"{name!r} is missing ({what})") from None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ClientError("invalid_field", f"{name!r} must be {what}, got {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _choice(message: dict[str, Any], name: str, choices: dict[str, Any], default: str | None) -> Any:
+    value = message.get(name)
+    if value is None:
+        if default is None:
+            raise ClientError("missing_field", f"{name!r} is missing (one of {', '.join(choices)})")
+        return choices[default]
+    if type(value) is not str or value not in choices:
+        raise ClientError("invalid_field", f"{name!r} must be one of {', '.join(choices)}, got {_show(value)}")
+    return choices[value]
+
+
+def _show(value: object) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, (set, bytes)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class Session:
+    """One WebSocket client: its channels, its account, its rate limit, its orders in flight.
+
+    ``account`` names this connection's orders (one account per connection until
+    authentication arrives). ``symbols`` are the cluster's symbols (channel names = symbols).
+    """
+
+    __slots__ = ("_inflight", "_window", "_window_count", "account", "channels", "rate_limit", "symbols")
+
+    def __init__(self, account: str, symbols: Mapping[str, SymbolSpec], *, rate_limit_per_s: int = 100) -> None:
+        self.account = account
+        self.symbols = symbols
+        self.rate_limit = rate_limit_per_s
+        self.channels: set[str] = set()
+        self._window = -1  # the whole second the rate count is for
+        self._window_count = 0
+        # (symbol, order_id) -> maker fills that arrived before the order's own reply
+        self._inflight: dict[tuple[str, str], list[OrderFilled]] | None = None
+
+    # -- client messages -------------------------------------------------------------------------
+
+    def receive(self, data: str | bytes, now: float) -> list[Action]:
+        """Act on one client message received at ``now`` (seconds, any monotonic clock)."""
+        second = int(now)
+        if second != self._window:
+            self._window, self._window_count = second, 0
+        self._window_count += 1
+        if self._window_count > self.rate_limit:
+            if self._window_count >= 2 * self.rate_limit:
+                return [Close(CLOSE_POLICY, "message rate limit exceeded")]
+            if self._window_count == self.rate_limit + 1:
+                return [Send(error("rate_limited", f"more than {self.rate_limit} messages in one second; "
+                                   "messages past the limit are ignored"))]
+            return []
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            return [Send(error("bad_json", f"not valid JSON: {e}"))]
+        if type(message) is not dict:
+            return [Send(error("bad_json", f"a request is a JSON object, got {_json_kind(message)}"))]
+        request_id = message.get("id")
+        if request_id is not None and not _valid_request_id(request_id):
+            return [Send(error("invalid_field", "'id' must be a string of at most 64 characters or a 64-bit "
+                               f"integer, got {_show(request_id)}"))]
+        action = message.get("action")
+        handler = _HANDLERS.get(action) if type(action) is str else None
+        try:
+            if handler is None:
+                if action is None:
+                    raise ClientError("missing_field", "'action' is missing (subscribe, unsubscribe, submit_order, "
+                                      "cancel_order, ping, symbols)")
+                if type(action) is not str:
+                    raise ClientError("invalid_field", f"'action' must be a string, got {_json_kind(action)}")
+                raise ClientError("unknown_action", f"unknown action {_show(action)} (subscribe, unsubscribe, "
+                                  "submit_order, cancel_order, ping, symbols)")
+            return handler(self, message, request_id)
+        except ClientError as e:
+            return [Send(error(e.code, str(e), request_id))]
+
+    def _channel_names(self, message: dict[str, Any]) -> list[str]:
+        has_one, has_many = "channel" in message, "channels" in message
+        if has_one and has_many:
+            raise ClientError("invalid_field", "give either 'channel' or 'channels', not both")
+        if has_one:
+            return [_field(message, "channel", str, "a channel name such as \"BTC-USDT\"")]
+        if not has_many:
+            raise ClientError("missing_field", "'channel' (or 'channels') is missing")
+        names = _field(message, "channels", list, "a list of channel names")
+        if not 0 < len(names) <= MAX_CHANNELS_PER_REQUEST:
+            raise ClientError("invalid_field", f"'channels' must hold 1 to {MAX_CHANNELS_PER_REQUEST} names, "
+                              f"got {len(names)}")
+        for name in names:
+            if type(name) is not str:
+                raise ClientError("invalid_field", f"'channels' must hold strings, got {_json_kind(name)}")
+        return names
+
+    def _subscribe(self, message: dict[str, Any], request_id: object) -> list[Action]:
+        actions: list[Action] = []
+        for name in self._channel_names(message):
+            if name not in self.symbols:
+                actions.append(Send(error("unknown_channel", f"no channel {_show(name)}; the symbols action "
+                                          "lists them", request_id, channel=name)))
+                continue
+            actions.append(Send(_with_id({"type": "subscription_ack", "channel": name}, request_id)))
+            if name not in self.channels:
+                self.channels.add(name)
+                actions.append(Subscribe(name))
+        return actions
+
+    def _unsubscribe(self, message: dict[str, Any], request_id: object) -> list[Action]:
+        actions: list[Action] = []
+        for name in self._channel_names(message):
+            if name in self.channels:
+                self.channels.discard(name)
+                actions.append(Unsubscribe(name))
+            actions.append(Send(_with_id({"type": "unsubscription_ack", "channel": name}, request_id)))
+        return actions
+
+    def _ping(self, message: dict[str, Any], request_id: object) -> list[Action]:
+        return [Send(_with_id({"type": "pong"}, request_id))]
+
+    def _symbols(self, message: dict[str, Any], request_id: object) -> list[Action]:
+        data = [spec.describe() for spec in self.symbols.values()]
+        return [Send(_with_id({"type": "symbols", "data": data}, request_id))]
+
+    def _order_id(self, message: dict[str, Any]) -> str:
+        order_id = _field(message, "order_id", str, "a string")
+        if len(order_id) > MAX_ID_CHARS or not is_valid_id(order_id):
+            raise ClientError("invalid_field", f"'order_id' must be 1 to {MAX_ID_CHARS} printable ASCII characters, "
+                              f"got {_show(order_id)}")
+        return order_id
+
+    def _submit(self, message: dict[str, Any], request_id: object) -> list[Action]:
+        order_id = self._order_id(message)
+        symbol = _field(message, "symbol", str, "a symbol such as \"BTC-USDT\"")
+        side = _choice(message, "side", _SIDES, None)
+        order_type = _choice(message, "type", _TYPES, "limit")
+        time_in_force = _choice(message, "time_in_force", _TIFS, "gtc")
+        price_text = message.get("price")
+        if order_type is OrderType.LIMIT and price_text is None:
+            raise ClientError("missing_field", "'price' is missing (a limit order needs a price, as a string)")
+        if price_text is not None and type(price_text) is not str:
+            raise ClientError("invalid_field", f"'price' must be a decimal string such as \"30000.5\", "
+                              f"got {_json_kind(price_text)}")
+        quantity_text = _field(message, "quantity", str, "a decimal string such as \"0.5\"")
+        spec = self.symbols.get(symbol)
+        if spec is None:
+            return [Send(rejected(order_id, symbol, "unknown_symbol", f"no symbol {_show(symbol)} in this cluster",
+                                  request_id))]
+        if order_type is OrderType.MARKET and price_text is not None:
+            return [Send(rejected(order_id, symbol, "invalid_price", "a market order carries no price",
+                                  request_id))]
+        try:
+            price = None if price_text is None else spec.to_ticks(price_text)
+            quantity = spec.to_lots(quantity_text)
+        except InvalidNumber as e:
+            return [Send(rejected(order_id, symbol, e.reason, str(e), request_id))]
+        command = SubmitOrder(order_id, self.account, symbol, side, order_type, time_in_force, price, quantity)
+        if self._inflight is None:
+            self._inflight = {}
+        self._inflight.setdefault((symbol, order_id), [])
+        return [Submit(command, request_id)]
+
+    def _cancel(self, message: dict[str, Any], request_id: object) -> list[Action]:
+        order_id = self._order_id(message)
+        symbol = _field(message, "symbol", str, "a symbol such as \"BTC-USDT\"")
+        if symbol not in self.symbols:
+            raise ClientError("unknown_symbol", f"no symbol {_show(symbol)} in this cluster")
+        return [Cancel(CancelOrder(order_id, self.account, symbol), request_id)]
+
+    # -- answers from the cluster -------------------------------------------------------------------
+
+    def on_reply(self, command: SubmitOrder | CancelOrder, request_id: object, status: str,
+                 events: Iterable[Event], message: str = "") -> list[bytes]:
+        """The messages for the router's reply to ``command`` (``status`` as in docs/wire.md)."""
+        symbol, order_id = command.symbol, command.order_id
+        spec = self.symbols[symbol]
+        is_submit = type(command) is SubmitOrder
+        held: list[OrderFilled] = []
+        if is_submit and self._inflight is not None:
+            held = self._inflight.pop((symbol, order_id), [])
+        if status != "ok":
+            reason = status if status in ("unknown_symbol", "unavailable") else "unavailable"
+            text = message or status
+            if is_submit:
+                return [rejected(order_id, symbol, reason, text, request_id, spec=spec, command=command)]
+            return [error(reason, text, request_id, order_id=order_id, symbol=symbol)]
+        out = []
+        for event in events:
+            if getattr(event, "account", None) != self.account:
+                continue  # public events and other accounts' fills are not this client's business
+            update = order_update(spec, event, request_id, command if is_submit else None)
+            if update is not None:
+                out.append(update)
+        for fill in held:
+            out.append(order_update(spec, fill))  # type: ignore[arg-type]
+        return out
+
+    def on_private(self, events: Iterable[Event]) -> list[bytes]:
+        """Messages for this account's private events published by a matcher.
+
+        Only a resting order's fills are taken from this stream (``OrderFilled`` with
+        ``maker``): every other private event of a command is in the reply to the command,
+        which only this connection sent. A fill of an order whose own reply has not come yet
+        is held until it has, so that ``accepted`` always comes first.
+        """
+        out = []
+        for event in events:
+            if type(event) is not OrderFilled or not event.maker or event.account != self.account:
+                continue
+            key = (event.symbol, event.order_id)
+            inflight = self._inflight
+            if inflight is not None and key in inflight:
+                inflight[key].append(event)
+                continue
+            spec = self.symbols.get(event.symbol)
+            if spec is not None:
+                out.append(order_update(spec, event))  # type: ignore[arg-type]
+        return out
+
+    def forget(self, command: SubmitOrder | CancelOrder) -> None:
+        """The shell gave up on ``command``'s reply (it sent its own answer instead)."""
+        if self._inflight is not None and type(command) is SubmitOrder:
+            self._inflight.pop((command.symbol, command.order_id), None)
+
+
+def _valid_request_id(value: object) -> bool:
+    if type(value) is str:
+        return len(value) <= MAX_ID_CHARS
+    return type(value) is int and -_MAX_INT_ID - 1 <= value <= _MAX_INT_ID
+
+
+_HANDLERS = {
+    "subscribe": Session._subscribe,
+    "unsubscribe": Session._unsubscribe,
+    "submit_order": Session._submit,
+    "cancel_order": Session._cancel,
+    "ping": Session._ping,
+    "symbols": Session._symbols,
+}
+
+
+# -- one symbol's channel -------------------------------------------------------------------------
+
+class Channel:
+    """One symbol's channel: the gateway's L2 mirror of the book and the messages it becomes.
+
+    Feed it the symbol's publications (``publish``) and snapshots (``load_snapshot``); each
+    returns the JSON messages that every subscriber gets, in order. ``snapshot_message`` is
+    what a new (or resynced) subscriber gets first. While the mirror is not synced the
+    channel sends nothing: updates are buffered in the mirror, ``needs_snapshot`` is true.
+    """
+
+    __slots__ = ("_snapshot", "last_ts", "mirror", "spec", "symbol")
+
+    def __init__(self, spec: SymbolSpec) -> None:
+        self.spec = spec
+        self.symbol = spec.symbol
+        self.mirror = L2Mirror(spec.symbol)
+        self.last_ts = 0
+        self._snapshot: bytes | None = None  # cached depth_snapshot of the current seq
+
+    @property
+    def synced(self) -> bool:
+        return self.mirror.synced
+
+    @property
+    def seq(self) -> int | None:
+        return self.mirror.seq
+
+    def publish(self, events: Iterable[Event]) -> list[bytes]:
+        """The channel messages of one publication (one command's public events).
+
+        Raises ``SequenceGap`` when the mirror sees a gap: the caller fetches a snapshot and
+        calls ``load_snapshot``.
+        """
+        mirror = self.mirror
+        if not mirror.synced:
+            for event in events:
+                if type(event) is BookChanged:
+                    mirror.apply(event)  # buffered until the snapshot
+            return []
+        out: list[bytes] = []
+        trades = []
+        for event in events:
+            kind = type(event)
+            if kind is TradeOccurred:
+                trades.append(event)
+            elif kind is BookChanged:
+                prev_seq = mirror.seq
+                if not mirror.apply(event):  # a repeat of what the snapshot held already
+                    trades.clear()
+                    continue
+                self._snapshot = None
+                self.last_ts = event.ts_ns
+                out.extend(self._trade(t) for t in trades)
+                trades.clear()
+                out.append(self._update(event, prev_seq))
+        return out
+
+    def load_snapshot(self, seq: int, bids: Iterable[Level], asks: Iterable[Level]) -> bytes:
+        """Load a snapshot from the matcher; the ``depth_snapshot`` every subscriber now gets
+        (the buffered updates after ``seq`` are in it). ``SequenceGap`` if the buffer cannot
+        be bridged: ask for a newer snapshot."""
+        applied = self.mirror.load_snapshot(seq, bids, asks)
+        if applied:
+            self.last_ts = applied[-1].ts_ns
+        self._snapshot = None
+        return self.snapshot_message()
+
+    def reset(self) -> None:
+        """Forget the book (the matcher restarted or the feed broke): unsynced until the next snapshot."""
+        self.mirror.reset()
+        self._snapshot = None
+
+    def snapshot_message(self) -> bytes:
+        """The ``depth_snapshot`` of the book as it is now (synced channels only)."""
+        if self._snapshot is None:
+            spec = self.spec
+            price, quantity = spec.ticks_to_price, spec.lots_to_quantity
+            bids, asks = self.mirror.levels()
+            self._snapshot = orjson.dumps({
+                "channel": self.symbol, "type": "depth_snapshot",
+                "data": {"seq": self.mirror.seq, "bids": [[price(p), quantity(q)] for p, q in bids],
+                         "asks": [[price(p), quantity(q)] for p, q in asks],
+                         "checksum": self.mirror.checksum(spec), "ts": self.last_ts}})
+        return self._snapshot
+
+    def heartbeat_message(self) -> bytes:
+        return orjson.dumps({"channel": self.symbol, "type": "heartbeat", "data": {"seq": self.mirror.seq}})
+
+    def _update(self, change: BookChanged, prev_seq: int | None) -> bytes:
+        spec = self.spec
+        price, quantity = spec.ticks_to_price, spec.lots_to_quantity
+        return orjson.dumps({
+            "channel": self.symbol, "type": "depth_update",
+            "data": {"seq": change.seq, "prev_seq": prev_seq,
+                     "bids": [[price(p), quantity(q)] for p, q in change.bids],
+                     "asks": [[price(p), quantity(q)] for p, q in change.asks],
+                     "checksum": self.mirror.checksum(spec), "ts": change.ts_ns}})
+
+    def _trade(self, trade: TradeOccurred) -> bytes:
+        spec = self.spec
+        return orjson.dumps({
+            "channel": self.symbol, "type": "trade",
+            "data": {"seq": trade.seq, "trade_id": trade.trade_id, "price": spec.ticks_to_price(trade.price),
+                     "quantity": spec.lots_to_quantity(trade.quantity), "taker_side": trade.taker_side.value,
+                     "ts": trade.ts_ns}})
