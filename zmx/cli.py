@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import zmx
-from zmx.exceptions import TopologyError
+from zmx.exceptions import TopologyError, ZmxError
 from zmx.node.runtime import load_topology
 from zmx.topology import (
     GatewayNode,
@@ -248,7 +248,11 @@ def node(name: str, topology_path: Path) -> None:
         topology.node(name)
     except TopologyError as e:
         raise TopologyFailure(str(e)) from None
-    raise SystemExit(run_node(topology, name))
+    try:
+        code = run_node(topology, name)
+    except (ZmxError, OSError) as e:  # e.g. its port is taken: say so, without a traceback
+        raise click.ClickException(f"node {name}: {e}") from None
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,9 @@ def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
                      order_id=event.order_id, symbol=event.symbol)
     else:
         return None
+    if command is not None and command.order_id == event.order_id and "type" not in data:
+        data["type"] = command.type.value
+        data["time_in_force"] = command.time_in_force.value
     return _with_id({"type": "order_update", "data": data}, request_id)
 
 
@@ -223,7 +226,7 @@ class Session:
         self.account = account
         self.symbols = symbols
         self.rate_limit = rate_limit_per_s
-        self.channels: set[str] = set()
+        self.channels: list[str] = []  # held channels; a list, as a set costs 216 bytes per connection
         self._window = -1  # the whole second the rate count is for
         self._window_count = 0
         # (symbol, order_id) -> maker fills that arrived before the order's own reply
@@ -238,7 +241,7 @@ class Session:
             self._window, self._window_count = second, 0
         self._window_count += 1
         if self._window_count > self.rate_limit:
-            if self._window_count >= 2 * self.rate_limit:
+            if self._window_count >= 2 * self.rate_limit:  # the message that reaches twice the limit
                 return [Close(CLOSE_POLICY, "message rate limit exceeded")]
             if self._window_count == self.rate_limit + 1:
                 return [Send(error("rate_limited", f"more than {self.rate_limit} messages in one second; "
@@ -295,7 +298,7 @@ class Session:
                 continue
             actions.append(Send(_with_id({"type": "subscription_ack", "channel": name}, request_id)))
             if name not in self.channels:
-                self.channels.add(name)
+                self.channels.append(name)
                 actions.append(Subscribe(name))
         return actions
 
@@ -303,7 +306,7 @@ class Session:
         actions: list[Action] = []
         for name in self._channel_names(message):
             if name in self.channels:
-                self.channels.discard(name)
+                self.channels.remove(name)
                 actions.append(Unsubscribe(name))
             actions.append(Send(_with_id({"type": "unsubscription_ack", "channel": name}, request_id)))
         return actions
@@ -371,19 +374,23 @@ class Session:
         held: list[OrderFilled] = []
         if is_submit and self._inflight is not None:
             held = self._inflight.pop((symbol, order_id), [])
+        out = []
         if status != "ok":
             reason = status if status in ("unknown_symbol", "unavailable") else "unavailable"
             text = message or status
             if is_submit:
-                return [rejected(order_id, symbol, reason, text, request_id, spec=spec, command=command)]
-            return [error(reason, text, request_id, order_id=order_id, symbol=symbol)]
-        out = []
+                out.append(rejected(order_id, symbol, reason, text, request_id, spec=spec, command=command))
+            else:
+                out.append(error(reason, text, request_id, order_id=order_id, symbol=symbol))
+            events = ()
         for event in events:
             if getattr(event, "account", None) != self.account:
                 continue  # public events and other accounts' fills are not this client's business
             update = order_update(spec, event, request_id, command if is_submit else None)
             if update is not None:
                 out.append(update)
+        # Fills held for this order: after an error status too, since a fill proves that an
+        # order whose reply was lost (or timed out) is live.
         for fill in held:
             out.append(order_update(spec, fill))  # type: ignore[arg-type]
         return out
@@ -409,11 +416,6 @@ class Session:
             if spec is not None:
                 out.append(order_update(spec, event))  # type: ignore[arg-type]
         return out
-
-    def forget(self, command: SubmitOrder | CancelOrder) -> None:
-        """The shell gave up on ``command``'s reply (it sent its own answer instead)."""
-        if self._inflight is not None and type(command) is SubmitOrder:
-            self._inflight.pop((command.symbol, command.order_id), None)
 
 
 def _valid_request_id(value: object) -> bool:

@@ -89,7 +89,9 @@ class Connection(asyncio.Protocol):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.transport: asyncio.Transport | None = None
-        self.ws = ServerProtocol(max_size=gateway.limits.max_message_bytes)
+        # websockets' state machine: the handshake's, then only while it holds state that
+        # must last (a partial frame, a fragmented message, a closing handshake); see _idle.
+        self.ws: ServerProtocol | None = ServerProtocol(max_size=gateway.limits.max_message_bytes)
         self.session: Session | None = None  # set once the handshake is done
         self.out: list[bytes] | None = None  # channel bytes of this loop turn
         self.behind = False
@@ -110,18 +112,19 @@ class Connection(asyncio.Protocol):
         self.gateway.handshaking.add(self)
 
     def data_received(self, data: bytes) -> None:
-        ws = self.ws
+        ws = self.ws or self._open_ws()
         ws.receive_data(data)
         for event in ws.events_received():
             if type(event) is Frame:
                 self._frame(event)
             elif isinstance(event, Request):
-                self._handshake(event)
-        self._flush_ws()
+                self._handshake(ws, event)
+        self._flush_ws(ws)
 
     def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self._flush_ws()
+        ws = self.ws or self._open_ws()
+        ws.receive_eof()
+        self._flush_ws(ws)
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -142,8 +145,19 @@ class Connection(asyncio.Protocol):
 
     # -- incoming -----------------------------------------------------------------------------------------
 
-    def _handshake(self, request: Request) -> None:
-        ws = self.ws
+    def _open_ws(self) -> ServerProtocol:
+        """A state machine for an open connection that holds no state between messages.
+
+        Keeping one ``ServerProtocol`` per connection costs about 3.6 KB (its parser generator
+        keeps the handshake request alive), more than the rest of an idle connection. Between
+        messages an open connection has no protocol state worth keeping, so an idle one keeps
+        none and a fresh machine in the OPEN state takes each read (a few microseconds; clients
+        send little). ``_flush_ws`` keeps the machine while it is mid-frame, mid-message or
+        closing.
+        """
+        return ServerProtocol(state=State.OPEN, max_size=self.gateway.limits.max_message_bytes)
+
+    def _handshake(self, ws: ServerProtocol, request: Request) -> None:
         response = ws.accept(request)
         ws.send_response(response)
         if ws.state is State.OPEN:
@@ -204,38 +218,48 @@ class Connection(asyncio.Protocol):
         if transport is not None and not self.closing:
             transport.write(frames)
 
-    def _flush_ws(self) -> None:
+    def _flush_ws(self, ws: ServerProtocol) -> None:
+        """Write what ``ws`` has to send; keep it only while it holds state that must last."""
         transport = self.transport
         if transport is None:
             return
-        for data in self.ws.data_to_send():
+        for data in ws.data_to_send():
             if data:
                 transport.write(data)
             else:  # the protocol is done with the connection (close handshake complete)
                 self.closing = True
+                self.ws = ws
                 transport.close()
                 return
-        if self.ws.state is State.CLOSED or (self.ws.close_expected() and not self.closing):
-            self.closing = True
-            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._cut)
+        if ws.state is not State.OPEN or ws.close_expected():
+            self.ws = ws
+            if not self.closing:
+                self.closing = True
+                asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._cut)
+        elif ws.reader.buffer or ws.expect_continuation_frame or self.session is None:
+            self.ws = ws  # mid-frame, mid-message, or still in the handshake
+        else:
+            self.ws = None
 
     def ping(self, now: float) -> None:
+        ws = self.ws or self._open_ws()
         try:
-            self.ws.send_ping(secrets.token_bytes(4))
+            ws.send_ping(secrets.token_bytes(4))
         except InvalidState:
             return
         self.ping_sent = now
-        self._flush_ws()
+        self._flush_ws(ws)
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake with ``code``; cut the connection if it does not finish."""
         if self.transport is None or self.closing:
             return
+        ws = self.ws or self._open_ws()
         try:
-            self.ws.send_close(code, reason)
+            ws.send_close(code, reason)
         except InvalidState:
             pass
-        self._flush_ws()
+        self._flush_ws(ws)
         if not self.closing:
             self.closing = True
             asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._cut)
@@ -625,7 +649,6 @@ class Gateway:
         try:
             self.dealer.send_multipart((encode_header(rid, command.symbol), codec.encode(command)), zmq.NOBLOCK)
         except zmq.Again:
-            session.forget(command)
             for payload in session.on_reply(command, request_id, "unavailable", (), "no router is connected"):
                 conn.send(payload)
             return
@@ -674,7 +697,6 @@ class Gateway:
                     break
                 del requests[rid]
                 if conn.session is not None and conn.transport is not None:
-                    conn.session.forget(command)
                     for payload in conn.session.on_reply(
                             command, request_id, "unavailable",
                             (), f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"):
@@ -806,8 +828,10 @@ def _check_port(node: GatewayNode) -> None:
     that listens there with it: refuse a port that is already taken."""
     family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
         try:
             probe.bind((node.host, node.port))
+            probe.listen(1)
         except OSError as e:
             raise ZmxError(f"gateway {node.name}: cannot listen on {node.listen}: {e.strerror}") from None
 

@@ -1,0 +1,1047 @@
+"""The WebSocket protocol as a Sans-I/O state machine: ``Session`` and ``Channel`` without sockets.
+
+Every action, every error path and every state transition of ``zmx.protocol``, checked against
+../shared/DESIGN.md ("WebSocket protocol") and docs/protocol.md. Order replies are built from the
+events of a real ``MatchingEngine``; the channel is checked against a naive client-side book.
+"""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+
+from zmx.commands import CancelOrder, SubmitOrder
+from zmx.depth import book_checksum, checksum
+from zmx.engine import MatchingEngine
+from zmx.events import PUBLIC_EVENT_TYPES, BookChanged, OrderFilled, TradeOccurred
+from zmx.exceptions import SequenceGap
+from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
+from zmx.protocol import (
+    CLOSE_POLICY, MAX_CHANNELS_PER_REQUEST, Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe,
+)
+
+BTC = SymbolSpec("BTC-USDT", "0.01", "0.00001")
+ETH = SymbolSpec("ETH-USDT", "0.5", "0.001", min_quantity="0.01", max_quantity="100")
+SYMBOLS = {spec.symbol: spec for spec in (BTC, ETH)}
+ALICE, BOB = "g1.alice", "g1.bob"
+TS = 1_764_218_885_123_456_789
+PUBLIC = tuple(PUBLIC_EVENT_TYPES)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def session(account: str = ALICE, **kwargs: Any) -> Session:
+    return Session(account, SYMBOLS, **kwargs)
+
+
+def receive(s: Session, message: Any, now: float = 0.0) -> list:
+    """Give ``s`` one client message: a dict/list/... is sent as JSON text, str/bytes as they are."""
+    data = message if isinstance(message, (str, bytes)) else orjson.dumps(message).decode()
+    return s.receive(data, now)
+
+
+def sent(actions: list) -> list[dict]:
+    """The JSON messages of the ``Send`` actions, in order."""
+    return [orjson.loads(a.payload) for a in actions if type(a) is Send]
+
+
+def reply(s: Session, message: Any, now: float = 0.0) -> dict:
+    """The one message ``s`` answers, when it answers with exactly one ``Send`` and nothing else."""
+    actions = receive(s, message, now)
+    assert len(actions) == 1 and type(actions[0]) is Send, actions
+    return orjson.loads(actions[0].payload)
+
+
+def assert_error(message: dict, code: str, request_id: Any = None) -> None:
+    assert message["type"] == "error", message
+    assert message["code"] == code, message
+    assert isinstance(message["message"], str) and message["message"], message
+    if request_id is None:
+        assert "id" not in message, message
+    else:
+        assert message["id"] == request_id and type(message["id"]) is type(request_id), message
+
+
+def submit_msg(**fields: Any) -> dict:
+    """A valid limit buy of BTC-USDT, with ``fields`` changed (``None`` removes a field)."""
+    message = {"action": "submit_order", "order_id": "abc123", "symbol": "BTC-USDT", "side": "buy",
+               "price": "30000", "quantity": "0.5"}
+    message.update(fields)
+    return {k: v for k, v in message.items() if v is not None}
+
+
+def submit(s: Session, request_id: Any = None, **fields: Any) -> Submit:
+    message = submit_msg(**fields)
+    if request_id is not None:
+        message["id"] = request_id
+    actions = receive(s, message)
+    assert len(actions) == 1 and type(actions[0]) is Submit, sent(actions)
+    return actions[0]
+
+
+def updates(payloads: list[bytes]) -> list[dict]:
+    return [orjson.loads(p) for p in payloads]
+
+
+class Exchange:
+    """A matching engine and the sessions that send it orders, wired like the gateway does it:
+    the submitting session gets ``on_reply`` with all the command's events, every session gets
+    ``on_private`` with its account's events, the channel gets the public events."""
+
+    def __init__(self, spec: SymbolSpec = BTC) -> None:
+        self.engine = MatchingEngine(spec)
+        self.ts = TS
+
+    def run(self, action: Submit | Cancel) -> list:
+        self.ts += 1
+        return self.engine.handle(action.command, ts_ns=self.ts)
+
+    def order(self, s: Session, request_id: Any = None, **fields: Any) -> tuple[list[dict], list]:
+        """Submit through ``s`` and hand the reply back at once: (the order_updates, the events)."""
+        action = submit(s, request_id, **fields)
+        events = self.run(action)
+        return updates(s.on_reply(action.command, action.request_id, "ok", events)), events
+
+
+# -- ping, symbols, framing errors ---------------------------------------------------------------------------
+
+
+def test_ping_answers_pong():
+    assert reply(session(), {"action": "ping"}) == {"type": "pong"}
+
+
+@pytest.mark.parametrize("request_id", ["req-1", "", "x" * 64, 7, 0, -5, 2**63 - 1, -(2**63)])
+def test_the_id_is_echoed_when_it_is_a_string_or_a_64_bit_integer(request_id):
+    message = reply(session(), {"action": "ping", "id": request_id})
+    assert message == {"type": "pong", "id": request_id}
+    assert type(message["id"]) is type(request_id)
+
+
+@pytest.mark.parametrize("request_id", [1.5, 1.0, True, False, [1], {"a": 1}, "x" * 65, 2**63, 2**64 - 1, 10**30,
+                                        -(2**63) - 1])
+def test_an_id_that_is_not_a_string_or_64_bit_integer_is_invalid_field(request_id):
+    s = session()
+    text = orjson.dumps({"action": "ping"})[:-1].decode() + ',"id":' + (
+        str(request_id) if type(request_id) is int else orjson.dumps(request_id).decode()) + "}"
+    message = reply(s, text)
+    assert_error(message, "invalid_field")  # the invalid id is not echoed
+    assert "'id'" in message["message"]
+    # nothing was acted on, and the session still works
+    assert reply(s, {"action": "ping", "id": 1}) == {"type": "pong", "id": 1}
+
+
+def test_a_null_id_is_as_if_there_was_none():
+    assert reply(session(), {"action": "ping", "id": None}) == {"type": "pong"}
+
+
+def test_symbols_lists_every_symbol_with_its_grid():
+    message = reply(session(), {"action": "symbols", "id": "s"})
+    assert message == {"type": "symbols", "id": "s", "data": [
+        {"symbol": "BTC-USDT", "tick_size": "0.01", "lot_size": "0.00001", "min_quantity": "0.00001",
+         "max_quantity": BTC.lots_to_quantity(2**63 - 1)},
+        {"symbol": "ETH-USDT", "tick_size": "0.5", "lot_size": "0.001", "min_quantity": "0.01",
+         "max_quantity": "100"},
+    ]}
+
+
+@pytest.mark.parametrize("data", ["", "{", "{'action': 'ping'}", "ping", '{"action": "ping"} x', "NaN",
+                                  b"\xff\xfe", b'{"action": "\xc3\x28"}', b'{"action": "ping\xed\xa0\x80"}'])
+def test_not_json_is_bad_json(data):
+    s = session()
+    assert_error(reply(s, data), "bad_json")
+    assert reply(s, {"action": "ping"}) == {"type": "pong"}  # not closed, not stuck
+
+
+@pytest.mark.parametrize("value, kind", [([], "an array"), ([{"action": "ping"}], "an array"), (1, "a number"),
+                                         (1.5, "a number"), ("ping", "a string"), (None, "null"),
+                                         (True, "a boolean")])
+def test_json_that_is_not_an_object_is_bad_json_saying_what_it_got(value, kind):
+    message = reply(session(), orjson.dumps(value))
+    assert_error(message, "bad_json")
+    assert kind in message["message"]
+
+
+def test_bytes_and_text_are_the_same_request():
+    s = session()
+    assert reply(s, b'{"action":"ping","id":3}') == reply(s, '{"action":"ping","id":3}') == {"type": "pong", "id": 3}
+
+
+def test_missing_action_is_missing_field_with_the_id_echoed():
+    assert_error(reply(session(), {"id": 9}), "missing_field", 9)
+    assert_error(reply(session(), {"action": None, "id": "n"}), "missing_field", "n")
+
+
+@pytest.mark.parametrize("action", [1, 1.5, True, ["ping"], {"ping": 1}])
+def test_an_action_that_is_not_a_string_is_invalid_field(action):
+    message = reply(session(), {"action": action, "id": "a"})
+    assert_error(message, "invalid_field", "a")
+    assert "'action'" in message["message"]
+
+
+@pytest.mark.parametrize("action", ["pong", "PING", "", "subscribe ", "x" * 1000])
+def test_an_unknown_action_is_unknown_action_with_the_id_echoed(action):
+    message = reply(session(), {"action": action, "id": 4})
+    assert_error(message, "unknown_action", 4)
+    assert len(message["message"]) < 200  # a long action is not copied whole into the answer
+
+
+def test_unknown_extra_keys_are_ignored():
+    assert reply(session(), {"action": "ping", "id": 1, "tag": {"mine": [1, 2]}}) == {"type": "pong", "id": 1}
+
+
+# -- subscribe / unsubscribe ------------------------------------------------------------------------------------
+
+
+def test_subscribe_one_channel_acks_then_subscribes():
+    s = session()
+    actions = receive(s, {"action": "subscribe", "channel": "BTC-USDT", "id": 1})
+    assert actions == [Send(orjson.dumps({"type": "subscription_ack", "channel": "BTC-USDT", "id": 1})),
+                       Subscribe("BTC-USDT")]
+    assert set(s.channels) == {"BTC-USDT"}
+
+
+def test_subscribe_many_channels_answers_each_in_the_order_asked():
+    s = session()
+    actions = receive(s, {"action": "subscribe", "channels": ["ETH-USDT", "BTC-USDT"]})
+    assert [type(a) for a in actions] == [Send, Subscribe, Send, Subscribe]
+    assert sent(actions) == [{"type": "subscription_ack", "channel": "ETH-USDT"},
+                             {"type": "subscription_ack", "channel": "BTC-USDT"}]
+    assert [a.channel for a in actions if type(a) is Subscribe] == ["ETH-USDT", "BTC-USDT"]
+    assert set(s.channels) == {"ETH-USDT", "BTC-USDT"}
+
+
+def test_subscribing_a_channel_held_is_acked_again_and_changes_nothing():
+    s = session()
+    receive(s, {"action": "subscribe", "channel": "BTC-USDT"})
+    actions = receive(s, {"action": "subscribe", "channel": "BTC-USDT", "id": "again"})
+    assert actions == [Send(orjson.dumps({"type": "subscription_ack", "channel": "BTC-USDT", "id": "again"}))]
+    # twice in one list: two acks, one subscription
+    s = session()
+    actions = receive(s, {"action": "subscribe", "channels": ["BTC-USDT", "BTC-USDT"]})
+    assert [type(a) for a in actions] == [Send, Subscribe, Send]
+    assert set(s.channels) == {"BTC-USDT"}
+
+
+def test_unknown_channels_are_errors_that_name_them_and_the_known_ones_are_subscribed():
+    s = session()
+    actions = receive(s, {"action": "subscribe", "channels": ["NOPE", "BTC-USDT", "btc-usdt"], "id": 5})
+    messages = sent(actions)
+    assert len(messages) == 3
+    assert_error(messages[0], "unknown_channel", 5)
+    assert messages[0]["channel"] == "NOPE"
+    assert messages[1] == {"type": "subscription_ack", "channel": "BTC-USDT", "id": 5}
+    assert_error(messages[2], "unknown_channel", 5)
+    assert messages[2]["channel"] == "btc-usdt"
+    assert [a for a in actions if type(a) is not Send] == [Subscribe("BTC-USDT")]
+    assert set(s.channels) == {"BTC-USDT"}
+
+
+def test_subscribe_one_unknown_channel():
+    s = session()
+    message = reply(s, {"action": "subscribe", "channel": "DOGE-USDT"})
+    assert_error(message, "unknown_channel")
+    assert message["channel"] == "DOGE-USDT"
+    assert set(s.channels) == set()
+
+
+@pytest.mark.parametrize("action", ["subscribe", "unsubscribe"])
+@pytest.mark.parametrize("fields, code", [
+    ({}, "missing_field"),
+    ({"channel": "BTC-USDT", "channels": ["ETH-USDT"]}, "invalid_field"),
+    ({"channel": 1}, "invalid_field"),
+    ({"channel": None}, "invalid_field"),
+    ({"channel": ["BTC-USDT"]}, "invalid_field"),
+    ({"channels": "BTC-USDT"}, "invalid_field"),
+    ({"channels": []}, "invalid_field"),
+    ({"channels": ["BTC-USDT"] * (MAX_CHANNELS_PER_REQUEST + 1)}, "invalid_field"),
+    ({"channels": ["BTC-USDT", 1]}, "invalid_field"),
+    ({"channels": ["BTC-USDT", None]}, "invalid_field"),
+])
+def test_bad_channel_fields_are_refused_whole(action, fields, code):
+    s = session()
+    if action == "unsubscribe":
+        receive(s, {"action": "subscribe", "channel": "BTC-USDT"})
+    message = reply(s, {"action": action, "id": "c", **fields})
+    assert_error(message, code, "c")
+    assert set(s.channels) == ({"BTC-USDT"} if action == "unsubscribe" else set())
+
+
+def test_a_list_of_the_maximum_length_is_fine():
+    actions = receive(session(), {"action": "subscribe", "channels": ["BTC-USDT"] * MAX_CHANNELS_PER_REQUEST})
+    assert len(sent(actions)) == MAX_CHANNELS_PER_REQUEST
+    assert actions.count(Subscribe("BTC-USDT")) == 1
+
+
+def test_unsubscribe_a_channel_held_unsubscribes_before_the_ack():
+    s = session()
+    receive(s, {"action": "subscribe", "channels": ["BTC-USDT", "ETH-USDT"]})
+    actions = receive(s, {"action": "unsubscribe", "channel": "BTC-USDT", "id": 2})
+    # nothing of the channel may follow the ack: the shell stops the stream first
+    assert actions == [Unsubscribe("BTC-USDT"),
+                       Send(orjson.dumps({"type": "unsubscription_ack", "channel": "BTC-USDT", "id": 2}))]
+    assert set(s.channels) == {"ETH-USDT"}
+    # and it can be subscribed again, with a new stream
+    assert receive(s, {"action": "subscribe", "channel": "BTC-USDT"})[1:] == [Subscribe("BTC-USDT")]
+
+
+def test_unsubscribe_a_channel_not_held_or_unknown_is_acked_too():
+    s = session()
+    actions = receive(s, {"action": "unsubscribe", "channels": ["BTC-USDT", "NOPE"]})
+    assert sent(actions) == [{"type": "unsubscription_ack", "channel": "BTC-USDT"},
+                             {"type": "unsubscription_ack", "channel": "NOPE"}]
+    assert all(type(a) is Send for a in actions)
+
+
+def test_unsubscribe_many_held_and_not_held():
+    s = session()
+    receive(s, {"action": "subscribe", "channel": "ETH-USDT"})
+    actions = receive(s, {"action": "unsubscribe", "channels": ["BTC-USDT", "ETH-USDT"]})
+    assert actions == [Send(orjson.dumps({"type": "unsubscription_ack", "channel": "BTC-USDT"})),
+                       Unsubscribe("ETH-USDT"),
+                       Send(orjson.dumps({"type": "unsubscription_ack", "channel": "ETH-USDT"}))]
+    assert set(s.channels) == set()
+
+
+# -- submit_order: parsing ------------------------------------------------------------------------------------
+
+
+def test_a_valid_limit_order_becomes_a_submit_with_integer_price_and_quantity():
+    action = submit(session(), "r1")
+    assert action == Submit(SubmitOrder("abc123", ALICE, "BTC-USDT", Side.BUY, OrderType.LIMIT, TimeInForce.GTC,
+                                        3_000_000, 50_000), "r1")
+
+
+def test_no_id_gives_request_id_none():
+    assert submit(session()).request_id is None
+
+
+@pytest.mark.parametrize("tif", list(TimeInForce))
+@pytest.mark.parametrize("side", list(Side))
+def test_every_side_and_time_in_force(side, tif):
+    action = submit(session(ALICE), side=side.value, time_in_force=tif.value, type="limit", price="0.01",
+                    quantity="0.00001")
+    assert action.command == SubmitOrder("abc123", ALICE, "BTC-USDT", side, OrderType.LIMIT, tif, 1, 1)
+
+
+def test_a_market_order_has_no_price():
+    action = submit(session(), 3, type="market", price=None, side="sell", time_in_force="ioc")
+    assert action == Submit(SubmitOrder("abc123", ALICE, "BTC-USDT", Side.SELL, OrderType.MARKET, TimeInForce.IOC,
+                                        None, 50_000), 3)
+    # "absent or null for market"
+    msg = submit_msg(type="market")
+    msg["price"] = None
+    assert type(receive(session(), msg)[0]) is Submit
+
+
+def test_a_market_order_with_a_price_is_rejected_invalid_price():
+    message = reply(session(), submit_msg(type="market", price="30000", id=8))
+    assert message["type"] == "order_update" and message["id"] == 8
+    assert message["data"]["status"] == "rejected" and message["data"]["reason"] == "invalid_price"
+    assert message["data"]["order_id"] == "abc123" and message["data"]["symbol"] == "BTC-USDT"
+
+
+@pytest.mark.parametrize("field", ["order_id", "symbol", "side", "price", "quantity"])
+def test_each_missing_field_is_missing_field_naming_it(field):
+    message = reply(session(), submit_msg(**{field: None}, id="m"))
+    assert_error(message, "missing_field", "m")
+    assert f"'{field}'" in message["message"]
+
+
+def test_a_null_side_counts_as_missing():
+    msg = submit_msg()
+    msg["side"] = None
+    assert_error(reply(session(), msg), "missing_field")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("order_id", 123), ("order_id", ["a"]), ("order_id", True),
+    ("symbol", 1), ("symbol", ["BTC-USDT"]), ("symbol", None),
+    ("side", 1), ("side", "BUY"), ("side", "long"), ("side", True),
+    ("price", 30000), ("price", 30000.5), ("price", ["30000"]), ("price", True),
+    ("quantity", 1), ("quantity", 0.5), ("quantity", None), ("quantity", {"q": "1"}),
+    ("type", 1), ("type", "stop"), ("type", "LIMIT"),
+    ("time_in_force", 1), ("time_in_force", "day"), ("time_in_force", "GTC"),
+])
+def test_each_wrong_type_or_value_is_invalid_field_naming_it(field, value):
+    msg = submit_msg(id=11)
+    msg[field] = value
+    message = reply(session(), msg)
+    assert_error(message, "invalid_field", 11)
+    assert f"'{field}'" in message["message"]
+
+
+@pytest.mark.parametrize("order_id", ["", "x" * 65, "caf\u00e9", "a\nb", "a\x00b"])
+def test_an_order_id_outside_the_rules_is_invalid_field(order_id):
+    message = reply(session(), submit_msg(order_id=order_id))
+    assert_error(message, "invalid_field")
+    assert "'order_id'" in message["message"]
+
+
+@pytest.mark.parametrize("order_id", ["a", "x" * 64, "A-Z.a_z:0-9", "abc123"])
+def test_an_order_id_within_the_rules_is_taken(order_id):
+    assert submit(session(), order_id=order_id).command.order_id == order_id
+
+
+@pytest.mark.parametrize("order_id", ["a b", "a/b", "a#b", "a!", "a,b", "{x}"])
+def test_an_order_id_of_any_printable_ascii_is_taken(order_id):
+    # docs/protocol.md: "order_id (1-64 printable ASCII characters)", the cluster's id rule (zmx.codec)
+    assert submit(session(), order_id=order_id).command.order_id == order_id
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"price": "30000.001"}, "invalid_price"),  # off the 0.01 tick
+    ({"price": "0"}, "invalid_price"),
+    ({"price": "-1"}, "invalid_price"),
+    ({"price": "1e3"}, "invalid_price"),
+    ({"price": ""}, "invalid_price"),
+    ({"price": "abc"}, "invalid_price"),
+    ({"quantity": "0.000001"}, "invalid_quantity"),  # off the 0.00001 lot
+    ({"quantity": "0"}, "invalid_quantity"),
+    ({"quantity": "-0.5"}, "invalid_quantity"),
+    ({"quantity": " 1"}, "invalid_quantity"),
+    ({"symbol": "ETH-USDT", "price": "2000.25"}, "invalid_price"),  # off the 0.5 tick
+    ({"symbol": "ETH-USDT", "price": "2000.5", "quantity": "0.001"}, "invalid_quantity"),  # below min_quantity
+    ({"symbol": "ETH-USDT", "price": "2000.5", "quantity": "100.001"}, "invalid_quantity"),  # above max_quantity
+])
+def test_off_the_grid_is_rejected_at_the_gateway(fields, reason):
+    s = session()
+    actions = receive(s, submit_msg(id="g", **fields))
+    assert all(type(a) is Send for a in actions)  # nothing reaches the matcher
+    (message,) = sent(actions)
+    assert message["type"] == "order_update" and message["id"] == "g"
+    data = message["data"]
+    assert (data["status"], data["reason"], data["order_id"]) == ("rejected", reason, "abc123")
+    assert data["symbol"] == fields.get("symbol", "BTC-USDT")
+
+
+def test_an_unknown_symbol_is_rejected_unknown_symbol():
+    actions = receive(session(), submit_msg(symbol="DOGE-USDT", id=1))
+    (message,) = sent(actions)
+    assert len(actions) == 1
+    assert message["type"] == "order_update" and message["id"] == 1
+    assert message["data"]["status"] == "rejected" and message["data"]["reason"] == "unknown_symbol"
+    assert message["data"]["symbol"] == "DOGE-USDT"
+
+
+def test_a_gateway_rejection_leaves_nothing_in_flight():
+    s = session()
+    receive(s, submit_msg(price="30000.001"))
+    fill = OrderFilled("BTC-USDT", 1, TS, "abc123", ALICE, Side.BUY, 1, 3_000_000, 1, 1, 0, True)
+    assert len(s.on_private([fill])) == 1  # not held for a reply that will never come
+
+
+# -- cancel_order: parsing -------------------------------------------------------------------------------------
+
+
+def test_cancel_order_becomes_a_cancel():
+    actions = receive(session(BOB), {"action": "cancel_order", "symbol": "ETH-USDT", "order_id": "x1", "id": "c"})
+    assert actions == [Cancel(CancelOrder("x1", BOB, "ETH-USDT"), "c")]
+
+
+@pytest.mark.parametrize("fields, code", [
+    ({"symbol": "BTC-USDT"}, "missing_field"),
+    ({"order_id": "x1"}, "missing_field"),
+    ({"symbol": "BTC-USDT", "order_id": 1}, "invalid_field"),
+    ({"symbol": "BTC-USDT", "order_id": ""}, "invalid_field"),
+    ({"symbol": "BTC-USDT", "order_id": "x" * 65}, "invalid_field"),
+    ({"symbol": 1, "order_id": "x1"}, "invalid_field"),
+    ({"symbol": "DOGE-USDT", "order_id": "x1"}, "unknown_symbol"),
+])
+def test_cancel_order_errors(fields, code):
+    message = reply(session(), {"action": "cancel_order", "id": 12, **fields})
+    assert_error(message, code, 12)
+
+
+# -- rate limiting ---------------------------------------------------------------------------------------------
+
+
+def test_rate_limit_one_second():
+    s = session(rate_limit_per_s=5)
+    for i in range(5):
+        assert reply(s, {"action": "ping", "id": i}, now=10.0 + i / 10) == {"type": "pong", "id": i}
+    # the first message past the limit is told so, and not acted on
+    message = reply(s, {"action": "subscribe", "channel": "BTC-USDT"}, now=10.6)
+    assert_error(message, "rate_limited")
+    assert set(s.channels) == set()
+    # the next ones are not acted on either (and not answered)
+    assert receive(s, {"action": "subscribe", "channel": "BTC-USDT"}, now=10.7) == []
+    assert receive(s, submit_msg(), now=10.7) == []
+    assert receive(s, {"action": "ping"}, now=10.8) == []
+    assert set(s.channels) == set()
+    # the tenth message in the second (twice the limit) closes with 1008
+    assert receive(s, {"action": "ping"}, now=10.99) == [Close(CLOSE_POLICY, "message rate limit exceeded")]
+    assert CLOSE_POLICY == 1008
+
+
+def test_rate_limit_counts_bad_messages_too():
+    s = session(rate_limit_per_s=2)
+    assert_error(reply(s, "nope", now=0.1), "bad_json")
+    assert_error(reply(s, {"action": "x"}, now=0.2), "unknown_action")
+    assert_error(reply(s, {"action": "ping"}, now=0.3), "rate_limited")
+    assert receive(s, {"action": "ping"}, now=0.4) == [Close(1008, "message rate limit exceeded")]
+
+
+def test_a_new_second_resets_the_count():
+    s = session(rate_limit_per_s=3)
+    for _ in range(3):
+        reply(s, {"action": "ping"}, now=5.1)
+    assert_error(reply(s, {"action": "ping"}, now=5.9), "rate_limited")
+    assert receive(s, {"action": "ping"}, now=5.95) == []
+    # the next second starts from zero: 3 more, then the limit again
+    for _ in range(3):
+        assert reply(s, {"action": "ping"}, now=6.0) == {"type": "pong"}
+    assert_error(reply(s, {"action": "ping"}, now=6.5), "rate_limited")
+
+
+def test_default_rate_limit_is_100_per_second():
+    s = session()
+    for i in range(100):
+        assert reply(s, {"action": "ping"}, now=1.0 + i / 1000) == {"type": "pong"}
+    assert_error(reply(s, {"action": "ping"}, now=1.2), "rate_limited")
+    for _ in range(98):
+        assert receive(s, {"action": "ping"}, now=1.3) == []
+    assert receive(s, {"action": "ping"}, now=1.4) == [Close(1008, "message rate limit exceeded")]
+
+
+# -- on_reply: answers to orders, from a real engine -------------------------------------------------------------
+
+
+def test_accepted_order_update_echoes_the_id():
+    ex = Exchange()
+    (accepted,), events = ex.order(session(), 7, price="30000", quantity="0.5")
+    assert accepted == {"type": "order_update", "id": 7, "data": {
+        "order_id": "abc123", "symbol": "BTC-USDT", "status": "accepted", "side": "buy", "type": "limit",
+        "time_in_force": "gtc", "price": "30000", "quantity": "0.5", "filled": "0", "remaining": "0.5",
+        "ts": TS + 1}}
+    # the BookChanged of the command is not a private message
+    assert any(type(e) is BookChanged for e in events)
+
+
+def test_a_reply_without_id_has_no_id():
+    (accepted,), _ = Exchange().order(session())
+    assert "id" not in accepted
+
+
+def test_taker_fills_carry_last_price_trade_id_and_liquidity():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.2")
+    ex.order(alice, order_id="a2", side="sell", price="30000.5", quantity="1")
+    # bob buys 0.5 up to 30001: 0.2 at 30000 (a1 filled), 0.3 at 30000.5 (a2 partly)
+    got, events = ex.order(bob, "b", order_id="b1", side="buy", price="30001", quantity="0.5")
+    assert [u["data"]["status"] for u in got] == ["accepted", "partially_filled", "filled"]
+    assert all(u["id"] == "b" for u in got)
+    trades = [e for e in events if type(e) is TradeOccurred]
+    first, second = got[1]["data"], got[2]["data"]
+    first = {k: v for k, v in first.items() if k not in ("type", "time_in_force")}  # see the docs example test
+    assert first == {"order_id": "b1", "symbol": "BTC-USDT", "status": "partially_filled", "side": "buy",
+                     "price": "30001", "quantity": "0.5", "filled": "0.2", "remaining": "0.3",
+                     "last_price": "30000", "last_quantity": "0.2", "trade_id": trades[0].trade_id,
+                     "liquidity": "taker", "ts": TS + 3}
+    assert second["status"] == "filled" and second["filled"] == "0.5" and second["remaining"] == "0"
+    assert (second["last_price"], second["last_quantity"]) == ("30000.5", "0.3")
+    assert second["trade_id"] == trades[1].trade_id != trades[0].trade_id
+    assert second["liquidity"] == "taker"
+    # the makers' fills (alice's) are not in bob's reply
+    assert all(u["data"]["order_id"] == "b1" for u in got)
+
+
+def test_a_fill_update_has_the_fields_of_the_docs_example():
+    # docs/protocol.md shows a partially_filled order_update with "type" and "time_in_force"
+    ex = Exchange()
+    ex.order(session(ALICE), order_id="a1", side="sell", price="30000", quantity="0.2")
+    got, _ = ex.order(session(BOB), 7, order_id="b1", side="buy", price="30000", quantity="0.5")
+    fill = got[1]
+    assert fill["data"]["status"] == "partially_filled"
+    assert set(fill) == {"type", "id", "data"}
+    assert set(fill["data"]) == {"order_id", "symbol", "status", "side", "type", "time_in_force", "price", "quantity",
+                                 "filled", "remaining", "last_price", "last_quantity", "trade_id", "liquidity", "ts"}
+
+
+def test_a_market_taker_fill_has_no_price_of_its_own():
+    ex = Exchange()
+    ex.order(session(ALICE), order_id="a1", side="sell", price="30000", quantity="1")
+    got, _ = ex.order(session(BOB), order_id="m1", type="market", price=None, quantity="0.25")
+    assert [u["data"]["status"] for u in got] == ["accepted", "filled"]
+    assert got[0]["data"]["price"] is None and got[0]["data"]["type"] == "market"
+    assert got[1]["data"]["price"] is None and got[1]["data"]["last_price"] == "30000"
+
+
+def test_ioc_rest_is_canceled_with_reason():
+    ex = Exchange()
+    ex.order(session(ALICE), order_id="a1", side="sell", price="30000", quantity="0.2")
+    got, _ = ex.order(session(BOB), 1, order_id="b1", price="30000", quantity="0.5", time_in_force="ioc")
+    assert [u["data"]["status"] for u in got] == ["accepted", "partially_filled", "canceled"]
+    canceled = got[-1]
+    assert canceled["id"] == 1
+    assert canceled["data"] | {"ts": 0} == {
+        "order_id": "b1", "symbol": "BTC-USDT", "status": "canceled", "reason": "ioc", "side": "buy",
+        "price": "30000", "quantity": "0.5", "filled": "0.2", "remaining": "0", "ts": 0,
+        "type": "limit", "time_in_force": "ioc"}
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"type": "market", "price": None}, "no_liquidity"),
+    ({"time_in_force": "fok"}, "fok"),
+    ({"time_in_force": "ioc"}, "ioc"),
+])
+def test_nothing_to_trade_with_is_accepted_then_canceled(fields, reason):
+    got, _ = Exchange().order(session(), "x", **fields)
+    assert [(u["data"]["status"], u["data"].get("reason")) for u in got] == [("accepted", None), ("canceled", reason)]
+    assert [u["id"] for u in got] == ["x", "x"]
+
+
+def test_user_cancel_echoes_the_cancels_id():
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, 1, order_id="a1", side="sell", price="30000", quantity="0.2")
+    action = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": 2})[0]
+    got = updates(alice.on_reply(action.command, action.request_id, "ok", ex.run(action)))
+    assert got == [{"type": "order_update", "id": 2, "data": {
+        "order_id": "a1", "symbol": "BTC-USDT", "status": "canceled", "reason": "user", "side": "sell",
+        "price": "30000", "quantity": "0.2", "filled": "0", "remaining": "0", "ts": TS + 2}}]
+
+
+def test_engine_rejection_duplicate_order_id():
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", price="29000")
+    ex.order(alice, order_id="x", side="sell", price="29000", quantity="1")  # a1 filled: ended
+    (rejected,), _ = ex.order(alice, "dup", order_id="a1", side="sell", price="31000", quantity="0.1")
+    assert rejected == {"type": "order_update", "id": "dup", "data": {
+        "order_id": "a1", "symbol": "BTC-USDT", "status": "rejected", "reason": "duplicate_order_id",
+        "side": "sell", "type": "limit", "time_in_force": "gtc", "price": "31000", "quantity": "0.1",
+        "ts": TS + 3}}
+
+
+def test_engine_rejection_would_cross():
+    ex = Exchange()
+    ex.order(session(ALICE), order_id="a1", side="sell", price="30000")
+    (rejected,), _ = ex.order(session(BOB), 5, order_id="b1", price="30000", time_in_force="post_only")
+    assert rejected["id"] == 5
+    assert (rejected["data"]["status"], rejected["data"]["reason"]) == ("rejected", "would_cross")
+
+
+@pytest.mark.parametrize("who", [ALICE, BOB])
+def test_cancel_of_an_unknown_order_or_of_another_accounts_order_is_unknown_order(who):
+    ex = Exchange()
+    ex.order(session(ALICE), order_id="a1", side="sell", price="30000")
+    s = session(who)
+    order_id = "nope" if who == ALICE else "a1"
+    action = receive(s, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": order_id, "id": "k"})[0]
+    (message,) = updates(s.on_reply(action.command, action.request_id, "ok", ex.run(action)))
+    assert_error(message, "unknown_order", "k")
+    assert (message["order_id"], message["symbol"]) == (order_id, "BTC-USDT")
+    assert ex.engine.resting() == 1
+
+
+@pytest.mark.parametrize("status, reason", [("unavailable", "unavailable"), ("unknown_symbol", "unknown_symbol"),
+                                            ("bad_request", "unavailable")])
+def test_router_error_status_for_a_submit_is_rejected(status, reason):
+    s = session()
+    action = submit(s, 4, side="sell", price="30000.5", quantity="0.25")
+    (message,) = updates(s.on_reply(action.command, action.request_id, status, (), "no router is connected"))
+    assert message == {"type": "order_update", "id": 4, "data": {
+        "order_id": "abc123", "symbol": "BTC-USDT", "status": "rejected", "reason": reason, "side": "sell",
+        "type": "limit", "time_in_force": "gtc", "price": "30000.5", "quantity": "0.25",
+        "message": "no router is connected"}}
+
+
+def test_router_error_without_message_says_the_status():
+    s = session()
+    action = submit(s)
+    (message,) = updates(s.on_reply(action.command, None, "unavailable", ()))
+    assert message["data"]["message"] == "unavailable" and "id" not in message
+
+
+@pytest.mark.parametrize("status, code", [("unavailable", "unavailable"), ("unknown_symbol", "unknown_symbol"),
+                                          ("bad_request", "unavailable")])
+def test_router_error_status_for_a_cancel_is_an_error(status, code):
+    s = session()
+    action = receive(s, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": 3})[0]
+    (message,) = updates(s.on_reply(action.command, action.request_id, status, (), "matcher gone"))
+    assert_error(message, code, 3)
+    assert message["message"] == "matcher gone"
+    assert (message["order_id"], message["symbol"]) == ("a1", "BTC-USDT")
+
+
+# -- on_private: a resting order's later fills -----------------------------------------------------------------
+
+
+def test_on_private_gives_only_this_accounts_maker_fills():
+    ex = Exchange()
+    alice, bob, carol = session(ALICE), session(BOB), session("g1.carol")
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.2")
+    got, events = ex.order(bob, "b", order_id="b1", price="30000", quantity="0.5")
+    trade = next(e for e in events if type(e) is TradeOccurred)
+    (fill,) = updates(alice.on_private(events))
+    assert fill == {"type": "order_update", "data": {
+        "order_id": "a1", "symbol": "BTC-USDT", "status": "filled", "side": "sell", "price": "30000",
+        "quantity": "0.2", "filled": "0.2", "remaining": "0", "last_price": "30000", "last_quantity": "0.2",
+        "trade_id": trade.trade_id, "liquidity": "maker", "ts": TS + 2}}
+    assert bob.on_private(events) == []  # bob's own (taker) events came in his reply
+    assert carol.on_private(events) == []  # other accounts' events are ignored
+    assert [u["data"]["trade_id"] for u in got[1:]] == [trade.trade_id]  # the two sides share the trade_id
+
+
+def test_on_private_ignores_everything_but_fills():
+    ex = Exchange()
+    alice = session(ALICE)
+    _, events = ex.order(alice, order_id="a1", side="sell", price="30000")
+    action = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})[0]
+    events += ex.run(action)
+    assert alice.on_private(events) == []
+
+
+def test_a_maker_fill_before_the_orders_reply_is_held_until_the_reply():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    a1 = submit(alice, "a", order_id="a1", side="sell", price="30000", quantity="1")
+    a1_events = ex.run(a1)  # the matcher took it; the reply is still on its way
+    b1 = submit(bob, order_id="b1", price="30000", quantity="0.4")
+    b1_events = ex.run(b1)
+    assert alice.on_private(b1_events) == []  # held: accepted must come first
+    got = updates(alice.on_reply(a1.command, a1.request_id, "ok", a1_events))
+    assert [(u["data"]["status"], u.get("id")) for u in got] == [("accepted", "a"), ("partially_filled", None)]
+    assert got[1]["data"]["liquidity"] == "maker" and got[1]["data"]["remaining"] == "0.6"
+    # once the reply is in, later fills go out at once
+    c1 = submit(bob, order_id="b2", price="30000", quantity="0.6")
+    (later,) = updates(alice.on_private(ex.run(c1)))
+    assert later["data"]["status"] == "filled" and "id" not in later
+
+
+def test_held_fills_of_several_orders_are_kept_apart():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    a1 = submit(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    a2 = submit(alice, order_id="a2", side="sell", price="30001", quantity="1")
+    e1, e2 = ex.run(a1), ex.run(a2)
+    sweep = ex.run(submit(bob, order_id="b1", price="30001", quantity="1.5"))
+    assert alice.on_private(sweep) == []
+    got2 = updates(alice.on_reply(a2.command, None, "ok", e2))
+    assert [(u["data"]["order_id"], u["data"]["status"]) for u in got2] == [("a2", "accepted"),
+                                                                            ("a2", "partially_filled")]
+    got1 = updates(alice.on_reply(a1.command, None, "ok", e1))
+    assert [(u["data"]["order_id"], u["data"]["status"]) for u in got1] == [("a1", "accepted"), ("a1", "filled")]
+
+
+def test_a_fill_of_another_symbol_or_order_is_not_held():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000")
+    submit(alice, order_id="a1", symbol="ETH-USDT", side="sell", price="2000")  # in flight on another symbol
+    submit(alice, order_id="a9", side="sell", price="31000")  # in flight, another order
+    _, events = ex.order(bob, order_id="b1", price="30000", quantity="0.1")
+    assert len(alice.on_private(events)) == 1
+
+
+def test_a_router_error_reply_ends_the_hold():
+    s = session(ALICE)
+    a1 = submit(s, order_id="a1", side="sell")
+    s.on_reply(a1.command, None, "unavailable", ())
+    fill = OrderFilled("BTC-USDT", 1, TS, "a1", ALICE, Side.SELL, 1, 3_000_000, 1, 1, 0, True)
+    assert len(s.on_private([fill])) == 1
+
+
+def test_a_fill_held_while_the_reply_times_out_is_not_lost():
+    # docs/protocol.md: a request with no answer within 5 s gets rejected/unavailable, "the order may still
+    # be live"; order_updates are never dropped. The gateway's timeout calls on_reply(..., "unavailable").
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    a1 = submit(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    ex.run(a1)  # accepted and resting, but its reply is lost
+    _, events = ex.order(bob, order_id="b1", price="30000", quantity="0.4")
+    held = alice.on_private(events)
+    timeout = alice.on_reply(a1.command, None, "unavailable", (), "no answer within 5 s; the outcome is unknown")
+    fills = [u for u in updates(held + timeout) if u["data"].get("trade_id") is not None]
+    assert len(fills) == 1, updates(held + timeout)
+
+
+def test_on_reply_of_a_cancel_does_not_release_a_submits_hold():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    a1 = submit(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    a1_events = ex.run(a1)
+    _, events = ex.order(bob, order_id="b1", price="30000", quantity="0.4")
+    assert alice.on_private(events) == []
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})[0]
+    got = updates(alice.on_reply(cancel.command, None, "ok", ex.run(cancel)))
+    assert [u["data"]["status"] for u in got] == ["canceled"]
+    got = updates(alice.on_reply(a1.command, None, "ok", a1_events))
+    assert [u["data"]["status"] for u in got] == ["accepted", "partially_filled"]
+
+
+# -- Channel --------------------------------------------------------------------------------------------------
+
+
+def book_changed(seq: int, bids=(), asks=(), ts: int = 0) -> BookChanged:
+    return BookChanged("BTC-USDT", seq, ts or TS + seq, tuple(bids), tuple(asks))
+
+
+def loads(payloads: list[bytes]) -> list[dict]:
+    return [orjson.loads(p) for p in payloads]
+
+
+def test_an_unsynced_channel_buffers_and_sends_nothing():
+    channel = Channel(BTC)
+    assert not channel.synced and channel.seq is None
+    assert channel.publish([book_changed(5, bids=[(100, 1)])]) == []
+    assert channel.publish([TradeOccurred("BTC-USDT", 6, TS, 1, 100, 1, Side.SELL),
+                            book_changed(6, bids=[(100, 0)], asks=[(101, 3)])]) == []
+    assert not channel.synced and channel.mirror.buffered == 2
+
+
+def test_load_snapshot_gives_the_whole_book_and_its_checksum():
+    channel = Channel(BTC)
+    bids = [(3_000_000 - i, i + 1) for i in range(30)]
+    asks = [(3_000_100 + i, 100_000) for i in range(3)]
+    message = orjson.loads(channel.load_snapshot(42, bids, asks))
+    assert channel.synced and channel.seq == 42
+    data = message["data"]
+    assert message["channel"] == "BTC-USDT" and message["type"] == "depth_snapshot"
+    assert set(data) == {"seq", "bids", "asks", "checksum", "ts"}
+    assert data["seq"] == 42 and data["ts"] == 0
+    assert len(data["bids"]) == 30  # the whole book, not only the checksummed top 25
+    assert data["bids"][0] == ["30000", "0.00001"] and data["bids"][1] == ["29999.99", "0.00002"]
+    assert data["asks"] == [["30001", "1"], ["30001.01", "1"], ["30001.02", "1"]]
+    assert data["checksum"] == checksum(data["bids"], data["asks"]) == book_checksum(BTC, bids, asks)
+
+
+def test_load_snapshot_applies_the_buffered_updates_after_it():
+    channel = Channel(BTC)
+    channel.publish([book_changed(4, bids=[(100, 9)])])  # in the snapshot already
+    channel.publish([book_changed(5, bids=[(100, 1)], ts=TS + 50)])
+    channel.publish([book_changed(6, asks=[(101, 3)], ts=TS + 60)])
+    data = orjson.loads(channel.load_snapshot(4, [(100, 9), (99, 2)], []))["data"]
+    assert data["seq"] == 6 and data["ts"] == TS + 60
+    assert data["bids"] == [["1", "0.00001"], ["0.99", "0.00002"]]
+    assert data["asks"] == [["1.01", "0.00003"]]
+
+
+def test_load_snapshot_that_cannot_bridge_the_buffer_raises():
+    channel = Channel(BTC)
+    channel.publish([book_changed(8, bids=[(100, 1)])])
+    with pytest.raises(SequenceGap):
+        channel.load_snapshot(5, [], [])
+    assert not channel.synced
+    assert orjson.loads(channel.load_snapshot(7, [], []))["data"]["seq"] == 8  # a newer snapshot bridges it
+
+
+def test_publish_sends_trades_then_the_depth_update_with_prev_seq_and_checksum():
+    channel = Channel(BTC)
+    channel.load_snapshot(10, [(2_999_900, 100_000)], [(3_000_000, 30_000), (3_000_100, 100_000)])
+    events = [
+        TradeOccurred("BTC-USDT", 11, TS, 981, 3_000_000, 20_000, Side.BUY),
+        TradeOccurred("BTC-USDT", 11, TS, 982, 3_000_000, 10_000, Side.BUY),
+        book_changed(11, asks=[(3_000_000, 0)], ts=TS),
+    ]
+    trade1, trade2, update = loads(channel.publish(events))
+    assert trade1 == {"channel": "BTC-USDT", "type": "trade", "data": {
+        "seq": 11, "trade_id": 981, "price": "30000", "quantity": "0.2", "taker_side": "buy", "ts": TS}}
+    assert trade2["data"]["trade_id"] == 982 and trade2["data"]["quantity"] == "0.1"
+    assert update == {"channel": "BTC-USDT", "type": "depth_update", "data": {
+        "seq": 11, "prev_seq": 10, "bids": [], "asks": [["30000", "0"]],
+        "checksum": checksum([["29999", "1"]], [["30001", "1"]]), "ts": TS}}
+    assert channel.seq == 11 and channel.last_ts == TS
+    (update,) = loads(channel.publish([book_changed(12, bids=[(2_999_950, 5)])]))
+    assert update["data"]["prev_seq"] == 11
+    assert update["data"]["checksum"] == checksum([["29999.5", "0.00005"], ["29999", "1"]], [["30001", "1"]])
+
+
+def test_a_repeated_seq_is_ignored_with_its_trades():
+    channel = Channel(BTC)
+    channel.load_snapshot(3, [(100, 1)], [])
+    publication = [TradeOccurred("BTC-USDT", 3, TS, 1, 100, 1, Side.SELL), book_changed(3, bids=[(100, 0)])]
+    assert channel.publish(publication) == []
+    assert channel.publish([book_changed(2, bids=[(100, 0)])]) == []
+    assert channel.seq == 3
+    assert orjson.loads(channel.snapshot_message())["data"]["bids"] == [["1", "0.00001"]]
+
+
+def test_a_gap_raises_sequence_gap_and_unsyncs_the_channel():
+    channel = Channel(BTC)
+    channel.load_snapshot(3, [(100, 1)], [])
+    with pytest.raises(SequenceGap) as info:
+        channel.publish([book_changed(5, bids=[(100, 2)])])
+    assert (info.value.symbol, info.value.expected, info.value.got) == ("BTC-USDT", 4, 5)
+    assert not channel.synced
+    assert channel.publish([book_changed(6, bids=[(101, 1)])]) == []  # buffered again
+    # the resync snapshot replaces the book; its seq may jump
+    data = orjson.loads(channel.load_snapshot(5, [(100, 2)], []))["data"]
+    assert data["seq"] == 6 and data["bids"] == [["1.01", "0.00001"], ["1", "0.00002"]]
+
+
+def test_reset_unsyncs_until_the_next_snapshot():
+    channel = Channel(BTC)
+    channel.load_snapshot(3, [(100, 1)], [])
+    channel.reset()
+    assert not channel.synced and channel.seq is None
+    # a restarted matcher: its seq went back; what it publishes before the snapshot is buffered
+    assert channel.publish([book_changed(2, bids=[(7, 0)])]) == []
+    data = orjson.loads(channel.load_snapshot(1, [(7, 7), (6, 1)], []))["data"]
+    assert data["seq"] == 2 and data["bids"] == [["0.06", "0.00001"]]
+    assert channel.synced and channel.seq == 2
+
+
+def test_the_snapshot_message_is_cached_per_seq_and_refreshed_after_an_update():
+    channel = Channel(BTC)
+    first = channel.load_snapshot(1, [(100, 1)], [])
+    assert channel.snapshot_message() is first is channel.snapshot_message()
+    assert channel.publish([book_changed(1, bids=[(100, 5)])]) == []  # a repeat does not refresh it
+    assert channel.snapshot_message() is first
+    channel.publish([book_changed(2, bids=[(100, 5)], ts=TS + 2)])
+    second = channel.snapshot_message()
+    assert second is not first and second is channel.snapshot_message()
+    data = orjson.loads(second)["data"]
+    assert data["seq"] == 2 and data["bids"] == [["1", "0.00005"]] and data["ts"] == TS + 2
+    assert data["checksum"] == checksum([["1", "0.00005"]], [])
+
+
+def test_heartbeat_carries_seq():
+    channel = Channel(BTC)
+    channel.load_snapshot(77, [], [])
+    assert orjson.loads(channel.heartbeat_message()) == {"channel": "BTC-USDT", "type": "heartbeat",
+                                                         "data": {"seq": 77}}
+    channel.publish([book_changed(78, bids=[(1, 1)])])
+    assert orjson.loads(channel.heartbeat_message())["data"]["seq"] == 78
+
+
+def test_an_empty_book_snapshot_has_checksum_zero():
+    data = orjson.loads(Channel(ETH).load_snapshot(0, [], []))["data"]
+    assert data == {"seq": 0, "bids": [], "asks": [], "checksum": 0, "ts": 0}
+
+
+# -- stress: a real engine, a channel, a naive client ---------------------------------------------------------
+
+
+class ClientBook:
+    """What a client keeps: one dict per side, price text -> quantity text, exactly as sent."""
+
+    def __init__(self) -> None:
+        self.seq: int | None = None
+        self.bids: dict[str, str] = {}
+        self.asks: dict[str, str] = {}
+
+    def levels(self) -> tuple[list[list[str]], list[list[str]]]:
+        bids = sorted(self.bids.items(), key=lambda kv: Decimal(kv[0]), reverse=True)
+        asks = sorted(self.asks.items(), key=lambda kv: Decimal(kv[0]))
+        return [list(kv) for kv in bids], [list(kv) for kv in asks]
+
+    def apply(self, message: dict) -> None:
+        assert message["channel"] == "BTC-USDT"
+        data = message["data"]
+        kind = message["type"]
+        if kind == "depth_snapshot":
+            self.bids = dict(data["bids"])
+            self.asks = dict(data["asks"])
+        elif kind == "depth_update":
+            assert data["prev_seq"] == self.seq, (data, self.seq)
+            assert data["seq"] > data["prev_seq"]
+            for side, levels in ((self.bids, data["bids"]), (self.asks, data["asks"])):
+                for price, quantity in levels:
+                    if quantity == "0":
+                        side.pop(price, None)
+                    else:
+                        side[price] = quantity
+        else:
+            raise AssertionError(message)
+        self.seq = data["seq"]
+        assert data["checksum"] == checksum(*self.levels()), data
+
+
+def test_random_orders_through_engine_channel_and_client_book():
+    rng = random.Random(20241127)
+    ex = Exchange()
+    engine = ex.engine
+    accounts = [f"g1.acct{i}" for i in range(5)]
+    sessions = {a: Session(a, SYMBOLS, rate_limit_per_s=10**9) for a in accounts}
+    channel = Channel(BTC)
+    client = ClientBook()
+    fills: dict[int, list[dict]] = {}  # trade_id -> the order_updates of its two sides
+    trades: dict[int, dict] = {}
+    kept_snapshot = None
+    gaps = 0
+    lost = False  # a publication was dropped and the channel has not noticed yet
+    mid = 3_000_000
+
+    for i in range(2_000):
+        owner = rng.choice(accounts)
+        s = sessions[owner]
+        if engine.book.index and rng.random() < 0.25:
+            account, order_id = rng.choice(list(engine.book.index))
+            s = sessions[account]
+            message = {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": order_id}
+        else:
+            kind = rng.random()
+            message = submit_msg(order_id=f"o{i}", side=rng.choice("buy sell".split()),
+                                 quantity=BTC.lots_to_quantity(rng.randint(1, 200_000)))
+            if kind < 0.08:
+                message.update(type="market", time_in_force=rng.choice(["gtc", "ioc"]))
+                del message["price"]
+            else:
+                message.update(price=BTC.ticks_to_price(mid + rng.randint(-30, 30)),
+                               time_in_force=rng.choice(["gtc"] * 6 + ["ioc", "fok", "post_only"]))
+        (action,) = receive(s, message, now=float(i))
+        assert type(action) in (Submit, Cancel)
+        events = ex.run(action)
+        for account, other in sessions.items():
+            private = [e for e in events if getattr(e, "account", None) == account]
+            if other is s:
+                out = updates(s.on_reply(action.command, action.request_id, "ok", events) + s.on_private(private))
+            else:
+                out = updates(other.on_private(private))
+            for update in out:
+                if "trade_id" in update["data"]:
+                    fills.setdefault(update["data"]["trade_id"], []).append(update["data"])
+
+        publication = [e for e in events if isinstance(e, PUBLIC)]
+        if i == 100:
+            kept_snapshot = engine.seq, *engine.depth()
+        if i >= 1_200 and not gaps and not lost and any(type(e) is BookChanged for e in publication):
+            lost = True
+            continue  # the feed loses one publication: the channel must notice
+        try:
+            messages = loads(channel.publish(publication))
+        except SequenceGap:
+            assert lost
+            lost = False
+            gaps += 1
+            assert not channel.synced
+            messages = [orjson.loads(channel.load_snapshot(engine.seq, *engine.depth()))]
+            assert messages[0]["data"]["seq"] == engine.seq
+        if i == 300:  # the first snapshot, older than the updates buffered since
+            assert kept_snapshot is not None and messages == []
+            messages = [orjson.loads(channel.load_snapshot(*kept_snapshot))]
+            assert messages[0]["data"]["seq"] == engine.seq
+        if i < 300:
+            assert messages == []
+            continue
+        seqs = []
+        for message in messages:
+            if message["type"] == "trade":
+                trades[message["data"]["trade_id"]] = message["data"]
+                seqs.append(message["data"]["seq"])
+            else:
+                client.apply(message)
+                assert all(seq == message["data"]["seq"] for seq in seqs)  # trades come before their update
+                seqs = []
+        assert seqs == []
+        if not lost:
+            assert client.seq == channel.seq == engine.seq
+
+    assert gaps == 1
+    bids, asks = engine.depth()
+    assert client.levels() == ([[BTC.ticks_to_price(p), BTC.lots_to_quantity(q)] for p, q in bids],
+                               [[BTC.ticks_to_price(p), BTC.lots_to_quantity(q)] for p, q in asks])
+    assert len(trades) > 200
+    # every trade the channel sent was told to both sides, once each, as maker and taker
+    for trade_id, trade in trades.items():
+        sides = fills[trade_id]
+        assert sorted(f["liquidity"] for f in sides) == ["maker", "taker"], sides
+        assert {f["last_quantity"] for f in sides} == {trade["quantity"]}
+        assert {f["last_price"] for f in sides} == {trade["price"]}
