@@ -464,14 +464,13 @@ def test_rate_limit_one_second():
     s = session(rate_limit_per_s=5)
     for i in range(5):
         assert reply(s, {"action": "ping", "id": i}, now=10.0 + i / 10) == {"type": "pong", "id": i}
-    # the first message past the limit is told so, and not acted on
-    message = reply(s, {"action": "subscribe", "channel": "BTC-USDT"}, now=10.6)
-    assert_error(message, "rate_limited")
+    # each message past the limit is told so, with its id, and not acted on
+    message = reply(s, {"action": "subscribe", "channel": "BTC-USDT", "id": "s"}, now=10.6)
+    assert_error(message, "rate_limited", "s")
     assert set(s.channels) == set()
-    # the next ones are not acted on either (and not answered)
-    assert receive(s, {"action": "subscribe", "channel": "BTC-USDT"}, now=10.7) == []
-    assert receive(s, submit_msg(), now=10.7) == []
-    assert receive(s, {"action": "ping"}, now=10.8) == []
+    assert_error(reply(s, {"action": "subscribe", "channel": "BTC-USDT"}, now=10.7), "rate_limited")
+    assert_error(reply(s, submit_msg(), now=10.7), "rate_limited")
+    assert_error(reply(s, "not json", now=10.8), "rate_limited")
     assert set(s.channels) == set()
     # the tenth message in the second (twice the limit) closes with 1008
     assert receive(s, {"action": "ping"}, now=10.99) == [Close(CLOSE_POLICY, "message rate limit exceeded")]
@@ -491,7 +490,7 @@ def test_a_new_second_resets_the_count():
     for _ in range(3):
         reply(s, {"action": "ping"}, now=5.1)
     assert_error(reply(s, {"action": "ping"}, now=5.9), "rate_limited")
-    assert receive(s, {"action": "ping"}, now=5.95) == []
+    assert_error(reply(s, {"action": "ping"}, now=5.95), "rate_limited")
     # the next second starts from zero: 3 more, then the limit again
     for _ in range(3):
         assert reply(s, {"action": "ping"}, now=6.0) == {"type": "pong"}
@@ -504,7 +503,7 @@ def test_default_rate_limit_is_100_per_second():
         assert reply(s, {"action": "ping"}, now=1.0 + i / 1000) == {"type": "pong"}
     assert_error(reply(s, {"action": "ping"}, now=1.2), "rate_limited")
     for _ in range(98):
-        assert receive(s, {"action": "ping"}, now=1.3) == []
+        assert_error(reply(s, {"action": "ping"}, now=1.3), "rate_limited")
     assert receive(s, {"action": "ping"}, now=1.4) == [Close(1008, "message rate limit exceeded")]
 
 

@@ -240,23 +240,27 @@ class Session:
         if second != self._window:
             self._window, self._window_count = second, 0
         self._window_count += 1
-        if self._window_count > self.rate_limit:
-            if self._window_count >= 2 * self.rate_limit:  # the message that reaches twice the limit
-                return [Close(CLOSE_POLICY, "message rate limit exceeded")]
-            if self._window_count == self.rate_limit + 1:
-                return [Send(error("rate_limited", f"more than {self.rate_limit} messages in one second; "
-                                   "messages past the limit are ignored"))]
-            return []
+        over_limit = self._window_count > self.rate_limit
+        if over_limit and self._window_count >= 2 * self.rate_limit:  # the message that reaches twice the limit
+            return [Close(CLOSE_POLICY, "message rate limit exceeded")]
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError as e:
+            if over_limit:
+                return [Send(self._rate_limited(None))]
             return [Send(error("bad_json", f"not valid JSON: {e}"))]
+        request_id = message.get("id") if type(message) is dict else None
+        if request_id is not None and not _valid_request_id(request_id):
+            request_id, bad_id = None, request_id
+        else:
+            bad_id = None
+        if over_limit:  # read only to echo its id; not acted on
+            return [Send(self._rate_limited(request_id))]
         if type(message) is not dict:
             return [Send(error("bad_json", f"a request is a JSON object, got {_json_kind(message)}"))]
-        request_id = message.get("id")
-        if request_id is not None and not _valid_request_id(request_id):
+        if bad_id is not None:
             return [Send(error("invalid_field", "'id' must be a string of at most 64 characters or a 64-bit "
-                               f"integer, got {_show(request_id)}"))]
+                               f"integer, got {_show(bad_id)}"))]
         action = message.get("action")
         handler = _HANDLERS.get(action) if type(action) is str else None
         try:
@@ -271,6 +275,10 @@ class Session:
             return handler(self, message, request_id)
         except ClientError as e:
             return [Send(error(e.code, str(e), request_id))]
+
+    def _rate_limited(self, request_id: object) -> bytes:
+        return error("rate_limited", f"more than {self.rate_limit} messages in one second: this one was not acted "
+                     f"on; at {2 * self.rate_limit} the connection is closed", request_id)
 
     def _channel_names(self, message: dict[str, Any]) -> list[str]:
         has_one, has_many = "channel" in message, "channels" in message

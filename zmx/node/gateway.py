@@ -64,6 +64,7 @@ log = logging.getLogger("zmx.gateway")
 
 REQUEST_TIMEOUT_S = 5.0  # an order with no reply by then is answered ``unavailable``
 SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again
+SUBSCRIBE_WAIT_S = 1.5  # longest wait for a new topic's first message before its snapshot is asked
 SUB_BATCH = 4096  # publications read per loop turn before the connections are written to
 CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
 TICK_S = 0.25
@@ -226,10 +227,19 @@ class Connection(asyncio.Protocol):
         for data in ws.data_to_send():
             if data:
                 transport.write(data)
-            else:  # the protocol is done with the connection (close handshake complete)
-                self.closing = True
+            else:
+                # The protocol is done sending (close frame out). Half-close and go on reading
+                # until the client closes its side: closing now while it still sends (say the
+                # rest of a frame over the size limit) would reset the connection, and the
+                # reset can destroy the close frame before the client reads it.
                 self.ws = ws
-                transport.close()
+                if not self.closing:
+                    self.closing = True
+                    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._cut)
+                if transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
                 return
         if ws.state is not State.OPEN or ws.close_expected():
             self.ws = ws
@@ -272,7 +282,8 @@ class Connection(asyncio.Protocol):
 class ChannelState:
     """A subscribed channel in this gateway: its protocol ``Channel`` and its subscribers."""
 
-    __slots__ = ("channel", "frames", "last_sent", "snapshot_asked", "subscribers", "trades", "updates")
+    __slots__ = ("channel", "frames", "last_sent", "snapshot_asked", "subscribed_at", "subscribers", "trades",
+                 "updates")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -282,6 +293,9 @@ class ChannelState:
         self.trades = 0
         self.last_sent = time.monotonic()
         self.snapshot_asked = 0.0  # when the pending snapshot request was sent (0: none pending)
+        # When the topic was subscribed, until its first message shows that the publisher has
+        # the subscription (0 after that); see Gateway.subscribe.
+        self.subscribed_at = self.last_sent
 
 
 class Gateway:
@@ -302,7 +316,7 @@ class Gateway:
         self.requests: OrderedDict[int, tuple[Connection, SubmitOrder | CancelOrder, object, float]] = OrderedDict()
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
-            "bad_publication", "bad_reply", "gaps", "resyncs")}
+            "bad_publication", "bad_reply", "gaps", "resyncs", "internal_errors")}
         self._request_ids = 0
         self._dirty: list[ChannelState] = []
         self._ping_turn = 0
@@ -388,10 +402,21 @@ class Gateway:
 
     def _watch(self, sock: zmq.Socket[bytes], read: Callable[[], None]) -> None:
         """Call ``read`` whenever ``sock`` may have messages (ZeroMQ's FD is edge-triggered:
-        ``read`` drains until ``zmq.Again`` or reschedules itself)."""
-        asyncio.get_running_loop().add_reader(sock.getsockopt(zmq.FD), read)
+        ``read`` drains until ``zmq.Again`` or reschedules itself). The tick calls every
+        reader too, so that a missed edge can never leave messages unread for long."""
+        asyncio.get_running_loop().add_reader(sock.getsockopt(zmq.FD), self._run_reader, read)
         self._readers.append((sock, read))
-        asyncio.get_running_loop().call_soon(read)
+        asyncio.get_running_loop().call_soon(self._run_reader, read)
+
+    def _run_reader(self, read: Callable[[], None]) -> None:
+        """Run a socket reader; a bug in it is logged and the reader runs again (what it had
+        not read yet is still waiting, and its FD will not fire for it)."""
+        try:
+            read()
+        except Exception:  # noqa: BLE001 - a gateway keeps serving its other clients
+            self.counts["internal_errors"] += 1
+            log.exception("internal error while reading a ZeroMQ socket")
+            asyncio.get_running_loop().call_soon(self._run_reader, read)
 
     # -- connections --------------------------------------------------------------------------------------
 
@@ -426,10 +451,14 @@ class Gateway:
     def subscribe(self, conn: Connection, symbol: str) -> None:
         state = self.channels.get(symbol)
         if state is None:
+            # First the updates, then the snapshot (Clone pattern). A ZeroMQ subscription takes a
+            # while to reach the publisher, and a snapshot taken before it arrives would be
+            # followed by a gap; so the snapshot is asked when the topic's first message (an
+            # update, or the matcher's heartbeat of an idle symbol, at least every 1.25 s)
+            # proves it arrived, or after SUBSCRIBE_WAIT_S at the latest.
             state = self.channels[symbol] = ChannelState(Channel(self.symbols[symbol]))
-            self.sub.subscribe(topic(symbol))  # first the updates, then the snapshot (Clone pattern)
+            self.sub.subscribe(topic(symbol))
             self._rearm(self.sub, self._read_sub)
-            self._ask_snapshot(state)
         state.subscribers[conn] = None
         if state.channel.synced:
             conn.send(state.channel.snapshot_message())
@@ -506,7 +535,8 @@ class Gateway:
         self.counts["resyncs"] += 1
         log.info("%s: resync (%s)", state.channel.symbol, why)
         state.channel.reset()
-        self._ask_snapshot(state)
+        state.snapshot_asked = 0.0
+        state.subscribed_at = time.monotonic()  # the subscription is sent again on reconnection
 
     # -- market data --------------------------------------------------------------------------------------
 
@@ -534,6 +564,9 @@ class Gateway:
             state = channels.get(name)
             if state is None:
                 continue  # unsubscribed a moment ago
+            if state.subscribed_at:
+                state.subscribed_at = 0.0
+                self._ask_snapshot(state)
             if not events:
                 continue  # the matcher's heartbeat
             try:
@@ -558,6 +591,19 @@ class Gateway:
     def _fan_out(self) -> None:
         """Write this turn's channel bytes: one write per connection."""
         now = time.monotonic()
+        if len(self._dirty) == 1:  # one busy channel (the usual case): no per-connection joining
+            state = self._dirty.pop()
+            frames = state.frames
+            blob = frames[0] if len(frames) == 1 else b"".join(frames)
+            for conn in state.subscribers:
+                if conn.behind:
+                    self._miss(conn, state.channel.symbol, state.channel.seq, state.updates, state.trades)
+                elif not conn.closing:
+                    conn.transport.write(blob)  # type: ignore[union-attr]  # subscribers are connected
+            state.frames = []
+            state.updates = state.trades = 0
+            state.last_sent = now
+            return
         touched: list[Connection] = []
         for state in self._dirty:
             frames = state.frames
@@ -603,6 +649,8 @@ class Gateway:
         if not missed:
             return
         self.counts["slow_consumer"] += 1
+        log.info("%s fell behind and caught up: fresh snapshots of %s", conn.session.account if conn.session else "?",
+                 ", ".join(missed))
         for symbol, (updates, trades, first, last) in missed.items():
             state = self.channels.get(symbol)
             conn.send(error("slow_consumer", f"this connection fell behind on {symbol}: {updates} depth updates "
@@ -685,52 +733,63 @@ class Gateway:
     # -- housekeeping -------------------------------------------------------------------------------------
 
     async def _tick(self) -> None:
-        limits = self.limits
         while True:
             await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            # orders without a reply
-            requests = self.requests
-            while requests:
-                rid, (conn, command, request_id, deadline) = next(iter(requests.items()))
-                if deadline > now:
-                    break
-                del requests[rid]
-                if conn.session is not None and conn.transport is not None:
-                    for payload in conn.session.on_reply(
-                            command, request_id, "unavailable",
-                            (), f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"):
-                        conn.send(payload)
-            # slow consumers that stay behind
-            for conn in list(self.behind):
-                if now - conn.behind_since > limits.slow_consumer_ms / 1000:
-                    self.behind.discard(conn)
-                    self.counts["slow_consumer_closed"] += 1
-                    conn.close(CLOSE_TRY_AGAIN, "too slow to keep up")
-            # snapshots not answered, heartbeats of idle channels
-            for state in self.channels.values():
-                if state.snapshot_asked and now - state.snapshot_asked > SNAPSHOT_RETRY_S:
-                    self._ask_snapshot(state)
-                if state.channel.synced and now - state.last_sent >= limits.heartbeat_s:
-                    frame = text_frame(state.channel.heartbeat_message())
-                    for conn in state.subscribers:
-                        if not conn.behind:
-                            conn.send_frames(frame)
-                    state.last_sent = now
-            # pings: each connection once per ping_interval_s, one slot of them per tick; one
-            # that has not answered the previous ping by its next turn is closed
-            self._ping_turn = (self._ping_turn + 1) % len(self.ping_slots)
-            for conn in list(self.ping_slots[self._ping_turn]):
-                if not conn.ping_sent:
-                    conn.ping(now)
-                elif now - conn.ping_sent > limits.ping_timeout_s:
-                    self.counts["ping_timeout_closed"] += 1
-                    conn.close(CLOSE_PING_TIMEOUT, "no pong")
+            for _, read in self._readers:
+                self._run_reader(read)
+            try:
+                self._housekeeping(time.monotonic())
+            except Exception:  # noqa: BLE001 - the next tick must still come
+                self.counts["internal_errors"] += 1
+                log.exception("internal error in the gateway's housekeeping")
+
+    def _housekeeping(self, now: float) -> None:
+        limits = self.limits
+        # orders without a reply
+        requests = self.requests
+        while requests:
+            rid, (conn, command, request_id, deadline) = next(iter(requests.items()))
+            if deadline > now:
+                break
+            del requests[rid]
+            if conn.session is not None and conn.transport is not None:
+                for payload in conn.session.on_reply(
+                        command, request_id, "unavailable",
+                        (), f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"):
+                    conn.send(payload)
+        # slow consumers that stay behind
+        for conn in list(self.behind):
+            if now - conn.behind_since > limits.slow_consumer_ms / 1000:
+                self.behind.discard(conn)
+                self.counts["slow_consumer_closed"] += 1
+                conn.close(CLOSE_TRY_AGAIN, "too slow to keep up")
+        # snapshots not answered, heartbeats of idle channels
+        for state in self.channels.values():
+            if state.subscribed_at and now - state.subscribed_at > SUBSCRIBE_WAIT_S:
+                state.subscribed_at = 0.0  # no message yet: the publisher may be down; ask anyway
+                self._ask_snapshot(state)
+            elif state.snapshot_asked and now - state.snapshot_asked > SNAPSHOT_RETRY_S:
+                self._ask_snapshot(state)
+            if state.channel.synced and now - state.last_sent >= limits.heartbeat_s:
+                frame = text_frame(state.channel.heartbeat_message())
+                for conn in state.subscribers:
+                    if not conn.behind:
+                        conn.send_frames(frame)
+                state.last_sent = now
+        # pings: each connection once per ping_interval_s, one slot of them per tick; one
+        # that has not answered the previous ping by its next turn is closed
+        self._ping_turn = (self._ping_turn + 1) % len(self.ping_slots)
+        for conn in list(self.ping_slots[self._ping_turn]):
+            if not conn.ping_sent:
+                conn.ping(now)
+            elif now - conn.ping_sent > limits.ping_timeout_s:
+                self.counts["ping_timeout_closed"] += 1
+                conn.close(CLOSE_PING_TIMEOUT, "no pong")
 
     def _rearm(self, sock: zmq.Socket[bytes], read: Callable[[], None]) -> None:
         """After a send (or a partial read) on ``sock``, look again: its edge-triggered FD may
         not fire for messages that arrived meanwhile."""
-        asyncio.get_running_loop().call_soon(read)
+        asyncio.get_running_loop().call_soon(self._run_reader, read)
 
 
 # -- process --------------------------------------------------------------------------------------------------

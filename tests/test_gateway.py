@@ -1,0 +1,692 @@
+"""The WebSocket gateway as users see it: real node processes, real WebSocket clients (``tests/ws.py``).
+
+Most tests share one cluster (module fixture ``shared``: matchers m1 and m2, router r1, gateway
+g1 with ``rate_limit_per_s: 20``), started once and stopped at the end of the module even when a
+test fails. Each test uses symbols of its own, so the books it looks at start empty, and opens
+its own connections (closed at its end). Orders that only make market data go straight to the
+router (``Maker``); orders under test go through the gateway.
+
+Every client checks its feed as it reads (``ws.WsClient``): channel messages only while held,
+``prev_seq`` continuity and the checksum on every update. "Nothing more arrived" is never shown
+by waiting: a message published later on the same matcher (one ordered stream into the
+gateway), or a pong asked for afterwards, has to arrive first.
+
+``test_the_gateways_subscriptions_follow_its_clients`` runs against a matcher played by the
+test itself (``FakeMatcher``), the only way to see what the gateway's SUB socket subscribes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from nodes import Cluster, write_topology
+from websockets.exceptions import ConnectionClosed
+from ws import Clients, WsClient, as_decimal_levels, checksum, matcher_book, same_book
+
+from zmx.codec import encode_publication
+from zmx.events import BookChanged
+from zmx.node.client import Client, Reply, RequestTimeout
+from zmx.node.runtime import load_topology
+from zmx.topology import Topology
+
+RATE = 20  # rate_limit_per_s of the shared gateway
+SYMBOLS = {
+    # m1: BTC isolation/unsubscribe marker, SOL seq order, XRP many, ADA unsubscribe, DOT warm-up, DOGE orders
+    "m1": ["BTC-USDT", "SOL-USDT", "XRP-USDT", "ADA-USDT", "DOT-USDT", "DOGE-USDT"],
+    # m2: ETH isolation, LTC many, TRX warm-up, AVAX abuse, LINK order validation
+    "m2": ["ETH-USDT", "LTC-USDT", "TRX-USDT", "AVAX-USDT", "LINK-USDT"],
+}
+MAX_MESSAGE_BYTES = 1_048_576  # the default limit
+
+
+def dec(text: str) -> Decimal:
+    return Decimal(text)
+
+
+class Maker:
+    """Orders straight to the router (not through the gateway), to make market data."""
+
+    _ids = itertools.count(1)  # order ids, and accounts: each order its own, so none trades with itself
+
+    def __init__(self, topology: Topology, context: zmq.Context) -> None:
+        self.client = Client.from_topology(topology, context=context)
+
+    def place(self, symbol: str, side: str, price: str | None, quantity: str, *, type: str = "limit",
+              time_in_force: str = "gtc", timeout: float = 15.0) -> Reply:
+        """Submit until the router takes it (``unavailable`` while the matchers' HELLOs are on their way)."""
+        order_id = account = f"mk{next(self._ids)}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = self.client.submit(order_id, account, symbol, side, price, quantity, type=type,
+                                           time_in_force=time_in_force, timeout=1.0)
+            except RequestTimeout:
+                reply = None
+            if reply is not None and reply.ok:
+                return reply
+            assert reply is None or reply.status == "unavailable", reply
+            assert time.monotonic() < deadline, f"never accepted: {symbol} {side} {price} {quantity} ({reply})"
+
+    def seq(self, *args: str, **kwargs: str) -> int:
+        """Place an order and return the seq its command got."""
+        return self.place(*args, **kwargs).events[-1].seq
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@dataclass
+class Shared:
+    cluster: Cluster
+    topology: Topology
+    url: str
+    maker: Maker
+    context: zmq.Context
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    directory = tmp_path_factory.mktemp("gateway")
+    cluster = Cluster(directory)
+    context: zmq.Context = zmq.Context()
+    maker = None
+    try:
+        cluster.topology = write_topology(directory, matchers=SYMBOLS, gateways=1,
+                                          extra_gateway=f", limits: {{rate_limit_per_s: {RATE}}}")
+        for name in ("m1", "m2", "r1", "g1"):
+            cluster.start(name)
+        topology = load_topology(cluster.topology)
+        maker = Maker(topology, context)
+        url = topology.nodes["g1"].url  # type: ignore[union-attr]
+        # The router knows both matchers once an order to each is accepted; the gateway's own
+        # connection to the router is up once an order through it is not `unavailable`.
+        maker.place("DOT-USDT", "buy", "1", "1")
+        maker.place("TRX-USDT", "buy", "1", "1")
+        warm = WsClient(url, name="warm-up")
+        try:
+            for n in itertools.count():
+                warm.send({"action": "submit_order", "order_id": f"warm{n}", "symbol": "TRX-USDT", "side": "buy",
+                           "price": "1", "quantity": "1", "id": n})
+                update = warm.expect({"type": "order_update", "id": n}, timeout=6.0)
+                if update["data"]["status"] == "accepted":
+                    break
+                assert update["data"].get("reason") == "unavailable" and n < 20, update
+        finally:
+            warm.close()
+        yield Shared(cluster, topology, url, maker, context)
+    finally:
+        if maker is not None:
+            maker.close()
+        cluster.stop_all()
+        context.destroy(linger=0)
+
+
+@pytest.fixture
+def clients(shared: Shared) -> Iterator[Clients]:
+    opened = Clients(shared.url)
+    try:
+        yield opened
+    finally:
+        opened.close_all()
+
+
+def only(client: WsClient, what: dict, timeout: float = 5.0) -> dict:
+    """The next message that is not a heartbeat, which must contain ``what``."""
+    message = client.expect(lambda m: m["type"] != "heartbeat", timeout)
+    data = what.get("data", {})
+    assert message["type"] == what["type"] and message.get("channel") == what.get("channel"), message
+    for key, value in data.items():
+        got = message["data"].get(key)
+        if isinstance(value, list):  # levels, compared by value
+            assert as_decimal_levels(got) == as_decimal_levels(value), (key, message)
+        elif isinstance(value, str) and key in ("price", "quantity"):
+            assert dec(got) == dec(value), (key, message)
+        else:
+            assert got == value, (key, message)
+    return message
+
+
+def error_of(client: WsClient, code: str, **fields: object) -> dict:
+    """The next error (``code``, the given fields) among the unread messages."""
+    message = client.expect(lambda m: m["type"] == "error", timeout=5.0)
+    assert message.get("code") == code and all(message.get(k) == v for k, v in fields.items()), message
+    assert isinstance(message.get("message"), str) and message["message"], message
+    return message
+
+
+# -- requests without channels -----------------------------------------------------------------
+
+
+def test_ping_answers_pong_echoing_string_and_integer_ids(clients: Clients) -> None:
+    client = clients()
+    client.send({"action": "ping"})
+    pong = client.next()
+    assert pong["type"] == "pong" and "id" not in pong, pong
+    for ident in ("abc", "x" * 64, 7, 0, -3, 2**53 + 1, 2**63 - 1):
+        client.send({"action": "ping", "id": ident})
+        pong = client.next()
+        assert pong["type"] == "pong", pong
+        assert type(pong.get("id")) is type(ident) and pong["id"] == ident, (ident, pong)
+    # an id is a string of at most 64 characters or an integer of 64 bits; anything else is refused
+    for ident in (1.5, True, [1], {"n": 1}, "x" * 65, 2**64):
+        client.send({"action": "ping", "id": ident})
+        error = client.next()
+        assert error["type"] == "error" and error.get("code") == "invalid_field", (ident, error)
+
+
+def test_a_null_id_is_the_same_as_no_id(clients: Clients) -> None:
+    """docs/protocol.md: "`null` is the same as no `id`"."""
+    client = clients()
+    client.send({"action": "ping", "id": None})
+    assert client.next() == {"type": "pong"}
+
+
+def test_symbols_lists_every_symbol_with_its_grid(shared: Shared, clients: Clients) -> None:
+    client = clients()
+    answer = client.request({"action": "symbols", "id": "s1"}, "symbols")
+    assert answer.get("id") == "s1", answer
+    listed = {entry["symbol"]: entry for entry in answer["data"]}
+    assert len(answer["data"]) == len(listed) and set(listed) == set(shared.topology.symbols)
+    for name, spec in shared.topology.symbols.items():
+        described = spec.describe()  # tick_size "0.01", lot_size "0.001", min_quantity, max_quantity
+        assert {k: listed[name].get(k) for k in described} == described, listed[name]
+
+
+# -- channels ---------------------------------------------------------------------------------
+
+
+def test_subscribe_acks_then_snapshot_then_updates_and_trades_in_seq_order(shared: Shared, clients: Clients) -> None:
+    client = clients()
+    client.send({"action": "subscribe", "channel": "SOL-USDT", "id": "sub-1"})
+    ack = client.next()
+    assert ack == {"type": "subscription_ack", "channel": "SOL-USDT", "id": "sub-1"}, ack
+    snapshot = only(client, {"type": "depth_snapshot", "channel": "SOL-USDT", "data": {"bids": [], "asks": []}})
+    assert snapshot["data"]["checksum"] == 0 == checksum([], [])  # an empty book: crc32 of ""
+    assert snapshot["data"].get("ts") == 0  # no change yet
+    start = snapshot["data"]["seq"]
+
+    s1 = shared.maker.seq("SOL-USDT", "sell", "30010", "1")
+    s2 = shared.maker.seq("SOL-USDT", "buy", "29990", "1")
+    s3 = shared.maker.seq("SOL-USDT", "buy", "30020", "1.4")  # takes the 1 at 30010, 0.4 rests at 30020
+    s4 = shared.maker.seq("SOL-USDT", "sell", "29980", "1.5")  # takes 0.4 at 30020 and 1 at 29990, 0.1 rests
+    assert [s1, s2, s3, s4] == [start + 1, start + 2, start + 3, start + 4]
+
+    now = time.time_ns()
+    first = only(client, {"type": "depth_update", "channel": "SOL-USDT",
+                          "data": {"seq": s1, "prev_seq": start, "bids": [], "asks": [["30010", "1"]]}})
+    ts = first["data"]["ts"]
+    assert isinstance(ts, int) and abs(now - ts) < 60 * 10**9, first  # nanoseconds since the epoch
+    only(client, {"type": "depth_update", "channel": "SOL-USDT",
+                  "data": {"seq": s2, "prev_seq": s1, "bids": [["29990", "1"]], "asks": []}})
+    trade = only(client, {"type": "trade", "channel": "SOL-USDT",
+                          "data": {"seq": s3, "price": "30010", "quantity": "1", "taker_side": "buy"}})
+    assert isinstance(trade["data"]["trade_id"], int) and isinstance(trade["data"]["ts"], int), trade
+    only(client, {"type": "depth_update", "channel": "SOL-USDT",
+                  "data": {"seq": s3, "prev_seq": s2, "bids": [["30020", "0.4"]], "asks": [["30010", "0"]]}})
+    t1 = only(client, {"type": "trade", "channel": "SOL-USDT",
+                       "data": {"seq": s4, "price": "30020", "quantity": "0.4", "taker_side": "sell"}})
+    t2 = only(client, {"type": "trade", "channel": "SOL-USDT",
+                       "data": {"seq": s4, "price": "29990", "quantity": "1", "taker_side": "sell"}})
+    assert trade["data"]["trade_id"] < t1["data"]["trade_id"] < t2["data"]["trade_id"]
+    only(client, {"type": "depth_update", "channel": "SOL-USDT",
+                  "data": {"seq": s4, "prev_seq": s3, "bids": [["30020", "0"], ["29990", "0"]],
+                           "asks": [["29980", "0.1"]]}})
+    book = client.books["SOL-USDT"]
+    assert as_decimal_levels(book.levels()[1]) == [(dec("29980"), dec("0.1"))] and not book.bids
+    seq, bids, asks = matcher_book(shared.topology, "SOL-USDT", shared.context)
+    assert seq == s4 and same_book(book, bids, asks)
+
+
+def test_subscribe_many_answers_each_channel_in_order_and_a_held_one_again_changes_nothing(
+        shared: Shared, clients: Clients) -> None:
+    before = shared.maker.seq("XRP-USDT", "buy", "0.5", "3")
+    client = clients()
+    client.send({"action": "subscribe", "channels": ["XRP-USDT", "NOPE-USDT", "LTC-USDT"], "id": 5})
+    answers = [client.expect(lambda m: m["type"] in ("subscription_ack", "error")) for _ in range(3)]
+    assert [(a["type"], a.get("channel"), a.get("code"), a.get("id")) for a in answers] == [
+        ("subscription_ack", "XRP-USDT", None, 5),
+        ("error", "NOPE-USDT", "unknown_channel", 5),
+        ("subscription_ack", "LTC-USDT", None, 5),
+    ], answers
+    xrp = client.expect({"type": "depth_snapshot", "channel": "XRP-USDT"})
+    assert xrp["data"]["seq"] == before and xrp["data"]["asks"] == []
+    assert as_decimal_levels(xrp["data"]["bids"]) == [(dec("0.5"), dec("3"))]
+    client.expect({"type": "depth_snapshot", "channel": "LTC-USDT"})
+
+    client.send({"action": "subscribe", "channel": "NOPE-USDT", "id": "n"})
+    error_of(client, "unknown_channel", channel="NOPE-USDT", id="n")
+
+    # Subscribing a held channel is acknowledged again: no second snapshot, no second stream.
+    mark = len(client.received)
+    client.send({"action": "subscribe", "channel": "XRP-USDT", "id": "again"})
+    client.expect({"type": "subscription_ack", "channel": "XRP-USDT", "id": "again"})
+    seqs = [shared.maker.seq("XRP-USDT", "buy", "0.4", "1"), shared.maker.seq("XRP-USDT", "sell", "0.6", "2")]
+    client.wait_seq("XRP-USDT", seqs[-1])
+    client.send({"action": "ping", "id": "after"})
+    client.expect({"type": "pong", "id": "after"})
+    assert client.since(mark, {"type": "depth_snapshot"}) == []
+    updates = client.since(mark, {"type": "depth_update", "channel": "XRP-USDT"})
+    assert [u["data"]["seq"] for u in updates] == seqs  # each once
+    assert client.since(mark, {"type": "subscription_ack"}) == [
+        {"type": "subscription_ack", "channel": "XRP-USDT", "id": "again"}]
+
+
+def test_unsubscribe_acks_and_nothing_more_of_the_channel_follows(shared: Shared, clients: Clients) -> None:
+    leaving, staying = clients("leaving"), clients("staying")
+    leaving.subscribe("ADA-USDT", "BTC-USDT")
+    staying.subscribe("ADA-USDT")
+    shared.maker.seq("ADA-USDT", "buy", "0.3", "5")
+    leaving.send({"action": "unsubscribe", "channel": "ADA-USDT", "id": 9})
+    ack = leaving.expect("unsubscription_ack")
+    assert ack == {"type": "unsubscription_ack", "channel": "ADA-USDT", "id": 9}, ack
+    mark = len(leaving.received)
+
+    # Published after the ack: an ADA trade, then a BTC update on the same matcher (m1), so the
+    # gateway gets them in this order. `staying` proves the ADA messages were sent out.
+    ada = [shared.maker.seq("ADA-USDT", "sell", "0.3", "2"), shared.maker.seq("ADA-USDT", "buy", "0.2", "1")]
+    btc = shared.maker.seq("BTC-USDT", "buy", "100", "1")
+    staying.wait_seq("ADA-USDT", ada[-1])
+    assert staying.books["ADA-USDT"].trades[-1]["seq"] == ada[0]
+    leaving.wait_seq("BTC-USDT", btc)
+    assert leaving.since(mark, {"channel": "ADA-USDT"}) == []  # (ws.WsClient also fails on one)
+
+    # A channel not held, an unknown name and a list: each acknowledged, in order.
+    leaving.send({"action": "unsubscribe", "channels": ["ADA-USDT", "NOPE-USDT", "BTC-USDT"], "id": "u"})
+    acks = [leaving.expect(lambda m: m["type"] in ("unsubscription_ack", "error")) for _ in range(3)]
+    assert acks == [{"type": "unsubscription_ack", "channel": c, "id": "u"}
+                    for c in ("ADA-USDT", "NOPE-USDT", "BTC-USDT")], acks
+
+    # Back again: a fresh snapshot, the same book as the client that stayed.
+    leaving.subscribe("ADA-USDT")
+    book, other = leaving.books["ADA-USDT"], staying.books["ADA-USDT"]
+    assert book.seq == other.seq == ada[-1] and book.levels() == other.levels()
+
+
+def test_two_channels_are_isolated(shared: Shared, clients: Clients) -> None:
+    on_btc, on_eth = clients("btc"), clients("eth")
+    on_btc.subscribe("BTC-USDT")
+    on_eth.subscribe("ETH-USDT")
+    eth = shared.maker.seq("ETH-USDT", "buy", "2000", "1")
+    btc = shared.maker.seq("BTC-USDT", "buy", "101", "1")
+    eth2 = shared.maker.seq("ETH-USDT", "sell", "2001", "1")
+    on_eth.wait_seq("ETH-USDT", eth2)
+    on_btc.wait_seq("BTC-USDT", btc)
+    for client in (on_btc, on_eth):  # anything sent to it before the pong has arrived by now
+        client.send({"action": "ping", "id": "end"})
+        client.expect({"type": "pong", "id": "end"})
+    assert {m.get("channel") for m in on_btc.received if "channel" in m} == {"BTC-USDT"}
+    assert {m.get("channel") for m in on_eth.received if "channel" in m} == {"ETH-USDT"}
+    assert on_eth.books["ETH-USDT"].seq == eth2 > eth
+
+
+# -- orders -----------------------------------------------------------------------------------
+
+
+def updates_of(client: WsClient, what: dict, count: int) -> list[dict]:
+    return client.expect_all(lambda m: m["type"] == "order_update" and all(
+        m.get(k) == v if k != "data" else all(m["data"].get(dk) == dv for dk, dv in v.items())
+        for k, v in what.items()), count)
+
+
+def test_submit_and_cancel_answer_order_updates_to_their_connection_only(shared: Shared, clients: Clients) -> None:
+    maker, taker = clients("maker"), clients("taker")
+    maker.subscribe("DOGE-USDT")
+    maker.send({"action": "submit_order", "order_id": "a-1", "symbol": "DOGE-USDT", "side": "buy", "price": "0.5",
+                "quantity": "10", "id": 11})
+    accepted = maker.expect({"type": "order_update", "id": 11})
+    assert accepted["data"]["status"] == "accepted", accepted
+    data = accepted["data"]
+    assert (data["order_id"], data["symbol"], data["side"], dec(data["price"]), dec(data["quantity"]),
+            dec(data["filled"]), dec(data["remaining"])) == ("a-1", "DOGE-USDT", "buy", dec("0.5"), dec("10"), 0,
+                                                             dec("10")), accepted
+    assert data.get("type") == "limit" and data.get("time_in_force") == "gtc", accepted
+
+    taker.send({"action": "submit_order", "order_id": "b-1", "symbol": "DOGE-USDT", "side": "sell", "price": "0.5",
+                "quantity": "4", "id": "b1"})
+    mine = updates_of(taker, {"id": "b1"}, 2)
+    assert [u["data"]["status"] for u in mine] == ["accepted", "filled"], mine
+    fill = mine[1]["data"]
+    assert (dec(fill["filled"]), dec(fill["remaining"]), dec(fill["last_price"]), dec(fill["last_quantity"]),
+            fill["liquidity"]) == (dec("4"), 0, dec("0.5"), dec("4"), "taker"), fill
+    # the resting order's fill reaches its owner, without an id (no request of it caused it)
+    resting = maker.expect({"type": "order_update", "data": {"order_id": "a-1", "status": "partially_filled"}})
+    assert "id" not in resting, resting
+    made = resting["data"]
+    assert (dec(made["filled"]), dec(made["remaining"]), dec(made["last_price"]), dec(made["last_quantity"]),
+            made["liquidity"], made["trade_id"]) == (dec("4"), dec("6"), dec("0.5"), dec("4"), "maker",
+                                                     fill["trade_id"]), made
+    trade = maker.expect({"type": "trade", "channel": "DOGE-USDT"})
+    assert trade["data"]["trade_id"] == fill["trade_id"] and trade["data"]["taker_side"] == "sell", trade
+
+    # Another connection's order does not exist for this one; the owner cancels it.
+    taker.send({"action": "cancel_order", "symbol": "DOGE-USDT", "order_id": "a-1", "id": "steal"})
+    error_of(taker, "unknown_order", id="steal")
+    maker.send({"action": "cancel_order", "symbol": "DOGE-USDT", "order_id": "a-1", "id": 12})
+    canceled = maker.expect({"type": "order_update", "id": 12})
+    assert (canceled["data"]["order_id"], canceled["data"]["status"], canceled["data"].get("reason")) == (
+        "a-1", "canceled", "user"), canceled
+    maker.send({"action": "cancel_order", "symbol": "DOGE-USDT", "order_id": "a-1", "id": 13})
+    error_of(maker, "unknown_order", id=13)
+    maker.send({"action": "cancel_order", "symbol": "DOGE-USDT", "order_id": "never-placed", "id": 14})
+    error_of(maker, "unknown_order", id=14)
+    maker.send({"action": "submit_order", "order_id": "a-1", "symbol": "DOGE-USDT", "side": "buy", "price": "0.5",
+                "quantity": "1", "id": 15})  # an order_id is never reused, not even after the order ended
+    again = maker.expect({"type": "order_update", "id": 15})
+    assert (again["data"]["status"], again["data"].get("reason")) == ("rejected", "duplicate_order_id"), again
+    assert set(taker.orders) == {"b-1"} and set(maker.orders) == {"a-1"}  # nobody hears another's orders
+
+    # Orders stay on the book when their connection closes.
+    maker.send({"action": "submit_order", "order_id": "a-2", "symbol": "DOGE-USDT", "side": "buy", "price": "0.4",
+                "quantity": "1", "id": 16})
+    assert maker.expect({"type": "order_update", "id": 16})["data"]["status"] == "accepted"
+    maker.close()
+    late = clients("late")
+    late.subscribe("DOGE-USDT")
+    bids, asks = late.books["DOGE-USDT"].levels()
+    assert as_decimal_levels(bids) == [(dec("0.4"), dec("1"))] and asks == []
+    taker.send({"action": "submit_order", "order_id": "b-2", "symbol": "DOGE-USDT", "side": "sell",
+                "price": "0.4", "quantity": "1", "id": "b2"})
+    assert [u["data"]["status"] for u in updates_of(taker, {"id": "b2"}, 2)] == ["accepted", "filled"]
+
+
+def test_submit_order_refuses_bad_fields_and_rejects_what_the_book_cannot_take(clients: Clients) -> None:
+    good = {"action": "submit_order", "order_id": "v-1", "symbol": "LINK-USDT", "side": "buy", "price": "1",
+            "quantity": "1"}
+    fields = clients("fields")
+    for n, missing in enumerate(("order_id", "symbol", "side", "quantity", "price")):
+        fields.send({k: v for k, v in good.items() if k != missing} | {"id": n})
+        error = error_of(fields, "missing_field", id=n)
+        assert missing in json.dumps(error), error
+    wrong = {"price": 1, "quantity": 1, "side": "hold", "type": "stop", "time_in_force": "gtd", "symbol": 5}
+    for n, (field, value) in enumerate(wrong.items(), start=10):
+        fields.send(good | {field: value, "id": n})
+        error = error_of(fields, "invalid_field", id=n)
+        assert field in json.dumps(error), error
+
+    book = clients("book")
+
+    def outcome(order: dict, n: int) -> tuple[str, str | None]:
+        book.send(good | order | {"id": n})
+        last = book.expect({"type": "order_update", "id": n})
+        ends_at_once = order.get("type") == "market" or order.get("time_in_force") in ("ioc", "fok")
+        while ends_at_once and last["data"]["status"] == "accepted":  # its end follows
+            last = book.expect({"type": "order_update", "id": n})
+        return last["data"]["status"], last["data"].get("reason")
+
+    assert outcome({"order_id": "v-2", "symbol": "NOPE-USDT"}, 1) == ("rejected", "unknown_symbol")
+    assert outcome({"order_id": "v-3", "price": "1.001"}, 2) == ("rejected", "invalid_price")
+    assert outcome({"order_id": "v-4", "quantity": "0.0001"}, 3) == ("rejected", "invalid_quantity")
+    assert outcome({"order_id": "v-5", "type": "market", "price": None}, 4) == ("canceled", "no_liquidity")
+    assert outcome({"order_id": "v-6", "side": "sell", "price": "2"}, 5) == ("accepted", None)
+    assert outcome({"order_id": "v-7", "price": "2", "time_in_force": "post_only"}, 6) == ("rejected", "would_cross")
+    assert outcome({"order_id": "v-8", "price": "1.5", "time_in_force": "ioc"}, 7) == ("canceled", "ioc")
+    assert outcome({"order_id": "v-9", "price": "2", "quantity": "5", "time_in_force": "fok"}, 8) == (
+        "canceled", "fok")
+
+    # docs/protocol.md: an order_id is 1-64 printable ASCII characters
+    for n, order_id in enumerate(("x" * 65, "", "tab\tid", "ünï"), start=20):
+        fields.send(good | {"order_id": order_id, "id": n})
+        answer = fields.expect({"id": n})
+        assert answer["type"] == "error" and answer.get("code") == "invalid_field", (order_id, answer)
+
+
+# -- bad clients -------------------------------------------------------------------------------
+
+
+def test_bad_input_gets_a_clear_error_and_the_connection_stays_open(clients: Clients) -> None:
+    client = clients()
+    for raw in ("{not json", "[1, 2]", "42", '"ping"', "null", b'{"action": "ping"}'):
+        client.send_raw(raw)
+        error = client.next()
+        assert error["type"] == "error" and error.get("code") == "bad_json" and error.get("message"), (raw, error)
+    client.send({"id": 3})
+    error_of(client, "missing_field", id=3)
+    client.send({"action": 5, "id": 4})
+    error_of(client, "invalid_field", id=4)
+    client.send({"action": "fly", "id": "f"})
+    error_of(client, "unknown_action", id="f")
+    client.send({"action": "ping", "id": 8, "tag": {"mine": [1, 2]}})  # unknown keys are ignored
+    assert client.next() == {"type": "pong", "id": 8}
+
+    channels = clients("channels")
+    requests = [
+        ({"action": "subscribe"}, "missing_field"),
+        ({"action": "subscribe", "channel": 5}, "invalid_field"),
+        ({"action": "subscribe", "channels": []}, "invalid_field"),
+        ({"action": "subscribe", "channels": "BTC-USDT"}, "invalid_field"),
+        ({"action": "subscribe", "channels": [1]}, "invalid_field"),
+        ({"action": "subscribe", "channels": [f"C{n}-USDT" for n in range(101)]}, "invalid_field"),
+        ({"action": "subscribe", "channel": "BTC-USDT", "channels": ["ETH-USDT"]}, "invalid_field"),
+        ({"action": "unsubscribe"}, "missing_field"),
+    ]
+    for n, (request, code) in enumerate(requests):
+        channels.send(request | {"id": n})
+        error_of(channels, code, id=n)
+    assert not channels.held  # none of them subscribed anything
+    for one in (client, channels):
+        assert one.request({"action": "ping", "id": "still"}, "pong") == {"type": "pong", "id": "still"}
+
+
+def test_rate_limit_answers_rate_limited_and_does_not_close_below_twice_the_limit(clients: Clients) -> None:
+    client = clients()
+    burst = RATE * 3 // 2
+    for n in range(burst):
+        client.send({"action": "ping", "id": n})
+    answers: list[dict] = []
+    try:
+        while len(answers) < burst:
+            answers.append(client.expect(lambda m: m["type"] in ("pong", "error"), timeout=3.0))
+    except AssertionError:
+        pass  # shown below
+    seen = [(a["type"], a.get("code"), a.get("id")) for a in answers]
+    # each one answered, its id echoed (docs/protocol.md: every reply echoes the id, errors included)
+    assert sorted(a.get("id", -1) for a in answers) == list(range(burst)), f"{burst} pings answered by {seen}"
+    limited = [a for a in answers if a["type"] == "error"]
+    assert all(a.get("code") == "rate_limited" for a in limited), limited
+    assert limited and len(answers) - len(limited) <= RATE, [(a["id"], a["type"]) for a in answers]
+    assert not client.closed
+
+
+def send_10_mb(client: WsClient) -> None:
+    try:
+        client.send_raw('{"action": "ping", "pad": "' + "x" * 10_000_000 + '"}')
+    except (ConnectionClosed, OSError):
+        pass  # closed while it was still sending
+
+
+def test_a_frame_over_the_size_limit_closes_the_connection_with_1009(clients: Clients) -> None:
+    client = clients("big")
+    pad = "x" * (MAX_MESSAGE_BYTES - 1000)  # just under the limit (1 MiB by default): served
+    assert client.request({"action": "ping", "id": 1, "pad": pad}, "pong") == {"type": "pong", "id": 1}
+    send_10_mb(client)
+    code = client.expect_close()
+    assert code == 1009, f"closed with {code} {client.close_reason!r}"
+
+
+def test_abusive_clients_are_answered_or_closed_and_the_others_keep_being_served(
+        shared: Shared, clients: Clients) -> None:
+    watcher = clients("watcher")
+    watcher.subscribe("AVAX-USDT")
+    seqs = [shared.maker.seq("AVAX-USDT", "buy", f"{10 + n}", "1") for n in range(5)]
+    watcher.wait_seq("AVAX-USDT", seqs[-1])
+
+    noisy = clients("noisy")
+    for raw in ("{nope", "[]", b"\x00\xff", '{"action": ["subscribe"]}', '{"action": "subscribe", "channel": {}}'):
+        noisy.send_raw(raw)
+        assert noisy.next()["type"] == "error"
+    big = clients("big")
+    send_10_mb(big)
+    big.expect_close()  # (its close code: test_a_frame_over_the_size_limit_closes_the_connection_with_1009)
+    flood = clients("flood")
+    try:
+        for n in range(20 * RATE):
+            flood.send({"action": "ping", "id": n})
+    except (ConnectionClosed, OSError):
+        pass
+    code = flood.expect_close()
+    assert code == 1008, f"closed with {code} {flood.close_reason!r}"
+    assert flood.since(0, {"type": "error", "code": "rate_limited"}), "no rate_limited error before the close"
+
+    seqs += [shared.maker.seq("AVAX-USDT", "sell", f"{20 + n}", "1") for n in range(5)]
+    book = watcher.wait_seq("AVAX-USDT", seqs[-1])
+    assert book.snapshots == 1 and book.updates == len(seqs)  # no loss, no resync
+    assert not watcher.since(0, "error")
+    seq, bids, asks = matcher_book(shared.topology, "AVAX-USDT", shared.context)
+    assert seq == seqs[-1] and same_book(book, bids, asks)
+    for client in (watcher, noisy):
+        assert client.request({"action": "ping", "id": "ok"}, "pong") == {"type": "pong", "id": "ok"}
+
+
+# -- what the gateway subscribes upstream ------------------------------------------------------
+
+
+class FakeMatcher:
+    """A matcher played by the test: binds m1's ``pub`` endpoint as an XPUB and its ``snapshot``
+    endpoint as a ROUTER, in a thread of its own.
+
+    With ``XPUB_VERBOSE`` and ``XPUB_VERBOSER`` the XPUB hands over every subscribe and unsubscribe
+    message the gateway's SUB socket sends, duplicates included: exactly what the gateway
+    subscribes, in order. Book requests get ``books[symbol]`` as docs/wire.md "Snapshots" says;
+    subscribed symbols get an idle heartbeat every 0.25 s like a real matcher's, and
+    ``publish`` sends a symbol's events.
+    """
+
+    def __init__(self, pub: str, snapshot: str, books: dict[str, tuple[int, list, list]]) -> None:
+        self.books = dict(books)
+        self.subscriptions: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.requests: queue.Queue[str] = queue.Queue()
+        self._outbox: queue.Queue[bytes] = queue.Queue()
+        self._stop = threading.Event()
+        self.context: zmq.Context = zmq.Context()
+        self.xpub = self.context.socket(zmq.XPUB)
+        self.router = self.context.socket(zmq.ROUTER)
+        for sock in (self.xpub, self.router):
+            sock.linger = 0
+        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self.xpub.bind(pub)
+        self.router.bind(snapshot)
+        self.thread = threading.Thread(target=self._run, name="fake-matcher", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.xpub, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        held: dict[bytes, int] = {}
+        next_heartbeat = time.monotonic()
+        while not self._stop.is_set():
+            for sock, _ in poller.poll(20):
+                if sock is self.xpub:
+                    message = self.xpub.recv()
+                    if message[:1] in (b"\x00", b"\x01"):
+                        topic = message[1:]
+                        held[topic] = held.get(topic, 0) + (1 if message[0] else -1)
+                        name = topic[:-1].decode(errors="replace") if topic.endswith(b"\x00") else repr(topic)
+                        self.subscriptions.put(("+" if message[0] else "-", name))
+                else:
+                    frames = self.router.recv_multipart()
+                    envelope, request = frames[:1], frames[1:]
+                    if request[:1] == [b""]:  # a REQ socket's delimiter
+                        envelope, request = envelope + [b""], request[1:]
+                    symbol = request[1].decode() if len(request) == 2 else ""
+                    self.requests.put(symbol)
+                    if request[:1] == [b"SNAP"] and symbol in self.books:
+                        self.router.send_multipart(envelope + [b"SNAP", request[1],
+                                                               msgpack.packb(list(self.books[symbol]))])
+                    else:
+                        self.router.send_multipart(envelope + [b"ERR", request[1] if len(request) > 1 else b"",
+                                                               b"not mine"])
+            while not self._outbox.empty():
+                self.xpub.send(self._outbox.get())
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat += 0.25
+                for topic, count in held.items():
+                    if count > 0 and topic.endswith(b"\x00") and not topic.startswith(b"@"):
+                        self.xpub.send(encode_publication(topic[:-1].decode(), ()))
+
+    def publish(self, symbol: str, *events: BookChanged) -> None:
+        self._outbox.put(encode_publication(symbol, events))
+
+    def next_subscription(self, timeout: float = 5.0) -> tuple[str, str]:
+        """The next subscribe ("+") or unsubscribe ("-") of a symbol (accounts' topics are left out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sign, name = self.subscriptions.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"the gateway subscribed nothing more within {timeout} s") from None
+            if not name.startswith("@"):
+                return sign, name
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.xpub.close(linger=0)
+        self.router.close(linger=0)
+        self.context.term()
+
+
+def test_the_gateways_subscriptions_follow_its_clients(cluster: Cluster, tmp_path: Path) -> None:
+    """First client of a channel in: the gateway subscribes; last one out (unsubscribe or close):
+    it unsubscribes; in between it sends nothing upstream about that channel. Shown in order:
+    each step ends with a subscription change of another channel, which the one SUB socket sends
+    after anything about the first."""
+    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT", "SOL-USDT", "XRP-USDT"]}, gateways=1)
+    topology = load_topology(cluster.topology)
+    m1 = topology.nodes["m1"]
+    fake = FakeMatcher(m1.pub, m1.snapshot, {  # type: ignore[union-attr]
+        "BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]]),
+        "SOL-USDT": (3, [], [[15000, 1000]]),
+        "XRP-USDT": (0, [], []),
+    })
+    opened = Clients(topology.nodes["g1"].url)  # type: ignore[union-attr]
+    try:
+        cluster.start("g1")
+        a, b = opened("a"), opened("b")
+        a.subscribe("BTC-USDT")
+        assert fake.next_subscription() == ("+", "BTC-USDT")
+        book = a.books["BTC-USDT"]
+        assert book.seq == 7 and same_book(book, [["29990", "1.5"]], [["30010", "2"]])
+
+        b.subscribe("BTC-USDT")  # held already: served from the gateway's copy
+        assert b.books["BTC-USDT"].seq == 7
+        b.subscribe("SOL-USDT")
+        assert fake.next_subscription() == ("+", "SOL-USDT")  # and nothing about BTC before it
+
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 8, time.time_ns(), ((2999000, 2500),), ()))
+        for client in (a, b):
+            assert same_book(client.wait_seq("BTC-USDT", 8), [["29990", "2.5"]], [["30010", "2"]])
+
+        a.request({"action": "unsubscribe", "channel": "BTC-USDT"}, "unsubscription_ack")  # b still holds it
+        b.request({"action": "unsubscribe", "channel": "SOL-USDT"}, "unsubscription_ack")
+        assert fake.next_subscription() == ("-", "SOL-USDT")  # and nothing about BTC before it
+        b.request({"action": "unsubscribe", "channel": "BTC-USDT"}, "unsubscription_ack")
+        assert fake.next_subscription() == ("-", "BTC-USDT")
+
+        # Unsubscribed upstream, the gateway's copy is stale: the next subscriber gets the book of now.
+        fake.books["BTC-USDT"] = (20, [[2998000, 100]], [])
+        b.subscribe("BTC-USDT")
+        assert fake.next_subscription() == ("+", "BTC-USDT")
+        assert b.books["BTC-USDT"].seq == 20 and same_book(b.books["BTC-USDT"], [["29980", "0.1"]], [])
+
+        a.subscribe("XRP-USDT")
+        assert fake.next_subscription() == ("+", "XRP-USDT")
+        a.close()  # the last client of XRP goes away without unsubscribing
+        assert fake.next_subscription() == ("-", "XRP-USDT")
+        assert [s for s in list(fake.subscriptions.queue) if not s[1].startswith("@")] == []
+    finally:
+        opened.close_all()
+        cluster.stop_all()
+        fake.close()

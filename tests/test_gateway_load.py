@@ -1,0 +1,463 @@
+"""The gateway under load and trouble: real processes, real WebSocket clients (``tests/ws.py``).
+
+- a seeded random order flow of 2,000 orders from several connections: every subscriber's book
+  (checksum verified on every update) ends equal to the matcher's own book;
+- slow consumers: one that reads late is resynced (``slow_consumer`` then a fresh snapshot), one
+  that stops reading is closed with 1013, the others are served all along;
+- keepalive: heartbeats on an idle channel, 1011 for a client that stops answering pings, 1001
+  when the gateway stops;
+- a matcher restarted (SIGTERM, then kill -9) under a subscribed gateway;
+- a gateway with ``workers: 2``: which process serves which connection is read from ``/proc``.
+
+A slow or stopped reader is a ``WsClient`` on ``ws.slow_socket`` (tiny kernel buffers) whose
+library stops reading the socket once 4 frames are unread; the test simply does not pull from it.
+Durations that a rule is about (``slow_consumer_ms``) are passed while the market keeps moving
+and the other clients are checked, never in a bare sleep.
+
+Each test starts its own cluster with the ``cluster`` fixture, which stops every process at the
+end, pass or fail. Random flows use fixed seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from nodes import Cluster, NodeProcess, write_topology
+from websockets.frames import Opcode
+from ws import Clients, WsClient, matcher_book, same_book, slow_socket
+
+from zmx.commands import SubmitOrder
+from zmx.node.client import Client, RequestTimeout
+from zmx.node.runtime import load_topology
+from zmx.topology import Topology
+
+MIDS = {"BTC-USDT": 30000, "SOL-USDT": 150, "ETH-USDT": 2000}  # in whole units; tick 0.01, lot 0.001
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    ctx: zmq.Context = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    opened = Clients("")  # each test starts its gateway first, then sets the url
+    try:
+        yield opened
+    finally:
+        opened.close_all()
+
+
+def start(cluster: Cluster, matchers: dict[str, list[str]], limits: str = "", workers: int = 1) -> Topology:
+    extra = "".join([f", workers: {workers}" if workers != 1 else "", f", limits: {{{limits}}}" if limits else ""])
+    cluster.topology = write_topology(cluster.directory, matchers=matchers, gateways=1, extra_gateway=extra)
+    for name in (*matchers, "r1", "g1"):
+        cluster.start(name)
+    return load_topology(cluster.topology)
+
+
+def node(cluster: Cluster, name: str) -> NodeProcess:
+    return next(p for p in reversed(cluster.procs) if p.name == name)
+
+
+def price(symbol: str, offset_ticks: int) -> str:
+    ticks = MIDS[symbol] * 100 + offset_ticks
+    return f"{ticks // 100}.{ticks % 100:02d}"
+
+
+def lots(n: int) -> str:
+    return f"{n // 1000}.{n % 1000:03d}"
+
+
+def until_accepted(client: WsClient, symbol: str, tag: str, timeout: float = 15.0) -> None:
+    """A far-away order through the gateway until it is accepted: the gateway's way to the
+    matcher is up (``unavailable`` until the router has heard the matcher)."""
+    deadline = time.monotonic() + timeout
+    for n in itertools.count():
+        ident = f"{tag}-{n}"
+        client.send({"action": "submit_order", "order_id": ident, "symbol": symbol, "side": "buy",
+                     "price": price(symbol, -5000), "quantity": "0.001", "id": ident})
+        update = client.expect({"type": "order_update", "id": ident}, timeout=7.0)
+        if update["data"]["status"] == "accepted":
+            return
+        assert update["data"].get("reason") == "unavailable", update
+        assert time.monotonic() < deadline, f"never accepted through the gateway: {update}"
+
+
+class RouterMaker:
+    """Orders straight to the router, pipelined, each with an account of its own (no self-trade)."""
+
+    def __init__(self, topology: Topology, context: zmq.Context) -> None:
+        self.client = Client.from_topology(topology, context=context)
+        self.ids = itertools.count(1)
+
+    def command(self, symbol: str, side: str, price_text: str | None, quantity: str, **kind: str) -> SubmitOrder:
+        n = next(self.ids)
+        return self.client.submit_command(f"o{n}", f"a{n}", symbol, side, price_text, quantity, **kind)
+
+    def place(self, symbol: str, side: str, price_text: str, quantity: str, timeout: float = 15.0) -> int:
+        """One order, sent again while the router answers ``unavailable`` (a matcher starting); its seq."""
+        cmd = self.command(symbol, side, price_text, quantity)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = self.client.request(cmd, timeout=1.0)
+            except RequestTimeout:
+                reply = None
+            if reply is not None and reply.ok:
+                return reply.events[-1].seq
+            assert reply is None or reply.status == "unavailable", reply
+            assert time.monotonic() < deadline, f"never accepted: {cmd} ({reply})"
+            cmd = self.command(symbol, side, price_text, quantity)
+
+    def burst(self, commands: list[SubmitOrder], timeout: float = 30.0) -> int:
+        """Send all, then take every reply; the highest seq."""
+        for cmd in commands:
+            self.client.send(cmd)
+        deadline = time.monotonic() + timeout
+        top = 0
+        for _ in commands:
+            reply = self.client.recv(max(0.0, deadline - time.monotonic()))
+            assert reply is not None and reply.ok, reply
+            top = max(top, reply.events[-1].seq)
+        return top
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def paced_burst(maker: RouterMaker, commands: list, healthy: WsClient, symbol: str, chunk: int = 25) -> int:
+    """The commands in chunks, each one sent on once ``healthy`` has the previous one: a continuous
+    feed, not one batch that the gateway might read in one go. The last seq."""
+    top = 0
+    for start_at in range(0, len(commands), chunk):
+        top = maker.burst(commands[start_at:start_at + chunk])
+        healthy.wait_seq(symbol, top, timeout=10.0)
+    return top
+
+
+def random_flow(rng: random.Random, maker: RouterMaker, symbol: str, count: int) -> list:
+    """Limit orders around the mid, a third of them crossing: book changes and trades."""
+    return [maker.command(symbol, side, price(symbol, rng.randint(-20, 20) + (4 if side == "buy" else -4)),
+                          lots(rng.randint(1, 40)))
+            for side in (rng.choice(("buy", "sell")) for _ in range(count))]
+
+
+# -- the book under a random flow ----------------------------------------------------------------
+
+
+def test_seeded_order_flow_from_several_connections_leaves_every_book_equal_to_the_matchers(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    topology = start(cluster, {"m1": ["BTC-USDT", "SOL-USDT"], "m2": ["ETH-USDT"]}, "rate_limit_per_s: 100000")
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    symbols = list(MIDS)
+    early = clients("early")
+    early.subscribe(*symbols)
+    traders = [clients(f"trader{n}") for n in range(4)]
+    for symbol in symbols:
+        until_accepted(traders[0], symbol, f"warm-{symbol}")
+
+    rng = random.Random(20251127)  # the orders are fixed; how the connections interleave at the gateway is not
+    sent: dict[WsClient, list[int]] = {t: [] for t in traders}
+    placed: dict[WsClient, list[tuple[str, str]]] = {t: [] for t in traders}
+    late = None
+    orders = 2000
+    request_ids = itertools.count(1)
+    for n in range(orders):
+        if n == orders // 2:  # a subscriber that joins in the middle of the flow
+            late = clients("late")
+            late.send({"action": "subscribe", "channels": symbols})
+        trader = rng.choice(traders)
+        symbol = rng.choice(symbols)
+        ident = next(request_ids)
+        roll = rng.random()
+        if roll < 0.15 and placed[trader]:
+            cancel_symbol, order_id = rng.choice(placed[trader])
+            trader.send({"action": "cancel_order", "symbol": cancel_symbol, "order_id": order_id, "id": ident})
+        else:
+            side = rng.choice(("buy", "sell"))
+            order = {"action": "submit_order", "order_id": f"t{ident}", "symbol": symbol, "side": side,
+                     "quantity": lots(rng.randint(1, 50)), "id": ident}
+            if roll < 0.19:
+                order |= {"type": "market", "quantity": lots(rng.randint(1, 20))}
+            else:  # bids from 40 ticks under the mid to 5 over it, asks the other way round: they overlap
+                offset = rng.randint(-40, 5) if side == "buy" else rng.randint(-5, 40)
+                order |= {"price": price(symbol, offset)}
+                if roll < 0.30:
+                    order |= {"time_in_force": "ioc"}
+            trader.send(order)
+            placed[trader].append((symbol, order["order_id"]))
+        sent[trader].append(ident)
+
+    # Every request is answered, with its id: order_updates, or unknown_order for a cancel of an
+    # order that has ended already. Nothing is unavailable in a healthy cluster.
+    for trader, idents in sent.items():
+        answered: set[int] = set()
+        scanned = [0]
+
+        def all_answered(trader: WsClient = trader, answered: set[int] = answered, scanned: list[int] = scanned,
+                         expected: int = len(idents)) -> bool:
+            for message in trader.received[scanned[0]:]:
+                if isinstance(message.get("id"), int):
+                    answered.add(message["id"])
+                    assert message["type"] == "order_update" or message.get("code") == "unknown_order", message
+                    assert message.get("data", {}).get("reason") != "unavailable", message
+            scanned[0] = len(trader.received)
+            return len(answered) >= expected
+
+        trader.wait_until(all_answered, f"answers to {len(idents)} requests", timeout=60.0)
+        assert answered == set(idents)
+    assert late is not None
+    for symbol in symbols:
+        late.expect({"type": "subscription_ack", "channel": symbol})
+    fresh = clients("fresh")
+    fresh.subscribe(*symbols)
+    for symbol in symbols:
+        seq, bids, asks = matcher_book(topology, symbol, context)
+        assert len(bids) > 25 and len(asks) > 25, (symbol, bids, asks)  # deeper than the checksum
+        for client in (early, late, fresh):
+            book = client.wait_seq(symbol, seq, timeout=30.0)
+            assert book.seq == seq, (client.name, symbol)
+            assert same_book(book, bids, asks), (client.name, symbol, book.levels(), bids, asks)
+    traded = sum(len(early.books[s].trades) for s in symbols)
+    assert traded > 100, f"only {traded} trades: the flow does not exercise matching"
+    for client in (early, late, fresh, *traders):
+        assert not client.since(0, {"type": "error", "code": "slow_consumer"}), client.name
+    # Nothing was lost on the way either: a gateway resyncs (a second depth_snapshot to every client)
+    # only when its own feed from the matcher has a gap, and this cluster is local and healthy.
+    resynced = {s: early.books[s].snapshots - 1 for s in symbols if early.books[s].snapshots > 1}
+    why = [line for line in node(cluster, "g1").log().splitlines()
+           if "resync" in line or "behind" in line or "expected seq" in line]
+    assert not resynced, f"the gateway resynced {resynced}: {why}"
+
+
+# -- slow consumers ------------------------------------------------------------------------------
+
+SLOW_MS = 1500
+SLOW_LIMITS = f"send_queue_bytes: 8192, slow_consumer_ms: {SLOW_MS}, rate_limit_per_s: 100000"
+
+
+def stalled_client(clients: Clients, name: str, url: str) -> WsClient:
+    """A client that stops reading as soon as the test stops pulling from it: tiny kernel buffers
+    (``ws.slow_socket``) and a library that stops reading the socket past 4 unread frames."""
+    return clients(name, sock=slow_socket(url), max_queue=(4, 1), compression=None)
+
+
+def test_a_slow_reader_gets_slow_consumer_then_a_fresh_snapshot_and_keeps_a_correct_book(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """``send_queue_bytes: 8192``; the slow client reads nothing while 600 orders (about 200 KB for each
+    subscriber) are published, then reads again well within ``slow_consumer_ms`` (10 s)."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, SLOW_LIMITS.replace(str(SLOW_MS), "10000"))
+    url = clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    try:
+        maker.place("BTC-USDT", "buy", price("BTC-USDT", -5000), "0.001")  # the router knows m1
+        healthy = clients("healthy")
+        healthy.subscribe("BTC-USDT")
+        slow = stalled_client(clients, "slow", url)
+        slow.subscribe("BTC-USDT")
+
+        last = paced_burst(maker, random_flow(random.Random(7), maker, "BTC-USDT", 600), healthy, "BTC-USDT")
+        # `slow` was not read meanwhile; now it is, long before slow_consumer_ms (10 s here) is up
+
+        error = slow.expect({"type": "error", "code": "slow_consumer", "channel": "BTC-USDT"}, timeout=5.0)
+        missed = error.get("data", {})
+        fields = ("missed_updates", "missed_trades", "from_seq", "to_seq")
+        assert all(isinstance(missed.get(k), int) for k in fields), error
+        assert missed["missed_updates"] > 0 and missed["from_seq"] <= missed["to_seq"] <= last, error
+        slow.wait_seq("BTC-USDT", last, timeout=10.0)  # a fresh depth_snapshot first (ws.ChannelBook checks)
+        assert slow.books["BTC-USDT"].snapshots >= 2  # (more if it fell behind again while catching up)
+
+        rng = random.Random(8)
+        for _ in range(20):  # the stream goes on from the fresh snapshot
+            seq = maker.place("BTC-USDT", rng.choice(("buy", "sell")), price("BTC-USDT", rng.randint(-20, 20)),
+                              "0.001")
+        seq, bids, asks = matcher_book(topology, "BTC-USDT", context)
+        for client in (healthy, slow):
+            book = client.wait_seq("BTC-USDT", seq)
+            assert book.seq == seq and same_book(book, bids, asks), client.name
+        assert not healthy.since(0, "error") and healthy.books["BTC-USDT"].snapshots == 1
+    finally:
+        maker.close()
+
+
+def test_a_reader_that_stops_is_closed_1013_while_the_others_keep_receiving(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, SLOW_LIMITS)
+    url = clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    try:
+        maker.place("BTC-USDT", "buy", price("BTC-USDT", -5000), "0.001")
+        healthy = clients("healthy")
+        healthy.subscribe("BTC-USDT")
+        stopped = stalled_client(clients, "stopped", url)
+        stopped.subscribe("BTC-USDT")
+
+        paced_burst(maker, random_flow(random.Random(7), maker, "BTC-USDT", 600), healthy, "BTC-USDT")  # unread
+        behind_since = time.monotonic()  # behind by now at the latest
+        # The market goes on while `stopped` stays behind past slow_consumer_ms; `healthy` follows it.
+        rng = random.Random(8)
+        while time.monotonic() < behind_since + SLOW_MS / 1000 + 1.0:
+            seq = maker.place("BTC-USDT", rng.choice(("buy", "sell")), price("BTC-USDT", rng.randint(-20, 20)),
+                              "0.001")
+            healthy.wait_seq("BTC-USDT", seq)
+        code = stopped.expect_close(timeout=10.0)  # what was on its way, then the close
+        assert code == 1013, f"closed with {code} {stopped.close_reason!r}"
+
+        seq, bids, asks = matcher_book(topology, "BTC-USDT", context)
+        book = healthy.wait_seq("BTC-USDT", seq)
+        assert book.seq == seq and same_book(book, bids, asks)
+        assert not healthy.since(0, "error") and book.snapshots == 1
+        assert healthy.request({"action": "ping", "id": 1}, "pong") == {"type": "pong", "id": 1}
+    finally:
+        maker.close()
+
+
+# -- keepalive ----------------------------------------------------------------------------------
+
+
+def test_idle_channels_get_heartbeats_a_client_that_stops_answering_pings_is_closed_1011(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """``heartbeat_s: 1``, ``ping_interval_s: 1``, ``ping_timeout_s: 1``. The mute client reads on but
+    its pongs are dropped before they leave; a client that answers stays. At the end the gateway
+    stops: its clients are told 1001 (going away)."""
+    topology = start(cluster, {"m1": ["BTC-USDT", "SOL-USDT"]}, "heartbeat_s: 1, ping_interval_s: 1, ping_timeout_s: 1")
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    try:
+        seq = maker.place("SOL-USDT", "buy", price("SOL-USDT", -5000), "0.001")
+        live = clients("live")
+        live.subscribe("SOL-USDT")
+        assert live.books["SOL-USDT"].seq == seq
+        for _ in range(2):  # an idle channel: heartbeats carrying its seq
+            beat = live.expect({"type": "heartbeat", "channel": "SOL-USDT"}, timeout=4.0)
+            assert beat["data"]["seq"] == seq, beat
+
+        mute = clients("mute")
+        protocol = mute.ws.protocol
+        send_frame = protocol.send_frame
+        protocol.send_frame = lambda frame: None if frame.opcode is Opcode.PONG else send_frame(frame)  # type: ignore
+        code = mute.expect_close(timeout=8.0)
+        assert code == 1011, f"closed with {code} {mute.close_reason!r}"
+        assert not live.closed
+        assert live.request({"action": "ping", "id": "alive"}, "pong") == {"type": "pong", "id": "alive"}
+
+        assert node(cluster, "g1").stop() == 0
+        assert live.expect_close() == 1001
+    finally:
+        maker.close()
+
+
+# -- a matcher restarted -----------------------------------------------------------------------
+
+
+def test_a_matcher_restarted_under_the_gateway_gives_a_fresh_snapshot_then_correct_updates(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    topology = start(cluster, {"m1": ["BTC-USDT"]})
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    rng = random.Random(11)
+    try:
+        maker.place("BTC-USDT", "buy", price("BTC-USDT", -5000), "0.001")
+        client = clients()
+        client.subscribe("BTC-USDT")
+        book = client.books["BTC-USDT"]
+        client.wait_seq("BTC-USDT", maker.burst(random_flow(rng, maker, "BTC-USDT", 50)))
+        for how in ("stop", "kill"):
+            snapshots = book.snapshots
+            m1 = node(cluster, "m1")
+            if how == "stop":
+                assert m1.stop() == 0  # SIGTERM
+            else:
+                m1.kill()  # kill -9
+            cluster.start("m1")
+            maker.place("BTC-USDT", "buy", price("BTC-USDT", -4000), "0.001")  # served again
+            client.wait_until(lambda snapshots=snapshots: book.snapshots > snapshots and not book.awaiting_snapshot,
+                              f"a fresh depth_snapshot after the {how}", timeout=15.0)
+            client.wait_seq("BTC-USDT", maker.burst(random_flow(rng, maker, "BTC-USDT", 50)))
+            seq, bids, asks = matcher_book(topology, "BTC-USDT", context)
+            assert client.wait_seq("BTC-USDT", seq).seq == seq and same_book(book, bids, asks), how
+    finally:
+        maker.close()
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def serving_processes(gateway_pid: int, port: int, client_ports: list[int]) -> dict[int, int]:
+    """client port -> pid of the gateway process holding the server side of that connection (/proc)."""
+    inode_of: dict[int, str] = {}  # client port -> socket inode of the server side
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if local_port == port and remote_port in client_ports and fields[3] == "01":  # ESTABLISHED
+                inode_of[remote_port] = fields[9]
+    owner: dict[str, int] = {}
+    for pid in _descendants(gateway_pid):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    owner[target[8:-1]] = pid
+        except OSError:
+            continue
+    return {client_port: owner[inode] for client_port, inode in inode_of.items() if inode in owner}
+
+
+def test_a_gateway_with_two_workers_serves_one_port_from_two_processes(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, workers=2)
+    gateway = topology.nodes["g1"]
+    clients.url = gateway.url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    try:
+        maker.place("BTC-USDT", "buy", price("BTC-USDT", -5000), "0.001")
+        connections = [clients(f"c{n}") for n in range(16)]
+        for n, client in enumerate(connections):
+            client.subscribe("BTC-USDT")
+            until_accepted(client, "BTC-USDT", f"c{n}")
+        seq = maker.place("BTC-USDT", "sell", price("BTC-USDT", 100), "0.5")
+        for client in connections:
+            assert client.wait_seq("BTC-USDT", seq).asks, client.name
+            assert client.request({"action": "symbols", "id": 1}, "symbols")["id"] == 1
+        ports = [client.ws.socket.getsockname()[1] for client in connections]
+        owners = serving_processes(node(cluster, "g1").proc.pid, gateway.port, ports)  # type: ignore[union-attr]
+        assert set(owners) == set(ports), f"server side not found for {set(ports) - set(owners)}"
+        assert len(set(owners.values())) == 2, f"connections per process: {owners}"
+    finally:
+        maker.close()
