@@ -177,3 +177,44 @@ def noise_note(watch: CpuWatch, what: str) -> str | None:
 
 def warn(message: str) -> None:
     print(f"WARNING: {message}", file=sys.stderr)
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+PROGRESS_ENV = "ZMX_BENCH_PROGRESS"  # set by ``zmx bench``: the benchmark then reports its steps
+
+
+class Progress:
+    """The steps of a benchmark as lines ``PROGRESS done/total label`` on stderr, which ``zmx
+    bench`` turns into a progress bar; silent unless ``ZMX_BENCH_PROGRESS=1`` is in the
+    environment, so a benchmark run by hand prints what it always printed.
+
+    Call ``step`` after each step (a timed round, a warm-up), never inside a timed loop;
+    ``total`` may grow when a benchmark decides to take more rounds.
+    """
+
+    __slots__ = ("done", "enabled", "total")
+
+    def __init__(self, total: int) -> None:
+        self.done = 0
+        self.total = max(1, total)
+        self.enabled = os.environ.get(PROGRESS_ENV) == "1"
+
+    def step(self, label: str = "") -> None:
+        self.done += 1
+        self.total = max(self.total, self.done)
+        if self.enabled:
+            print(f"PROGRESS {self.done}/{self.total} {label}".rstrip(), file=sys.stderr, flush=True)
+
+    def counted(self, label: str, run: Callable[[], float]) -> Callable[[], float]:
+        """``run`` (a round that times itself), reporting a step after each call: for ``interleaved``."""
+        rounds = 0
+
+        def counted_run() -> float:
+            nonlocal rounds
+            seconds = run()
+            rounds += 1
+            self.step(f"{label} {rounds}")
+            return seconds
+
+        return counted_run

@@ -39,7 +39,8 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from _common import CpuWatch, best_of, interleaved, machine_busy, noise_note, warn, write_results
+from _common import CpuWatch, Progress, best_of, interleaved, machine_busy, noise_note, warn, write_results
+from summaries import summarize
 from zmx.commands import CancelOrder, SubmitOrder
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 
@@ -350,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         warn(note)
 
+    # steps: the workload, the rounds of both loops, the engine's events, the codec
+    progress = Progress(1 + args.repeat * 2 + 2)
     start = time.perf_counter()
     commands = generate(args.n, args.seed)
+    progress.step("workload generated")
     kinds = Counter("cancel" if type(c) is CancelOrder else f"{c.type.value} {c.time_in_force.value}" for c in commands)
     print(f"workload: {args.n:,} commands, seed {args.seed}, generated in {time.perf_counter() - start:.2f} s: "
           + ", ".join(f"{k} {v / args.n:.1%}" for k, v in sorted(kinds.items())))
@@ -375,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"baseline": run_baseline}
     if engine_cls is not None:
         runs["engine"] = run_engine
+    else:
+        progress.total -= args.repeat + 2
+    runs = {name: progress.counted(f"{name} round", run) for name, run in runs.items()}
     with CpuWatch() as during:
         rounds = interleaved(args.repeat, runs)
     note = noise_note(during, "during the timed rounds")
@@ -412,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         events = collect_events(checker, commands)
         counts = Counter(type(e).__name__ for e in events)
         trades = counts["TradeOccurred"]
+        progress.step("engine events checked")
         if trades != baseline.trades:
             warn(f"engine made {trades:,} trades, the baseline {baseline.trades:,}")
         e_bids, e_asks = checker.depth()
@@ -447,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             ("self-trade cancels", f"{sum(1 for e in events if getattr(e, 'reason', None) == 'self_trade'):,}"),
         ]
         figures.update(bench_codec(events, args.repeat))
+        progress.step("codec")
         if "codec_ns_per_event_encode" in figures:
             rows += [
                 ("codec encode ns/event", f"{figures['codec_ns_per_event_encode']:,.0f}"),
@@ -464,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine_ops_per_s": TARGET_ENGINE_OPS, "ratio": TARGET_RATIO, "met": False}})
 
     print_table(rows, f"engine benchmark: {args.n:,} commands, best of {args.repeat}")
+    figures["summary"] = summarize("engine", figures)
     if not args.quick:
         path = write_results("engine", figures)
         print(f"wrote {path.relative_to(path.parents[2])}")

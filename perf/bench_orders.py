@@ -7,16 +7,25 @@ matchers' ``data_dir`` in it too, ``fsync: batch``):
 - **zmx, 2 matchers**: a router and two matchers, two symbols each;
 - **python loop** (the ceiling): the least a symbol-keyed router must do, written below: a
   ROUTER front and a DEALER back, poll, drain each socket without blocking, read the symbol
-  from the header, forward the frames; behind it a process that only echoes each request as
-  a reply in the router's reply format (``header, b"ok", payload``, the payload a
-  pre-encoded ``OrderAccepted`` batch, so the client decodes what it decodes from a matcher);
+  from the header, forward the frames (received and sent the way the router does it);
+  behind it a process that only echoes each request as a reply in the router's reply
+  format (``header, b"ok", payload``, the payload a pre-encoded ``OrderAccepted`` batch, so
+  the client decodes what it decodes from a matcher);
 - **zmq.proxy**: the same, with ``zmq.proxy`` (C) in place of the Python loop;
 - **client alone**: the client straight to an echo process, nothing between: what the
   client itself can do, which bounds every other figure.
 
-Every target is driven by the same client code (``zmx.node.client.Client``: ``send`` /
-``recv``) with the same commands, so the frames are the same (a 17-byte header and the
-``codec.encode``d command). The order flow is seeded and generated outside the timing
+Every target is driven the same way, through a ``zmx.node.client.Client``'s DEALER with the
+same wire frames (a 17-byte header and the ``codec.encode``d command): each round's commands
+are encoded before its timing starts (``Requests``), the timed loop only hands frames to
+ZeroMQ and takes replies (header, status, payload), and the payloads are decoded and checked
+after the round. (The loop used to call ``Client.send`` / ``Client.recv``, which encode each
+command and decode each reply's events inside the timing. That made the client the bottleneck
+of the ceilings -- on the same two-core machine: client alone about 29,000 round trips/s
+then, 79,000 now; python loop 15,000 then, 28,000 now, its forwarder and echo receiving
+frames as the router now does -- and so flattered the ratio of zmx to the python loop; at
+half rate it cost about 0.1 of a core more, on a machine where the client, the router and the
+matchers share two cores.) The order flow is seeded and generated outside the timing
 (``Workload``): round-robin over four symbols, gtc limit orders resting 1-20 ticks from a
 fixed mid (none crosses) and cancels of resting orders, 45% of the time or whenever
 ``LIVE_CAP`` orders of a symbol rest; each round continues the flow with ids of its own, so
@@ -29,10 +38,14 @@ Two measures per target:
    ack latency = send to reply, per order (p50 / p99 / p99.9). Rounds of the targets are
    taken in turn (``_common.interleaved``); the best of ``--repeat`` counts.
 2. **half rate, open loop**: ``--paced-n`` orders sent on a fixed schedule at half of the
-   best rate zmx reached with that many matchers, whatever the replies do; ack latency
-   again, also counted from each order's scheduled time (which adds any lag of the sender).
-   The python loop is paced at the same rate in turn, as the reference of what the client
-   and the machine add. The round with the median p99 is reported; every round is in the JSON.
+   best rate zmx reached with that many matchers, whatever the replies do; ack latency from
+   the moment each request was handed to ZeroMQ to the moment its reply was taken (every
+   sample counted), and also from each order's scheduled time (which adds any lag of the
+   sender). The python loop is paced at the same rate in turn, as the reference of what the
+   client and the machine add. The round with the median p99 is reported; every round is in
+   the JSON, with the CPU cores each process of the target used and the CPUs other processes
+   of the machine kept busy meanwhile. Before those rounds, ``fsync_probe`` measures this
+   disk's ``fdatasync`` (each zmx acknowledgement waits for at least one).
 
 Targets (issue 3): zmx orders/s at least 0.6x the python loop's round trips/s, and ack p99
 at most 5 ms at half of the maximum rate.
@@ -44,6 +57,8 @@ Run: ``.venv/bin/python perf/bench_orders.py`` (``--quick`` for a smoke run). Wr
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import random
 import selectors
@@ -63,21 +78,25 @@ import zmq
 from _common import (
     ROOT,
     CpuWatch,
+    Progress,
     interleaved,
     machine_busy,
     noise_note,
     warn,
     write_results,
 )
+from summaries import summarize
 
 sys.path.insert(0, str(ROOT / "tests"))
 from nodes import Cluster, free_ports, write_topology
 
+from zmx import codec
 from zmx.codec import encode_batch
 from zmx.commands import CancelOrder, Command, SubmitOrder
 from zmx.events import OrderAccepted
 from zmx.model import OrderType, Side, TimeInForce
-from zmx.node.client import Client
+from zmx.exceptions import DecodeError
+from zmx.node.client import Client, encode_header
 from zmx.node.runtime import Stopper, announce_ready, load_topology, parse_ready
 
 SCRIPT = Path(__file__).resolve()
@@ -105,6 +124,8 @@ BATCH = 1024  # messages a helper drains from one socket per turn (as the router
 HWM = 100_000
 STALL_S = 10.0  # a round fails when no reply comes for this long
 _backend_send = zmq.backend.Socket.send  # type: ignore[attr-defined]  # as the router: no Python wrapper
+_backend_recv = zmq.backend.Socket.recv  # type: ignore[attr-defined]  # as the router: zmq.Frame, no RCVMORE calls
+_NOBLOCK, _SEND_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 # -- workload ------------------------------------------------------------------------------------
@@ -195,8 +216,8 @@ def role_echo(bind: str, stopper: Stopper) -> None:
         sock.bind(bind)
         announce_ready("echo", "echo", bind=bind)
         ack = ack_payload()
-        recv, get, send = sock.recv, sock.get, _backend_send.__get__(sock)
-        noblock, more, rcvmore, again, ok = zmq.NOBLOCK, zmq.NOBLOCK | zmq.SNDMORE, zmq.RCVMORE, zmq.Again, b"ok"
+        recv, send = _backend_recv.__get__(sock), _backend_send.__get__(sock)
+        noblock, more, again, ok = _NOBLOCK, _SEND_MORE, zmq.Again, b"ok"
         timeout = 100
         while not stopper.stopped:
             if not sock.poll(timeout):
@@ -204,12 +225,14 @@ def role_echo(bind: str, stopper: Stopper) -> None:
                 continue
             for _ in range(BATCH):
                 try:
-                    msg = [recv(noblock)]
+                    frame = recv(noblock, False)
                 except again:
                     timeout = 100
                     break
-                while get(rcvmore):
-                    msg.append(recv())
+                msg = [frame.bytes]
+                while frame.more:
+                    frame = recv(0, False)
+                    msg.append(frame.bytes)
                 if len(msg) == 3:  # through a forwarder: client, header, body
                     send(msg[0], more)
                     send(msg[1], more)
@@ -235,13 +258,13 @@ def role_forward(front_ep: str, back_ep: str, symbols: Sequence[str], stopper: S
         front.bind(front_ep)
         announce_ready("forward", "forward", front=front_ep, back=back_ep)
         owned = frozenset(s.encode() for s in symbols)
-        frecv, fget, fsend = front.recv, front.get, _backend_send.__get__(front)
-        brecv, bget, bsend = back.recv, back.get, _backend_send.__get__(back)
+        frecv, fsend = _backend_recv.__get__(front), _backend_send.__get__(front)
+        brecv, bsend = _backend_recv.__get__(back), _backend_send.__get__(back)
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)
         poll = poller.poll
-        noblock, more, rcvmore, again = zmq.NOBLOCK, zmq.NOBLOCK | zmq.SNDMORE, zmq.RCVMORE, zmq.Again
+        noblock, more, again = _NOBLOCK, _SEND_MORE, zmq.Again
         timeout = 100
         while not stopper.stopped:
             ready = dict(poll(timeout))
@@ -249,11 +272,13 @@ def role_forward(front_ep: str, back_ep: str, symbols: Sequence[str], stopper: S
             if back in ready:
                 for _ in range(BATCH):
                     try:
-                        msg = [brecv(noblock)]
+                        frame = brecv(noblock, False)
                     except again:
                         break
-                    while bget(rcvmore):
-                        msg.append(brecv())
+                    msg = [frame.bytes]
+                    while frame.more:
+                        frame = brecv(0, False)
+                        msg.append(frame.bytes)
                     if len(msg) == 4:  # client, header, status, payload
                         fsend(msg[0], more)
                         fsend(msg[1], more)
@@ -264,11 +289,13 @@ def role_forward(front_ep: str, back_ep: str, symbols: Sequence[str], stopper: S
             if front in ready:
                 for _ in range(BATCH):
                     try:
-                        msg = [frecv(noblock)]
+                        frame = frecv(noblock, False)
                     except again:
                         break
-                    while fget(rcvmore):
-                        msg.append(frecv())
+                    msg = [frame.bytes]
+                    while frame.more:
+                        frame = frecv(0, False)
+                        msg.append(frame.bytes)
                     if len(msg) == 3 and msg[1][9:] in owned:  # client, header, body
                         bsend(msg[0], more)
                         bsend(msg[1], more)
@@ -471,6 +498,28 @@ class Round(NamedTuple):
     latency_ns: list[int]  # send -> reply, per request
     late_ns: list[int]  # scheduled send -> reply (paced rounds; else empty)
     not_ok: Counter[str]
+    cpu: dict[str, float] | None = None  # paced rounds: CPU cores used by each process of the target
+    others: float | None = None  # paced rounds: CPUs kept busy by other processes meanwhile
+
+
+def fsync_probe(directory: Path, n: int = 2000) -> dict[str, float | None]:
+    """fdatasync latency of this disk now: ``n`` appends of 300 bytes to a file in ``directory``
+    (where the matchers' journals are), each synced, 0.5 ms apart. Every acknowledgement of
+    zmx waits for at least one of these (``fsync: batch``); the python loop for none."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    clock, data, took = time.perf_counter_ns, b"x" * 300, []
+    try:
+        for _ in range(n):
+            os.write(fd, data)
+            t = clock()
+            os.fdatasync(fd)
+            took.append(clock() - t)
+            time.sleep(0.0005)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return percentiles_us(took)
 
 
 def await_route(client: Client, symbols: Sequence[str], timeout: float = 20.0) -> None:
@@ -487,94 +536,181 @@ def await_route(client: Client, symbols: Sequence[str], timeout: float = 20.0) -
             time.sleep(0.05)
 
 
+class Requests:
+    """One round's requests, encoded before the timing starts: ``frames[k]`` is request ``k``'s
+    ``(header, body)``, with request id ``base + k`` (a range of its own for each round, so a
+    late reply of an earlier round is never taken for one of this round).
+
+    The timed loops below send these frames and read replies straight from the client's
+    socket (``Client.socket``, the same DEALER, the same wire frames as ``Client.send`` /
+    ``Client.recv``), keeping only the reply's header, status and payload; the payloads are
+    decoded after the round (``check``). So the client's own CPU -- encoding each command,
+    decoding each reply's events -- stays out of the machine's two cores while the cluster is
+    measured, and out of the latencies, for every target alike.
+    """
+
+    _rounds = itertools.count(1)
+
+    def __init__(self, commands: Sequence[Command]) -> None:
+        self.base = next(self._rounds) << 32
+        self.frames = [(encode_header(self.base + k, c.symbol), codec.encode(c)) for k, c in enumerate(commands)]
+        self.status: list[bytes] = [b""] * len(commands)
+        self.payload: list[bytes] = [b""] * len(commands)
+        self.stray = 0  # replies that are not one of these requests' (malformed, or of another round)
+
+    def check(self, kinds: Counter[str] | None = None) -> Counter[str]:
+        """The statuses other than ``ok`` (an undecodable ok payload counts as ``bad_reply``);
+        ``kinds`` counts the type of each ok reply's first event."""
+        not_ok: Counter[str] = Counter()
+        for status, payload in zip(self.status, self.payload, strict=True):
+            if status != b"ok":
+                not_ok[status.decode(errors="replace") or "no reply"] += 1
+                continue
+            try:
+                events = codec.decode_batch(payload)
+            except DecodeError:
+                not_ok["bad_reply"] += 1
+                continue
+            if kinds is not None:
+                kinds[type(events[0]).__name__ if events else "none"] += 1
+        if self.stray:
+            not_ok["stray reply"] += self.stray
+        return not_ok
+
+
+class _Wire:
+    """Send a request's frames / take a reply from a client's socket, without the client's
+    encoding and decoding (see ``Requests``)."""
+
+    def __init__(self, client: Client, requests: Requests) -> None:
+        self.client = client
+        sock = client.socket
+        self.send_more = functools.partial(_backend_send, sock, flags=_SEND_MORE)
+        self.send_last = functools.partial(_backend_send, sock, flags=_NOBLOCK)
+        self.recv, self.poll = _backend_recv.__get__(sock), sock.poll
+        self.base, self.n = requests.base, len(requests.frames)
+        self.status, self.payload = requests.status, requests.payload
+        self.requests = requests
+
+    def send(self, frames: tuple[bytes, bytes]) -> None:
+        try:
+            self.send_more(frames[0])
+        except zmq.Again:  # no router connected, or its queue full: wait as Client.send does
+            self.client.send_frames(frames, timeout=STALL_S)
+            return
+        self.send_last(frames[1])
+
+    def reply(self) -> int:
+        """The index of the next reply's request, -1 if none is waiting, -2 for a stray reply."""
+        try:
+            frame = self.recv(_NOBLOCK, False)
+        except zmq.Again:
+            return -1
+        frames = [frame.bytes]
+        while frame.more:
+            frame = self.recv(0, False)
+            frames.append(frame.bytes)
+        k = int.from_bytes(frames[0][1:9], "big") - self.base if len(frames[0]) >= 9 else -1
+        if len(frames) != 3 or not 0 <= k < self.n:
+            self.requests.stray += 1
+            return -2
+        self.status[k] = frames[1]
+        self.payload[k] = frames[2]
+        return k
+
+
 def pipelined(client: Client, commands: Sequence[Command], window: int, max_seconds: float,
               kinds: Counter[str] | None = None) -> Round:
     """Keep ``window`` requests in flight until every command is answered; ``kinds``, if
-    given, counts the type of each ok reply's first event (for the warm-up's check)."""
+    given, counts the type of each ok reply's first event (for the warm-up's check).
+    Latency: from the moment the request's frames were handed to ZeroMQ to the reply's."""
+    requests = Requests(commands)
+    wire = _Wire(client, requests)
+    send, reply, poll, frames = wire.send, wire.reply, wire.poll, requests.frames
     n = len(commands)
-    send, recv = client.send, client.recv
     clock = time.perf_counter_ns
     sent_at = [0] * n
     latency = [0] * n
-    not_ok: Counter[str] = Counter()
     i = received = 0
-    base = 0
     start = clock()
     give_up = start + int(max_seconds * 1e9)
     last = start
     while received < n:
         while i < n and i - received < window:
-            rid = send(commands[i])
-            if not i:
-                base = rid
-            sent_at[rid - base] = clock()
+            send(frames[i])
+            sent_at[i] = clock()
             i += 1
-        reply = recv(STALL_S)
-        if reply is None:
+        if not poll(int(STALL_S * 1000)):
             raise RuntimeError(f"no reply for {STALL_S} s: {received:,} of {n:,} answered")
-        while reply is not None:
-            last = clock()
-            k = reply.request_id - base
-            latency[k] = last - sent_at[k]
-            if reply.status != "ok":
-                not_ok[reply.status] += 1
-            elif kinds is not None:
-                kinds[type(reply.events[0]).__name__ if reply.events else "none"] += 1
-            received += 1
-            reply = recv(0) if received < n else None
+        k = reply()
+        while k != -1:
+            if k >= 0:
+                last = clock()
+                latency[k] = last - sent_at[k]
+                received += 1
+            k = reply() if received < n else -1
         if last > give_up:
             raise RuntimeError(f"round over {max_seconds} s: {received:,} of {n:,} answered")
-    return Round((last - start) / 1e9, latency, [], not_ok)
+    return Round((last - start) / 1e9, latency, [], requests.check(kinds))
 
 
 def paced(client: Client, commands: Sequence[Command], rate: float, max_seconds: float) -> Round:
-    """Send on a fixed schedule (``rate`` per second, open loop) and take replies as they come."""
+    """Send on a fixed schedule (``rate`` per second, open loop) and take replies as they come.
+
+    Request ``k`` is due at ``start + k / rate``; it is sent as soon as the loop sees it due
+    (late ones go out at once, in order, never skipped). Two latencies per request: from the
+    moment its frames were handed to ZeroMQ (``latency_ns``, the ack latency reported) and
+    from the moment it was due (``late_ns``, which adds the sender's own lag). Between sends
+    the loop waits in ``poll`` on the socket, so a reply is timestamped when it arrives, not
+    when the next send is done."""
+    requests = Requests(commands)
+    wire = _Wire(client, requests)
+    send, reply, poll, frames = wire.send, wire.reply, wire.poll, requests.frames
     n = len(commands)
-    send, recv, poll = client.send, client.recv, client.socket.poll
     clock = time.perf_counter_ns
     interval = 1e9 / rate
     sent_at = [0] * n
     latency = [0] * n
     late = [0] * n
-    not_ok: Counter[str] = Counter()
     i = received = 0
-    base = 0
     start = clock() + 1_000_000
     give_up = start + int(max_seconds * 1e9)
     last = start
+    due = start
     while received < n:
         now = clock()
-        while i < n and start + int(i * interval) <= now:
-            rid = send(commands[i])
-            if not i:
-                base = rid
-            sent_at[rid - base] = clock()
+        while i < n and due <= now:
+            send(frames[i])
+            sent_at[i] = now = clock()
             i += 1
+            due = start + int(i * interval)
+        k = reply()
         got = False
-        reply = recv(0)
-        while reply is not None:
-            got = True
-            last = clock()
-            k = reply.request_id - base
-            latency[k] = last - sent_at[k]
-            late[k] = last - (start + int(k * interval))
-            if reply.status != "ok":
-                not_ok[reply.status] += 1
-            received += 1
-            reply = recv(0) if received < n else None
+        while k != -1:
+            if k >= 0:
+                got = True
+                last = clock()
+                latency[k] = last - sent_at[k]
+                late[k] = last - (start + int(k * interval))
+                received += 1
+            k = reply() if received < n else -1
         if got or received >= n:
             continue
-        if last > give_up or clock() > give_up:
+        now = clock()
+        if now > give_up:
             raise RuntimeError(f"paced round over {max_seconds} s: {received:,} of {n:,} answered")
         if i < n:
-            wait = start + int(i * interval) - clock()
-            if wait > 1_000_000:
-                poll(wait // 1_000_000)  # a reply wakes it up
-            elif wait > 0:
-                time.sleep(wait / 1e9)
+            wait = due - now
+            if wait > 0:
+                # ZeroMQ's poll counts whole milliseconds: wait in it for the whole ones (a reply
+                # wakes it up), then in a short sleep for the rest of the way to the next send.
+                if wait >= 1_000_000:
+                    poll(wait // 1_000_000)
+                elif wait > 50_000:
+                    time.sleep((wait - 20_000) / 1e9)
         elif not poll(int(STALL_S * 1000)):
             raise RuntimeError(f"no reply for {STALL_S} s: {received:,} of {n:,} answered")
-    return Round((last - start) / 1e9, latency, late, not_ok)
+    return Round((last - start) / 1e9, latency, late, requests.check())
 
 
 def percentiles_us(values_ns: Sequence[int]) -> dict[str, float | None]:
@@ -623,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=256, help="requests in flight at the maximum rate (256)")
     parser.add_argument("--repeat", type=int, default=5, help="maximum-rate rounds per target; the best counts (5)")
     parser.add_argument("--paced-n", type=int, default=25_000, help="orders per half-rate round (25000)")
-    parser.add_argument("--paced-repeat", type=int, default=3, help="half-rate rounds per target (3)")
+    parser.add_argument("--paced-repeat", type=int, default=5, help="half-rate rounds per target (5)")
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (3000 orders, 1 round), no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, journals)")
@@ -646,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-orders-"))
     procs = Processes(directory)
     clients: dict[str, Client] = {}
+    pids: dict[str, dict[str, int]] = {}  # target -> its processes (paced rounds report their CPU)
     round_no = 0
 
     workloads: dict[str, Workload] = {}  # one order flow per target, each from the same seed
@@ -658,14 +795,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         budget = 900.0
         for count, layout in LAYOUTS.items():
-            _, topology_path = procs.cluster(f"zmx{count}", layout)
+            cluster, topology_path = procs.cluster(f"zmx{count}", layout)
             clients[f"zmx {count}m"] = Client.from_topology(load_topology(topology_path))
+            pids[f"zmx {count}m"] = {node.name: node.proc.pid for node in cluster.procs}
         echo1, echo2, echo3, front1, front2 = (f"tcp://127.0.0.1:{p}" for p in free_ports(5))
         procs.helper("echo-loop", "echo", echo1, max_seconds=budget)
         procs.helper("forward", "forward", front1, echo1, max_seconds=budget)
         procs.helper("echo-proxy", "echo", echo2, max_seconds=budget)
         procs.helper("proxy", "proxy", front2, echo2, max_seconds=budget)
         clients["python loop"] = Client([front1])
+        pids["python loop"] = {h.name: h.proc.pid for h in procs.helpers if h.name in ("forward", "echo-loop")}
         clients["zmq.proxy"] = Client([front2])
         procs.helper("echo-direct", "echo", echo3, max_seconds=budget)
         clients["client alone"] = Client([echo3])
@@ -673,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
             await_route(client, SYMBOLS)
             workloads[name] = Workload(args.seed)
         round_max_s = max(60.0, args.n / 1_000)
+        progress = Progress(1 + args.repeat * len(clients) + 2 * args.paced_repeat * len(LAYOUTS))
         for name, client in clients.items():  # warm-up: connections, caches, the engines
             replied: Counter[str] = Counter()
             result = pipelined(client, workload(name, warmup), args.window, round_max_s, replied)
@@ -680,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
                 warn(f"{name}: warm-up replies not ok: {dict(result.not_ok)}")
             if name.startswith("zmx") and set(replied) - {"OrderAccepted", "OrderCanceled"}:
                 warn(f"{name}: warm-up replies other than accepted / canceled: {dict(replied)}")
+        progress.step("warm-up")
 
         # 1. maximum rate, rounds in turn
         results: dict[str, list[Round]] = {name: [] for name in clients}
@@ -689,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                 commands = workload(name)
                 r = pipelined(clients[name], commands, args.window, round_max_s)
                 results[name].append(r)
+                progress.step(f"{name}: round {len(results[name])}")
                 return r.seconds
             return run
 
@@ -703,7 +845,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.n / rounds_s[name][i], results[name][i]
 
         # 2. half rate, open loop, zmx and the python loop at the same rate in turn
+        fsync_us = fsync_probe(directory)
+        print(f"fdatasync on this disk now: p50 {ms(fsync_us['p50'])} ms, p99 {ms(fsync_us['p99'])} ms, "
+              f"p99.9 {ms(fsync_us['p99.9'])} ms, max {ms(fsync_us['max'])} ms")
         paced_results: dict[str, dict[str, list[Round]]] = {}
+        tick = os.sysconf("SC_CLK_TCK")
         with NoiseWatch(procs) as during_paced:
             for count in LAYOUTS:
                 zname = f"zmx {count}m"
@@ -714,9 +860,16 @@ def main(argv: list[str] | None = None) -> int:
                 def paced_round(name: str, rate: float = rate, runs: dict[str, list[Round]] = runs
                                 ) -> Callable[[], float]:
                     def run() -> float:
-                        r = paced(clients[name], workload(name, args.paced_n), rate,
-                                  round_max_s + args.paced_n / rate)
-                        runs[name].append(r)
+                        commands = workload(name, args.paced_n)
+                        before = {p: cpu_jiffies(pid) for p, pid in pids[name].items()}
+                        own = time.process_time()
+                        with NoiseWatch(procs) as noise:
+                            r = paced(clients[name], commands, rate, round_max_s + args.paced_n / rate)
+                        cpu = {p: round((cpu_jiffies(pid) - before[p]) / tick / r.seconds, 2)
+                               for p, pid in pids[name].items()}
+                        cpu["client"] = round((time.process_time() - own) / r.seconds, 2)
+                        runs[name].append(r._replace(cpu=cpu, others=noise.others))
+                        progress.step(f"{name}: half-rate round {len(runs[name])}")
                         return r.seconds
                     return run
 
@@ -745,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         "symbols": list(SYMBOLS),
         "workload": {k: round(v / args.n, 4) for k, v in sorted(kinds.items())},
         "fsync": "batch",
+        "fdatasync_us": fsync_us,
         "zmx": {},
         "ceiling": {},
     }
@@ -759,7 +913,8 @@ def main(argv: list[str] | None = None) -> int:
         stats = [percentiles_us(r.latency_ns) for r in rounds]
         order = sorted(range(len(rounds)), key=lambda i: stats[i]["p99"] or 0.0)
         listed = [{"rate": round(args.paced_n / r.seconds), "ack_us": s,
-                   "ack_from_schedule_us": percentiles_us(r.late_ns)}
+                   "ack_from_schedule_us": percentiles_us(r.late_ns), "cpu_cores": r.cpu,
+                   "others_cpus": r.others}
                   for r, s in zip(rounds, stats, strict=True)]
         return rounds[order[len(order) // 2]], listed
 
@@ -826,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         t = targets[f"{count}_matcher"]
         print(f"{count} matcher(s): ratio >= {TARGET_RATIO}x: {t['ratio_met']}; "
               f"ack p99 <= {TARGET_P99_MS:g} ms at half rate: {t['ack_p99_met']}")
+    figures["summary"] = summarize("orders", figures)
     if not args.quick:
         path = write_results("orders", figures)
         print(f"wrote {path.relative_to(ROOT)}")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from _common import ROOT, interleaved, machine_busy, noise_note, warn, write_results
+from _common import ROOT, Progress, interleaved, machine_busy, noise_note, warn, write_results
 from bench_orders import (
     MID,
     STALL_S,
@@ -60,6 +60,7 @@ from bench_orders import (
     watchdog,
 )
 from nodes import free_ports  # tests/nodes.py, on the path through bench_orders
+from summaries import summarize
 
 from zmx.codec import encode_publication
 from zmx.events import BookChanged
@@ -228,8 +229,9 @@ class SymbolCountRun:
     probe rounds driven by orders, and the blast rounds beside them."""
 
     def __init__(self, count: int, args: argparse.Namespace, procs: Processes, rounds: itertools.count[int],
-                 budget: float) -> None:
+                 budget: float, progress: Progress) -> None:
         self.count = count
+        self.progress = progress
         self.args = args
         self.procs = procs
         self.rounds = rounds
@@ -249,17 +251,23 @@ class SymbolCountRun:
             await_route(self.client, self.symbols)
             self.flow = Workload(args.seed, self.symbols)
             pipelined(self.client, self.flow.take(min(args.n, 3_000), "wo"), args.window, 60.0)  # warm-up
+            step = f"{self.count} symbol{'s' if self.count > 1 else ''}"
+            self.progress.step(f"{step}: cluster up, warmed up")
             with NoiseWatch(procs) as during:
-                interleaved(args.repeat, {"zmx": lambda: self.zmx_round(None, self.zmx), "blast": self.blast_round})
+                interleaved(args.repeat, {
+                    "zmx": self.progress.counted(f"{step}: zmx round", lambda: self.zmx_round(None, self.zmx)),
+                    "blast": self.progress.counted(f"{step}: probe ceiling round", self.blast_round)})
             best_rate = max(r["publications_per_s"] or 0 for r in self.zmx)
             paced_repeat = args.paced_repeat
             if any(r["gaps"] or r["publications"] < args.n for r in self.zmx):
                 warn(f"{self.count} symbols: gaps at the maximum rate; measuring {args.repeat} rounds at half of it, "
                      f"{best_rate // 2:,}/s")
                 paced_repeat = max(paced_repeat, args.repeat)
+                self.progress.total += paced_repeat - args.paced_repeat
             with NoiseWatch(procs) as during_paced:
-                for _ in range(paced_repeat):
+                for i in range(paced_repeat):
                     self.zmx_round(best_rate / 2, self.paced)
+                    self.progress.step(f"{step}: half-rate round {i + 1}")
         finally:
             self.client.close()
             cluster.stop_all()
@@ -349,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes(directory, SCRIPT)
     rounds = itertools.count(1)
     results: dict[str, Any] = {}
+    # steps per symbol count: the cluster's warm-up, the rounds of zmx and the ceiling, the half-rate rounds
+    progress = Progress(len(args.symbols) * (1 + 2 * args.repeat + args.paced_repeat))
     try:
         for count in args.symbols:
-            results[str(count)] = SymbolCountRun(count, args, procs, rounds, budget=900.0).run()
+            results[str(count)] = SymbolCountRun(count, args, procs, rounds, budget=900.0, progress=progress).run()
     finally:
         procs.stop_all()
         if args.keep:
@@ -413,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{p['gaps_all_rounds']:,}", f"{p['latency_us']['p50'] / 1000:.2f}",
                          f"{p['latency_us']['p99'] / 1000:.2f}", "", "", "", ""])
     figures["no_gaps_at_sustained_rate"] = all_clean
+    figures["summary"] = summarize("pub", figures)
     print_rows(f"publications: {args.n:,} orders a round, window {args.window}, best of {args.repeat}",
                ["symbols", "zmx pub/s", "acks/s", "gaps", "lat p50 ms", "lat p99 ms",
                 "probe ceiling/s", "gaps", "blast sent/s", "zmx / ceiling"],

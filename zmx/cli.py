@@ -3,14 +3,21 @@
 ``zmx check TOPOLOGY`` validates a topology and prints its layout; ``zmx up [TOPOLOGY]`` runs
 every node of it as a child process and supervises them (``zmx.node.supervisor``); ``zmx node
 NAME -t TOPOLOGY`` runs one node in this process; ``zmx probe TARGET`` measures a feed
-(``zmx.node.probe``). A bad topology is reported on stderr as ``Error: FILE:LINE: problem``
-with exit status 2, never a traceback.
+(``zmx.node.probe``); ``zmx bench SCENARIO`` runs a benchmark of ``perf/`` with a progress bar
+and plots its results, ``zmx bench report`` rebuilds the README's performance table from them.
+A bad topology is reported on stderr as ``Error: FILE:LINE: problem`` with exit status 2, never
+a traceback.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -253,6 +260,344 @@ def node(name: str, topology_path: Path) -> None:
     except (ZmxError, OSError) as e:  # e.g. its port is taken: say so, without a traceback
         raise click.ClickException(f"node {name}: {e}") from None
     raise SystemExit(code)
+
+
+# -- zmx bench -------------------------------------------------------------------------------------
+
+PERF_DIR_ENV = "ZMX_PERF_DIR"
+PROGRESS_ENV = "ZMX_BENCH_PROGRESS"  # as in perf/_common.py: the benchmark then prints PROGRESS lines
+PROGRESS_LINE = re.compile(r"PROGRESS (\d+)/(\d+)(?: (.*))?")
+SCENARIO_ORDER = ("engine", "orders", "pub", "fanout", "connections", "hosts")  # the issue's; others follow
+BENCH_COMMANDS = ("list", "plot", "report")
+TABLE_START, TABLE_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+TABLE_COLUMNS = ("benchmark", "zmx", "baseline", "ratio", "target", "met")
+TABLE_HEAD = ("| benchmark (results file) | zmx | baseline in the same run | ratio | target | met |\n"
+              "|---|---|---|---|---|---|")
+
+
+def default_perf_dir() -> Path:
+    """``perf/`` of the source tree zmx runs from (the package installed editable from a checkout)."""
+    return Path(zmx.__file__).resolve().parent.parent / "perf"
+
+
+def _perf_dir(ctx: click.Context, required: bool = True) -> Path:
+    """``zmx bench --perf-dir`` (or ``ZMX_PERF_DIR``), else the checkout's ``perf/``."""
+    chosen = ctx.params.get("perf_dir") or os.environ.get(PERF_DIR_ENV)
+    path = Path(chosen) if chosen else default_perf_dir()
+    if required and not path.is_dir():
+        raise click.ClickException(
+            f"no benchmarks at {path}: they run from a source checkout of zmx (clone it, then "
+            "pip install -e '.[bench]' in it), not from an installed package; or pass --perf-dir DIR")
+    return path
+
+
+def _order(name: str) -> tuple[int, str]:
+    return (SCENARIO_ORDER.index(name) if name in SCENARIO_ORDER else len(SCENARIO_ORDER), name)
+
+
+def scenarios(perf_dir: Path) -> list[str]:
+    """The scenarios of a perf directory: one per ``bench_NAME.py``."""
+    names = [p.stem.removeprefix("bench_") for p in perf_dir.glob("bench_*.py")]
+    return sorted((n for n in names if n not in BENCH_COMMANDS), key=_order)
+
+
+def _describe(script: Path) -> str:
+    """The first paragraph of a benchmark script's docstring, on one line."""
+    import ast
+
+    try:
+        doc = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) or ""
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
+class BenchGroup(click.Group):
+    """``zmx bench list | plot | report`` and one command per ``perf/bench_NAME.py``."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        perf_dir = _perf_dir(ctx, required=False)
+        return [*(scenarios(perf_dir) if perf_dir.is_dir() else []), *sorted(self.commands)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        perf_dir = _perf_dir(ctx, required=False)
+        script = perf_dir / f"bench_{cmd_name}.py"
+        return _scenario_command(cmd_name, script) if script.is_file() else None
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0]
+        if not name.startswith("-") and self.get_command(ctx, name) is None:
+            perf_dir = _perf_dir(ctx)
+            known = ", ".join(scenarios(perf_dir)) or "none"
+            raise click.UsageError(f"unknown scenario {name!r}; available: {known} "
+                                   f"(a scenario is a {perf_dir}/bench_NAME.py)", ctx)
+        return super().resolve_command(ctx, args)
+
+
+@main.group(cls=BenchGroup, invoke_without_command=True)
+@click.option("--perf-dir", type=click.Path(file_okay=False, path_type=Path), envvar=PERF_DIR_ENV,
+              help=f"the benchmarks' directory (default: perf/ of this checkout; env {PERF_DIR_ENV})")
+@click.option("--no-plot", is_flag=True, help="after a benchmark, do not draw its plots")
+@click.pass_context
+def bench(ctx: click.Context, perf_dir: Path | None, no_plot: bool) -> None:
+    """Run a benchmark of perf/ (SCENARIO [ARGS]...), list them, plot or report their results.
+
+    zmx bench SCENARIO [ARGS]... runs perf/bench_SCENARIO.py with this Python and ARGS
+    (e.g. --quick; --help shows the benchmark's own options) with a progress bar, then
+    draws the plots of perf/results/SCENARIO.json and shows its summary rows (the figure
+    and the baseline measured in the same run). zmx bench report puts the summary rows of
+    every results file into the README's performance table.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(bench_list)
+
+
+@bench.command("list")
+@click.pass_context
+def bench_list(ctx: click.Context) -> None:
+    """List the scenarios (perf/bench_*.py) and their results files."""
+    perf_dir = _perf_dir(ctx.parent or ctx)
+    table = Table(title=f"benchmarks in {perf_dir}", title_justify="left")
+    for column in ("scenario", "what it measures", "results file"):
+        table.add_column(column)
+    for name in scenarios(perf_dir):
+        results = perf_dir / "results" / f"{name}.json"
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(results.stat().st_mtime)) if results.is_file() else ""
+        table.add_row(name, _describe(perf_dir / f"bench_{name}.py"),
+                      f"results/{results.name} ({written})" if written else "-")
+    Console(highlight=False).print(table)
+    click.echo("run one: zmx bench SCENARIO [--quick]; then zmx bench report updates the README's table")
+
+
+def _scenario_command(name: str, script: Path) -> click.Command:
+    @click.command(name=name, help=_describe(script) + " (ARGS go to the benchmark; --help shows them)",
+                   add_help_option=False,
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    @click.pass_context
+    def run(ctx: click.Context, args: tuple[str, ...]) -> None:
+        group = ctx.parent or ctx
+        perf_dir = _perf_dir(group)
+        results = perf_dir / "results" / f"{name}.json"
+        before = results.stat().st_mtime_ns if results.is_file() else None
+        code = _run_benchmark(name, script, list(args))
+        if code != 0:
+            raise click.ClickException(f"benchmark {name} failed (exit status {code})" if code > 0 else
+                                       f"benchmark {name} was killed by signal {-code}")
+        if not results.is_file() or results.stat().st_mtime_ns == before:
+            if "--help" not in args and "-h" not in args:
+                click.echo(f"{name}: no results file written (a --quick run writes none), so no plots")
+            return
+        rows = _load_results(results).get("summary")
+        if rows:
+            Console(highlight=False).print(_summary_table(f"{name}: summary", rows))
+        if not group.params.get("no_plot"):
+            _plot(perf_dir, results, strict=False)
+
+    return run
+
+
+def _run_benchmark(name: str, script: Path, args: list[str]) -> int:
+    """Run ``script`` with this interpreter; its ``PROGRESS done/total label`` lines (stderr) drive
+    a progress bar, everything else passes through to our stdout / stderr. The exit status."""
+    import queue
+    import subprocess
+    import threading
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True, highlight=False)
+    env = {**os.environ, PROGRESS_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    if console.is_terminal and "COLUMNS" not in os.environ:
+        env["COLUMNS"] = str(console.width)  # the benchmark's own tables at our width
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent.parent, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace", bufsize=1)
+    lines: queue.Queue[tuple[bool, str | None]] = queue.Queue()
+
+    def read(stream: Any, is_err: bool) -> None:
+        for line in stream:
+            lines.put((is_err, line))
+        lines.put((is_err, None))
+
+    readers = [threading.Thread(target=read, args=(stream, is_err), daemon=True)
+               for stream, is_err in ((proc.stdout, False), (proc.stderr, True))]
+    for reader in readers:
+        reader.start()
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console, redirect_stdout=sys.stdout.isatty())
+    try:
+        with bar:
+            task = bar.add_task(f"{name}: starting", total=None)
+            open_streams = 2
+            while open_streams:
+                is_err, line = lines.get()
+                if line is None:
+                    open_streams -= 1
+                    continue
+                progress = PROGRESS_LINE.fullmatch(line.rstrip("\r\n")) if is_err else None
+                if progress:
+                    done, total, label = progress.groups()
+                    bar.update(task, completed=int(done), total=int(total), description=f"{name}: {label or ''}")
+                else:
+                    out = sys.stderr if is_err else sys.stdout
+                    out.write(line)
+                    out.flush()
+            code = proc.wait()
+            if bar.tasks[0].total is None:  # no PROGRESS line (e.g. --help): leave no empty bar behind
+                bar.remove_task(task)
+            elif code == 0:
+                bar.update(task, description=f"{name}: done")
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        if proc.poll() is None:  # interrupted: stop the benchmark (it stops its own processes on SIGTERM)
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if code == 130:
+        raise SystemExit(130)
+    return code
+
+
+def _load_results(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{path}: not a readable results file ({e})") from None
+    if not isinstance(data, dict):
+        raise click.ClickException(f"{path}: not a results file (a JSON object expected)")
+    return data
+
+
+def _cell(value: Any) -> str:
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    return "" if value is None else str(value).replace("\n", " ").replace("|", "\\|")
+
+
+def _summary_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("benchmark", "zmx", "baseline in the same run", "ratio", "target", "met"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)).replace("\\|", "|") for c in TABLE_COLUMNS))
+    return table
+
+
+def _plot(perf_dir: Path, results: Path, strict: bool) -> None:
+    """Draw the plots of ``results`` with ``perf/plots.py``; without matplotlib, an error if
+    ``strict``, else a note (the results file is written either way)."""
+    import importlib.util
+
+    source = perf_dir / "plots.py"
+    spec = importlib.util.spec_from_file_location("zmx_perf_plots", source)
+    if spec is None or spec.loader is None or not source.is_file():
+        message = f"no {source}: no plots"
+        if strict:
+            raise click.ClickException(message)
+        click.echo(message, err=True)
+        return
+    plots = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = plots  # dataclasses look their module up
+    spec.loader.exec_module(plots)
+    try:
+        written = plots.plot_results(results)
+    except plots.PlotsUnavailable as e:
+        if strict:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"note: {e}", err=True)
+        return
+    for path in written:
+        click.echo(f"wrote {path}")
+    if not written:
+        click.echo(f"{results.name}: no latency percentiles or series over N in it, nothing to plot")
+
+
+@bench.command("plot")
+@click.argument("scenario")
+@click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="the results directory (default: perf/results)")
+@click.pass_context
+def bench_plot(ctx: click.Context, scenario: str, results_dir: Path | None) -> None:
+    """Draw the plots of an existing results file (RESULTS/SCENARIO.json) next to it."""
+    perf_dir = _perf_dir(ctx.parent or ctx)
+    results_dir = results_dir or perf_dir / "results"
+    results = results_dir / f"{scenario}.json"
+    if not results.is_file():
+        have = ", ".join(sorted((p.stem for p in results_dir.glob("*.json")), key=_order)) or "none"
+        raise click.ClickException(f"no results file {results} (results files: {have})")
+    _plot(perf_dir, results, strict=True)
+
+
+def performance_table(results_dir: Path) -> tuple[str, list[str], list[str]]:
+    """The README's performance table from the ``summary`` rows of every results file, in the
+    issue's order of the scenarios: (table, files in it, files without summary rows, left out)."""
+    lines, used, left_out = [TABLE_HEAD], [], []
+    for path in sorted(results_dir.glob("*.json"), key=lambda p: _order(p.stem)):
+        rows = _load_results(path).get("summary")
+        if not isinstance(rows, list) or not rows:
+            left_out.append(path.name)
+            continue
+        used.append(path.name)
+        for row in rows:
+            cells = [_cell(row.get(column)) for column in TABLE_COLUMNS] if isinstance(row, dict) else [_cell(row)]
+            lines.append("|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|")
+    return "\n".join(lines), used, left_out
+
+
+def replace_table(text: str, table: str, where: str = "README") -> str:
+    """``text`` with what lies between the performance table's markers replaced by ``table``."""
+    if text.count(TABLE_START) != 1 or text.count(TABLE_END) != 1 or text.index(TABLE_START) > text.index(TABLE_END):
+        raise click.ClickException(f"{where}: expected one {TABLE_START} line and, after it, one {TABLE_END} "
+                                   "line around the performance table")
+    head, rest = text.split(TABLE_START)
+    _, tail = rest.split(TABLE_END)
+    return f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}"
+
+
+@bench.command("report")
+@click.option("--readme", type=click.Path(dir_okay=False, path_type=Path),
+              help="the README to update (default: README.md of the checkout)")
+@click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="the results directory (default: perf/results)")
+@click.pass_context
+def bench_report(ctx: click.Context, readme: Path | None, results_dir: Path | None) -> None:
+    """Regenerate the README's performance table from the results files' summary rows.
+
+    Only the lines between <!-- perf-table:start --> and <!-- perf-table:end --> change.
+    """
+    if readme is None or results_dir is None:
+        perf_dir = _perf_dir(ctx.parent or ctx)
+        readme = readme or perf_dir.parent / "README.md"
+        results_dir = results_dir or perf_dir / "results"
+    if not results_dir.is_dir():
+        raise click.ClickException(f"no results directory {results_dir}")
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError as e:
+        raise click.ClickException(f"{readme}: {e.strerror or e}") from None
+    table, used, left_out = performance_table(results_dir)
+    for name in left_out:
+        click.echo(f"note: {results_dir / name} has no summary rows (its benchmark writes none yet); "
+                   "not in the table", err=True)
+    updated = replace_table(text, table, str(readme))
+    files = ", ".join(used) or "no results files"
+    if updated == text:
+        click.echo(f"{readme}: performance table already up to date ({files})")
+        return
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(updated, encoding="utf-8")
+    tmp.replace(readme)
+    click.echo(f"{readme}: performance table regenerated from {files}")
 
 
 if __name__ == "__main__":

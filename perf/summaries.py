@@ -1,0 +1,148 @@
+"""The rows each benchmark contributes to the README's performance table.
+
+Every results file carries them as ``summary``: a list of rows with the table's columns
+(``benchmark``, ``zmx``, ``baseline``, ``ratio``, ``target``, ``met``), all text but ``met``
+(true, false, or null where there is no target). ``zmx bench report`` puts the rows of every
+results file into the README as they are, so a new benchmark only has to write its own rows:
+``figures["summary"] = summaries.summarize("NAME", figures)`` with a function here, or rows
+built in the benchmark itself with ``row``.
+
+``python perf/summaries.py perf/results/engine.json ...`` (re)computes the summary of results
+files from their figures, e.g. for files written before the benchmark wrote one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+COLUMNS = ("benchmark", "zmx", "baseline", "ratio", "target", "met")
+METADATA = ("python", "implementation", "platform", "machine", "cpu_count", "cpu_usable", "loadavg", "commit",
+            "timestamp")  # what _common.write_results appends; a recomputed summary goes before it
+
+
+def row(benchmark: str, zmx: str, baseline: str = "", ratio: str = "", target: str = "",
+        met: bool | None = None) -> Row:
+    """One row of the performance table."""
+    return {"benchmark": benchmark, "zmx": zmx, "baseline": baseline, "ratio": ratio, "target": target, "met": met}
+
+
+def approx(x: float) -> str:
+    """``x`` to a round figure for a ``~`` (126,111 -> 125,000): the nearest half unit of its
+    second significant digit."""
+    if x <= 0:
+        return "0"
+    step = 5 * 10 ** max(0, int(math.log10(x)) - 2)
+    return f"{round(x / step) * step:,}"
+
+
+def engine(f: dict[str, Any]) -> list[Row]:
+    t = f["targets"]
+    if f.get("engine_ops_per_s") is None:
+        zmx, ratio = "not measured (--no-engine or no zmx.engine)", ""
+    else:
+        zmx, ratio = f"{f['engine_ops_per_s']:,} ops/s, {f['events_per_op']:.1f} events/op", f"{f['ratio']:.2f}x"
+    rows = [row(f"`perf/bench_engine.py` (`engine.json`): {f['ops']:,} commands through `MatchingEngine.handle`, "
+                "every event built", zmx,
+                f"bare dict + SortedList + deque book, no events: {f['baseline_ops_per_s']:,} ops/s", ratio,
+                f">= {t['engine_ops_per_s']:,} ops/s and >= {t['ratio']}x", t["met"])]
+    if "codec_ns_per_event_encode" in f:
+        rows.append(row("codec (`engine.json`)", f"encode {f['codec_ns_per_event_encode'] / 1000:.1f} us, "
+                        f"decode {f['codec_ns_per_event_decode'] / 1000:.1f} us per event", target="measured"))
+    return rows
+
+
+def _plural(n: int | str, noun: str) -> str:
+    return f"{n} {noun}{'' if str(n) == '1' else 's'}"
+
+
+def orders(f: dict[str, Any]) -> list[Row]:
+    keys = sorted(f["zmx"], key=lambda key: int(key.split("_")[0]))  # "1_matcher", "2_matcher"
+    n = [int(key.split("_")[0]) for key in keys]
+    zmx = [f["zmx"][key] for key in keys]
+    t, ceiling = f["targets"], f["ceiling"]
+    # "11,014 orders/s (1 matcher), 10,169 (2)": the unit and noun once, on the first
+    rates = [f"{z['orders_per_s']:,} ({k})" for k, z in zip(n, zmx, strict=True)]
+    rates[0] = f"{zmx[0]['orders_per_s']:,} orders/s ({_plural(n[0], 'matcher')})"
+    baseline = f"bare Python ROUTER->DEALER loop to an echo: {ceiling['python_loop']['round_trips_per_s']:,}/s"
+    if "zmq_proxy" in ceiling:
+        baseline += f" (zmq.proxy in C: {ceiling['zmq_proxy']['round_trips_per_s']:,})"
+    half = [z["half_rate"]["ack_us"] for z in zmx]
+    latency = [f"p99 {h['p99'] / 1000:.1f} ms ({k})" for k, h in zip(n, half, strict=True)]
+    latency[0] = f"p50 {half[0]['p50'] / 1000:.1f} ms, p99 {half[0]['p99'] / 1000:.1f} ms ({_plural(n[0], 'matcher')})"
+    loop = zmx[0]["half_rate"]["python_loop_same_rate"]["ack_us"]
+    return [
+        row(f"`perf/bench_orders.py` (`orders.json`): pipelined orders client -> router -> matcher -> ack, "
+            f"`fsync: {f['fsync']}`", ", ".join(rates), baseline,
+            ", ".join(f"{z['ratio_to_python_loop']:.2f}x" for z in zmx), f">= {t['ratio']}x",
+            all(t[key]["ratio_met"] for key in keys)),
+        row("same, ack latency at half the maximum rate", "; ".join(latency),
+            f"the bare loop at the same rate: p99 {loop['p99'] / 1000:.1f} ms", "",
+            f"p99 <= {t['ack_p99_ms_at_half_rate']:g} ms", all(t[key]["ack_p99_met"] for key in keys)),
+    ]
+
+
+def pub(f: dict[str, Any]) -> list[Row]:
+    counts = sorted(f["symbol_counts"], key=int)
+    entries = [f["symbol_counts"][key] for key in counts]
+    rates = [f"{e['zmx']['publications_per_s']:,} ({k})" for k, e in zip(counts, entries, strict=True)]
+    rates[0] = f"{entries[0]['zmx']['publications_per_s']:,}/s ({_plural(counts[0], 'symbol')})"
+    gaps = sum(e["zmx"]["gaps_all_rounds"] for e in entries)
+    missing = sum(e["zmx"].get("missing_all_rounds", 0) for e in entries)
+    zmx = f"{', '.join(rates)}; {gaps:,} gaps" + (f", {missing:,} missing" if missing else "")
+    ceiling = [e["probe_ceiling"]["publications_per_s"] for e in entries]
+    ceiling_gaps = sum(e["probe_ceiling"]["gaps_all_rounds"] for e in entries)
+    ratio = f"{sum(e['ratio_to_probe_ceiling'] for e in entries) / len(entries):.2f}x"
+    # Publications/s equal to the acks/s: the matcher publishes all it is given, the orders limit it.
+    if all(abs(e["zmx"]["publications_per_s"] - e["zmx"]["driver"]["acks_per_s"])
+           <= 0.02 * e["zmx"]["publications_per_s"] for e in entries):
+        ratio += " (the order path limits it)"
+    return [row("`perf/bench_pub.py` (`pub.json`): publications a matcher sends and a probe receives", zmx,
+                f"the probe's own ceiling: ~{approx(sum(ceiling) / len(ceiling))}/s, {ceiling_gaps:,} gaps", ratio,
+                "no gaps at the sustained rate", f["no_gaps_at_sustained_rate"])]
+
+
+SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {"engine": engine, "orders": orders, "pub": pub}
+
+
+def summarize(name: str, figures: dict[str, Any]) -> list[Row]:
+    """The summary rows of benchmark ``name`` from its figures; a figure it cannot read gives a
+    row that says so, rather than a benchmark that loses its results at the last step."""
+    try:
+        return SUMMARIES[name](figures)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+        print(f"WARNING: no summary rows for {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return [row(f"`perf/bench_{name}.py` (`{name}.json`)", f"(no summary: {type(e).__name__}: {e})")]
+
+
+def resummarize(path: Path) -> None:
+    """Recompute the ``summary`` of a results file from its figures, in place."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("summary", None)
+    rows = summarize(data["benchmark"], data)
+    figures = {k: v for k, v in data.items() if k not in METADATA}
+    meta = {k: v for k, v in data.items() if k in METADATA}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**figures, "summary": rows, **meta}, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def main(argv: list[str]) -> int:
+    for arg in argv:
+        path = Path(arg)
+        name = json.loads(path.read_text(encoding="utf-8")).get("benchmark", path.stem)
+        if name in SUMMARIES:
+            resummarize(path)
+            print(f"{arg}: summary recomputed")
+        else:
+            print(f"{arg}: no summary function for {name!r} here; left as it is", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,355 @@
+"""``zmx bench``: scenarios, the progress bar, plots and the README's performance table.
+
+No real benchmark runs here: the scenarios are tiny scripts in a temporary perf directory
+(``--perf-dir``), and the report works on a temporary README and results directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from click.testing import CliRunner
+
+from zmx.cli import TABLE_END, TABLE_START, main
+
+REPO = Path(__file__).resolve().parent.parent
+PERF = REPO / "perf"
+
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
+
+def load_perf_module(name: str) -> ModuleType:
+    """A module of perf/ (a directory of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"perf_{name}", PERF / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def summary_row(benchmark: str, zmx: str, baseline: str = "", ratio: str = "", target: str = "",
+                met: bool | None = None) -> dict[str, object]:
+    return {"benchmark": benchmark, "zmx": zmx, "baseline": baseline, "ratio": ratio, "target": target, "met": met}
+
+
+# A scenario that does what a benchmark does, in a blink: prints, reports its steps, writes results.
+FAKE = textwrap.dedent('''\
+    """Fake benchmark: three steps and a results file."""
+    import json, os, sys
+    from pathlib import Path
+
+    def progress(done, label):
+        if os.environ.get("ZMX_BENCH_PROGRESS") == "1":
+            print(f"PROGRESS {done}/3 {label}", file=sys.stderr, flush=True)
+
+    print("fake benchmark, args:", " ".join(sys.argv[1:]))
+    for i, label in enumerate(("warm-up", "round 1", "round 2"), 1):
+        progress(i, label)
+    print("WARNING: the machine was busy", file=sys.stderr)
+    if "--fail" in sys.argv:
+        sys.exit(3)
+    if "--quick" not in sys.argv:
+        results = Path(__file__).resolve().parent / "results"
+        results.mkdir(exist_ok=True)
+        figures = {
+            "benchmark": "fake",
+            "ack_us": {"p50": 800.0, "p99": 4000.0, "p99.9": 9000.0, "max": 12000.0},
+            "symbol_counts": {"1": {"zmx": {"publications_per_s": 1000}},
+                              "10": {"zmx": {"publications_per_s": 900}}},
+            "ceiling": {"round_trips_per_s": 5000},
+            "summary": [{"benchmark": "fake scenario", "zmx": "1,000/s", "baseline": "bare loop: 5,000/s",
+                         "ratio": "0.20x", "target": ">= 0.5x", "met": False}],
+        }
+        (results / "fake.json").write_text(json.dumps(figures))
+        print("wrote results/fake.json")
+''')
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def perf_dir(tmp_path: Path) -> Path:
+    """A perf directory with the fake scenario, a second one, and the real plots module."""
+    perf = tmp_path / "perf"
+    perf.mkdir()
+    (perf / "bench_fake.py").write_text(FAKE, encoding="utf-8")
+    (perf / "bench_other.py").write_text('"""Another scenario."""\n', encoding="utf-8")
+    shutil.copy(PERF / "plots.py", perf / "plots.py")
+    return perf
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["bench"], ["bench", "list"]])
+def test_bench_lists_the_scenarios_of_this_checkout(runner: CliRunner, args: list[str]) -> None:
+    result = runner.invoke(main, args, env={"ZMX_PERF_DIR": None})
+    assert result.exit_code == 0, result.output
+    for name in ("engine", "orders", "pub"):
+        assert name in result.output
+    assert "Matching engine throughput" in result.output  # the first line of the script's docstring
+
+
+def test_bench_lists_the_scripts_of_a_perf_dir(runner: CliRunner, perf_dir: Path) -> None:
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir)])
+    assert result.exit_code == 0, result.output
+    assert "fake" in result.output and "other" in result.output
+    assert "engine" not in result.output
+
+
+def test_unknown_scenario_lists_the_available_ones(runner: CliRunner, perf_dir: Path) -> None:
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "nope"])
+    assert result.exit_code == 2
+    assert "unknown scenario 'nope'" in result.stderr
+    assert "available: fake, other" in result.stderr
+
+
+def test_without_a_perf_dir_says_benchmarks_need_a_checkout(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["bench", "--perf-dir", str(tmp_path / "missing"), "list"])
+    assert result.exit_code == 1
+    assert "source checkout" in result.stderr
+
+
+# -- running a scenario ---------------------------------------------------------------------------
+
+
+def test_scenario_runs_with_a_progress_bar_and_its_results_are_plotted(runner: CliRunner, perf_dir: Path) -> None:
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "fake", "--n", "7"])
+    assert result.exit_code == 0, result.output
+    assert "fake benchmark, args: --n 7" in result.stdout  # extra args go to the script
+    assert "WARNING: the machine was busy" in result.stderr  # its stderr passes through
+    assert "PROGRESS" not in result.output  # the progress lines became the bar
+    assert "fake: done" in result.stderr and "3/3" in result.stderr  # (not a terminal: the last state)
+    assert "bare loop: 5,000/s" in result.stdout  # the summary rows, with the baseline of the run
+    results = perf_dir / "results"
+    if not HAVE_MATPLOTLIB:
+        assert "matplotlib is not installed" in result.stderr
+        return
+    for name in ("fake_latency_cdf.png", "fake_throughput.png"):
+        png = results / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size < 100_000
+        assert f"wrote {png}" in result.stdout
+
+
+def test_without_matplotlib_the_results_are_still_written(
+        runner: CliRunner, perf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "fake"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((perf_dir / "results" / "fake.json").read_text())["benchmark"] == "fake"
+    assert "matplotlib is not installed" in result.stderr
+    assert not list((perf_dir / "results").glob("*.png"))
+    plot = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "plot", "fake"])
+    assert plot.exit_code == 1
+    assert "matplotlib is not installed" in plot.stderr
+
+
+def test_a_run_without_results_draws_nothing(runner: CliRunner, perf_dir: Path) -> None:
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "fake", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "no results file written" in result.stdout
+    assert not (perf_dir / "results").exists()
+
+
+def test_a_failing_scenario_fails_zmx_bench(runner: CliRunner, perf_dir: Path) -> None:
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "fake", "--fail"])
+    assert result.exit_code == 1
+    assert "benchmark fake failed (exit status 3)" in result.stderr
+
+
+def test_plot_draws_an_existing_results_file(runner: CliRunner, perf_dir: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    missing = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "plot", "pub", "--results", str(results)])
+    assert missing.exit_code == 1 and "no results file" in missing.stderr
+    if not HAVE_MATPLOTLIB:
+        pytest.skip("matplotlib is not installed")
+    (results / "pub.json").write_text(json.dumps({
+        "benchmark": "pub",
+        "symbol_counts": {"1": {"zmx": {"publications_per_s": 15_000, "latency_us": {"p50": 6000.0, "p99": 15000.0}}},
+                          "10": {"zmx": {"publications_per_s": 14_000, "latency_us": {"p50": 7000.0, "p99": 13000.0}}}},
+    }))
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "plot", "pub", "--results", str(results)])
+    assert result.exit_code == 0, result.output
+    assert (results / "pub_throughput.png").is_file()
+    assert (results / "pub_latency_cdf.png").is_file()
+    assert f"wrote {results / 'pub_throughput.png'}" in result.stdout
+
+
+# -- plots: what is found in a results file ---------------------------------------------------------
+
+
+def test_plots_find_latency_percentiles_and_series_over_n() -> None:
+    plots = load_perf_module("plots")
+    data = {
+        "zmx": {"1_matcher": {"orders_per_s": 11_000, "ack_us": {"p50": 18_000.0, "p99": 32_000.0, "max": 40_000.0}},
+                "2_matcher": {"orders_per_s": 10_000, "ack_us": {"p50": 19_000.0, "p99": 33_000.0}}},
+        "ceiling": {"python_loop": {"round_trips_per_s": 15_000, "ack_us": {"p50": 12_000.0, "p99": 22_000.0}}},
+        "fdatasync_us": {"p50": 190.0, "p99": 4600.0},
+        "rounds": [{"ack_us": {"p50": 1.0, "p99": 2.0}}],  # lists are rounds: not plotted
+    }
+    curves = {c.label: c.points for c in plots.latency_curves(data)}
+    assert curves["zmx 1 matcher ack"] == [(18.0, 0.5), (32.0, 0.99)]  # ms; max has no place in a CDF
+    assert set(curves) == {"zmx 1 matcher ack", "zmx 2 matcher ack", "ceiling python loop ack", "fdatasync"}
+    [panel] = plots.throughput_panels(data)
+    assert panel.n_label == "matchers"
+    assert [(c.label, c.points) for c in panel.lines] == [("orders/s", [(1, 11_000), (2, 10_000)])]
+    assert panel.references == [("ceiling python loop round trips/s", 15_000)]
+
+
+def test_plots_split_a_grid_of_cells_by_its_second_key() -> None:
+    plots = load_perf_module("plots")
+    cells = [{"n": n, "k": k, "gateway": {"delivered_per_s": n * k}} for k in (1, 10) for n in (500, 5000)]
+    panels = plots.throughput_panels({"cells": cells})
+    assert [(p.title, p.lines[0].points) for p in panels] == [
+        ("cells, k = 1", [(500, 500), (5000, 5000)]), ("cells, k = 10", [(500, 5000), (5000, 50000)])]
+
+
+def test_plots_of_a_file_without_latency_or_series_are_none(tmp_path: Path) -> None:
+    plots = load_perf_module("plots")
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps({"benchmark": "engine", "engine_ops_per_s": 260_000, "baseline_ops_per_s": 720_000}))
+    stale = tmp_path / "engine_latency_cdf.png"
+    stale.write_bytes(b"old")
+    assert plots.latency_curves(json.loads(path.read_text())) == []
+    assert plots.throughput_panels(json.loads(path.read_text())) == []
+    assert plots.plot_results(path) == []  # no matplotlib needed when there is nothing to draw
+    assert not stale.exists()
+
+
+# -- the README's table ----------------------------------------------------------------------------
+
+README = f"""\
+# project
+
+Some text | with a pipe, and a table of its own:
+
+| a | b |
+|---|---|
+| 1 | 2 |
+
+## Performance
+
+Latest figures:
+
+{TABLE_START}
+| benchmark (results file) | zmx | baseline in the same run | ratio | target | met |
+|---|---|---|---|---|---|
+| old row | 1 | 2 | | | no |
+{TABLE_END}
+
+Where the time goes: elsewhere.
+"""
+
+
+def write_results(directory: Path, name: str, summary: list[dict[str, object]] | None) -> None:
+    data: dict[str, object] = {"benchmark": name, "figure": 1}
+    if summary is not None:
+        data["summary"] = summary
+    (directory / f"{name}.json").write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_report_rebuilds_only_the_table(runner: CliRunner, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(README, encoding="utf-8")
+    results = tmp_path / "results"
+    results.mkdir()
+    write_results(results, "pub", [summary_row("`perf/bench_pub.py` (`pub.json`): publications", "15,081/s; 0 gaps",
+                                               "the probe: ~125,000/s", "0.12x", "no gaps", True)])
+    write_results(results, "engine", [
+        summary_row("`perf/bench_engine.py` (`engine.json`): commands", "260,551 ops/s", "bare book: 727,388 ops/s",
+                    "0.36x", ">= 0.5x", False),
+        summary_row("codec (`engine.json`)", "encode 0.9 us | decode 5.3 us", target="measured")])
+    write_results(results, "fanout", None)  # written by a benchmark that has no summary yet
+
+    result = runner.invoke(main, ["bench", "report", "--readme", str(readme), "--results", str(results)])
+    assert result.exit_code == 0, result.output
+    assert "note:" in result.stderr and "fanout.json has no summary rows" in result.stderr
+    text = readme.read_text(encoding="utf-8")
+    head, rest = README.split(TABLE_START)
+    _, tail = rest.split(TABLE_END)
+    assert text.startswith(head + TABLE_START + "\n") and text.endswith(TABLE_END + tail)
+    table = text[len(head + TABLE_START + "\n"):-len(TABLE_END + tail)]
+    assert table == (
+        "| benchmark (results file) | zmx | baseline in the same run | ratio | target | met |\n"
+        "|---|---|---|---|---|---|\n"
+        "| `perf/bench_engine.py` (`engine.json`): commands | 260,551 ops/s | bare book: 727,388 ops/s | 0.36x "
+        "| >= 0.5x | no |\n"
+        "| codec (`engine.json`) | encode 0.9 us \\| decode 5.3 us | | | measured | |\n"
+        "| `perf/bench_pub.py` (`pub.json`): publications | 15,081/s; 0 gaps | the probe: ~125,000/s | 0.12x "
+        "| no gaps | yes |\n")  # engine before pub: the issue's order, not the alphabet
+
+    again = runner.invoke(main, ["bench", "report", "--readme", str(readme), "--results", str(results)])
+    assert again.exit_code == 0 and "already up to date" in again.stdout
+    assert readme.read_text(encoding="utf-8") == text
+
+
+def test_report_needs_the_markers(runner: CliRunner, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n\nno table here\n", encoding="utf-8")
+    results = tmp_path / "results"
+    results.mkdir()
+    result = runner.invoke(main, ["bench", "report", "--readme", str(readme), "--results", str(results)])
+    assert result.exit_code == 1
+    assert TABLE_START in result.stderr
+    assert readme.read_text(encoding="utf-8") == "# project\n\nno table here\n"
+
+
+def test_the_readme_has_the_markers_around_its_table() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert text.count(TABLE_START) == 1 and text.count(TABLE_END) == 1
+    table = text.split(TABLE_START)[1].split(TABLE_END)[0]
+    assert table.startswith("\n| benchmark (results file) |")
+
+
+# -- summaries and progress lines of the benchmarks ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["engine", "orders", "pub"])
+def test_summary_rows_read_the_results_files_of_this_checkout(name: str) -> None:
+    path = PERF / "results" / f"{name}.json"
+    if not path.is_file():
+        pytest.skip(f"no {path}")
+    summaries = load_perf_module("summaries")
+    rows = summaries.summarize(name, json.loads(path.read_text(encoding="utf-8")))
+    assert rows and all(set(row) == set(summaries.COLUMNS) for row in rows)
+    assert f"`{name}.json`" in rows[0]["benchmark"]
+    assert "no summary" not in rows[0]["zmx"]
+
+
+def test_summary_of_unreadable_figures_says_so() -> None:
+    summaries = load_perf_module("summaries")
+    [row] = summaries.summarize("pub", {"benchmark": "pub"})
+    assert "no summary: KeyError" in row["zmx"]
+
+
+def test_progress_lines_only_when_zmx_bench_asks(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    common = load_perf_module("_common")
+    monkeypatch.delenv("ZMX_BENCH_PROGRESS", raising=False)
+    common.Progress(2).step("quiet")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("ZMX_BENCH_PROGRESS", "1")
+    progress = common.Progress(2)
+    progress.step("warm-up")
+    run = progress.counted("engine round", lambda: 0.5)
+    assert run() == 0.5 and run() == 0.5  # the round's own seconds, unchanged
+    assert capsys.readouterr().err.splitlines() == [
+        "PROGRESS 1/2 warm-up", "PROGRESS 2/2 engine round 1", "PROGRESS 3/3 engine round 2"]
