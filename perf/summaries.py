@@ -107,7 +107,79 @@ def pub(f: dict[str, Any]) -> list[Row]:
                 "no gaps at the sustained rate", f["no_gaps_at_sustained_rate"])]
 
 
-SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {"engine": engine, "orders": orders, "pub": pub}
+def hosts(f: dict[str, Any]) -> list[Row]:
+    c1, c2, c3 = (f["claims"][k] for k in ("1_gateway_cpu_flat", "2_matcher_cost_by_relays", "3_delivered_scales"))
+    cfg = f["config"]
+    load = f"{cfg['clients_per_gateway']} connections x {cfg['channels_per_client']} channels per gateway"
+    g_cpu = c1["gateway_cpu_us_per_delivered"]
+    first = min(g_cpu, key=int)
+    rows = [row(f"`perf/bench_hosts.py` (`hosts.json`): hosts as network namespaces, {load}, "
+                f"{cfg['rate_orders_per_s']:g} orders/s; (1) gateway CPU per delivered message vs gateways",
+                ", ".join(f"{v:.2f} us (G={g})" for g, v in sorted(g_cpu.items(), key=lambda kv: int(kv[0]))),
+                f"one gateway: {g_cpu[first]:.2f} us", f"{c1['ratio_max_to_first']:.2f}x (largest / one)",
+                "does not grow with the gateways", c1["met"])]
+    io = c2["matcher_io_thread_us_per_published"]["by_direct_subscribers"]
+    m_g = c2["matcher_cpu_us_per_published"]["by_gateways_one_relay"]
+    m_n = c2["matcher_cpu_us_per_published"]["by_clients_per_gateway"]
+
+    def _x(ratio: float | None) -> str:
+        return "-" if ratio is None else f"{ratio:.2f}x"
+
+    def span(values: dict[Any, float], unit: str = " us") -> str:
+        return f"{min(values.values()):.1f}-{max(values.values()):.1f}{unit}" if values else "-"
+
+    subscribers = ", ".join(f"{v:.1f} us ({k} subscriber{'' if str(k) == '1' else 's'})"
+                            for k, v in sorted(io.items(), key=lambda kv: int(kv[0])))
+    rows.append(row("same, (2) matcher CPU per published message: vs gateways and clients behind one relay; "
+                    "its ZeroMQ I/O thread vs the subscribers it feeds (relays, or gateways straight on it)",
+                    f"whole matcher {span(m_g)} over G, {span(m_n)} over clients per gateway; I/O thread "
+                    f"{subscribers}", f"spread over G {_x(c2['spread_over_gateways'])}, over clients "
+                    f"{_x(c2['spread_over_clients'])}", f"I/O 2 relays / 1: {_x(c2['io_two_relays_over_one'])}",
+                    "grows with the relays, not with the gateways or clients", c2["met"]))
+    steps = c3["steps"]
+    rates = ", ".join(f"{round(s['delivered_per_s']):,} (G={s['gateways']}, {s['cores_busy_ours']:.1f} cores)"
+                      for s in steps)
+    full = c3["cores_used_up_at_gateways"]
+    rows.append(row(f"same, (3) delivered messages/s vs gateway processes, {cfg['high_rate_orders_per_s']:g} orders/s",
+                    f"{rates}" if steps else "-", "linear from one gateway",
+                    ", ".join(f"{s['share_of_linear']:.2f}x" for s in steps if s["share_of_linear"] is not None),
+                    f"grows until the {c3['cores']} cores are used up"
+                    + (f" (at G={full})" if full else " (not reached)"), c3["met"]))
+    return rows
+
+
+def connections(f: dict[str, Any]) -> list[Row]:
+    cfg, t = f["config"], f["targets"]
+    met, want = t["met_each"], t["wanted"]
+    connect, storm, feed, mem = f.get("connect", {}), f.get("storm", {}), f.get("feed", {}), f.get("memory", {})
+    lat, m, kern = feed.get("push_latency_ms", {}), f.get("model", {}), mem.get("kernel", {})
+    n = f"{cfg['connections']:,} connections, {cfg['workers']} gateway workers, {cfg['client_procs']} client processes"
+    held = connect.get("subscribed") or 0
+    rows = [row(f"`perf/bench_connections.py` (`connections.json`): {n}, held subscribed at once",
+                f"{held:,} subscribed in {connect.get('seconds')} s", "", "",
+                f">= {want['connections']:,}", met["connections"]),
+            row(f"same, {cfg['rate_per_symbol']:g} depth updates/s on each of {cfg['symbols']} symbols: "
+                "every update to every subscriber",
+                f"{feed.get('delivered', 0):,} of {feed.get('expected_deliveries', 0):,} delivered, "
+                f"{feed.get('lost_updates')} lost; p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
+                f"p99.9 {lat.get('p99.9')} ms",
+                f"model (subscribers per process x {m.get('write_cost_us_raw_loop')} us a write): "
+                f"{m.get('per_process_ms')} ms; cores shared: {m.get('shared_cores_ms')} ms",
+                f"p99 {m.get('p99_over_per_process')}x / {m.get('p99_over_shared_cores')}x the model",
+                "none lost", met["lost_updates"]),
+            row("same, gateway memory per connection (RSS of every worker; kernel beside it)",
+                f"{mem.get('gateway_kb_per_connection')} KB",
+                f"kernel: {kern.get('tcp_buffers_kb_per_connection')} KB buffers + "
+                f"{kern.get('slab_kb_per_connection')} KB slab per connection (both ends)", "",
+                f"<= {want['gateway_kb_per_connection']} KB", met["gateway_kb_per_connection"]),
+            row("same, reconnect storm: every connection dropped at once, back to fully subscribed",
+                f"{storm.get('seconds')} s, {storm.get('gateway_log', {}).get('errors')} gateway errors", "", "",
+                f"<= {want['storm_s']:g} s, no gateway error", met["storm_s"] and met["gateway_errors"])]
+    return rows
+
+
+SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {"engine": engine, "orders": orders, "pub": pub,
+                                                               "hosts": hosts, "connections": connections}
 
 
 def summarize(name: str, figures: dict[str, Any]) -> list[Row]:
