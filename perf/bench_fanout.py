@@ -1,0 +1,1397 @@
+"""Fan-out: what a gateway delivers to many WebSocket clients, beside two raw asyncio ceilings
+measured in the same run (issue 4).
+
+Real processes on free ports, the topology and logs in a temporary directory: a router and one
+matcher that owns ten symbols (``fsync: never``: the matcher's journal is not what is measured
+here, and with it every figure would wait for the disk), and per cell (N connections, K
+channels) a fresh gateway (``zmx node g1``, ``--workers``). The load is:
+
+- **clients** (``--role clients``, this file): several processes, each under the ~19,900
+  sockets a process may open (at most ``MAX_PER_PROCESS`` connections each), spread over
+  several loopback source addresses (bind with ``IP_BIND_ADDRESS_NO_PORT`` before connect, so
+  ephemeral ports never run short). Connection ``i`` subscribes channel ``i % K``. They are raw
+  asyncio (uvloop) protocols, not ``websockets``: they share the two cores with the server,
+  and ``websockets``' per-frame Python work (about 10 µs a frame) would make them the
+  bottleneck. A client does the HTTP upgrade, sends its masked ``subscribe`` and walks the
+  frames with a small parser until its ``depth_snapshot``; after it, all connections but the
+  samplers (below) only *count* messages: ``bytes.count(b'"type":"')`` over each chunk (plus the
+  occurrences split between two chunks), exact because every server message is one JSON
+  object with one top-level ``type`` and nothing else in a feed frame holds that text; they
+  answer pings (``0x89 0x04``: a 4-byte ping). Every ``SAMPLE_EVERY``-th connection of each
+  channel is a *sampler*: it walks every frame, parses its JSON (orjson), counts types, checks
+  ``prev_seq`` and takes the latency ``receive time - data.ts`` (the matcher's
+  ``time.time_ns()``; the same clock on one machine) of every ``trade`` and ``depth_update``.
+  Every connection's count is kept, so an uneven channel (a connection that got fewer
+  messages than another of its channel) shows.
+- **driver** (``--role driver``): ``zmx.node.client.Client`` against the router, a seeded flow
+  over the K symbols: resting limit orders near a mid (55%), cancels (30%), and ioc orders
+  that cross (15%) and make trades, so the feed is ``depth_update`` s and ``trade`` s.
+  Before the first cell it rests 20 orders a side on every symbol.
+
+Rounds of a cell (the same for every target):
+
+1. **moderate**: ``--moderate`` orders/s per channel for ``--seconds``, paced open loop
+   (``bench_orders.paced``).
+2. **max**: a burst of orders sent as fast as the driver goes (256 in flight); the count is
+   chosen so that about ``--max-delivered`` messages are delivered (at most 20,000 orders). The
+   gateway takes them as fast as it can: delivered/s and CPU per message at saturation; the
+   latency of this round is mostly the backlog the burst leaves.
+3. **high**: paced again for ``--seconds``, at ``--high`` (half) of the delivered rate the burst
+   reached (at most ``MAX_PACED`` orders/s): the latency near the maximum, without a backlog.
+
+The ceilings (``--role ceiling``, this file): a bare asyncio (uvloop) WebSocket server that
+accepts the same clients (handshake, ``subscription_ack``, a snapshot) and sends frames of the
+gateway's shape and size (captured from the gateway's own feed by the samplers; a made-up
+feed of the same shape when there is no gateway), ``ts`` written into each frame when it is
+emitted, at the feed rate and with the message count the gateway's round had (the write ceiling's max
+round: a fifth of the count, same rate: at about 5 µs a delivery it would take minutes), K
+channels in turn, up to 4,096 messages a loop turn (the gateway's ``SUB_BATCH``) when it falls
+behind:
+
+- **write**: one ``transport.write`` per message per connection;
+- **coalesce**: the frames of a loop turn joined per channel, each connection one write per
+  loop turn with all of its bytes (the gateway's own fan-out, without anything else).
+
+Both wait (emit nothing) while any connection's transport is paused, so they never drop; one
+that cannot keep up stops emitting at twice the round's planned time (``emitted`` < ``planned``).
+
+Figures per round: delivered messages/s (every message every client counted, over the time
+from the first to the last feed message a sampler received), server CPU
+(utime + stime from ``/proc``, every gateway worker) per million delivered messages and
+delivered per CPU-second, client-observed latency p50 / p99 / p99.9 (samplers), the CPU of the
+clients, driver, matcher and router, and per cell the server's RSS delta per idle subscribed
+connection (RSS once all N subscribed and idle, minus RSS with one anchor connection per
+channel, / N). Targets: ``TARGETS``.
+
+Cells are measured one after the other, the three targets of a cell in turn (gateway first:
+the ceilings replay its feed rates); one round of each kind, no best-of.
+
+Run: ``.venv/bin/python perf/bench_fanout.py`` (N = 500, 1,000, 5,000, 15,000; K = 1, 10;
+about 10 minutes) or ``--quick`` (N = 200, about a minute, no results file). Writes
+``perf/results/fanout.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from _common import ROOT, _cpu_jiffies, machine_busy, noise_note, warn, write_results
+from bench_orders import (
+    ACCOUNTS,
+    MAX_DISTANCE,
+    MID,
+    Helper,
+    await_route,
+    cpu_jiffies,
+    paced,
+    pipelined,
+    print_rows,
+    stop_on_sigterm,
+    watchdog,
+)
+from nodes import (  # tests/nodes.py, on the path through bench_orders
+    NodeProcess,
+    free_ports,
+)
+
+from zmx.commands import CancelOrder, Command, SubmitOrder
+from zmx.model import OrderType, Side, TimeInForce
+from zmx.node.runtime import announce_ready
+
+SCRIPT = Path(__file__).resolve()
+SYMBOLS = tuple(f"S{i:03d}-USDT" for i in range(10))
+MAX_PER_PROCESS = 15_000  # connections per client process (a process may open ~19,900 sockets)
+SAMPLE_EVERY = 16  # every 16th connection parses its frames (latency, types, prev_seq)
+PAT = b'"type":"'  # once in every server message
+PING = b"\x89\x04"  # a ping frame with a 4-byte payload (what the gateway sends)
+HEARTBEAT = b'"type":"heartbeat"'  # counted apart: idle-channel heartbeats are not feed
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux: bind() picks no port; connect() picks one per destination
+HELPER_MAX_S = 3600  # a helper ends by itself after this long (or as soon as the benchmark is gone)
+MAX_PACED = 3_000.0  # orders/s the driver is asked for at most in a paced round
+WRITE_MAX_SHARE = 5  # the write ceiling's max round emits 1/5 of the gateway's burst (same rate)
+TURN_CAP = 4096  # messages a ceiling emits per loop turn when behind (the gateway's SUB_BATCH)
+SEND_QUEUE_BYTES = 1_048_576  # the ceilings' transport high-water mark (the gateway's default bound)
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+TARGETS = {
+    "delivered_per_cpu_s_vs_coalesce": 0.8,  # gateway / coalescing ceiling, delivered per server CPU-second
+    "delivered_per_s_at_5000": 1_000_000,
+    "kb_per_idle_connection": 3.2,
+    "p99_vs_raw": 1.2,  # gateway p99 / raw (write) ceiling p99, same N and rate
+    "p99_ms_at_500_per_process": 5.0,
+}
+
+# order flow
+CROSS_SHARE, CANCEL_SHARE = 0.15, 0.30
+LIVE_CAP = 300
+PRIME_PER_SIDE = 20
+BUY, SELL, LIMIT, GTC, IOC = Side.BUY, Side.SELL, OrderType.LIMIT, TimeInForce.GTC, TimeInForce.IOC
+
+
+# -- order flow --------------------------------------------------------------------------------------
+
+
+class FanoutFlow:
+    """A seeded order flow: per command one symbol of the first ``k`` in turn gets a resting
+    limit order 1-20 ticks from the mid, a cancel of one of its resting orders, or an ioc order
+    priced through the whole book range, which trades against what rests and leaves nothing."""
+
+    def __init__(self, seed: int, symbols: Sequence[str]) -> None:
+        self.rng = random.Random(seed)
+        self.symbols = tuple(symbols)
+        self.live: dict[str, list[tuple[str, str]]] = {s: [] for s in symbols}
+        self.turn = 0
+        self.ids = 0
+
+    def _rest(self, symbol: str, side: Side, prefix: str) -> SubmitOrder:
+        rng = self.rng
+        self.ids += 1
+        order_id, account = f"{prefix}{self.ids}", ACCOUNTS[rng.randrange(len(ACCOUNTS))]
+        distance = rng.randint(1, MAX_DISTANCE)
+        price = MID - distance if side is BUY else MID + distance
+        self.live[symbol].append((order_id, account))
+        return SubmitOrder(order_id, account, symbol, side, LIMIT, GTC, price, rng.randint(1, 500))
+
+    def prime(self, per_side: int) -> list[Command]:
+        return [self._rest(symbol, side, "p") for symbol in self.symbols for side in (BUY, SELL)
+                for _ in range(per_side)]
+
+    def take(self, n: int, k: int, prefix: str) -> list[Command]:
+        rng = self.rng
+        out: list[Command] = []
+        for _ in range(n):
+            symbol = self.symbols[self.turn % k]
+            self.turn += 1
+            resting = self.live[symbol]
+            r = rng.random()
+            if resting and (len(resting) >= LIVE_CAP or r < CANCEL_SHARE):
+                j = rng.randrange(len(resting))
+                order_id, account = resting[j]
+                resting[j] = resting[-1]
+                resting.pop()
+                out.append(CancelOrder(order_id, account, symbol))
+            elif r < CANCEL_SHARE + CROSS_SHARE:
+                self.ids += 1
+                side = BUY if rng.random() < 0.5 else SELL
+                price = MID + MAX_DISTANCE if side is BUY else MID - MAX_DISTANCE
+                out.append(SubmitOrder(f"{prefix}{self.ids}", ACCOUNTS[rng.randrange(len(ACCOUNTS))], symbol, side,
+                                       LIMIT, IOC, price, rng.randint(1, 300)))
+            else:
+                out.append(self._rest(symbol, BUY if rng.random() < 0.5 else SELL, prefix))
+        return out
+
+
+# -- WebSocket bits shared by the client and the ceiling ----------------------------------------------
+
+
+def _mask(payload: bytes, key: bytes) -> bytes:
+    n = len(payload)
+    if not n:
+        return b""
+    return (int.from_bytes(payload, "big") ^ int.from_bytes((key * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked frame, as a client must send (payload below 64 KiB)."""
+    key = os.urandom(4)
+    n = len(payload)
+    head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+    return head + key + _mask(payload, key)
+
+
+def server_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """An unmasked frame, as a server sends."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def bucket_us(us: int) -> int:
+    """Latency histogram bucket (µs): 10 µs wide below 1 ms, 100 µs below 10 ms, then 1 ms, 10 ms."""
+    if us < 1_000:
+        return us // 10 * 10 if us > 0 else 0
+    if us < 10_000:
+        return us // 100 * 100
+    if us < 100_000:
+        return us // 1_000 * 1_000
+    return us // 10_000 * 10_000
+
+
+def hist_percentiles(hist: dict[int, int]) -> dict[str, float | None]:
+    """p50 / p99 / p99.9 / max in ms of a merged histogram (bucket lower bounds)."""
+    total = sum(hist.values())
+    out: dict[str, float | None] = {"samples": total, "p50": None, "p99": None, "p99.9": None, "max": None}
+    if not total:
+        return out
+    keys = sorted(hist)
+    for name, p in (("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999)):
+        want = math.ceil(total * p)
+        seen = 0
+        for k in keys:
+            seen += hist[k]
+            if seen >= want:
+                out[name] = round(k / 1000, 3)
+                break
+    out["max"] = round(keys[-1] / 1000, 3)
+    return out
+
+
+# -- load clients (--role clients) ------------------------------------------------------------------
+
+HANDSHAKE, SETUP, COUNT, WALK = range(4)
+
+
+class ClientProc:
+    """What one client process knows (shared by its connections)."""
+
+    def __init__(self, want: int) -> None:
+        self.want = want
+        self.ready = 0
+        self.all_ready = asyncio.Event()
+        self.first_ns = 0
+        self.last_ns = 0
+        self.lost = 0
+        self.pongs = 0
+        self.connect_errors: Counter[str] = Counter()
+        self.reset()
+        self.examples: dict[str, str] = {}
+
+    def reset(self) -> None:
+        self.first_ns = self.last_ns = 0
+        self.hist: Counter[int] = Counter()
+        self.types: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.breaks = 0
+
+
+class WsClient(asyncio.Protocol):
+    """One load connection; see the module documentation. Cheap per message on purpose."""
+
+    __slots__ = ("buf", "channel", "depth_seq", "hb", "host", "n", "proc", "sampler", "state", "tail", "transport",
+                 "upgraded")
+
+    def __init__(self, proc: ClientProc, channel: str, sampler: bool, host: bytes) -> None:
+        self.proc = proc
+        self.channel = channel
+        self.sampler = sampler
+        self.host = host
+        self.state = HANDSHAKE
+        self.buf = b""
+        self.tail = b""
+        self.n = 0
+        self.hb = 0
+        self.depth_seq: int | None = None
+        self.transport: asyncio.Transport | None = None
+        self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        key = base64.b64encode(os.urandom(16))
+        transport.write(b"GET / HTTP/1.1\r\nHost: " + self.host + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proc.lost += 1
+        self.transport = None
+        if not self.upgraded.done():
+            self.upgraded.set_exception(ConnectionError(f"closed before the upgrade: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == COUNT:  # the hot path
+            # every occurrence inside the chunk, plus those split between the last chunk and this
+            # one (the 17 bytes before it and 17 of it hold no whole one: the patterns are longer)
+            tail = self.tail
+            t = len(tail)
+            edge = tail + data[:17]
+            self.n += data.count(PAT) + edge[t - 7 if t > 7 else 0:t + 7].count(PAT)
+            self.hb += data.count(HEARTBEAT) + edge.count(HEARTBEAT)
+            self.tail = data[-17:] if len(data) >= 17 else (tail + data)[-17:]
+            if b"\x89" in data:  # (memchr: much faster than looking for the two bytes)
+                self._pings(data)
+            return
+        if self.state == HANDSHAKE:
+            buf = self.buf + data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            self.buf = b""
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self.proc.connect_errors[buf.split(b"\r\n", 1)[0].decode(errors="replace")[:80]] += 1
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self.state = SETUP
+            self.upgraded.set_result(None)
+            assert self.transport is not None
+            self.transport.write(client_frame(1, b'{"action":"subscribe","channel":"' + self.channel.encode()
+                                              + b'"}'))
+            data = buf[end + 4:]
+            if not data:
+                return
+        self._walk(data)
+
+    def _pings(self, data: bytes) -> None:
+        i = data.find(PING)
+        while i >= 0:
+            if i + 6 <= len(data) and self.transport is not None:
+                self.transport.write(client_frame(0xA, data[i + 2:i + 6]))
+                self.proc.pongs += 1
+            i = data.find(PING, i + 2)
+
+    def _walk(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        now = time.time_ns()
+        i, size = 0, len(buf)
+        while size - i >= 2:
+            b1 = buf[i + 1] & 0x7F
+            if b1 < 126:
+                h, length = 2, b1
+            elif b1 == 126:
+                if size - i < 4:
+                    break
+                h, length = 4, (buf[i + 2] << 8) | buf[i + 3]
+            else:
+                if size - i < 10:
+                    break
+                h, length = 10, int.from_bytes(buf[i + 2:i + 10], "big")
+            end = i + h + length
+            if end > size:
+                break
+            opcode = buf[i] & 0x0F
+            if opcode == 1:
+                self.n += 1
+                self._message(buf[i + h:end], now)
+                if self.state == COUNT:  # its snapshot came: from here on it only counts
+                    self.buf = b""
+                    rest = buf[end:]
+                    if rest:
+                        self.data_received(rest)
+                    return
+            elif opcode == 9 and self.transport is not None:
+                self.transport.write(client_frame(0xA, buf[i + h:end]))
+                self.proc.pongs += 1
+            i = end
+        self.buf = buf[i:]
+
+    def _message(self, payload: bytes, now: int) -> None:
+        proc = self.proc
+        try:
+            msg = orjson.loads(payload)
+            kind = msg.get("type")
+        except (orjson.JSONDecodeError, AttributeError):
+            proc.errors["not_json_object"] += 1
+            return
+        proc.types[kind] += 1
+        if kind == "depth_update" or kind == "trade":
+            data = msg["data"]
+            if self.state == WALK:  # the round's window: first and last feed message a sampler got
+                if not proc.first_ns:
+                    proc.first_ns = now
+                proc.last_ns = now
+                ts = data.get("ts")
+                if isinstance(ts, int):
+                    proc.hist[bucket_us((now - ts) // 1000)] += 1
+                if kind not in proc.examples:
+                    proc.examples[kind] = payload.decode()
+            if kind == "depth_update":
+                if self.depth_seq is not None and data.get("prev_seq") != self.depth_seq:
+                    proc.breaks += 1
+                self.depth_seq = data.get("seq")
+        elif kind == "depth_snapshot":
+            self.depth_seq = msg["data"].get("seq")
+            if self.state == SETUP:
+                if "depth_snapshot" not in proc.examples:
+                    proc.examples["depth_snapshot"] = payload.decode()
+                self.state = WALK if self.sampler else COUNT
+                proc.ready += 1
+                if proc.ready >= proc.want:
+                    proc.all_ready.set()
+        elif kind == "heartbeat":
+            self.hb += 1
+        elif kind == "error":
+            proc.errors[str(msg.get("code"))] += 1
+
+
+async def _clients(host: str, port: int, count: int, first: int, k: int, sources: int, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    proc = ClientProc(count)
+    conns: list[WsClient] = []
+    host_header = f"{host}:{port}".encode()
+    addrs = [f"127.0.0.{2 + i}" for i in range(sources)] if host.startswith("127.") and sources else []
+    gate = asyncio.Semaphore(256)  # handshakes in flight: never more than a listen backlog takes
+
+    async def open_one(g: int) -> None:
+        # channel g % k; every SAMPLE_EVERY-th connection of each channel (its first one too) samples
+        conn = WsClient(proc, SYMBOLS[g % k], (g // k) % SAMPLE_EVERY == 0, host_header)
+        conns.append(conn)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            async with gate:
+                sock.setblocking(False)
+                if addrs:
+                    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                    sock.bind((addrs[g % len(addrs)], 0))
+                await loop.sock_connect(sock, (host, port))
+                await loop.create_connection(lambda: conn, sock=sock)
+                await conn.upgraded
+        except (OSError, ConnectionError) as e:
+            proc.connect_errors[type(e).__name__ + ": " + str(e)[:60]] += 1
+            sock.close()
+
+    async def connect_all() -> None:
+        await asyncio.gather(*(open_one(g) for g in range(first, first + count)))
+        await proc.all_ready.wait()
+
+    try:
+        await asyncio.wait_for(connect_all(), timeout)
+    except TimeoutError:
+        print(json.dumps({"error": f"{proc.ready} of {count} connections subscribed within {timeout:g} s",
+                          "connect_errors": dict(proc.connect_errors), "lost": proc.lost}), flush=True)
+        return
+    announce_ready("clients", "clients", connections=count, first=first)
+
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = (await reader.readline()).decode().strip()
+        if not line or line == "quit":
+            break
+        if line == "start":
+            for c in conns:
+                c.n = c.hb = 0
+            proc.reset()
+            print(json.dumps({"ok": True}), flush=True)
+        elif line == "poll":
+            print(json.dumps({"total": sum(c.n for c in conns), "last_ns": proc.last_ns}), flush=True)
+        elif line == "stop":
+            per: dict[str, list[int]] = {}
+            for c in conns:
+                per.setdefault(c.channel, []).append(c.n - c.hb)
+            print(json.dumps({
+                "total": sum(c.n for c in conns), "heartbeats": sum(c.hb for c in conns),
+                "first_ns": proc.first_ns, "last_ns": proc.last_ns,
+                "channels": {ch: [sum(v), min(v), max(v), len(v)] for ch, v in per.items()},
+                "hist": proc.hist, "types": proc.types, "errors": proc.errors, "prev_seq_breaks": proc.breaks,
+                "lost": proc.lost, "pongs": proc.pongs, "examples": proc.examples,
+                "open": sum(1 for c in conns if c.transport is not None)}), flush=True)
+    for c in conns:
+        if c.transport is not None:
+            c.transport.abort()
+
+
+# -- ceiling server (--role ceiling) -----------------------------------------------------------------
+
+
+def default_examples() -> dict[str, str]:
+    """Feed messages of the protocol's shape, for when no gateway capture is at hand."""
+    ts = time.time_ns()
+    return {
+        "trade": json.dumps({"channel": SYMBOLS[0], "type": "trade", "data": {
+            "seq": 123456, "trade_id": 98765, "price": "29999.87", "quantity": "0.123", "taker_side": "buy",
+            "ts": ts}}, separators=(",", ":")),
+        "depth_update": json.dumps({"channel": SYMBOLS[0], "type": "depth_update", "data": {
+            "seq": 123457, "prev_seq": 123456, "bids": [["29999.87", "0.377"]], "asks": [],
+            "checksum": 3366291421, "ts": ts}}, separators=(",", ":")),
+        "depth_snapshot": json.dumps({"channel": SYMBOLS[0], "type": "depth_snapshot", "data": {
+            "seq": 123450, "bids": [[f"{29999.9 - i / 100:.2f}", "1.5"] for i in range(20)],
+            "asks": [[f"{30000.01 + i / 100:.2f}", "1.5"] for i in range(20)], "checksum": 1, "ts": ts}},
+            separators=(",", ":")),
+    }
+
+
+def _template(example: str, channel: str) -> tuple[bytes, bytes]:
+    """(frame header + payload up to the ts digits, the rest of the payload) of ``example`` on
+    ``channel``; the ts written in between must have 19 digits, as the example's."""
+    msg = json.loads(example)
+    original = msg["channel"]
+    payload = example.replace(f'"channel":"{original}"', f'"channel":"{channel}"').encode()
+    at = payload.rindex(b'"ts":') + 5
+    end = at
+    while end < len(payload) and payload[end:end + 1].isdigit():
+        end += 1
+    if end - at != 19:
+        raise ValueError(f"example without a 19-digit ts: {example[:200]}")
+    head = server_frame(payload)[:-len(payload)]
+    return head + payload[:at], payload[end:]
+
+
+class CeilingConn(asyncio.Protocol):
+    __slots__ = ("buf", "out", "server", "state", "transport", "write")
+
+    def __init__(self, server: CeilingServer) -> None:
+        self.server = server
+        self.buf = b""
+        self.state = HANDSHAKE
+        self.out: list[bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.write = transport.write
+        transport.set_write_buffer_limits(high=SEND_QUEUE_BYTES, low=SEND_QUEUE_BYTES // 4)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        for subs in self.server.subs.values():
+            subs.pop(self, None)
+        if self.state == -1:
+            self.server.resume()
+
+    def pause_writing(self) -> None:
+        self.state = -1
+        self.server.paused += 1
+        self.server.resumed.clear()
+
+    def resume_writing(self) -> None:
+        self.state = SETUP
+        self.server.resume()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        if self.state == HANDSHAKE:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            key = b""
+            for line in buf[:end].split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"sec-websocket-key":
+                    key = value.strip()
+            accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+            self.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            self.state = SETUP
+            buf = buf[end + 4:]
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            length, h = b1 & 0x7F, 2
+            if length == 126:
+                if len(buf) < 4:
+                    break
+                length, h = int.from_bytes(buf[2:4], "big"), 4
+            elif length == 127:
+                if len(buf) < 10:
+                    break
+                length, h = int.from_bytes(buf[2:10], "big"), 10
+            key = b""
+            if b1 & 0x80:
+                key, h = buf[h:h + 4], h + 4
+            if len(buf) < h + length:
+                break
+            payload = buf[h:h + length]
+            if key:
+                payload = _mask(payload, key)
+            buf = buf[h + length:]
+            opcode = b0 & 0x0F
+            if opcode == 1:
+                self.server.request(self, payload)
+            elif opcode == 8 and self.transport is not None:
+                self.transport.close()
+                return
+        self.buf = buf
+
+
+class CeilingServer:
+    def __init__(self, mode: str, k: int, examples: dict[str, str]) -> None:
+        self.mode = mode
+        self.channels = SYMBOLS[:k]
+        self.subs: dict[str, dict[CeilingConn, Callable[[bytes], None]]] = {ch: {} for ch in self.channels}
+        self.paused = 0
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+        self.templates = {ch: {kind: _template(examples[kind], ch) for kind in ("trade", "depth_update")}
+                          for ch in self.channels}
+        self.snapshots = {ch: server_frame(examples["depth_snapshot"].replace(
+            f'"channel":"{json.loads(examples["depth_snapshot"])["channel"]}"', f'"channel":"{ch}"').encode())
+            for ch in self.channels}
+        self.frames: dict[str, list[bytes]] = {ch: [] for ch in self.channels}
+        self.dirty: list[str] = []
+
+    def resume(self) -> None:
+        self.paused = max(0, self.paused - 1)
+        if not self.paused:
+            self.resumed.set()
+
+    def request(self, conn: CeilingConn, payload: bytes) -> None:
+        msg = json.loads(payload)
+        channel = msg.get("channel")
+        if msg.get("action") == "subscribe" and channel in self.subs:
+            conn.write(server_frame(b'{"type":"subscription_ack","channel":"' + channel.encode() + b'"}')
+                       + self.snapshots[channel])
+            self.subs[channel][conn] = conn.write
+
+    def flush(self) -> None:
+        """The coalescing ceiling's turn: each channel's frames joined once, each connection one
+        write with all of its bytes (as the gateway's ``_fan_out``)."""
+        touched: list[CeilingConn] = []
+        for ch in self.dirty:
+            frames = self.frames[ch]
+            blob = frames[0] if len(frames) == 1 else b"".join(frames)
+            for conn in self.subs[ch]:
+                out = conn.out
+                if out is None:
+                    conn.out = [blob]
+                    touched.append(conn)
+                else:
+                    out.append(blob)
+            frames.clear()
+        self.dirty.clear()
+        for conn in touched:
+            out = conn.out
+            conn.out = None
+            if conn.transport is not None:
+                conn.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[index]
+
+    async def emit(self, rate: float, total: int, trade_share: float) -> dict[str, Any]:
+        """``total`` messages, the channels in turn, at ``rate`` a second (all that is due each
+        loop turn, up to ``TURN_CAP``); nothing while a transport is paused."""
+        k = len(self.channels)
+        trades = round(trade_share * 100)
+        pattern = [(j * trades) // 100 != ((j + 1) * trades) // 100 for j in range(100)]  # spread over 100
+        templates = [(self.templates[ch]["trade"], self.templates[ch]["depth_update"]) for ch in self.channels]
+        subs = [self.subs[ch] for ch in self.channels]
+        frames = [self.frames[ch] for ch in self.channels]
+        coalesce = self.mode == "coalesce"
+        now_ns, clock = time.time_ns, time.perf_counter
+        start = clock()
+        give_up = start + 2 * total / rate + 2.0  # a server that cannot keep up stops at twice the planned time
+        i = turns = waits = 0
+        while i < total and clock() < give_up:
+            if self.paused:
+                waits += 1
+                await self.resumed.wait()
+            due = min(total, int((clock() - start) * rate) + 1, i + TURN_CAP)
+            while i < due:
+                c = i % k
+                head, tail = templates[c][0 if pattern[(i // k) % 100] else 1]
+                frame = head + b"%d" % now_ns() + tail
+                if coalesce:
+                    if not frames[c]:
+                        self.dirty.append(self.channels[c])
+                    frames[c].append(frame)
+                else:
+                    for write in subs[c].values():
+                        write(frame)
+                i += 1
+            if coalesce and self.dirty:
+                self.flush()
+            turns += 1
+            wait = start + i / rate - clock()
+            await asyncio.sleep(wait if wait > 0 and i < total else 0)
+        seconds = clock() - start
+        return {"emitted": i, "planned": total, "seconds": round(seconds, 4), "turns": turns, "paused_waits": waits,
+                "connections": sum(map(len, self.subs.values()))}
+
+
+async def _ceiling(mode: str, k: int, examples_path: str) -> None:
+    loop = asyncio.get_running_loop()
+    examples = default_examples()
+    if examples_path:
+        examples.update(json.loads(Path(examples_path).read_text()))
+    server = CeilingServer(mode, k, examples)
+    srv = await loop.create_server(lambda: CeilingConn(server), "127.0.0.1", 0, backlog=16384)
+    port = srv.sockets[0].getsockname()[1]
+    announce_ready("ceiling", "ceiling", port=port, mode=mode, channels=k)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while True:
+            words = (await reader.readline()).decode().split()
+            if not words or words[0] == "quit":
+                break
+            if words[0] == "emit":  # emit RATE TOTAL TRADE_SHARE
+                result = await server.emit(float(words[1]), int(words[2]), float(words[3]))
+                print(json.dumps(result), flush=True)
+    finally:
+        srv.close()
+
+
+# -- order driver (--role driver) ----------------------------------------------------------------------
+
+
+def role_driver(front: str, seed: int) -> None:
+    from zmx.node.client import Client
+
+    client = Client([front])
+    try:
+        await_route(client, SYMBOLS)
+        flow = FanoutFlow(seed, SYMBOLS)
+        primed = pipelined(client, flow.prime(PRIME_PER_SIDE), 256, 60.0)
+        announce_ready("driver", "driver", primed=len(SYMBOLS) * 2 * PRIME_PER_SIDE, not_ok=dict(primed.not_ok))
+        for rounds, line in enumerate(sys.stdin, 1):
+            words = line.split()
+            if not words or words[0] == "quit":
+                break
+            if words[0] == "paced":  # paced RATE SECONDS K
+                rate, seconds, k = float(words[1]), float(words[2]), int(words[3])
+                commands = flow.take(max(1, round(rate * seconds)), k, f"r{rounds}o")
+                r = paced(client, commands, rate, seconds + 60.0)
+            else:  # burst COUNT K
+                count, k = int(words[1]), int(words[2])
+                commands = flow.take(count, k, f"r{rounds}o")
+                r = pipelined(client, commands, 256, 120.0)
+            kinds = Counter(type(c).__name__ + ("_ioc" if getattr(c, "time_in_force", None) is IOC else "")
+                            for c in commands)
+            print(json.dumps({"orders": len(commands), "seconds": round(r.seconds, 4),
+                              "orders_per_s": round(len(commands) / r.seconds) if r.seconds else None,
+                              "not_ok": dict(r.not_ok), "kinds": dict(kinds)}), flush=True)
+    finally:
+        client.close()
+
+
+def role_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench_fanout.py --role")
+    parser.add_argument("role", choices=("clients", "ceiling", "driver"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--sources", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--mode", default="write")
+    parser.add_argument("--examples", default="")
+    parser.add_argument("--front", default="")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--max-seconds", type=float, default=1200.0)
+    args = parser.parse_args(argv)
+    watchdog(args.max_seconds)
+    if args.role == "driver":
+        role_driver(args.front, args.seed)
+        return 0
+    import uvloop
+
+    if args.role == "clients":
+        uvloop.run(_clients(args.host, args.port, args.count, args.first, args.channels, args.sources, args.timeout))
+    else:
+        uvloop.run(_ceiling(args.mode, args.channels, args.examples))
+    return 0
+
+
+# -- measuring from outside ------------------------------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every descendant of it (gateway workers), from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def rss_kb(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def jiffies(pids: Sequence[int]) -> int:
+    return sum(cpu_jiffies(p) for p in pids)
+
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+class Run:
+    """Every process of the benchmark; ``stop_all`` ends them all, in reverse order."""
+
+    def __init__(self, directory: Path, args: argparse.Namespace) -> None:
+        self.directory = directory
+        self.args = args
+        self.helpers: list[Helper] = []
+        self.nodes: list[NodeProcess] = []
+        self.serial = 0
+
+    def helper(self, name: str, *argv: str, ready_timeout: float = 30.0) -> tuple[Helper, dict[str, Any]]:
+        self.serial += 1
+        h = Helper(SCRIPT, f"{name}-{self.serial}", [*argv, "--max-seconds", str(HELPER_MAX_S)], self.directory)
+        self.helpers.append(h)
+        while True:
+            line = h.line(ready_timeout)
+            if line.startswith("READY "):
+                return h, json.loads(line[6:])
+            try:
+                details = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(details, dict) and "error" in details:
+                raise RuntimeError(f"{h.name}: {details}\n{h.log()}")
+
+    def node(self, topology: Path, name: str, timeout: float = 30.0) -> NodeProcess:
+        node = NodeProcess(topology, name, self.directory)
+        self.nodes.append(node)
+        try:
+            node.wait_ready(timeout)
+        except AssertionError as e:
+            raise RuntimeError(str(e)) from None
+        return node
+
+    def end(self, h: Helper) -> None:
+        """Ask a helper to quit (its connections closed), then ``stop`` it whatever it did."""
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            h.write("quit")
+            h.proc.wait(10)
+        h.stop()
+        if h in self.helpers:
+            self.helpers.remove(h)
+
+    def end_node(self, node: NodeProcess) -> None:
+        node.stop(15.0)
+        if node in self.nodes:
+            self.nodes.remove(node)
+
+    def pids(self) -> list[int]:
+        out = [h.proc.pid for h in self.helpers if h.proc.poll() is None]
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                out.extend(tree(node.proc.pid))
+        return out
+
+    def stop_all(self) -> None:
+        for h in reversed(self.helpers):
+            try:
+                h.stop()
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                h.proc.kill()
+        self.helpers.clear()
+        for node in reversed(self.nodes):
+            try:
+                node.stop()
+            except Exception:  # noqa: BLE001
+                node.kill()
+        self.nodes.clear()
+
+
+def write_cluster_topology(path: Path, ports: dict[str, int], gateway_port: int | None, workers: int) -> Path:
+    lines = ["cluster: bench-fanout", "symbols:"]
+    lines += [f'  {s}: {{matcher: m1, tick_size: "0.01", lot_size: "0.001"}}' for s in SYMBOLS]
+    lines += ["nodes:",
+              (f'  r1: {{role: router, front: "tcp://127.0.0.1:{ports["front"]}", '
+               f'back: "tcp://127.0.0.1:{ports["back"]}"}}'),
+              (f'  m1: {{role: matcher, pub: "tcp://127.0.0.1:{ports["pub"]}", '
+               f'snapshot: "tcp://127.0.0.1:{ports["snapshot"]}", data_dir: "var/m1", fsync: never, '
+               f'snapshot_every: 10000000}}')]
+    if gateway_port is not None:
+        lines.append(f'  g1: {{role: gateway, listen: "127.0.0.1:{gateway_port}", workers: {workers}}}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Clients:
+    """The client processes of one target: an anchor (one connection per channel) and the load."""
+
+    def __init__(self, run: Run, port: int, n: int, k: int, procs: int, sources: int) -> None:
+        self.run, self.port, self.n, self.k, self.procs, self.sources = run, port, n, k, procs, sources
+        self.helpers: list[Helper] = []
+
+    def _start(self, count: int, first: int, tag: str) -> list[tuple[Helper, int]]:
+        started = []
+        self.run.serial += 1
+        h = Helper(SCRIPT, f"clients-{tag}-{self.run.serial}",
+                   ["clients", "--port", str(self.port), "--count", str(count), "--first", str(first),
+                    "--channels", str(self.k), "--sources", str(self.sources), "--timeout",
+                    str(self.timeout(count)), "--max-seconds", str(HELPER_MAX_S)], self.run.directory)
+        self.run.helpers.append(h)
+        self.helpers.append(h)
+        started.append((h, count))
+        return started
+
+    @staticmethod
+    def timeout(count: int) -> float:
+        return 60.0 + count / 100
+
+    def wait(self, started: list[tuple[Helper, int]]) -> None:
+        for h, count in started:
+            while True:
+                line = h.line(self.timeout(count) + 15)
+                if line.startswith("READY "):
+                    break
+                if line.startswith("{"):
+                    raise RuntimeError(f"{h.name}: {line}\n{h.log()}")
+
+    def anchor(self) -> None:
+        self.wait(self._start(self.k, 0, "anchor"))
+
+    def load(self) -> None:
+        started = []
+        per = math.ceil(self.n / self.procs)
+        first = self.k
+        for i in range(self.procs):
+            count = min(per, self.n - i * per)
+            if count > 0:
+                started += self._start(count, first, f"load{i}")
+                first += count
+        self.wait(started)
+
+    def ask(self, command: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        for h in self.helpers:
+            h.write(command)
+        return [json.loads(h.line(timeout)) for h in self.helpers]
+
+    def pids(self) -> list[int]:
+        return [h.proc.pid for h in self.helpers]
+
+    def close(self) -> None:
+        for h in self.helpers:
+            self.run.end(h)
+        self.helpers.clear()
+
+
+def merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    hist: Counter[int] = Counter()
+    types: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    channels: dict[str, list[int]] = {}
+    examples: dict[str, str] = {}
+    for s in stats:
+        hist.update({int(k): v for k, v in s["hist"].items()})
+        types.update(s["types"])
+        errors.update(s["errors"])
+        for k, v in s["examples"].items():
+            examples.setdefault(k, v)
+        for ch, (total, lo, hi, conns) in s["channels"].items():
+            have = channels.get(ch)
+            channels[ch] = [total, lo, hi, conns] if have is None else \
+                [have[0] + total, min(have[1], lo), max(have[2], hi), have[3] + conns]
+    firsts = [s["first_ns"] for s in stats if s["first_ns"]]
+    lasts = [s["last_ns"] for s in stats if s["last_ns"]]
+    return {"total": sum(s["total"] for s in stats), "heartbeats": sum(s["heartbeats"] for s in stats),
+            "first_ns": min(firsts) if firsts else 0,
+            "last_ns": max(lasts) if lasts else 0, "hist": hist, "types": types, "errors": errors,
+            "channels": channels, "examples": examples, "prev_seq_breaks": sum(s["prev_seq_breaks"] for s in stats),
+            "lost": sum(s["lost"] for s in stats), "pongs": sum(s["pongs"] for s in stats),
+            "open": sum(s["open"] for s in stats)}
+
+
+def quiesce(clients: Clients, max_seconds: float = 60.0) -> bool:
+    """Wait until the clients' counts stop growing (0.6 s without a message); False on timeout."""
+    end = time.monotonic() + max_seconds
+    last, still = -1, 0
+    while time.monotonic() < end:
+        total = sum(r["total"] for r in clients.ask("poll"))
+        still = still + 1 if total == last else 0
+        if still >= 2:
+            return True
+        last = total
+        time.sleep(0.3)
+    return False
+
+
+def measure_round(run: Run, clients: Clients, server_pids: list[int], drive: Callable[[], dict[str, Any]],
+                  named: dict[str, list[int]]) -> dict[str, Any]:
+    """One round: counters reset, ``drive()``, wait for the last message, every CPU and count."""
+    clients.ask("start")
+    groups = {"server": server_pids, "clients": clients.pids(), **named}
+    ours = set(run.pids()) | set(server_pids)
+    before = {name: jiffies(pids) for name, pids in groups.items()}
+    ours_before = jiffies(sorted(ours))
+    machine = _cpu_jiffies()
+    wall = time.perf_counter()
+    driven = drive()
+    drained = quiesce(clients)
+    wall = time.perf_counter() - wall
+    after = {name: jiffies(pids) for name, pids in groups.items()}
+    ours_after = jiffies(sorted(ours))
+    machine_after = _cpu_jiffies()
+    got = merge(clients.ask("stop"))
+    cpu = {name: round((after[name] - before[name]) / HZ, 2) for name in groups}
+    others = None
+    if machine and machine_after:
+        busy = (machine_after[0] - machine[0]) - (ours_after - ours_before)
+        others = round(max(0.0, busy / HZ / wall), 2)
+        if others > 0.5:
+            warn(f"other processes kept {others} CPUs busy during a round: its figures are suspect")
+    seconds = (got["last_ns"] - got["first_ns"]) / 1e9
+    total = got["total"]
+    # feed messages of each channel (heartbeats apart): what its best-served connection got
+    feed = sum(v[2] for v in got["channels"].values())
+    uneven = {ch: v for ch, v in got["channels"].items() if v[1] != v[2]}
+    server_cpu = cpu["server"]
+    return {
+        "delivered": total,
+        "heartbeats": got["heartbeats"],
+        "seconds": round(seconds, 4),
+        "delivered_per_s": round(total / seconds) if seconds > 0 else None,
+        "feed_messages": feed,
+        "server_cpu_s": server_cpu,
+        "server_cpu_s_per_million": round(server_cpu / total * 1e6, 3) if total else None,
+        "delivered_per_server_cpu_s": round(total / server_cpu) if server_cpu else None,
+        "cpu_s": cpu,
+        "latency_ms": hist_percentiles(got["hist"]),
+        "types_sampled": dict(got["types"]),
+        "errors": dict(got["errors"]),
+        "prev_seq_breaks": got["prev_seq_breaks"],
+        "uneven_channels": len(uneven),
+        "lost_connections": got["lost"],
+        "open_connections": got["open"],
+        "drained": drained,
+        "wall_s": round(wall, 2),
+        "others_cpus": others,
+        "driver": driven,
+        "_examples": got["examples"],
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, run: Run) -> None:
+        self.args = args
+        self.run = run
+        self.examples: dict[str, str] = {}
+        self.examples_path = run.directory / "examples.json"
+
+    def start_cluster(self) -> None:
+        ports = dict(zip(("front", "back", "pub", "snapshot"), free_ports(4), strict=True))
+        self.ports = ports
+        base = write_cluster_topology(self.run.directory / "cluster.yaml", ports, None, 1)
+        self.matcher = self.run.node(base, "m1")
+        self.router = self.run.node(base, "r1")
+        self.driver, _ = self.run.helper("driver", "driver", "--front", f"tcp://127.0.0.1:{ports['front']}",
+                                         "--seed", str(self.args.seed), ready_timeout=60.0)
+
+    def named(self) -> dict[str, list[int]]:
+        return {"driver": [self.driver.proc.pid], "matcher": [self.matcher.proc.pid],
+                "router": [self.router.proc.pid]}
+
+    def drive(self, command: str, timeout: float) -> Callable[[], dict[str, Any]]:
+        def go() -> dict[str, Any]:
+            self.driver.write(command)
+            return json.loads(self.driver.line(timeout))
+        return go
+
+    def cell(self, n: int, k: int) -> dict[str, Any]:
+        args = self.args
+        procs = max(args.client_procs, math.ceil(n / MAX_PER_PROCESS))
+        out: dict[str, Any] = {"n": n, "k": k, "client_procs": procs, "workers": args.workers}
+        gw = None
+        if "gateway" in args.targets:
+            gw = self.target_gateway(n, k, procs)
+            out["gateway"] = gw
+        for mode in ("write", "coalesce"):
+            if mode in args.targets:
+                out[mode] = self.target_ceiling(mode, n, k, procs, gw)
+        return out
+
+    def connect(self, port: int, n: int, k: int, procs: int, pids: Callable[[], list[int]]
+                ) -> tuple[Clients, dict[str, Any]]:
+        clients = Clients(self.run, port, n, k, procs, self.args.sources)
+        clients.anchor()
+        time.sleep(0.5)
+        rss0 = rss_kb(pids())
+        t0 = time.perf_counter()
+        clients.load()
+        connect_s = time.perf_counter() - t0
+        time.sleep(1.0)
+        rss1 = rss_kb(pids())
+        return clients, {"rss_kb_before": rss0, "rss_kb_after": rss1, "connect_s": round(connect_s, 2),
+                         "kb_per_connection": round((rss1 - rss0) / n, 3)}
+
+    def target_gateway(self, n: int, k: int, procs: int) -> dict[str, Any]:
+        args, run = self.args, self.run
+        port = free_ports(1)[0]
+        topo = write_cluster_topology(run.directory / f"gw-{n}-{k}.yaml", self.ports, port, args.workers)
+        node = run.node(topo, "g1", timeout=60.0)
+        clients = None
+        try:
+            def pids() -> list[int]:
+                return tree(node.proc.pid)
+            clients, memory = self.connect(port, n, k, procs, pids)
+            result: dict[str, Any] = {"memory": memory}
+            rate = args.moderate * k
+            drive = self.drive(f"paced {rate} {args.seconds} {k}", args.seconds + 90)
+            moderate = measure_round(run, clients, pids(), drive, self.named())
+            result["moderate"] = moderate
+            per_order = (moderate["feed_messages"] / moderate["driver"]["orders"]) if moderate["feed_messages"] \
+                else 1.3
+            subscribers = (n + k) / k
+            orders = int(min(20_000, max(100, args.max_delivered / subscribers / max(per_order, 0.5))))
+            result["max"] = measure_round(run, clients, pids(), self.drive(f"burst {orders} {k}", 200),
+                                          self.named())
+            # high: paced at --high of the delivered rate the burst reached (at most MAX_PACED orders/s)
+            best = result["max"]["delivered_per_s"] or 0
+            high = min(MAX_PACED, max(1.0, args.high * best / subscribers * k / max(per_order, 0.5)))
+            result["high"] = measure_round(run, clients, pids(), self.drive(f"paced {high:.3f} {args.seconds} {k}",
+                                                                            args.seconds + 90), self.named())
+            for r in (moderate, result["max"], result["high"]):
+                for kind, example in r.pop("_examples").items():
+                    self.examples.setdefault(kind, example)
+            if self.examples:
+                self.examples_path.write_text(json.dumps(self.examples))
+            progress("gateway", result)
+            return result
+        finally:
+            if clients is not None:
+                clients.close()
+            run.end_node(node)
+
+    def target_ceiling(self, mode: str, n: int, k: int, procs: int, gw: dict[str, Any] | None) -> dict[str, Any]:
+        args, run = self.args, self.run
+        argv = ["ceiling", "--mode", mode, "--channels", str(k)]
+        if self.examples_path.exists():
+            argv += ["--examples", str(self.examples_path)]
+        server, ready = run.helper(f"ceiling-{mode}", *argv)
+        clients = None
+        try:
+            def pids() -> list[int]:
+                return [server.proc.pid]
+            clients, memory = self.connect(ready["port"], n, k, procs, pids)
+            result: dict[str, Any] = {"memory": memory}
+            share = 0.2
+            if gw is not None:
+                types = gw["moderate"]["types_sampled"]
+                feed_kinds = types.get("trade", 0) + types.get("depth_update", 0)
+                share = types.get("trade", 0) / feed_kinds if feed_kinds else share
+                m_total, m_rate = gw["moderate"]["feed_messages"], None
+                if gw["moderate"]["driver"]["seconds"]:
+                    m_rate = m_total / gw["moderate"]["driver"]["seconds"]
+                x_total = gw["max"]["feed_messages"]
+                x_rate = x_total / gw["max"]["driver"]["seconds"] if gw["max"]["driver"]["seconds"] else None
+                h_total = gw["high"]["feed_messages"]
+                h_rate = h_total / gw["high"]["driver"]["seconds"] if gw["high"]["driver"]["seconds"] else None
+            else:
+                m_rate = args.moderate * k * 1.3
+                m_total = int(m_rate * args.seconds)
+                x_total = int(args.max_delivered / ((n + k) / k))
+                x_rate = 15_000.0
+                h_rate = m_rate * 5
+                h_total = int(h_rate * args.seconds)
+            m_rate = m_rate or args.moderate * k * 1.3
+            x_rate = x_rate or 15_000.0
+            h_rate = h_rate or m_rate * 5
+            if mode == "write":  # about 5 µs of CPU a delivery: a fifth of the burst is as telling, and 5x shorter
+                x_total = max(k, x_total // WRITE_MAX_SHARE)
+            result["share_trades"] = round(share, 3)
+
+            def emit(rate: float, total: int) -> Callable[[], dict[str, Any]]:
+                def go() -> dict[str, Any]:
+                    server.write(f"emit {rate:.3f} {max(1, total)} {share:.4f}")
+                    return json.loads(server.line(300.0))
+                return go
+
+            result["moderate"] = measure_round(run, clients, pids(), emit(m_rate, m_total), {})
+            result["max"] = measure_round(run, clients, pids(), emit(x_rate, x_total), {})
+            result["high"] = measure_round(run, clients, pids(), emit(h_rate, h_total), {})
+            for r in (result["moderate"], result["max"], result["high"]):
+                r.pop("_examples", None)
+                r["prev_seq_breaks"] = None  # the ceilings' frames carry no real sequence
+            progress(mode, result)
+            return result
+        finally:
+            if clients is not None:
+                clients.close()
+            run.end(server)
+
+
+def progress(name: str, result: dict[str, Any]) -> None:
+    m, x, h = result["moderate"], result["max"], result["high"]
+    print(f"    {name:8} {result['memory']['kb_per_connection']:5.2f} KB/conn | moderate {fmt(m['delivered_per_s'])}/s "
+          f"p99 {fmt(m['latency_ms']['p99'], '.2f')} ms | max {fmt(x['delivered_per_s'])}/s, "
+          f"{fmt(x['server_cpu_s_per_million'], '.2f')} CPU s/M | high {fmt(h['delivered_per_s'])}/s "
+          f"p99 {fmt(h['latency_ms']['p99'], '.1f')} ms", flush=True)
+
+
+def gateway_available() -> bool:
+    return (ROOT / "zmx" / "node" / "gateway.py").exists()
+
+
+def fmt(x: float | None, spec: str = ",.0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=None,
+                        help="connections per cell (500 1000 5000 15000; 200 with --quick)")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 10], help="channels (symbols) per cell (1 10)")
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (1)")
+    parser.add_argument("--moderate", type=float, default=20.0, help="orders/s per channel in the moderate round (20)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the paced rounds (5 s)")
+    parser.add_argument("--high", type=float, default=0.5,
+                        help="the high round's rate, as a share of the gateway's max delivered/s (0.5)")
+    parser.add_argument("--max-delivered", type=int, default=3_000_000,
+                        help="messages to deliver in the max round, about (3000000)")
+    parser.add_argument("--client-procs", type=int, default=2, help="client processes, at least (2)")
+    parser.add_argument("--sources", type=int, default=4, help="loopback source addresses 127.0.0.2... (4)")
+    parser.add_argument("--targets", nargs="+", default=["gateway", "write", "coalesce"])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="smoke run: N = 200, 2 s rounds, no results file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument("--json", type=Path, help="also write the figures here (smoke runs too)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.seconds, args.max_delivered = args.n or [200], 2.0, 100_000
+    args.n = args.n or [500, 1_000, 5_000, 15_000]
+    if "gateway" in args.targets and not gateway_available():
+        warn("zmx/node/gateway.py is missing: measuring the ceilings only")
+        args.targets = [t for t in args.targets if t != "gateway"]
+    if max(args.n) / args.client_procs > MAX_PER_PROCESS * 2:
+        parser.error("too many connections per client process")
+    stop_on_sigterm()
+    before = machine_busy()
+    note = noise_note(before, "before the run")
+    if note:
+        warn(note)
+    print(f"cells: N {', '.join(map(str, args.n))} x K {', '.join(map(str, args.k))}; targets "
+          f"{', '.join(args.targets)}; moderate {args.moderate:g} orders/s per channel for {args.seconds:g} s; "
+          f"max: about {args.max_delivered:,} deliveries; matcher fsync: never; gateway workers {args.workers}")
+    directory = Path(tempfile.mkdtemp(prefix="zmx-bench-fanout-"))
+    run = Run(directory, args)
+    cells: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        bench = Bench(args, run)
+        bench.start_cluster()
+        for k in args.k:
+            for n in args.n:
+                print(f"  N={n:,} K={k} ...", flush=True)
+                cells.append(bench.cell(n, k))
+    finally:
+        run.stop_all()
+        if args.keep:
+            print(f"kept {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    return report(args, cells, before, elapsed)
+
+
+def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, elapsed: float) -> int:
+    rows = []
+    for c in cells:
+        for target in ("gateway", "write", "coalesce"):
+            t = c.get(target)
+            if t is None:
+                continue
+            m, x, h = t["moderate"], t["max"], t["high"]
+            rows.append([f"{c['n']}x{c['k']} {target}", fmt(m["delivered_per_s"]),
+                         fmt(m["latency_ms"]["p50"], ".1f"), fmt(m["latency_ms"]["p99"], ".1f"),
+                         fmt(x["delivered_per_s"]), fmt(x["server_cpu_s_per_million"], ".2f"),
+                         fmt(x["delivered_per_server_cpu_s"]),
+                         fmt(h["delivered_per_s"]), fmt(h["latency_ms"]["p50"], ".1f"),
+                         fmt(h["latency_ms"]["p99"], ".1f"),
+                         fmt(x["cpu_s"]["clients"] / x["delivered"] * 1e6 if x["delivered"] else None, ".2f"),
+                         fmt(t["memory"]["kb_per_connection"], ".2f"),
+                         str(sum(r["uneven_channels"] + r["lost_connections"] for r in (m, x, h)))])
+    print_rows("fan-out, N connections x K channels: moderate | max (burst) | high (paced)",
+               ["NxK target", "mod /s", "p50 ms", "p99 ms", "max /s", "cpu s/M", "/cpu-s",
+                "high /s", "p50 ms", "p99 ms", "clients s/M", "KB/conn", "uneven+lost"], rows)
+
+    # targets
+    t_cells = []
+    curve = []
+    met_all = True
+    for c in cells:
+        gw, wr, co = c.get("gateway"), c.get("write"), c.get("coalesce")
+        entry: dict[str, Any] = {"n": c["n"], "k": c["k"]}
+        if gw is not None:
+            per_proc = round((c["n"] + c["k"]) / c["workers"])
+            curve.append({"n": c["n"], "k": c["k"], "connections_per_process": per_proc,
+                          "moderate_p50_ms": gw["moderate"]["latency_ms"]["p50"],
+                          "moderate_p99_ms": gw["moderate"]["latency_ms"]["p99"],
+                          "high_delivered_per_s": gw["high"]["delivered_per_s"],
+                          "high_p50_ms": gw["high"]["latency_ms"]["p50"],
+                          "high_p99_ms": gw["high"]["latency_ms"]["p99"]})
+            kb = gw["memory"]["kb_per_connection"]
+            entry["kb_per_idle_connection"] = kb
+            entry["memory_met"] = kb <= TARGETS["kb_per_idle_connection"]
+            met_all &= entry["memory_met"]
+            if co is not None and co["max"]["delivered_per_server_cpu_s"]:
+                ratio = (gw["max"]["delivered_per_server_cpu_s"] or 0) / co["max"]["delivered_per_server_cpu_s"]
+                entry["delivered_per_cpu_s_vs_coalesce"] = round(ratio, 3)
+                entry["cpu_met"] = ratio >= TARGETS["delivered_per_cpu_s_vs_coalesce"]
+                if co["moderate"]["delivered_per_server_cpu_s"] and gw["moderate"]["delivered_per_server_cpu_s"]:
+                    entry["delivered_per_cpu_s_vs_coalesce_moderate"] = round(
+                        gw["moderate"]["delivered_per_server_cpu_s"] / co["moderate"]["delivered_per_server_cpu_s"], 3)
+                met_all &= entry["cpu_met"]
+            if wr is not None:
+                for rnd in ("moderate", "high", "max"):
+                    g99, w99 = gw[rnd]["latency_ms"]["p99"], wr[rnd]["latency_ms"]["p99"]
+                    if g99 is not None and w99:
+                        entry[f"p99_vs_raw_{rnd}"] = round(g99 / w99, 3)
+                entry["p99_met"] = max(entry.get("p99_vs_raw_moderate", 99),
+                                       entry.get("p99_vs_raw_high", 99)) <= TARGETS["p99_vs_raw"]
+                met_all &= entry["p99_met"]
+            if c["n"] == 5_000:
+                entry["delivered_per_s_max"] = gw["max"]["delivered_per_s"]
+                entry["rate_met"] = (gw["max"]["delivered_per_s"] or 0) >= TARGETS["delivered_per_s_at_5000"]
+                met_all &= entry["rate_met"]
+            if per_proc <= 550:
+                p99 = gw["moderate"]["latency_ms"]["p99"]
+                entry["p99_ms_at_500_per_process"] = p99
+                entry["p99_500_met"] = p99 is not None and p99 <= TARGETS["p99_ms_at_500_per_process"]
+                met_all &= entry["p99_500_met"]
+        t_cells.append(entry)
+    for e in t_cells:
+        print("  " + ", ".join(f"{k}={v}" for k, v in e.items()))
+    print(f"took {elapsed:.0f} s")
+    figures = {
+        "config": {"n": args.n, "k": args.k, "workers": args.workers, "moderate_orders_per_s_per_channel":
+                   args.moderate, "paced_seconds": args.seconds, "high_share_of_max": args.high,
+                   "write_ceiling_max_share": 1 / WRITE_MAX_SHARE, "max_delivered": args.max_delivered,
+                   "client_procs": args.client_procs, "sources": args.sources, "sample_every": SAMPLE_EVERY,
+                   "seed": args.seed, "matcher_fsync": "never", "targets": args.targets, "elapsed_s": round(elapsed)},
+        "targets": {"wanted": TARGETS, "cells": t_cells, "met": met_all if cells else None},
+        "latency_curve": curve,
+        "cells": cells,
+        "noise_before": {"others_cpus": before.others, "steal_cpus": before.steal},
+    }
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": "fanout", **figures}, indent=2) + "\n")
+    if not args.quick:
+        path = write_results("fanout", figures)
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--role":
+        sys.exit(role_main(sys.argv[2:]))
+    sys.exit(main())
