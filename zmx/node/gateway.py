@@ -795,6 +795,11 @@ class Gateway:
 # -- process --------------------------------------------------------------------------------------------------
 
 def _serve(topology: Topology, node: GatewayNode, worker: int, ready: Callable[[], None]) -> None:
+    # websockets logs "connection open" / "connection closed" at INFO for every connection:
+    # 100,000 clients reconnecting made 200,000 lines and a fair part of the storm's CPU.
+    # The gateway says what matters itself (counts, slow consumers, resyncs).
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
