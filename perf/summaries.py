@@ -168,7 +168,8 @@ def connections(f: dict[str, Any]) -> list[Row]:
                 f"p99 {m.get('p99_over_per_process')}x / {m.get('p99_over_shared_cores')}x the model",
                 "none lost", met["lost_updates"]),
             row("same, gateway memory per connection (RSS of every worker; kernel beside it)",
-                f"{mem.get('gateway_kb_per_connection')} KB",
+                f"{mem.get('gateway_kb_per_connection')} KB held; "
+                f"{f.get('after_storm', {}).get('memory', {}).get('gateway_kb_per_connection')} KB after the storm",
                 f"kernel: {kern.get('tcp_buffers_kb_per_connection')} KB buffers + "
                 f"{kern.get('slab_kb_per_connection')} KB slab per connection (both ends)", "",
                 f"<= {want['gateway_kb_per_connection']} KB", met["gateway_kb_per_connection"]),
@@ -178,8 +179,40 @@ def connections(f: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def soak(f: dict[str, Any]) -> list[Row]:
+    cfg, v, rate = f["config"], f["verdicts"], f.get("rate", {})
+    p, r, cap = v["p99_flat"], v["rss_flat"], f.get("capacity", {})
+    load = (f"{cfg['connections']:,} connections x {cfg['channels']} channels, {cfg['workers']} gateway workers, "
+            f"{cfg['minutes']:g} min at {rate.get('orders_per_s', 0):,.0f} orders/s "
+            f"({rate.get('share_of_capacity') or 0:.2f} of the capacity)")
+    baseline = f"capacity in the same run (burst): {cap.get('delivered_per_s') or 0:,} delivered/s"
+    if "first_third_median_ms" in p:
+        zmx = (f"p99 {p['first_third_median_ms']:g} ms (first third) -> {p['last_third_median_ms']:g} ms (last), "
+               f"slope {p['slope_ms_per_min']:+.2f} ms/min")
+        ratio = f"{p['ratio_last_to_first']:.2f}x"
+    else:
+        zmx, ratio = "no p99 over time", ""
+
+    def rss(group: str) -> str:
+        g = r.get(group, {})
+        if "growth" not in g:
+            return f"{group} -"
+        return f"{group} {g['growth'] * 100:+.1f}% ({g['slope_kb_per_min']:+,.0f} KB/min)"
+
+    end = f.get("end", {})
+    return [row(f"`perf/bench_soak.py` (`soak.json`): {load}; delivered messages' latency over time", zmx, baseline,
+                ratio, "last third's median p99 <= 1.5x the first's, no upward trend", p["met"]),
+            row("same, RSS last third vs first third (after a warm-up interval)",
+                ", ".join(rss(g) for g in ("gateway", "matcher", "router")), "", "", "each within +5%", r["met"]),
+            row("same, connections and counts at the end",
+                f"{end.get('lost_connections')} lost, {end.get('uneven_channels')} channels with uneven counts", "",
+                "", "none lost, equal counts per channel",
+                bool(v["no_connection_lost"]["met"] and v["even_counts"]["met"]))]
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {"engine": engine, "orders": orders, "pub": pub,
-                                                               "hosts": hosts, "connections": connections}
+                                                               "hosts": hosts, "connections": connections,
+                                                               "soak": soak}
 
 
 def summarize(name: str, figures: dict[str, Any]) -> list[Row]:
