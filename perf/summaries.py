@@ -148,6 +148,44 @@ def hosts(f: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def fanout(f: dict[str, Any]) -> list[Row]:
+    verdicts = f["targets"]["cells"]
+    want = f["targets"]["wanted"]
+    cells = {(c["n"], c["k"]): c for c in f["cells"]}
+
+    def span(key: str, fmt: str = ".2f") -> str:
+        values = [v[key] for v in verdicts if v.get(key) is not None]
+        return f"{min(values):{fmt}}-{max(values):{fmt}}" if values else "-"
+
+    def count(key: str) -> tuple[str, bool]:
+        got = [v[key] for v in verdicts if key in v]
+        return f"{sum(got)} of {len(got)} cells", bool(got) and all(got)
+
+    n5000 = [(k, cells[(5000, k)]) for k in (1, 10) if (5000, k) in cells]
+    rate = ", ".join(f"{c['gateway']['max']['delivered_per_s']:,}/s ({k} channel{'s' * (k > 1)})" for k, c in n5000)
+    ceiling = ", ".join(f"{c['coalesce']['max']['delivered_per_s']:,}/s" for _, c in n5000 if c.get("coalesce"))
+    rate_met = all(v.get("rate_met", True) for v in verdicts)
+    cpu_text, cpu_met = count("cpu_met")
+    p99_text, p99_met = count("p99_met")
+    at500 = [v for v in verdicts if "p99_ms_at_500_per_process" in v]
+    what = f"N {', '.join(f'{n:,}' for n in f['config']['n'])} x {'/'.join(map(str, f['config']['k']))} channels"
+    return [
+        row(f"`perf/bench_fanout.py` (`fanout.json`): gateway fan-out, {what}, delivered messages/s at N = 5,000",
+            rate, f"coalescing raw server: {ceiling}", "", f">= {want['delivered_per_s_at_5000']:,}/s", rate_met),
+        row("same, delivered messages per gateway CPU-second vs the coalescing raw server",
+            f"{span('delivered_per_cpu_s_vs_coalesce')}x ({cpu_text} met)", "raw asyncio, one write per connection "
+            "per loop turn, same feed", "", f">= {want['delivered_per_cpu_s_vs_coalesce']}x", cpu_met),
+        row("same, gateway memory per idle subscribed connection", f"{span('kb_per_idle_connection')} KB", "", "",
+            f"<= {want['kb_per_idle_connection']} KB", all(v["memory_met"] for v in verdicts)),
+        row("same, push latency p99 at a moderate rate vs the one-write-per-message raw server",
+            f"{span('p99_vs_raw_moderate')}x ({p99_text} met)", "raw asyncio server at the same N and rate", "",
+            f"<= {want['p99_vs_raw']}x", p99_met),
+        row("same, push latency p99 with 500 connections per gateway process",
+            ", ".join(f"{v['p99_ms_at_500_per_process']:g} ms ({v['k']} channel{'s' * (v['k'] > 1)})" for v in at500),
+            "", "", f"<= {want['p99_ms_at_500_per_process']:g} ms", all(v["p99_500_met"] for v in at500)),
+    ]
+
+
 def connections(f: dict[str, Any]) -> list[Row]:
     cfg, t = f["config"], f["targets"]
     met, want = t["met_each"], t["wanted"]
@@ -211,8 +249,8 @@ def soak(f: dict[str, Any]) -> list[Row]:
 
 
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {"engine": engine, "orders": orders, "pub": pub,
-                                                               "hosts": hosts, "connections": connections,
-                                                               "soak": soak}
+                                                               "fanout": fanout, "hosts": hosts,
+                                                               "connections": connections, "soak": soak}
 
 
 def summarize(name: str, figures: dict[str, Any]) -> list[Row]:
