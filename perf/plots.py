@@ -239,9 +239,9 @@ def _plain_numbers(axis: Any) -> None:
 
 
 def draw_latency_cdf(curves: list[Curve], title: str, path: Path) -> None:
+    fig = _figure(1)  # first: it says so when matplotlib is missing
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    fig = _figure(1)
     ax = fig.add_subplot()
     for i, curve in enumerate(curves):
         xs, ys = zip(*curve.points, strict=True)
@@ -266,9 +266,9 @@ def draw_latency_cdf(curves: list[Curve], title: str, path: Path) -> None:
 
 
 def draw_throughput(panels: list[Panel], title: str, path: Path) -> None:
+    fig = _figure(len(panels))  # first: it says so when matplotlib is missing
     from matplotlib.ticker import NullLocator
 
-    fig = _figure(len(panels))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels, strict=True):
         ns = sorted({x for c in panel.lines for x, _ in c.points})
