@@ -53,7 +53,10 @@ class MatchingEngine:
         self.next_trade_id = 1
         self.book = OrderBook()
         # (account, order_id) of every order ever accepted: ids are never reused.
-        self._used_ids: set[tuple[str, str]] = set()
+        # Every (account, order_id) ever accepted, as one string "account\x00order_id": ids are
+        # printable ASCII, so the NUL cannot be in either, and one string takes about half the
+        # memory of a tuple of two (this set grows with every accepted order, by design).
+        self._used_ids: set[str] = set()
         # Shortcuts for the hot paths (one attribute load instead of two).
         self._bids = self.book.bids
         self._asks = self.book.asks
@@ -106,9 +109,9 @@ class MatchingEngine:
             return self._reject(cmd, ts_ns, "invalid_field")
         if type(quantity) is not int or not self._min_lots <= quantity <= self._max_lots:
             return self._reject(cmd, ts_ns, "invalid_quantity")
-        key = (account, order_id)
+        used_key = f"{account}\x00{order_id}"
         used_ids = self._used_ids
-        if key in used_ids:
+        if used_key in used_ids:
             return self._reject(cmd, ts_ns, "duplicate_order_id")
         if otype is MARKET and tif is POST_ONLY:
             return self._reject(cmd, ts_ns, "invalid_field")
@@ -116,13 +119,14 @@ class MatchingEngine:
         crosses = opposite.best <= limit_key
         if tif is POST_ONLY and crosses:
             return self._reject(cmd, ts_ns, "would_cross")
-        used_ids.add(key)
+        used_ids.add(used_key)
 
         if not crosses:
             if otype is LIMIT and (tif is GTC or tif is POST_ONLY):
                 # The common case: a passive limit order joins the book.
                 seq = self.seq = self.seq + 1
-                order = self._index[key] = Order(order_id, account, side, price, quantity, 0, quantity, tif)
+                order = self._index[(account, order_id)] = Order(order_id, account, side, price, quantity, 0,
+                                                                 quantity, tif)
                 # BookSide.append, inlined: this is the most frequent path of all.
                 level = own.levels.get(-limit_key)
                 if level is None:
@@ -160,7 +164,7 @@ class MatchingEngine:
         if remaining:
             if otype is LIMIT and (tif is GTC or tif is POST_ONLY):
                 order = Order(order_id, account, side, price, quantity, filled, remaining, tif)
-                self._index[key] = order
+                self._index[(account, order_id)] = order
                 level = own.append(order)
                 touched_own[level.key] = level.price
             else:
@@ -359,7 +363,7 @@ class MatchingEngine:
             [spec.symbol, spec.tick_size, spec.lot_size, spec.min_quantity, spec.max_quantity],
             self.seq,
             self.next_trade_id,
-            sorted(self._used_ids),
+            sorted(tuple(key.split("\x00", 1)) for key in self._used_ids),
             orders,
         ]
         return msgpack.packb(state)
@@ -373,7 +377,7 @@ class MatchingEngine:
         engine = cls(SymbolSpec(*spec_fields))
         engine.seq = seq
         engine.next_trade_id = next_trade_id
-        engine._used_ids = {(account, order_id) for account, order_id in used_ids}
+        engine._used_ids = {f"{account}\x00{order_id}" for account, order_id in used_ids}
         for order_id, account, side, price, quantity, filled, remaining, tif in orders:
             engine.book.add(Order(order_id, account, Side(side), price, quantity, filled, remaining,
                                   TimeInForce(tif)))
