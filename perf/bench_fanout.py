@@ -756,13 +756,18 @@ def role_driver(front: str, seed: int) -> None:
                 count, k = int(words[1]), int(words[2])
                 commands = flow.take(count, k, f"r{rounds}o")
                 r = pipelined(client, commands, 256, 120.0)
-            kinds = Counter(type(c).__name__ + ("_ioc" if getattr(c, "time_in_force", None) is IOC else "")
-                            for c in commands)
-            print(json.dumps({"orders": len(commands), "seconds": round(r.seconds, 4),
-                              "orders_per_s": round(len(commands) / r.seconds) if r.seconds else None,
-                              "not_ok": dict(r.not_ok), "kinds": dict(kinds)}), flush=True)
+            print(driver_report(commands, r), flush=True)
     finally:
         client.close()
+
+
+def driver_report(commands: Sequence[Command], r: Any) -> str:
+    """The line an order driver prints after a round: orders, seconds, rate, refusals, kinds."""
+    kinds = Counter(type(c).__name__ + ("_ioc" if getattr(c, "time_in_force", None) is IOC else "")
+                    for c in commands)
+    return json.dumps({"orders": len(commands), "seconds": round(r.seconds, 4),
+                       "orders_per_s": round(len(commands) / r.seconds) if r.seconds else None,
+                       "not_ok": dict(r.not_ok), "kinds": dict(kinds)})
 
 
 def role_main(argv: list[str]) -> int:

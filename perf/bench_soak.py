@@ -69,7 +69,6 @@ from _common import ROOT, RESULTS_DIR, Progress, _cpu_jiffies, machine_busy, noi
 from bench_fanout import (
     HELPER_MAX_S,
     HZ,
-    IOC,
     MAX_PER_PROCESS,
     PRIME_PER_SIDE,
     SAMPLE_EVERY,
@@ -78,6 +77,7 @@ from bench_fanout import (
     FanoutFlow,
     Run,
     bucket_us,
+    driver_report,
     fmt,
     hist_percentiles,
     jiffies,
@@ -259,11 +259,7 @@ def role_driver(front: str, seed: int) -> None:
                 elif words[0] == "burst":  # burst COUNT K
                     commands = flow.take(int(words[1]), int(words[2]), f"b{rounds}o")
                     r = pipelined(client, commands, 256, 120.0)
-                    kinds = Counter(type(c).__name__ + ("_ioc" if getattr(c, "time_in_force", None) is IOC else "")
-                                    for c in commands)
-                    print(json.dumps({"orders": len(commands), "seconds": round(r.seconds, 4),
-                                      "orders_per_s": round(len(commands) / r.seconds) if r.seconds else None,
-                                      "not_ok": dict(r.not_ok), "kinds": dict(kinds)}), flush=True)
+                    print(driver_report(commands, r), flush=True)
     finally:
         client.close()
 
