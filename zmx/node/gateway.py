@@ -305,6 +305,17 @@ class ChannelState:
         # the subscription (0 after that); see Gateway.subscribe.
         self.subscribed_at = self.last_sent
 
+    def take_turn(self, now: float) -> tuple[bytes, int, int]:
+        """This loop turn's frames joined, with the depth updates and trades among them; the
+        channel starts the next turn empty."""
+        frames = self.frames
+        blob = frames[0] if len(frames) == 1 else b"".join(frames)
+        counts = self.updates, self.trades
+        self.frames = []
+        self.updates = self.trades = 0
+        self.last_sent = now
+        return blob, *counts
+
 
 class Gateway:
     """One gateway process (a worker): its WebSocket server and its ZeroMQ sockets."""
@@ -600,28 +611,22 @@ class Gateway:
     def _fan_out(self) -> None:
         """Write this turn's channel bytes: one write per connection."""
         now = time.monotonic()
-        if len(self._dirty) == 1:  # one busy channel (the usual case): no per-connection joining
-            state = self._dirty.pop()
-            frames = state.frames
-            blob = frames[0] if len(frames) == 1 else b"".join(frames)
+        dirty = self._dirty
+        if len(dirty) == 1:  # one busy channel (the usual case): no per-connection joining
+            state = dirty.pop()
+            blob, updates, trades = state.take_turn(now)
             for conn in state.subscribers:
                 if conn.behind:
-                    self._miss(conn, state.channel.symbol, state.channel.seq, state.updates, state.trades)
+                    self._miss(conn, state.channel.symbol, state.channel.seq, updates, trades)
                 elif not conn.closing:
                     conn.transport.write(blob)  # type: ignore[union-attr]  # subscribers are connected
-            state.frames = []
-            state.updates = state.trades = 0
-            state.last_sent = now
             return
         touched: list[Connection] = []
-        for state in self._dirty:
-            frames = state.frames
-            blob = frames[0] if len(frames) == 1 else b"".join(frames)
-            symbol = state.channel.symbol
-            seq = state.channel.seq
+        for state in dirty:
+            blob, updates, trades = state.take_turn(now)
             for conn in state.subscribers:
                 if conn.behind:
-                    self._miss(conn, symbol, seq, state.updates, state.trades)
+                    self._miss(conn, state.channel.symbol, state.channel.seq, updates, trades)
                     continue
                 out = conn.out
                 if out is None:
@@ -629,10 +634,7 @@ class Gateway:
                     touched.append(conn)
                 else:
                     out.append(blob)
-            state.frames = []
-            state.updates = state.trades = 0
-            state.last_sent = now
-        self._dirty.clear()
+        dirty.clear()
         for conn in touched:
             out = conn.out
             conn.out = None
