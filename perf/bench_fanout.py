@@ -19,8 +19,12 @@ channels) a fresh gateway (``zmx node g1``, ``--workers``). The load is:
   object with one top-level ``type`` and nothing else in a feed frame holds that text; they
   answer pings (``0x89 0x04``: a 4-byte ping). Every ``SAMPLE_EVERY``-th connection of each
   channel is a *sampler*: it walks every frame, parses its JSON (orjson), counts types, checks
-  ``prev_seq`` and takes the latency ``receive time - data.ts`` (the matcher's
-  ``time.time_ns()``; the same clock on one machine) of every ``trade`` and ``depth_update``.
+  ``prev_seq`` and takes the latency of every ``trade`` and ``depth_update`` from ``data.ts``
+  (the matcher's ``time.time_ns()``; the same clock on one machine) twice: to the message's
+  *arrival*, the time the kernel stamped on its TCP segment (``SO_TIMESTAMPNS``, read with
+  ``recvmsg``: see ``StampedSocket``), and to the time this process *read* it. Arrival is the
+  push latency of the server: on this 2-core box the read time adds the wait of a Python client
+  process for a core it shares with the server, which a client on its own host would not pay.
   Every connection's count is kept, so an uneven channel (a connection that got fewer
   messages than another of its channel) shows.
 - **driver** (``--role driver``): ``zmx.node.client.Client`` against the router, a seeded flow
@@ -31,7 +35,9 @@ channels) a fresh gateway (``zmx node g1``, ``--workers``). The load is:
 Rounds of a cell (the same for every target):
 
 1. **moderate**: ``--moderate`` orders/s per channel for ``--seconds``, paced open loop
-   (``bench_orders.paced``).
+   (``bench_orders.paced``), lowered where it would make more than ``--moderate-cap``
+   deliveries/s (``moderate_rate``: at N = 5,000 and 15,000 the full rate would keep even the
+   raw servers' walks busy most of the time, and the round would measure their backlogs).
 2. **max**: a burst of orders sent as fast as the driver goes (256 in flight); the count is
    chosen so that about ``--max-delivered`` messages are delivered (at most 20,000 orders). The
    gateway takes them as fast as it can: delivered/s and CPU per message at saturation; the
@@ -58,7 +64,8 @@ that cannot keep up stops emitting at twice the round's planned time (``emitted`
 Figures per round: delivered messages/s (every message every client counted, over the time
 from the first to the last feed message a sampler received), server CPU
 (utime + stime from ``/proc``, every gateway worker) per million delivered messages and
-delivered per CPU-second, client-observed latency p50 / p99 / p99.9 (samplers), the CPU of the
+delivered per CPU-second, latency p50 / p99 / p99.9 to arrival (``latency_ms``; the targets) and
+to the read (``read_latency_ms``) from the samplers, the CPU of the
 clients, driver, matcher and router, and per cell the server's RSS delta per idle subscribed
 connection (RSS once all N subscribed and idle, minus RSS with one anchor connection per
 channel, / N). Targets: ``TARGETS``.
@@ -85,6 +92,7 @@ import random
 import shutil
 import socket
 import subprocess
+import struct
 import sys
 import tempfile
 import time
@@ -95,6 +103,7 @@ from typing import Any
 
 import orjson
 from _common import ROOT, _cpu_jiffies, machine_busy, noise_note, warn, write_results
+from summaries import summarize
 from bench_orders import (
     ACCOUNTS,
     MAX_DISTANCE,
@@ -125,6 +134,8 @@ PAT = b'"type":"'  # once in every server message
 PING = b"\x89\x04"  # a ping frame with a 4-byte payload (what the gateway sends)
 HEARTBEAT = b'"type":"heartbeat"'  # counted apart: idle-channel heartbeats are not feed
 IP_BIND_ADDRESS_NO_PORT = 24  # Linux: bind() picks no port; connect() picks one per destination
+SO_TIMESTAMPNS = 35  # Linux (SO_TIMESTAMPNS_OLD): recvmsg gives the kernel's receive time; not in ``socket``
+STAMP_SPACE = socket.CMSG_SPACE(16)  # one struct timespec
 HELPER_MAX_S = 3600  # a helper ends by itself after this long (or as soon as the benchmark is gone)
 MAX_PACED = 3_000.0  # orders/s the driver is asked for at most in a paced round
 WRITE_MAX_SHARE = 5  # the write ceiling's max round emits 1/5 of the gateway's burst (same rate)
@@ -136,9 +147,11 @@ TARGETS = {
     "delivered_per_cpu_s_vs_coalesce": 0.8,  # gateway / coalescing ceiling, delivered per server CPU-second
     "delivered_per_s_at_5000": 1_000_000,
     "kb_per_idle_connection": 3.2,
-    "p99_vs_raw": 1.2,  # gateway p99 / raw (write) ceiling p99, same N and rate
+    "p99_vs_raw": 1.2,  # gateway p99 / raw (write) ceiling p99, same N and rate (see SAME_RATE)
     "p99_ms_at_500_per_process": 5.0,
 }
+FEED_PER_ORDER = 1.2  # feed messages an order of the flow makes, about (measured: 1.2-1.3)
+SAME_RATE = 0.9  # a round's p99 is compared with the raw server's only if it delivered this share of the rate
 
 # order flow
 CROSS_SHARE, CANCEL_SHARE = 0.15, 0.30
@@ -282,7 +295,8 @@ class ClientProc:
 
     def reset(self) -> None:
         self.first_ns = self.last_ns = 0
-        self.hist: Counter[int] = Counter()
+        self.hist: Counter[int] = Counter()  # ts -> arrival in the client's kernel (µs buckets)
+        self.hist_read: Counter[int] = Counter()  # ts -> read by the client process
         self.types: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.breaks = 0
@@ -291,8 +305,8 @@ class ClientProc:
 class WsClient(asyncio.Protocol):
     """One load connection; see the module documentation. Cheap per message on purpose."""
 
-    __slots__ = ("buf", "channel", "depth_seq", "hb", "host", "n", "proc", "sampler", "state", "tail", "transport",
-                 "upgraded")
+    __slots__ = ("arrived_ns", "buf", "channel", "depth_seq", "hb", "host", "n", "proc", "sampler", "state", "tail",
+                 "transport", "upgraded")
 
     def __init__(self, proc: ClientProc, channel: str, sampler: bool, host: bytes) -> None:
         self.proc = proc
@@ -305,7 +319,8 @@ class WsClient(asyncio.Protocol):
         self.n = 0
         self.hb = 0
         self.depth_seq: int | None = None
-        self.transport: asyncio.Transport | None = None
+        self.arrived_ns = 0  # a sampler's chunk: when its last segment reached the kernel (StampedSocket)
+        self.transport: asyncio.Transport | StampedSocket | None = None
         self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -366,6 +381,7 @@ class WsClient(asyncio.Protocol):
     def _walk(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
         now = time.time_ns()
+        arrived = self.arrived_ns or now
         i, size = 0, len(buf)
         while size - i >= 2:
             b1 = buf[i + 1] & 0x7F
@@ -385,7 +401,7 @@ class WsClient(asyncio.Protocol):
             opcode = buf[i] & 0x0F
             if opcode == 1:
                 self.n += 1
-                self._message(buf[i + h:end], now)
+                self._message(buf[i + h:end], now, arrived)
                 if self.state == COUNT:  # its snapshot came: from here on it only counts
                     self.buf = b""
                     rest = buf[end:]
@@ -398,7 +414,7 @@ class WsClient(asyncio.Protocol):
             i = end
         self.buf = buf[i:]
 
-    def _message(self, payload: bytes, now: int) -> None:
+    def _message(self, payload: bytes, now: int, arrived: int) -> None:
         proc = self.proc
         try:
             msg = orjson.loads(payload)
@@ -415,7 +431,8 @@ class WsClient(asyncio.Protocol):
                 proc.last_ns = now
                 ts = data.get("ts")
                 if isinstance(ts, int):
-                    proc.hist[bucket_us((now - ts) // 1000)] += 1
+                    proc.hist[bucket_us((arrived - ts) // 1000)] += 1
+                    proc.hist_read[bucket_us((now - ts) // 1000)] += 1
                 if kind not in proc.examples:
                     proc.examples[kind] = payload.decode()
             if kind == "depth_update":
@@ -435,6 +452,89 @@ class WsClient(asyncio.Protocol):
             self.hb += 1
         elif kind == "error":
             proc.errors[str(msg.get("code"))] += 1
+
+
+class StampedSocket:
+    """A sampler's socket, read without an asyncio transport: ``recvmsg`` with ``SO_TIMESTAMPNS``
+    gives each chunk the time its last TCP segment reached this host's kernel, so a sampler's
+    latency is the gateway's (and the network's), not the time this Python process took to get
+    round to reading it (it shares the two cores with the server and the other clients). A
+    chunk's stamp is its last segment's: an earlier frame in it gets a stamp no earlier than its
+    own arrival, never a flattering one. The time the message was read is kept beside it.
+
+    The transport methods ``WsClient`` uses: its writes are a handshake, a subscribe and pongs
+    (a few hundred bytes); what the socket does not take at once waits for it to be writable."""
+
+    __slots__ = ("closed", "loop", "pending", "protocol", "sock")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: WsClient) -> None:
+        self.loop, self.sock, self.protocol = loop, sock, protocol
+        self.pending = b""
+        self.closed = False
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        protocol.connection_made(self)  # type: ignore[arg-type]
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(262144, STAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._lost(e)
+            return
+        if not data:
+            self._lost(None)
+            return
+        stamp = 0
+        for level, kind, raw in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
+                sec, nsec = struct.unpack_from("qq", raw)
+                stamp = sec * 1_000_000_000 + nsec
+        self.protocol.arrived_ns = stamp
+        self.protocol.data_received(data)
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.pending:
+            try:
+                data = data[self.sock.send(data):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                self._lost(e)
+                return
+            if not data:
+                return
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+        self.pending += data
+
+    def _writable(self) -> None:
+        try:
+            self.pending = self.pending[self.sock.send(self.pending):]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._lost(e)
+            return
+        if not self.pending:
+            self.loop.remove_writer(self.sock.fileno())
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        if self.pending:
+            self.loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+        self.protocol.connection_lost(exc)
+
+    def close(self) -> None:
+        self._lost(None)
+
+    abort = close
 
 
 async def _clients(host: str, port: int, count: int, first: int, k: int, sources: int, timeout: float) -> None:
@@ -457,7 +557,10 @@ async def _clients(host: str, port: int, count: int, first: int, k: int, sources
                     sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                     sock.bind((addrs[g % len(addrs)], 0))
                 await loop.sock_connect(sock, (host, port))
-                await loop.create_connection(lambda: conn, sock=sock)
+                if conn.sampler:
+                    StampedSocket(loop, sock, conn)
+                else:
+                    await loop.create_connection(lambda: conn, sock=sock)
                 await conn.upgraded
         except (OSError, ConnectionError) as e:
             proc.connect_errors[type(e).__name__ + ": " + str(e)[:60]] += 1
@@ -496,7 +599,8 @@ async def _clients(host: str, port: int, count: int, first: int, k: int, sources
                 "total": sum(c.n for c in conns), "heartbeats": sum(c.hb for c in conns),
                 "first_ns": proc.first_ns, "last_ns": proc.last_ns,
                 "channels": {ch: [sum(v), min(v), max(v), len(v)] for ch, v in per.items()},
-                "hist": proc.hist, "types": proc.types, "errors": proc.errors, "prev_seq_breaks": proc.breaks,
+                "hist": proc.hist, "hist_read": proc.hist_read, "types": proc.types, "errors": proc.errors,
+                "prev_seq_breaks": proc.breaks,
                 "lost": proc.lost, "pongs": proc.pongs, "examples": proc.examples,
                 "open": sum(1 for c in conns if c.transport is not None)}), flush=True)
     for c in conns:
@@ -990,12 +1094,14 @@ class Clients:
 
 def merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
     hist: Counter[int] = Counter()
+    hist_read: Counter[int] = Counter()
     types: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     channels: dict[str, list[int]] = {}
     examples: dict[str, str] = {}
     for s in stats:
         hist.update({int(k): v for k, v in s["hist"].items()})
+        hist_read.update({int(k): v for k, v in s.get("hist_read", {}).items()})
         types.update(s["types"])
         errors.update(s["errors"])
         for k, v in s["examples"].items():
@@ -1008,7 +1114,8 @@ def merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
     lasts = [s["last_ns"] for s in stats if s["last_ns"]]
     return {"total": sum(s["total"] for s in stats), "heartbeats": sum(s["heartbeats"] for s in stats),
             "first_ns": min(firsts) if firsts else 0,
-            "last_ns": max(lasts) if lasts else 0, "hist": hist, "types": types, "errors": errors,
+            "last_ns": max(lasts) if lasts else 0, "hist": hist, "hist_read": hist_read, "types": types,
+            "errors": errors,
             "channels": channels, "examples": examples, "prev_seq_breaks": sum(s["prev_seq_breaks"] for s in stats),
             "lost": sum(s["lost"] for s in stats), "pongs": sum(s["pongs"] for s in stats),
             "open": sum(s["open"] for s in stats)}
@@ -1068,7 +1175,8 @@ def measure_round(run: Run, clients: Clients, server_pids: list[int], drive: Cal
         "server_cpu_s_per_million": round(server_cpu / total * 1e6, 3) if total else None,
         "delivered_per_server_cpu_s": round(total / server_cpu) if server_cpu else None,
         "cpu_s": cpu,
-        "latency_ms": hist_percentiles(got["hist"]),
+        "latency_ms": hist_percentiles(got["hist"]),  # to the client's kernel (StampedSocket)
+        "read_latency_ms": hist_percentiles(got["hist_read"]),  # to the client process reading it
         "types_sampled": dict(got["types"]),
         "errors": dict(got["errors"]),
         "prev_seq_breaks": got["prev_seq_breaks"],
@@ -1150,8 +1258,8 @@ class Bench:
                 return tree(node.proc.pid)
             clients, memory = self.connect(port, n, k, procs, pids)
             result: dict[str, Any] = {"memory": memory}
-            rate = args.moderate * k
-            drive = self.drive(f"paced {rate} {args.seconds} {k}", args.seconds + 90)
+            rate = moderate_rate(args, n, k)
+            drive = self.drive(f"paced {rate:.3f} {args.seconds} {k}", args.seconds + 90)
             moderate = measure_round(run, clients, pids(), drive, self.named())
             result["moderate"] = moderate
             per_order = (moderate["feed_messages"] / moderate["driver"]["orders"]) if moderate["feed_messages"] \
@@ -1202,13 +1310,13 @@ class Bench:
                 h_total = gw["high"]["feed_messages"]
                 h_rate = h_total / gw["high"]["driver"]["seconds"] if gw["high"]["driver"]["seconds"] else None
             else:
-                m_rate = args.moderate * k * 1.3
+                m_rate = moderate_rate(args, n, k) * 1.3
                 m_total = int(m_rate * args.seconds)
                 x_total = int(args.max_delivered / ((n + k) / k))
                 x_rate = 15_000.0
                 h_rate = m_rate * 5
                 h_total = int(h_rate * args.seconds)
-            m_rate = m_rate or args.moderate * k * 1.3
+            m_rate = m_rate or moderate_rate(args, n, k) * 1.3
             x_rate = x_rate or 15_000.0
             h_rate = h_rate or m_rate * 5
             if mode == "write":  # about 5 µs of CPU a delivery: a fifth of the burst is as telling, and 5x shorter
@@ -1238,9 +1346,18 @@ class Bench:
 def progress(name: str, result: dict[str, Any]) -> None:
     m, x, h = result["moderate"], result["max"], result["high"]
     print(f"    {name:8} {result['memory']['kb_per_connection']:5.2f} KB/conn | moderate {fmt(m['delivered_per_s'])}/s "
-          f"p99 {fmt(m['latency_ms']['p99'], '.2f')} ms | max {fmt(x['delivered_per_s'])}/s, "
+          f"p99 {fmt(m['latency_ms']['p99'], '.2f')} ms (read {fmt(m['read_latency_ms']['p99'], '.1f')}) | "
+          f"max {fmt(x['delivered_per_s'])}/s, "
           f"{fmt(x['server_cpu_s_per_million'], '.2f')} CPU s/M | high {fmt(h['delivered_per_s'])}/s "
           f"p99 {fmt(h['latency_ms']['p99'], '.1f')} ms", flush=True)
+
+
+def moderate_rate(args: argparse.Namespace, n: int, k: int) -> float:
+    """The moderate round's orders/s over the K channels: ``--moderate`` a channel, but no more
+    than make about ``--moderate-cap`` deliveries/s in all (at about 1.2 feed messages an order),
+    so that the round is moderate for the one-write-per-message server too at every N (it
+    delivers some 100,000-150,000 messages/s at most) and compares latency, not backlogs."""
+    return min(args.moderate * k, args.moderate_cap / (FEED_PER_ORDER * n) * k)
 
 
 def gateway_available() -> bool:
@@ -1258,6 +1375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 10], help="channels (symbols) per cell (1 10)")
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (1)")
     parser.add_argument("--moderate", type=float, default=20.0, help="orders/s per channel in the moderate round (20)")
+    parser.add_argument("--moderate-cap", type=float, default=30_000.0,
+                        help="at most this many deliveries/s in the moderate round (30000)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the paced rounds (5 s)")
     parser.add_argument("--high", type=float, default=0.5,
                         help="the high round's rate, as a share of the gateway's max delivered/s (0.5)")
@@ -1341,9 +1460,11 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
             curve.append({"n": c["n"], "k": c["k"], "connections_per_process": per_proc,
                           "moderate_p50_ms": gw["moderate"]["latency_ms"]["p50"],
                           "moderate_p99_ms": gw["moderate"]["latency_ms"]["p99"],
+                          "moderate_read_p99_ms": gw["moderate"]["read_latency_ms"]["p99"],
                           "high_delivered_per_s": gw["high"]["delivered_per_s"],
                           "high_p50_ms": gw["high"]["latency_ms"]["p50"],
-                          "high_p99_ms": gw["high"]["latency_ms"]["p99"]})
+                          "high_p99_ms": gw["high"]["latency_ms"]["p99"],
+                          "high_read_p99_ms": gw["high"]["read_latency_ms"]["p99"]})
             kb = gw["memory"]["kb_per_connection"]
             entry["kb_per_idle_connection"] = kb
             entry["memory_met"] = kb <= TARGETS["kb_per_idle_connection"]
@@ -1361,8 +1482,15 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                     g99, w99 = gw[rnd]["latency_ms"]["p99"], wr[rnd]["latency_ms"]["p99"]
                     if g99 is not None and w99:
                         entry[f"p99_vs_raw_{rnd}"] = round(g99 / w99, 3)
-                entry["p99_met"] = max(entry.get("p99_vs_raw_moderate", 99),
-                                       entry.get("p99_vs_raw_high", 99)) <= TARGETS["p99_vs_raw"]
+                # "At the same N and rate": the high round counts only where the one-write-per-
+                # message server kept the gateway's rate (it rarely can: it waits rather than
+                # queue, so its latency there is that of a lower rate).
+                compared = [rnd for rnd in ("moderate", "high")
+                            if (wr[rnd]["delivered_per_s"] or 0) >= SAME_RATE * (gw[rnd]["delivered_per_s"] or 0)]
+                entry["raw_kept_high_rate"] = "high" in compared
+                entry["raw_kept_moderate_rate"] = "moderate" in compared
+                entry["p99_met"] = bool(compared) and max(
+                    entry.get(f"p99_vs_raw_{rnd}", 99) for rnd in compared) <= TARGETS["p99_vs_raw"]
                 met_all &= entry["p99_met"]
             if c["n"] == 5_000:
                 entry["delivered_per_s_max"] = gw["max"]["delivered_per_s"]
@@ -1379,7 +1507,8 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
     print(f"took {elapsed:.0f} s")
     figures = {
         "config": {"n": args.n, "k": args.k, "workers": args.workers, "moderate_orders_per_s_per_channel":
-                   args.moderate, "paced_seconds": args.seconds, "high_share_of_max": args.high,
+                   args.moderate, "moderate_deliveries_per_s_cap": args.moderate_cap, "paced_seconds": args.seconds,
+                   "high_share_of_max": args.high,
                    "write_ceiling_max_share": 1 / WRITE_MAX_SHARE, "max_delivered": args.max_delivered,
                    "client_procs": args.client_procs, "sources": args.sources, "sample_every": SAMPLE_EVERY,
                    "seed": args.seed, "matcher_fsync": "never", "targets": args.targets, "elapsed_s": round(elapsed)},
@@ -1388,6 +1517,8 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
         "cells": cells,
         "noise_before": {"others_cpus": before.others, "steal_cpus": before.steal},
     }
+    if cells and "gateway" in args.targets:
+        figures["summary"] = summarize("fanout", figures)
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "fanout", **figures}, indent=2) + "\n")
     if not args.quick:
