@@ -42,10 +42,12 @@ MAX_BUFFERED = 100_000
 """Default bound of the updates an unsynced mirror holds while it waits for a snapshot."""
 
 _LEVEL_TEXT_CACHE = 2048
-# L2Mirror.checksum memoises each level's "price:quantity" text: formatting a number costs
-# about 2 us here and the top 50 levels hardly change between two updates, so this makes
-# the per-update checksum about 10x cheaper. The bound keeps a long-lived mirror small: a
-# side's cache is cleared when it passes it. (At 65,536 a busy gateway grew by about 15 MB
+# L2Mirror memoises each level's "price:quantity" text (checksum) and each price and quantity
+# text (``texts``, shared by the messages and the checksum): formatting a number costs about
+# 1.5-2 us here and the top 50 levels hardly change between two updates, so this makes the
+# per-update checksum about 10x cheaper. The checksum itself is kept until an update reaches
+# a side's top levels. The bound keeps a long-lived mirror small: a memo is cleared when it
+# passes it. (At 65,536 a busy gateway grew by about 15 MB
 # per side of every symbol before the first clear, which the soak benchmark showed as an
 # RSS climb of 20 MB a minute.)
 
@@ -102,6 +104,22 @@ def apply_levels(side: SortedDict, levels: Iterable[Level], sign: int) -> None:
             side.pop(sign * ticks, None)
 
 
+def _touches_top(side: SortedDict, levels: Iterable[Level], sign: int) -> bool:
+    """Whether levels just applied to ``side`` may have changed its top ``CHECKSUM_DEPTH``.
+
+    Judged on the side after the change: a level at or above the side's last checksummed key
+    now was in the top before too (or pushed one out of it, or moved one into it when it was
+    removed); one below it changed nothing there. A side that short is always touched.
+    """
+    if len(side) <= CHECKSUM_DEPTH:
+        return True
+    edge = side.peekitem(CHECKSUM_DEPTH - 1)[0]
+    for ticks, _ in levels:
+        if sign * ticks <= edge:
+            return True
+    return False
+
+
 class L2Mirror:
     """An L2 copy of one symbol's book, kept from a snapshot plus ``BookChanged`` diffs.
 
@@ -111,7 +129,8 @@ class L2Mirror:
     a new snapshot.
     """
 
-    __slots__ = ("_ask_texts", "_asks", "_bid_texts", "_bids", "_buffer", "_text_spec", "seq", "symbol")
+    __slots__ = ("_ask_texts", "_ask_top", "_asks", "_bid_texts", "_bid_top", "_bids", "_buffer", "_checksum",
+                 "_prices", "_quantities", "_text_spec", "seq", "symbol")
 
     def __init__(self, symbol: str, *, max_buffered: int = MAX_BUFFERED) -> None:
         self.symbol = symbol
@@ -124,6 +143,14 @@ class L2Mirror:
         self._text_spec: SymbolSpec | None = None
         self._bid_texts: dict[tuple[int, int], str] = {}  # (-ticks, lots) -> "price:quantity"
         self._ask_texts: dict[tuple[int, int], str] = {}  # (ticks, lots) -> "price:quantity"
+        self._prices: dict[int, str] = {}  # ticks -> price text
+        self._quantities: dict[int, str] = {}  # lots -> quantity text (the level's new total usually
+        # comes in an update first: its text is then made once, for the message and the checksum)
+        # The checksum of the book as it is, and each side's top-level texts it was made of;
+        # None once an update reached a side's top CHECKSUM_DEPTH levels (see _touches_top).
+        self._checksum: int | None = None
+        self._bid_top: list[str] | None = None
+        self._ask_top: list[str] | None = None
 
     @property
     def synced(self) -> bool:
@@ -154,8 +181,14 @@ class L2Mirror:
             self.reset()
             self._buffer.append(change)
             raise SequenceGap(self.symbol, seq + 1, change.seq)
-        apply_levels(self._bids, change.bids, -1)
-        apply_levels(self._asks, change.asks, 1)
+        if change.bids:
+            apply_levels(self._bids, change.bids, -1)
+            if _touches_top(self._bids, change.bids, -1):
+                self._bid_top = self._checksum = None
+        if change.asks:
+            apply_levels(self._asks, change.asks, 1)
+            if _touches_top(self._asks, change.asks, 1):
+                self._ask_top = self._checksum = None
         self.seq = change.seq
         return True
 
@@ -170,6 +203,7 @@ class L2Mirror:
         update after the hole, so that a newer snapshot can still bridge it.
         """
         buffered = self._buffer
+        self._forget_checksum()
         self._bids.clear()
         self._asks.clear()
         apply_levels(self._bids, bids, -1)
@@ -205,31 +239,73 @@ class L2Mirror:
         Equal to ``book_checksum(spec, *self.levels())``, with each level's text memoised.
         """
         if spec is not self._text_spec:
-            self._text_spec = spec
-            self._bid_texts.clear()
-            self._ask_texts.clear()
-        price, quantity = spec.ticks_to_price, spec.lots_to_quantity
-        sides = []
-        for side, texts, sign in ((self._bids, self._bid_texts, -1), (self._asks, self._ask_texts, 1)):
-            if len(texts) > _LEVEL_TEXT_CACHE:
-                texts.clear()
-            side_texts = []
-            for level in side.items()[:CHECKSUM_DEPTH]:
-                text = texts.get(level)
-                if text is None:
-                    text = texts[level] = f"{price(sign * level[0])}:{quantity(level[1])}"
-                side_texts.append(text)
-            sides.append(side_texts)
-        bids, asks = sides
+            self._use_spec(spec)
+        elif self._checksum is not None:
+            return self._checksum  # no update reached the top levels since it was computed
+        bids = self._bid_top
+        if bids is None:
+            bids = self._bid_top = self._top_texts(spec, self._bids, self._bid_texts, -1)
+        asks = self._ask_top
+        if asks is None:
+            asks = self._ask_top = self._top_texts(spec, self._asks, self._ask_texts, 1)
         # the same text as checksum(): pairs interleaved level by level, a short side skipped
         n = min(len(bids), len(asks))
         parts = [text for pair in zip(bids, asks) for text in pair]
         parts.extend(bids[n:] or asks[n:])
-        return zlib.crc32(":".join(parts).encode())
+        self._checksum = zlib.crc32(":".join(parts).encode())
+        return self._checksum
+
+    def texts(self, spec: SymbolSpec, levels: Iterable[Level]) -> list[list[str]]:
+        """``[[price, quantity], ...]`` of ``(ticks, lots)`` levels, the strings clients get
+        (``format_levels``), memoised: formatting a number costs about 1.5 us here."""
+        if spec is not self._text_spec:
+            self._use_spec(spec)
+        prices, quantities = self._prices, self._quantities
+        if len(prices) > _LEVEL_TEXT_CACHE:
+            prices.clear()
+        if len(quantities) > _LEVEL_TEXT_CACHE:
+            quantities.clear()
+        out = []
+        for ticks, lots in levels:
+            price = prices.get(ticks)
+            if price is None:
+                price = prices[ticks] = spec.ticks_to_price(ticks)
+            quantity = quantities.get(lots)
+            if quantity is None:
+                quantity = quantities[lots] = spec.lots_to_quantity(lots)
+            out.append([price, quantity])
+        return out
+
+    def _top_texts(self, spec: SymbolSpec, side: SortedDict, texts: dict[tuple[int, int], str],
+                   sign: int) -> list[str]:
+        """The "price:quantity" texts of a side's top levels, best first (memoised per level)."""
+        if len(texts) > _LEVEL_TEXT_CACHE:
+            texts.clear()
+        out = []
+        for level in side.items()[:CHECKSUM_DEPTH]:
+            text = texts.get(level)
+            if text is None:
+                (price, quantity), = self.texts(spec, ((sign * level[0], level[1]),))
+                text = texts[level] = f"{price}:{quantity}"
+            out.append(text)
+        return out
+
+    def _use_spec(self, spec: SymbolSpec) -> None:
+        """Texts from now on in ``spec``'s units: every memo goes."""
+        self._text_spec = spec
+        self._bid_texts.clear()
+        self._ask_texts.clear()
+        self._prices.clear()
+        self._quantities.clear()
+        self._forget_checksum()
+
+    def _forget_checksum(self) -> None:
+        self._checksum = self._bid_top = self._ask_top = None
 
     def reset(self) -> None:
         """Forget everything: unsynced, empty book, empty buffer."""
         self.seq = None
+        self._forget_checksum()
         self._bids.clear()
         self._asks.clear()
         self._buffer.clear()

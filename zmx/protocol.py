@@ -518,28 +518,24 @@ class Channel:
     def snapshot_message(self) -> bytes:
         """The ``depth_snapshot`` of the book as it is now (synced channels only)."""
         if self._snapshot is None:
-            spec = self.spec
-            price, quantity = spec.ticks_to_price, spec.lots_to_quantity
-            bids, asks = self.mirror.levels()
+            spec, mirror = self.spec, self.mirror
+            bids, asks = mirror.levels()
             self._snapshot = orjson.dumps({
                 "channel": self.symbol, "type": "depth_snapshot",
-                "data": {"seq": self.mirror.seq, "bids": [[price(p), quantity(q)] for p, q in bids],
-                         "asks": [[price(p), quantity(q)] for p, q in asks],
-                         "checksum": self.mirror.checksum(spec), "ts": self.last_ts}})
+                "data": {"seq": mirror.seq, "bids": mirror.texts(spec, bids), "asks": mirror.texts(spec, asks),
+                         "checksum": mirror.checksum(spec), "ts": self.last_ts}})
         return self._snapshot
 
     def heartbeat_message(self) -> bytes:
         return orjson.dumps({"channel": self.symbol, "type": "heartbeat", "data": {"seq": self.mirror.seq}})
 
     def _update(self, change: BookChanged, prev_seq: int | None) -> bytes:
-        spec = self.spec
-        price, quantity = spec.ticks_to_price, spec.lots_to_quantity
+        spec, mirror = self.spec, self.mirror
         return orjson.dumps({
             "channel": self.symbol, "type": "depth_update",
             "data": {"seq": change.seq, "prev_seq": prev_seq,
-                     "bids": [[price(p), quantity(q)] for p, q in change.bids],
-                     "asks": [[price(p), quantity(q)] for p, q in change.asks],
-                     "checksum": self.mirror.checksum(spec), "ts": change.ts_ns}})
+                     "bids": mirror.texts(spec, change.bids), "asks": mirror.texts(spec, change.asks),
+                     "checksum": mirror.checksum(spec), "ts": change.ts_ns}})
 
     def _trade(self, trade: TradeOccurred) -> bytes:
         spec = self.spec
