@@ -209,6 +209,37 @@ def test_mirror_checksum_equals_book_checksum_of_its_levels():
     assert mirror.checksum(SPEC) == checksum(format_levels(SPEC, bids[:25]), format_levels(SPEC, asks[:25]))
 
 
+def test_mirror_checksum_follows_updates_in_the_top_levels_and_keeps_through_deeper_ones():
+    # the mirror keeps its checksum until an update reaches a side's top 25 levels
+    mirror = L2Mirror(SYM)
+    bids = {3000000 - i: 100 + i for i in range(40)}  # levels 1-40: 3000000 down to 2999961
+    asks = {3001000 + i: 200 + i for i in range(40)}
+    mirror.load_snapshot(0, sorted(bids.items(), reverse=True), sorted(asks.items()))
+    before = mirror.checksum(SPEC)
+    steps = [
+        ([(2999950, 7)], [], False),  # a new bid level 41
+        ([(2999961, 0)], [], False),  # bid level 40 removed
+        ([], [(3001030, 9)], False),  # ask level 31 changed
+        ([(2999990, 0)], [], True),  # bid level 11 removed: level 26 moves up into the checksum
+        ([], [(3000999, 5)], True),  # a new best ask
+        ([(2999975, 1)], [], True),  # the 25th bid's quantity (3000000-2999991, then 2999989 down)
+        ([(2999974, 0)], [], False),  # the 26th bid removed
+        ([(2999973, 0), (3000001, 3)], [], True),  # a deep removal with a new best bid in the same update
+    ]
+    for seq, (bid_levels, ask_levels, moves) in enumerate(steps, start=1):
+        for book, levels in ((bids, bid_levels), (asks, ask_levels)):
+            for ticks, lots in levels:
+                if lots:
+                    book[ticks] = lots
+                else:
+                    book.pop(ticks, None)
+        assert mirror.apply(change(seq, bid_levels, ask_levels))
+        now = mirror.checksum(SPEC)
+        assert now == book_checksum(SPEC, sorted(bids.items(), reverse=True), sorted(asks.items())), seq
+        assert (now != before) == moves, seq
+        before = now
+
+
 def test_mirror_checksum_follows_the_spec_it_is_given():
     # the mirror memoises level texts; another grid must not reuse them
     mirror = L2Mirror(SYM)
