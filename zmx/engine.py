@@ -13,6 +13,8 @@ and turned into one ``BookChanged`` at the end.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import msgpack
 
 from zmx.book import BookSide, Order, OrderBook
@@ -43,7 +45,7 @@ SNAPSHOT_VERSION = 1
 class MatchingEngine:
     """Price-time priority matching for one symbol (see docs/matching.md)."""
 
-    __slots__ = ("spec", "symbol", "seq", "next_trade_id", "book", "_used_ids",
+    __slots__ = ("spec", "symbol", "seq", "next_trade_id", "book", "archive", "_used_ids", "_handed",
                  "_bids", "_asks", "_index", "_min_lots", "_max_lots")
 
     def __init__(self, spec: SymbolSpec) -> None:
@@ -52,11 +54,15 @@ class MatchingEngine:
         self.seq = 0
         self.next_trade_id = 1
         self.book = OrderBook()
-        # (account, order_id) of every order ever accepted: ids are never reused.
         # Every (account, order_id) ever accepted, as one string "account\x00order_id": ids are
         # printable ASCII, so the NUL cannot be in either, and one string takes about half the
-        # memory of a tuple of two (this set grows with every accepted order, by design).
+        # memory of a tuple of two. Ids are never reused; this set holds those of the current
+        # generation, ``_handed`` those of the previous one while they are being archived, and
+        # ``archive`` (any container of keys; a matcher's is zmx.node.usedids.SymbolIds) the
+        # older ones, so that a long-lived engine need not keep them all in memory.
         self._used_ids: set[str] = set()
+        self._handed: set[str] = set()
+        self.archive: Container[str] | None = None
         # Shortcuts for the hot paths (one attribute load instead of two).
         self._bids = self.book.bids
         self._asks = self.book.asks
@@ -111,7 +117,7 @@ class MatchingEngine:
             return self._reject(cmd, ts_ns, "invalid_quantity")
         used_key = f"{account}\x00{order_id}"
         used_ids = self._used_ids
-        if used_key in used_ids:
+        if used_key in used_ids or self._used_before(used_key):
             return self._reject(cmd, ts_ns, "duplicate_order_id")
         if otype is MARKET and tif is POST_ONLY:
             return self._reject(cmd, ts_ns, "invalid_field")
@@ -349,6 +355,42 @@ class MatchingEngine:
         events.append(self._book_changed(seq, ts_ns, side, touched_own, touched_opposite))
         return events
 
+    # -- used order ids -------------------------------------------------------------------------
+
+    def _used_before(self, key: str) -> bool:
+        """Whether an earlier generation used ``key`` (the current one was looked at already)."""
+        archive = self.archive
+        return (bool(self._handed) and key in self._handed) or (archive is not None and key in archive)
+
+    def hand_over_used_ids(self) -> None:
+        """Start a new generation of used ids. The current one is being archived: it is still
+        looked up here until ``take_handed`` has given all of it to the archive."""
+        if self._handed:
+            raise RuntimeError(f"{self.symbol}: the previous generation of used ids is not archived yet")
+        self._handed, self._used_ids = self._used_ids, set()
+
+    def take_handed(self, limit: int) -> list[str]:
+        """Up to ``limit`` keys of the handed generation, which the caller's archive holds from
+        now on: the engine forgets them."""
+        handed = self._handed
+        return [handed.pop() for _ in range(min(limit, len(handed)))]
+
+    def keep_handed(self) -> None:
+        """Archiving the handed generation failed: it goes back into the current one."""
+        self._used_ids |= self._handed
+        self._handed = set()
+
+    def pop_used_ids(self) -> set[str]:
+        """The current generation of used ids, forgotten by the engine (the caller stores
+        them for good: a snapshot's child does, before it writes a snapshot without them)."""
+        ids, self._used_ids = self._used_ids, set()
+        return ids
+
+    @property
+    def handed(self) -> int:
+        """How many keys of the handed generation the engine still holds."""
+        return len(self._handed)
+
     # -- state ----------------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
@@ -363,7 +405,7 @@ class MatchingEngine:
             [spec.symbol, spec.tick_size, spec.lot_size, spec.min_quantity, spec.max_quantity],
             self.seq,
             self.next_trade_id,
-            sorted(tuple(key.split("\x00", 1)) for key in self._used_ids),
+            sorted(tuple(key.split("\x00", 1)) for key in self._used_ids | self._handed),
             orders,
         ]
         return msgpack.packb(state)

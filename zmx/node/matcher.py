@@ -19,7 +19,9 @@ publish the events: per command and symbol one frame of public events, per accou
 frame of private events. Book requests are answered after that, so a snapshot is always
 taken between two published commands. Every ``snapshot_every`` commands the journal starts a
 new segment and a forked child process writes the engines' snapshot (``fork_snapshot``), so
-the loop never waits for it.
+the loop never waits for it. The order ids used before a snapshot move out of the engines'
+memory into an archive on disk (``zmx.node.usedids``): a matcher's memory does not grow with
+every order it ever accepted, and an id is still never reused.
 
 Nothing a peer sends can stop the loop: malformed messages are answered with
 ``bad_request`` where the sender can be told, else dropped, and counted; the counts are
@@ -32,6 +34,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -52,6 +55,8 @@ from zmx.engine import MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES
 from zmx.exceptions import DecodeError
 from zmx.node.journal import Journal, JournalError
+from zmx.node.usedids import UsedIds
+from zmx.node.usedids import store as store_used_ids
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready
 from zmx.topology import MatcherNode, RouterNode, Topology, connect_endpoint
 
@@ -68,6 +73,7 @@ IDLE_HEARTBEAT_S = 1.0  # a symbol with no public event for this long gets an em
 IDLE_CHECK_S = 0.25
 STATS_INTERVAL_S = 10.0
 PROBLEM_LOG_S = 1.0
+ABSORB_SLICE = 2_000  # used ids moved into the archive's filters per loop turn (about 2 ms)
 STOP_LINGER_MS = 500  # BYE and the last batch's replies and events may take this long to leave
 ZMTP_HEARTBEAT_MS = 1000  # ZeroMQ's own pings, so a router that vanished is noticed
 
@@ -106,9 +112,12 @@ class _Link:
         self.monitor = monitor
 
 
-def _restore(topology: Topology, name: str, journal: Journal) -> tuple[dict[str, MatchingEngine], bool]:
-    """The engines of ``name``'s symbols as the journal left them, and whether a snapshot
-    should be written at once (there is none yet, or a symbol left this matcher).
+def _restore(topology: Topology, name: str, journal: Journal
+             ) -> tuple[dict[str, MatchingEngine], bool, UsedIds]:
+    """The engines of ``name``'s symbols as the journal left them, whether a snapshot should
+    be written at once (there is none yet, or a symbol left this matcher), and the archive of
+    their old order ids (``zmx.node.usedids``), attached to them before the replay: a command
+    is replayed against the ids it was first checked against.
 
     A snapshot records each symbol's spec, and a matcher writes one at its first start, so
     the journal always says which spec its commands were handled with. A topology that
@@ -118,6 +127,13 @@ def _restore(topology: Topology, name: str, journal: Journal) -> tuple[dict[str,
     symbols = topology.symbols_of(name)
     started = time.perf_counter()
     states, replay = journal.recover()
+    try:
+        used_ids = UsedIds(journal.directory, symbols, journal.snapshot_segment)
+    except sqlite3.Error as e:
+        raise _StartFailure(f"cannot open the archive of used order ids in {journal.directory}: {e}") from None
+    if used_ids.dropped:
+        log.warning("%d archived order id(s) of a snapshot that did not land were dropped; the journal replay "
+                    "uses them again", used_ids.dropped)
     engines: dict[str, MatchingEngine] = {}
     for symbol in symbols:
         spec = topology.symbols[symbol]
@@ -137,6 +153,8 @@ def _restore(topology: Topology, name: str, journal: Journal) -> tuple[dict[str,
                 "old one (prices in ticks, quantities in lots), and replaying it under a new one could answer "
                 "differently. Keep the spec, or give the symbol a new, empty data_dir")
         engines[symbol] = engine
+    for symbol, engine in engines.items():
+        engine.archive = used_ids.symbols[symbol]
     gone = sorted(set(states or ()) - set(engines))
     for symbol in gone:
         log.warning("%s: in the journal's snapshot but no longer owned by %s; its book is dropped", symbol, name)
@@ -160,7 +178,7 @@ def _restore(topology: Topology, name: str, journal: Journal) -> tuple[dict[str,
     base = "no snapshot" if states is None else f"the snapshot before segment {journal.snapshot_segment}"
     log.info("recovered from %s + %d journaled command(s) in %.0f ms: %s", base, len(replay), took_ms,
              seqs or "no symbols")
-    return engines, states is None or bool(gone)
+    return engines, states is None or bool(gone), used_ids
 
 
 class Matcher:
@@ -190,6 +208,8 @@ class Matcher:
         self.hello = b""
         self.hb = b""
         self.snapshot_child: tuple[int, int, float] | None = None  # pid, snapshot number, start time
+        self.used_ids: UsedIds | None = None
+        self.absorbing = False  # engines hold a handed generation of used ids that the archive has stored
         # statistics
         self.commands: Counter[str] = Counter()
         self._reported: Counter[str] = Counter()
@@ -210,7 +230,7 @@ class Matcher:
         try:
             self.journal = Journal(node.data_dir, fsync=node.fsync)
             self.epoch = self.journal.bump_epoch()
-            self.engines, snapshot_now = _restore(self.topology, self.name, self.journal)
+            self.engines, snapshot_now, self.used_ids = _restore(self.topology, self.name, self.journal)
             if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
                 # A snapshot records each symbol's spec, so a later replay uses the right one.
                 self.journal.write_snapshot({s: e.snapshot() for s, e in self.engines.items()})
@@ -341,10 +361,12 @@ class Matcher:
                     self.serve_snapshots()
                 for monitor in events_from:
                     self.connection_events(monitor, now)
-                if journal.since_snapshot >= snapshot_every and self.snapshot_child is None:
+                if journal.since_snapshot >= snapshot_every and self.snapshot_child is None and not self.absorbing:
                     self.fork_snapshot()
             if self.snapshot_child is not None:
                 self.reap_snapshot(os.WNOHANG)
+            elif self.absorbing:
+                self.absorb_used_ids()
             if now >= next_hb:
                 self.broadcast(HB, self.hb)
                 next_hb += hb_interval
@@ -570,11 +592,13 @@ class Matcher:
     def fork_snapshot(self) -> None:
         """Snapshot every engine in a forked child process, so the loop never waits for it.
 
-        ``engine.snapshot()`` costs time in proportion to the whole history of a symbol (its
-        book and every order id ever used): hundreds of milliseconds for a busy one, which
+        ``engine.snapshot()`` costs time in proportion to a symbol's book and the order ids
+        used since the last snapshot: tens to hundreds of milliseconds for a busy one, which
         would stall every order behind it. The child gets a copy-on-write image of the engines
-        at the moment the journal starts its new segment, writes the snapshot file and exits;
-        the parent goes on serving and reaps it (``reap_snapshot``).
+        at the moment the journal starts its new segment, stores their used ids in the archive
+        (``zmx.node.usedids``), writes the snapshot file without them and exits; the parent
+        goes on serving and reaps it (``reap_snapshot``), then moves that generation of ids
+        from the engines' memory into the archive's filters (``absorb_used_ids``).
         """
         journal = self.journal
         assert journal is not None
@@ -583,20 +607,29 @@ class Matcher:
         except OSError as e:
             log.critical("cannot start a new journal segment in %s (%s); stopping", self.node.data_dir, e)
             raise SystemExit(1) from None
+        used_ids = self.used_ids
+        assert used_ids is not None
+        used_ids.release()
         try:
             pid = os.fork()
         except OSError as e:
+            used_ids.reopen()
             log.error("cannot fork to write a snapshot (%s); the journal goes on without it", e)
             return
-        if pid == 0:  # the child: no sockets, no logging, no cleanup, only the file
+        if pid == 0:  # the child: no sockets, no logging, no cleanup, only the files
             status = 1
             try:
                 os.closerange(3, _MAX_FD)  # not its sockets, nor the data directory's lock
                 os.nice(19)  # the serving process comes first
+                # The ids go to the archive, durably, before the snapshot that no longer holds them.
+                store_used_ids(journal.directory, number, [(s, e.pop_used_ids()) for s, e in self.engines.items()])
                 journal.store_snapshot(number, {s: e.snapshot() for s, e in self.engines.items()})
                 status = 0
             finally:
                 os._exit(status)
+        used_ids.reopen()
+        for engine in self.engines.values():
+            engine.hand_over_used_ids()  # still looked up in memory until the child has stored them
         self.snapshot_child = (pid, number, time.perf_counter())
 
     def reap_snapshot(self, flags: int) -> None:
@@ -613,12 +646,26 @@ class Matcher:
         took_ms = (time.perf_counter() - started) * 1000
         if status == 0:
             self.journal.snapshot_stored(number)
+            self.absorbing = True
             (log.info if took_ms > 1000 else log.debug)(
                 "snapshot %d of %d engine(s) written in %.0f ms (by process %d)", number, len(self.engines),
                 took_ms, pid)
         else:
+            for engine in self.engines.values():
+                engine.keep_handed()  # the next snapshot's child stores them
             log.error("the process writing snapshot %d ended with status %#x; the journal goes on without it, "
                       "a later snapshot replaces it", number, status)
+
+    def absorb_used_ids(self) -> None:
+        """Move a slice of the stored generation of used ids from the engines' memory into the
+        archive's filters (a slice per loop turn: a whole generation at once would stall the
+        loop for tens of milliseconds)."""
+        assert self.used_ids is not None
+        for symbol, engine in self.engines.items():
+            if engine.handed:
+                self.used_ids.symbols[symbol].absorb(engine.take_handed(ABSORB_SLICE))
+                return
+        self.absorbing = False
 
     # -- logs -------------------------------------------------------------------------------
 
@@ -667,6 +714,8 @@ class Matcher:
             self.snap.close(0)
         if self.ctx is not None:
             self.ctx.term()
+        if self.used_ids is not None:
+            self.used_ids.close()
         self.problems_total.update(self.problems)
         total = sum(self.commands.values())
         problems = ", ".join(f"{what} {n}" for what, n in sorted(self.problems_total.items())) or "none"

@@ -1,0 +1,99 @@
+"""The archive of used order ids (zmx.node.usedids) and the engine's generations of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zmx.commands import SubmitOrder
+from zmx.engine import MatchingEngine
+from zmx.events import OrderAccepted, OrderRejected
+from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
+from zmx.node import usedids
+from zmx.node.usedids import UsedIds, store
+
+SPEC = SymbolSpec("BTC-USDT", "0.01", "0.00001")
+
+
+def submit(order_id: str, account: str = "alice") -> SubmitOrder:
+    return SubmitOrder(order_id, account, "BTC-USDT", Side.BUY, OrderType.LIMIT, TimeInForce.GTC, 100, 1)
+
+
+def outcome(engine: MatchingEngine, order_id: str, account: str = "alice") -> str:
+    event = engine.handle(submit(order_id, account), ts_ns=1)[0]
+    if type(event) is OrderAccepted:
+        return "accepted"
+    assert type(event) is OrderRejected
+    return event.reason
+
+
+def test_stored_ids_are_found_exactly_and_survive_a_reopen(tmp_path: Path) -> None:
+    assert store(tmp_path, 3, [("BTC-USDT", ["alice\x00o1", "bob\x00o2"]), ("ETH-USDT", ["alice\x00o9"])]) == 3
+    ids = UsedIds(tmp_path, ["BTC-USDT", "ETH-USDT"], snapshot=3)
+    btc, eth = ids.symbols["BTC-USDT"], ids.symbols["ETH-USDT"]
+    assert "alice\x00o1" in btc and "bob\x00o2" in btc
+    assert "alice\x00o9" not in btc and "alice\x00o9" in eth  # per symbol
+    assert "alice\x00o2" not in btc and "carol\x00o1" not in btc
+    ids.close()
+    again = UsedIds(tmp_path, ["BTC-USDT"], snapshot=7)
+    assert "bob\x00o2" in again.symbols["BTC-USDT"] and again.dropped == 0
+    again.close()
+
+
+def test_rows_of_a_snapshot_that_did_not_land_are_dropped(tmp_path: Path) -> None:
+    store(tmp_path, 2, [("BTC-USDT", ["a\x00old"])])
+    store(tmp_path, 5, [("BTC-USDT", ["a\x00late"])])  # its snapshot 5 never landed
+    ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=2)
+    assert ids.dropped == 1
+    assert "a\x00old" in ids.symbols["BTC-USDT"] and "a\x00late" not in ids.symbols["BTC-USDT"]
+    ids.close()
+    none = UsedIds(tmp_path, ["BTC-USDT"], snapshot=None)  # no snapshot: the journal has everything
+    assert none.dropped == 1 and "a\x00old" not in none.symbols["BTC-USDT"]
+    none.close()
+
+
+def test_the_filter_answers_present_wrongly_at_times_but_the_table_corrects_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(usedids, "FIRST_TIER", 16)  # tiny filters: 16, 64, 256, 1024 ids
+    used = [f"a\x00{i}" for i in range(1000)]
+    store(tmp_path, 1, [("BTC-USDT", used)])
+    ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=1).symbols["BTC-USDT"]
+    assert [t.capacity for t in ids.tiers] == [16, 64, 256, 1024] and ids.count == 1000
+    assert all(key in ids for key in used)
+    assert not any(f"b\x00{i}" in ids for i in range(5000))
+    assert ids.false_hits > 0  # the filters did say "present" for some unused ids
+
+
+def test_an_engine_checks_the_generation_being_archived_and_its_archive() -> None:
+    engine = MatchingEngine(SPEC)
+    assert outcome(engine, "o1") == "accepted"
+    engine.hand_over_used_ids()  # o1 is being archived: still used
+    assert engine.handed == 1
+    assert outcome(engine, "o1") == "duplicate_order_id"
+    assert outcome(engine, "o2") == "accepted"
+    with pytest.raises(RuntimeError):
+        engine.hand_over_used_ids()  # one generation at a time
+    archive: set[str] = set()
+    engine.archive = archive
+    archive.update(engine.take_handed(10))  # the archive has it now; the engine forgot it
+    assert engine.handed == 0 and archive == {"alice\x00o1"}
+    assert outcome(engine, "o1") == "duplicate_order_id"
+    assert outcome(engine, "o1", account="bob") == "accepted"
+    assert engine.pop_used_ids() == {"alice\x00o2", "bob\x00o1"}
+    assert outcome(engine, "o3") == "accepted"
+    engine.hand_over_used_ids()
+    engine.keep_handed()  # the archive could not store them: back in the current generation
+    assert engine.handed == 0 and outcome(engine, "o3") == "duplicate_order_id"
+
+
+def test_a_snapshot_holds_the_current_and_handed_generations_not_the_archive() -> None:
+    engine = MatchingEngine(SPEC)
+    engine.archive = {"alice\x00old"}
+    for order_id in ("o1", "o2"):
+        assert outcome(engine, order_id) == "accepted"
+    engine.hand_over_used_ids()
+    assert outcome(engine, "o3") == "accepted"
+    restored = MatchingEngine.restore(engine.snapshot())
+    assert [outcome(restored, oid) for oid in ("o1", "o2", "o3", "old")] == \
+        ["duplicate_order_id"] * 3 + ["accepted"]  # "old" is in the archive, not the snapshot
