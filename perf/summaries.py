@@ -177,7 +177,8 @@ def fanout(f: dict[str, Any]) -> list[Row]:
                if v.get(f"raw_kept_{rnd}_rate", rnd == "moderate") and v.get(f"p99_vs_raw_{rnd}")]
         if not got:
             return f"{rnd} rate: the raw server never kept the gateway's rate"
-        return f"{rnd} rate {min(got):.2f}-{max(got):.2f}x ({len(got)} cells)"
+        spread = f"{got[0]:.2f}x" if len(got) == 1 else f"{min(got):.2f}-{max(got):.2f}x"
+        return f"{rnd} rate {spread} ({_plural(len(got), 'cell')})"
 
     what = f"N {', '.join(f'{n:,}' for n in f['config']['n'])} x {'/'.join(map(str, f['config']['k']))} channels"
     return [
