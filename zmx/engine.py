@@ -394,7 +394,8 @@ class MatchingEngine:
     # -- state ----------------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """Everything that decides future events, as bytes (deterministic for a given state)."""
+        """Everything that decides future events, as bytes (deterministic for a given state),
+        but the order ids in ``archive``: those a matcher keeps in its data directory."""
         spec = self.spec
         orders = [
             [o.order_id, o.account, o.side.value, o.price, o.quantity, o.filled, o.remaining, o.time_in_force.value]
