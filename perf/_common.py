@@ -117,14 +117,23 @@ def interleaved(repeat: int, runs: dict[str, Callable[[], float]]) -> dict[str, 
     return seconds
 
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, steal) clock ticks of the whole machine so far, from ``/proc/stat``; None elsewhere."""
+def proc_stat_cpu() -> list[int] | None:
+    """Clock ticks of the whole machine so far, from ``/proc/stat``: user, nice, system, idle,
+    iowait, irq, softirq, steal (0 where the kernel gives fewer); None where it is missing."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (fields + [0] * 8)[:8]
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, steal) clock ticks of the whole machine so far, from ``/proc/stat``; None elsewhere."""
+    fields = proc_stat_cpu()
+    if fields is None:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return user + nice + system + irq + softirq, steal
 
 

@@ -28,20 +28,47 @@ the benchmark waits until no client receives anything more, then reads
 - messages published by the matcher: the growth of each symbol's ``seq`` (asked from the
   matcher's snapshot service before and after; every public publication is one ``seq``);
 - CPU seconds from ``/proc/PID/stat`` (utime + stime) of the matcher, router, relays, each
-  gateway, the client processes and the driver; the matcher's split between its Python thread
-  and ZeroMQ's I/O thread from ``/proc/PID/task/TID/schedstat`` (ns);
+  gateway, the client processes and the driver, over the whole round and over the time the
+  orders were sent (``cores_while_driven``: the steady state); the matcher's split between its
+  Python thread and ZeroMQ's I/O thread from ``/proc/PID/task/TID/schedstat`` (ns); the
+  machine's busy time from ``/proc/stat`` (others' = the machine's less ours) and the interrupt
+  work within it (much of the network path; this kernel also charges it to the process it
+  interrupted, so it is part of the processes' figures, not beside them);
 - delivered messages per gateway (its clients' exact counts), delivered messages/s (first to
-  last arrival at any client), and the CPU the machine spent meanwhile (ours and others').
+  last arrival at any client, so a backlog drained after the orders stopped counts against it),
+  what was offered (what the best-served connection got, times the connections, per second of
+  orders) and how long after the last order the last message arrived (``lag_s``).
 
-Derived: gateway CPU µs per delivered message, matcher CPU µs per published message.
+Derived: gateway (and clients') CPU µs per delivered message, matcher CPU µs per published message.
 
 Runs (each a fresh set of relays, gateways and clients; the matcher, router and driver stay):
 
-1. **gateways** G = 1, 2, 3, 4 behind one relay, ``--clients`` per gateway: a ``moderate`` round
-   (``--rate`` orders/s) and a ``high`` round (``--high-rate``) each -> claims (1) and (3);
+1. **gateways** G = 1, 2, 3, 4 behind one relay, ``--clients`` per gateway, ``moderate`` rounds
+   (``--rate`` orders/s) -> claims (1) and (2);
 2. **clients**: at G = 1, more connections per gateway (``--more-clients``), moderate rounds -> (2);
 3. **relays**: R = 2 with G = 2 and 4 (gateways split over them), and gateways straight on the
-   matcher (``direct``, no relay), moderate rounds -> (2), against R = 1 of run 1.
+   matcher (``direct``, no relay), moderate rounds -> (2), against R = 1 of run 1;
+4. **scaling** G = 1-5 (``--scale-gateways``) behind one relay, one round each (``--scale-seconds``,
+   4 s) at a low order rate (``--scale-rate``, 300 orders/s: the matcher, router and driver take
+   about a tenth of the cores) with many connections per gateway (``--scale-clients``, 2000,
+   split over ``--scale-client-procs`` client processes, 2, so one client process does not cap a
+   gateway), each on all ten channels: about 700,000 messages/s offered per gateway, more than
+   the machine delivers from G = 3 on -> claim (3). A round whose backlog fills the kernel's TCP
+   buffers to near ``tcp_mem``'s pressure threshold (``TCP_NEAR``) is kept but left out of the
+   claim: the kernel then shrinks buffers and the round measures that, not the gateways (on this
+   box it happened at G = 6 with 5-second rounds: delivered/s fell to a third).
+
+Why run 4 is a run of its own: with few connections and a high order rate (the way claim (3)
+was first measured) the order path took most of the two cores at G = 1, and each added gateway
+brought its own clients and cost little, so delivered/s grew linearly while "the cores were
+used up": the gateways were never what limited delivery. Run 4 makes the gateways and their
+clients the limit: the publications are few and cheap, the connections many. What it cannot
+remove: the clients run on the same two cores and cost at least as much per delivered message
+as the gateway, so one gateway and its clients can fill the machine on their own; and a
+gateway short of CPU joins more messages into each write (one write per connection per loop
+turn), so its cost per message falls as it falls behind (so do the clients', reading bigger
+chunks). The step table shows both (CPU per delivered message of the gateways and of the
+clients, per G).
 
 Claims checked (``claims`` in the JSON, rows in ``summary``):
 
@@ -51,13 +78,19 @@ Claims checked (``claims`` in the JSON, rows in ``summary``):
    and not with the gateways or clients behind them: flat (within ``FLAT``) over G and over
    clients at R = 1; the per-subscriber part (the matcher's ZeroMQ I/O thread) higher with two
    relays than with one, and higher still with the gateways straight on it;
-3. delivered messages/s grows with the gateway processes until the cores are used up: in the
-   high rounds each added gateway adds its share (delivered within ``KEEP_UP`` of what the
-   clients were offered) while the machine has cores left, and the growth stops once the
-   benchmark's processes keep about all the cores busy.
+3. delivered messages/s grows with the gateway processes until the cores are used up (run 4).
+   Per G the JSON keeps delivered/s, offered/s, each gateway's cores, the clients', the order
+   path's (matcher + router + driver), the relay's, interrupts, other processes and the machine's
+   busy cores, all while the orders were sent. Checked: the gateway at the first G is busy
+   (>= ``GATEWAY_BUSY`` of a core; else the gateways were not the limit and nothing is shown);
+   each step to one more gateway grows delivered/s by >= ``GROWS`` while the machine had cores
+   left at the smaller G, and grows by less (flat) once >= ``CORES_FULL`` of the cores were busy;
+   both a growth step and a flat step must have been seen. ``verdict`` says in words which part
+   was shown and which was not (on two cores a busy gateway and its clients may use up the
+   machine at G = 1, and then the growth part cannot be shown here).
 
 Run as root (it creates namespaces): ``.venv/bin/python perf/bench_hosts.py`` (about 5 minutes)
-or ``--quick`` (under a minute, no results file). Writes ``perf/results/hosts.json`` and the PNGs
+or ``--quick`` (about a minute, no results file). Writes ``perf/results/hosts.json`` and the PNGs
 ``perf/results/hosts_gateway_cpu.png``, ``hosts_matcher_cpu.png``, ``hosts_delivered.png``.
 """
 
@@ -78,9 +111,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from _common import ROOT, RESULTS_DIR, Progress, _cpu_jiffies, machine_busy, metadata, noise_note, warn, write_results
+from _common import (ROOT, RESULTS_DIR, Progress, _cpu_jiffies, machine_busy, metadata, noise_note, proc_stat_cpu,
+                     warn, write_results)
 from bench_orders import (
     ACCOUNTS,
     MAX_DISTANCE,
@@ -187,6 +221,40 @@ class NsProcess(Helper):
     def ask(self, command: str, timeout: float = 30.0) -> dict[str, Any]:
         self.write(command)
         return json.loads(self.line(timeout))
+
+
+def machine_split() -> tuple[int, int, int] | None:
+    """Clock ticks of the whole machine so far, from ``/proc/stat``: (tasks: user + nice + system,
+    irq: hard and soft interrupts, steal); None where it is missing."""
+    fields = proc_stat_cpu()
+    if fields is None:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system, irq + softirq, steal
+
+
+def split_busy(start: tuple[int, int, int] | None, end: tuple[int, int, int] | None,
+               wall: float) -> dict[str, float] | None:
+    """Cores the machine kept busy between two ``machine_split`` readings ``wall`` seconds apart:
+    ``busy`` (all of it), ``irq`` (the interrupt work in it, much of the network path; with tick
+    accounting the kernel charges it to the interrupted process as well), ``steal``."""
+    if start is None or end is None or wall <= 0:
+        return None
+    tasks, irq, steal = ((b - a) / HZ / wall for a, b in zip(start, end, strict=True))
+    return {"irq": round(irq, 3), "busy": round(tasks + irq, 3), "steal": round(steal, 3)}
+
+
+def tcp_memory() -> tuple[int, int] | None:
+    """Pages the kernel's TCP buffers hold now (one figure for all namespaces) and the pressure
+    threshold of ``tcp_mem``, above which the kernel shrinks buffers and the network slows down."""
+    try:
+        with open("/proc/net/sockstat", encoding="ascii") as f:
+            words = next(line for line in f if line.startswith("TCP:")).split()
+        with open("/proc/sys/net/ipv4/tcp_mem", encoding="ascii") as f:
+            pressure = int(f.read().split()[1])
+        return int(words[words.index("mem") + 1]), pressure
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def thread_ns(pid: int) -> dict[str, int]:
@@ -504,6 +572,20 @@ def jiffies(pids: Sequence[int]) -> int:
     return sum(cpu_jiffies(p) for p in pids)
 
 
+class Run(NamedTuple):
+    """One set of relays, gateways and clients and the rounds measured on it."""
+
+    name: str
+    relays: int  # 0 with ``direct``
+    gateways: int
+    direct: bool  # the gateways straight on the matcher
+    rounds: list[tuple[str, float]]  # (label, orders/s); "moderate" ones are repeated ``--repeat`` times
+    more_clients: list[int]  # then rounds at these connections per gateway (one client process each more)
+    clients: int  # connections per gateway
+    client_procs: int  # client processes per gateway they are split over
+    seconds: float  # length of a round
+
+
 class Bench:
     """Every process of the run; ``stop_all`` ends them in reverse order."""
 
@@ -578,9 +660,9 @@ class Bench:
 
     # -- one run: relays, gateways and their clients --------------------------------------------------------
 
-    def run(self, name: str, relays: int, gateways: int, direct: bool, rounds: Sequence[tuple[str, float]],
-            more_clients: Sequence[int] = ()) -> list[dict[str, Any]]:
+    def run(self, plan: Run) -> list[dict[str, Any]]:
         args = self.args
+        name, relays, gateways, direct = plan.name, plan.relays, plan.gateways, plan.direct
         topo = write_topology(self.directory / f"{name}.yaml", self.hosts, relays, gateways, direct)
         started: list[NsProcess] = []
         try:
@@ -591,42 +673,49 @@ class Bench:
             started += gws
             self.ready(gws, 60.0)
             clients: list[list[NsProcess]] = [[] for _ in gws]
-            clients_per_gateway = 0
 
-            def add_clients(count: int) -> None:
+            def add_clients(count: int, procs: int) -> None:
+                """``count`` more connections per gateway, split over ``procs`` client processes each
+                (on the client hosts in turn)."""
                 new = []
                 for i in range(gateways):
-                    p = self.role(f"{PREFIX}c{i % CLIENT_HOSTS + 1}", f"clients-g{i + 1}", "clients", "--host",
-                                  self.hosts[f"{PREFIX}g{i + 1}"], "--count", str(count), "--channels",
-                                  str(args.channels), "--timeout", str(60 + count / 20))
-                    clients[i].append(p)
-                    new.append(p)
+                    for j in range(procs):
+                        n = count // procs + (1 if j < count % procs else 0)
+                        if not n:
+                            continue
+                        host = f"{PREFIX}c{(i * procs + j) % CLIENT_HOSTS + 1}"
+                        p = self.role(host, f"clients-g{i + 1}-{len(clients[i]) + 1}", "clients", "--host",
+                                      self.hosts[f"{PREFIX}g{i + 1}"], "--count", str(n), "--channels",
+                                      str(args.channels), "--timeout", str(60 + n / 20))
+                        clients[i].append(p)
+                        new.append(p)
                 started.extend(new)
-                self.ready(new, 90 + count / 20)
+                self.ready(new, 90 + count / 10)
 
-            add_clients(args.clients)
-            clients_per_gateway = args.clients
+            add_clients(plan.clients, plan.client_procs)
+            clients_per_gateway = plan.clients
             self.progress.step(f"{name}: {relays} relay(s), {gateways} gateway(s) up")
-            self.drive(1.0, args.rate)  # warm-up: every path has carried orders before the first round
+            self.drive(1.0, plan.rounds[0][1])  # warm-up: every path has carried orders before the first round
             quiesce([p for group in clients for p in group])
             results = []
-            for label, rate in rounds:
+            info = {"relays": 0 if direct else relays, "direct": direct, "gateways": gateways,
+                    "channels_per_client": args.channels}
+            for label, rate in plan.rounds:
                 for repeat in range(args.repeat if label == "moderate" else 1):
-                    r = self.measure(xs, gws, clients, rate)
-                    r.update({"run": name, "round": label, "repeat": repeat + 1, "relays": 0 if direct else relays,
-                              "direct": direct, "gateways": gateways, "clients_per_gateway": clients_per_gateway,
-                              "channels_per_client": args.channels})
+                    r = self.measure(xs, gws, clients, rate, plan.seconds)
+                    r.update({"run": name, "round": label, "repeat": repeat + 1, **info,
+                              "clients_per_gateway": clients_per_gateway,
+                              "client_procs_per_gateway": plan.client_procs})
                     results.append(r)
                     self.progress.step(f"{name}: {label} round")
                     show(r)
-            for extra in more_clients:
-                add_clients(extra - clients_per_gateway)
+            for extra in plan.more_clients:
+                add_clients(extra - clients_per_gateway, 1)
                 clients_per_gateway = extra
                 for repeat in range(args.repeat):
-                    r = self.measure(xs, gws, clients, args.rate)
-                    r.update({"run": f"{name}-clients{extra}", "round": "moderate", "repeat": repeat + 1,
-                              "relays": relays, "direct": direct, "gateways": gateways,
-                              "clients_per_gateway": extra, "channels_per_client": args.channels})
+                    r = self.measure(xs, gws, clients, args.rate, plan.seconds)
+                    r.update({"run": f"{name}-clients{extra}", "round": "moderate", "repeat": repeat + 1, **info,
+                              "clients_per_gateway": extra, "client_procs_per_gateway": len(clients[0])})
                     results.append(r)
                     self.progress.step(f"{name}: {extra} clients per gateway")
                     show(r)
@@ -638,8 +727,8 @@ class Bench:
         return self.driver.ask(f"paced {rate:.3f} {seconds:.3f}", timeout=seconds + 90)
 
     def measure(self, xs: list[NsProcess], gws: list[NsProcess], clients: list[list[NsProcess]],
-                rate: float) -> dict[str, Any]:
-        """One round at ``rate`` orders/s; see the module documentation."""
+                rate: float, seconds: float) -> dict[str, Any]:
+        """One round at ``rate`` orders/s for ``seconds``; see the module documentation."""
         all_clients = [p for group in clients for p in group]
         groups: dict[str, list[int]] = {"matcher": [self.matcher.pid], "router": [self.router.pid],
                                         "driver": [self.driver.pid], "relays": [x.pid for x in xs],
@@ -650,9 +739,10 @@ class Bench:
         seq0 = self.driver.ask("seqs")
         cpu0 = {pid: cpu_jiffies(pid) for pid in {*singles, self.matcher.pid, self.router.pid, self.driver.pid}}
         threads0 = thread_ns(self.matcher.pid)
-        machine0, wall0 = _cpu_jiffies(), time.perf_counter()
-        driven = self.drive(self.args.seconds, rate)
+        machine0, split0, wall0 = _cpu_jiffies(), machine_split(), time.perf_counter()
+        driven = self.drive(seconds, rate)
         cpu_driven = {pid: cpu_jiffies(pid) for pid in cpu0}
+        split_driven, driven_end_ns, tcp = machine_split(), time.time_ns(), tcp_memory()
         wall_driven = time.perf_counter() - wall0
         drained = quiesce(all_clients)
         wall = time.perf_counter() - wall0
@@ -689,22 +779,45 @@ class Bench:
         delivered = sum(s["delivered"] for s in flat)
         firsts = [s["first_ns"] for s in flat if s["first_ns"]]
         lasts = [s["last_ns"] for s in flat if s["last_ns"]]
-        seconds = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else 0.0
+        arrivals_s = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else 0.0
         g_cpu = sum(p["cpu_s"] for p in per_gateway)
         m_cpu = cpu([self.matcher.pid])
         threads = {k: (threads1[k] - threads0[k]) / 1e9 for k in threads0}
         offered = delivered_expected(published, per_gateway)
         cpu_s = {name: round(cpu(pids), 3) for name, pids in groups.items()}
+        # where the cores went while the orders were sent (the steady state of the round)
+        busy_driven = {name: cpu(pids, cpu_driven) / wall_driven for name, pids in groups.items()}
+        ours_driven = cpu(list(cpu0), cpu_driven) / wall_driven
+        kernel = split_busy(split0, split_driven, wall_driven)
+        while_driven = {
+            "seconds": round(wall_driven, 3),
+            "gateways": [round(cpu([g.pid], cpu_driven) / wall_driven, 3) for g in gws],
+            "clients": round(busy_driven["clients"], 3),
+            "order_path": round(busy_driven["matcher"] + busy_driven["router"] + busy_driven["driver"], 3),
+            "relays": round(busy_driven["relays"], 3),
+            "ours": round(ours_driven, 3),
+        }
+        if kernel:
+            while_driven.update({"machine": kernel["busy"], "irq": kernel["irq"], "steal": kernel["steal"],
+                                 "others": round(max(0.0, kernel["busy"] - ours_driven), 3)})
+        conns = sum(p["connections"] for p in per_gateway)
+        best = max((p["per_connection_max"] for p in per_gateway), default=0)
         return {
             "rate": rate, "driver": driven, "published": published,
-            "delivered": delivered, "delivered_seconds": round(seconds, 3),
-            "delivered_per_s": round(delivered / seconds) if seconds > 0 else None,
+            "delivered": delivered, "delivered_seconds": round(arrivals_s, 3),
+            "delivered_per_s": round(delivered / arrivals_s) if arrivals_s > 0 else None,
             "delivered_per_published": round(delivered / published, 3) if published else None,
+            # every connection holds the same channels: the best-served one got what was offered to each
+            "offered_per_s": round(best * conns / driven["seconds"]) if driven.get("seconds") else None,
+            "lag_s": round((max(lasts) - driven_end_ns) / 1e9, 3) if lasts else None,
+            # the backlog sits in the kernel's TCP buffers: near the pressure threshold the round measures the kernel
+            "tcp_mem_pages_at_driven_end": tcp[0] if tcp else None, "tcp_mem_pressure_pages": tcp[1] if tcp else None,
             "even": all(p["per_connection_min"] == p["per_connection_max"] for p in per_gateway)
             and len({p["per_connection_max"] for p in per_gateway}) == 1,
             "keep_up": offered,
             "cpu_s": cpu_s,
             "gateway_cpu_us_per_delivered": round(g_cpu / delivered * 1e6, 3) if delivered else None,
+            "clients_cpu_us_per_delivered": round(cpu_s["clients"] / delivered * 1e6, 3) if delivered else None,
             "matcher_cpu_s": round(m_cpu, 3),
             "matcher_cpu_us_per_published": round(m_cpu / published * 1e6, 2) if published else None,
             "matcher_threads_us_per_published": {k: round(v / published * 1e6, 2) if published else None
@@ -714,7 +827,8 @@ class Bench:
             if xs and published else None,
             "per_gateway": per_gateway,
             "cores_busy_ours": round(ours / wall, 3),
-            "cores_busy_ours_while_driven": round(cpu([*cpu0], cpu_driven) / wall_driven, 3),
+            "cores_busy_ours_while_driven": round(ours_driven, 3),
+            "cores_while_driven": while_driven,
             "machine_cores_busy": round(machine, 3) if machine is not None else None,
             "others_cpus": others, "wall_s": round(wall, 2), "drained": drained,
         }
@@ -751,6 +865,27 @@ def show(r: dict[str, Any]) -> None:
           f"matcher {fmt(r['matcher_cpu_us_per_published'], '.1f')} us/pub "
           f"(io {fmt(r['matcher_threads_us_per_published']['zmq_io'], '.1f')}), cores {r['cores_busy_ours']:.2f}"
           f"{'' if r['even'] else ', UNEVEN'}", flush=True)
+    if r["round"] == "scaling":
+        w = r["cores_while_driven"]
+        print(f"{'':19}offered {fmt(r['offered_per_s'])}/s, keep-up {fmt(r['keep_up'], '.3f')}, last arrival "
+              f"{fmt(r['lag_s'], '.2f')} s after the last order; cores while driven: gateways "
+              f"{'+'.join(f'{x:.2f}' for x in w['gateways'])}, clients {w['clients']:.2f}, order path "
+              f"{w['order_path']:.2f}, relay {w['relays']:.2f}, others {fmt(w.get('others'), '.2f')}; "
+              f"machine {fmt(w.get('machine'), '.2f')} (interrupts in it {fmt(w.get('irq'), '.2f')})", flush=True)
+
+
+def print_scaling(c3: dict[str, Any]) -> None:
+    """Claim (3) step by step: delivered/s and where the cores went."""
+    rows = [[str(s["gateways"]), fmt(s["delivered_per_s"]), fmt(s["offered_per_s"]), fmt(s["keep_up"], ".3f"),
+             fmt(s["lag_s"], ".2f"), "+".join(f"{x:.2f}" for x in s["gateway_cores"]), f"{s['clients_cores']:.2f}",
+             f"{s['order_path_cores']:.2f}", f"{s['relay_cores']:.2f}", fmt(s["others_cores"], ".2f"),
+             fmt(s["machine_cores_busy"], ".2f"), fmt(s["irq_cores"], ".2f"),
+             fmt(s["gateway_cpu_us_per_delivered"], ".2f"), fmt(s["clients_cpu_us_per_delivered"], ".2f")]
+            for s in c3["steps"]]
+    print_rows(f"claim (3): delivered messages/s vs gateway processes; cores busy while driven (of {c3['cores']})",
+               ["G", "deliv/s", "offered/s", "keep-up", "lag s", "gateways", "clients", "orders", "relay",
+                "others", "machine", "of it irq", "gw us/msg", "cl us/msg"], rows)
+    print(f"  claim (3) verdict: {c3['verdict']}", flush=True)
 
 
 def fmt(x: float | None, spec: str = ",.0f") -> str:
@@ -760,8 +895,10 @@ def fmt(x: float | None, spec: str = ",.0f") -> str:
 # -- the figures -----------------------------------------------------------------------------------------
 
 FLAT = 1.25  # "does not grow": the largest value at most this times the smallest (or than the first)
-KEEP_UP = 0.9  # a high round "adds its share" when delivered/s is at least this x G x the one-gateway rate
-CORES_FULL = 0.9  # share of the machine's cores our processes keep busy that counts as "used up"
+CORES_FULL = 0.9  # share of the machine's cores kept busy (by anything) that counts as "used up"
+GATEWAY_BUSY = 0.8  # a gateway process using this share of a core is busy: one process can use at most one
+GROWS = 1.1  # a step to one more gateway "grows" when delivered/s rises at least this much; "flat" below it
+TCP_NEAR = 0.9  # a scaling round whose TCP buffers reach this share of tcp_mem's pressure threshold is left out
 
 
 def mean(values: Sequence[float | None]) -> float | None:
@@ -779,6 +916,89 @@ def points(rounds: list[dict[str, Any]], run_prefix: str, label: str, key: str, 
                 value = value.get(part) if isinstance(value, dict) else None
             grouped.setdefault(r[by], []).append(value)  # type: ignore[arg-type]
     return {k: v for k, v in ((k, mean(vs)) for k, vs in sorted(grouped.items())) if v is not None}
+
+
+def scaling_claim(rounds: list[dict[str, Any]], cores: int) -> dict[str, Any]:
+    """Claim (3) from the scaling rounds (one per gateway count): each step to one more gateway
+    must grow (>= ``GROWS``) while the cores had room at the smaller count, and stay flat (below
+    ``GROWS``) once they were used up; and the gateway of the first step must have been busy,
+    else the gateways were not what limited delivery and nothing is shown. ``verdict`` says in
+    words what was and was not shown."""
+    by_g = {r["gateways"]: r for r in rounds if r.get("delivered_per_s")}
+    steps = []
+    for g in sorted(by_g):
+        r = by_g[g]
+        w = r["cores_while_driven"]
+        machine = w.get("machine")
+        steps.append({
+            "gateways": g, "delivered_per_s": r["delivered_per_s"], "offered_per_s": r["offered_per_s"],
+            "keep_up": r["keep_up"], "lag_s": r["lag_s"],
+            "gateway_cores": w["gateways"], "clients_cores": w["clients"], "order_path_cores": w["order_path"],
+            "relay_cores": w["relays"], "ours_cores": w["ours"], "irq_cores": w.get("irq"),
+            "others_cores": w.get("others"), "machine_cores_busy": machine,
+            "cores_used_up": machine is not None and machine >= CORES_FULL * cores,
+            "gateway_cpu_us_per_delivered": r["gateway_cpu_us_per_delivered"],
+            "clients_cpu_us_per_delivered": r["clients_cpu_us_per_delivered"],
+            "tcp_mem_pages": r.get("tcp_mem_pages_at_driven_end"),
+            "tcp_memory_pressure": bool(r.get("tcp_mem_pages_at_driven_end") and r.get("tcp_mem_pressure_pages")
+                                        and r["tcp_mem_pages_at_driven_end"] >= TCP_NEAR * r["tcp_mem_pressure_pages"]),
+        })
+    left_out = [s for s in steps if s["tcp_memory_pressure"]]
+    kept = [s for s in steps if not s["tcp_memory_pressure"]]
+    moves = []
+    for a, b in zip(kept, kept[1:]):
+        ratio = round(b["delivered_per_s"] / a["delivered_per_s"], 3)
+        owed = "flat" if a["cores_used_up"] else "grow"
+        moves.append({"from": a["gateways"], "to": b["gateways"], "ratio": ratio, "owed": owed,
+                      "ok": ratio >= GROWS if owed == "grow" else ratio < GROWS})
+    c3: dict[str, Any] = {
+        "steps": steps, "moves": moves, "cores": cores,
+        "cores_used_up_at_gateways": next((s["gateways"] for s in steps if s["cores_used_up"]), None),
+        "wanted": f"the first gateway busy (>= {GATEWAY_BUSY} core); each added gateway grows delivered/s "
+                  f">= {GROWS}x while the cores had room, < {GROWS}x once {CORES_FULL:.0%} of them were busy"}
+    if len(kept) < 2:
+        c3.update(met=False, verdict="not measured: fewer than two gateway counts clear of TCP memory pressure")
+        return c3
+    first = kept[0]
+
+    def where(s: dict[str, Any]) -> str:
+        gw = "+".join(f"{x:.2f}" for x in s["gateway_cores"])
+        return (f"G={s['gateways']}: {s['machine_cores_busy']} of {cores} cores busy = gateways {gw}, clients "
+                f"{s['clients_cores']:.2f}, order path {s['order_path_cores']:.2f}, relay {s['relay_cores']:.2f}, "
+                f"others {s['others_cores']} (interrupt work within these: {s['irq_cores']})")
+
+    loaded = max(first["gateway_cores"]) >= GATEWAY_BUSY
+    grew = [m for m in moves if m["owed"] == "grow"]
+    flat = [m for m in moves if m["owed"] == "flat"]
+    parts = []
+    if not loaded:
+        parts.append(f"not shown: the gateway at G={first['gateways']} used {max(first['gateway_cores']):.2f} "
+                     f"of a core, so its one-core cap was not what limited delivery")
+    if grew:
+        parts.append("; ".join(f"G={m['from']}->{m['to']} with cores to spare: {m['ratio']:.2f}x "
+                               f"({'grew' if m['ok'] else 'did NOT grow'})" for m in grew))
+    else:
+        parts.append(f"growth not shown: the cores were used up from G={first['gateways']} on")
+    if flat:
+        parts.append("; ".join(f"G={m['from']}->{m['to']} with the cores used up: {m['ratio']:.2f}x "
+                               f"({'flat' if m['ok'] else 'still GREW'})" for m in flat))
+    else:
+        parts.append("plateau not shown: the cores were never used up")
+    if any(m["owed"] == "flat" and not m["ok"] for m in moves):
+        lo, hi = kept[0], kept[-1]
+        parts.append(f"growth went on with the cores busy because the CPU per delivered message fell as the load "
+                     f"grew (more messages per write and per read): gateways {lo['gateway_cpu_us_per_delivered']} "
+                     f"-> {hi['gateway_cpu_us_per_delivered']} us, clients {lo['clients_cpu_us_per_delivered']} -> "
+                     f"{hi['clients_cpu_us_per_delivered']} us from G={lo['gateways']} to G={hi['gateways']}")
+    if left_out:
+        parts.append("left out: " + ", ".join(f"G={s['gateways']} ({s['tcp_mem_pages']:,} pages in TCP buffers)"
+                                              for s in left_out)
+                     + f", at >= {TCP_NEAR:.0%} of the kernel's tcp_mem pressure threshold: such a round measures "
+                     "the kernel's memory pressure, not the gateways")
+    c3["met"] = bool(loaded and grew and flat and all(m["ok"] for m in moves))
+    c3["verdict"] = ("met: " if c3["met"] else "NOT met: ") + "; ".join(parts) + " | " + " | ".join(
+        where(s) for s in steps)
+    return c3
 
 
 def claims(rounds: list[dict[str, Any]], args: argparse.Namespace, cores: int) -> dict[str, Any]:
@@ -846,28 +1066,8 @@ def claims(rounds: list[dict[str, Any]], args: argparse.Namespace, cores: int) -
         x is None or x <= FLAT for x in (c2["spread_over_gateways"], c2["spread_over_clients"]))
     c2["met"] = bool(grows and flat)
 
-    # (3) delivered messages/s against gateway processes (high rounds)
-    rate = points(gw, "g", "high", "delivered_per_s", "gateways")
-    busy = points(gw, "g", "high", "cores_busy_ours_while_driven", "gateways")
-    machine = points(gw, "g", "high", "machine_cores_busy", "gateways")
-    per_one = rate.get(1)
-    steps, full_at = [], None
-    for g in sorted(rate):
-        used_up = busy.get(g, 0) >= CORES_FULL * cores  # by our processes (others' CPU is in machine_cores_busy)
-        share = round(rate[g] / (g * per_one), 3) if per_one else None
-        steps.append({"gateways": g, "delivered_per_s": rate[g], "share_of_linear": share,
-                      "cores_busy_ours": busy.get(g), "machine_cores_busy": machine.get(g), "cores_used_up": used_up})
-        if used_up and full_at is None:
-            full_at = g
-    # growth is owed while the cores are not used up: every G up to the first saturated one keeps up
-    owed = [s for s in steps if full_at is None or s["gateways"] <= full_at]
-    c3 = {"steps": steps, "cores": cores, "cores_used_up_at_gateways": full_at,
-          "wanted": f"each gateway adds its share (>= {KEEP_UP}x linear) until our processes use "
-                    f"{CORES_FULL:.0%} of the cores; flat after"}
-    c3["met"] = bool(per_one and len(owed) > 1 and all(s["share_of_linear"] >= KEEP_UP for s in owed
-                                                       if not s["cores_used_up"])
-                     and all(rate[s["gateways"]] > rate[s["gateways"] - 1] for s in owed if s["gateways"] - 1 in rate
-                             and not s["cores_used_up"]))
+    # (3) delivered messages/s against gateway processes (the scaling run)
+    c3 = scaling_claim([r for r in rounds if r["run"].startswith("scale-")], cores)
     return {"1_gateway_cpu_flat": c1, "2_matcher_cost_by_relays": c2, "3_delivered_scales": c3}
 
 
@@ -897,8 +1097,6 @@ def plot(figures: dict[str, Any], prefix: str = "hosts") -> list[Path]:
     fig = Figure(figsize=(6.4, 4.0), dpi=90, layout="constrained")
     (ax,) = axes(fig, 1)
     line(ax, c["1_gateway_cpu_flat"]["gateway_cpu_us_per_delivered"], "moderate rounds (mean of the gateways)")
-    hi = points(figures["rounds"], "g", "high", "gateway_cpu_us_per_delivered", "gateways")
-    line(ax, hi, "high rounds", "s")
     ax.set_xlabel("gateways (one process each, one relay)")
     ax.set_ylabel("gateway CPU µs per delivered message")
     ax.set_ylim(bottom=0)
@@ -937,31 +1135,48 @@ def plot(figures: dict[str, Any], prefix: str = "hosts") -> list[Path]:
     _save(fig, path)
     written.append(path)
 
-    # (3) delivered messages/s vs gateway processes
+    # (3) delivered messages/s vs gateway processes, and where the cores went
     c3 = c["3_delivered_scales"]
-    fig = Figure(figsize=(6.4, 4.4), dpi=90, layout="constrained")
-    (ax,) = axes(fig, 1)
+    cfg = figures["config"]
+    fig = Figure(figsize=(6.4, 8.0), dpi=90, layout="constrained")
+    a1, a2 = axes(fig, 2)
     steps = c3["steps"]
     if steps:
         gs = [s["gateways"] for s in steps]
-        ax.plot(gs, [s["delivered_per_s"] for s in steps], marker="o", label="delivered messages/s (high rounds)")
+        a1.plot(gs, [s["delivered_per_s"] for s in steps], marker="o", label="delivered messages/s")
+        a1.plot(gs, [s["offered_per_s"] or 0 for s in steps], marker="x", linestyle=":", color="C2",
+                label="offered (every message to every connection, per second of orders)")
         one = steps[0]["delivered_per_s"] / steps[0]["gateways"]
-        ax.plot(gs, [g * one for g in gs], linestyle="--", color="grey", label="linear from one gateway")
-        mod = points(figures["rounds"], "g", "moderate", "delivered_per_s", "gateways")
-        line(ax, mod, "delivered messages/s (moderate rounds)", "s")
-        ax.set_xlabel("gateway processes")
-        ax.set_ylabel("delivered messages/s")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8, loc="upper left")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        b = ax.twinx()
-        b.plot(gs, [s["cores_busy_ours"] for s in steps], color="C3", marker="x", linestyle=":",
-               label="cores our processes keep busy")
-        b.axhline(c3["cores"], color="C3", linewidth=0.8)
-        b.set_ylabel("cores busy (red)")
-        b.set_ylim(0, c3["cores"] * 1.15)
-        b.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"(3) delivered messages/s vs gateway processes\n{title}", fontsize=9)
+        a1.plot(gs, [g * one for g in gs], linestyle="--", color="grey", label="linear from the first count")
+        for s in steps:
+            if s["tcp_memory_pressure"]:
+                a1.annotate("TCP memory pressure:\nleft out", (s["gateways"], s["delivered_per_s"]), fontsize=7,
+                            xytext=(0, 12), textcoords="offset points", ha="center")
+        a1.set_ylabel("messages/s")
+        a1.set_ylim(bottom=0)
+        a1.legend(fontsize=7, loc="upper left")
+        parts = [("gateways", lambda s: sum(s["gateway_cores"])), ("their clients", lambda s: s["clients_cores"]),
+                 ("order path (matcher, router, driver)", lambda s: s["order_path_cores"]),
+                 ("relay", lambda s: s["relay_cores"]), ("other processes", lambda s: s["others_cores"] or 0)]
+        bottom = [0.0] * len(steps)
+        for label, get in parts:
+            heights = [get(s) for s in steps]
+            a2.bar(gs, heights, bottom=bottom, label=label, width=0.6)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        a2.plot(gs, [s["machine_cores_busy"] or 0 for s in steps], color="black", marker="_", linestyle="none",
+                markersize=20, label="machine busy (/proc/stat)")
+        a2.plot(gs, [s["irq_cores"] or 0 for s in steps], color="grey", marker="v", linestyle="none",
+                label="of it, interrupt work (inside the bars)")
+        a2.axhline(c3["cores"], color="C3", linewidth=0.8)
+        a2.set_ylabel("cores busy while orders were sent")
+        a2.set_ylim(0, c3["cores"] * 1.6)
+        a2.legend(fontsize=7, loc="upper left", ncol=2)
+        for a in (a1, a2):
+            a.set_xlabel("gateway processes (one relay)")
+            a.xaxis.get_major_locator().set_params(integer=True)
+    a1.set_title(f"(3) delivered messages/s vs gateway processes ({'met' if c3['met'] else 'NOT met'})\n"
+                 f"{cfg['scale_clients_per_gateway']:,} connections x {cfg['channels_per_client']} channels per "
+                 f"gateway, {cfg['scale_rate_orders_per_s']:g} orders/s\n{title}", fontsize=9)
     path = RESULTS_DIR / f"{prefix}_delivered.png"
     _save(fig, path)
     written.append(path)
@@ -984,8 +1199,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="connections per gateway of the clients run, at the first gateway count (100 200)")
     parser.add_argument("--channels", type=int, default=10, help="symbols each connection subscribes (10)")
     parser.add_argument("--rate", type=float, default=150.0, help="orders/s of the moderate rounds (150)")
-    parser.add_argument("--high-rate", type=float, default=2000.0, help="orders/s of the high rounds (2000)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of a round (8 s)")
+    parser.add_argument("--scale-gateways", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                        help="gateway counts of the scaling run, behind one relay (1 2 3 4 5)")
+    parser.add_argument("--scale-clients", type=int, default=2000,
+                        help="connections per gateway in the scaling run (2000)")
+    parser.add_argument("--scale-client-procs", type=int, default=2,
+                        help="client processes per gateway in the scaling run (2)")
+    parser.add_argument("--scale-rate", type=float, default=300.0, help="orders/s of the scaling rounds (300)")
+    parser.add_argument("--scale-seconds", type=float, default=4.0,
+                        help="length of a scaling round (4 s: the backlog of the larger counts stays in RAM)")
     parser.add_argument("--repeat", type=int, default=2, help="moderate rounds per run, averaged (2)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run (under a minute), no results file")
@@ -995,8 +1218,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.gateways, args.relay_gateways, args.direct_gateways = [1, 2], [2], [2]
         args.clients, args.more_clients, args.seconds, args.repeat = 20, [40], 2.0, 1
-    if max([*args.gateways, *args.relay_gateways, *args.direct_gateways]) > MAX_GATEWAYS:
+        args.scale_gateways, args.scale_clients, args.scale_client_procs, args.scale_seconds = [1, 2], 300, 1, 2.0
+    counts = [*args.gateways, *args.relay_gateways, *args.direct_gateways, *args.scale_gateways]
+    if max(counts) > MAX_GATEWAYS:
         parser.error(f"at most {MAX_GATEWAYS} gateways")
+    if min(counts) < 1 or not 1 <= args.scale_client_procs <= args.scale_clients:
+        parser.error("gateway counts are at least 1; --scale-client-procs is 1 to --scale-clients")
     if not 1 <= args.channels <= len(SYMBOLS):
         parser.error(f"--channels is 1-{len(SYMBOLS)}")
     if os.geteuid() != 0:
@@ -1010,32 +1237,35 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         warn(note)
     load_before = os.getloadavg()
-    print(f"hosts: matcher+router, driver, {MAX_RELAYS} relay hosts, up to {max(args.gateways)} gateway hosts, "
+    print(f"hosts: matcher+router, driver, {MAX_RELAYS} relay hosts, up to {max(counts)} gateway hosts, "
           f"{CLIENT_HOSTS} client hosts (namespaces {PREFIX}*, bridge {BRIDGE} in {BRIDGE_NS}, {SUBNET}.0/24); "
-          f"{args.clients} connections per gateway x {args.channels} channels; rounds of {args.seconds:g} s at "
-          f"{args.rate:g} (moderate) / {args.high_rate:g} (high) orders/s; load average {load_before[0]:.2f}",
-          flush=True)
+          f"{args.clients} connections per gateway x {args.channels} channels, rounds of {args.seconds:g} s at "
+          f"{args.rate:g} orders/s; scaling run: {args.scale_clients} connections per gateway "
+          f"({args.scale_client_procs} client processes), {args.scale_seconds:g} s at {args.scale_rate:g} orders/s; "
+          f"load average {load_before[0]:.2f}", flush=True)
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-hosts-"))
-    hosts = host_addresses(max([*args.gateways, *args.relay_gateways, *args.direct_gateways]))
-    plan: list[tuple[str, int, int, bool, list[tuple[str, float]], list[int]]] = []
-    for i, g in enumerate(args.gateways):
-        plan.append((f"g{g}", 1, g, False, [("moderate", args.rate), ("high", args.high_rate)],
-                     args.more_clients if i == 0 else []))
-    plan += [(f"r2-g{g}", 2, g, False, [("moderate", args.rate)], []) for g in args.relay_gateways]
-    plan += [(f"direct-g{g}", 0, g, True, [("moderate", args.rate)], []) for g in args.direct_gateways]
+    hosts = host_addresses(max(counts))
+    moderate = [("moderate", args.rate)]
+    plan = [Run(f"g{g}", 1, g, False, moderate, args.more_clients if i == 0 else [], args.clients, 1, args.seconds)
+            for i, g in enumerate(args.gateways)]
+    plan += [Run(f"r2-g{g}", 2, g, False, moderate, [], args.clients, 1, args.seconds) for g in args.relay_gateways]
+    plan += [Run(f"direct-g{g}", 0, g, True, moderate, [], args.clients, 1, args.seconds)
+             for g in args.direct_gateways]
+    plan += [Run(f"scale-g{g}", 1, g, False, [("scaling", args.scale_rate)], [], args.scale_clients,
+                 args.scale_client_procs, args.scale_seconds) for g in args.scale_gateways]
     bench = Bench(args, directory, hosts)
-    bench.progress = Progress(1 + sum(1 + sum(args.repeat if label == "moderate" else 1 for label, _ in rounds)
-                                      + len(more) * args.repeat for _, _, _, _, rounds, more in plan))
+    bench.progress = Progress(1 + sum(1 + sum(args.repeat if label == "moderate" else 1 for label, _ in run.rounds)
+                                      + len(run.more_clients) * args.repeat for run in plan))
     rounds: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
         create_namespaces(hosts)
         bench.start_base()
         bench.progress.step("matcher, router and driver up")
-        for name, relays, gateways, direct, todo, more in plan:
-            print(f"  {name}: {'no relay, gateways on the matcher' if direct else f'{relays} relay(s)'}, "
-                  f"{gateways} gateway(s)", flush=True)
-            rounds += bench.run(name, relays, gateways, direct, todo, more)
+        for run in plan:
+            print(f"  {run.name}: {'no relay, gateways on the matcher' if run.direct else f'{run.relays} relay(s)'}, "
+                  f"{run.gateways} gateway(s), {run.clients} connections each", flush=True)
+            rounds += bench.run(run)
     finally:
         bench.stop_all()
         remove_namespaces()
@@ -1065,13 +1295,17 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], idle: dict[st
     got = claims(rounds, args, cores)
     for key, c in got.items():
         print(f"  claim {key}: {'met' if c['met'] else 'NOT met'} ({c['wanted']})")
+    print_scaling(got["3_delivered_scales"])
     print(f"took {elapsed:.0f} s")
     figures: dict[str, Any] = {
         "config": {"gateways": args.gateways, "relay_gateways": args.relay_gateways,
                    "direct_gateways": args.direct_gateways, "clients_per_gateway": args.clients,
                    "more_clients": args.more_clients, "channels_per_client": args.channels,
-                   "rate_orders_per_s": args.rate, "high_rate_orders_per_s": args.high_rate,
-                   "round_seconds": args.seconds, "repeat": args.repeat, "seed": args.seed, "matcher_fsync": "never",
+                   "rate_orders_per_s": args.rate, "round_seconds": args.seconds,
+                   "scale_gateways": args.scale_gateways, "scale_clients_per_gateway": args.scale_clients,
+                   "scale_client_procs_per_gateway": args.scale_client_procs,
+                   "scale_rate_orders_per_s": args.scale_rate, "scale_round_seconds": args.scale_seconds,
+                   "repeat": args.repeat, "seed": args.seed, "matcher_fsync": "never",
                    "symbols": len(SYMBOLS), "subnet": f"{SUBNET}.0/24", "namespaces_prefix": PREFIX,
                    "gateway_limits": "ping_interval_s 3600, ping_timeout_s 3600, slow_consumer_ms 600000",
                    "elapsed_s": round(elapsed)},
