@@ -1017,7 +1017,11 @@ class Run:
         self.nodes.clear()
 
 
-def write_cluster_topology(path: Path, ports: dict[str, int], gateway_port: int | None, workers: int) -> Path:
+def write_cluster_topology(path: Path, ports: dict[str, int], gateway_port: int | None, workers: int,
+                           snapshot_every: int = 10_000_000) -> Path:
+    """The benchmark's cluster: router r1, matcher m1 (the ten symbols, ``fsync: never``, a
+    snapshot every ``snapshot_every`` commands: by default none within a run, so that no
+    snapshot's fork is measured), gateway g1 if ``gateway_port``."""
     lines = ["cluster: bench-fanout", "symbols:"]
     lines += [f'  {s}: {{matcher: m1, tick_size: "0.01", lot_size: "0.001"}}' for s in SYMBOLS]
     lines += ["nodes:",
@@ -1025,7 +1029,7 @@ def write_cluster_topology(path: Path, ports: dict[str, int], gateway_port: int 
                f'back: "tcp://127.0.0.1:{ports["back"]}"}}'),
               (f'  m1: {{role: matcher, pub: "tcp://127.0.0.1:{ports["pub"]}", '
                f'snapshot: "tcp://127.0.0.1:{ports["snapshot"]}", data_dir: "var/m1", fsync: never, '
-               f'snapshot_every: 10000000}}')]
+               f'snapshot_every: {snapshot_every}}}')]
     if gateway_port is not None:
         lines.append(f'  g1: {{role: gateway, listen: "127.0.0.1:{gateway_port}", workers: {workers}}}')
     path.write_text("\n".join(lines) + "\n")

@@ -3,13 +3,15 @@ p99 must stay flat and no process may grow (issue 5).
 
 Real processes on free ports, the topology and logs in a temporary directory, as in
 ``bench_fanout.py`` (whose pieces this file imports): a router, one matcher that owns ten
-symbols (``fsync: never``), a gateway ``g1`` with ``--workers`` processes, and:
+symbols (``fsync: never``; a snapshot every ``zmx.topology.SNAPSHOT_EVERY`` commands, as
+shipped), a gateway ``g1`` with ``--workers`` processes, and:
 
 - **clients** (``bench_fanout.py --role clients``): ``--client-procs`` raw asyncio processes
   holding ``--n`` WebSocket connections (plus one anchor connection per channel), connection
   ``i`` subscribed to channel ``i % 10``; every connection counts its messages, every 16th
-  (a *sampler*) parses each frame and takes the latency ``receive time - data.ts`` (the
-  matcher's ``time.time_ns()``) into a histogram.
+  (a *sampler*) parses each frame and takes the latency ``arrival - data.ts`` (the
+  matcher's ``time.time_ns()``; arrival: the kernel's stamp on the segment, see
+  ``bench_fanout.StampedSocket``) into a histogram.
 - **driver** (``--role driver``, this file): ``zmx.node.client.Client`` to the router, the
   seeded order flow of ``bench_fanout.FanoutFlow`` over the ten symbols (resting orders,
   cancels, ioc orders that trade), generated in chunks of 256 as it goes (memory bounded
@@ -37,8 +39,13 @@ first two): **p99 flat**: the median p99 of the last third of the intervals at m
 ``P99_RATIO`` (1.5) x that of the first third, and no upward trend: the least-squares line
 through the p99s rises by at most ``P99_RISE`` (0.5) x their median over the run (its slope
 in ms/min is reported); **RSS flat**, for the gateway, the matcher and the router each: the
-mean RSS of the last third at most ``RSS_GROWTH`` (5%) above that of the first third (slope in
-KB/min reported); **no connection lost**; **even counts** per channel at the end.
+highest RSS of the last third at most ``RSS_GROWTH`` (5%) above the highest before it, and its
+lowest at most 5% above the lowest of the middle third (the means of the first and last
+thirds and the slope in KB/min are reported beside). Highs and lows, not means: the matcher
+works in cycles (a snapshot every ``SNAPSHOT_EVERY`` commands; while its child stores the
+generation's order ids, the parent holds them too), so its RSS goes up and down by a few MB,
+and which phase a third ends in would decide a comparison of means. A leak makes new highs
+and lifts the lows; **no connection lost**; **even counts** per channel at the end.
 
 Run: ``.venv/bin/python perf/bench_soak.py`` (2,000 connections, 10 minutes, plus about a
 minute to start and measure), ``--minutes 1`` for a short run, ``--quick`` (500 connections,
@@ -95,6 +102,7 @@ from summaries import summarize
 from zmx import codec
 from zmx.node.client import encode_header
 from zmx.node.runtime import announce_ready
+from zmx.topology import SNAPSHOT_EVERY
 
 SCRIPT = Path(__file__).resolve()
 K = 10  # channels: one symbol each
@@ -319,23 +327,32 @@ def verdict_p99(steady: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def verdict_rss(steady: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"criteria": f"per process group, mean RSS of the last third <= {1 + RSS_GROWTH:g}x the "
-                                       "first third's (the first interval left out as warm-up)"}
+    out: dict[str, Any] = {"criteria": f"per process group, the highest RSS of the last third <= {1 + RSS_GROWTH:g}x "
+                                       "the highest before it, and its lowest <= "
+                                       f"{1 + RSS_GROWTH:g}x the middle third's lowest (the first interval left out "
+                                       "as warm-up); the means of the first and last thirds are reported beside"}
     met: bool | None = True
     for group in (*RSS_CHECKED, "clients", "driver"):
         points = [(s["t_min"], s["rss_kb"][group]) for s in steady]
-        if len(points) < 2:
+        if len(points) < 3:
             out[group] = {"met": None}
             met = None
             continue
-        first, last = thirds([v for _, v in points])
+        values = [v for _, v in points]
+        first, last = thirds(values)
+        t = len(last)
+        before, middle = values[:-t], values[t:-t] or values[:-t]
         a, b = sum(first) / len(first), sum(last) / len(last)
         growth = b / a - 1 if a else 0.0
+        high_growth = max(last) / max(before) - 1 if max(before) else 0.0
+        low_growth = min(last) / min(middle) - 1 if min(middle) else 0.0
         entry = {"first_third_mean_kb": round(a), "last_third_mean_kb": round(b), "growth": round(growth, 4),
+                 "high_before_kb": max(before), "high_last_kb": max(last), "high_growth": round(high_growth, 4),
+                 "low_middle_kb": min(middle), "low_last_kb": min(last), "low_growth": round(low_growth, 4),
                  "slope_kb_per_min": round(slope_per_min(points) or 0.0, 1),
-                 "min_kb": min(v for _, v in points), "max_kb": max(v for _, v in points)}
+                 "min_kb": min(values), "max_kb": max(values)}
         if group in RSS_CHECKED:
-            entry["met"] = growth <= RSS_GROWTH
+            entry["met"] = high_growth <= RSS_GROWTH and low_growth <= RSS_GROWTH
             if met is not None:
                 met = met and entry["met"]
         out[group] = entry
@@ -355,7 +372,10 @@ class Soak:
         args, run = self.args, self.run
         ports = dict(zip(("front", "back", "pub", "snapshot"), free_ports(4), strict=True))
         self.port = free_ports(1)[0]
-        topo = write_cluster_topology(run.directory / "cluster.yaml", ports, self.port, args.workers)
+        # the matcher snapshots as shipped: its memory over the soak includes its snapshots'
+        # forks and the order ids they move to the archive (zmx.node.usedids)
+        topo = write_cluster_topology(run.directory / "cluster.yaml", ports, self.port, args.workers,
+                                      snapshot_every=SNAPSHOT_EVERY)
         self.matcher = run.node(topo, "m1")
         self.router = run.node(topo, "r1")
         run.serial += 1
@@ -617,17 +637,20 @@ def report(args: argparse.Namespace, f: dict[str, Any], failure: str | None) -> 
                    "max_rate": args.max_rate, "max_delivered": args.max_delivered,
                    "client_procs": max(args.client_procs, math.ceil(args.n / MAX_PER_PROCESS)),
                    "sources": args.sources, "sample_every": SAMPLE_EVERY, "seed": args.seed,
-                   "matcher_fsync": "never", "gateway_limits": "defaults", "quick": args.quick}
+                   "matcher_fsync": "never", "matcher_snapshot_every": SNAPSHOT_EVERY, "gateway_limits": "defaults",
+                   "quick": args.quick}
     if failure:
         f["failure"] = failure
     p, r = v["p99_flat"], v["rss_flat"]
 
     def rss_cell(group: str) -> str:
         g = r.get(group, {})
-        if "first_third_mean_kb" not in g:
+        if "high_growth" not in g:
             return "-"
-        return (f"{g['first_third_mean_kb'] / 1024:.1f} -> {g['last_third_mean_kb'] / 1024:.1f} MB "
-                f"({g['growth'] * 100:+.1f}%), {g['slope_kb_per_min']:+,.0f} KB/min")
+        return (f"highs {g['high_before_kb'] / 1024:.1f} -> {g['high_last_kb'] / 1024:.1f} MB "
+                f"({g['high_growth'] * 100:+.1f}%), lows {g['low_middle_kb'] / 1024:.1f} -> "
+                f"{g['low_last_kb'] / 1024:.1f} MB ({g['low_growth'] * 100:+.1f}%); means "
+                f"{g['first_third_mean_kb'] / 1024:.1f} -> {g['last_third_mean_kb'] / 1024:.1f} MB")
 
     rows = [
         ["p99 flat", f"{fmt(p.get('first_third_median_ms'), '.1f')} -> {fmt(p.get('last_third_median_ms'), '.1f')} ms "
@@ -724,13 +747,14 @@ def draw(f: dict[str, Any], prefix: str = "soak") -> list[Path]:
         ys = [e["rss_kb"][group] / 1024 for e in intervals]
         g = r.get(group, {})
         label = f"{group} RSS"
-        if "slope_kb_per_min" in g:
-            label += f" ({g['growth'] * 100:+.1f}% last vs first third, {g['slope_kb_per_min']:+,.0f} KB/min)"
+        if "high_growth" in g:
+            label += (f" (last third: highs {g['high_growth'] * 100:+.1f}%, lows {g['low_growth'] * 100:+.1f}%; "
+                      f"{g['slope_kb_per_min']:+,.0f} KB/min)")
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        if "first_third_mean_kb" in g:
-            base = g["first_third_mean_kb"] / 1024
+        if "high_before_kb" in g:
+            base = g["high_before_kb"] / 1024
             ax.axhspan(base, base * (1 + RSS_GROWTH), color="C2", alpha=0.12,
-                       label=f"first third's mean .. +{RSS_GROWTH:.0%}")
+                       label=f"the highest before the last third .. +{RSS_GROWTH:.0%}")
         ax.axvspan(0, warm, color="grey", alpha=0.12)
         ax.set_ylabel("MB")
         lo, hi = min(ys), max(ys)

@@ -245,14 +245,16 @@ def soak(f: dict[str, Any]) -> list[Row]:
 
     def rss(group: str) -> str:
         g = r.get(group, {})
-        if "growth" not in g:
+        if "high_growth" not in g:
             return f"{group} -"
-        return f"{group} {g['growth'] * 100:+.1f}% ({g['slope_kb_per_min']:+,.0f} KB/min)"
+        return (f"{group} highs {g['high_growth'] * 100:+.1f}%, lows {g['low_growth'] * 100:+.1f}% "
+                f"({g['high_last_kb'] / 1024:.1f} MB at most; means {g['growth'] * 100:+.1f}%)")
 
     end = f.get("end", {})
     return [row(f"`perf/bench_soak.py` (`soak.json`): {load}; delivered messages' latency over time", zmx, baseline,
                 ratio, "last third's median p99 <= 1.5x the first's, no upward trend", p["met"]),
-            row("same, RSS last third vs first third (after a warm-up interval)",
+            row("same, RSS of the last third vs before it: its highest vs the highest before, its lowest vs the "
+                "middle third's lowest",
                 ", ".join(rss(g) for g in ("gateway", "matcher", "router")), "", "", "each within +5%", r["met"]),
             row("same, connections and counts at the end",
                 f"{end.get('lost_connections')} lost, {end.get('uneven_channels')} channels with uneven counts", "",

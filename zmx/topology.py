@@ -43,6 +43,7 @@ from zmx.model import SymbolSpec
 __all__ = [
     "FSYNC_MODES",
     "ROLES",
+    "SNAPSHOT_EVERY",
     "GatewayLimits",
     "GatewayNode",
     "MatcherNode",
@@ -56,6 +57,7 @@ __all__ = [
 
 ROLES = ("gateway", "matcher", "relay", "router")
 FSYNC_MODES = ("batch", "always", "never")
+SNAPSHOT_EVERY = 100_000  # a matcher's default: a snapshot every this many journaled commands
 
 
 # -- nodes ----------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class MatcherNode:
     snapshot: str
     data_dir: str
     fsync: str = "batch"
-    snapshot_every: int = 100_000
+    snapshot_every: int = SNAPSHOT_EVERY
     heartbeat_ms: int = 200
 
     @property
@@ -669,7 +671,7 @@ class _Parser:
                            f"{where}fsync {shown} is not one of: {', '.join(FSYNC_MODES)}")
         return MatcherNode(
             name=name, pub=pub, snapshot=snapshot, data_dir=data_dir, fsync=fsync,
-            snapshot_every=self._int(entry, "snapshot_every", where, 100_000),
+            snapshot_every=self._int(entry, "snapshot_every", where, SNAPSHOT_EVERY),
             heartbeat_ms=self._int(entry, "heartbeat_ms", where, 200),
         )
 
