@@ -32,7 +32,7 @@ __all__ = ["FILE_NAME", "UsedIds", "SymbolIds", "store"]
 FILE_NAME = "used-ids.sqlite3"
 FIRST_TIER = 1 << 16  # ids the first filter of a symbol holds; each next one holds 4x more
 BITS_PER_ID = 16
-PROBES = 4  # bits set per id: with 16 bits an id, about 0.25% false "present"
+PROBES = 4  # bits set per id: with 16 bits an id, about 0.25% false "present" (unrolled in __contains__)
 _MASK32 = (1 << 32) - 1
 
 # gen: the snapshot whose child stored the row (its journal segment number)
@@ -98,12 +98,20 @@ class SymbolIds:
         h = hash(key)
         h1, h2 = h & _MASK32, ((h >> 32) & _MASK32) | 1
         for tier in self.tiers:
+            # PROBES (4) bits, unrolled: a new id (nearly every lookup) fails at the first or
+            # second in most tiers, and the loop machinery would cost more than the test
             bits, size = tier.bits, tier.size
-            for i in range(PROBES):
-                bit = (h1 + i * h2) % size
-                if not bits[bit >> 3] & (1 << (bit & 7)):
-                    break
-            else:
+            bit = h1 % size
+            if not bits[bit >> 3] & (1 << (bit & 7)):
+                continue
+            bit = (h1 + h2) % size
+            if not bits[bit >> 3] & (1 << (bit & 7)):
+                continue
+            bit = (h1 + 2 * h2) % size
+            if not bits[bit >> 3] & (1 << (bit & 7)):
+                continue
+            bit = (h1 + 3 * h2) % size
+            if bits[bit >> 3] & (1 << (bit & 7)):
                 self.lookups += 1
                 found = self.db.execute("SELECT 1 FROM used_ids WHERE symbol = ? AND key = ?",
                                         (self.symbol, key)).fetchone() is not None
