@@ -55,9 +55,9 @@ from zmx.engine import MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES
 from zmx.exceptions import DecodeError
 from zmx.node.journal import Journal, JournalError
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready
 from zmx.node.usedids import UsedIds
 from zmx.node.usedids import store as store_used_ids
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready
 from zmx.topology import MatcherNode, RouterNode, Topology, connect_endpoint
 
 __all__ = ["BATCH", "MAX_FRAME_BYTES", "run"]
@@ -73,7 +73,9 @@ IDLE_HEARTBEAT_S = 1.0  # a symbol with no public event for this long gets an em
 IDLE_CHECK_S = 0.25
 STATS_INTERVAL_S = 10.0
 PROBLEM_LOG_S = 1.0
-ABSORB_SLICE = 2_000  # used ids moved into the archive's filters per loop turn (about 2 ms)
+# Used ids moved into the archive's filters per loop turn, at about 1.5 us each: after an idle
+# poll, and after a poll that brought work (whose replies wait for the turn to end).
+ABSORB_SLICE, ABSORB_SLICE_BUSY = 2_000, 200
 STOP_LINGER_MS = 500  # BYE and the last batch's replies and events may take this long to leave
 ZMTP_HEARTBEAT_MS = 1000  # ZeroMQ's own pings, so a router that vanished is noticed
 
@@ -366,7 +368,7 @@ class Matcher:
             if self.snapshot_child is not None:
                 self.reap_snapshot(os.WNOHANG)
             elif self.absorbing:
-                self.absorb_used_ids()
+                self.absorb_used_ids(ABSORB_SLICE_BUSY if ready else ABSORB_SLICE)
             if now >= next_hb:
                 self.broadcast(HB, self.hb)
                 next_hb += hb_interval
@@ -613,7 +615,7 @@ class Matcher:
         try:
             pid = os.fork()
         except OSError as e:
-            used_ids.reopen()
+            self.reopen_used_ids()
             log.error("cannot fork to write a snapshot (%s); the journal goes on without it", e)
             return
         if pid == 0:  # the child: no sockets, no logging, no cleanup, only the files
@@ -627,10 +629,19 @@ class Matcher:
                 status = 0
             finally:
                 os._exit(status)
-        used_ids.reopen()
+        self.reopen_used_ids()
         for engine in self.engines.values():
             engine.hand_over_used_ids()  # still looked up in memory until the child has stored them
         self.snapshot_child = (pid, number, time.perf_counter())
+
+    def reopen_used_ids(self) -> None:
+        """The archive's connection again after a fork; without it no order id can be checked."""
+        assert self.used_ids is not None
+        try:
+            self.used_ids.reopen()
+        except sqlite3.Error as e:
+            log.critical("cannot reopen the archive of used order ids in %s (%s); stopping", self.node.data_dir, e)
+            raise SystemExit(1) from None
 
     def reap_snapshot(self, flags: int) -> None:
         """Collect the snapshot child if it ended (``os.WNOHANG``), or wait for it (``0``)."""
@@ -656,14 +667,14 @@ class Matcher:
             log.error("the process writing snapshot %d ended with status %#x; the journal goes on without it, "
                       "a later snapshot replaces it", number, status)
 
-    def absorb_used_ids(self) -> None:
-        """Move a slice of the stored generation of used ids from the engines' memory into the
+    def absorb_used_ids(self, limit: int) -> None:
+        """Move up to ``limit`` ids of the stored generation from the engines' memory into the
         archive's filters (a slice per loop turn: a whole generation at once would stall the
         loop for tens of milliseconds)."""
         assert self.used_ids is not None
         for symbol, engine in self.engines.items():
             if engine.handed:
-                self.used_ids.symbols[symbol].absorb(engine.take_handed(ABSORB_SLICE))
+                self.used_ids.symbols[symbol].absorb(engine.take_handed(limit))
                 return
         self.absorbing = False
 
