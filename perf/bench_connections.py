@@ -15,9 +15,14 @@ connections) sharing the port with ``SO_REUSEPORT``. Helper processes are this f
   two or three channels in one ``subscribe`` (``channels_of``: 3/4 of them one, 1/8 two, 1/8
   three), and is *subscribed* once it has the ``depth_snapshot`` of each. Every connection
   walks every frame it gets (cheap at this rate): it counts ``depth_update`` s per channel,
-  checks ``prev_seq`` against the last ``seq`` it had, takes the push latency ``receive time -
-  data.ts`` (the matcher's ``time.time_ns()`` when it handled the order; one clock on one
-  machine) of each one, and answers the gateway's pings. Handshakes in flight are bounded
+  checks ``prev_seq`` against the last ``seq`` it had, takes the latency ``read time - data.ts``
+  (the matcher's ``time.time_ns()`` when it handled the order; one clock on one machine) of
+  each one, and answers the gateway's pings. Every ``SAMPLE_EVERY``-th connection (17) is a
+  *sampler* read through ``bench_fanout.StampedSocket``: it also takes the push latency to the
+  update's *arrival*, the kernel's stamp on its TCP segment. The push latency reported (and set
+  beside the model) is the samplers' arrival: the read time adds the wait of a client process
+  for a core that gateway workers and other clients share, which clients on their own hosts
+  would not pay; it is reported beside (``read_latency_ms``). Handshakes in flight are bounded
   (``--concurrency`` per client process).
 - **probe**: a SUB on the matcher's PUB: what the matcher published per symbol in the window
   (the reference every connection's count is compared with) and the matcher -> SUB latency.
@@ -43,8 +48,8 @@ Phases (each with a timeout):
 3. **feed**: ``--rate`` depth updates/s per symbol for ``--seconds`` (all symbols, the
    driver paced); then the counts: every connection must have exactly what the probe saw the
    matcher publish on each of its channels (none lost, none extra, no ``prev_seq`` break, no
-   fresh snapshot); push latency p50 / p99 / p99.9 over every delivered update; the CPU of
-   every process; the gateway's CPU per delivered message. The p99 is set beside the model
+   fresh snapshot); push latency p50 / p99 / p99.9 to arrival (samplers) and to the read (every
+   delivered update); the CPU of every process; the gateway's CPU per delivered message. The p99 is set beside the model
    ``subscribers per gateway process x cost of one write`` (the writecost loop), and beside
    the same with the two cores shared by every gateway worker and client process.
 4. **storm**: every client process aborts all of its connections at once (RST) and opens
@@ -87,7 +92,17 @@ from typing import Any
 
 import orjson
 from _common import ROOT, Progress, machine_busy, noise_note, warn, write_results
-from bench_fanout import HZ, bucket_us, client_frame, hist_percentiles, jiffies, rss_kb, server_frame, tree
+from bench_fanout import (
+    HZ,
+    StampedSocket,
+    bucket_us,
+    client_frame,
+    hist_percentiles,
+    jiffies,
+    rss_kb,
+    server_frame,
+    tree,
+)
 from bench_orders import (
     ACCOUNTS,
     MAX_DISTANCE,
@@ -116,6 +131,10 @@ BUCKET_NS = 100_000_000  # connect curve resolution: 0.1 s
 PRIME_PER_SIDE = 10
 LIVE_CAP = 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# Every 17th connection is a sampler: 17 shares no factor with the 12 symbols nor with the
+# 8-connection cycle of channels_of, so the samplers hold every channel and kind of subscription
+# in the same shares as all connections (every 16th would hold only symbols 0, 4 and 8).
+SAMPLE_EVERY = 17
 
 TARGETS = {
     "connections": 100_000,  # held, subscribed, at once
@@ -173,7 +192,8 @@ class ClientProc:
 
     def reset(self) -> None:
         self.depth = 0
-        self.hist: Counter[int] = Counter()
+        self.hist: Counter[int] = Counter()  # ts -> arrival in this host's kernel (samplers)
+        self.hist_read: Counter[int] = Counter()  # ts -> read by this process (every connection)
         self.breaks = 0
         self.snapshots = 0  # depth_snapshots in the window (a resync, a slow consumer)
         self.heartbeats = 0
@@ -192,7 +212,8 @@ class ClientProc:
 class Conn(asyncio.Protocol):
     """One load connection; see the module documentation."""
 
-    __slots__ = ("buf", "chans", "counts", "pending", "proc", "seqs", "state", "transport", "upgraded")
+    __slots__ = ("arrived_ns", "buf", "chans", "counts", "pending", "proc", "seqs", "state", "transport",
+                 "upgraded")
 
     def __init__(self, proc: ClientProc, chans: tuple[int, ...]) -> None:
         self.proc = proc
@@ -202,7 +223,8 @@ class Conn(asyncio.Protocol):
         self.pending = len(chans)
         self.state = HANDSHAKE
         self.buf = b""
-        self.transport: asyncio.Transport | None = None
+        self.arrived_ns = 0  # a sampler's chunk: when its last segment reached the kernel (StampedSocket)
+        self.transport: asyncio.Transport | StampedSocket | None = None
         self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -310,7 +332,10 @@ class Conn(asyncio.Protocol):
                 self.counts[pos] += 1
                 proc.depth += 1
                 t = p.rindex(b'"ts":') + 5
-                proc.hist[bucket_us((now - int(p[t:p.index(b"}", t)])) // 1000)] += 1
+                ts = int(p[t:p.index(b"}", t)])
+                proc.hist_read[bucket_us((now - ts) // 1000)] += 1
+                if self.arrived_ns:
+                    proc.hist[bucket_us((self.arrived_ns - ts) // 1000)] += 1
         elif kind == b"depth_s":
             s = p.index(b'"seq":', j) + 6
             self.seqs[pos] = int(p[s:p.index(b",", s)])
@@ -347,7 +372,10 @@ class ClientRunner:
                         sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                         sock.bind((self.addrs[g % len(self.addrs)], 0))
                     await loop.sock_connect(sock, (args.host, args.port))
-                    await loop.create_connection(lambda c=conn: c, sock=sock)  # type: ignore[misc]
+                    if g % SAMPLE_EVERY == 0:  # a sampler: its latency to arrival (bench_fanout.StampedSocket)
+                        StampedSocket(loop, sock, conn)  # type: ignore[arg-type]
+                    else:
+                        await loop.create_connection(lambda c=conn: c, sock=sock)  # type: ignore[misc]
                     await asyncio.wait_for(conn.upgraded, 30.0)
                 self.conns[g - args.first] = conn
                 return
@@ -408,7 +436,8 @@ class ClientRunner:
             for c, n in zip(conn.chans, conn.counts, strict=True):
                 per.setdefault(c, Counter())[n] += 1
         return {"depth": proc.depth, "per_channel": {proc.names[c]: dict(v) for c, v in per.items()},
-                "hist": dict(proc.hist), "prev_seq_breaks": proc.breaks, "snapshots": proc.snapshots,
+                "hist": dict(proc.hist), "hist_read": dict(proc.hist_read), "prev_seq_breaks": proc.breaks,
+                "snapshots": proc.snapshots,
                 "heartbeats": proc.heartbeats, "errors": dict(proc.errors), "other": dict(proc.other),
                 "lost": proc.lost, "closes": dict(proc.closes), "pongs": proc.pongs, "open": self.open()}
 
@@ -1040,9 +1069,11 @@ class Bench:
         cpu = {k: round((jiffies(v) - cpu0[k]) / HZ, 2) for k, v in groups.items()}
         stats = self.ask(self.clients, "stop", 60.0)
         hist: Counter[int] = Counter()
+        hist_read: Counter[int] = Counter()
         per: dict[str, Counter[int]] = {s: Counter() for s in self.names}
         for st in stats:
             hist.update({int(b): n for b, n in st["hist"].items()})
+            hist_read.update({int(b): n for b, n in st["hist_read"].items()})
             for s, dist in st["per_channel"].items():
                 per[s].update({int(c): n for c, n in dist.items()})
         lost = extra = short_conns = long_conns = 0
@@ -1077,7 +1108,8 @@ class Bench:
             "client_errors": dict(errors), "server_closes": dict(closes),
             "lost_connections": sum(st["lost"] for st in stats), "open_connections": sum(st["open"] for st in stats),
             "channels": channels,
-            "push_latency_ms": hist_percentiles(hist) | self._more_percentiles(hist),
+            "push_latency_ms": hist_percentiles(hist) | self._more_percentiles(hist),  # samplers, to arrival
+            "read_latency_ms": hist_percentiles(hist_read),  # every connection, to the client's read
             "matcher_to_probe_latency_ms": hist_percentiles(Counter({int(b): n for b, n in probe["hist"].items()})),
             "wall_s": round(wall, 2), "cpu_s": cpu,
             "delivered_per_s": round(delivered / wall) if wall else None,
@@ -1351,8 +1383,10 @@ def report(args: argparse.Namespace, f: dict[str, Any], failure: str | None, pro
         ["lost / extra / seq breaks / resyncs", f"{fmt(feed.get('lost_updates'))} / {fmt(feed.get('extra_updates'))}"
          f" / {fmt(feed.get('prev_seq_breaks'))} / {fmt(feed.get('snapshots_in_window'))}", "0",
          str(met["lost_updates"])],
-        ["push latency p50 / p99 / p99.9", f"{fmt(lat.get('p50'))} / {fmt(lat.get('p99'))} / "
+        ["push latency p50 / p99 / p99.9 (arrival)", f"{fmt(lat.get('p50'))} / {fmt(lat.get('p99'))} / "
          f"{fmt(lat.get('p99.9'))} ms", "", ""],
+        ["read by the clients p50 / p99", f"{fmt(feed.get('read_latency_ms', {}).get('p50'))} / "
+         f"{fmt(feed.get('read_latency_ms', {}).get('p99'))} ms", "", ""],
         ["model: per process / shared cores", f"{fmt(m.get('per_process_ms'))} / {fmt(m.get('shared_cores_ms'))} ms",
          f"p99 = {fmt(m.get('p99_over_per_process'))}x / {fmt(m.get('p99_over_shared_cores'))}x", ""],
         ["write cost: raw loop / gateway per delivered",

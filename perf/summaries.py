@@ -203,6 +203,7 @@ def connections(f: dict[str, Any]) -> list[Row]:
     met, want = t["met_each"], t["wanted"]
     connect, storm, feed, mem = f.get("connect", {}), f.get("storm", {}), f.get("feed", {}), f.get("memory", {})
     lat, m, kern = feed.get("push_latency_ms", {}), f.get("model", {}), mem.get("kernel", {})
+    read = feed.get("read_latency_ms", {})
     n = f"{cfg['connections']:,} connections, {cfg['workers']} gateway workers, {cfg['client_procs']} client processes"
     held = connect.get("subscribed") or 0
     rows = [row(f"`perf/bench_connections.py` (`connections.json`): {n}, held subscribed at once",
@@ -212,7 +213,8 @@ def connections(f: dict[str, Any]) -> list[Row]:
                 "every update to every subscriber",
                 f"{feed.get('delivered', 0):,} of {feed.get('expected_deliveries', 0):,} delivered, "
                 f"{feed.get('lost_updates')} lost; p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
-                f"p99.9 {lat.get('p99.9')} ms",
+                f"p99.9 {lat.get('p99.9')} ms" + (f" to arrival (read by the clients: p99 {read['p99']} ms)"
+                                                  if read.get("p99") is not None else ""),
                 f"model (subscribers per process x {m.get('write_cost_us_raw_loop')} us a write): "
                 f"{m.get('per_process_ms')} ms; cores shared: {m.get('shared_cores_ms')} ms",
                 f"p99 {m.get('p99_over_per_process')}x / {m.get('p99_over_shared_cores')}x the model",
