@@ -34,7 +34,7 @@ channels) a fresh gateway (``zmx node g1``, ``--workers``). The load is:
 
 Rounds of a cell (the same for every target):
 
-1. **moderate**: ``--moderate`` orders/s per channel for ``--seconds``, paced open loop
+1. **moderate**: ``--moderate`` orders/s per channel for ``--moderate-seconds``, paced open loop
    (``bench_orders.paced``), lowered where it would make more than ``--moderate-cap``
    deliveries/s (``moderate_rate``: at N = 5,000 and 15,000 the full rate would keep even the
    raw servers' walks busy most of the time, and the round would measure their backlogs).
@@ -74,7 +74,7 @@ Cells are measured one after the other, the three targets of a cell in turn (gat
 the ceilings replay its feed rates); one round of each kind, no best-of.
 
 Run: ``.venv/bin/python perf/bench_fanout.py`` (N = 500, 1,000, 5,000, 15,000; K = 1, 10;
-about 10 minutes) or ``--quick`` (N = 200, about a minute, no results file). Writes
+about 13 minutes) or ``--quick`` (N = 200, about a minute, no results file). Writes
 ``perf/results/fanout.json``.
 """
 
@@ -1263,7 +1263,7 @@ class Bench:
             clients, memory = self.connect(port, n, k, procs, pids)
             result: dict[str, Any] = {"memory": memory}
             rate = moderate_rate(args, n, k)
-            drive = self.drive(f"paced {rate:.3f} {args.seconds} {k}", args.seconds + 90)
+            drive = self.drive(f"paced {rate:.3f} {args.moderate_seconds} {k}", args.moderate_seconds + 90)
             moderate = measure_round(run, clients, pids(), drive, self.named())
             result["moderate"] = moderate
             per_order = (moderate["feed_messages"] / moderate["driver"]["orders"]) if moderate["feed_messages"] \
@@ -1315,7 +1315,7 @@ class Bench:
                 h_rate = h_total / gw["high"]["driver"]["seconds"] if gw["high"]["driver"]["seconds"] else None
             else:
                 m_rate = moderate_rate(args, n, k) * 1.3
-                m_total = int(m_rate * args.seconds)
+                m_total = int(m_rate * args.moderate_seconds)
                 x_total = int(args.max_delivered / ((n + k) / k))
                 x_rate = 15_000.0
                 h_rate = m_rate * 5
@@ -1381,7 +1381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moderate", type=float, default=20.0, help="orders/s per channel in the moderate round (20)")
     parser.add_argument("--moderate-cap", type=float, default=30_000.0,
                         help="at most this many deliveries/s in the moderate round (30000)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of the paced rounds (5 s)")
+    parser.add_argument("--moderate-seconds", type=float, default=12.0,
+                        help="length of the moderate round (12 s: the p99 of one round is compared between servers, "
+                             "and at large N a 5 s round held only about 30 walks)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the high round (5 s)")
     parser.add_argument("--high", type=float, default=0.5,
                         help="the high round's rate, as a share of the gateway's max delivered/s (0.5)")
     parser.add_argument("--max-delivered", type=int, default=3_000_000,
@@ -1395,7 +1398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here (smoke runs too)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.seconds, args.max_delivered = args.n or [200], 2.0, 100_000
+        args.n, args.seconds, args.moderate_seconds, args.max_delivered = args.n or [200], 2.0, 2.0, 100_000
     args.n = args.n or [500, 1_000, 5_000, 15_000]
     if "gateway" in args.targets and not gateway_available():
         warn("zmx/node/gateway.py is missing: measuring the ceilings only")
@@ -1408,7 +1411,8 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         warn(note)
     print(f"cells: N {', '.join(map(str, args.n))} x K {', '.join(map(str, args.k))}; targets "
-          f"{', '.join(args.targets)}; moderate {args.moderate:g} orders/s per channel for {args.seconds:g} s; "
+          f"{', '.join(args.targets)}; moderate {args.moderate:g} orders/s per channel for "
+          f"{args.moderate_seconds:g} s; "
           f"max: about {args.max_delivered:,} deliveries; matcher fsync: never; gateway workers {args.workers}")
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-fanout-"))
     run = Run(directory, args)
@@ -1511,7 +1515,8 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
     print(f"took {elapsed:.0f} s")
     figures = {
         "config": {"n": args.n, "k": args.k, "workers": args.workers, "moderate_orders_per_s_per_channel":
-                   args.moderate, "moderate_deliveries_per_s_cap": args.moderate_cap, "paced_seconds": args.seconds,
+                   args.moderate, "moderate_deliveries_per_s_cap": args.moderate_cap,
+                   "moderate_seconds": args.moderate_seconds, "paced_seconds": args.seconds,
                    "high_share_of_max": args.high,
                    "write_ceiling_max_share": 1 / WRITE_MAX_SHARE, "max_delivered": args.max_delivered,
                    "client_procs": args.client_procs, "sources": args.sources, "sample_every": SAMPLE_EVERY,
