@@ -101,6 +101,7 @@ from bench_fanout import (
     jiffies,
     rss_kb,
     server_frame,
+    server_frames,
     tree,
 )
 from bench_orders import (
@@ -271,38 +272,23 @@ class Conn(asyncio.Protocol):
                 return
         buf = self.buf + data if self.buf else data
         now = 0
-        i, size = 0, len(buf)
-        while size - i >= 2:
-            b1 = buf[i + 1] & 0x7F
-            if b1 < 126:
-                h, length = 2, b1
-            elif b1 == 126:
-                if size - i < 4:
-                    break
-                h, length = 4, (buf[i + 2] << 8) | buf[i + 3]
-            else:
-                if size - i < 10:
-                    break
-                h, length = 10, int.from_bytes(buf[i + 2:i + 10], "big")
-            end = i + h + length
-            if end > size:
-                break
-            opcode = buf[i] & 0x0F
+        i = 0
+        for opcode, start, end in server_frames(buf):
             if opcode == 1:
                 if not now:
                     now = time.time_ns()
                 try:
-                    self._message(buf[i + h:end], now)
+                    self._message(buf[start:end], now)
                 except (ValueError, KeyError, IndexError) as e:
                     self.proc.errors[f"client could not read a message: {type(e).__name__}"] += 1
             elif opcode == 9:
                 if self.transport is not None:
-                    self.transport.write(client_frame(0xA, buf[i + h:end]))
+                    self.transport.write(client_frame(0xA, buf[start:end]))
                     self.proc.pongs += 1
             elif opcode == 8:
-                self.proc.closes[int.from_bytes(buf[i + h:i + h + 2], "big") if length >= 2 else 1005] += 1
+                self.proc.closes[int.from_bytes(buf[start:start + 2], "big") if end - start >= 2 else 1005] += 1
             i = end
-        self.buf = buf[i:] if i < size else b""
+        self.buf = buf[i:] if i < len(buf) else b""
 
     def _message(self, p: bytes, now: int) -> None:
         proc = self.proc

@@ -97,7 +97,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,29 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     n = len(payload)
     head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
     return head + key + _mask(payload, key)
+
+
+def server_frames(buf: bytes) -> Iterator[tuple[int, int, int]]:
+    """``(opcode, payload start, end)`` of each whole (unmasked) server frame at the start of
+    ``buf``, in order; what follows the last one's ``end`` is a frame still incomplete."""
+    i, size = 0, len(buf)
+    while size - i >= 2:
+        b1 = buf[i + 1] & 0x7F
+        if b1 < 126:
+            h, length = 2, b1
+        elif b1 == 126:
+            if size - i < 4:
+                return
+            h, length = 4, (buf[i + 2] << 8) | buf[i + 3]
+        else:
+            if size - i < 10:
+                return
+            h, length = 10, int.from_bytes(buf[i + 2:i + 10], "big")
+        end = i + h + length
+        if end > size:
+            return
+        yield buf[i] & 0x0F, i + h, end
+        i = end
 
 
 def server_frame(payload: bytes, opcode: int = 1) -> bytes:
@@ -382,26 +405,11 @@ class WsClient(asyncio.Protocol):
         buf = self.buf + data if self.buf else data
         now = time.time_ns()
         arrived = self.arrived_ns or now
-        i, size = 0, len(buf)
-        while size - i >= 2:
-            b1 = buf[i + 1] & 0x7F
-            if b1 < 126:
-                h, length = 2, b1
-            elif b1 == 126:
-                if size - i < 4:
-                    break
-                h, length = 4, (buf[i + 2] << 8) | buf[i + 3]
-            else:
-                if size - i < 10:
-                    break
-                h, length = 10, int.from_bytes(buf[i + 2:i + 10], "big")
-            end = i + h + length
-            if end > size:
-                break
-            opcode = buf[i] & 0x0F
+        i = 0
+        for opcode, start, end in server_frames(buf):
             if opcode == 1:
                 self.n += 1
-                self._message(buf[i + h:end], now, arrived)
+                self._message(buf[start:end], now, arrived)
                 if self.state == COUNT:  # its snapshot came: from here on it only counts
                     self.buf = b""
                     rest = buf[end:]
@@ -409,7 +417,7 @@ class WsClient(asyncio.Protocol):
                         self.data_received(rest)
                     return
             elif opcode == 9 and self.transport is not None:
-                self.transport.write(client_frame(0xA, buf[i + h:end]))
+                self.transport.write(client_frame(0xA, buf[start:end]))
                 self.proc.pongs += 1
             i = end
         self.buf = buf[i:]

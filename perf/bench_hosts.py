@@ -115,6 +115,7 @@ from typing import Any, NamedTuple
 
 from _common import (ROOT, RESULTS_DIR, Progress, _cpu_jiffies, machine_busy, metadata, noise_note, proc_stat_cpu,
                      warn, write_results)
+from bench_fanout import HZ, client_frame, fmt
 from bench_orders import (
     ACCOUNTS,
     MAX_DISTANCE,
@@ -136,7 +137,6 @@ from zmx.node.runtime import announce_ready
 
 SCRIPT = Path(__file__).resolve()
 SYMBOLS = tuple(f"S{i:03d}-USDT" for i in range(10))
-HZ = os.sysconf("SC_CLK_TCK")
 
 # -- hosts -----------------------------------------------------------------------------------------------
 
@@ -382,15 +382,6 @@ PING = b"\x89\x04"  # a server ping with a 4-byte payload
 HANDSHAKE, SETUP, COUNT = range(3)
 
 
-def masked_frame(opcode: int, payload: bytes) -> bytes:
-    """A masked client frame (payload below 64 KiB)."""
-    key = os.urandom(4)
-    n = len(payload)
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes((key * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
-    head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
-    return head + key + masked
-
-
 class Conn(asyncio.Protocol):
     """One counting connection: upgrade, subscribe, wait for its snapshots, then count."""
 
@@ -452,7 +443,7 @@ class Conn(asyncio.Protocol):
             self.tail = both[-TAIL:]
             channels = json.dumps(list(SYMBOLS[:self.want])).encode()
             assert self.transport is not None
-            self.transport.write(masked_frame(1, b'{"action":"subscribe","channels":' + channels + b"}"))
+            self.transport.write(client_frame(1, b'{"action":"subscribe","channels":' + channels + b"}"))
         self.setup += both.count(SNAPSHOT) - tail.count(SNAPSHOT)
         if self.setup >= self.want:
             self.state = COUNT
@@ -463,7 +454,7 @@ class Conn(asyncio.Protocol):
         i = data.find(PING)
         while i >= 0:
             if i + 6 <= len(data) and self.transport is not None:
-                self.transport.write(masked_frame(0xA, data[i + 2:i + 6]))
+                self.transport.write(client_frame(0xA, data[i + 2:i + 6]))
             i = data.find(PING, i + 2)
 
 
@@ -566,10 +557,6 @@ def write_topology(path: Path, hosts: dict[str, str], relays: int, gateways: int
                      f"upstream: [{upstream}], limits: {limits}}}")
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def jiffies(pids: Sequence[int]) -> int:
-    return sum(cpu_jiffies(p) for p in pids)
 
 
 class Run(NamedTuple):
@@ -886,10 +873,6 @@ def print_scaling(c3: dict[str, Any]) -> None:
                ["G", "deliv/s", "offered/s", "keep-up", "lag s", "gateways", "clients", "orders", "relay",
                 "others", "machine", "of it irq", "gw us/msg", "cl us/msg"], rows)
     print(f"  claim (3) verdict: {c3['verdict']}", flush=True)
-
-
-def fmt(x: float | None, spec: str = ",.0f") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 # -- the figures -----------------------------------------------------------------------------------------
