@@ -80,7 +80,6 @@ import re
 import resource
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -94,6 +93,7 @@ import orjson
 from _common import ROOT, Progress, machine_busy, noise_note, warn, write_results
 from bench_fanout import (
     HZ,
+    Run,
     StampedSocket,
     bucket_us,
     client_frame,
@@ -116,7 +116,7 @@ from bench_orders import (
     stop_on_sigterm,
     watchdog,
 )
-from nodes import NodeProcess, free_ports  # tests/nodes.py, on the path through bench_orders
+from nodes import free_ports  # tests/nodes.py, on the path through bench_orders
 from summaries import summarize
 
 from zmx.commands import CancelOrder, Command, SubmitOrder
@@ -801,63 +801,6 @@ def log_size(path: Path) -> int:
         return 0
 
 
-class Run:
-    """Every process of the benchmark; ``stop_all`` ends them all (the clients first)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.helpers: list[Helper] = []
-        self.nodes: list[NodeProcess] = []
-
-    def helper(self, name: str, *argv: str, ready_timeout: float = 30.0) -> tuple[Helper, dict[str, Any]]:
-        h = Helper(SCRIPT, name, [*argv, "--max-seconds", str(HELPER_MAX_S)], self.directory)
-        self.helpers.append(h)
-        return h, self.ready(h, ready_timeout)
-
-    @staticmethod
-    def ready(h: Helper, timeout: float) -> dict[str, Any]:
-        while True:
-            line = h.line(timeout)
-            if line.startswith("READY "):
-                return json.loads(line[6:])
-            if line.startswith("{") and "error" in line:
-                raise RuntimeError(f"{h.name}: {line}\n{h.log()}")
-
-    def node(self, topology: Path, name: str, timeout: float = 60.0) -> NodeProcess:
-        node = NodeProcess(topology, name, self.directory)
-        self.nodes.append(node)
-        try:
-            node.wait_ready(timeout)
-        except AssertionError as e:
-            raise RuntimeError(str(e)) from None
-        return node
-
-    def end(self, h: Helper, timeout: float = 20.0) -> None:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            h.write("quit")
-            h.proc.wait(timeout)
-        h.stop()
-        if h in self.helpers:
-            self.helpers.remove(h)
-
-    def stop_all(self) -> None:
-        for h in list(self.helpers):
-            with contextlib.suppress(Exception):
-                h.write("quit")
-        for h in reversed(self.helpers):
-            try:
-                h.stop(15.0)
-            except Exception:  # noqa: BLE001 - keep stopping the others
-                h.proc.kill()
-        self.helpers.clear()
-        for node in reversed(self.nodes):
-            try:
-                node.stop(30.0)
-            except Exception:  # noqa: BLE001
-                node.kill()
-        self.nodes.clear()
-
-
 def write_topology(path: Path, ports: dict[str, int], k: int, workers: int) -> Path:
     lines = ["cluster: bench-connections", "symbols:"]
     lines += [f'  {s}: {{matcher: m1, tick_size: "0.01", lot_size: "0.001"}}' for s in symbols(k)]
@@ -1241,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
           f"from {args.sources} source addresses; {args.symbols} symbols, {args.rate:g} updates/s each for "
           f"{args.seconds:g} s; matcher fsync: never", flush=True)
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-connections-"))
-    run = Run(directory)
+    run = Run(directory, SCRIPT, HELPER_MAX_S)
     started = time.monotonic()
     figures: dict[str, Any] = {}
     failure = None

@@ -956,23 +956,32 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 
 class Run:
-    """Every process of the benchmark; ``stop_all`` ends them all, in reverse order."""
+    """Every process of a benchmark: its helpers (``script --role ...``, this file's by default)
+    and its nodes; ``stop_all`` asks every helper to quit, then stops the helpers and the nodes,
+    each in reverse order. ``bench_connections`` and ``bench_soak`` use it too."""
 
-    def __init__(self, directory: Path, args: argparse.Namespace) -> None:
+    def __init__(self, directory: Path, script: Path = SCRIPT, max_seconds: float = HELPER_MAX_S) -> None:
         self.directory = directory
-        self.args = args
+        self.script = script
+        self.max_seconds = max_seconds  # a helper ends by itself after this long
         self.helpers: list[Helper] = []
         self.nodes: list[NodeProcess] = []
         self.serial = 0
 
     def helper(self, name: str, *argv: str, ready_timeout: float = 30.0) -> tuple[Helper, dict[str, Any]]:
         self.serial += 1
-        h = Helper(SCRIPT, f"{name}-{self.serial}", [*argv, "--max-seconds", str(HELPER_MAX_S)], self.directory)
+        h = Helper(self.script, f"{name}-{self.serial}", [*argv, "--max-seconds", str(self.max_seconds)],
+                   self.directory)
         self.helpers.append(h)
+        return h, self.ready(h, ready_timeout)
+
+    @staticmethod
+    def ready(h: Helper, timeout: float) -> dict[str, Any]:
+        """The details of a helper's ``READY`` line; ``RuntimeError`` if it reports an error first."""
         while True:
-            line = h.line(ready_timeout)
+            line = h.line(timeout)
             if line.startswith("READY "):
-                return h, json.loads(line[6:])
+                return json.loads(line[6:])  # type: ignore[no-any-return]
             try:
                 details = json.loads(line)
             except ValueError:
@@ -980,7 +989,7 @@ class Run:
             if isinstance(details, dict) and "error" in details:
                 raise RuntimeError(f"{h.name}: {details}\n{h.log()}")
 
-    def node(self, topology: Path, name: str, timeout: float = 30.0) -> NodeProcess:
+    def node(self, topology: Path, name: str, timeout: float = 60.0) -> NodeProcess:
         node = NodeProcess(topology, name, self.directory)
         self.nodes.append(node)
         try:
@@ -989,11 +998,11 @@ class Run:
             raise RuntimeError(str(e)) from None
         return node
 
-    def end(self, h: Helper) -> None:
+    def end(self, h: Helper, timeout: float = 20.0) -> None:
         """Ask a helper to quit (its connections closed), then ``stop`` it whatever it did."""
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             h.write("quit")
-            h.proc.wait(10)
+            h.proc.wait(timeout)
         h.stop()
         if h in self.helpers:
             self.helpers.remove(h)
@@ -1011,15 +1020,18 @@ class Run:
         return out
 
     def stop_all(self) -> None:
+        for h in list(self.helpers):
+            with contextlib.suppress(Exception):
+                h.write("quit")
         for h in reversed(self.helpers):
             try:
-                h.stop()
+                h.stop(15.0)
             except Exception:  # noqa: BLE001 - keep stopping the others
                 h.proc.kill()
         self.helpers.clear()
         for node in reversed(self.nodes):
             try:
-                node.stop()
+                node.stop(30.0)
             except Exception:  # noqa: BLE001
                 node.kill()
         self.nodes.clear()
@@ -1423,7 +1435,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.moderate_seconds:g} s; "
           f"max: about {args.max_delivered:,} deliveries; matcher fsync: never; gateway workers {args.workers}")
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-fanout-"))
-    run = Run(directory, args)
+    run = Run(directory)
     cells: list[dict[str, Any]] = []
     started = time.monotonic()
     try:

@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.minutes:g} min at {args.share:g} of the capacity (a burst of about {args.max_delivered:,} "
           f"deliveries first), a row every {args.interval:g} s", flush=True)
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-soak-"))
-    run = Run(directory, args)
+    run = Run(directory)
     figures: dict[str, Any] = {}
     failure = None
     started = time.monotonic()
