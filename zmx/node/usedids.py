@@ -140,10 +140,6 @@ class SymbolIds:
     def count(self) -> int:
         return sum(t.count for t in self.tiers)
 
-    @property
-    def filter_bytes(self) -> int:
-        return sum(len(t.bits) for t in self.tiers)
-
 
 class UsedIds:
     """The archive of one matcher's data directory, one ``SymbolIds`` per symbol it owns.
