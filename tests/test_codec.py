@@ -22,6 +22,10 @@ from zmx.codec import (
     encode_batch,
     encode_publication,
     is_valid_id,
+    join_account_publication,
+    join_batch,
+    join_publication,
+    pack_records,
 )
 from zmx.commands import COMMAND_TYPES, AmendOrder, CancelOrder, SubmitOrder
 from zmx.events import (
@@ -246,6 +250,24 @@ def test_account_publication_round_trip(data: st.DataObject, account: str) -> No
     assert name == "@" + account
     for got, want in zip(decoded, events, strict=True):
         assert_identical(got, want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data(), symbols, ids)
+def test_events_packed_once_join_into_the_same_frames(data: st.DataObject, symbol: str, account: str) -> None:
+    public = data.draw(st.lists(public_events(symbol), max_size=20))
+    private = data.draw(st.lists(private_events(account), max_size=20))
+    assert join_publication(symbol, pack_records(public)) == encode_publication(symbol, public)
+    assert join_account_publication(account, pack_records(private)) == encode_account_publication(account, private)
+    assert join_batch(pack_records(public + private)) == encode_batch(public + private)
+
+
+def test_joined_batches_past_the_short_array_headers() -> None:
+    for n in (15, 16, 65535, 65536):
+        batch = [TRADE] * n
+        assert join_batch(pack_records(batch)) == encode_batch(batch)
+    with pytest.raises(TypeError, match="not a zmx command or event"):
+        pack_records([TRADE, "nope"])  # type: ignore[list-item]
 
 
 def test_publication_is_topic_plus_batch() -> None:

@@ -1,7 +1,7 @@
 """A real matcher process, with the test playing its router (frames of docs/wire.md).
 
 The topology has one router entry, ``r1``; no router process runs: the test binds a ROUTER
-at ``r1``'s back endpoint, waits for the matcher's HELLO and sends it REQ frames itself.
+at ``r1``'s back endpoint, waits for the matcher's HELLO and sends it REQS batches itself.
 Subscriptions are proven live, never slept on: the test cancels an order that does not
 exist for the account ``probe`` until its SUB sockets receive the private event.
 """
@@ -35,6 +35,7 @@ from zmx.events import (
 )
 from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.runtime import load_topology
+from zmx.node.wire import pack_requests, unpack_replies
 from zmx.topics import topic
 
 TIMEOUT_MS = 10_000
@@ -74,9 +75,12 @@ class FakeRouter:
         if not self.sock.poll(timeout_ms):
             return None
         frames = self.sock.recv_multipart()
-        if len(frames) == 6 and frames[1] == b"REP":
+        if len(frames) == 3 and frames[1] == b"REPS":
             assert frames[0] == b"m1"
-            self.replies[frames[3]] = (frames[4], frames[5])
+            records, problem = unpack_replies(frames[2])
+            assert not problem, problem
+            for _client, head, status, payload in records:
+                self.replies[head] = (status, payload)
         elif frames[1] in (b"HELLO", b"HB", b"BYE"):
             self.control.append(frames)
         else:
@@ -100,8 +104,12 @@ class FakeRouter:
 
     def request(self, request_id: int, symbol: str, command: Any, *, client: bytes = b"c1") -> bytes:
         head = header(request_id, symbol)
-        self.send(b"REQ", client, head, codec.encode(command))
+        self.batch((client, head, codec.encode(command)))
         return head
+
+    def batch(self, *requests: tuple[bytes, bytes, bytes]) -> None:
+        """One REQS message: ``(client id, header, body)`` records."""
+        self.send(b"REQS", pack_requests(list(requests)))
 
     def reply(self, head: bytes, timeout_ms: int = TIMEOUT_MS) -> tuple[bytes, bytes]:
         deadline = _Deadline(timeout_ms)
@@ -351,21 +359,26 @@ def test_malformed_frames_to_the_matcher_are_refused_or_dropped(cluster: Cluster
     event = codec.encode(OrderRejected("BTC-USDT", 0, 0, "x", "alice", "invalid_price"))
     rng = random.Random(5)
     router.send(rng.randbytes(50))  # not a message kind: dropped
-    router.send(b"REQ")  # a REQ without client id or header: dropped
+    router.send(b"REQS")  # a batch without its frame: dropped
+    router.send(b"REQS", pack_requests([(b"c1", header(1, "BTC-USDT"), good)]), b"extra")  # 3 frames: dropped
     router.send(b"NOPE", b"c1", header(1, "BTC-USDT"), good)  # unknown kind: dropped
-    expected = {
-        header(2, "BTC-USDT"): (b"REQ", b"c1", header(2, "BTC-USDT")),  # 3 frames
-        header(3, "BTC-USDT"): (b"REQ", b"c1", header(3, "BTC-USDT"), good, b"extra"),  # 5 frames
-        b"\x02" + header(4, "BTC-USDT")[1:]: (b"REQ", b"c1", b"\x02" + header(4, "BTC-USDT")[1:], good),
-        b"\x01abc": (b"REQ", b"c1", b"\x01abc", good),  # a header too short for a request id
-        header(5, "BTC-USDT"): (b"REQ", b"c1", header(5, "BTC-USDT"), b"\x09" + good[1:]),  # wire version 9
-        header(6, "BTC-USDT"): (b"REQ", b"c1", header(6, "BTC-USDT"), rng.randbytes(40)),
-        header(7, "BTC-USDT"): (b"REQ", b"c1", header(7, "BTC-USDT"), event),  # an event, not a command
-        header(8, "SOL-USDT"): (b"REQ", b"c1", header(8, "SOL-USDT"), good),  # header and body disagree
-        header(9, "BTC-USDT"): (b"REQ", b"c1", header(9, "BTC-USDT"), b""),
-    }
-    for frames in expected.values():
-        router.send(*frames)
+    router.send(b"REQ", b"c1", header(1, "BTC-USDT"), good)  # one request unbatched: an unknown kind too
+    bad_requests = [
+        (b"c1", b"\x02" + header(4, "BTC-USDT")[1:], good),  # header version 2
+        (b"c1", b"\x01abc", good),  # a header too short for a request id
+        (b"c1", header(5, "BTC-USDT"), b"\x09" + good[1:]),  # wire version 9
+        (b"c1", header(6, "BTC-USDT"), rng.randbytes(40)),
+        (b"c1", header(7, "BTC-USDT"), event),  # an event, not a command
+        (b"c1", header(8, "SOL-USDT"), good),  # header and body disagree
+        (b"c1", header(9, "BTC-USDT"), b""),
+    ]
+    router.batch(*bad_requests)
+    # a batch cut in its last record: the records before it are served, the rest dropped
+    first = pack_requests([(b"c1", header(2, "BTC-USDT"), b"\x09")])
+    second = pack_requests([(b"c1", header(3, "BTC-USDT"), good)])
+    router.send(b"REQS", first + second[:-5])  # the second record runs past the end
+    router.send(b"REQS", first + second[:3])  # the second record's head is cut short
+    expected = {head for _, head, _ in bad_requests} | {header(2, "BTC-USDT")}
     ok_head = router.request(10, "BTC-USDT", limit("g", "alice", "BTC-USDT", BUY, 1000, 1))
     assert [type(e) for e in router.events(ok_head)] == [OrderAccepted, BookChanged]
     # replies leave in order: every answer to the malformed ones is in already, and nothing else
@@ -376,7 +389,7 @@ def test_malformed_frames_to_the_matcher_are_refused_or_dropped(cluster: Cluster
     assert router.other == []
 
     # a frame over the 1 MiB limit: ZeroMQ drops the connection, the matcher reconnects and says HELLO
-    router.send(b"REQ", b"c1", header(11, "BTC-USDT"), bytes(2 << 20))
+    router.send(b"REQS", bytes(2 << 20))
     router.wait_for(b"HELLO", epoch=1)
     assert [type(e) for e in router.order(12, limit("g2", "alice", "BTC-USDT", BUY, 1001, 1))] == \
         [OrderAccepted, BookChanged]
@@ -384,9 +397,9 @@ def test_malformed_frames_to_the_matcher_are_refused_or_dropped(cluster: Cluster
 
     assert node.stop() == 0
     log = node.log()
-    assert "unknown message kind (dropped) 2" in log
-    assert "wrong frame count 2" in log and "wrong frame count (dropped) 1" in log
-    assert "bad header 2" in log and "undecodable body 3" in log and "not a command 1" in log
+    assert "unknown message kind (dropped) 3" in log and "wrong frame count (dropped) 2" in log
+    assert "bad REQS batch (rest dropped) 2" in log
+    assert "bad header 2" in log and "undecodable body 5" in log and "not a command 1" in log
     assert "symbol mismatch 1" in log and "connection to router r1 lost 1" in log
 
 
@@ -459,7 +472,7 @@ def test_kill_9_in_the_middle_of_a_stream_loses_no_acknowledged_order(cluster: C
     window = 100
     while len(acked) < 1000:  # pipelined: up to `window` commands in flight
         while sent < len(commands) and sent - len(acked) < window:
-            router.send(b"REQ", b"c1", heads[sent], codec.encode(commands[sent]))
+            router.batch((b"c1", heads[sent], codec.encode(commands[sent])))
             sent += 1
         assert router._receive(TIMEOUT_MS) is not None
         for head in list(router.replies):
@@ -467,7 +480,7 @@ def test_kill_9_in_the_middle_of_a_stream_loses_no_acknowledged_order(cluster: C
             assert status == b"ok"
             acked[index_of[head]] = codec.decode_batch(payload)
     while sent - len(acked) < window:  # a full window in flight when the kill comes
-        router.send(b"REQ", b"c1", heads[sent], codec.encode(commands[sent]))
+        router.batch((b"c1", heads[sent], codec.encode(commands[sent])))
         sent += 1
     node.kill()
     while router._receive(0) is not None:  # replies that were on their way count as acknowledged

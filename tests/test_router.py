@@ -1,7 +1,8 @@
 """The router node as a real process; the test plays the matchers and the clients.
 
 A fake matcher is a DEALER with the matcher's name as routing id, connected to the router's
-back, that says HELLO / HB / BYE and answers REQ with REP by hand (docs/wire.md). News from
+back, that says HELLO / HB / BYE and answers the requests of a REQS batch with REPS by hand
+(docs/wire.md). News from
 a matcher (HELLO, BYE, a closed connection) and a client's request travel on different
 connections, so a request may overtake the news: helpers retry until the behaviour shows
 (a forwarded request, an ``unavailable`` reply), and time only the reply that shows it.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.client import Client, Reply, encode_header
 from zmx.node.router import MAX_HEADER_BYTES, Malformed, MatcherTable
 from zmx.node.runtime import load_topology
+from zmx.node.wire import pack_replies, unpack_requests
 from zmx.topology import Topology, parse_topology
 
 FAST = 0.1  # an error reply the router gives on the spot must come within this many seconds
@@ -51,6 +54,7 @@ class FakeMatcher:
         self.socket.setsockopt(zmq.ROUTING_ID, name.encode())
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(back)
+        self.pending: deque[list[bytes]] = deque()  # requests of a batch not yet taken by recv
 
     def hello(self) -> None:
         self.socket.send_multipart([b"HELLO", msgpack.packb(
@@ -63,20 +67,28 @@ class FakeMatcher:
         self.socket.send_multipart([b"BYE"])
 
     def recv(self, timeout: float) -> list[bytes] | None:
-        if not self.socket.poll(int(timeout * 1000)):
-            return None
-        return self.socket.recv_multipart()
+        """The next request, ``[client id, header, body]``, out of the REQS batches received."""
+        if not self.pending:
+            if not self.socket.poll(int(timeout * 1000)):
+                return None
+            frames = self.socket.recv_multipart()
+            assert len(frames) == 2 and frames[0] == b"REQS", frames
+            records, problem = unpack_requests(frames[1])
+            assert not problem, problem
+            self.pending.extend(list(r) for r in records)
+        return self.pending.popleft()
 
     def drain(self) -> None:
         while self.recv(0) is not None:
             pass
 
     def answer(self, req: list[bytes], status: bytes = b"ok", payload: bytes | None = None) -> None:
-        """REP to a REQ; by default ``ok`` with the OrderAccepted of the order it carries."""
-        assert req[0] == b"REQ" and len(req) == 4, req
+        """A REPS of one reply to a request; by default ``ok`` with the OrderAccepted of the
+        order it carries."""
+        client, header, body = req
         if payload is None:
-            payload = codec.encode_batch([accepted(codec.decode(req[3]))])  # type: ignore[arg-type]
-        self.socket.send_multipart([b"REP", req[1], req[2], status, payload])
+            payload = codec.encode_batch([accepted(codec.decode(body))])  # type: ignore[arg-type]
+        self.socket.send_multipart([b"REPS", pack_replies([(client, header, status, payload)])])
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -215,12 +227,11 @@ def test_orders_reach_their_owner_and_replies_their_sender(setup: Setup) -> None
             requests[m.name].append(req)
         assert m.recv(0.05) is None
     # Each matcher got exactly its symbols, frames as the client sent them.
-    assert sorted(codec.decode(r[3]).symbol for r in requests["m1"]) == ["BTC-USDT", "SOL-USDT"]
-    assert sorted(codec.decode(r[3]).symbol for r in requests["m2"]) == ["ETH-USDT", "ETH-USDT"]
+    assert sorted(codec.decode(r[2]).symbol for r in requests["m1"]) == ["BTC-USDT", "SOL-USDT"]
+    assert sorted(codec.decode(r[2]).symbol for r in requests["m2"]) == ["ETH-USDT", "ETH-USDT"]
     client_ids: dict[bytes, Client] = {}
     for req in requests["m1"] + requests["m2"]:
-        assert len(req) == 4 and req[0] == b"REQ"
-        client_id, header, body = req[1:]
+        client_id, header, body = req
         client, request_id, cmd = sent[codec.decode(body).order_id]  # type: ignore[union-attr]
         assert header == encode_header(request_id, cmd.symbol)
         assert body == codec.encode(cmd)
@@ -394,7 +405,7 @@ def test_malformed_requests_get_bad_request_and_good_ones_still_work(setup: Setu
     # The router never decodes the body: a garbage body goes to the matcher as it came.
     raw.send_multipart([header, junk])
     req = m1.recv(5.0)
-    assert req is not None and req[2:] == [header, junk]
+    assert req is not None and req[1:] == [header, junk]
     m1.answer(req, b"bad_request", b"not a command")
     assert recv_raw(raw) == [header, b"bad_request", b"not a command"]
 
@@ -414,6 +425,7 @@ def test_malformed_matcher_messages_are_dropped_and_counted(setup: Setup) -> Non
     stranger.hello()  # a routing id the topology does not know
     stranger.heartbeat()
     hello = {"node": "m1", "symbols": ["BTC-USDT", "SOL-USDT"], "epoch": 1}
+    nobody = pack_replies([(b"\x00nobody", encode_header(1, "BTC-USDT"), b"ok", b"\x01\x90")])
     bad = [
         [b"NOPE"],
         [b"NOPE", b"x"],
@@ -428,13 +440,17 @@ def test_malformed_matcher_messages_are_dropped_and_counted(setup: Setup) -> Non
         [b"HB", msgpack.packb("1")],
         [b"HB"],
         [b"BYE", b"now"],
-        [b"REP", b"x"],
+        [b"REPS"],
+        [b"REPS", b"x", b"y"],
+        [b"REP", b"\x00nobody", encode_header(1, "BTC-USDT"), b"ok", b"\x01\x90"],  # not batched: unknown
+        [b"REPS", b"\x00\x01"],  # a record head cut short
+        [b"REPS", nobody[:-1]],  # a record that runs past the end of the frame
         [random.Random(5).randbytes(100)],
     ]
     for frames in bad:
         m1.socket.send_multipart(frames)
-    # A REP for a client that does not exist: dropped (counted apart).
-    m1.socket.send_multipart([b"REP", b"\x00nobody", encode_header(1, "BTC-USDT"), b"ok", b"\x01\x90"])
+    # A reply for a client that does not exist: dropped (counted apart).
+    m1.socket.send_multipart([b"REPS", nobody])
     # None of it brought m1 or m2 up; a good HELLO after it (same connection, so it is read
     # after all of them) does.
     timed_refusal(client, "ETH-USDT", "unavailable")
@@ -444,7 +460,7 @@ def test_malformed_matcher_messages_are_dropped_and_counted(setup: Setup) -> Non
 
     # A frame above the back's size limit drops m1's connection; m1's DEALER reconnects with
     # the same routing id and requests reach it again.
-    m1.socket.send_multipart([b"REP", b"x", b"\x01" + bytes(17 << 20)])
+    m1.socket.send_multipart([b"REPS", bytes(17 << 20)])
     # Requests sent meanwhile get unavailable (the send failed) until m1's next word.
     m1.heartbeat()
     wait_routed(client, m1, "BTC-USDT")

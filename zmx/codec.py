@@ -67,7 +67,7 @@ pass find which field it was, for the message.
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from operator import call
 from typing import Any, Union
@@ -97,7 +97,8 @@ from zmx.topics import account_topic, is_private, split_topic, topic
 __all__ = [
     "MAX_ID_LENGTH", "MAX_INT", "MAX_MESSAGE_BYTES", "TYPE_CODES", "VERSION", "Message",
     "decode", "decode_batch", "decode_publication", "encode", "encode_account_publication",
-    "encode_batch", "encode_publication", "is_valid_id",
+    "encode_batch", "encode_publication", "is_valid_id", "join_account_publication", "join_batch",
+    "join_publication", "pack_records",
 ]
 
 VERSION = 1
@@ -323,8 +324,47 @@ def encode_batch(messages: Iterable[Message]) -> bytes:
     return _VERSION_BYTE + _pack_batch(messages)
 
 
+def pack_records(messages: Sequence[Message]) -> list[bytes]:
+    """Each message as its own msgpack record ``[type_code, *fields]``, for a sender that puts
+    the same events in several frames (a matcher's reply, public and private publications):
+    packed once, joined by ``join_batch`` / ``join_publication`` /
+    ``join_account_publication`` into the bytes the ``encode_*`` functions give."""
+    try:
+        codes = [TYPE_CODES[type(m)] for m in messages]
+    except KeyError as e:
+        raise TypeError(f"not a zmx command or event: {e.args[0].__name__}") from None
+    return [_pack((code, *m)) for code, m in zip(codes, messages)]
+
+
+_FIX_ARRAYS = [_VERSION_BYTE + bytes((0x90 | n,)) for n in range(16)]
+
+
+def _batch_head(n: int) -> bytes:
+    """The version byte and the msgpack array header of ``n`` elements."""
+    if n < 16:
+        return _FIX_ARRAYS[n]
+    if n < 1 << 16:
+        return _VERSION_BYTE + b"\xdc" + n.to_bytes(2, "big")
+    return _VERSION_BYTE + b"\xdd" + n.to_bytes(4, "big")
+
+
+def join_batch(records: Sequence[bytes]) -> bytes:
+    """``encode_batch`` of the messages ``records`` came from (``pack_records``)."""
+    return _batch_head(len(records)) + b"".join(records)
+
+
 _symbol_topic = lru_cache(maxsize=4096)(topic)
 _account_topic = lru_cache(maxsize=4096)(account_topic)
+
+
+def join_publication(symbol: str, records: Sequence[bytes]) -> bytes:
+    """``encode_publication`` of the events ``records`` came from (``pack_records``)."""
+    return _symbol_topic(symbol) + _batch_head(len(records)) + b"".join(records)
+
+
+def join_account_publication(account: str, records: Sequence[bytes]) -> bytes:
+    """``encode_account_publication`` of the events ``records`` came from (``pack_records``)."""
+    return _account_topic(account) + _batch_head(len(records)) + b"".join(records)
 
 
 def encode_publication(symbol: str, events: Iterable[Event]) -> bytes:

@@ -46,9 +46,11 @@ from zmq.utils.monitor import recv_monitor_message
 from zmx.codec import (
     MAX_MESSAGE_BYTES,
     decode,
-    encode_account_publication,
-    encode_batch,
     encode_publication,
+    join_account_publication,
+    join_batch,
+    join_publication,
+    pack_records,
 )
 from zmx.commands import COMMAND_TYPES
 from zmx.engine import MatchingEngine
@@ -58,14 +60,18 @@ from zmx.node.journal import Journal, JournalError
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready
 from zmx.node.usedids import UsedIds
 from zmx.node.usedids import store as store_used_ids
+from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, unpack_requests
 from zmx.topology import MatcherNode, RouterNode, Topology, connect_endpoint
 
 __all__ = ["BATCH", "MAX_FRAME_BYTES", "run"]
 
 log = logging.getLogger("zmx.matcher")
 
-BATCH = 512  # messages drained from one socket before the batch is committed
+BATCH = 512  # requests (or book requests) drained from one socket before the batch is committed
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # ZMQ_MAXMSGSIZE: a bigger frame makes ZeroMQ drop the connection
+# On the DEALERs to the routers: a REQS frame is at most BATCH_BYTES or one request, whose body
+# is at most MAX_MESSAGE_BYTES, plus its record head, client id (< 256) and header (< 256).
+MAX_BATCH_FRAME_BYTES = MAX_MESSAGE_BYTES + 1024
 PUB_HWM = 100_000  # messages queued per subscriber before ZeroMQ drops (the subscriber sees a seq gap)
 DEALER_HWM = 100_000
 HELLO_INTERVAL_S = 5.0
@@ -82,7 +88,7 @@ ZMTP_HEARTBEAT_MS = 1000  # ZeroMQ's own pings, so a router that vanished is not
 HEADER_VERSION = 1
 HEADER_MIN = 10  # version byte + 8-byte request id + at least one byte of symbol
 
-REQ, REP, HELLO, HB, BYE = b"REQ", b"REP", b"HELLO", b"HB", b"BYE"
+HELLO, HB, BYE = b"HELLO", b"HB", b"BYE"
 OK, BAD_REQUEST, UNKNOWN_SYMBOL = b"ok", b"bad_request", b"unknown_symbol"
 SNAP, ERR = b"SNAP", b"ERR"
 
@@ -248,6 +254,7 @@ class Matcher:
     def _link(self, router: str, endpoint: str) -> _Link:
         """A new DEALER connected to a router's back, registered with the poller."""
         dealer = self._socket(zmq.DEALER)
+        dealer.setsockopt(zmq.MAXMSGSIZE, MAX_BATCH_FRAME_BYTES)
         dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a router that is down
         dealer.setsockopt(zmq.SNDHWM, DEALER_HWM)
@@ -273,10 +280,10 @@ class Matcher:
         pending = 0
         while True:
             try:
-                link.dealer.recv_multipart(_NOBLOCK)
+                frames = link.dealer.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
-            pending += 1
+            pending += len(unpack_requests(frames[1])[0]) if len(frames) == 2 and frames[0] == REQS else 1
         link.dealer.disable_monitor()
         link.monitor.close(0)
         link.dealer.close(0)
@@ -323,7 +330,7 @@ class Matcher:
         last_public = dict.fromkeys(self.engines, now)
         records: list[tuple[int, bytes]] = []
         replies: list[tuple[zmq.Socket, bytes, bytes, bytes, object]] = []
-        published: list[tuple[str, list]] = []
+        published: list[tuple[str, list, list[bytes]]] = []
 
         while not stopper.stopped:
             timeout = max(0, min(POLL_MS, int((next_hb - now) * 1000) + 1))
@@ -388,7 +395,8 @@ class Matcher:
                 next_stats = now + STATS_INTERVAL_S
 
     def drain_requests(self, dealer: zmq.Socket, records: list, replies: list, published: list) -> None:
-        """Read up to BATCH requests from one router and run them through the engines."""
+        """Read request batches from one router until BATCH requests were run through the
+        engines or none is waiting."""
         recv = _recv
         engines = self.engines
         header_symbols = self.header_symbols
@@ -396,7 +404,8 @@ class Matcher:
         time_ns = time.time_ns
         add_record, add_reply, add_published = records.append, replies.append, published.append
         commands = _COMMANDS
-        for _ in range(BATCH):
+        handled = 0
+        while handled < BATCH:
             try:
                 frame = recv(dealer, _NOBLOCK, False)
             except zmq.Again:
@@ -405,45 +414,50 @@ class Matcher:
             while frame.more:
                 frame = recv(dealer, _NOBLOCK, False)
                 frames.append(frame.bytes)
-            if len(frames) != 4 or frames[0] != REQ:
-                self.malformed_request(dealer, frames, replies)
+            if len(frames) != 2 or frames[0] != REQS:
+                self.malformed_request(frames)
                 continue
-            _, client, header, body = frames
-            if len(header) < HEADER_MIN or header[0] != HEADER_VERSION:
-                add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
-                    "bad header", f"the header is not {HEADER_VERSION:#04x} + 8-byte request id + symbol")))
-                continue
-            try:
-                cmd = decode(body)
-            except DecodeError as e:
-                add_reply((dealer, client, header, BAD_REQUEST, self.refuse("undecodable body", str(e))))
-                continue
-            if type(cmd) not in commands:
-                add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
-                    "not a command", f"the body is a {type(cmd).__name__}, not a command")))
-                continue
-            symbol = cmd.symbol  # type: ignore[union-attr]
-            if header_symbols.get(header[9:]) != symbol:
-                if header[9:] != symbol.encode():
+            requests, problem = unpack_requests(frames[1])
+            if problem:
+                self.problems["bad REQS batch (rest dropped)"] += 1
+            handled += len(requests)
+            for client, header, body in requests:
+                if len(header) < HEADER_MIN or header[0] != HEADER_VERSION:
                     add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
-                        "symbol mismatch", f"the header names symbol {header[9:][:64]!r}, the body {symbol!r}")))
-                else:
-                    self.problems["unknown symbol"] += 1
-                    add_reply((dealer, client, header, UNKNOWN_SYMBOL,
-                               f"matcher {self.name} does not own {symbol}".encode()))
-                continue
-            ts_ns = time_ns()
-            add_record((ts_ns, body))  # it reaches the engine: journaled, whatever happens in there
-            try:
-                events = engines[symbol].handle(cmd, ts_ns=ts_ns)  # type: ignore[arg-type]
-            except Exception:  # noqa: BLE001 - a bug must not stop the other symbols
-                self.engine_failed(symbol, cmd)
-                add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
-                    "engine failure", "internal error: the matcher failed on this command")))
-                continue
-            counts[symbol] += 1
-            add_reply((dealer, client, header, OK, events))
-            add_published((symbol, events))
+                        "bad header", f"the header is not {HEADER_VERSION:#04x} + 8-byte request id + symbol")))
+                    continue
+                try:
+                    cmd = decode(body)
+                except DecodeError as e:
+                    add_reply((dealer, client, header, BAD_REQUEST, self.refuse("undecodable body", str(e))))
+                    continue
+                if type(cmd) not in commands:
+                    add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
+                        "not a command", f"the body is a {type(cmd).__name__}, not a command")))
+                    continue
+                symbol = cmd.symbol  # type: ignore[union-attr]
+                if header_symbols.get(header[9:]) != symbol:
+                    if header[9:] != symbol.encode():
+                        add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
+                            "symbol mismatch", f"the header names symbol {header[9:][:64]!r}, the body {symbol!r}")))
+                    else:
+                        self.problems["unknown symbol"] += 1
+                        add_reply((dealer, client, header, UNKNOWN_SYMBOL,
+                                   f"matcher {self.name} does not own {symbol}".encode()))
+                    continue
+                ts_ns = time_ns()
+                add_record((ts_ns, body))  # it reaches the engine: journaled, whatever happens in there
+                try:
+                    events = engines[symbol].handle(cmd, ts_ns=ts_ns)  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - a bug must not stop the other symbols
+                    self.engine_failed(symbol, cmd)
+                    add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
+                        "engine failure", "internal error: the matcher failed on this command")))
+                    continue
+                counts[symbol] += 1
+                packed = pack_records(events)  # each event packed once: reply and publications
+                add_reply((dealer, client, header, OK, packed))
+                add_published((symbol, events, packed))
 
     def engine_failed(self, symbol: str, cmd: object) -> None:
         """Log an engine exception (a bug), at most once a second with its traceback."""
@@ -456,52 +470,66 @@ class Matcher:
         self.problems[problem] += 1
         return message.encode()
 
-    def malformed_request(self, dealer: zmq.Socket, frames: list[bytes], replies: list) -> None:
-        """Answer what can be answered (a REQ with a client id and a header), drop the rest."""
-        if len(frames) >= 3 and frames[0] == REQ:
-            replies.append((dealer, frames[1], frames[2], BAD_REQUEST, self.refuse(
-                "wrong frame count", f"a REQ is 4 frames (REQ, client, header, body), got {len(frames)}")))
-        elif frames and frames[0] == REQ:
+    def malformed_request(self, frames: list[bytes]) -> None:
+        """A message from a router that is not ``REQS`` + one frame: dropped, counted (no
+        client can be named in it)."""
+        if frames[0] == REQS:
             self.problems["wrong frame count (dropped)"] += 1
         else:
             self.problems["unknown message kind (dropped)"] += 1
 
     def send_replies(self, replies: Iterable[tuple[zmq.Socket, bytes, bytes, bytes, object]]) -> None:
+        """The replies of a batch, one ``REPS`` message per router (more past BATCH_BYTES)."""
+        head = REPLY_HEAD.pack
+        outbox: dict[zmq.Socket, list] = {}  # dealer -> [bytes so far, replies, parts]
         for dealer, client, header, status, payload in replies:
             if status is OK:
-                payload = encode_batch(payload)  # type: ignore[arg-type]
-            try:
-                _send(dealer, REP, _MORE)
-            except zmq.Again:
-                self.dropped_replies += 1  # that router is gone: its client's connection went with it
-                continue
-            # A message's first part was accepted: the rest will be too.
-            _send(dealer, client, _MORE)
-            _send(dealer, header, _MORE)
-            _send(dealer, status, _MORE)
-            _send(dealer, payload, _NOBLOCK)
+                payload = join_batch(payload)  # type: ignore[arg-type]
+            size = REPLY_HEAD.size + len(client) + len(header) + len(status) + len(payload)  # type: ignore[arg-type]
+            out = outbox.get(dealer)
+            if out is None:
+                outbox[dealer] = out = [0, 0, []]
+            elif out[1] and out[0] + size > BATCH_BYTES:
+                self._send_batch(dealer, out)
+            out[0] += size
+            out[1] += 1
+            out[2] += (head(len(client), len(header), len(status), len(payload)),  # type: ignore[arg-type]
+                       client, header, status, payload)
+        for dealer, out in outbox.items():
+            self._send_batch(dealer, out)
 
-    def publish(self, published: Iterable[tuple[str, list]], last_public: dict[str, float], now: float) -> None:
+    def _send_batch(self, dealer: zmq.Socket, out: list) -> None:
+        try:
+            _send(dealer, REPS, _MORE)
+        except zmq.Again:
+            self.dropped_replies += out[1]  # that router is gone: its clients' connections went with it
+        else:
+            _send(dealer, b"".join(out[2]), _NOBLOCK)  # the first part was accepted: so is this one
+        out[0] = out[1] = 0
+        out[2].clear()
+
+    def publish(self, published: Iterable[tuple[str, list, list[bytes]]], last_public: dict[str, float],
+                now: float) -> None:
         pub = self.pub
         public_types = _PUBLIC
-        for symbol, events in published:
+        for symbol, events, records in published:
             public = []
-            private: dict[str, list] = {}
-            for event in events:
+            private: dict[str, list[bytes]] = {}
+            for event, record in zip(events, records):
                 if type(event) in public_types:
-                    public.append(event)
+                    public.append(record)
                 else:
                     account = event.account
                     held = private.get(account)
                     if held is None:
-                        private[account] = [event]
+                        private[account] = [record]
                     else:
-                        held.append(event)
+                        held.append(record)
             if public:
-                _send(pub, encode_publication(symbol, public), _NOBLOCK)
+                _send(pub, join_publication(symbol, public), _NOBLOCK)
                 last_public[symbol] = now
             for account, own in private.items():
-                _send(pub, encode_account_publication(account, own), _NOBLOCK)
+                _send(pub, join_account_publication(account, own), _NOBLOCK)
 
     def idle_heartbeats(self, last_public: dict[str, float], now: float) -> None:
         send = self.pub.send  # type: ignore[union-attr]
@@ -580,7 +608,7 @@ class Matcher:
                     self.problems[f"requests dropped with the connection to router {router}"] += dropped
                 if not quiet:
                     log.warning("lost the connection to router %s (it went away, or sent a frame over %d bytes); "
-                                "connecting again", router, MAX_FRAME_BYTES)
+                                "connecting again", router, MAX_BATCH_FRAME_BYTES)
                 return  # that monitor is closed
 
     def broadcast(self, kind: bytes, body: bytes) -> None:

@@ -14,7 +14,9 @@ or has been silent past ``heartbeat_timeout_ms`` is answered ``unavailable`` on 
 The loop is the hot path of the cluster: poll both sockets, then drain each without
 blocking, up to ``BATCH`` messages a socket a turn (the matchers' side first, so replies
 and liveness news are seen before new requests). Forwarding a request is one dict lookup
-and five frame sends; everything rarer (errors, control messages, logging) is in
+and a record appended to its matcher's batch; each matcher gets the requests of one drain
+as one ``REQS`` message (``zmx.node.wire``), and a matcher's ``REPS`` is split into one
+reply per client. Everything rarer (errors, control messages, logging) is in
 methods off that path. Peer input never raises out of the loop: it is answered
 ``bad_request`` when the client can be told, otherwise dropped, and always counted.
 """
@@ -31,6 +33,7 @@ import zmq
 
 from zmx.codec import MAX_ID_LENGTH, MAX_MESSAGE_BYTES, VERSION
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready
+from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQUEST_HEAD
 from zmx.topology import RouterNode, Topology
 
 __all__ = ["BATCH", "MAX_HEADER_BYTES", "Malformed", "MatcherTable", "run"]
@@ -57,12 +60,10 @@ OK = b"ok"
 UNKNOWN_SYMBOL = b"unknown_symbol"
 UNAVAILABLE = b"unavailable"
 BAD_REQUEST = b"bad_request"
-REQ = b"REQ"
-REP = b"REP"
 HELLO = b"HELLO"
 HB = b"HB"
 BYE = b"BYE"
-_CONTROL_FRAMES = {HELLO: 3, HB: 3, BYE: 2, REP: 6}
+_CONTROL_FRAMES = {HELLO: 3, HB: 3, BYE: 2, REPS: 3}
 
 
 class Malformed(Exception):
@@ -112,7 +113,7 @@ class MatcherTable:
     ``route`` maps a symbol (bytes) to the routing id of its owner, and holds only the
     symbols whose owner is up and announced them; the loop forwards when ``route`` has the
     symbol and answers ``unavailable`` or ``unknown_symbol`` otherwise. ``last_seen`` maps
-    each matcher's routing id to when it was last heard (``HELLO``, ``HB`` or ``REP``);
+    each matcher's routing id to when it was last heard (``HELLO``, ``HB`` or ``REPS``);
     ``sweep`` takes down whoever has been silent past the timeout.
 
     A matcher is up after a ``HELLO`` or an ``HB`` (an ``HB`` without a ``HELLO``, as after
@@ -326,22 +327,29 @@ class _Router:
         self.malformed("client", kind, message)
         self.refuse(msg[0], echo, BAD_REQUEST, message.encode())
 
-    def forward_failed(self, msg: list[bytes], error: zmq.ZMQError) -> None:
-        """Sending a request to its matcher failed; tell the client at once."""
-        client, header = msg[0], msg[1]
-        ident = self.table.route.get(header[HEADER_PREFIX:], b"")
-        name = header[HEADER_PREFIX:].decode()
+    def forward_failed(self, ident: bytes, parts: list[bytes], error: zmq.ZMQError,
+                       forwarded: dict[bytes, int]) -> None:
+        """Sending a batch of requests to its matcher failed; tell each client at once.
+
+        ``parts`` is the batch as the loop built it: record head, client id, header, body."""
+        name = ident.decode(errors="replace")
         if error.errno == zmq.EHOSTUNREACH:
             self.table.lost(ident)
-            message = f"{name}: its matcher {ident.decode()} {self.table.matchers[ident].down_reason}"
+            why = f"its matcher {name} {self.table.matchers[ident].down_reason}"
         elif error.errno == zmq.EAGAIN:
-            message = f"{name}: its matcher {ident.decode()} is overloaded ({HWM} requests queued)"
+            why = f"its matcher {name} is overloaded ({HWM} batches of requests queued)"
         else:
-            message = f"{name}: cannot reach its matcher {ident.decode()}: {error.strerror}"
-        self.refuse(client, header, UNAVAILABLE, message.encode())
+            why = f"cannot reach its matcher {name}: {error.strerror}"
+        for client, header in zip(parts[1::4], parts[2::4]):
+            symbol = header[HEADER_PREFIX:]
+            forwarded[symbol] -= 1
+            self.refuse(client, header, UNAVAILABLE, f"{symbol.decode()}: {why}".encode())
+
+    def bad_batch(self, ident: bytes, problem: str) -> None:
+        self.malformed("matcher", "bad REPS batch", f"REPS from {_show(ident)}: {problem}; the rest dropped")
 
     def from_matcher(self, msg: list[bytes], now: float) -> None:
-        """A message from the back socket that is not a well-formed REP."""
+        """A message from the back socket that is not a well-formed REPS."""
         try:
             self._from_matcher(msg, now)
         except Exception as e:  # noqa: BLE001 - a bug here must not stop the router for everyone
@@ -368,7 +376,7 @@ class _Router:
                 self.table.hello(ident, msg[2], now)
             elif kind == BYE:
                 self.table.bye(ident)
-            else:  # pragma: no cover - REP of the right length takes the fast path
+            else:  # pragma: no cover - REPS of the right length takes the fast path
                 raise Malformed("unknown kind", f"unexpected {kind!r}")
         except Malformed as e:
             self.malformed("matcher", e.kind, str(e))
@@ -459,7 +467,21 @@ class _Router:
         poll = poller.poll
         noblock, more = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
         again, zmq_error, monotonic = zmq.Again, zmq.ZMQError, time.monotonic
-        req, rep = REQ, REP
+        reps, req_head, req_size = REPS, REQUEST_HEAD.pack, REQUEST_HEAD.size
+        rep_head, rep_size = REPLY_HEAD.unpack_from, REPLY_HEAD.size
+        batch_bytes, bad_batch = BATCH_BYTES, self.bad_batch
+        outbox: dict[bytes, list[bytes]] = {}  # matcher -> this drain's requests for it, as REQS parts
+        outsize: dict[bytes, int] = {}
+
+        def send_batch(ident: bytes, parts: list[bytes]) -> None:
+            try:
+                bsend(ident, more)
+            except zmq_error as e:
+                forward_failed(ident, parts, e, forwarded)
+                return
+            bsend(b"REQS", more)
+            bsend(b"".join(parts), noblock)
+
         forwarded = dict.fromkeys(table.owners, 0)
         replies = 0
         now = monotonic()
@@ -494,24 +516,42 @@ class _Router:
                     while frame.more:
                         frame = brecv(0, False)
                         msg.append(frame.bytes)
-                    if len(msg) == 6 and msg[1] == rep:
+                    if len(msg) == 3 and msg[1] == reps:
                         ident = msg[0]
                         if ident in last_seen:
                             last_seen[ident] = now
-                        try:
-                            fsend(msg[2], more)
-                        except zmq_error:  # the client is gone or not reading
-                            self.window.dropped_replies += 1
-                            continue
-                        fsend(msg[3], more)
-                        fsend(msg[4], more)
-                        fsend(msg[5], noblock)
-                        replies += 1
+                        blob = msg[2]
+                        i, end = 0, len(blob)
+                        while i < end:  # inline unpack_replies: records straight to their clients
+                            if end - i < rep_size:
+                                bad_batch(ident, f"{end - i} byte(s) left, too few for a record head")
+                                break
+                            c, h, s, p = rep_head(blob, i)
+                            j = i + rep_size + c
+                            k = j + h
+                            m = k + s
+                            n = m + p
+                            if n > end:
+                                bad_batch(ident, f"a record says {n - i} bytes, {end - i} are left")
+                                break
+                            try:
+                                fsend(blob[i + rep_size:j], more)
+                            except zmq_error:  # the client is gone or not reading
+                                self.window.dropped_replies += 1
+                                i = n
+                                continue
+                            fsend(blob[j:k], more)
+                            fsend(blob[k:m], more)
+                            fsend(blob[m:n], noblock)
+                            replies += 1
+                            i = n
                     else:
                         from_matcher(msg, now)
                 else:
                     busy = True
             if front in ready:
+                # Each matcher's requests of this drain leave as one REQS message (several if
+                # they pass BATCH_BYTES): one send for the batch instead of four per request.
                 for _ in range(BATCH):
                     try:
                         frame = frecv(noblock, False)
@@ -526,20 +566,28 @@ class _Router:
                         symbol = header[9:]
                         ident = route.get(symbol)
                         if ident is not None and header[0] == 1:
-                            try:
-                                bsend(ident, more)
-                            except zmq_error as e:
-                                forward_failed(msg, e)
-                                continue
-                            bsend(req, more)
-                            bsend(msg[0], more)
-                            bsend(header, more)
-                            bsend(msg[2], noblock)
+                            client, body = msg[0], msg[2]
+                            size = req_size + len(client) + len(header) + len(body)
+                            parts = outbox.get(ident)
+                            if parts is None:
+                                outbox[ident] = parts = []
+                                outsize[ident] = size
+                            else:
+                                total = outsize[ident] + size
+                                if total > batch_bytes:
+                                    send_batch(ident, parts)
+                                    parts.clear()
+                                    total = size
+                                outsize[ident] = total
+                            parts += (req_head(len(client), len(header), len(body)), client, header, body)
                             forwarded[symbol] += 1
                             continue
                     from_client(msg)
                 else:
                     busy = True
+                for ident, parts in outbox.items():
+                    send_batch(ident, parts)
+                outbox.clear()
             # A full batch means more is waiting: look again without sleeping in poll.
             timeout = 0 if busy else POLL_MS
         self.flush_window(forwarded, replies)
