@@ -214,7 +214,8 @@ def test_a_snapshot_written_elsewhere_that_never_arrives(tmp_path: Path) -> None
         number = journal.rotate()  # this one arrives
         for ts, cmd in commands(0, 5):
             engine.handle(cmd, ts_ns=ts)
-        journal.store_snapshot(number, {SYM: engine.snapshot()})
+        journal.store_snapshot(number, {SYM: engine.snapshot()})  # in another process, with:
+        journal.remove_obsolete()
         journal.snapshot_stored(number)
         journal.append_batch(records(5, 1))
         journal.sync()

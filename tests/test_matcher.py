@@ -632,8 +632,14 @@ def test_order_ids_stay_used_once_archived_and_after_a_kill_9(
     # A clean stop waits for the snapshot being written: what the children stored is in the table,
     # the first generation (a0 ... a9 at least) among it.
     assert node.stop() == 0
-    archived = _archived(tmp_path / "var" / "m1" / "used-ids.sqlite3")
+    data = tmp_path / "var" / "m1"
+    archived = _archived(data / "used-ids.sqlite3")
     assert {f"alice\x00a{i}" for i in range(10)} <= archived
+    # The children also removed what their snapshots made obsolete: the newest snapshot and the
+    # one before it are kept, with the journal segments from that one on.
+    snapshots = sorted(int(f.name[9:19]) for f in data.glob("snapshot-*.snap"))
+    segments = sorted(int(f.name[8:18]) for f in data.glob("journal-*.log"))
+    assert len(snapshots) == 2 and segments[0] == snapshots[0], (snapshots, segments)
     # Restarted, the matcher knows a0 from the archive alone: the snapshot it recovers from holds
     # no used ids of before it, and the journal after it has no a0.
     restarted = cluster.start("m1")
