@@ -48,18 +48,21 @@ Rounds of a cell (the same for every target):
 The ceilings (``--role ceiling``, this file): a bare asyncio (uvloop) WebSocket server that
 accepts the same clients (handshake, ``subscription_ack``, a snapshot) and sends frames of the
 gateway's shape and size (captured from the gateway's own feed by the samplers; a made-up
-feed of the same shape when there is no gateway), ``ts`` written into each frame when it is
-emitted, at the feed rate and with the message count the gateway's round had (the write ceiling's max
-round: a fifth of the count, same rate: at about 5 µs a delivery it would take minutes), K
-channels in turn, up to 4,096 messages a loop turn (the gateway's ``SUB_BATCH``) when it falls
-behind:
+feed of the same shape when there is no gateway). Its feed comes the way the gateway's comes:
+over ZeroMQ, a SUB on loopback TCP, from a feeder process (``--role feeder``) that sends the
+ready-made frames at the feed rate and with the message count the gateway's round had (the
+write ceiling's max round: a fifth of the count, same rate: at about 5 µs a delivery it would
+take minutes), K channels in turn, ``ts`` written into each frame as it is sent. The ceiling
+reads up to 4,096 messages a loop turn (the gateway's ``SUB_BATCH``) and then:
 
 - **write**: one ``transport.write`` per message per connection;
 - **coalesce**: the frames of a loop turn joined per channel, each connection one write per
   loop turn with all of its bytes (the gateway's own fan-out, without anything else).
 
-Both wait (emit nothing) while any connection's transport is paused, so they never drop; one
-that cannot keep up stops emitting at twice the round's planned time (``emitted`` < ``planned``).
+Both stop reading the feed while any connection's transport is paused, so they never drop
+(the feed waits in ZeroMQ's queue). A ceiling that made its feed in its own loop would leave
+out the ZeroMQ hop that every gateway pays (0.4-0.5 ms at p50 here), which at small N is most
+of the gateway's p99: the ratio would measure the hop, not the server.
 
 Figures per round: delivered messages/s (every message every client counted, over the time
 from the first to the last feed message a sampler received), server CPU
@@ -744,11 +747,78 @@ class CeilingServer:
             for ch in self.channels}
         self.frames: dict[str, list[bytes]] = {ch: [] for ch in self.channels}
         self.dirty: list[str] = []
+        self.sub: Any = None  # the feed's SUB socket (``_ceiling``)
+        self.stalled = False  # a drain stopped on a paused transport: the next resume drains again
+        self.drains = self.stalls = self.written = self.skipped = 0
+        self.deadline = math.inf  # of the round: what arrives after it is read and dropped
+
+    def start_round(self, rate: float, total: int) -> None:
+        """A round of ``total`` messages at ``rate`` begins: a server that cannot keep up stops
+        writing at twice its planned time (plus 2 s) and drops the rest of the feed, so a
+        round ends and its figures (``written`` < the feeder's ``emitted``) say so."""
+        self.skip_pending()
+        self.drains = self.stalls = self.written = self.skipped = 0
+        self.deadline = time.perf_counter() + 2 * total / rate + 2.0
+
+    def skip_pending(self) -> None:
+        import zmq
+
+        while True:
+            try:
+                self.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.skipped += 1
 
     def resume(self) -> None:
         self.paused = max(0, self.paused - 1)
         if not self.paused:
             self.resumed.set()
+            if self.stalled:
+                self.stalled = False
+                asyncio.get_running_loop().call_soon(self.drain)
+
+    def drain(self) -> None:
+        """What the feed brought: up to ``TURN_CAP`` messages a loop turn (the gateway's
+        ``SUB_BATCH``), each written to its channel's connections at once (write) or joined
+        per connection at the end of the turn (coalesce). Nothing is read while a transport
+        is paused, so nothing is dropped: the feed waits in ZeroMQ's queue."""
+        import zmq
+
+        recv, again, noblock = self.sub.recv, zmq.Again, zmq.NOBLOCK
+        channels, frames, subs = self.channels, self.frames, self.subs
+        coalesce = self.mode == "coalesce"
+        clock, deadline = time.perf_counter, self.deadline
+        n = 0
+        while n < TURN_CAP:
+            if clock() > deadline:
+                self.stalled = False
+                self.skip_pending()
+                break
+            if self.paused:
+                self.stalled = True
+                self.stalls += 1
+                break
+            try:
+                msg = recv(noblock)
+            except again:
+                break
+            ch = channels[msg[0]]
+            frame = msg[1:]
+            if coalesce:
+                if not frames[ch]:
+                    self.dirty.append(ch)
+                frames[ch].append(frame)
+            else:
+                for write in subs[ch].values():
+                    write(frame)
+            n += 1
+        else:  # more may be waiting, and ZeroMQ's descriptor only signals new arrivals
+            asyncio.get_running_loop().call_soon(self.drain)
+        self.written += n
+        if coalesce and self.dirty:
+            self.flush()
+        self.drains += 1
 
     def request(self, conn: CeilingConn, payload: bytes) -> None:
         msg = json.loads(payload)
@@ -780,53 +850,27 @@ class CeilingServer:
             if conn.transport is not None:
                 conn.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[index]
 
-    async def emit(self, rate: float, total: int, trade_share: float) -> dict[str, Any]:
-        """``total`` messages, the channels in turn, at ``rate`` a second (all that is due each
-        loop turn, up to ``TURN_CAP``); nothing while a transport is paused."""
-        k = len(self.channels)
-        trades = round(trade_share * 100)
-        pattern = [(j * trades) // 100 != ((j + 1) * trades) // 100 for j in range(100)]  # spread over 100
-        templates = [(self.templates[ch]["trade"], self.templates[ch]["depth_update"]) for ch in self.channels]
-        subs = [self.subs[ch] for ch in self.channels]
-        frames = [self.frames[ch] for ch in self.channels]
-        coalesce = self.mode == "coalesce"
-        now_ns, clock = time.time_ns, time.perf_counter
-        start = clock()
-        give_up = start + 2 * total / rate + 2.0  # a server that cannot keep up stops at twice the planned time
-        i = turns = waits = 0
-        while i < total and clock() < give_up:
-            if self.paused:
-                waits += 1
-                await self.resumed.wait()
-            due = min(total, int((clock() - start) * rate) + 1, i + TURN_CAP)
-            while i < due:
-                c = i % k
-                head, tail = templates[c][0 if pattern[(i // k) % 100] else 1]
-                frame = head + b"%d" % now_ns() + tail
-                if coalesce:
-                    if not frames[c]:
-                        self.dirty.append(self.channels[c])
-                    frames[c].append(frame)
-                else:
-                    for write in subs[c].values():
-                        write(frame)
-                i += 1
-            if coalesce and self.dirty:
-                self.flush()
-            turns += 1
-            wait = start + i / rate - clock()
-            await asyncio.sleep(wait if wait > 0 and i < total else 0)
-        seconds = clock() - start
-        return {"emitted": i, "planned": total, "seconds": round(seconds, 4), "turns": turns, "paused_waits": waits,
-                "connections": sum(map(len, self.subs.values()))}
 
-
-async def _ceiling(mode: str, k: int, examples_path: str) -> None:
-    loop = asyncio.get_running_loop()
+def load_examples(examples_path: str) -> dict[str, str]:
     examples = default_examples()
     if examples_path:
         examples.update(json.loads(Path(examples_path).read_text()))
-    server = CeilingServer(mode, k, examples)
+    return examples
+
+
+async def _ceiling(mode: str, k: int, examples_path: str, feed: str) -> None:
+    import zmq
+
+    loop = asyncio.get_running_loop()
+    server = CeilingServer(mode, k, load_examples(examples_path))
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 0)  # as the feeder's PUB: a round's feed is bounded, none of it dropped
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(feed)
+    server.sub = sub
+    loop.add_reader(sub.getsockopt(zmq.FD), server.drain)
     srv = await loop.create_server(lambda: CeilingConn(server), "127.0.0.1", 0, backlog=16384)
     port = srv.sockets[0].getsockname()[1]
     announce_ready("ceiling", "ceiling", port=port, mode=mode, channels=k)
@@ -837,11 +881,79 @@ async def _ceiling(mode: str, k: int, examples_path: str) -> None:
             words = (await reader.readline()).decode().split()
             if not words or words[0] == "quit":
                 break
-            if words[0] == "emit":  # emit RATE TOTAL TRADE_SHARE
-                result = await server.emit(float(words[1]), int(words[2]), float(words[3]))
-                print(json.dumps(result), flush=True)
+            if words[0] == "round":  # round RATE TOTAL
+                server.start_round(float(words[1]), int(words[2]))
+                print("{}", flush=True)
+            elif words[0] == "stats":
+                # once all that came is written (or the round gave up): the feed may still be in
+                # ZeroMQ's queue when the feeder is done
+                while sub.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.perf_counter() < server.deadline:
+                    await asyncio.sleep(0.01)
+                print(json.dumps({"written": server.written, "skipped": server.skipped, "drains": server.drains,
+                                  "stalls": server.stalls, "connections": sum(map(len, server.subs.values()))}),
+                      flush=True)
     finally:
         srv.close()
+        loop.remove_reader(sub.getsockopt(zmq.FD))
+        sub.close(0)
+        ctx.term()
+
+
+# -- the ceilings' feed (--role feeder) -----------------------------------------------------------------
+
+
+def role_feeder(examples_path: str) -> None:
+    """The ceilings' feed, over the hop the gateway's feed takes: an XPUB bound on loopback
+    TCP that the ceiling's SUB reads, so the ceilings' latency and CPU include ZeroMQ as the
+    gateway's do. ``emit RATE TOTAL TRADE_SHARE K`` sends TOTAL messages, channels 0..K-1 in
+    turn, at RATE a second (all that is due, up to ``TURN_CAP``, then a sleep until the next
+    one is due): each one ZeroMQ message, the channel's index byte and then the WebSocket
+    frame of a ``trade`` or ``depth_update`` of the gateway's shape (``TRADE_SHARE`` of them
+    trades), its ``ts`` written when it is sent."""
+    import zmq
+
+    examples = load_examples(examples_path)
+    heads_tails = [tuple((bytes((c,)) + head, tail) for head, tail in
+                         (_template(examples["trade"], ch), _template(examples["depth_update"], ch)))
+                   for c, ch in enumerate(SYMBOLS)]
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    announce_ready("feeder", "feeder", endpoint=f"tcp://127.0.0.1:{port}")
+    subscribed = False
+    try:
+        for line in sys.stdin:
+            words = line.split()
+            if not words or words[0] == "quit":
+                break
+            if words[0] != "emit":
+                continue
+            if not subscribed:  # a PUB drops what it sends before the subscription has arrived
+                if not pub.poll(30_000):
+                    raise SystemExit("feeder: no subscriber within 30 s")
+                subscribed = pub.recv()[:1] == b"\x01"
+            rate, total, trade_share, k = float(words[1]), int(words[2]), float(words[3]), int(words[4])
+            trades = round(trade_share * 100)
+            pattern = [(j * trades) // 100 != ((j + 1) * trades) // 100 for j in range(100)]  # spread over 100
+            send, now_ns, clock = pub.send, time.time_ns, time.perf_counter
+            start = clock()
+            i = 0
+            while i < total:
+                due = min(total, int((clock() - start) * rate) + 1, i + TURN_CAP)
+                while i < due:
+                    c = i % k
+                    head, tail = heads_tails[c][0 if pattern[(i // k) % 100] else 1]
+                    send(head + b"%d" % now_ns() + tail)
+                    i += 1
+                wait = start + i / rate - clock()
+                if wait > 0 and i < total:
+                    time.sleep(wait)
+            print(json.dumps({"emitted": i, "seconds": round(clock() - start, 4)}), flush=True)
+    finally:
+        pub.close(0)
+        ctx.term()
 
 
 # -- order driver (--role driver) ----------------------------------------------------------------------
@@ -884,7 +996,7 @@ def driver_report(commands: Sequence[Command], r: Any) -> str:
 
 def role_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench_fanout.py --role")
-    parser.add_argument("role", choices=("clients", "ceiling", "driver"))
+    parser.add_argument("role", choices=("clients", "ceiling", "driver", "feeder"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--count", type=int, default=0)
@@ -894,6 +1006,7 @@ def role_main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--mode", default="write")
     parser.add_argument("--examples", default="")
+    parser.add_argument("--feed", default="")
     parser.add_argument("--front", default="")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=1200.0)
@@ -902,12 +1015,15 @@ def role_main(argv: list[str]) -> int:
     if args.role == "driver":
         role_driver(args.front, args.seed)
         return 0
+    if args.role == "feeder":
+        role_feeder(args.examples)
+        return 0
     import uvloop
 
     if args.role == "clients":
         uvloop.run(_clients(args.host, args.port, args.count, args.first, args.channels, args.sources, args.timeout))
     else:
-        uvloop.run(_ceiling(args.mode, args.channels, args.examples))
+        uvloop.run(_ceiling(args.mode, args.channels, args.examples, args.feed))
     return 0
 
 
@@ -1311,10 +1427,10 @@ class Bench:
 
     def target_ceiling(self, mode: str, n: int, k: int, procs: int, gw: dict[str, Any] | None) -> dict[str, Any]:
         args, run = self.args, self.run
-        argv = ["ceiling", "--mode", mode, "--channels", str(k)]
-        if self.examples_path.exists():
-            argv += ["--examples", str(self.examples_path)]
-        server, ready = run.helper(f"ceiling-{mode}", *argv)
+        examples = ["--examples", str(self.examples_path)] if self.examples_path.exists() else []
+        feeder, fed = run.helper(f"feeder-{mode}", "feeder", *examples)
+        server, ready = run.helper(f"ceiling-{mode}", "ceiling", "--mode", mode, "--channels", str(k),
+                                   "--feed", fed["endpoint"], *examples)
         clients = None
         try:
             def pids() -> list[int]:
@@ -1349,13 +1465,19 @@ class Bench:
 
             def emit(rate: float, total: int) -> Callable[[], dict[str, Any]]:
                 def go() -> dict[str, Any]:
-                    server.write(f"emit {rate:.3f} {max(1, total)} {share:.4f}")
-                    return json.loads(server.line(300.0))
+                    planned = max(1, total)
+                    server.write(f"round {rate:.3f} {planned}")
+                    server.line(30.0)
+                    feeder.write(f"emit {rate:.3f} {planned} {share:.4f} {k}")
+                    fed = json.loads(feeder.line(300.0))
+                    server.write("stats")  # answered once the server has written what came, or given up
+                    return {**fed, "planned": planned, **json.loads(server.line(2 * planned / rate + 60.0))}
                 return go
 
-            result["moderate"] = measure_round(run, clients, pids(), emit(m_rate, m_total), {})
-            result["max"] = measure_round(run, clients, pids(), emit(x_rate, x_total), {})
-            result["high"] = measure_round(run, clients, pids(), emit(h_rate, h_total), {})
+            named = {"feeder": [feeder.proc.pid]}
+            result["moderate"] = measure_round(run, clients, pids(), emit(m_rate, m_total), named)
+            result["max"] = measure_round(run, clients, pids(), emit(x_rate, x_total), named)
+            result["high"] = measure_round(run, clients, pids(), emit(h_rate, h_total), named)
             for r in (result["moderate"], result["max"], result["high"]):
                 r.pop("_examples", None)
                 r["prev_seq_breaks"] = None  # the ceilings' frames carry no real sequence
@@ -1365,6 +1487,7 @@ class Bench:
             if clients is not None:
                 clients.close()
             run.end(server)
+            run.end(feeder)
 
 
 def progress(name: str, result: dict[str, Any]) -> None:
@@ -1539,6 +1662,7 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                    "moderate_seconds": args.moderate_seconds, "paced_seconds": args.seconds,
                    "high_share_of_max": args.high,
                    "write_ceiling_max_share": 1 / WRITE_MAX_SHARE, "max_delivered": args.max_delivered,
+                   "ceiling_feed": "zeromq",  # the ceilings read their feed from a feeder process's PUB
                    "client_procs": args.client_procs, "sources": args.sources, "sample_every": SAMPLE_EVERY,
                    "seed": args.seed, "matcher_fsync": "never", "targets": args.targets, "elapsed_s": round(elapsed)},
         "targets": {"wanted": TARGETS, "cells": t_cells, "met": met_all if cells else None},
