@@ -33,7 +33,7 @@ import zmq
 
 from zmx.codec import MAX_ID_LENGTH, MAX_MESSAGE_BYTES, VERSION
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready
-from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQUEST_HEAD
+from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, REQUEST_HEAD
 from zmx.topology import RouterNode, Topology
 
 __all__ = ["BATCH", "MAX_HEADER_BYTES", "Malformed", "MatcherTable", "run"]
@@ -479,7 +479,7 @@ class _Router:
             except zmq_error as e:
                 forward_failed(ident, parts, e, forwarded)
                 return
-            bsend(b"REQS", more)
+            bsend(REQS, more)
             bsend(b"".join(parts), noblock)
 
         forwarded = dict.fromkeys(table.owners, 0)
