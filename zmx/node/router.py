@@ -33,7 +33,7 @@ import zmq
 
 from zmx.codec import MAX_ID_LENGTH, MAX_MESSAGE_BYTES, VERSION
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready
-from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, REQUEST_HEAD
+from zmx.node.wire import BATCH_BYTES, REPS, REQS, REQUEST_HEAD, unpack_replies
 from zmx.topology import RouterNode, Topology
 
 __all__ = ["BATCH", "MAX_HEADER_BYTES", "Malformed", "MatcherTable", "run"]
@@ -468,7 +468,6 @@ class _Router:
         noblock, more = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
         again, zmq_error, monotonic = zmq.Again, zmq.ZMQError, time.monotonic
         reps, req_head, req_size = REPS, REQUEST_HEAD.pack, REQUEST_HEAD.size
-        rep_head, rep_size = REPLY_HEAD.unpack_from, REPLY_HEAD.size
         batch_bytes, bad_batch = BATCH_BYTES, self.bad_batch
         outbox: dict[bytes, list[bytes]] = {}  # matcher -> this drain's requests for it, as REQS parts
         outsize: dict[bytes, int] = {}
@@ -520,31 +519,19 @@ class _Router:
                         ident = msg[0]
                         if ident in last_seen:
                             last_seen[ident] = now
-                        blob = msg[2]
-                        i, end = 0, len(blob)
-                        while i < end:  # inline unpack_replies: records straight to their clients
-                            if end - i < rep_size:
-                                bad_batch(ident, f"{end - i} byte(s) left, too few for a record head")
-                                break
-                            c, h, s, p = rep_head(blob, i)
-                            j = i + rep_size + c
-                            k = j + h
-                            m = k + s
-                            n = m + p
-                            if n > end:
-                                bad_batch(ident, f"a record says {n - i} bytes, {end - i} are left")
-                                break
+                        records, problem = unpack_replies(msg[2])
+                        if problem:
+                            bad_batch(ident, problem)
+                        for client, header, status, payload in records:
                             try:
-                                fsend(blob[i + rep_size:j], more)
+                                fsend(client, more)
                             except zmq_error:  # the client is gone or not reading
                                 self.window.dropped_replies += 1
-                                i = n
                                 continue
-                            fsend(blob[j:k], more)
-                            fsend(blob[k:m], more)
-                            fsend(blob[m:n], noblock)
+                            fsend(header, more)
+                            fsend(status, more)
+                            fsend(payload, noblock)
                             replies += 1
-                            i = n
                     else:
                         from_matcher(msg, now)
                 else:
