@@ -61,7 +61,7 @@ reads up to 4,096 messages a loop turn (the gateway's ``SUB_BATCH``) and then:
 
 Both stop reading the feed while any connection's transport is paused, so they never drop
 (the feed waits in ZeroMQ's queue). A ceiling that made its feed in its own loop would leave
-out the ZeroMQ hop that every gateway pays (0.4-0.5 ms at p50 here), which at small N is most
+out the ZeroMQ hop that every gateway pays (0.2-0.5 ms at p50 here), which at small N is most
 of the gateway's p99: the ratio would measure the hop, not the server.
 
 Figures per round: delivered messages/s (every message every client counted, over the time
