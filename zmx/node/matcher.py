@@ -482,32 +482,32 @@ class Matcher:
     def send_replies(self, replies: Iterable[tuple[zmq.Socket, bytes, bytes, bytes, object]]) -> None:
         """The replies of a batch, one ``REPS`` message per router (more past BATCH_BYTES)."""
         head = REPLY_HEAD.pack
-        outbox: dict[zmq.Socket, list] = {}  # dealer -> [bytes so far, replies, parts]
+        outbox: dict[zmq.Socket, list] = {}  # dealer -> [bytes so far, parts: 5 per reply]
         for dealer, client, header, status, payload in replies:
             if status is OK:
                 payload = join_batch(payload)  # type: ignore[arg-type]
             size = REPLY_HEAD.size + len(client) + len(header) + len(status) + len(payload)  # type: ignore[arg-type]
             out = outbox.get(dealer)
             if out is None:
-                outbox[dealer] = out = [0, 0, []]
+                outbox[dealer] = out = [0, []]
             elif out[1] and out[0] + size > BATCH_BYTES:
                 self._send_batch(dealer, out)
             out[0] += size
-            out[1] += 1
-            out[2] += (head(len(client), len(header), len(status), len(payload)),  # type: ignore[arg-type]
+            out[1] += (head(len(client), len(header), len(status), len(payload)),  # type: ignore[arg-type]
                        client, header, status, payload)
         for dealer, out in outbox.items():
             self._send_batch(dealer, out)
 
     def _send_batch(self, dealer: zmq.Socket, out: list) -> None:
+        parts = out[1]
         try:
             _send(dealer, REPS, _MORE)
         except zmq.Again:
-            self.dropped_replies += out[1]  # that router is gone: its clients' connections went with it
+            self.dropped_replies += len(parts) // 5  # that router is gone: its clients' connections went with it
         else:
-            _send(dealer, b"".join(out[2]), _NOBLOCK)  # the first part was accepted: so is this one
-        out[0] = out[1] = 0
-        out[2].clear()
+            _send(dealer, b"".join(parts), _NOBLOCK)  # the first part was accepted: so is this one
+        out[0] = 0
+        parts.clear()
 
     def publish(self, published: Iterable[tuple[str, list, list[bytes]]], last_public: dict[str, float],
                 now: float) -> None:
