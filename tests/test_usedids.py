@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,28 @@ def test_stored_ids_are_found_exactly_and_survive_a_reopen(tmp_path: Path) -> No
     again = UsedIds(tmp_path, ["BTC-USDT"], snapshot=7)
     assert "bob\x00o2" in again.symbols["BTC-USDT"] and again.dropped == 0
     again.close()
+
+
+def test_the_serving_connection_only_reads_and_a_store_leaves_no_log_for_it_to_checkpoint(tmp_path: Path) -> None:
+    # Around each fork the matcher closes its connection and opens it again. Closing the last
+    # connection that may write checkpoints the write-ahead log, a stall of the loop after a
+    # generation was stored: the serving connection is read-only, and the child's store
+    # leaves the log empty.
+    ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=None)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        ids.db.execute("INSERT INTO used_ids VALUES (?, ?, ?)", ("BTC-USDT", "a\x00x", 1))
+    ids.release()  # the fork
+    ids.reopen()  # the parent goes on serving (and looking ids up) while the child stores a generation
+    assert ids.db.execute("SELECT count(*) FROM used_ids").fetchone() == (0,)
+    assert store(tmp_path, 1, [("BTC-USDT", [f"a\x00{i}" for i in range(5000)])]) == 5000
+    wal = tmp_path / (usedids.FILE_NAME + "-wal")
+    assert wal.exists() and wal.stat().st_size == 0
+    ids.symbols["BTC-USDT"].absorb(f"a\x00{i}" for i in range(5000))
+    assert "a\x004999" in ids.symbols["BTC-USDT"] and ids.symbols["BTC-USDT"].lookups == 1
+    ids.release()
+    ids.reopen()  # the next fork
+    assert "a\x000" in ids.symbols["BTC-USDT"] and "a\x005000" not in ids.symbols["BTC-USDT"]
+    ids.close()
 
 
 def test_rows_of_a_snapshot_that_did_not_land_are_dropped(tmp_path: Path) -> None:
