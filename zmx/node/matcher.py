@@ -80,9 +80,11 @@ IDLE_HEARTBEAT_S = 1.0  # a symbol with no public event for this long gets an em
 IDLE_CHECK_S = 0.25
 STATS_INTERVAL_S = 10.0
 PROBLEM_LOG_S = 1.0
-# Used ids moved into the archive's filters per loop turn, at about 1.5 us each: after an idle
-# poll, and after a poll that brought work (whose replies wait for the turn to end).
-ABSORB_SLICE, ABSORB_SLICE_BUSY = 2_000, 200
+# Used ids moved into the archive's filters per loop turn, at about 1.5 us each (the turn's
+# replies have left by then). While any are left the loop polls without waiting, so an idle
+# matcher absorbs a generation quickly and a request that arrives meanwhile waits for one
+# slice at most (a slice of 2,000 after an idle poll used to hold new requests 5-7 ms).
+ABSORB_SLICE = 200
 STOP_LINGER_MS = 500  # BYE and the last batch's replies and events may take this long to leave
 ZMTP_HEARTBEAT_MS = 1000  # ZeroMQ's own pings, so a router that vanished is noticed
 
@@ -334,7 +336,7 @@ class Matcher:
         published: list[tuple[str, list, list[bytes]]] = []
 
         while not stopper.stopped:
-            timeout = max(0, min(POLL_MS, int((next_hb - now) * 1000) + 1))
+            timeout = 0 if self.absorbing else max(0, min(POLL_MS, int((next_hb - now) * 1000) + 1))
             try:
                 ready = poll(timeout)
             except zmq.ZMQError as e:
@@ -376,7 +378,7 @@ class Matcher:
             if self.snapshot_child is not None:
                 self.reap_snapshot(os.WNOHANG)
             elif self.absorbing:
-                self.absorb_used_ids(ABSORB_SLICE_BUSY if ready else ABSORB_SLICE)
+                self.absorb_used_ids(ABSORB_SLICE)
             if now >= next_hb:
                 self.broadcast(HB, self.hb)
                 next_hb += hb_interval
