@@ -9,6 +9,7 @@ exist for the account ``probe`` until its SUB sockets receive the private event.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import sqlite3
 import time
@@ -297,6 +298,47 @@ def test_orders_on_several_symbols_get_replies_and_publications(cluster: Cluster
         name, events = codec.decode_publication(btc.recv())
         if name == "BTC-USDT" and events == ():
             break
+
+
+def test_a_subscriber_that_lags_loses_no_publication_below_the_queue_bound(cluster: Cluster, tmp_path: Path,
+                                                                           zctx: zmq.Context) -> None:
+    # The connections a bound ZeroMQ socket accepts take the options it had when it was bound. The
+    # PUB's queue bound (PUB_HWM) used to be set after bind, which left every subscriber with
+    # ZeroMQ's default of 1,000: a subscriber a burst ahead of its reading lost publications (a seq
+    # gap, and a resync of every client of that gateway). Over ipc the kernel holds little of a
+    # burst (over loopback TCP, megabytes), so the queue bound is what a lagging subscriber sees.
+    path = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}, extra_matcher=FAST_HEARTBEAT)
+    text = path.read_text()
+    tcp_pub = re.search(r'pub: "(tcp://[^"]+)"', text)
+    assert tcp_pub is not None
+    path.write_text(text.replace(tcp_pub.group(1), f"ipc://{tmp_path}/m1-pub"))
+    cluster.topology = path
+    router = FakeRouter(zctx, path)
+    node = cluster.start("m1")
+    lagging = zctx.socket(zmq.SUB)
+    lagging.setsockopt(zmq.LINGER, 0)
+    lagging.setsockopt(zmq.RCVHWM, 1)  # its own queue holds nothing: the burst waits at the matcher
+    for t in (topic("BTC-USDT"), b"@probe\x00"):
+        lagging.setsockopt(zmq.SUBSCRIBE, t)
+    lagging.connect(node.ready["pub"])  # type: ignore[index]
+    probe(router, [lagging], "BTC-USDT", "ready")  # subscribed; from here on it reads nothing for a while
+
+    n = 8000  # each a publication: an order that rests, then its cancel
+    commands = [limit(f"o{i}", "alice", "BTC-USDT", SELL, 1000 + i % 50, 1) if i % 2 == 0
+                else CancelOrder(f"o{i - 1}", "alice", "BTC-USDT") for i in range(n)]
+    for first in range(0, n, 500):
+        router.batch(*[(b"c1", header(first + k + 1, "BTC-USDT"), codec.encode(c))
+                       for k, c in enumerate(commands[first:first + 500])])
+    last = router.events(header(n, "BTC-USDT"))
+    assert [type(e) for e in last] == [OrderCanceled, BookChanged] and last[1].seq == n
+
+    seqs: list[int] = []
+    deadline = _Deadline(TIMEOUT_MS)
+    while (not seqs or seqs[-1] < n) and lagging.poll(deadline.left()):
+        name, events = codec.decode_publication(lagging.recv())
+        if name == "BTC-USDT" and events:
+            seqs.append(events[-1].seq)
+    assert seqs == list(range(1, n + 1)), f"{len(seqs)} of {n} publications arrived"
 
 
 def test_snapshot_service_is_consistent_with_the_stream(cluster: Cluster, tmp_path: Path,

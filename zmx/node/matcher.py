@@ -235,8 +235,7 @@ class Matcher:
     def start(self) -> None:
         node = self.node
         self.ctx = zmq.Context()
-        self.pub = self._bind(zmq.PUB, node.pub, "pub")
-        self.pub.setsockopt(zmq.SNDHWM, PUB_HWM)
+        self.pub = self._bind(zmq.PUB, node.pub, "pub", {zmq.SNDHWM: PUB_HWM})
         self.snap = self._bind(zmq.ROUTER, node.snapshot, "snapshot")
         try:
             self.journal = Journal(node.data_dir, fsync=node.fsync)
@@ -299,8 +298,13 @@ class Matcher:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         return sock
 
-    def _bind(self, kind: int, endpoint: str, what: str) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, what: str, options: dict[int, int] | None = None) -> zmq.Socket:
+        """A socket of ``kind`` bound at ``endpoint``, with ``options`` set first: the connections
+        a bound socket accepts take the options it had when it was bound (a PUB whose SNDHWM was
+        set after ``bind`` kept ZeroMQ's default of 1,000 for every subscriber)."""
         sock = self._socket(kind)
+        for option, value in (options or {}).items():
+            sock.setsockopt(option, value)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
