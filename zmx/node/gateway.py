@@ -56,7 +56,7 @@ from zmx import codec
 from zmx.commands import CancelOrder, SubmitOrder
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.node.client import HWM, encode_header, parse_reply
-from zmx.node.runtime import Stopper, announce_ready
+from zmx.node.runtime import GC_THRESHOLDS, Stopper, announce_ready
 from zmx.protocol import Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe, error
 from zmx.topics import account_topic, is_private, topic
 from zmx.topology import GatewayLimits, GatewayNode, MatcherNode, RouterNode, Topology, connect_endpoint
@@ -67,12 +67,6 @@ REQUEST_TIMEOUT_S = 5.0  # an order with no reply by then is answered ``unavaila
 SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again
 SUBSCRIBE_WAIT_S = 1.5  # longest wait for a new topic's first message before its snapshot is asked
 SUB_BATCH = 4096  # publications read per loop turn before the connections are written to
-# The garbage collector's thresholds in a gateway process. With CPython's (700, 10, 10), a
-# worker holding 1,000 connections under 160,000 deliveries/s ran a full collection every 4-5 s,
-# each 35-77 ms with nothing to collect (perf/bench_soak.py, 2 workers): every message in flight
-# waited. With these, short-lived objects die before a collection looks at them: 1.5 minutes of
-# the same soak made no full collection, and three young ones over 20 ms.
-GC_THRESHOLDS = (10_000, 20, 100)
 CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
 TICK_S = 0.25
 BACKLOG = 16384

@@ -22,6 +22,16 @@ from zmx.topology import Topology, parse_topology
 
 READY_PREFIX = "READY "
 POLL_MS = 100  # how long a node loop may block before it looks at its Stopper again
+# The garbage collector's thresholds in the matcher and gateway processes, which make no
+# reference cycles on their hot paths (tests/test_engine_stress.py checks the order path), so
+# a collection finds nothing and only stalls the loop. With CPython's (700, 10, 10):
+# - a gateway worker holding 1,000 connections under 160,000 deliveries/s ran a full collection
+#   every 4-5 s, each 35-77 ms (perf/bench_soak.py, 2 workers), and every message in flight
+#   waited; with these, 1.5 minutes of the same soak made no full collection, and three young
+#   ones over 20 ms;
+# - a matcher at 16,000 orders/s paused 41 times over 1 ms in about 25 s (up to 8 ms, 100 ms
+#   in all); with these, 2 times (3 ms in all).
+GC_THRESHOLDS = (10_000, 20, 100)
 
 # role -> module whose run(topology, name, stopper) serves a node of that role
 ROLE_MODULES = {
