@@ -31,7 +31,6 @@ so the kernel spreads connections over them.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import secrets
@@ -56,7 +55,7 @@ from zmx import codec
 from zmx.commands import CancelOrder, SubmitOrder
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.node.client import HWM, encode_header, parse_reply
-from zmx.node.runtime import GC_THRESHOLDS, Stopper, announce_ready
+from zmx.node.runtime import Stopper, announce_ready, settle_collector
 from zmx.protocol import Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe, error
 from zmx.topics import account_topic, is_private, topic
 from zmx.topology import GatewayLimits, GatewayNode, MatcherNode, RouterNode, Topology, connect_endpoint
@@ -811,8 +810,7 @@ def _serve(topology: Topology, node: GatewayNode, worker: int, ready: Callable[[
     # 100,000 clients reconnecting made 200,000 lines and a fair part of the storm's CPU.
     # The gateway says what matters itself (counts, slow consumers, resyncs).
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    gc.set_threshold(*GC_THRESHOLDS)
-    gc.freeze()  # what exists now (modules, the topology) lives as long as the process
+    settle_collector()
 
     async def main() -> None:
         stop = asyncio.Event()

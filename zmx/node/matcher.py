@@ -58,7 +58,7 @@ from zmx.engine import MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES
 from zmx.exceptions import DecodeError
 from zmx.node.journal import Journal, JournalError
-from zmx.node.runtime import GC_THRESHOLDS, POLL_MS, Stopper, announce_ready
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready, settle_collector
 from zmx.node.usedids import UsedIds
 from zmx.node.usedids import store as store_used_ids
 from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, unpack_requests
@@ -791,11 +791,9 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         except _StartFailure as e:
             log.error("%s", e)
             raise SystemExit(1) from None
-        # Every object so far (modules, recovered books) lives as long as the process: keep
-        # them out of the garbage collector's full passes, which otherwise stall the loop
-        # for tens of milliseconds (measured: p99 ack latency); and collect seldom.
-        gc.set_threshold(*GC_THRESHOLDS)
-        gc.freeze()
+        # The collector's full passes would otherwise stall the loop for tens of milliseconds
+        # (measured: p99 ack latency).
+        settle_collector()
         announce_ready(name, "matcher", **matcher.ready_details())
         log.info("serving %s (epoch %d, fsync %s) on pub %s, snapshot %s, routers %s",
                  ", ".join(matcher.symbols) or "no symbols", matcher.epoch, matcher.node.fsync,

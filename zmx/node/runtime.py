@@ -9,6 +9,7 @@ SIGTERM: every loop polls its sockets with a short timeout and checks ``Stopper.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -40,6 +41,14 @@ ROLE_MODULES = {
     "relay": "zmx.node.relay",
     "gateway": "zmx.node.gateway",
 }
+
+
+def settle_collector() -> None:
+    """Before a node starts serving: the collector's thresholds (``GC_THRESHOLDS``), and every
+    object alive now (modules, the topology, recovered books), which lives as long as the
+    process, kept out of its passes."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
 
 
 def load_topology(path: str | PathLike[str]) -> Topology:
