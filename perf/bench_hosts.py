@@ -52,8 +52,9 @@ Runs (each a fresh set of relays, gateways and clients; the matcher, router and 
    4 s) at a low order rate (``--scale-rate``, 300 orders/s: the matcher, router and driver take
    about a tenth of the cores) with many connections per gateway (``--scale-clients``, 2000,
    split over ``--scale-client-procs`` client processes, 2, so one client process does not cap a
-   gateway), each on all ten channels: about 700,000 messages/s offered per gateway, more than
-   the machine delivers from G = 3 on -> claim (3). A round whose backlog fills the kernel's TCP
+   gateway), each on all ten channels, each gateway host capped at ``--scale-gateway-cpu`` (0.25)
+   of a core: about 700,000 messages/s offered per gateway, more than one capped gateway
+   delivers, and more than the machine delivers from G = 3 on -> claim (3). A round whose backlog fills the kernel's TCP
    buffers to near ``tcp_mem``'s pressure threshold (``TCP_NEAR``) is kept but left out of the
    claim: the kernel then shrinks buffers and the round measures that, not the gateways (on this
    box it happened at G = 6 with 5-second rounds: delivered/s fell to a third).
@@ -62,13 +63,16 @@ Why run 4 is a run of its own: with few connections and a high order rate (the w
 was first measured) the order path took most of the two cores at G = 1, and each added gateway
 brought its own clients and cost little, so delivered/s grew linearly while "the cores were
 used up": the gateways were never what limited delivery. Run 4 makes the gateways and their
-clients the limit: the publications are few and cheap, the connections many. What it cannot
-remove: the clients run on the same two cores and cost at least as much per delivered message
-as the gateway, so one gateway and its clients can fill the machine on their own; and a
+clients the limit: the publications are few and cheap, the connections many. And each gateway
+host of run 4 has a CPU budget of its own (``--scale-gateway-cpu``, 0.25 of a core: a cgroup
+per host, ``CpuCaps``), as a host has cores of its own: without it the clients, which run on
+the same two cores and cost at least as much per delivered message as the gateway, fill the
+machine with one uncapped gateway, and the growth part of the claim cannot be seen (the runs
+before the cap: G = 1 already used 1.94 of the 2 cores). What the cap does not remove: a
 gateway short of CPU joins more messages into each write (one write per connection per loop
 turn), so its cost per message falls as it falls behind (so do the clients', reading bigger
-chunks). The step table shows both (CPU per delivered message of the gateways and of the
-clients, per G).
+chunks). The step table shows it (CPU per delivered message of the gateways and of the
+clients, per G). ``--scale-gateway-cpu 0`` runs it uncapped.
 
 Claims checked (``claims`` in the JSON, rows in ``summary``):
 
@@ -82,15 +86,17 @@ Claims checked (``claims`` in the JSON, rows in ``summary``):
    Per G the JSON keeps delivered/s, offered/s, each gateway's cores, the clients', the order
    path's (matcher + router + driver), the relay's, interrupts, other processes and the machine's
    busy cores, all while the orders were sent. Checked: the gateway at the first G is busy
-   (>= ``GATEWAY_BUSY`` of a core; else the gateways were not the limit and nothing is shown);
+   (>= ``GATEWAY_BUSY`` of its host's cap, or of a core without one; else the gateways were not
+   the limit and nothing is shown);
    each step to one more gateway grows delivered/s by >= ``GROWS`` while the machine had cores
    left at the smaller G, and grows by less (flat) once >= ``CORES_FULL`` of the cores were busy;
    both a growth step and a flat step must have been seen. ``verdict`` says in words which part
-   was shown and which was not (on two cores a busy gateway and its clients may use up the
-   machine at G = 1, and then the growth part cannot be shown here).
+   was shown and which was not (uncapped, a busy gateway and its clients use up two cores at
+   G = 1, and then the growth part cannot be shown here).
 
-Run as root (it creates namespaces): ``.venv/bin/python perf/bench_hosts.py`` (about 5 minutes)
-or ``--quick`` (about a minute, no results file). Writes ``perf/results/hosts.json`` and the PNGs
+Run as root (it creates namespaces and a cgroup per capped host, and removes them):
+``.venv/bin/python perf/bench_hosts.py`` (about 5 minutes) or ``--quick`` (about a minute, no
+results file). Writes ``perf/results/hosts.json`` and the PNGs
 ``perf/results/hosts_gateway_cpu.png``, ``hosts_matcher_cpu.png``, ``hosts_delivered.png``.
 """
 
@@ -194,6 +200,73 @@ def create_namespaces(hosts: dict[str, str]) -> None:
         _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "link", "set", "lo", "up")
+
+
+# -- CPU budgets of hosts ----------------------------------------------------------------------------------
+#
+# A namespace shares the machine's cores, where a real host has cores of its own. In the scaling
+# run each gateway host gets a budget: a cgroup (named after its namespace) whose processes may
+# use at most ``--scale-gateway-cpu`` of a core together, through the scheduler's bandwidth
+# control (``quota`` us of CPU in every ``CAP_PERIOD_US``). One gateway host is then smaller than
+# the machine, as it is in a deployment where the clients are elsewhere, and what one more
+# gateway adds can be seen until the machine's own cores are used up.
+
+CAP_PERIOD_US = 20_000
+MIN_CAP = 0.05  # the kernel's smallest quota is 1 ms a period
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1, the cpu controller's hierarchy
+CGROUP_V2 = Path("/sys/fs/cgroup")  # cgroup v2 (unified) mounted here
+
+
+def _cgroup_root() -> tuple[Path, bool] | None:
+    """Where CPU caps are made and whether that is cgroup v2; None when neither is usable."""
+    if (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+        return CGROUP_V1_CPU, False
+    with contextlib.suppress(OSError):
+        if "cpu" in (CGROUP_V2 / "cgroup.controllers").read_text().split():
+            return CGROUP_V2, True
+    return None
+
+
+class CpuCaps:
+    """A CPU cap per host: ``cap(host, share, pid)`` puts the process in the host's cgroup;
+    ``remove()`` deletes every cgroup of this benchmark once its processes have ended."""
+
+    def __init__(self) -> None:  # noqa: D107
+        found = _cgroup_root()
+        if found is None:
+            raise RuntimeError(f"CPU caps for hosts need the cgroup v1 cpu controller ({CGROUP_V1_CPU}) or "
+                               f"cgroup v2 with the cpu controller ({CGROUP_V2}); run with --scale-gateway-cpu 0 "
+                               "to let the gateway hosts share the machine uncapped")
+        self.root, self.v2 = found
+
+    def cap(self, host: str, share: float, pid: int) -> None:
+        path = self.root / host
+        path.mkdir(exist_ok=True)
+        quota = round(share * CAP_PERIOD_US)
+        if self.v2:
+            control = self.root / "cgroup.subtree_control"
+            if "cpu" not in control.read_text().split():
+                control.write_text("+cpu")
+            (path / "cpu.max").write_text(f"{quota} {CAP_PERIOD_US}")
+        else:
+            (path / "cpu.cfs_period_us").write_text(str(CAP_PERIOD_US))
+            (path / "cpu.cfs_quota_us").write_text(str(quota))
+        # ``ip netns exec`` execs the command: the pid is the process's own, and its threads and
+        # children follow it into the group
+        (path / "cgroup.procs").write_text(str(pid))
+
+
+def remove_cpu_caps() -> list[str]:
+    """Delete every ``zmxh-*`` cgroup (their processes must have ended); the names removed."""
+    found = _cgroup_root()
+    removed = []
+    for path in sorted(found[0].glob(f"{PREFIX}*")) if found else []:
+        try:
+            path.rmdir()
+            removed.append(path.name)
+        except OSError as e:
+            warn(f"cannot remove the cgroup {path}: {e.strerror or e}")
+    return removed
 
 
 # -- processes in namespaces --------------------------------------------------------------------------
@@ -571,6 +644,7 @@ class Run(NamedTuple):
     clients: int  # connections per gateway
     client_procs: int  # client processes per gateway they are split over
     seconds: float  # length of a round
+    gateway_cpu: float = 0.0  # each gateway host's CPU cap, in cores (0: none, it shares the machine)
 
 
 class Bench:
@@ -583,6 +657,12 @@ class Bench:
         self.procs: list[NsProcess] = []
         self.serial = 0
         self.progress = Progress(1)
+        self._caps: CpuCaps | None = None
+
+    def caps(self) -> CpuCaps:
+        if self._caps is None:
+            self._caps = CpuCaps()
+        return self._caps
 
     # -- processes --------------------------------------------------------------------------
 
@@ -658,6 +738,9 @@ class Bench:
             self.ready(xs, 60.0)
             gws = [self.node(f"{PREFIX}g{i}", f"g{i}", topo) for i in range(1, gateways + 1)]
             started += gws
+            if plan.gateway_cpu:
+                for i, g in enumerate(gws, 1):
+                    self.caps().cap(f"{PREFIX}g{i}", plan.gateway_cpu, g.pid)
             self.ready(gws, 60.0)
             clients: list[list[NsProcess]] = [[] for _ in gws]
 
@@ -901,10 +984,11 @@ def points(rounds: list[dict[str, Any]], run_prefix: str, label: str, key: str, 
     return {k: v for k, v in ((k, mean(vs)) for k, vs in sorted(grouped.items())) if v is not None}
 
 
-def scaling_claim(rounds: list[dict[str, Any]], cores: int) -> dict[str, Any]:
+def scaling_claim(rounds: list[dict[str, Any]], cores: int, cap: float) -> dict[str, Any]:
     """Claim (3) from the scaling rounds (one per gateway count): each step to one more gateway
     must grow (>= ``GROWS``) while the cores had room at the smaller count, and stay flat (below
-    ``GROWS``) once they were used up; and the gateway of the first step must have been busy,
+    ``GROWS``) once they were used up; and the gateway of the first step must have been busy
+    (``GATEWAY_BUSY`` of what it may use: its host's CPU cap ``cap``, or one core without a cap),
     else the gateways were not what limited delivery and nothing is shown. ``verdict`` says in
     words what was and was not shown."""
     by_g = {r["gateways"]: r for r in rounds if r.get("delivered_per_s")}
@@ -934,11 +1018,14 @@ def scaling_claim(rounds: list[dict[str, Any]], cores: int) -> dict[str, Any]:
         owed = "flat" if a["cores_used_up"] else "grow"
         moves.append({"from": a["gateways"], "to": b["gateways"], "ratio": ratio, "owed": owed,
                       "ok": ratio >= GROWS if owed == "grow" else ratio < GROWS})
+    limit = cap or 1.0  # what one gateway process may use: its host's cap, else one core (one thread)
+    budget = f"its host's cap of {cap:g} core" if cap else "one core"
     c3: dict[str, Any] = {
-        "steps": steps, "moves": moves, "cores": cores,
+        "steps": steps, "moves": moves, "cores": cores, "gateway_cpu_cap": cap or None,
         "cores_used_up_at_gateways": next((s["gateways"] for s in steps if s["cores_used_up"]), None),
-        "wanted": f"the first gateway busy (>= {GATEWAY_BUSY} core); each added gateway grows delivered/s "
-                  f">= {GROWS}x while the cores had room, < {GROWS}x once {CORES_FULL:.0%} of them were busy"}
+        "wanted": f"the first gateway busy (>= {GATEWAY_BUSY:.0%} of {budget}); each added gateway grows "
+                  f"delivered/s >= {GROWS}x while the cores had room, < {GROWS}x once {CORES_FULL:.0%} of them "
+                  "were busy"}
     if len(kept) < 2:
         c3.update(met=False, verdict="not measured: fewer than two gateway counts clear of TCP memory pressure")
         return c3
@@ -950,13 +1037,13 @@ def scaling_claim(rounds: list[dict[str, Any]], cores: int) -> dict[str, Any]:
                 f"{s['clients_cores']:.2f}, order path {s['order_path_cores']:.2f}, relay {s['relay_cores']:.2f}, "
                 f"others {s['others_cores']} (interrupt work within these: {s['irq_cores']})")
 
-    loaded = max(first["gateway_cores"]) >= GATEWAY_BUSY
+    loaded = max(first["gateway_cores"]) >= GATEWAY_BUSY * limit
     grew = [m for m in moves if m["owed"] == "grow"]
     flat = [m for m in moves if m["owed"] == "flat"]
     parts = []
     if not loaded:
         parts.append(f"not shown: the gateway at G={first['gateways']} used {max(first['gateway_cores']):.2f} "
-                     f"of a core, so its one-core cap was not what limited delivery")
+                     f"of a core, so {budget} was not what limited delivery")
     if grew:
         parts.append("; ".join(f"G={m['from']}->{m['to']} with cores to spare: {m['ratio']:.2f}x "
                                f"({'grew' if m['ok'] else 'did NOT grow'})" for m in grew))
@@ -1050,7 +1137,7 @@ def claims(rounds: list[dict[str, Any]], args: argparse.Namespace, cores: int) -
     c2["met"] = bool(grows and flat)
 
     # (3) delivered messages/s against gateway processes (the scaling run)
-    c3 = scaling_claim([r for r in rounds if r["run"].startswith("scale-")], cores)
+    c3 = scaling_claim([r for r in rounds if r["run"].startswith("scale-")], cores, args.scale_gateway_cpu)
     return {"1_gateway_cpu_flat": c1, "2_matcher_cost_by_relays": c2, "3_delivered_scales": c3}
 
 
@@ -1157,9 +1244,11 @@ def plot(figures: dict[str, Any], prefix: str = "hosts") -> list[Path]:
         for a in (a1, a2):
             a.set_xlabel("gateway processes (one relay)")
             a.xaxis.get_major_locator().set_params(integer=True)
+    cap = cfg.get("scale_gateway_cpu_cap")
+    capped = f"each gateway host capped at {cap:g} core (a cgroup)\n" if cap else ""
     a1.set_title(f"(3) delivered messages/s vs gateway processes ({'met' if c3['met'] else 'NOT met'})\n"
                  f"{cfg['scale_clients_per_gateway']:,} connections x {cfg['channels_per_client']} channels per "
-                 f"gateway, {cfg['scale_rate_orders_per_s']:g} orders/s\n{title}", fontsize=9)
+                 f"gateway, {cfg['scale_rate_orders_per_s']:g} orders/s\n{capped}{title}", fontsize=9)
     path = RESULTS_DIR / f"{prefix}_delivered.png"
     _save(fig, path)
     written.append(path)
@@ -1192,6 +1281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-rate", type=float, default=300.0, help="orders/s of the scaling rounds (300)")
     parser.add_argument("--scale-seconds", type=float, default=4.0,
                         help="length of a scaling round (4 s: the backlog of the larger counts stays in RAM)")
+    parser.add_argument("--scale-gateway-cpu", type=float, default=0.25,
+                        help="CPU cap of each gateway host in the scaling run, in cores (0.25; 0: no cap, the "
+                             "gateways share the machine's cores)")
     parser.add_argument("--repeat", type=int, default=2, help="moderate rounds per run, averaged (2)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run (under a minute), no results file")
@@ -1209,22 +1301,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("gateway counts are at least 1; --scale-client-procs is 1 to --scale-clients")
     if not 1 <= args.channels <= len(SYMBOLS):
         parser.error(f"--channels is 1-{len(SYMBOLS)}")
+    if args.scale_gateway_cpu and not MIN_CAP <= args.scale_gateway_cpu <= 1:
+        parser.error(f"--scale-gateway-cpu is 0 (no cap) or {MIN_CAP} to 1 core: one gateway process runs one thread")
     if os.geteuid() != 0:
         parser.error("network namespaces need root")
     stop_on_sigterm()
     left = remove_namespaces()
     if left:
         warn(f"removed namespaces left by an earlier run: {', '.join(left)}")
+    left = remove_cpu_caps()
+    if left:
+        warn(f"removed CPU caps (cgroups) left by an earlier run: {', '.join(left)}")
     before = machine_busy()
     note = noise_note(before, "before the run")
     if note:
         warn(note)
     load_before = os.getloadavg()
+    cap = f"each gateway host capped at {args.scale_gateway_cpu:g} core" if args.scale_gateway_cpu else "no CPU cap"
     print(f"hosts: matcher+router, driver, {MAX_RELAYS} relay hosts, up to {max(counts)} gateway hosts, "
           f"{CLIENT_HOSTS} client hosts (namespaces {PREFIX}*, bridge {BRIDGE} in {BRIDGE_NS}, {SUBNET}.0/24); "
           f"{args.clients} connections per gateway x {args.channels} channels, rounds of {args.seconds:g} s at "
           f"{args.rate:g} orders/s; scaling run: {args.scale_clients} connections per gateway "
-          f"({args.scale_client_procs} client processes), {args.scale_seconds:g} s at {args.scale_rate:g} orders/s; "
+          f"({args.scale_client_procs} client processes), {args.scale_seconds:g} s at {args.scale_rate:g} orders/s, "
+          f"{cap}; "
           f"load average {load_before[0]:.2f}", flush=True)
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-hosts-"))
     hosts = host_addresses(max(counts))
@@ -1235,7 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
     plan += [Run(f"direct-g{g}", 0, g, True, moderate, [], args.clients, 1, args.seconds)
              for g in args.direct_gateways]
     plan += [Run(f"scale-g{g}", 1, g, False, [("scaling", args.scale_rate)], [], args.scale_clients,
-                 args.scale_client_procs, args.scale_seconds) for g in args.scale_gateways]
+                 args.scale_client_procs, args.scale_seconds, args.scale_gateway_cpu) for g in args.scale_gateways]
     bench = Bench(args, directory, hosts)
     bench.progress = Progress(1 + sum(1 + sum(args.repeat if label == "moderate" else 1 for label, _ in run.rounds)
                                       + len(run.more_clients) * args.repeat for run in plan))
@@ -1252,6 +1351,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop_all()
         remove_namespaces()
+        remove_cpu_caps()
         if args.keep:
             print(f"kept {directory}")
         else:
@@ -1288,6 +1388,7 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], idle: dict[st
                    "scale_gateways": args.scale_gateways, "scale_clients_per_gateway": args.scale_clients,
                    "scale_client_procs_per_gateway": args.scale_client_procs,
                    "scale_rate_orders_per_s": args.scale_rate, "scale_round_seconds": args.scale_seconds,
+                   "scale_gateway_cpu_cap": args.scale_gateway_cpu or None, "cpu_cap_period_us": CAP_PERIOD_US,
                    "repeat": args.repeat, "seed": args.seed, "matcher_fsync": "never",
                    "symbols": len(SYMBOLS), "subnet": f"{SUBNET}.0/24", "namespaces_prefix": PREFIX,
                    "gateway_limits": "ping_interval_s 3600, ping_timeout_s 3600, slow_consumer_ms 600000",

@@ -140,9 +140,11 @@ def hosts(f: dict[str, Any]) -> list[Row]:
     rates = ", ".join(f"{round(s['delivered_per_s']):,} (G={s['gateways']}, {s['machine_cores_busy']} cores busy)"
                       for s in steps)
     full = c3["cores_used_up_at_gateways"]
+    cap = cfg.get("scale_gateway_cpu_cap")
     rows.append(row(f"same, (3) delivered messages/s vs gateway processes: {cfg['scale_clients_per_gateway']:,} "
                     f"connections x {cfg['channels_per_client']} channels per gateway, "
-                    f"{cfg['scale_rate_orders_per_s']:g} orders/s",
+                    f"{cfg['scale_rate_orders_per_s']:g} orders/s"
+                    + (f", each gateway host capped at {cap:g} core (a cgroup)" if cap else ""),
                     f"{rates}; {c3['verdict'].split(' | ')[0]}" if steps else "-", "the step before",
                     ", ".join(f"{m['ratio']:.2f}x (G={m['from']}->{m['to']})" for m in c3["moves"]),
                     f"grows while cores are idle, flat once the {c3['cores']} cores are used up"
