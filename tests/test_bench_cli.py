@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 from click.testing import CliRunner
 
-from zmx.cli import TABLE_END, TABLE_START, main
+from zmx.cli import TABLE_END, TABLE_START, main, performance_table, replace_table
 
 REPO = Path(__file__).resolve().parent.parent
 PERF = REPO / "perf"
@@ -317,6 +317,23 @@ def test_the_readme_has_the_markers_around_its_table() -> None:
     assert text.count(TABLE_START) == 1 and text.count(TABLE_END) == 1
     table = text.split(TABLE_START)[1].split(TABLE_END)[0]
     assert table.startswith("\n| benchmark (results file) |")
+
+
+def test_the_readme_table_is_the_one_the_committed_results_give() -> None:
+    """A results file committed without ``zmx bench report`` would leave old figures on show."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table, used, _ = performance_table(PERF / "results")
+    assert used, "no results files with summary rows in perf/results"
+    assert replace_table(text, table) == text, "the README's table is stale: run `zmx bench report`"
+
+
+def test_scaling_md_holds_the_arithmetic_of_the_committed_results() -> None:
+    """SCALING.md's tables are what ``perf/scaling.py`` computes from perf/results."""
+    inputs_table, plan_table = load_perf_module("scaling").tables()
+    text = (PERF / "SCALING.md").read_text(encoding="utf-8")
+    for marker, table in (("inputs", inputs_table), ("plan", plan_table)):
+        written = text.split(f"<!-- scaling:{marker}:start -->\n")[1].split(f"\n<!-- scaling:{marker}:end -->")[0]
+        assert written == table, f"SCALING.md's {marker} table is stale: run `.venv/bin/python perf/scaling.py --write`"
 
 
 # -- summaries and progress lines of the benchmarks ---------------------------------------------------
