@@ -104,22 +104,6 @@ def apply_levels(side: SortedDict, levels: Iterable[Level], sign: int) -> None:
             side.pop(sign * ticks, None)
 
 
-def _touches_top(side: SortedDict, levels: Iterable[Level], sign: int) -> bool:
-    """Whether levels just applied to ``side`` may have changed its top ``CHECKSUM_DEPTH``.
-
-    Judged on the side after the change: a level at or above the side's last checksummed key
-    now was in the top before too (or pushed one out of it, or moved one into it when it was
-    removed); one below it changed nothing there. A side that short is always touched.
-    """
-    if len(side) <= CHECKSUM_DEPTH:
-        return True
-    edge = side.peekitem(CHECKSUM_DEPTH - 1)[0]
-    for ticks, _ in levels:
-        if sign * ticks <= edge:
-            return True
-    return False
-
-
 class L2Mirror:
     """An L2 copy of one symbol's book, kept from a snapshot plus ``BookChanged`` diffs.
 
@@ -146,8 +130,9 @@ class L2Mirror:
         self._prices: dict[int, str] = {}  # ticks -> price text
         self._quantities: dict[int, str] = {}  # lots -> quantity text (the level's new total usually
         # comes in an update first: its text is then made once, for the message and the checksum)
-        # The checksum of the book as it is, and each side's top-level texts it was made of;
-        # None once an update reached a side's top CHECKSUM_DEPTH levels (see _touches_top).
+        # The checksum of the book as it is (None once an update changed a side's top
+        # CHECKSUM_DEPTH levels), and each side's top-level texts, best first: made by the first
+        # checksum(), then edited by every update that reaches them (_apply_keeping_top).
         self._checksum: int | None = None
         self._bid_top: list[str] | None = None
         self._ask_top: list[str] | None = None
@@ -182,15 +167,52 @@ class L2Mirror:
             self._buffer.append(change)
             raise SequenceGap(self.symbol, seq + 1, change.seq)
         if change.bids:
-            apply_levels(self._bids, change.bids, -1)
-            if _touches_top(self._bids, change.bids, -1):
-                self._bid_top = self._checksum = None
+            top = self._bid_top
+            if top is None:
+                apply_levels(self._bids, change.bids, -1)
+            elif self._apply_keeping_top(self._bids, change.bids, -1, top, self._bid_texts):
+                self._checksum = None
         if change.asks:
-            apply_levels(self._asks, change.asks, 1)
-            if _touches_top(self._asks, change.asks, 1):
-                self._ask_top = self._checksum = None
+            top = self._ask_top
+            if top is None:
+                apply_levels(self._asks, change.asks, 1)
+            elif self._apply_keeping_top(self._asks, change.asks, 1, top, self._ask_texts):
+                self._checksum = None
         self.seq = change.seq
         return True
+
+    def _apply_keeping_top(self, side: SortedDict, levels: Iterable[Level], sign: int, top: list[str],
+                           texts: dict[tuple[int, int], str]) -> bool:
+        """``apply_levels``, and the side's top ``CHECKSUM_DEPTH`` texts (``top``, known)
+        edited in place: a level changed, added or removed there is one list operation at its
+        position, instead of the whole list made again (most updates reach the top levels).
+        Whether the top changed."""
+        depth = CHECKSUM_DEPTH
+        changed = False
+        for ticks, lots in levels:
+            key = sign * ticks
+            if lots:
+                known = key in side
+                side[key] = lots
+                pos = side.index(key)
+                if pos < depth:
+                    text = self._level_text(texts, key, lots, sign)
+                    if known:
+                        top[pos] = text
+                    else:
+                        top.insert(pos, text)
+                        del top[depth:]
+                    changed = True
+            elif key in side:
+                pos = side.index(key)
+                del side[key]
+                if pos < depth:
+                    del top[pos]
+                    if len(side) >= depth:
+                        key, lots = side.peekitem(depth - 1)
+                        top.append(self._level_text(texts, key, lots, sign))
+                    changed = True
+        return changed
 
     def load_snapshot(self, seq: int, bids: Iterable[Level], asks: Iterable[Level]) -> list[BookChanged]:
         """Replace the book with a snapshot valid at ``seq`` and catch up from the buffer.
@@ -244,10 +266,10 @@ class L2Mirror:
             return self._checksum  # no update reached the top levels since it was computed
         bids = self._bid_top
         if bids is None:
-            bids = self._bid_top = self._top_texts(spec, self._bids, self._bid_texts, -1)
+            bids = self._bid_top = self._top_texts(self._bids, self._bid_texts, -1)
         asks = self._ask_top
         if asks is None:
-            asks = self._ask_top = self._top_texts(spec, self._asks, self._ask_texts, 1)
+            asks = self._ask_top = self._top_texts(self._asks, self._ask_texts, 1)
         # the same text as checksum(): pairs interleaved level by level, a short side skipped
         n = min(len(bids), len(asks))
         parts = [text for pair in zip(bids, asks) for text in pair]
@@ -276,19 +298,20 @@ class L2Mirror:
             out.append([price, quantity])
         return out
 
-    def _top_texts(self, spec: SymbolSpec, side: SortedDict, texts: dict[tuple[int, int], str],
-                   sign: int) -> list[str]:
-        """The "price:quantity" texts of a side's top levels, best first (memoised per level)."""
-        if len(texts) > _LEVEL_TEXT_CACHE:
-            texts.clear()
-        out = []
-        for level in side.items()[:CHECKSUM_DEPTH]:
-            text = texts.get(level)
-            if text is None:
-                (price, quantity), = self.texts(spec, ((sign * level[0], level[1]),))
-                text = texts[level] = f"{price}:{quantity}"
-            out.append(text)
-        return out
+    def _top_texts(self, side: SortedDict, texts: dict[tuple[int, int], str], sign: int) -> list[str]:
+        """The "price:quantity" texts of a side's top levels, best first, in ``_text_spec``'s
+        units (memoised per level)."""
+        return [self._level_text(texts, key, lots, sign) for key, lots in side.items()[:CHECKSUM_DEPTH]]
+
+    def _level_text(self, texts: dict[tuple[int, int], str], key: int, lots: int, sign: int) -> str:
+        """One level's "price:quantity" text in ``_text_spec``'s units (memoised)."""
+        text = texts.get((key, lots))
+        if text is None:
+            if len(texts) > _LEVEL_TEXT_CACHE:
+                texts.clear()
+            (price, quantity), = self.texts(self._text_spec, ((sign * key, lots),))  # type: ignore[arg-type]
+            text = texts[(key, lots)] = f"{price}:{quantity}"
+        return text
 
     def _use_spec(self, spec: SymbolSpec) -> None:
         """Texts from now on in ``spec``'s units: every memo goes."""
@@ -321,6 +344,12 @@ class L2Mirror:
             assert not self._bids and not self._asks
         else:
             assert not self._buffer, "a synced mirror buffers nothing"
+        spec = self._text_spec
+        for top, side, sign in ((self._bid_top, self._bids, -1), (self._ask_top, self._asks, 1)):
+            if top is not None and spec is not None:  # kept by the updates: equal to one made afresh
+                fresh = [f"{price}:{quantity}" for price, quantity in format_levels(
+                    spec, ((sign * key, lots) for key, lots in side.items()[:CHECKSUM_DEPTH]))]
+                assert top == fresh, (top, fresh)
 
     def __repr__(self) -> str:
         state = f"seq={self.seq}" if self.synced else f"unsynced, {len(self._buffer)} buffered"
