@@ -54,10 +54,11 @@ Runs (each a fresh set of relays, gateways and clients; the matcher, router and 
    split over ``--scale-client-procs`` client processes, 2, so one client process does not cap a
    gateway), each on all ten channels, each gateway host capped at ``--scale-gateway-cpu`` (0.25)
    of a core: about 700,000 messages/s offered per gateway, more than one capped gateway
-   delivers, and more than the machine delivers from G = 3 on -> claim (3). A round whose backlog fills the kernel's TCP
-   buffers to near ``tcp_mem``'s pressure threshold (``TCP_NEAR``) is kept but left out of the
-   claim: the kernel then shrinks buffers and the round measures that, not the gateways (on this
-   box it happened at G = 6 with 5-second rounds: delivered/s fell to a third).
+   delivers, and more than the machine delivers from G = 3 on -> claim (3). A round whose
+   backlog fills the kernel's TCP buffers to near ``tcp_mem``'s pressure threshold
+   (``TCP_NEAR``) is kept but left out of the claim: the kernel then shrinks buffers and the
+   round measures that, not the gateways (on this box it happened at G = 6 with 5-second
+   rounds: delivered/s fell to a third).
 
 Why run 4 is a run of its own: with few connections and a high order rate (the way claim (3)
 was first measured) the order path took most of the two cores at G = 1, and each added gateway
@@ -67,8 +68,8 @@ clients the limit: the publications are few and cheap, the connections many. And
 host of run 4 has a CPU budget of its own (``--scale-gateway-cpu``, 0.25 of a core: a cgroup
 per host, ``CpuCaps``), as a host has cores of its own: without it the clients, which run on
 the same two cores and cost at least as much per delivered message as the gateway, fill the
-machine with one uncapped gateway, and the growth part of the claim cannot be seen (the runs
-before the cap: G = 1 already used 1.94 of the 2 cores). What the cap does not remove: a
+machine with one uncapped gateway, and the growth part of the claim cannot be seen (in the
+runs before the cap, 1.94 of the 2 cores were busy at G = 1). What the cap does not remove: a
 gateway short of CPU joins more messages into each write (one write per connection per loop
 turn), so its cost per message falls as it falls behind (so do the clients', reading bigger
 chunks). The step table shows it (CPU per delivered message of the gateways and of the
@@ -228,8 +229,8 @@ def _cgroup_root() -> tuple[Path, bool] | None:
 
 
 class CpuCaps:
-    """A CPU cap per host: ``cap(host, share, pid)`` puts the process in the host's cgroup;
-    ``remove()`` deletes every cgroup of this benchmark once its processes have ended."""
+    """CPU caps of hosts: ``cap(host, share, pid)`` puts a process in the host's cgroup, made
+    on first use; ``remove_cpu_caps`` deletes them once their processes have ended."""
 
     def __init__(self) -> None:  # noqa: D107
         found = _cgroup_root()
