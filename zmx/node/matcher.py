@@ -58,7 +58,7 @@ from zmx.engine import MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES
 from zmx.exceptions import DecodeError
 from zmx.node.journal import Journal, JournalError
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready, settle_collector
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready, keep_mmap_threshold, settle_collector
 from zmx.node.usedids import UsedIds
 from zmx.node.usedids import store as store_used_ids
 from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, unpack_requests
@@ -780,6 +780,7 @@ class Matcher:
 
 def run(topology: Topology, name: str, stopper: Stopper) -> None:
     """Serve matcher ``name`` until ``stopper.stopped``; exit status 1 if it cannot start."""
+    keep_mmap_threshold()  # before recovery builds the books and the id filters
     try:
         matcher = Matcher(topology, name)
     except _StartFailure as e:

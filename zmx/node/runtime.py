@@ -9,6 +9,7 @@ SIGTERM: every loop polls its sockets with a short timeout and checks ``Stopper.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import json
@@ -41,6 +42,30 @@ ROLE_MODULES = {
     "relay": "zmx.node.relay",
     "gateway": "zmx.node.gateway",
 }
+
+
+# glibc's malloc maps each block of at least M_MMAP_THRESHOLD bytes on its own and unmaps it
+# when it is freed; by default the threshold starts at 128 KiB and rises to the size of the
+# largest such block freed so far (up to 32 MiB), and blocks under it come from the heap,
+# which keeps what is freed. A matcher frees a big set table at every snapshot (its
+# generation of order ids) and allocates its id filters in tiers of 512 KiB and more: with the
+# rising threshold its RSS gained a few MB after the first big free and stopped going down
+# with its snapshot cycle (perf/bench_soak.py).
+MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+
+
+def keep_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` (which also stops it from rising), so
+    that big blocks go back to the system when they are freed. ``False`` where the C library
+    is not glibc (nothing changes there)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # another C library: its mallopt numbers differ
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def settle_collector() -> None:
