@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -370,3 +371,60 @@ def test_progress_lines_only_when_zmx_bench_asks(monkeypatch: pytest.MonkeyPatch
     assert run() == 0.5 and run() == 0.5  # the round's own seconds, unchanged
     assert capsys.readouterr().err.splitlines() == [
         "PROGRESS 1/2 warm-up", "PROGRESS 2/2 engine round 1", "PROGRESS 3/3 engine round 2"]
+
+
+# -- the hosts benchmark's claims ----------------------------------------------------------------
+
+
+@pytest.fixture
+def hosts(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(PERF))  # it imports the other benchmarks, as a script would
+    return load_perf_module("bench_hosts")
+
+
+def scaling_round(g: int, delivered: int, busy: float, unit: float | None = None, lag: float = 1.0) -> dict:
+    """One round of bench_hosts' scaling run, with what ``scaling_claim`` reads."""
+    return {"run": f"scale-g{g}", "round": "scaling", "gateways": g, "delivered_per_s": delivered,
+            "offered_per_s": 700_000 * g, "keep_up": 1.0, "lag_s": lag, "speed_unit_us": unit,
+            "cores_while_driven": {"gateways": [0.25] * g, "clients": 0.5 * g, "order_path": 0.2, "relays": 0.02,
+                                   "ours": busy, "irq": 0.1, "others": 0.0, "machine": busy},
+            "gateway_cpu_us_per_delivered": 0.4, "clients_cpu_us_per_delivered": 0.8,
+            "matcher_threads_us_per_published": {"python": 300.0, "zmq_io": 100.0},
+            "tcp_mem_pages_at_driven_end": 1000, "tcp_mem_pressure_pages": 400_000}
+
+
+def test_scaling_claim_met_by_growth_then_a_plateau(hosts: ModuleType) -> None:
+    c3 = hosts.scaling_claim([scaling_round(1, 500_000, 0.95), scaling_round(2, 950_000, 1.6),
+                              scaling_round(3, 1_400_000, 1.95), scaling_round(4, 1_450_000, 1.97)], 2, 0.25)
+    assert c3["met"], c3["verdict"]
+    assert [m["owed"] for m in c3["moves"]] == ["grow", "grow", "flat"]
+
+
+def test_scaling_claim_counts_a_fall_past_the_cores_against_it(hosts: ModuleType) -> None:
+    """A round that broke down after the cores were used up is no plateau, and the idle cores
+    of that broken round do not make the next step owe growth."""
+    c3 = hosts.scaling_claim([scaling_round(1, 500_000, 0.95), scaling_round(2, 950_000, 1.6),
+                              scaling_round(3, 1_400_000, 1.95), scaling_round(4, 800_000, 1.3, lag=8.0),
+                              scaling_round(5, 1_050_000, 1.9)], 2, 0.25)
+    assert not c3["met"]
+    assert [m["owed"] for m in c3["moves"]] == ["grow", "grow", "flat", "flat"]
+    assert "G=3->4 with the cores used up: 0.57x (FELL)" in c3["verdict"]
+    assert "G=4->5 with the cores used up: 1.31x (still GREW)" in c3["verdict"]
+    assert "G=4 delivered 800,000/s" in c3["verdict"] and "8.0 s after the last order" in c3["verdict"]
+
+
+def test_speed_probe_gives_the_median_unit_of_a_window() -> None:
+    probe = load_perf_module("_common").SpeedProbe(every_s=0.001).start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(probe.samples) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the probe's own thread takes the samples
+    finally:
+        probe.stop()
+    samples = list(probe.samples)
+    assert len(samples) >= 5
+    first, last = samples[0][0], samples[-1][0]
+    units = sorted(cpu for _, cpu in samples)
+    assert probe.unit_us(first, last) == round(units[len(units) // 2] / 1000, 1) > 0
+    assert probe.unit_us(last + 1, last + 10**9) is None  # nothing measured then
+    assert len(probe.samples) == len(samples)  # stopped: no more samples
