@@ -13,7 +13,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -183,51 +182,6 @@ def noise_note(watch: CpuWatch, what: str) -> str | None:
         return (f"{what}, other processes kept {watch.others} CPUs busy (hypervisor steal {watch.steal}): "
                 "the figures are suspect; re-run when the machine is idle")
     return None
-
-
-class SpeedProbe:
-    """How fast the machine runs Python right now: a thread times the same small unit of work
-    (its own CPU time, ``time.thread_time_ns``) every ``every_s`` seconds.
-
-    On this shared virtual machine the CPU time of the same work varies up to 2.5x within
-    seconds (a loop measured at 74 to 184 ms, back and forth, with no steal time reported),
-    which neither ``CpuWatch`` nor ``/proc/stat`` shows. ``unit_us(start_ns, end_ns)`` is the
-    median unit of a window (``time.time_ns`` clock): a sign of noise to report beside a
-    round's figures. It is no correction factor: the unit also moves with the machine's own
-    load (a busy machine ran it up to 1.5x faster), unlike the work of the processes measured.
-    The probe costs about 2% of a core.
-    """
-
-    LOOPS = 10_000  # about 0.75 ms of CPU here
-
-    def __init__(self, every_s: float = 0.05) -> None:  # noqa: D107
-        self.every_s = every_s
-        self.samples: list[tuple[int, int]] = []  # (time_ns at the end of a unit, its CPU ns)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="speed-probe", daemon=True)
-
-    def _run(self) -> None:
-        clock, cpu, loops = time.time_ns, time.thread_time_ns, self.LOOPS
-        while not self._stop.wait(self.every_s):
-            t0 = cpu()
-            s = 0
-            for i in range(loops):
-                s += i * i
-            self.samples.append((clock(), cpu() - t0))
-
-    def start(self) -> SpeedProbe:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def unit_us(self, start_ns: int, end_ns: int) -> float | None:
-        """The median CPU µs of one unit between ``start_ns`` and ``end_ns``; None without samples."""
-        window = sorted(c for t, c in self.samples if start_ns <= t <= end_ns)
-        return round(window[len(window) // 2] / 1000, 1) if window else None
 
 
 def warn(message: str) -> None:

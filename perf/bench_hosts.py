@@ -78,15 +78,6 @@ turn), so its cost per message falls as it falls behind (so do the clients', rea
 chunks). The step table shows it (CPU per delivered message of the gateways and of the
 clients, per G). ``--scale-gateway-cpu 0`` runs it uncapped.
 
-The machine's speed: on this shared virtual machine the CPU time of the same work varies up
-to 2.5x within seconds, with no steal time reported. A thread of the benchmark
-(``SpeedProbe``) times a fixed unit of Python work every 50 ms, and each round keeps the
-median unit of its driven part (``speed_unit_us``), shown beside the round's figures. It is
-a sign of noise, not a correction: the claims are judged on the figures as measured (dividing
-the costs by it was tried: the unit moved with the machine's own load in the scaling run, up
-to 1.5x faster with both cores busy, and did not follow the costs' spread in the moderate
-rounds).
-
 Claims checked (``claims`` in the JSON, rows in ``summary``):
 
 1. a gateway's CPU per delivered message does not grow with the number of gateways
@@ -133,8 +124,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _common import (ROOT, RESULTS_DIR, Progress, SpeedProbe, _cpu_jiffies, machine_busy, metadata, noise_note,
-                     proc_stat_cpu, warn, write_results)
+from _common import (ROOT, RESULTS_DIR, Progress, _cpu_jiffies, machine_busy, metadata, noise_note, proc_stat_cpu,
+                     warn, write_results)
 from bench_fanout import HZ, client_frame, fmt
 from bench_orders import (
     ACCOUNTS,
@@ -672,7 +663,6 @@ class Bench:
         self.serial = 0
         self.progress = Progress(1)
         self._caps: CpuCaps | None = None
-        self.speed: SpeedProbe | None = None  # set by main for the whole run
 
     def caps(self) -> CpuCaps:
         if self._caps is None:
@@ -825,7 +815,6 @@ class Bench:
         cpu0 = {pid: cpu_jiffies(pid) for pid in {*singles, self.matcher.pid, self.router.pid, self.driver.pid}}
         threads0 = thread_ns(self.matcher.pid)
         machine0, split0, wall0 = _cpu_jiffies(), machine_split(), time.perf_counter()
-        driven_start_ns = time.time_ns()
         driven = self.drive(seconds, rate)
         cpu_driven = {pid: cpu_jiffies(pid) for pid in cpu0}
         split_driven, driven_end_ns, tcp = machine_split(), time.time_ns(), tcp_memory()
@@ -917,8 +906,6 @@ class Bench:
             "cores_while_driven": while_driven,
             "machine_cores_busy": round(machine, 3) if machine is not None else None,
             "others_cpus": others, "wall_s": round(wall, 2), "drained": drained,
-            # the machine's speed while the orders were sent: CPU us of SpeedProbe's unit of work
-            "speed_unit_us": self.speed.unit_us(driven_start_ns, driven_end_ns) if self.speed else None,
         }
 
 
@@ -951,8 +938,8 @@ def show(r: dict[str, Any]) -> None:
           f"N={r['clients_per_gateway']}: published {r['published']:,}, delivered {r['delivered']:,} "
           f"({fmt(r['delivered_per_s'])}/s), gateway {fmt(r['gateway_cpu_us_per_delivered'], '.2f')} us/msg, "
           f"matcher {fmt(r['matcher_cpu_us_per_published'], '.1f')} us/pub "
-          f"(io {fmt(r['matcher_threads_us_per_published']['zmq_io'], '.1f')}), cores {r['cores_busy_ours']:.2f}, "
-          f"speed unit {fmt(r.get('speed_unit_us'), '.0f')} us{'' if r['even'] else ', UNEVEN'}", flush=True)
+          f"(io {fmt(r['matcher_threads_us_per_published']['zmq_io'], '.1f')}), cores {r['cores_busy_ours']:.2f}"
+          f"{'' if r['even'] else ', UNEVEN'}", flush=True)
     if r["round"] == "scaling":
         w = r["cores_while_driven"]
         print(f"{'':19}offered {fmt(r['offered_per_s'])}/s, keep-up {fmt(r['keep_up'], '.3f')}, last arrival "
@@ -1027,7 +1014,6 @@ def scaling_claim(rounds: list[dict[str, Any]], cores: int, cap: float) -> dict[
             "cores_used_up": machine is not None and machine >= CORES_FULL * cores,
             "gateway_cpu_us_per_delivered": r["gateway_cpu_us_per_delivered"],
             "clients_cpu_us_per_delivered": r["clients_cpu_us_per_delivered"],
-            "speed_unit_us": r.get("speed_unit_us"),
             "tcp_mem_pages": r.get("tcp_mem_pages_at_driven_end"),
             "tcp_memory_pressure": bool(r.get("tcp_mem_pages_at_driven_end") and r.get("tcp_mem_pressure_pages")
                                         and r["tcp_mem_pages_at_driven_end"] >= TCP_NEAR * r["tcp_mem_pressure_pages"]),
@@ -1060,8 +1046,7 @@ def scaling_claim(rounds: list[dict[str, Any]], cores: int, cap: float) -> dict[
         gw = "+".join(f"{x:.2f}" for x in s["gateway_cores"])
         return (f"G={s['gateways']}: {s['machine_cores_busy']} of {cores} cores busy = gateways {gw}, clients "
                 f"{s['clients_cores']:.2f}, order path {s['order_path_cores']:.2f}, relay {s['relay_cores']:.2f}, "
-                f"others {s['others_cores']} (interrupt work within these: {s['irq_cores']})"
-                + (f", speed unit {s['speed_unit_us']:.0f} us" if s["speed_unit_us"] else ""))
+                f"others {s['others_cores']} (interrupt work within these: {s['irq_cores']})")
 
     loaded = max(first["gateway_cores"]) >= GATEWAY_BUSY * limit
     grew = [m for m in moves if m["owed"] == "grow"]
@@ -1115,7 +1100,6 @@ def claims(rounds: list[dict[str, Any]], args: argparse.Namespace, cores: int) -
     one = g_cpu.get(min(g_cpu)) if g_cpu else None
     c1 = {"gateway_cpu_us_per_delivered": g_cpu,
           "ratio_max_to_first": round(max(g_cpu.values()) / one, 3) if one else None,
-          "speed_unit_us": points(gw, "g", "moderate", "speed_unit_us", "gateways"),
           "wanted": f"<= {FLAT}x the one-gateway figure"}
     c1["met"] = c1["ratio_max_to_first"] is not None and len(g_cpu) > 1 and c1["ratio_max_to_first"] <= FLAT
 
@@ -1375,7 +1359,6 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
-        bench.speed = SpeedProbe().start()
         create_namespaces(hosts)
         bench.start_base()
         bench.progress.step("matcher, router and driver up")
@@ -1384,8 +1367,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run.gateways} gateway(s), {run.clients} connections each", flush=True)
             rounds += bench.run(run)
     finally:
-        if bench.speed is not None:
-            bench.speed.stop()
         bench.stop_all()
         remove_namespaces()
         remove_cpu_caps()
@@ -1407,10 +1388,10 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], idle: dict[st
                      fmt(r["gateway_cpu_us_per_delivered"], ".2f"), fmt(r["matcher_cpu_us_per_published"], ".1f"),
                      fmt(r["matcher_threads_us_per_published"]["zmq_io"], ".2f"),
                      fmt(r["relay_cpu_us_per_published"], ".1f"), f"{r['cores_busy_ours_while_driven']:.2f}",
-                     fmt(r["others_cpus"], ".2f"), fmt(r.get("speed_unit_us"), ".0f")])
+                     fmt(r["others_cpus"], ".2f")])
     print_rows("fan-out across hosts (namespaces): one row per round",
                ["run", "round", "R", "G", "N/gw", "published", "delivered", "deliv/s", "keep-up",
-                "gw us/msg", "matcher us/pub", "m io us/pub", "relay us/pub", "cores", "others", "unit us"], rows)
+                "gw us/msg", "matcher us/pub", "m io us/pub", "relay us/pub", "cores", "others"], rows)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     got = claims(rounds, args, cores)
     for key, c in got.items():
