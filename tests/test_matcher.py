@@ -677,6 +677,9 @@ def test_order_ids_stay_used_once_archived_and_after_a_kill_9(
     data = tmp_path / "var" / "m1"
     archived = _archived(data / "used-ids.sqlite3")
     assert {f"alice\x00a{i}" for i in range(10)} <= archived
+    # The filter's first tier is a step in the matcher's memory; its log says so.
+    assert ("BTC-USDT: order-id filter tier 1 of 128 KiB started for 65536 ids; "
+            "this matcher's order-id filters hold 131072 bytes") in node.log_path.read_text()
     # The children also removed what their snapshots made obsolete: the newest snapshot and the
     # one before it are kept, with the journal segments from that one on.
     snapshots = sorted(int(f.name[9:19]) for f in data.glob("snapshot-*.snap"))
@@ -686,6 +689,8 @@ def test_order_ids_stay_used_once_archived_and_after_a_kill_9(
     # no used ids of before it, and the journal after it has no a0.
     restarted = cluster.start("m1")
     router.wait_for(b"HELLO", epoch=restarted.ready["epoch"])
+    assert f"{len(archived)} archived order id(s); this matcher's order-id filters hold 131072 bytes" \
+        in restarted.log_path.read_text()
     assert [refused(200 + j, oid) for j, oid in enumerate(["a0", "a25", "a59", "new-1"])] == [True] * 4
 
     restarted.proc.send_signal(signal.SIGKILL)

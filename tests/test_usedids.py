@@ -83,6 +83,7 @@ def test_the_filter_answers_present_wrongly_at_times_but_the_table_corrects_it(
     store(tmp_path, 1, [("BTC-USDT", used)])
     ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=1).symbols["BTC-USDT"]
     assert [t.capacity for t in ids.tiers] == [16, 64, 256, 1024] and ids.count == 1000
+    assert ids.filter_bytes == (16 + 64 + 256 + 1024) * 2  # 16 bits an id of capacity
     assert all(key in ids for key in used)
     assert not any(f"b\x00{i}" in ids for i in range(5000))
     assert ids.false_hits > 0  # the filters did say "present" for some unused ids

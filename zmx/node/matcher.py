@@ -123,6 +123,12 @@ class _Link:
         self.monitor = monitor
 
 
+def filters_text(used_ids: UsedIds) -> str:
+    """The log's words for the memory of a matcher's order-id filters (``perf/bench_soak.py``
+    reads the number)."""
+    return f"this matcher's order-id filters hold {used_ids.filter_bytes} bytes"
+
+
 def _restore(topology: Topology, name: str, journal: Journal
              ) -> tuple[dict[str, MatchingEngine], bool, UsedIds]:
     """The engines of ``name``'s symbols as the journal left them, whether a snapshot should
@@ -189,6 +195,8 @@ def _restore(topology: Topology, name: str, journal: Journal
     base = "no snapshot" if states is None else f"the snapshot before segment {journal.snapshot_segment}"
     log.info("recovered from %s + %d journaled command(s) in %.0f ms: %s", base, len(replay), took_ms,
              seqs or "no symbols")
+    log.info("%d archived order id(s); %s", sum(ids.count for ids in used_ids.symbols.values()),
+             filters_text(used_ids))
     return engines, states is None or bool(gone), used_ids
 
 
@@ -719,7 +727,12 @@ class Matcher:
         assert self.used_ids is not None
         for symbol, engine in self.engines.items():
             if engine.handed:
-                self.used_ids.symbols[symbol].absorb(engine.take_handed(limit))
+                ids = self.used_ids.symbols[symbol]
+                tiers = len(ids.tiers)
+                ids.absorb(engine.take_handed(limit))
+                if len(ids.tiers) != tiers:  # a step in the matcher's memory, by design: say so
+                    log.info("%s: order-id filter tier %d of %d KiB started for %d ids; %s", symbol, len(ids.tiers),
+                             len(ids.tiers[-1].bits) // 1024, ids.tiers[-1].capacity, filters_text(self.used_ids))
                 return
         self.absorbing = False
 

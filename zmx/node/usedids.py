@@ -153,6 +153,11 @@ class SymbolIds:
     def count(self) -> int:
         return sum(t.count for t in self.tiers)
 
+    @property
+    def filter_bytes(self) -> int:
+        """Memory of the filters: 2 bytes an id of capacity, allocated a tier at a time."""
+        return sum(len(t.bits) for t in self.tiers)
+
 
 class UsedIds:
     """The archive of one matcher's data directory, one ``SymbolIds`` per symbol it owns.
@@ -177,6 +182,10 @@ class UsedIds:
             cursor = self.db.execute("SELECT key FROM used_ids WHERE symbol = ?", (symbol,))
             while rows := cursor.fetchmany(10_000):
                 ids.absorb(key for (key,) in rows)
+
+    @property
+    def filter_bytes(self) -> int:
+        return sum(ids.filter_bytes for ids in self.symbols.values())
 
     def release(self) -> None:
         """Close the connection, as before a fork: SQLite keeps per-process state about the
