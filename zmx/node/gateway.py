@@ -123,7 +123,13 @@ class Connection(asyncio.Protocol):
         self._flush_ws(ws)
 
     def eof_received(self) -> bool | None:
-        ws = self.ws or self._open_ws()
+        ws = self.ws
+        if ws is None:
+            # Open and idle, and the client left without a close frame (most do): there is
+            # nothing to finish or send, and asyncio closes the transport when this returns.
+            # No machine is borrowed for it: 100,000 clients leaving at once would otherwise
+            # each make one (a spare serves one at a time) and hold it until connection_lost.
+            return None
         ws.receive_eof()
         self._flush_ws(ws)
         return None
@@ -131,6 +137,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gateway.drop(self)
         self.transport = None
+        if self.ws is not None:
+            _free(self.ws)
+            self.ws = None
 
     def pause_writing(self) -> None:
         if not self.behind and self.session is not None:
@@ -257,6 +266,9 @@ class Connection(asyncio.Protocol):
             self.ws = ws  # mid-frame, mid-message, or still in the handshake
         else:
             self.ws = None
+            spare = self.gateway.spare_ws
+            if spare is not None and spare is not ws:
+                _free(spare)  # the handshake's machine of a new connection takes its place
             self.gateway.spare_ws = ws  # open and idle: any connection's next read may use it
 
     def ping(self, now: float) -> None:
@@ -285,6 +297,21 @@ class Connection(asyncio.Protocol):
     def _cut(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _free(ws: ServerProtocol) -> None:
+    """Let go of a state machine now, not at the collector's next full pass.
+
+    A ``ServerProtocol`` is a reference cycle: its parser generator's frame holds it, and so
+    does the traceback of the error that stopped the parser (an EOF without a close frame, the
+    way most clients leave). The gateway's collector makes its full pass rarely
+    (``GC_THRESHOLDS``), so every connection left one dead machine behind for a long while:
+    about 1.9 KB each, 15 MB after 8,000 connections closed at once (measured), which made a
+    reconnect storm raise the gateway's memory per connection from 2.1 to 3.8 KB. Dropping the
+    parser and its error breaks the cycle; the machine is not used again.
+    """
+    ws.parser_exc = None
+    ws.parser = None  # type: ignore[assignment]  # the generator goes, and its frame's hold on ws
 
 
 class ChannelState:
