@@ -121,8 +121,9 @@ P99_RATIO = 1.5  # last third's median p99 / first third's, at most
 P99_RISE = 0.5  # rise of the fitted p99 line over the run / median p99, at most
 RSS_GROWTH = 0.05  # last third's mean RSS / first third's - 1, at most
 # The matcher is judged less its order-id filters: they grow 2 bytes a new order id by design
-# (DESIGN.md: an order_id is never reused), a tier at a time (the first step of 5 MB comes
-# about 6.5 minutes into a soak at 3,000 orders/s), and the matcher logs each tier it starts.
+# (DESIGN.md: an order_id is never reused), a tier at a time (the second, 5 MB over ten
+# symbols, comes about 6.5 minutes into a soak at 3,000 orders/s), and the matcher logs each
+# tier it starts.
 RSS_CHECKED = ("gateway", "matcher_less_id_filters", "router")
 RSS_REPORTED = ("matcher", "matcher_id_filters", "clients", "driver")  # beside them, not judged
 FILTERS_RE = re.compile(rb"this matcher's order-id filters hold (\d+) bytes")

@@ -305,10 +305,11 @@ def _free(ws: ServerProtocol) -> None:
     A ``ServerProtocol`` is a reference cycle: its parser generator's frame holds it, and so
     does the traceback of the error that stopped the parser (an EOF without a close frame, the
     way most clients leave). The gateway's collector makes its full pass rarely
-    (``GC_THRESHOLDS``), so every connection left one dead machine behind for a long while:
-    about 1.9 KB each, 15 MB after 8,000 connections closed at once (measured), which made a
-    reconnect storm raise the gateway's memory per connection from 2.1 to 3.8 KB. Dropping the
-    parser and its error breaks the cycle; the machine is not used again.
+    (``GC_THRESHOLDS``), so every connection left dead machines behind for a long while (the
+    spare its handshake's machine replaced, and the one that saw its end): about 1.9 KB each,
+    15 MB after 8,000 connections closed at once (measured), which made a reconnect storm
+    raise the gateway's memory per connection from 2.1 to 3.8 KB. Dropping the parser and its
+    error breaks the cycle; the machine is not used again.
     """
     ws.parser_exc = None
     ws.parser = None  # type: ignore[assignment]  # the generator goes, and its frame's hold on ws
