@@ -256,19 +256,18 @@ def soak(f: dict[str, Any]) -> list[Row]:
         return (f"{name} highs {g['high_growth'] * 100:+.1f}%, lows {g['low_growth'] * 100:+.1f}% "
                 f"({g['high_last_kb'] / 1024:.1f} MB at most; means {g['growth'] * 100:+.1f}%)")
 
+    what = "same, RSS of the last third vs before it: its highest vs the highest before, its lowest vs the " \
+        "middle third's lowest"
     filters = r.get("matcher_id_filters", {})
     if "min_kb" in filters:  # the matcher judged less its order-id filters, which grow by design
+        what += "; the matcher less its order-id filters"
         judged = ", ".join((rss("gateway"), rss("matcher_less_id_filters", "matcher less its order-id filters"),
                             rss("router")))
         judged += (f"; beside: the order-id filters {filters['min_kb'] / 1024:.1f} -> "
                    f"{filters['max_kb'] / 1024:.1f} MB (2 bytes an id), the matcher as measured "
                    f"{rss('matcher').removeprefix('matcher ')}")
-        what = ("same, RSS of the last third vs before it: its highest vs the highest before, its lowest vs the "
-                "middle third's lowest; the matcher less its order-id filters")
-    else:
+    else:  # results from before the matcher logged its filters
         judged = ", ".join(rss(g) for g in ("gateway", "matcher", "router"))
-        what = ("same, RSS of the last third vs before it: its highest vs the highest before, its lowest vs the "
-                "middle third's lowest")
 
     end = f.get("end", {})
     return [row(f"`perf/bench_soak.py` (`soak.json`): {load}; delivered messages' latency over time", zmx, baseline,
