@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
 from zmx.node.gateway import Connection
@@ -90,13 +91,6 @@ def opened(gateway: Gateway) -> tuple[Connection, Transport, weakref.ref[Any]]:
     return conn, transport, machine
 
 
-def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
-    mask = os.urandom(4)
-    assert len(payload) < 126
-    return (bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask
-            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-
 def test_the_handshake_machines_of_new_connections_are_freed_at_once() -> None:
     gateway = Gateway()
     first, _, first_machine = opened(gateway)
@@ -124,7 +118,8 @@ def test_a_connection_that_ends_mid_frame_frees_its_machine() -> None:
     async def run() -> None:  # the closing connection sets a timer: it needs a running loop
         gateway = Gateway()
         conn, transport, _ = opened(gateway)
-        frame = client_frame(json.dumps({"action": "ping", "id": 1}).encode())
+        frame = Frame(Opcode.TEXT, json.dumps({"action": "ping", "id": 1}).encode()).serialize(
+            mask=True, extensions=[])  # masked, as a client's
         conn.data_received(frame[:9])  # the first bytes of a frame: the rest never comes
         held = weakref.ref(conn.ws)
         assert held() is not None and held() is not gateway.spare_ws
