@@ -94,7 +94,10 @@ class Connection(asyncio.Protocol):
         # must last (a partial frame, a fragmented message, a closing handshake); see _idle.
         self.ws: ServerProtocol | None = ServerProtocol(max_size=gateway.limits.max_message_bytes)
         self.session: Session | None = None  # set once the handshake is done
-        self.out: list[bytes] | None = None  # channel bytes of this loop turn
+        # Bytes to write together at the end of the callback that makes them: a fan-out turn's
+        # channel frames, or what one read answers (a handshake's response, a subscription's
+        # ack and snapshots, errors, pongs). None outside such a callback: writes go at once.
+        self.out: list[bytes] | None = None
         self.behind = False
         self.behind_since = 0.0
         self.missed: dict[str, list[int]] | None = None  # channel -> [updates, trades, from_seq, to_seq]
@@ -114,13 +117,17 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws or self._open_ws()
-        ws.receive_data(data)
-        for event in ws.events_received():
-            if type(event) is Frame:
-                self._frame(event)
-            elif isinstance(event, Request):
-                self._handshake(ws, event)
-        self._flush_ws(ws)
+        self.out = []  # one write for all the answers to this read, not one per message
+        try:
+            ws.receive_data(data)
+            for event in ws.events_received():
+                if type(event) is Frame:
+                    self._frame(event)
+                elif isinstance(event, Request):
+                    self._handshake(ws, event)
+            self._flush_ws(ws)
+        finally:
+            self._write_out()
 
     def eof_received(self) -> bool | None:
         ws = self.ws
@@ -225,15 +232,25 @@ class Connection(asyncio.Protocol):
     # -- outgoing ----------------------------------------------------------------------------------------
 
     def send(self, payload: bytes) -> None:
-        """Write one message now (replies, order updates: never dropped)."""
-        transport = self.transport
-        if transport is not None and not self.closing:
-            transport.write(text_frame(payload))
+        """Write one message (replies, order updates: never dropped)."""
+        if self.transport is not None and not self.closing:
+            self._write(text_frame(payload))
 
     def send_frames(self, frames: bytes) -> None:
-        transport = self.transport
-        if transport is not None and not self.closing:
-            transport.write(frames)
+        if self.transport is not None and not self.closing:
+            self._write(frames)
+
+    def _write(self, data: bytes) -> None:
+        out = self.out
+        if out is None:
+            self.transport.write(data)  # type: ignore[union-attr]  # callers checked it
+        else:
+            out.append(data)
+
+    def _write_out(self) -> None:
+        out, self.out = self.out, None
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _flush_ws(self, ws: ServerProtocol) -> None:
         """Write what ``ws`` has to send; keep it only while it holds state that must last."""
@@ -242,8 +259,9 @@ class Connection(asyncio.Protocol):
             return
         for data in ws.data_to_send():
             if data:
-                transport.write(data)
+                self._write(data)
             else:
+                self._write_out()  # what this read answered goes before the end of the stream
                 # The protocol is done sending (close frame out). Half-close and go on reading
                 # until the client closes its side: closing now while it still sends (say the
                 # rest of a frame over the size limit) would reset the connection, and the
