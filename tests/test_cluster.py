@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import pytest
 import zmq
 from nodes import Cluster, NodeProcess, write_topology
 
@@ -22,15 +21,6 @@ from zmx.topics import topic
 from zmx.topology import Topology
 
 FAST = 0.1  # the router answers unavailable within this many seconds
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
 
 
 def start(cluster: Cluster, routers: int = 1, **matchers: list[str]) -> Topology:

@@ -24,10 +24,8 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import zmq
 from nodes import Cluster, NodeProcess, write_topology
 from websockets.frames import Opcode
@@ -39,24 +37,6 @@ from zmx.node.runtime import load_topology
 from zmx.topology import Topology
 
 MIDS = {"BTC-USDT": 30000, "SOL-USDT": 150, "ETH-USDT": 2000}  # in whole units; tick 0.01, lot 0.001
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context]:
-    ctx: zmq.Context = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
-
-
-@pytest.fixture
-def clients() -> Iterator[Clients]:
-    opened = Clients("")  # each test starts its gateway first, then sets the url
-    try:
-        yield opened
-    finally:
-        opened.close_all()
 
 
 def start(cluster: Cluster, matchers: dict[str, list[str]], limits: str = "", workers: int = 1) -> Topology:

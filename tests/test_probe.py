@@ -171,15 +171,6 @@ def test_tables_show_rates_symbols_and_gaps() -> None:
 # -- zmx probe as a process ------------------------------------------------------------------
 
 
-@pytest.fixture
-def context() -> Iterator[zmq.Context]:
-    ctx = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
-
-
 class ProbeProcess:
     def __init__(self, args: list[str], cwd: Path) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "zmx.cli", "probe", *args], cwd=cwd,

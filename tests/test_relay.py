@@ -7,10 +7,8 @@ upstream through the relay -- and the moment from which a publication reaches th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import zmq
 from nodes import Cluster, write_topology
 
@@ -21,15 +19,6 @@ from zmx.topics import topic
 from zmx.topology import Topology, connect_endpoint
 
 TIMEOUT_MS = 10_000
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context]:
-    ctx = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
 
 
 def book(symbol: str, seq: int) -> bytes:
