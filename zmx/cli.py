@@ -154,7 +154,8 @@ def up(topology: Path | None, restart: bool, dry_run: bool) -> None:
         console.print(f"would start {len(nodes)} node(s): {', '.join(n.name for n in nodes)}", soft_wrap=True)
         for gateway in loaded.nodes_by_role("gateway"):
             assert isinstance(gateway, GatewayNode)
-            console.print(f"clients connect to {gateway.url} (gateway {gateway.name})", soft_wrap=True)
+            console.print(f"clients connect to {gateway.url} (gateway {gateway.name}); "
+                          f"a browser opens {gateway.page_url}", soft_wrap=True)
         return
     raise SystemExit(supervisor.run())
 

@@ -208,6 +208,11 @@ class GatewayNode:
         host, port = _split_host_port(self.listen)
         return f"ws://{_connect_host(host)}:{port}"
 
+    @property
+    def page_url(self) -> str:
+        """Where a browser on this machine opens the gateway's page: ``http://127.0.0.1:8765/``."""
+        return "http" + self.url[2:] + "/"
+
 
 Node = RouterNode | MatcherNode | RelayNode | GatewayNode
 

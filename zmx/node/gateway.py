@@ -23,6 +23,9 @@ Orders: one DEALER to every router's front (docs/wire.md frames). Each connectio
 account; the account's private topic is subscribed on its first order, for the fills of its
 resting orders.
 
+Plain HTTP: a GET without ``Upgrade`` gets the page ``page.html`` at ``/`` (a browser's way to
+use the gateway over the same port), else 404, and the connection is closed.
+
 Workers: ``workers: N`` forks N processes before anything else is created; each one is a
 whole gateway (own sockets, own mirrors) listening on the same port with ``SO_REUSEPORT``,
 so the kernel spreads connections over them.
@@ -31,6 +34,8 @@ so the kernel spreads connections over them.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import importlib.resources
 import logging
 import os
 import secrets
@@ -40,14 +45,17 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgpack
 import uvloop
 import zmq
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -73,6 +81,27 @@ BACKLOG = 16384
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN = 1013
 CLOSE_PING_TIMEOUT = 1011
+
+
+# The one thing served over plain HTTP: a page that uses the gateway from a browser (a book,
+# trades and an order form over this same port's WebSocket). Static, no outside resources.
+PAGE = importlib.resources.files("zmx.node").joinpath("page.html").read_bytes()
+PAGE_PATHS = frozenset(("/", "/index.html"))
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src ws: wss:; "
+               "base-uri 'none'; form-action 'none'")
+NOT_FOUND = b"Not found. The page is at /; WebSocket clients connect to ws://this-host/.\n"
+
+
+def http_response(path: str) -> Response:
+    """The answer to a plain HTTP GET (no ``Upgrade``): the page at ``/``, else 404."""
+    if urlsplit(path).path in PAGE_PATHS:
+        status, body, kind = HTTPStatus.OK, PAGE, "text/html; charset=utf-8"
+    else:
+        status, body, kind = HTTPStatus.NOT_FOUND, NOT_FOUND, "text/plain; charset=utf-8"
+    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
+                       ("Content-Length", str(len(body))), ("Content-Type", kind), ("Cache-Control", "no-cache"),
+                       ("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", PAGE_POLICY)])
+    return Response(status.value, status.phrase, headers, body)
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -182,6 +211,9 @@ class Connection(asyncio.Protocol):
         return ws
 
     def _handshake(self, ws: ServerProtocol, request: Request) -> None:
+        if "Upgrade" not in request.headers:  # not a WebSocket client: a browser asking for the page
+            ws.send_response(http_response(request.path))
+            return
         response = ws.accept(request)
         ws.send_response(response)
         if ws.state is State.OPEN:

@@ -398,7 +398,8 @@ class Supervisor:
         if gateways:
             for gateway in gateways:
                 assert isinstance(gateway, GatewayNode)
-                self.output.print(f"clients connect to {gateway.url} (gateway {gateway.name})")
+                self.output.print(f"clients connect to {gateway.url} (gateway {gateway.name}); "
+                                  f"a browser opens {gateway.page_url}")
             return
         for router in self.topology.nodes_by_role("router"):
             assert isinstance(router, RouterNode)

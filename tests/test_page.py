@@ -1,0 +1,169 @@
+"""The gateway's browser page: served over plain HTTP on the WebSocket port, and its book code.
+
+- A GET without ``Upgrade`` at ``/`` gets the page (``zmx/node/page.html``), anything else 404;
+  WebSocket clients keep using the same port, before and after.
+- The page keeps a channel's book in a script of its own (``<script id="zmx-book">``, no DOM).
+  That script, taken from the page as served, runs under Node on the messages a real client got
+  during a seeded random order flow: every snapshot and update must check out (``prev_seq`` and
+  checksum), and the books must end equal to the matcher's. A stream with an update missing, or
+  a checksum that does not match, must be caught.
+
+The page's DOM code (tables, the order form) needs a browser and is not run here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from nodes import Cluster, write_topology
+from ws import Clients, matcher_book
+
+import zmx.node
+from zmx.node.client import Client
+from zmx.node.runtime import load_topology
+from zmx.topology import GatewayNode, Topology
+
+PAGE_FILE = Path(zmx.node.__file__).parent / "page.html"
+SYMBOLS = {"m1": ["BTC-USDT"], "m2": ["ETH-USDT"]}
+NODE = shutil.which("node")
+
+# Feeds JSON lines (channel messages, as received) to the page's ChannelBook; prints what each
+# snapshot and update gave, and the books at the end.
+REPLAY = """
+const { ChannelBook, crc32 } = require(process.argv[1]);
+const lines = require("fs").readFileSync(0, "utf8").split("\\n").filter(Boolean);
+const books = {}, results = {};
+for (const line of lines) {
+  const m = JSON.parse(line);
+  let result;
+  if (m.type === "crc32") { console.log(JSON.stringify(m.texts.map(crc32))); process.exit(0); }
+  if (m.type === "depth_snapshot") result = (books[m.channel] ??= new ChannelBook(m.channel)).snapshot(m.data);
+  else if (m.type === "depth_update") result = books[m.channel].update(m.data);
+  else continue;
+  results[result] = (results[result] || 0) + 1;
+}
+const out = {};
+for (const [name, b] of Object.entries(books)) {
+  out[name] = { seq: b.seq, bids: b.levels("bids"), asks: b.levels("asks") };
+}
+console.log(JSON.stringify({ results, books: out }));
+"""
+
+
+def start(cluster: Cluster) -> tuple[Topology, GatewayNode]:
+    cluster.topology = write_topology(cluster.directory, matchers=SYMBOLS, gateways=1)
+    for name in ("m1", "m2", "r1", "g1"):
+        cluster.start(name)
+    topology = load_topology(cluster.topology)
+    gateway = topology.nodes["g1"]
+    assert isinstance(gateway, GatewayNode)
+    return topology, gateway
+
+
+def get(gateway: GatewayNode, path: str) -> tuple[int, dict[str, str], bytes]:
+    host, port = gateway.url.removeprefix("ws://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def book_script(page: bytes, directory: Path) -> Path:
+    found = re.search(rb'<script id="zmx-book">(.*?)</script>', page, re.S)
+    assert found, "the page has no zmx-book script"
+    path = directory / "book.js"
+    path.write_bytes(found.group(1))
+    return path
+
+
+def replay(script: Path, messages: list[dict[str, Any]]) -> Any:
+    lines = "".join(json.dumps(m) + "\n" for m in messages)
+    done = subprocess.run([NODE, "-e", REPLAY, "--", str(script)], input=lines, capture_output=True, text=True,
+                          timeout=60, check=False)  # type: ignore[list-item]
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_browser_gets_the_page_and_websocket_clients_the_same_port(cluster: Cluster, clients: Clients) -> None:
+    _, gateway = start(cluster)
+    assert gateway.page_url == gateway.url.replace("ws://", "http://") + "/"
+    client = clients("before", url=gateway.url)
+    client.subscribe("BTC-USDT")
+
+    status, headers, body = get(gateway, "/")
+    assert status == 200
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["connection"] == "close"
+    assert body == PAGE_FILE.read_bytes()
+    assert get(gateway, "/?channel=x")[2] == body  # a query changes nothing
+    status, headers, body = get(gateway, "/favicon.ico")
+    assert status == 404 and headers["content-type"].startswith("text/plain")
+    assert b"The page is at /" in body
+
+    # The WebSocket clients, old and new, are served as before.
+    after = clients("after", url=gateway.url)
+    after.subscribe("ETH-USDT")
+    client.send({"action": "ping", "id": 1})
+    client.expect({"type": "pong", "id": 1})
+
+
+@pytest.mark.skipif(NODE is None, reason="needs Node.js (node) to run the page's script")
+def test_the_pages_book_code_keeps_the_matchers_book_and_catches_gaps_and_bad_checksums(
+        cluster: Cluster, clients: Clients, context: zmq.Context, tmp_path: Path) -> None:
+    topology, gateway = start(cluster)
+    script = book_script(get(gateway, "/")[2], tmp_path)
+    # the checksum's CRC32, as DESIGN.md defines it
+    texts = ["", "30000:1.5:30001:2:29999.5:0.25", "a" * 1000]
+    assert replay(script, [{"type": "crc32", "texts": texts}]) == [zlib.crc32(t.encode()) for t in texts]
+
+    watcher = clients("watcher", url=gateway.url)
+    watcher.subscribe(*topology.symbols)
+    router = Client.from_topology(topology, context=context)
+    try:
+        rng = random.Random(20261127)
+        mids = {"BTC-USDT": 3_000_000, "ETH-USDT": 200_000}  # in ticks of 0.01
+        for n in range(600):
+            symbol = rng.choice(list(mids))
+            side = rng.choice(("buy", "sell"))
+            ticks = mids[symbol] + rng.randint(-40, 5) * (1 if side == "buy" else -1)
+            quantity = f"0.{rng.randint(1, 60):03d}"
+            reply = router.submit(f"o{n}", f"acct{n % 7}", symbol, side, f"{ticks // 100}.{ticks % 100:02d}",
+                                  quantity, timeout=15.0)
+            assert reply.ok or reply.status == "unavailable", reply
+    finally:
+        router.close()
+
+    books = {symbol: matcher_book(topology, symbol, context) for symbol in topology.symbols}
+    for symbol, (seq, _, _) in books.items():
+        watcher.wait_seq(symbol, seq, timeout=30.0)
+    channel = [m for m in watcher.received if m.get("type") in ("depth_snapshot", "depth_update")]
+    updates = sum(m["type"] == "depth_update" for m in channel)
+    assert updates > 300, f"only {updates} depth updates: the flow hardly moved the books"
+
+    result = replay(script, channel)
+    assert result["results"] == {"ok": len(channel)}
+    for symbol, (seq, bids, asks) in books.items():
+        assert len(bids) > 25 and len(asks) > 25, (symbol, len(bids), len(asks))  # deeper than the checksum
+        assert result["books"][symbol] == {"seq": seq, "bids": bids, "asks": asks}
+
+    # An update missing from the stream: the channel's next one does not follow on.
+    at = next(i for i, m in enumerate(channel) if m["type"] == "depth_update" and i > len(channel) // 2)
+    after = next(m for m in channel[at + 1:] if m["channel"] == channel[at]["channel"])
+    assert replay(script, channel[:at] + [after])["results"] == {"ok": at, "gap": 1}
+    # An update whose checksum is not the book's after it.
+    bad = json.loads(json.dumps(channel[at]))
+    bad["data"]["checksum"] = (bad["data"]["checksum"] + 1) % 2**32
+    assert replay(script, channel[:at] + [bad])["results"] == {"ok": at, "checksum": 1}
