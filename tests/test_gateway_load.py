@@ -21,14 +21,19 @@ end, pass or fail. Random flows use fixed seeds.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
+import socket
 import time
 from pathlib import Path
 
 import zmq
 from nodes import Cluster, NodeProcess, write_topology
-from websockets.frames import Opcode
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 from ws import Clients, WsClient, matcher_book, same_book, slow_socket
 
 from zmx.commands import SubmitOrder
@@ -337,6 +342,69 @@ def test_idle_channels_get_heartbeats_a_client_that_stops_answering_pings_is_clo
         assert live.expect_close() == 1001
     finally:
         maker.close()
+
+
+def test_the_heartbeats_of_a_connections_idle_channels_come_due_together_and_leave_in_one_write(
+        cluster: Cluster) -> None:
+    """``heartbeat_s: 2``. BTC-USDT is subscribed first, SOL-USDT 1.2 s after its first heartbeat (a
+    deliberate offset: their heartbeats would otherwise stay 0.8 s apart). The client reads the raw
+    socket, so it sees which frames came in one read: soon both heartbeats come in one (one write),
+    and from then on every time, each channel still heard from at least every 2 s plus a tick."""
+    topology = start(cluster, {"m1": ["BTC-USDT", "SOL-USDT"]}, "heartbeat_s: 2")
+    url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    protocol = ClientProtocol(parse_uri(url))
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        def write() -> None:
+            for data in protocol.data_to_send():
+                sock.sendall(data)
+
+        def read() -> list[dict]:
+            """The messages of one read of the socket (pongs answered)."""
+            protocol.receive_data(sock.recv(65536))
+            messages = []
+            for event in protocol.events_received():
+                if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                    messages.append(json.loads(event.data))
+            write()
+            return messages
+
+        def until(kind: str, channel: str) -> float:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if any(m.get("type") == kind and m.get("channel") == channel for m in read()):
+                    return time.monotonic()
+            raise AssertionError(f"no {kind} of {channel} in 10 s")
+
+        protocol.send_request(protocol.connect())
+        write()
+        while protocol.state is not State.OPEN:
+            read()
+        protocol.send_text(b'{"action":"subscribe","channel":"BTC-USDT"}')
+        write()
+        until("depth_snapshot", "BTC-USDT")
+        until("heartbeat", "BTC-USDT")
+        time.sleep(1.2)  # not a wait for the gateway: the offset between the two channels' heartbeats
+        protocol.send_text(b'{"action":"subscribe","channel":"SOL-USDT"}')
+        write()
+        until("depth_snapshot", "SOL-USDT")
+
+        reads: list[tuple[float, set[str]]] = []  # (when, channels whose heartbeat came in that read)
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            beats = {m["channel"] for m in read() if m.get("type") == "heartbeat"}
+            if beats:
+                reads.append((time.monotonic(), beats))
+        together = [i for i, (_, beats) in enumerate(reads) if beats == {"BTC-USDT", "SOL-USDT"}]
+        assert together, f"the heartbeats never came in one read: {reads}"
+        assert together[0] <= 2, f"not together from the third read on: {reads}"
+        assert all(beats == {"BTC-USDT", "SOL-USDT"} for _, beats in reads[together[0]:]), reads
+        assert len(reads) - together[0] >= 3, reads  # and it lasts (12 s, one read every 2 s)
+        gaps = [b - a for (a, _), (b, _) in zip(reads, reads[1:])]
+        assert max(gaps) < 2 + 1.0, gaps  # heartbeat_s, a tick and slack for a slow machine
+    finally:
+        sock.close()
 
 
 # -- a matcher restarted -----------------------------------------------------------------------

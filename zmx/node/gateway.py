@@ -124,8 +124,9 @@ class Connection(asyncio.Protocol):
         self.ws: ServerProtocol | None = ServerProtocol(max_size=gateway.limits.max_message_bytes)
         self.session: Session | None = None  # set once the handshake is done
         # Bytes to write together at the end of the callback that makes them: a fan-out turn's
-        # channel frames, or what one read answers (a handshake's response, a subscription's
-        # ack and snapshots, errors, pongs). None outside such a callback: writes go at once.
+        # channel frames, a tick's heartbeats, or what one read answers (a handshake's response,
+        # a subscription's ack and snapshots, errors, pongs). None outside such a callback:
+        # writes go at once.
         self.out: list[bytes] | None = None
         self.behind = False
         self.behind_since = 0.0
@@ -156,7 +157,7 @@ class Connection(asyncio.Protocol):
                     self._handshake(ws, event)
             self._flush_ws(ws)
         finally:
-            self._write_out()
+            self.write_out()
 
     def eof_received(self) -> bool | None:
         ws = self.ws
@@ -279,7 +280,7 @@ class Connection(asyncio.Protocol):
         else:
             out.append(data)
 
-    def _write_out(self) -> None:
+    def write_out(self) -> None:
         out, self.out = self.out, None
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -293,7 +294,7 @@ class Connection(asyncio.Protocol):
             if data:
                 self._write(data)
             else:
-                self._write_out()  # what this read answered goes before the end of the stream
+                self.write_out()  # what this read answered goes before the end of the stream
                 # The protocol is done sending (close frame out). Half-close and go on reading
                 # until the client closes its side: closing now while it still sends (say the
                 # rest of a frame over the size limit) would reset the connection, and the
@@ -853,18 +854,21 @@ class Gateway:
                 self.counts["slow_consumer_closed"] += 1
                 conn.close(CLOSE_TRY_AGAIN, "too slow to keep up")
         # snapshots not answered, heartbeats of idle channels
+        heartbeat_s = limits.heartbeat_s
+        due = False
         for state in self.channels.values():
             if state.subscribed_at and now - state.subscribed_at > SUBSCRIBE_WAIT_S:
                 state.subscribed_at = 0.0  # no message yet: the publisher may be down; ask anyway
                 self._ask_snapshot(state)
             elif state.snapshot_asked and now - state.snapshot_asked > SNAPSHOT_RETRY_S:
                 self._ask_snapshot(state)
-            if state.channel.synced and now - state.last_sent >= limits.heartbeat_s:
-                frame = text_frame(state.channel.heartbeat_message())
-                for conn in state.subscribers:
-                    if not conn.behind:
-                        conn.send_frames(frame)
-                state.last_sent = now
+            due = due or (state.channel.synced and now - state.last_sent >= heartbeat_s)
+        if due:
+            # The channels idle for half the interval beat along with the ones due, so that the
+            # idle channels of a connection come due in the same tick and their heartbeats leave
+            # in one write (no channel waits longer than heartbeat_s for one).
+            self._heartbeats([state for state in self.channels.values()
+                              if state.channel.synced and now - state.last_sent >= heartbeat_s / 2], now)
         # pings: each connection once per ping_interval_s, one slot of them per tick; one
         # that has not answered the previous ping by its next turn is closed
         self._ping_turn = (self._ping_turn + 1) % len(self.ping_slots)
@@ -874,6 +878,24 @@ class Gateway:
             elif now - conn.ping_sent > limits.ping_timeout_s:
                 self.counts["ping_timeout_closed"] += 1
                 conn.close(CLOSE_PING_TIMEOUT, "no pong")
+
+    def _heartbeats(self, states: list[ChannelState], now: float) -> None:
+        """A heartbeat on each of ``states``: one write per connection, whatever it holds of them."""
+        touched: list[Connection] = []
+        for state in states:
+            frame = text_frame(state.channel.heartbeat_message())
+            state.last_sent = now
+            for conn in state.subscribers:
+                if conn.behind or conn.closing:
+                    continue
+                out = conn.out
+                if out is None:
+                    conn.out = [frame]
+                    touched.append(conn)
+                else:
+                    out.append(frame)
+        for conn in touched:
+            conn.write_out()
 
     def _rearm(self, sock: zmq.Socket[bytes], read: Callable[[], None]) -> None:
         """After a send (or a partial read) on ``sock``, look again: its edge-triggered FD may
