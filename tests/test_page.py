@@ -18,6 +18,7 @@ import json
 import random
 import re
 import shutil
+import socket
 import subprocess
 import zlib
 from pathlib import Path
@@ -109,6 +110,15 @@ def test_a_browser_gets_the_page_and_websocket_clients_the_same_port(cluster: Cl
     assert headers["connection"] == "close"
     assert body == PAGE_FILE.read_bytes()
     assert get(gateway, "/?channel=x")[2] == body  # a query changes nothing
+    # HEAD: the headers of a GET, and nothing after them (read off the socket: http.client
+    # would not read a body after a HEAD even if there were one)
+    host, port = gateway.url.removeprefix("ws://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: zmx\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # until the gateway closes
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and f"Content-Length: {len(body)}".encode() in head, head
+    assert rest == b"", rest[:80]
     status, headers, body = get(gateway, "/favicon.ico")
     assert status == 404 and headers["content-type"].startswith("text/plain")
     assert b"The page is at /" in body

@@ -92,8 +92,9 @@ PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsaf
 NOT_FOUND = b"Not found. The page is at /; WebSocket clients connect to ws://this-host/.\n"
 
 
-def http_response(path: str) -> Response:
-    """The answer to a plain HTTP GET (no ``Upgrade``): the page at ``/``, else 404."""
+def http_response(path: str, method: str = "GET") -> Response:
+    """The answer to a plain HTTP GET or HEAD (no ``Upgrade``): the page at ``/``, else 404
+    (for a HEAD, the same headers and no body)."""
     if urlsplit(path).path in PAGE_PATHS:
         status, body, kind = HTTPStatus.OK, PAGE, "text/html; charset=utf-8"
     else:
@@ -101,7 +102,7 @@ def http_response(path: str) -> Response:
     headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
                        ("Content-Length", str(len(body))), ("Content-Type", kind), ("Cache-Control", "no-cache"),
                        ("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", PAGE_POLICY)])
-    return Response(status.value, status.phrase, headers, body)
+    return Response(status.value, status.phrase, headers, b"" if method == "HEAD" else body)
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -213,7 +214,7 @@ class Connection(asyncio.Protocol):
 
     def _handshake(self, ws: ServerProtocol, request: Request) -> None:
         if "Upgrade" not in request.headers:  # not a WebSocket client: a browser asking for the page
-            ws.send_response(http_response(request.path))
+            ws.send_response(http_response(request.path, request.method))
             return
         response = ws.accept(request)
         ws.send_response(response)
