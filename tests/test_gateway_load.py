@@ -362,7 +362,9 @@ def test_the_heartbeats_of_a_connections_idle_channels_come_due_together_and_lea
 
         def read() -> list[dict]:
             """The messages of one read of the socket (pongs answered)."""
-            protocol.receive_data(sock.recv(65536))
+            data = sock.recv(65536)
+            assert data, "the gateway closed the connection"
+            protocol.receive_data(data)
             messages = []
             for event in protocol.events_received():
                 if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
