@@ -1,7 +1,7 @@
 """The gateway's browser page: served over plain HTTP on the WebSocket port, and its book code.
 
-- A GET without ``Upgrade`` at ``/`` gets the page (``zmx/node/page.html``), anything else 404;
-  WebSocket clients keep using the same port, before and after.
+- A GET without ``Upgrade`` at ``/`` gets the page (``zmx/node/page.html``), a HEAD its headers
+  alone, anything else 404; WebSocket clients keep using the same port, before and after.
 - The page keeps a channel's book in a script of its own (``<script id="zmx-book">``, no DOM).
   That script, taken from the page as served, runs under Node on the messages a real client got
   during a seeded random order flow: every snapshot and update must check out (``prev_seq`` and
