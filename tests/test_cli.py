@@ -85,7 +85,8 @@ def test_up_dry_run_without_argument_shows_the_builtin_topology(runner: CliRunne
     result = runner.invoke(main, ["up", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "cluster 'local'" in result.output
-    assert "clients connect to ws://127.0.0.1:8765 (gateway g1)" in result.output
+    assert ("clients connect to ws://127.0.0.1:8765 (gateway g1); a browser opens http://127.0.0.1:8765/"
+            in result.output)
     assert "would start" in result.output
     for name in ("r1", "m1", "m2"):
         assert name in result.output

@@ -204,7 +204,7 @@ def test_up_without_argument_runs_the_builtin_topology_here(tmp_path: Path, up: 
     assert "cluster 'local' is up" in out
     children = node_processes(tmp_path)
     assert {"r1", "m1", "m2", "g1"} <= set(children)
-    assert "clients connect to ws://127.0.0.1:8765 (gateway g1)" in out
+    assert "clients connect to ws://127.0.0.1:8765 (gateway g1); a browser opens http://127.0.0.1:8765/" in out
     assert (tmp_path / "var" / "m1").is_dir()  # relative data_dirs land where zmx up runs
 
     sup.proc.send_signal(signal.SIGTERM)
