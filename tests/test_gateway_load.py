@@ -26,6 +26,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -345,16 +346,18 @@ def test_idle_channels_get_heartbeats_a_client_that_stops_answering_pings_is_clo
 
 
 def test_the_heartbeats_of_a_connections_idle_channels_come_due_together_and_leave_in_one_write(
-        cluster: Cluster) -> None:
-    """``heartbeat_s: 2``. BTC-USDT is subscribed first, SOL-USDT 1.2 s after its first heartbeat (a
-    deliberate offset: their heartbeats would otherwise stay 0.8 s apart). The client reads the raw
-    socket, so it sees which frames came in one read: soon both heartbeats come in one (one write),
-    and from then on every time, each channel still heard from at least every 2 s plus a tick."""
+        cluster: Cluster, context: zmq.Context) -> None:
+    """``heartbeat_s: 2``. One connection holds BTC-USDT and SOL-USDT; BTC-USDT goes quiet, SOL-USDT
+    trades on for another 1.2 s (a paced order flow), then goes quiet too, so their heartbeats come
+    due at different times. The client reads the raw socket, so it sees which frames came in one
+    read: soon both heartbeats come in one (one write), and from then on every time, each channel
+    still heard from at least every 2 s plus a tick."""
     topology = start(cluster, {"m1": ["BTC-USDT", "SOL-USDT"]}, "heartbeat_s: 2")
     url = topology.nodes["g1"].url  # type: ignore[union-attr]
     protocol = ClientProtocol(parse_uri(url))
     host, port = url.removeprefix("ws://").rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=10)
+    maker = RouterMaker(topology, context)
     try:
         def write() -> None:
             for data in protocol.data_to_send():
@@ -372,25 +375,34 @@ def test_the_heartbeats_of_a_connections_idle_channels_come_due_together_and_lea
             write()
             return messages
 
-        def until(kind: str, channel: str) -> float:
+        def until(what: Callable[[dict], bool], name: str) -> None:
+            """Read until a message that ``what`` accepts arrives (10 s at most)."""
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                if any(m.get("type") == kind and m.get("channel") == channel for m in read()):
-                    return time.monotonic()
-            raise AssertionError(f"no {kind} of {channel} in 10 s")
+                if any(map(what, read())):
+                    return
+            raise AssertionError(f"no {name} in 10 s")
+
+        def of(kind: str, channel: str, seq: int | None = None) -> Callable[[dict], bool]:
+            return lambda m: (m.get("type") == kind and m.get("channel") == channel
+                              and (seq is None or m["data"]["seq"] == seq))
 
         protocol.send_request(protocol.connect())
         write()
         while protocol.state is not State.OPEN:
             read()
-        protocol.send_text(b'{"action":"subscribe","channel":"BTC-USDT"}')
+        protocol.send_text(b'{"action":"subscribe","channels":["BTC-USDT","SOL-USDT"]}')
         write()
-        until("depth_snapshot", "BTC-USDT")
-        until("heartbeat", "BTC-USDT")
-        time.sleep(1.2)  # not a wait for the gateway: the offset between the two channels' heartbeats
-        protocol.send_text(b'{"action":"subscribe","channel":"SOL-USDT"}')
-        write()
-        until("depth_snapshot", "SOL-USDT")
+        snapshots: set[str] = set()
+        while len(snapshots) < 2:  # both may come in one read; each read times out after 10 s
+            snapshots |= {m["channel"] for m in read() if m.get("type") == "depth_snapshot"}
+        until(of("heartbeat", "BTC-USDT"), "heartbeat of BTC-USDT")
+        # SOL-USDT trades on for 1.2 s after that heartbeat: an order every 0.1 s, each one's update
+        # seen on the channel before the next
+        for n in range(12):
+            seq = maker.place("SOL-USDT", "buy", price("SOL-USDT", -5000 - n), "0.001")
+            until(of("depth_update", "SOL-USDT", seq), f"update {seq} of SOL-USDT")
+            time.sleep(0.1)  # paces the order flow (a load generator); it waits for nothing
 
         reads: list[tuple[float, set[str]]] = []  # (when, channels whose heartbeat came in that read)
         deadline = time.monotonic() + 12
@@ -406,6 +418,7 @@ def test_the_heartbeats_of_a_connections_idle_channels_come_due_together_and_lea
         gaps = [b - a for (a, _), (b, _) in zip(reads, reads[1:])]
         assert max(gaps) < 2 + 1.0, gaps  # heartbeat_s, a tick and slack for a slow machine
     finally:
+        maker.close()
         sock.close()
 
 
