@@ -158,7 +158,7 @@ class Connection(asyncio.Protocol):
                     self._handshake(ws, event)
             self._flush_ws(ws)
         finally:
-            self.write_out()
+            self._write_out()
 
     def eof_received(self) -> bool | None:
         ws = self.ws
@@ -281,7 +281,7 @@ class Connection(asyncio.Protocol):
         else:
             out.append(data)
 
-    def write_out(self) -> None:
+    def _write_out(self) -> None:
         out, self.out = self.out, None
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -295,7 +295,7 @@ class Connection(asyncio.Protocol):
             if data:
                 self._write(data)
             else:
-                self.write_out()  # what this read answered goes before the end of the stream
+                self._write_out()  # what this read answered goes before the end of the stream
                 # The protocol is done sending (close frame out). Half-close and go on reading
                 # until the client closes its side: closing now while it still sends (say the
                 # rest of a frame over the size limit) would reset the connection, and the
@@ -697,7 +697,8 @@ class Gateway:
             blob, updates, trades = state.take_turn(now)
             for conn in state.subscribers:
                 if conn.behind:
-                    self._miss(conn, state.channel.symbol, state.channel.seq, updates, trades)
+                    if updates or trades:  # a heartbeat alone is nothing missed
+                        self._miss(conn, state.channel.symbol, state.channel.seq, updates, trades)
                 elif not conn.closing:
                     conn.transport.write(blob)  # type: ignore[union-attr]  # subscribers are connected
             return
@@ -706,7 +707,8 @@ class Gateway:
             blob, updates, trades = state.take_turn(now)
             for conn in state.subscribers:
                 if conn.behind:
-                    self._miss(conn, state.channel.symbol, state.channel.seq, updates, trades)
+                    if updates or trades:
+                        self._miss(conn, state.channel.symbol, state.channel.seq, updates, trades)
                     continue
                 out = conn.out
                 if out is None:
@@ -869,7 +871,7 @@ class Gateway:
             # idle channels of a connection come due in the same tick and their heartbeats leave
             # in one write (no channel waits longer than heartbeat_s for one).
             self._heartbeats([state for state in self.channels.values()
-                              if state.channel.synced and now - state.last_sent >= heartbeat_s / 2], now)
+                              if state.channel.synced and now - state.last_sent >= heartbeat_s / 2])
         # pings: each connection once per ping_interval_s, one slot of them per tick; one
         # that has not answered the previous ping by its next turn is closed
         self._ping_turn = (self._ping_turn + 1) % len(self.ping_slots)
@@ -880,23 +882,14 @@ class Gateway:
                 self.counts["ping_timeout_closed"] += 1
                 conn.close(CLOSE_PING_TIMEOUT, "no pong")
 
-    def _heartbeats(self, states: list[ChannelState], now: float) -> None:
-        """A heartbeat on each of ``states``: one write per connection, whatever it holds of them."""
-        touched: list[Connection] = []
+    def _heartbeats(self, states: list[ChannelState]) -> None:
+        """A heartbeat on each of ``states``, written as a turn of the fan-out: one write per
+        connection, whatever it holds of them (a connection behind misses nothing it must be
+        told of: a heartbeat is no update)."""
         for state in states:
-            frame = text_frame(state.channel.heartbeat_message())
-            state.last_sent = now
-            for conn in state.subscribers:
-                if conn.behind or conn.closing:
-                    continue
-                out = conn.out
-                if out is None:
-                    conn.out = [frame]
-                    touched.append(conn)
-                else:
-                    out.append(frame)
-        for conn in touched:
-            conn.write_out()
+            state.frames.append(text_frame(state.channel.heartbeat_message()))
+            self._dirty.append(state)
+        self._fan_out()
 
     def _rearm(self, sock: zmq.Socket[bytes], read: Callable[[], None]) -> None:
         """After a send (or a partial read) on ``sock``, look again: its edge-triggered FD may
