@@ -141,7 +141,7 @@ def up(topology: Path | None, restart: bool, dry_run: bool) -> None:
     that fails to start, or dies, is reported and the cluster stopped (exit 1), unless --restart.
     Relative data_dirs are resolved against the current directory.
     """
-    from zmx.node.supervisor import Supervisor
+    from zmx.node.supervisor import Supervisor, where_to_connect
 
     topology = _topology_or_builtin(topology)
     loaded = _load(topology)
@@ -154,8 +154,7 @@ def up(topology: Path | None, restart: bool, dry_run: bool) -> None:
         console.print(f"would start {len(nodes)} node(s): {', '.join(n.name for n in nodes)}", soft_wrap=True)
         for gateway in loaded.nodes_by_role("gateway"):
             assert isinstance(gateway, GatewayNode)
-            console.print(f"clients connect to {gateway.url} (gateway {gateway.name}); "
-                          f"a browser opens {gateway.page_url}", soft_wrap=True)
+            console.print(where_to_connect(gateway), soft_wrap=True)
         return
     raise SystemExit(supervisor.run())
 

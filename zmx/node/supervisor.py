@@ -221,6 +221,11 @@ class Child:
     restart_at: float | None = None
 
 
+def where_to_connect(gateway: GatewayNode) -> str:
+    """The line that tells a user where the clients of ``gateway``, and a browser, connect."""
+    return f"clients connect to {gateway.url} (gateway {gateway.name}); a browser opens {gateway.page_url}"
+
+
 class Supervisor:
     """Starts, watches and stops the nodes of one topology; ``run()`` is ``zmx up``."""
 
@@ -398,8 +403,7 @@ class Supervisor:
         if gateways:
             for gateway in gateways:
                 assert isinstance(gateway, GatewayNode)
-                self.output.print(f"clients connect to {gateway.url} (gateway {gateway.name}); "
-                                  f"a browser opens {gateway.page_url}")
+                self.output.print(where_to_connect(gateway))
             return
         for router in self.topology.nodes_by_role("router"):
             assert isinstance(router, RouterNode)
