@@ -32,11 +32,14 @@ import pytest
 import zmq
 from nodes import Cluster, write_topology
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 from ws import Clients, WsClient, as_decimal_levels, checksum, matcher_book, same_book
 
 from zmx.codec import encode_publication
 from zmx.events import BookChanged
 from zmx.node.client import Client, Reply, RequestTimeout
+from zmx.node.gateway import text_frame
 from zmx.node.runtime import load_topology
 from zmx.topology import Topology
 
@@ -163,6 +166,29 @@ def error_of(client: WsClient, code: str, **fields: object) -> dict:
     assert message.get("code") == code and all(message.get(k) == v for k, v in fields.items()), message
     assert isinstance(message.get("message"), str) and message["message"], message
     return message
+
+
+# -- framing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65_535, 65_536, 70_000])
+def test_the_gateways_own_text_frames_parse_as_websockets_reads_them(size: int) -> None:
+    """The gateway frames its messages itself (``text_frame``); each of the three header
+    lengths of RFC 6455 is what a client's parser reads back as the same text message."""
+    payload = bytes(ord("a") + i % 26 for i in range(size))
+    framed = text_frame(payload)
+    assert framed == Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    reader = StreamReader()
+    reader.feed_data(framed)
+    parser = Frame.parse(reader.read_exact, mask=False, max_size=None, extensions=[])
+    try:
+        next(parser)
+    except StopIteration as done:
+        frame = done.value
+    else:
+        raise AssertionError("the parser wants more bytes than the frame has")
+    assert (frame.opcode, frame.fin, frame.data) == (Opcode.TEXT, True, payload)
+    assert not reader.buffer, "bytes left over after the frame"
 
 
 # -- requests without channels -----------------------------------------------------------------

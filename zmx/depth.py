@@ -42,14 +42,16 @@ MAX_BUFFERED = 100_000
 """Default bound of the updates an unsynced mirror holds while it waits for a snapshot."""
 
 _LEVEL_TEXT_CACHE = 2048
-# L2Mirror memoises each level's "price:quantity" text (checksum) and each price and quantity
-# text (``texts``, shared by the messages and the checksum): formatting a number costs about
-# 1.5-2 us here and the top 50 levels hardly change between two updates, so this makes the
-# per-update checksum about 10x cheaper. The checksum itself is kept until an update reaches
-# a side's top levels. The bound keeps a long-lived mirror small: a memo is cleared when it
-# passes it. (At 65,536 a busy gateway grew by about 15 MB
-# per side of every symbol before the first clear, which the soak benchmark showed as an
-# RSS climb of 20 MB a minute.)
+# L2Mirror memoises each price and quantity text (``texts``, shared by the messages and the
+# checksum): formatting a number costs about 1.5-2 us here, and an update's levels are
+# formatted twice (the top levels' texts for the checksum, then the message). The checksum
+# itself is kept until an update reaches a side's top levels, and each side's top
+# "price:quantity" texts are kept and edited in place by the updates. (A memo of whole
+# "price:quantity" texts, keyed by price and quantity, missed on 19 of 20 updates: a level's
+# new total is almost always new.) The bound keeps a long-lived mirror small: a memo is
+# cleared when it passes it. (At 65,536 a busy gateway grew by about 15 MB per side of every
+# symbol before the first clear, which the soak benchmark showed as an RSS climb of 20 MB a
+# minute.)
 
 
 def checksum(bids: Sequence[Sequence[str]], asks: Sequence[Sequence[str]]) -> int:
@@ -113,8 +115,8 @@ class L2Mirror:
     a new snapshot.
     """
 
-    __slots__ = ("_ask_texts", "_ask_top", "_asks", "_bid_texts", "_bid_top", "_bids", "_buffer", "_checksum",
-                 "_prices", "_quantities", "_text_spec", "seq", "symbol")
+    __slots__ = ("_ask_top", "_asks", "_bid_top", "_bids", "_buffer", "_checksum", "_prices", "_quantities",
+                 "_text_spec", "seq", "symbol")
 
     def __init__(self, symbol: str, *, max_buffered: int = MAX_BUFFERED) -> None:
         self.symbol = symbol
@@ -125,8 +127,6 @@ class L2Mirror:
         # that it cannot bridge the snapshot to what is left.
         self._buffer: deque[BookChanged] = deque(maxlen=max_buffered)
         self._text_spec: SymbolSpec | None = None
-        self._bid_texts: dict[tuple[int, int], str] = {}  # (-ticks, lots) -> "price:quantity"
-        self._ask_texts: dict[tuple[int, int], str] = {}  # (ticks, lots) -> "price:quantity"
         self._prices: dict[int, str] = {}  # ticks -> price text
         self._quantities: dict[int, str] = {}  # lots -> quantity text (the level's new total usually
         # comes in an update first: its text is then made once, for the message and the checksum)
@@ -170,19 +170,18 @@ class L2Mirror:
             top = self._bid_top
             if top is None:
                 apply_levels(self._bids, change.bids, -1)
-            elif self._apply_keeping_top(self._bids, change.bids, -1, top, self._bid_texts):
+            elif self._apply_keeping_top(self._bids, change.bids, -1, top):
                 self._checksum = None
         if change.asks:
             top = self._ask_top
             if top is None:
                 apply_levels(self._asks, change.asks, 1)
-            elif self._apply_keeping_top(self._asks, change.asks, 1, top, self._ask_texts):
+            elif self._apply_keeping_top(self._asks, change.asks, 1, top):
                 self._checksum = None
         self.seq = change.seq
         return True
 
-    def _apply_keeping_top(self, side: SortedDict, levels: Iterable[Level], sign: int, top: list[str],
-                           texts: dict[tuple[int, int], str]) -> bool:
+    def _apply_keeping_top(self, side: SortedDict, levels: Iterable[Level], sign: int, top: list[str]) -> bool:
         """``apply_levels``, and the side's top ``CHECKSUM_DEPTH`` texts (``top``, known)
         edited in place: a level changed, added or removed there is one list operation at its
         position, instead of the whole list made again (most updates reach the top levels).
@@ -196,7 +195,7 @@ class L2Mirror:
                 side[key] = lots
                 pos = side.index(key)
                 if pos < depth:
-                    text = self._level_text(texts, key, lots, sign)
+                    text = self._level_text(ticks, lots)
                     if known:
                         top[pos] = text
                     else:
@@ -210,7 +209,7 @@ class L2Mirror:
                     del top[pos]
                     if len(side) >= depth:
                         key, lots = side.peekitem(depth - 1)
-                        top.append(self._level_text(texts, key, lots, sign))
+                        top.append(self._level_text(sign * key, lots))
                     changed = True
         return changed
 
@@ -266,14 +265,20 @@ class L2Mirror:
             return self._checksum  # no update reached the top levels since it was computed
         bids = self._bid_top
         if bids is None:
-            bids = self._bid_top = self._top_texts(self._bids, self._bid_texts, -1)
+            bids = self._bid_top = self._top_texts(self._bids, -1)
         asks = self._ask_top
         if asks is None:
-            asks = self._ask_top = self._top_texts(self._asks, self._ask_texts, 1)
-        # the same text as checksum(): pairs interleaved level by level, a short side skipped
-        n = min(len(bids), len(asks))
-        parts = [text for pair in zip(bids, asks) for text in pair]
-        parts.extend(bids[n:] or asks[n:])
+            asks = self._ask_top = self._top_texts(self._asks, 1)
+        # The same text as checksum(): the levels interleaved, bid first, the longer side's
+        # rest after them. Slice assignment interleaves in C: a comprehension over zip() took
+        # more time than the join and the CRC together.
+        n_bids, n_asks = len(bids), len(asks)
+        n = min(n_bids, n_asks)
+        parts: list[str] = [""] * (2 * n)
+        parts[::2] = bids if n_bids == n else bids[:n]
+        parts[1::2] = asks if n_asks == n else asks[:n]
+        if n_bids != n_asks:
+            parts += bids[n:] or asks[n:]
         self._checksum = zlib.crc32(":".join(parts).encode())
         return self._checksum
 
@@ -298,26 +303,22 @@ class L2Mirror:
             out.append([price, quantity])
         return out
 
-    def _top_texts(self, side: SortedDict, texts: dict[tuple[int, int], str], sign: int) -> list[str]:
-        """The "price:quantity" texts of a side's top levels, best first, in ``_text_spec``'s
-        units (memoised per level)."""
-        return [self._level_text(texts, key, lots, sign) for key, lots in side.items()[:CHECKSUM_DEPTH]]
+    def _top_texts(self, side: SortedDict, sign: int) -> list[str]:
+        """The "price:quantity" texts of a side's top levels, best first, in ``_text_spec``'s units."""
+        level_text = self._level_text
+        return [level_text(sign * key, lots) for key, lots in side.items()[:CHECKSUM_DEPTH]]
 
-    def _level_text(self, texts: dict[tuple[int, int], str], key: int, lots: int, sign: int) -> str:
-        """One level's "price:quantity" text in ``_text_spec``'s units (memoised)."""
-        text = texts.get((key, lots))
-        if text is None:
-            if len(texts) > _LEVEL_TEXT_CACHE:
-                texts.clear()
-            (price, quantity), = self.texts(self._text_spec, ((sign * key, lots),))  # type: ignore[arg-type]
-            text = texts[(key, lots)] = f"{price}:{quantity}"
-        return text
+    def _level_text(self, ticks: int, lots: int) -> str:
+        """One level's "price:quantity" text in ``_text_spec``'s units (its two halves memoised)."""
+        price = self._prices.get(ticks)
+        quantity = self._quantities.get(lots)
+        if price is None or quantity is None:
+            (price, quantity), = self.texts(self._text_spec, ((ticks, lots),))  # type: ignore[arg-type]
+        return f"{price}:{quantity}"
 
     def _use_spec(self, spec: SymbolSpec) -> None:
         """Texts from now on in ``spec``'s units: every memo goes."""
         self._text_spec = spec
-        self._bid_texts.clear()
-        self._ask_texts.clear()
         self._prices.clear()
         self._quantities.clear()
         self._forget_checksum()

@@ -531,16 +531,17 @@ class Channel:
 
     def _update(self, change: BookChanged, prev_seq: int | None) -> bytes:
         spec, mirror = self.spec, self.mirror
+        bids, asks = change.bids, change.asks  # most updates change one side only
         return orjson.dumps({
             "channel": self.symbol, "type": "depth_update",
             "data": {"seq": change.seq, "prev_seq": prev_seq,
-                     "bids": mirror.texts(spec, change.bids), "asks": mirror.texts(spec, change.asks),
+                     "bids": mirror.texts(spec, bids) if bids else [], "asks": mirror.texts(spec, asks) if asks else [],
                      "checksum": mirror.checksum(spec), "ts": change.ts_ns}})
 
     def _trade(self, trade: TradeOccurred) -> bytes:
-        spec = self.spec
+        # the mirror's memo of price and quantity texts: a trade's price is a level's price
+        (price, quantity), = self.mirror.texts(self.spec, ((trade.price, trade.quantity),))
         return orjson.dumps({
             "channel": self.symbol, "type": "trade",
-            "data": {"seq": trade.seq, "trade_id": trade.trade_id, "price": spec.ticks_to_price(trade.price),
-                     "quantity": spec.lots_to_quantity(trade.quantity), "taker_side": trade.taker_side.value,
-                     "ts": trade.ts_ns}})
+            "data": {"seq": trade.seq, "trade_id": trade.trade_id, "price": price, "quantity": quantity,
+                     "taker_side": trade.taker_side.value, "ts": trade.ts_ns}})

@@ -41,6 +41,7 @@ import os
 import secrets
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import OrderedDict
@@ -105,10 +106,22 @@ def http_response(path: str, method: str = "GET") -> Response:
     return Response(status.value, status.phrase, headers, b"" if method == "HEAD" else body)
 
 
+_TEXT_HEAD = 0x81  # FIN, opcode 1 (text); RFC 6455, 5.2
+_SHORT_HEAD = struct.Struct("!BB")
+_MEDIUM_HEAD = struct.Struct("!BBH")
+_LONG_HEAD = struct.Struct("!BBQ")
+
+
 def text_frame(payload: bytes) -> bytes:
     """One unmasked text frame (a server's frames are never masked, so the same bytes go to
-    every client)."""
-    return Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    every client): the same bytes as websockets' ``Frame(Opcode.TEXT, payload).serialize(mask=False)``,
+    made here because it runs for every message of every channel (0.4 us against 3-4)."""
+    size = len(payload)
+    if size < 126:
+        return _SHORT_HEAD.pack(_TEXT_HEAD, size) + payload
+    if size < 65536:
+        return _MEDIUM_HEAD.pack(_TEXT_HEAD, 126, size) + payload
+    return _LONG_HEAD.pack(_TEXT_HEAD, 127, size) + payload
 
 
 class Connection(asyncio.Protocol):
