@@ -26,7 +26,12 @@ channels) a fresh gateway (``zmx node g1``, ``--workers``). The load is:
   push latency of the server: on this 2-core box the read time adds the wait of a Python client
   process for a core it shares with the server, which a client on its own host would not pay.
   Every connection's count is kept, so an uneven channel (a connection that got fewer
-  messages than another of its channel) shows.
+  messages than another of its channel) shows. The client processes run under
+  ``SCHED_BATCH`` (``--clients-sched``): the kernel then never lets a client that a frame
+  woke preempt the server in the middle of a walk over its connections, as clients on hosts
+  of their own could not. They keep their full share of the cores, unlike clients pinned to
+  a core of their own (at 5,000 connections those became the bottleneck). ``normal`` runs
+  them as before.
 - **driver** (``--role driver``): ``zmx.node.client.Client`` against the router, a seeded flow
   over the K symbols: resting limit orders near a mid (55%), cancels (30%), and ioc orders
   that cross (15%) and make trades, so the feed is ``depth_update`` s and ``trade`` s.
@@ -132,6 +137,7 @@ from zmx.node.runtime import announce_ready
 SCRIPT = Path(__file__).resolve()
 SYMBOLS = tuple(f"S{i:03d}-USDT" for i in range(10))
 MAX_PER_PROCESS = 15_000  # connections per client process (a process may open ~19,900 sockets)
+CLIENT_SCHED = ("batch", "normal")
 SAMPLE_EVERY = 16  # every 16th connection parses its frames (latency, types, prev_seq)
 PAT = b'"type":"'  # once in every server message
 PING = b"\x89\x04"  # a ping frame with a 4-byte payload (what the gateway sends)
@@ -1003,6 +1009,7 @@ def role_main(argv: list[str]) -> int:
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--sources", type=int, default=4)
+    parser.add_argument("--sched", choices=CLIENT_SCHED, default="normal")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--mode", default="write")
     parser.add_argument("--examples", default="")
@@ -1021,6 +1028,8 @@ def role_main(argv: list[str]) -> int:
     import uvloop
 
     if args.role == "clients":
+        if args.sched == "batch":  # see --clients-sched
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         uvloop.run(_clients(args.host, args.port, args.count, args.first, args.channels, args.sources, args.timeout))
     else:
         uvloop.run(_ceiling(args.mode, args.channels, args.examples, args.feed))
@@ -1175,8 +1184,9 @@ def write_cluster_topology(path: Path, ports: dict[str, int], gateway_port: int 
 class Clients:
     """The client processes of one target: an anchor (one connection per channel) and the load."""
 
-    def __init__(self, run: Run, port: int, n: int, k: int, procs: int, sources: int) -> None:
+    def __init__(self, run: Run, port: int, n: int, k: int, procs: int, sources: int, sched: str) -> None:
         self.run, self.port, self.n, self.k, self.procs, self.sources = run, port, n, k, procs, sources
+        self.sched = sched  # --clients-sched
         self.helpers: list[Helper] = []
 
     def _start(self, count: int, first: int, tag: str) -> list[tuple[Helper, int]]:
@@ -1184,8 +1194,8 @@ class Clients:
         self.run.serial += 1
         h = Helper(SCRIPT, f"clients-{tag}-{self.run.serial}",
                    ["clients", "--port", str(self.port), "--count", str(count), "--first", str(first),
-                    "--channels", str(self.k), "--sources", str(self.sources), "--timeout",
-                    str(self.timeout(count)), "--max-seconds", str(HELPER_MAX_S)], self.run.directory)
+                    "--channels", str(self.k), "--sources", str(self.sources), "--sched", self.sched,
+                    "--timeout", str(self.timeout(count)), "--max-seconds", str(HELPER_MAX_S)], self.run.directory)
         self.run.helpers.append(h)
         self.helpers.append(h)
         started.append((h, count))
@@ -1375,7 +1385,7 @@ class Bench:
 
     def connect(self, port: int, n: int, k: int, procs: int, pids: Callable[[], list[int]]
                 ) -> tuple[Clients, dict[str, Any]]:
-        clients = Clients(self.run, port, n, k, procs, self.args.sources)
+        clients = Clients(self.run, port, n, k, procs, self.args.sources, self.args.clients_sched)
         clients.anchor()
         time.sleep(0.5)
         rss0 = rss_kb(pids())
@@ -1534,6 +1544,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="messages to deliver in the max round, about (3000000)")
     parser.add_argument("--client-procs", type=int, default=2, help="client processes, at least (2)")
     parser.add_argument("--sources", type=int, default=4, help="loopback source addresses 127.0.0.2... (4)")
+    parser.add_argument("--clients-sched", choices=CLIENT_SCHED, default="batch",
+                        help="scheduling policy of the client processes: batch (SCHED_BATCH: a client woken "
+                             "by a frame does not preempt the server in the middle of a walk, as clients on "
+                             "hosts of their own would not) or normal (batch)")
     parser.add_argument("--targets", nargs="+", default=["gateway", "write", "coalesce"])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 200, 2 s rounds, no results file")
@@ -1663,7 +1677,8 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                    "high_share_of_max": args.high,
                    "write_ceiling_max_share": 1 / WRITE_MAX_SHARE, "max_delivered": args.max_delivered,
                    "ceiling_feed": "zeromq",  # the ceilings read their feed from a feeder process's PUB
-                   "client_procs": args.client_procs, "sources": args.sources, "sample_every": SAMPLE_EVERY,
+                   "client_procs": args.client_procs, "clients_sched": args.clients_sched,
+                   "sources": args.sources, "sample_every": SAMPLE_EVERY,
                    "seed": args.seed, "matcher_fsync": "never", "targets": args.targets, "elapsed_s": round(elapsed)},
         "targets": {"wanted": TARGETS, "cells": t_cells, "met": met_all if cells else None},
         "latency_curve": curve,
