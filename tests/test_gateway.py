@@ -11,15 +11,20 @@ Every client checks its feed as it reads (``ws.WsClient``): channel messages onl
 by waiting: a message published later on the same matcher (one ordered stream into the
 gateway), or a pong asked for afterwards, has to arrive first.
 
-``test_the_gateways_subscriptions_follow_its_clients`` runs against a matcher played by the
-test itself (``FakeMatcher``), the only way to see what the gateway's SUB socket subscribes.
+``test_the_gateways_subscriptions_follow_its_clients`` and
+``test_malformed_publications_are_dropped_counted_and_change_nothing`` run against a matcher played
+by the test itself (``FakeMatcher``), the only way to see what the gateway's SUB socket subscribes,
+or to publish what no matcher would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import queue
+import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -30,16 +35,17 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from nodes import Cluster, write_topology
+from nodes import Cluster, NodeProcess, write_topology
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 from ws import Clients, WsClient, as_decimal_levels, checksum, matcher_book, same_book
 
 from zmx.codec import encode_publication
-from zmx.events import BookChanged
+from zmx.events import BookChanged, TradeOccurred
+from zmx.model import Side
 from zmx.node.client import Client, Reply, RequestTimeout
-from zmx.node.gateway import text_frame
+from zmx.node.gateway import PUBLICATION_MAX_BYTES, text_frame
 from zmx.node.runtime import load_topology
 from zmx.topology import Topology
 
@@ -645,6 +651,10 @@ class FakeMatcher:
     def publish(self, symbol: str, *events: BookChanged) -> None:
         self._outbox.put(encode_publication(symbol, events))
 
+    def publish_raw(self, frame: bytes) -> None:
+        """Any bytes as a published message (its subscribers get it if it starts with their topic)."""
+        self._outbox.put(frame)
+
     def next_subscription(self, timeout: float = 5.0) -> tuple[str, str]:
         """The next subscribe ("+") or unsubscribe ("-") of a symbol (accounts' topics are left out)."""
         deadline = time.monotonic() + timeout
@@ -664,22 +674,35 @@ class FakeMatcher:
         self.context.term()
 
 
+@contextlib.contextmanager
+def gateway_on_fake_matcher(cluster: Cluster, tmp_path: Path, books: dict[str, tuple[int, list, list]],
+                            extra_gateway: str = "") -> Iterator[tuple[FakeMatcher, Clients, NodeProcess]]:
+    """Gateway g1 started, its matcher m1 (the owner of ``books``' symbols) played by a
+    ``FakeMatcher``; the fake, a ``Clients`` factory and the gateway's process. Everything is
+    stopped at the end, even when the test fails."""
+    cluster.topology = write_topology(tmp_path, matchers={"m1": list(books)}, gateways=1, extra_gateway=extra_gateway)
+    topology = load_topology(cluster.topology)
+    m1 = topology.nodes["m1"]
+    fake = FakeMatcher(m1.pub, m1.snapshot, books)  # type: ignore[union-attr]
+    opened = Clients(topology.nodes["g1"].url)  # type: ignore[union-attr]
+    try:
+        yield fake, opened, cluster.start("g1")
+    finally:
+        opened.close_all()
+        cluster.stop_all()
+        fake.close()
+
+
 def test_the_gateways_subscriptions_follow_its_clients(cluster: Cluster, tmp_path: Path) -> None:
     """First client of a channel in: the gateway subscribes; last one out (unsubscribe or close):
     it unsubscribes; in between it sends nothing upstream about that channel. Shown in order:
     each step ends with a subscription change of another channel, which the one SUB socket sends
     after anything about the first."""
-    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT", "SOL-USDT", "XRP-USDT"]}, gateways=1)
-    topology = load_topology(cluster.topology)
-    m1 = topology.nodes["m1"]
-    fake = FakeMatcher(m1.pub, m1.snapshot, {  # type: ignore[union-attr]
+    with gateway_on_fake_matcher(cluster, tmp_path, {
         "BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]]),
         "SOL-USDT": (3, [], [[15000, 1000]]),
         "XRP-USDT": (0, [], []),
-    })
-    opened = Clients(topology.nodes["g1"].url)  # type: ignore[union-attr]
-    try:
-        cluster.start("g1")
+    }) as (fake, opened, _):
         a, b = opened("a"), opened("b")
         a.subscribe("BTC-USDT")
         assert fake.next_subscription() == ("+", "BTC-USDT")
@@ -712,7 +735,100 @@ def test_the_gateways_subscriptions_follow_its_clients(cluster: Cluster, tmp_pat
         a.close()  # the last client of XRP goes away without unsubscribing
         assert fake.next_subscription() == ("-", "XRP-USDT")
         assert [s for s in list(fake.subscriptions.queue) if not s[1].startswith("@")] == []
-    finally:
-        opened.close_all()
-        cluster.stop_all()
-        fake.close()
+
+
+def test_malformed_publications_are_dropped_counted_and_change_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    """Whatever comes from upstream under a channel's topic that is not a valid publication of
+    that symbol (no body, an unknown wire version, cut short, another symbol's event, not a batch
+    of events, an unknown event type, random bytes) is dropped and counted. The channel's book and
+    ``seq`` do not move, its clients get no resync, the next valid update follows on, and the log
+    names the first problem without a line for each of the others (``heartbeat_s: 1``: the
+    channel's heartbeats tell the test that the second in which the rest are summed up is over)."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {
+        "BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]]),
+        "SOL-USDT": (3, [], [[15000, 1000]]),
+    }, extra_gateway=", limits: {heartbeat_s: 1}") as (fake, opened, gateway):
+        a, b = opened("a"), opened("b")
+        a.subscribe("BTC-USDT")
+        b.subscribe("SOL-USDT")
+        good = encode_publication("BTC-USDT", (BookChanged("BTC-USDT", 8, time.time_ns(), ((2999000, 2500),), ()),))
+        body = good[len(b"BTC-USDT\x00"):]
+        other = encode_publication("ETH-USDT", (BookChanged("ETH-USDT", 8, time.time_ns(), ((2999000, 2500),), ()),))
+        rng = random.Random(7)
+        bad = [
+            b"BTC-USDT\x00",  # no body
+            b"BTC-USDT\x00" + bytes((body[0] + 1,)) + body[1:],  # an unknown wire version
+            good[:-3],  # cut short
+            b"BTC-USDT\x00" + other[len(b"ETH-USDT\x00"):],  # another symbol's event under this topic
+            b"BTC-USDT\x00" + body[:1] + msgpack.packb({"seq": 8}),  # not a batch of events
+            b"BTC-USDT\x00" + body[:1] + msgpack.packb([[250, "BTC-USDT", 8]]),  # an unknown event type
+        ] + [b"BTC-USDT\x00" + body[:1] + rng.randbytes(rng.randint(1, 200)) for _ in range(300)]  # msgpack fuzz
+        for frame in bad:
+            fake.publish_raw(frame)
+        fake.publish("SOL-USDT", BookChanged("SOL-USDT", 4, time.time_ns(), (), ((15000, 0), (15100, 500))))
+        fake.publish_raw(good)  # after every bad one, on the same stream: it arrives last
+
+        book = a.wait_seq("BTC-USDT", 8)
+        assert same_book(book, [["29990", "2.5"]], [["30010", "2"]])
+        assert (book.snapshots, book.updates) == (1, 1), "the bad publications made the channel resync"
+        update = a.take(lambda m: m.get("type") == "depth_update")
+        assert [(m["data"]["seq"], m["data"]["prev_seq"]) for m in update] == [(8, 7)]
+        assert same_book(b.wait_seq("SOL-USDT", 4), [], [["151", "0.5"]])
+        assert a.request({"action": "ping", "id": 1}, "pong")["id"] == 1
+
+        # the first problem is logged with what is wrong; the rest are counted on one line a second later
+        for _ in range(5):
+            if "more undecodable publication" in gateway.log():
+                break
+            a.expect(lambda m: m.get("type") == "heartbeat" and m.get("channel") == "BTC-USDT", timeout=5.0)
+        assert gateway.stop() == 0
+        log = gateway.log_path.read_text(errors="replace")
+        first = re.findall(r"dropped an undecodable publication: (.+)", log)
+        more = [int(n) for n in re.findall(r"dropped (\d+) more undecodable publication", log)]
+        assert first and more, log[-3000:]
+        assert "publication body" in first[0] or "empty" in first[0], first[0]  # the first one: no body
+        assert len(first) + sum(more) == len(bad)
+        assert len(first) + len(more) <= 4, "one log line for each bad publication"
+        assert f"bad_publication={len(bad)}" in log
+
+
+def test_a_sweep_of_thousands_of_trades_is_one_publication_and_every_trade_arrives(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """One command can make thousands of trades (a market order through a deep book of small
+    orders): 45,000 of them, about 1.5 MB in one publication, more than the 1 MiB a command or
+    a reply may have, reach the channel's client one by one, then the book's update."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (7, [[2999000, 1500]], [[3001000, 90000]])}) as (
+            fake, opened, _):
+        a = opened("a")
+        a.subscribe("BTC-USDT")
+        ts = time.time_ns()
+        trades = [TradeOccurred("BTC-USDT", 8, ts, 1000 + i, 3001000, 3, Side.BUY) for i in range(45_000)]
+        frame = encode_publication("BTC-USDT", (*trades, BookChanged("BTC-USDT", 8, ts, (), ((3001000, 0),))))
+        assert len(frame) > 1_500_000 > MAX_MESSAGE_BYTES  # the limit of a command or a reply
+        fake.publish_raw(frame)
+        book = a.wait_seq("BTC-USDT", 8, timeout=30.0)
+        assert same_book(book, [["29990", "1.5"]], [])
+        assert [t["trade_id"] for t in book.trades] == list(range(1000, 46_000))
+        assert book.snapshots == 1
+
+
+def test_a_publication_over_the_size_limit_costs_the_feed_a_reconnect_and_the_channel_a_resync(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A frame over the gateway's limit for a publication never reaches its code: the SUB socket
+    refuses it by dropping the connection to that publisher, and ZeroMQ does not connect again
+    after such a drop. The gateway does, 2 s later (``FEED_RECONNECT_S``), and its channels
+    resync: their clients get a fresh ``depth_snapshot`` (the book of now) and then the updates
+    that follow it."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]])}) as (
+            fake, opened, gateway):
+        a = opened("a")
+        a.subscribe("BTC-USDT")
+        assert a.books["BTC-USDT"].seq == 7
+        fake.books["BTC-USDT"] = (9, [[2999000, 500]], [[3001000, 2000]])  # the book moves on meanwhile
+        fake.publish_raw(b"BTC-USDT\x00" + b"\x01" + b"\x90" * PUBLICATION_MAX_BYTES)
+        snapshot = a.expect(lambda m: m.get("type") == "depth_snapshot" and m["data"]["seq"] == 9, timeout=15.0)
+        assert snapshot["channel"] == "BTC-USDT"
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 10, time.time_ns(), (), ((3001000, 0),)))
+        assert same_book(a.wait_seq("BTC-USDT", 10), [["29990", "0.5"]], [])
+        log = gateway.log()
+        assert "lost the feed from" in log and "connecting to it again" in log and "resyncing its channels" in log

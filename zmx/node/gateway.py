@@ -34,6 +34,7 @@ so the kernel spreads connections over them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import importlib.resources
 import logging
@@ -77,6 +78,12 @@ SUBSCRIBE_WAIT_S = 1.5  # longest wait for a new topic's first message before it
 SUB_BATCH = 4096  # publications read per loop turn before the connections are written to
 CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
 TICK_S = 0.25
+FEED_RECONNECT_S = 2.0  # a feed lost for this long is connected again (see Gateway._reconnect_feed)
+# The largest publication taken: one command's events, and a market order that sweeps a deep book
+# makes thousands of trades at once (about 35 bytes each). A bigger frame makes the SUB socket drop
+# the connection, and FEED_RECONNECT_S later the feed is connected again and its channels resync.
+PUBLICATION_MAX_BYTES = 64 * codec.MAX_MESSAGE_BYTES
+BAD_LOG_S = 1.0  # undecodable publications: the first of each second is logged with its reason, the rest counted
 BACKLOG = 16384
 
 CLOSE_GOING_AWAY = 1001
@@ -430,6 +437,8 @@ class Gateway:
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
             "bad_publication", "bad_reply", "gaps", "resyncs", "internal_errors")}
         self._request_ids = 0
+        self._bad_unlogged = 0  # undecodable publications since the last one logged
+        self._bad_logged_at = -BAD_LOG_S
         self._dirty: list[ChannelState] = []
         self._ping_turn = 0
         self._opened = 0
@@ -442,7 +451,7 @@ class Gateway:
         self.sub = self.context.socket(zmq.SUB)
         self.sub.linger = 0
         self.sub.rcvhwm = HWM
-        self.sub.maxmsgsize = codec.MAX_MESSAGE_BYTES
+        self.sub.maxmsgsize = PUBLICATION_MAX_BYTES
         self.upstream_symbols: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> symbols coming through it
         for upstream in node.upstream:
             endpoint = connect_endpoint(topology.node(upstream).pub)  # type: ignore[union-attr]
@@ -452,6 +461,8 @@ class Gateway:
         for endpoint in self.upstream_symbols:
             self.sub.connect(endpoint)
         self.connected_once: set[str] = set()
+        self.feed_lost: dict[str, float] = {}  # SUB endpoint -> when it was lost
+        self.feed_retry: dict[str, float] = {}  # SUB endpoint -> when to connect to it again
         self.dealer = self.context.socket(zmq.DEALER)
         self.dealer.linger = 0
         self.dealer.immediate = 1
@@ -663,10 +674,9 @@ class Gateway:
             except zmq.Again:
                 break
             try:
-                name, events = codec.decode_publication(frame)
+                name, events = codec.decode_publication(frame, PUBLICATION_MAX_BYTES)
             except DecodeError as e:
-                self.counts["bad_publication"] += 1
-                log.warning("dropped an undecodable publication: %s", e)
+                self._bad_publication(e)
                 continue
             if is_private(name):
                 conn = self.accounts.get(name[1:])
@@ -700,6 +710,18 @@ class Gateway:
             self._rearm(sub, self._read_sub)
         if dirty:
             self._fan_out()
+
+    def _bad_publication(self, error: DecodeError) -> None:
+        """Drop and count an undecodable publication. The first of each ``BAD_LOG_S`` is logged
+        with what is wrong with it, the ones after it in one line at a later tick: a publisher
+        that sends garbage must not flood the log."""
+        self.counts["bad_publication"] += 1
+        now = time.monotonic()
+        if now - self._bad_logged_at >= BAD_LOG_S:
+            self._bad_logged_at = now
+            log.warning("dropped an undecodable publication: %s", error)
+        else:
+            self._bad_unlogged += 1
 
     def _fan_out(self) -> None:
         """Write this turn's channel bytes: one write per connection."""
@@ -778,7 +800,10 @@ class Gateway:
             endpoint = frames[1].decode(errors="replace")
             if event == zmq.EVENT_DISCONNECTED:
                 log.warning("lost the feed from %s", endpoint)
+                self.feed_lost[endpoint] = time.monotonic()
             elif event == zmq.EVENT_CONNECTED:
+                self.feed_lost.pop(endpoint, None)
+                self.feed_retry.pop(endpoint, None)
                 if endpoint in self.connected_once:
                     # Reconnected: the publisher may have restarted, what it sent meanwhile is lost.
                     log.info("feed from %s is back; resyncing its channels", endpoint)
@@ -849,8 +874,29 @@ class Gateway:
                 self.counts["internal_errors"] += 1
                 log.exception("internal error in the gateway's housekeeping")
 
+    def _reconnect_feed(self, endpoint: str) -> None:
+        """Connect the SUB to ``endpoint`` afresh. ZeroMQ connects a dropped connection again by
+        itself, except one it dropped for a protocol error (a frame over ``maxmsgsize``, a broken
+        stream): that one it gives up for good, and the channels behind it would go quiet for
+        ever. Once back, the feed's channels resync (``_read_monitor``)."""
+        with contextlib.suppress(zmq.ZMQError):  # a connection given up is no longer known to the socket
+            self.sub.disconnect(endpoint)
+        self.sub.connect(endpoint)
+
     def _housekeeping(self, now: float) -> None:
         limits = self.limits
+        for endpoint, since in self.feed_lost.items():
+            if now >= self.feed_retry.get(endpoint, since + FEED_RECONNECT_S):
+                if endpoint not in self.feed_retry:
+                    log.warning("no feed from %s for %.1f s: connecting to it again, every %g s until it is back",
+                                endpoint, now - since, FEED_RECONNECT_S)
+                self._reconnect_feed(endpoint)
+                self.feed_retry[endpoint] = now + FEED_RECONNECT_S
+        if self._bad_unlogged and now - self._bad_logged_at >= BAD_LOG_S:
+            log.warning("dropped %d more undecodable publication(s) in the last %.1f s", self._bad_unlogged,
+                        now - self._bad_logged_at)
+            self._bad_unlogged = 0
+            self._bad_logged_at = now
         # orders without a reply
         requests = self.requests
         while requests:
