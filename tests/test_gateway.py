@@ -27,7 +27,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -590,12 +590,13 @@ class FakeMatcher:
     With ``XPUB_VERBOSE`` and ``XPUB_VERBOSER`` the XPUB hands over every subscribe and unsubscribe
     message the gateway's SUB socket sends, duplicates included: exactly what the gateway
     subscribes, in order. Book requests get ``books[symbol]`` as docs/wire.md "Snapshots" says;
-    subscribed symbols get an idle heartbeat every 0.25 s like a real matcher's, and
-    ``publish`` sends a symbol's events.
+    subscribed symbols get an idle heartbeat every 0.25 s like a real matcher's (but the ones in
+    ``muted``), and ``publish`` sends a symbol's events.
     """
 
     def __init__(self, pub: str, snapshot: str, books: dict[str, tuple[int, list, list]]) -> None:
         self.books = dict(books)
+        self.muted: set[str] = set()  # symbols whose idle heartbeats are not sent
         self.subscriptions: queue.Queue[tuple[str, str]] = queue.Queue()
         self.requests: queue.Queue[str] = queue.Queue()
         self._outbox: queue.Queue[bytes] = queue.Queue()
@@ -645,7 +646,8 @@ class FakeMatcher:
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat += 0.25
                 for topic, count in held.items():
-                    if count > 0 and topic.endswith(b"\x00") and not topic.startswith(b"@"):
+                    if count > 0 and topic.endswith(b"\x00") and not topic.startswith(b"@") \
+                            and topic[:-1].decode() not in self.muted:
                         self.xpub.send(encode_publication(topic[:-1].decode(), ()))
 
     def publish(self, symbol: str, *events: BookChanged) -> None:
@@ -832,3 +834,30 @@ def test_a_publication_over_the_size_limit_costs_the_feed_a_reconnect_and_the_ch
         assert same_book(a.wait_seq("BTC-USDT", 10), [["29990", "0.5"]], [])
         log = gateway.log()
         assert "lost the feed from" in log and "connecting to it again" in log and "resyncing its channels" in log
+
+
+def test_a_channel_whose_feed_goes_silent_gets_no_more_heartbeats(cluster: Cluster, tmp_path: Path) -> None:
+    """``heartbeat_s: 1``. The matcher stops its idle heartbeats of BTC-USDT (its feed goes
+    silent) and goes on with SOL-USDT's: the client's SOL-USDT heartbeats go on, its BTC-USDT
+    heartbeats stop within ``FEED_SILENT_S`` and a tick, so it can tell a dead feed from a quiet
+    market. They come back once the feed speaks again."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {
+        "BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]]),
+        "SOL-USDT": (3, [], [[15000, 1000]]),
+    }, extra_gateway=", limits: {heartbeat_s: 1}") as (fake, opened, _):
+        a = opened("a")
+        a.subscribe("BTC-USDT", "SOL-USDT")
+
+        def heartbeat(channel: str) -> Callable[[dict], bool]:
+            return lambda m: m.get("type") == "heartbeat" and m.get("channel") == channel
+
+        a.expect(heartbeat("BTC-USDT"))  # its feed speaks: it beats
+        fake.muted.add("BTC-USDT")
+        muted_at = len(a.received)
+        a.expect_all(heartbeat("SOL-USDT"), 7, timeout=20.0)  # 7 s or more, over twice FEED_SILENT_S
+        after = a.received[muted_at:]
+        btc = [i for i, m in enumerate(after) if heartbeat("BTC-USDT")(m)]
+        sol = [i for i, m in enumerate(after) if heartbeat("SOL-USDT")(m)]
+        assert len(btc) <= 4 and (not btc or btc[-1] < sol[4]), (btc, sol)  # none after about 4.4 s
+        fake.muted.discard("BTC-USDT")
+        a.expect(heartbeat("BTC-USDT"), timeout=5.0)

@@ -83,6 +83,10 @@ FEED_RECONNECT_S = 2.0  # a feed lost for this long is connected again (see Gate
 # makes thousands of trades at once (about 35 bytes each). A bigger frame makes the SUB socket drop
 # the connection, and FEED_RECONNECT_S later the feed is connected again and its channels resync.
 PUBLICATION_MAX_BYTES = 64 * codec.MAX_MESSAGE_BYTES
+# A channel whose feed said nothing for this long (a matcher sends an idle symbol a heartbeat of
+# its own every 1-1.25 s) gets no heartbeat from the gateway: its clients can tell that the feed,
+# not the market, went quiet.
+FEED_SILENT_S = 3.0
 BAD_LOG_S = 1.0  # undecodable publications: the first of each second is logged with its reason, the rest counted
 BACKLOG = 16384
 
@@ -390,8 +394,8 @@ def _free(ws: ServerProtocol) -> None:
 class ChannelState:
     """A subscribed channel in this gateway: its protocol ``Channel`` and its subscribers."""
 
-    __slots__ = ("channel", "frames", "last_sent", "snapshot_asked", "subscribed_at", "subscribers", "trades",
-                 "updates")
+    __slots__ = ("channel", "frames", "heard_at", "last_sent", "snapshot_asked", "subscribed_at", "subscribers",
+                 "trades", "updates")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -404,6 +408,7 @@ class ChannelState:
         # When the topic was subscribed, until its first message shows that the publisher has
         # the subscription (0 after that); see Gateway.subscribe.
         self.subscribed_at = self.last_sent
+        self.heard_at = self.last_sent  # the last message of its feed (updates and the matcher's heartbeats)
 
     def take_turn(self, now: float) -> tuple[bytes, int, int]:
         """This loop turn's frames joined, with the depth updates and trades among them; the
@@ -668,6 +673,7 @@ class Gateway:
         sub = self.sub
         channels = self.channels
         dirty = self._dirty
+        now = time.monotonic()
         for _ in range(SUB_BATCH):
             try:
                 frame = sub.recv(zmq.NOBLOCK)
@@ -687,6 +693,7 @@ class Gateway:
             state = channels.get(name)
             if state is None:
                 continue  # unsubscribed a moment ago
+            state.heard_at = now
             if state.subscribed_at:
                 state.subscribed_at = 0.0
                 self._ask_snapshot(state)
@@ -917,20 +924,20 @@ class Gateway:
                 conn.close(CLOSE_TRY_AGAIN, "too slow to keep up")
         # snapshots not answered, heartbeats of idle channels
         heartbeat_s = limits.heartbeat_s
-        due = False
         for state in self.channels.values():
             if state.subscribed_at and now - state.subscribed_at > SUBSCRIBE_WAIT_S:
                 state.subscribed_at = 0.0  # no message yet: the publisher may be down; ask anyway
                 self._ask_snapshot(state)
             elif state.snapshot_asked and now - state.snapshot_asked > SNAPSHOT_RETRY_S:
                 self._ask_snapshot(state)
-            due = due or (state.channel.synced and now - state.last_sent >= heartbeat_s)
-        if due:
+        # a channel whose feed went silent gets no heartbeat: its clients see the feed is gone
+        live = [state for state in self.channels.values()
+                if state.channel.synced and now - state.heard_at <= FEED_SILENT_S]
+        if any(now - state.last_sent >= heartbeat_s for state in live):
             # The channels idle for half the interval beat along with the ones due, so that the
             # idle channels of a connection come due in the same tick and their heartbeats leave
             # in one write (no channel waits longer than heartbeat_s for one).
-            self._heartbeats([state for state in self.channels.values()
-                              if state.channel.synced and now - state.last_sent >= heartbeat_s / 2])
+            self._heartbeats([state for state in live if now - state.last_sent >= heartbeat_s / 2])
         # pings: each connection once per ping_interval_s, one slot of them per tick; one
         # that has not answered the previous ping by its next turn is closed
         self._ping_turn = (self._ping_turn + 1) % len(self.ping_slots)
