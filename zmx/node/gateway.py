@@ -126,7 +126,7 @@ _LONG_HEAD = struct.Struct("!BBQ")
 def text_frame(payload: bytes) -> bytes:
     """One unmasked text frame (a server's frames are never masked, so the same bytes go to
     every client): the same bytes as websockets' ``Frame(Opcode.TEXT, payload).serialize(mask=False)``,
-    made here because it runs for every message of every channel (0.4 us against 3-4)."""
+    made here because it runs for every message of every channel (0.4 us against 2.7)."""
     size = len(payload)
     if size < 126:
         return _SHORT_HEAD.pack(_TEXT_HEAD, size) + payload
