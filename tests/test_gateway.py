@@ -597,6 +597,7 @@ class FakeMatcher:
     def __init__(self, pub: str, snapshot: str, books: dict[str, tuple[int, list, list]]) -> None:
         self.books = dict(books)
         self.muted: set[str] = set()  # symbols whose idle heartbeats are not sent
+        self.oversized_replies = 0  # answer this many book requests with a frame over the gateway's limit
         self.subscriptions: queue.Queue[tuple[str, str]] = queue.Queue()
         self.requests: queue.Queue[str] = queue.Queue()
         self._outbox: queue.Queue[bytes] = queue.Queue()
@@ -635,7 +636,10 @@ class FakeMatcher:
                         envelope, request = envelope + [b""], request[1:]
                     symbol = request[1].decode() if len(request) == 2 else ""
                     self.requests.put(symbol)
-                    if request[:1] == [b"SNAP"] and symbol in self.books:
+                    if request[:1] == [b"SNAP"] and symbol in self.books and self.oversized_replies:
+                        self.oversized_replies -= 1
+                        self.router.send_multipart(envelope + [b"SNAP", request[1], b"\x90" * ((64 << 20) + 1)])
+                    elif request[:1] == [b"SNAP"] and symbol in self.books:
                         self.router.send_multipart(envelope + [b"SNAP", request[1],
                                                                msgpack.packb(list(self.books[symbol]))])
                     else:
@@ -861,3 +865,21 @@ def test_a_channel_whose_feed_goes_silent_gets_no_more_heartbeats(cluster: Clust
         assert len(btc) <= 4 and (not btc or btc[-1] < sol[4]), (btc, sol)  # none after about 4.4 s
         fake.muted.discard("BTC-USDT")
         a.expect(heartbeat("BTC-USDT"), timeout=5.0)
+
+
+def test_a_snapshot_reply_over_the_size_limit_is_asked_again_on_a_new_connection(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The matcher answers the first book request with a frame over the gateway's 64 MiB limit
+    for a snapshot: ZeroMQ drops that connection and never makes it again. The unanswered request
+    is asked again 2 s later (``SNAPSHOT_RETRY_S``) on a new connection, and the client gets its
+    ``depth_snapshot`` and then updates."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]])}) as (
+            fake, opened, gateway):
+        fake.oversized_replies = 1
+        a = opened("a")
+        a.subscribe("BTC-USDT", timeout=15.0)
+        assert same_book(a.books["BTC-USDT"], [["29990", "1.5"]], [["30010", "2"]])
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 8, time.time_ns(), ((2999000, 0),), ()))
+        assert same_book(a.wait_seq("BTC-USDT", 8), [], [["30010", "2"]])
+        assert "asking on a new connection" in gateway.log()
+        assert fake.oversized_replies == 0

@@ -476,13 +476,10 @@ class Gateway:
             assert isinstance(router, RouterNode)
             self.dealer.connect(connect_endpoint(router.front))
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
+        self.snapshot_renewed: dict[str, float] = {}  # matcher name -> when its DEALER was last made anew
         for matcher in topology.nodes_by_role("matcher"):
             assert isinstance(matcher, MatcherNode)
-            sock = self.context.socket(zmq.DEALER)
-            sock.linger = 0
-            sock.maxmsgsize = 64 * codec.MAX_MESSAGE_BYTES  # a deep book is a big snapshot
-            sock.connect(connect_endpoint(matcher.snapshot))
-            self.snapshot_sockets[matcher.name] = sock
+            self.snapshot_sockets[matcher.name] = self._snapshot_socket(matcher)
         self._readers: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = []
         self.spare_ws: ServerProtocol | None = None  # see Connection._open_ws
 
@@ -614,7 +611,35 @@ class Gateway:
         state.snapshot_asked = time.monotonic()
         self._rearm(sock, lambda: self._read_snapshots(sock))
 
+    def _snapshot_socket(self, matcher: MatcherNode) -> zmq.Socket[bytes]:
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = 64 * codec.MAX_MESSAGE_BYTES  # a deep book is a big snapshot
+        sock.connect(connect_endpoint(matcher.snapshot))
+        return sock
+
+    def _renew_snapshot_socket(self, name: str) -> None:
+        """A snapshot request of matcher ``name`` went unanswered: ask on a new connection, at
+        most once per ``SNAPSHOT_RETRY_S``. ZeroMQ gives a connection up for good after a
+        protocol error (a reply over ``maxmsgsize``, a broken stream), and a DEALER has no other
+        way to say so; a matcher that is merely down costs a new socket every few seconds."""
+        now = time.monotonic()
+        if now - self.snapshot_renewed.get(name, 0.0) < SNAPSHOT_RETRY_S:
+            return
+        self.snapshot_renewed[name] = now
+        old = self.snapshot_sockets[name]
+        asyncio.get_running_loop().remove_reader(old.getsockopt(zmq.FD))
+        self._readers = [(sock, read) for sock, read in self._readers if sock is not old]
+        old.close(linger=0)
+        matcher = self.topology.node(name)
+        assert isinstance(matcher, MatcherNode)
+        sock = self.snapshot_sockets[name] = self._snapshot_socket(matcher)
+        self._watch(sock, lambda: self._read_snapshots(sock))
+        log.info("snapshot request to %s unanswered for %g s: asking on a new connection", name, SNAPSHOT_RETRY_S)
+
     def _read_snapshots(self, sock: zmq.Socket[bytes]) -> None:
+        if sock.closed:
+            return  # made anew meanwhile (_renew_snapshot_socket); a read was still scheduled
         for _ in range(64):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -929,6 +954,7 @@ class Gateway:
                 state.subscribed_at = 0.0  # no message yet: the publisher may be down; ask anyway
                 self._ask_snapshot(state)
             elif state.snapshot_asked and now - state.snapshot_asked > SNAPSHOT_RETRY_S:
+                self._renew_snapshot_socket(self.topology.owner_of(state.channel.symbol))
                 self._ask_snapshot(state)
         # a channel whose feed went silent gets no heartbeat: its clients see the feed is gone
         live = [state for state in self.channels.values()
