@@ -5,7 +5,8 @@ subscribes the updates first and buffers them, asks for a snapshot (the full L2 
 the ``seq`` it is valid at), loads it, and applies the buffered updates that come after it.
 From then on each ``BookChanged`` must carry the next ``seq``; a jump means something was
 missed and the copy is thrown away until a fresh snapshot arrives. ``L2Mirror`` is that
-state machine, with no I/O: the gateway and the client SDK wrap it.
+state machine, with no I/O: the gateway's channels wrap it (``zmx.protocol.Channel``), and a
+Python subscriber of a matcher's feed can too.
 
 Inside, a level is ``(price_ticks, lots)``; at the edge it is ``[price, quantity]`` as
 decimal strings (``format_levels``). The checksum is over the strings, so a client checks
