@@ -11,10 +11,10 @@ Every client checks its feed as it reads (``ws.WsClient``): channel messages onl
 by waiting: a message published later on the same matcher (one ordered stream into the
 gateway), or a pong asked for afterwards, has to arrive first.
 
-``test_the_gateways_subscriptions_follow_its_clients`` and
-``test_malformed_publications_are_dropped_counted_and_change_nothing`` run against a matcher played
-by the test itself (``FakeMatcher``), the only way to see what the gateway's SUB socket subscribes,
-or to publish what no matcher would.
+The tests from ``test_the_gateways_subscriptions_follow_its_clients`` on run against a matcher
+played by the test itself (``FakeMatcher``, set up by ``gateway_on_fake_matcher``): the only way to
+see what the gateway's SUB socket subscribes, to publish or answer what no matcher would (malformed
+or oversized frames), or to silence one symbol's feed.
 """
 
 from __future__ import annotations
@@ -690,12 +690,14 @@ def gateway_on_fake_matcher(cluster: Cluster, tmp_path: Path, books: dict[str, t
     topology = load_topology(cluster.topology)
     m1 = topology.nodes["m1"]
     fake = FakeMatcher(m1.pub, m1.snapshot, books)  # type: ignore[union-attr]
-    opened = Clients(topology.nodes["g1"].url)  # type: ignore[union-attr]
     try:
-        yield fake, opened, cluster.start("g1")
+        opened = Clients(topology.nodes["g1"].url)  # type: ignore[union-attr]
+        try:
+            yield fake, opened, cluster.start("g1")
+        finally:
+            opened.close_all()
+            cluster.stop_all()
     finally:
-        opened.close_all()
-        cluster.stop_all()
         fake.close()
 
 
