@@ -598,6 +598,7 @@ class FakeMatcher:
         self.books = dict(books)
         self.muted: set[str] = set()  # symbols whose idle heartbeats are not sent
         self.oversized_replies = 0  # answer this many book requests with a frame over the gateway's limit
+        self.reply_delay_s = 0.0  # answer book requests this late
         self.subscriptions: queue.Queue[tuple[str, str]] = queue.Queue()
         self.requests: queue.Queue[str] = queue.Queue()
         self._outbox: queue.Queue[bytes] = queue.Queue()
@@ -619,8 +620,11 @@ class FakeMatcher:
         poller.register(self.xpub, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         held: dict[bytes, int] = {}
+        late: list[tuple[float, list[bytes]]] = []  # (when, reply) of book requests answered late
         next_heartbeat = time.monotonic()
         while not self._stop.is_set():
+            while late and late[0][0] <= time.monotonic():
+                self.router.send_multipart(late.pop(0)[1])
             for sock, _ in poller.poll(20):
                 if sock is self.xpub:
                     message = self.xpub.recv()
@@ -640,8 +644,11 @@ class FakeMatcher:
                         self.oversized_replies -= 1
                         self.router.send_multipart(envelope + [b"SNAP", request[1], b"\x90" * ((64 << 20) + 1)])
                     elif request[:1] == [b"SNAP"] and symbol in self.books:
-                        self.router.send_multipart(envelope + [b"SNAP", request[1],
-                                                               msgpack.packb(list(self.books[symbol]))])
+                        reply = envelope + [b"SNAP", request[1], msgpack.packb(list(self.books[symbol]))]
+                        if self.reply_delay_s:
+                            late.append((time.monotonic() + self.reply_delay_s, reply))
+                        else:
+                            self.router.send_multipart(reply)
                     else:
                         self.router.send_multipart(envelope + [b"ERR", request[1] if len(request) > 1 else b"",
                                                                b"not mine"])
@@ -885,3 +892,17 @@ def test_a_snapshot_reply_over_the_size_limit_is_asked_again_on_a_new_connection
         assert same_book(a.wait_seq("BTC-USDT", 8), [], [["30010", "2"]])
         assert "asking on a new connection" in gateway.log()
         assert fake.oversized_replies == 0
+
+
+def test_a_matcher_slower_than_the_retry_to_answer_a_book_request_is_still_heard(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """Every book request is answered 3 s late, after the gateway has asked again on a new
+    connection (``SNAPSHOT_RETRY_S``, 2 s): the answer on the old one still counts, and the
+    client gets its ``depth_snapshot``."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]])}) as (
+            fake, opened, gateway):
+        fake.reply_delay_s = 3.0
+        a = opened("a")
+        a.subscribe("BTC-USDT", timeout=15.0)
+        assert same_book(a.books["BTC-USDT"], [["29990", "1.5"]], [["30010", "2"]])
+        assert "asking on a new connection" in gateway.log()

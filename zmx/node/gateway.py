@@ -73,7 +73,8 @@ from zmx.topology import GatewayLimits, GatewayNode, MatcherNode, RouterNode, To
 log = logging.getLogger("zmx.gateway")
 
 REQUEST_TIMEOUT_S = 5.0  # an order with no reply by then is answered ``unavailable``
-SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again
+SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again, on a new connection
+SNAPSHOT_RETIRE_S = 30.0  # an old snapshot connection is still read this long: a slow answer still counts
 SUBSCRIBE_WAIT_S = 1.5  # longest wait for a new topic's first message before its snapshot is asked
 SUB_BATCH = 4096  # publications read per loop turn before the connections are written to
 CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
@@ -477,6 +478,7 @@ class Gateway:
             self.dealer.connect(connect_endpoint(router.front))
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
         self.snapshot_renewed: dict[str, float] = {}  # matcher name -> when its DEALER was last made anew
+        self.retired_snapshot_sockets: list[tuple[zmq.Socket[bytes], float]] = []  # (old DEALER, when to close it)
         for matcher in topology.nodes_by_role("matcher"):
             assert isinstance(matcher, MatcherNode)
             self.snapshot_sockets[matcher.name] = self._snapshot_socket(matcher)
@@ -521,7 +523,8 @@ class Gateway:
         for sock, _ in self._readers:
             loop.remove_reader(sock.getsockopt(zmq.FD))
         self.sub.disable_monitor()
-        for sock in (self.monitor, self.sub, self.dealer, *self.snapshot_sockets.values()):
+        for sock in (self.monitor, self.sub, self.dealer, *self.snapshot_sockets.values(),
+                     *(old for old, _ in self.retired_snapshot_sockets)):
             sock.close(linger=0)
         self.context.term()
         log.info("stopped; counts: %s", ", ".join(f"{k}={v}" for k, v in self.counts.items() if v) or "none")
@@ -622,15 +625,14 @@ class Gateway:
         """A snapshot request of matcher ``name`` went unanswered: ask on a new connection, at
         most once per ``SNAPSHOT_RETRY_S``. ZeroMQ gives a connection up for good after a
         protocol error (a reply over ``maxmsgsize``, a broken stream), and a DEALER has no other
-        way to say so; a matcher that is merely down costs a new socket every few seconds."""
+        way to say so; a matcher that is merely down costs a new socket every few seconds. The old
+        one is still read for ``SNAPSHOT_RETIRE_S``, so that a matcher slower than
+        ``SNAPSHOT_RETRY_S`` to answer is still heard."""
         now = time.monotonic()
         if now - self.snapshot_renewed.get(name, 0.0) < SNAPSHOT_RETRY_S:
             return
         self.snapshot_renewed[name] = now
-        old = self.snapshot_sockets[name]
-        asyncio.get_running_loop().remove_reader(old.getsockopt(zmq.FD))
-        self._readers = [(sock, read) for sock, read in self._readers if sock is not old]
-        old.close(linger=0)
+        self.retired_snapshot_sockets.append((self.snapshot_sockets[name], now + SNAPSHOT_RETIRE_S))
         matcher = self.topology.node(name)
         assert isinstance(matcher, MatcherNode)
         sock = self.snapshot_sockets[name] = self._snapshot_socket(matcher)
@@ -639,7 +641,7 @@ class Gateway:
 
     def _read_snapshots(self, sock: zmq.Socket[bytes]) -> None:
         if sock.closed:
-            return  # made anew meanwhile (_renew_snapshot_socket); a read was still scheduled
+            return  # a retired connection, closed meanwhile; a read of it was still scheduled
         for _ in range(64):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -915,8 +917,17 @@ class Gateway:
             self.sub.disconnect(endpoint)
         self.sub.connect(endpoint)
 
+    def _close_retired_snapshot_sockets(self, now: float) -> None:
+        retired = self.retired_snapshot_sockets
+        while retired and retired[0][1] <= now:
+            old, _ = retired.pop(0)
+            asyncio.get_running_loop().remove_reader(old.getsockopt(zmq.FD))
+            self._readers = [(sock, read) for sock, read in self._readers if sock is not old]
+            old.close(linger=0)
+
     def _housekeeping(self, now: float) -> None:
         limits = self.limits
+        self._close_retired_snapshot_sockets(now)
         for endpoint, since in self.feed_lost.items():
             if now >= self.feed_retry.get(endpoint, since + FEED_RECONNECT_S):
                 if endpoint not in self.feed_retry:
