@@ -75,6 +75,7 @@ log = logging.getLogger("zmx.gateway")
 REQUEST_TIMEOUT_S = 5.0  # an order with no reply by then is answered ``unavailable``
 SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again, on a new connection
 SNAPSHOT_RETIRE_S = 30.0  # an old snapshot connection is still read this long: a slow answer still counts
+SNAPSHOT_RETIRED_MAX = 2  # old snapshot connections kept per matcher (a matcher that is down makes one every 2 s)
 SUBSCRIBE_WAIT_S = 1.5  # longest wait for a new topic's first message before its snapshot is asked
 SUB_BATCH = 4096  # publications read per loop turn before the connections are written to
 CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
@@ -478,7 +479,8 @@ class Gateway:
             self.dealer.connect(connect_endpoint(router.front))
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
         self.snapshot_renewed: dict[str, float] = {}  # matcher name -> when its DEALER was last made anew
-        self.retired_snapshot_sockets: list[tuple[zmq.Socket[bytes], float]] = []  # (old DEALER, when to close it)
+        # old snapshot DEALERs still read: (socket, when to close it, matcher name), oldest first
+        self.retired_snapshot_sockets: list[tuple[zmq.Socket[bytes], float, str]] = []
         for matcher in topology.nodes_by_role("matcher"):
             assert isinstance(matcher, MatcherNode)
             self.snapshot_sockets[matcher.name] = self._snapshot_socket(matcher)
@@ -524,7 +526,7 @@ class Gateway:
             loop.remove_reader(sock.getsockopt(zmq.FD))
         self.sub.disable_monitor()
         for sock in (self.monitor, self.sub, self.dealer, *self.snapshot_sockets.values(),
-                     *(old for old, _ in self.retired_snapshot_sockets)):
+                     *(old for old, _, _ in self.retired_snapshot_sockets)):
             sock.close(linger=0)
         self.context.term()
         log.info("stopped; counts: %s", ", ".join(f"{k}={v}" for k, v in self.counts.items() if v) or "none")
@@ -626,13 +628,18 @@ class Gateway:
         most once per ``SNAPSHOT_RETRY_S``. ZeroMQ gives a connection up for good after a
         protocol error (a reply over ``maxmsgsize``, a broken stream), and a DEALER has no other
         way to say so; a matcher that is merely down costs a new socket every few seconds. The old
-        one is still read for ``SNAPSHOT_RETIRE_S``, so that a matcher slower than
-        ``SNAPSHOT_RETRY_S`` to answer is still heard."""
+        one is still read for ``SNAPSHOT_RETIRE_S`` (the last ``SNAPSHOT_RETIRED_MAX`` of a matcher
+        only), so that a matcher slower than ``SNAPSHOT_RETRY_S`` to answer is still heard."""
         now = time.monotonic()
         if now - self.snapshot_renewed.get(name, 0.0) < SNAPSHOT_RETRY_S:
             return
         self.snapshot_renewed[name] = now
-        self.retired_snapshot_sockets.append((self.snapshot_sockets[name], now + SNAPSHOT_RETIRE_S))
+        retired = self.retired_snapshot_sockets
+        retired.append((self.snapshot_sockets[name], now + SNAPSHOT_RETIRE_S, name))
+        own = [entry for entry in retired if entry[2] == name]
+        for entry in own[:-SNAPSHOT_RETIRED_MAX]:
+            retired.remove(entry)
+            self._close_snapshot_socket(entry[0])
         matcher = self.topology.node(name)
         assert isinstance(matcher, MatcherNode)
         sock = self.snapshot_sockets[name] = self._snapshot_socket(matcher)
@@ -920,10 +927,12 @@ class Gateway:
     def _close_retired_snapshot_sockets(self, now: float) -> None:
         retired = self.retired_snapshot_sockets
         while retired and retired[0][1] <= now:
-            old, _ = retired.pop(0)
-            asyncio.get_running_loop().remove_reader(old.getsockopt(zmq.FD))
-            self._readers = [(sock, read) for sock, read in self._readers if sock is not old]
-            old.close(linger=0)
+            self._close_snapshot_socket(retired.pop(0)[0])
+
+    def _close_snapshot_socket(self, old: zmq.Socket[bytes]) -> None:
+        asyncio.get_running_loop().remove_reader(old.getsockopt(zmq.FD))
+        self._readers = [(sock, read) for sock, read in self._readers if sock is not old]
+        old.close(linger=0)
 
     def _housekeeping(self, now: float) -> None:
         limits = self.limits
