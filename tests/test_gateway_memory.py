@@ -61,6 +61,9 @@ class Gateway:
         self.handshaking: set[Connection] = set()
         self.dropped: list[Connection] = []
 
+    def http_date(self) -> str:
+        return "Sat, 28 Nov 2026 02:00:00 GMT"
+
     def opened(self, conn: Connection) -> None:
         self.handshaking.discard(conn)
         conn.session = object()  # type: ignore[assignment]  # open: what it holds does not matter here
@@ -79,45 +82,64 @@ def no_collector() -> Iterator[None]:
         gc.enable()
 
 
-def opened(gateway: Gateway) -> tuple[Connection, Transport, weakref.ref[Any]]:
-    """A connection through its handshake, and a weak reference to its handshake's machine."""
+def opened(gateway: Gateway, split: bool) -> tuple[Connection, Transport, weakref.ref[Any] | None]:
+    """A connection through its handshake, and a weak reference to its handshake's machine:
+    none when the request comes in one read (``zmx.handshake`` answers it), websockets' when
+    it comes in two."""
     conn, transport = Connection(gateway), Transport()  # type: ignore[arg-type]
-    machine = weakref.ref(conn.ws)
     conn.connection_made(transport)  # type: ignore[arg-type]
     key = base64.b64encode(os.urandom(16)).decode()
-    conn.data_received((f"GET / HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    request = (f"GET / HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    machine = None
+    if split:
+        conn.data_received(request[:20])
+        assert conn.ws is not None and not transport.written
+        machine = weakref.ref(conn.ws)
+        request = request[20:]
+    conn.data_received(request)
     assert transport.written.startswith(b"HTTP/1.1 101 ")
     return conn, transport, machine
 
 
+def machines() -> list[ServerProtocol]:
+    return [o for o in gc.get_objects() if type(o) is ServerProtocol]
+
+
+def test_a_handshake_in_one_read_makes_no_machine() -> None:
+    gateway = Gateway()
+    conns = [opened(gateway, split=False) for _ in range(3)]
+    assert all(machine is None and conn.ws is None for conn, _, machine in conns)
+    assert gateway.spare_ws is None and machines() == []
+
+
 def test_the_handshake_machines_of_new_connections_are_freed_at_once() -> None:
     gateway = Gateway()
-    first, _, first_machine = opened(gateway)
-    assert gateway.spare_ws is first_machine()  # idle: its machine is the gateway's spare
-    second, _, second_machine = opened(gateway)
-    assert gateway.spare_ws is second_machine()
+    first, _, first_machine = opened(gateway, split=True)
+    assert first_machine is not None and gateway.spare_ws is first_machine()  # idle: the gateway's spare
+    second, _, second_machine = opened(gateway, split=True)
+    assert second_machine is not None and gateway.spare_ws is second_machine()
     assert first_machine() is None  # the spare it replaced is gone, no collection needed
     assert first.ws is None and second.ws is None
 
 
-def test_a_client_that_leaves_without_a_close_frame_leaves_no_machine_behind() -> None:
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "two-reads"])
+def test_a_client_that_leaves_without_a_close_frame_leaves_no_machine_behind(split: bool) -> None:
     gateway = Gateway()
-    conn, transport, _ = opened(gateway)
-    spare = weakref.ref(gateway.spare_ws)
+    conn, transport, _ = opened(gateway, split)
+    spare = gateway.spare_ws
     assert conn.eof_received() is None  # asyncio then closes the transport
     conn.connection_lost(None)
     assert gateway.dropped == [conn] and conn.ws is None
-    assert gateway.spare_ws is spare()  # no machine was borrowed or made for the leaving
-    machines = [o for o in gc.get_objects() if type(o) is ServerProtocol]
-    assert machines == [gateway.spare_ws]
+    assert gateway.spare_ws is spare  # no machine was borrowed or made for the leaving
+    assert machines() == ([spare] if split else [])
     assert transport.written.count(b"\x88") == 0  # no close frame to a client that is gone
 
 
 def test_a_connection_that_ends_mid_frame_frees_its_machine() -> None:
     async def run() -> None:  # the closing connection sets a timer: it needs a running loop
         gateway = Gateway()
-        conn, transport, _ = opened(gateway)
+        conn, transport, _ = opened(gateway, split=False)
         frame = Frame(Opcode.TEXT, json.dumps({"action": "ping", "id": 1}).encode()).serialize(
             mask=True, extensions=[])  # masked, as a client's
         conn.data_received(frame[:9])  # the first bytes of a frame: the rest never comes

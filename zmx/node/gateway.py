@@ -1,8 +1,9 @@
 """The WebSocket gateway node: per-symbol channels and orders for WebSocket clients.
 
 An asyncio shell (uvloop) around two Sans-I/O state machines: ``websockets``'
-``ServerProtocol`` (handshake, incoming frames, pings, closing) and ``zmx.protocol``
-(``Session`` per connection, ``Channel`` per subscribed symbol). The protocol is in
+``ServerProtocol`` (incoming frames, pings, closing, and the handshakes that
+``zmx.handshake.upgrade_response`` leaves to it) and ``zmx.protocol`` (``Session`` per
+connection, ``Channel`` per subscribed symbol). The protocol is in
 ../shared/DESIGN.md and docs/protocol.md.
 
 Market data: one SUB socket connected to the upstream PUBs (matchers or relays). A symbol's
@@ -64,6 +65,7 @@ from websockets.server import ServerProtocol
 from zmx import codec
 from zmx.commands import CancelOrder, SubmitOrder
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
+from zmx.handshake import upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
 from zmx.node.runtime import Stopper, announce_ready, settle_collector
 from zmx.protocol import Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe, error
@@ -146,9 +148,11 @@ class Connection(asyncio.Protocol):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.transport: asyncio.Transport | None = None
-        # websockets' state machine: the handshake's, then only while it holds state that
-        # must last (a partial frame, a fragmented message, a closing handshake); see _idle.
-        self.ws: ServerProtocol | None = ServerProtocol(max_size=gateway.limits.max_message_bytes)
+        # websockets' state machine: none until the first read (which usually holds a request
+        # that ``upgrade_response`` answers without one), the handshake's when it does not,
+        # then only while it holds state that must last (a partial frame, a fragmented
+        # message, a closing handshake); see _open_ws.
+        self.ws: ServerProtocol | None = None
         self.session: Session | None = None  # set once the handshake is done
         # Bytes to write together at the end of the callback that makes them: a fan-out turn's
         # channel frames, a tick's heartbeats, or what one read answers (a handshake's response,
@@ -173,9 +177,24 @@ class Connection(asyncio.Protocol):
         self.gateway.handshaking.add(self)
 
     def data_received(self, data: bytes) -> None:
-        ws = self.ws or self._open_ws()
         self.out = []  # one write for all the answers to this read, not one per message
         try:
+            ws = self.ws
+            if ws is None:
+                if self.session is None:  # the connection's first bytes: its handshake
+                    accepted = upgrade_response(data, self.gateway.http_date())
+                    if accepted is None:  # anything but a plain upgrade request in one read
+                        ws = self.ws = ServerProtocol(max_size=self.gateway.limits.max_message_bytes)
+                    else:
+                        response, end = accepted
+                        self.out.append(response)
+                        self.gateway.opened(self)
+                        if end == len(data):
+                            return
+                        data = data[end:]  # frames sent right after the request
+                        ws = self._open_ws()
+                else:
+                    ws = self._open_ws()
             ws.receive_data(data)
             for event in ws.events_received():
                 if type(event) is Frame:
@@ -189,8 +208,9 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         ws = self.ws
         if ws is None:
-            # Open and idle, and the client left without a close frame (most do): there is
-            # nothing to finish or send, and asyncio closes the transport when this returns.
+            # Open and idle, and the client left without a close frame (most do), or it left
+            # before it sent a byte: there is nothing to finish or send, and asyncio closes
+            # the transport when this returns.
             # No machine is borrowed for it: 100,000 clients leaving at once would otherwise
             # each make one (a spare serves one at a time) and hold it until connection_lost.
             return None
@@ -335,7 +355,9 @@ class Connection(asyncio.Protocol):
                 else:
                     transport.close()
                 return
-        if ws.state is not State.OPEN or ws.close_expected():
+        # Closing (a close frame sent or received, or a failed handshake). A machine still in
+        # CONNECTING waits for the rest of a request that came in several reads.
+        if ws.state is State.CLOSING or ws.state is State.CLOSED or ws.close_expected():
             self.ws = ws
             if not self.closing:
                 self.closing = True
@@ -486,6 +508,7 @@ class Gateway:
             self.snapshot_sockets[matcher.name] = self._snapshot_socket(matcher)
         self._readers: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = []
         self.spare_ws: ServerProtocol | None = None  # see Connection._open_ws
+        self._date = (0, "")  # the second and its HTTP date, for handshake responses
 
     # -- lifetime ---------------------------------------------------------------------------------------
 
@@ -550,6 +573,16 @@ class Gateway:
             asyncio.get_running_loop().call_soon(self._run_reader, read)
 
     # -- connections --------------------------------------------------------------------------------------
+
+    def http_date(self) -> str:
+        """The current time as an HTTP ``Date`` value, formatted once a second (formatting it
+        costs more than the rest of a handshake's response)."""
+        now = int(time.time())
+        second, text = self._date
+        if second != now:
+            text = email.utils.formatdate(now, usegmt=True)
+            self._date = (now, text)
+        return text
 
     def opened(self, conn: Connection) -> None:
         self.handshaking.discard(conn)
