@@ -25,6 +25,7 @@ import json
 import queue
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -874,6 +875,34 @@ def test_a_channel_whose_feed_goes_silent_gets_no_more_heartbeats(cluster: Clust
         assert len(btc) <= 4 and (not btc or btc[-1] < sol[4]), (btc, sol)  # none after about 4.4 s
         fake.muted.discard("BTC-USDT")
         a.expect(heartbeat("BTC-USDT"), timeout=5.0)
+
+
+def test_a_connection_that_does_not_finish_its_handshake_is_cut(cluster: Cluster, tmp_path: Path) -> None:
+    """``handshake_timeout_s: 1``. One client connects and sends nothing, another sends half
+    a request and stops: each is cut about a second after it connected (each held a socket of
+    the gateway's), while a client that finished its handshake at the same time is served
+    before and after."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]])},
+                                 extra_gateway=", limits: {handshake_timeout_s: 1}") as (fake, opened, gateway):
+        host, port = opened.url.removeprefix("ws://").rsplit(":", 1)
+        with contextlib.ExitStack() as stack:
+            silent = stack.enter_context(socket.create_connection((host, int(port)), timeout=10))
+            half = stack.enter_context(socket.create_connection((host, int(port)), timeout=10))
+            connected = time.monotonic()
+            half.sendall(b"GET / HTTP/1.1\r\nHost: zmx\r\nUpgrade: websocket\r\n")
+            a = opened("a")
+            a.subscribe("BTC-USDT")
+            for sock in (silent, half):
+                try:
+                    assert sock.recv(65536) == b""  # nothing was ever answered: the gateway closes
+                except ConnectionResetError:
+                    pass  # cut with a reset: as good
+                assert 1.0 <= time.monotonic() - connected < 6.0
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 8, time.time_ns(), ((2999000, 0),), ()))
+        assert same_book(a.wait_seq("BTC-USDT", 8), [], [["30010", "2"]])
+        assert a.request({"action": "ping", "id": 1}, lambda m: m.get("type") == "pong")["id"] == 1
+        assert gateway.stop() == 0
+        assert "handshake_timeout_closed=2" in gateway.log()
 
 
 def test_a_snapshot_reply_over_the_size_limit_is_asked_again_on_a_new_connection(

@@ -58,14 +58,14 @@ class Gateway:
     def __init__(self) -> None:
         self.limits = GatewayLimits()
         self.spare_ws: ServerProtocol | None = None
-        self.handshaking: set[Connection] = set()
+        self.handshaking: dict[Connection, float] = {}
         self.dropped: list[Connection] = []
 
     def http_date(self) -> str:
         return "Sat, 28 Nov 2026 02:00:00 GMT"
 
     def opened(self, conn: Connection) -> None:
-        self.handshaking.discard(conn)
+        del self.handshaking[conn]
         conn.session = object()  # type: ignore[assignment]  # open: what it holds does not matter here
 
     def drop(self, conn: Connection) -> None:

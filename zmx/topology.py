@@ -154,6 +154,8 @@ class GatewayLimits:
     - ``ping_interval_s``: seconds between the server's WebSocket pings. Default 20.
     - ``ping_timeout_s``: seconds a client has to answer a ping before it is closed. Default 20.
     - ``heartbeat_s``: an idle channel gets a ``heartbeat`` message this often. Default 5.
+    - ``handshake_timeout_s``: a connection that has not finished its WebSocket handshake
+      this long after it connected is cut. Default 10.
     """
 
     max_message_bytes: int = 1_048_576
@@ -163,6 +165,7 @@ class GatewayLimits:
     ping_interval_s: int = 20
     ping_timeout_s: int = 20
     heartbeat_s: int = 5
+    handshake_timeout_s: int = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

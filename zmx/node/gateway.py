@@ -174,7 +174,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
         limit = self.gateway.limits.send_queue_bytes
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        self.gateway.handshaking.add(self)
+        self.gateway.handshaking[self] = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
         self.out = []  # one write for all the answers to this read, not one per message
@@ -456,7 +456,7 @@ class Gateway:
         self.limits: GatewayLimits = node.limits
         self.symbols = dict(topology.symbols)
         self.account_prefix = f"{node.name}.{worker}." if node.workers > 1 else f"{node.name}."
-        self.handshaking: set[Connection] = set()
+        self.handshaking: dict[Connection, float] = {}  # -> when it connected (oldest first)
         self.connections: set[Connection] = set()
         self.behind: set[Connection] = set()
         self.accounts: dict[str, Connection] = {}
@@ -464,7 +464,7 @@ class Gateway:
         self.requests: OrderedDict[int, tuple[Connection, SubmitOrder | CancelOrder, object, float]] = OrderedDict()
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
-            "bad_publication", "bad_reply", "gaps", "resyncs", "internal_errors")}
+            "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "resyncs", "internal_errors")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
@@ -534,7 +534,7 @@ class Gateway:
     async def shutdown(self) -> None:
         if self.server is not None:
             self.server.close()
-        for conn in list(self.connections | self.handshaking):
+        for conn in [*self.connections, *self.handshaking]:
             if conn.session is not None:
                 conn.close(CLOSE_GOING_AWAY, "gateway stopping")
             elif conn.transport is not None:
@@ -542,7 +542,7 @@ class Gateway:
         deadline = time.monotonic() + 1.0
         while (self.connections or self.handshaking) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)  # let the close frames go out
-        for conn in list(self.connections | self.handshaking):
+        for conn in [*self.connections, *self.handshaking]:
             conn._cut()
         loop = asyncio.get_running_loop()
         for sock, _ in self._readers:
@@ -585,7 +585,7 @@ class Gateway:
         return text
 
     def opened(self, conn: Connection) -> None:
-        self.handshaking.discard(conn)
+        self.handshaking.pop(conn, None)
         conn.session = Session(self.account_prefix + secrets.token_hex(6), self.symbols,
                                rate_limit_per_s=self.limits.rate_limit_per_s)
         self.connections.add(conn)
@@ -595,7 +595,7 @@ class Gateway:
 
     def drop(self, conn: Connection) -> None:
         """``conn`` is gone: it leaves its channels; its orders stay on the books."""
-        self.handshaking.discard(conn)
+        self.handshaking.pop(conn, None)
         self.connections.discard(conn)
         self.behind.discard(conn)
         self.ping_slots[conn.ping_slot].discard(conn)
@@ -994,6 +994,16 @@ class Gateway:
                         command, request_id, "unavailable",
                         (), f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"):
                     conn.send(payload)
+        # connections that do not finish their handshake (or never start it) hold a socket
+        # each: cut them, as websockets' own server does
+        handshaking = self.handshaking
+        while handshaking:
+            conn, since = next(iter(handshaking.items()))
+            if now - since < limits.handshake_timeout_s:
+                break
+            del handshaking[conn]
+            conn._cut()
+            self.counts["handshake_timeout_closed"] += 1
         # slow consumers that stay behind
         for conn in list(self.behind):
             if now - conn.behind_since > limits.slow_consumer_ms / 1000:
