@@ -1087,8 +1087,11 @@ def model(args: argparse.Namespace, subs: list[int], write_cost: dict[str, Any],
         a2, b2, g2 = feed["delivered"] + feed["heartbeats_in_window"], feed["pings_in_window"], feed["cpu_s"]["gateway"]
         det = a1 * b2 - a2 * b1
         if det and abs(det) > 0.05 * max(abs(a1 * b2), abs(a2 * b1)):
-            solved = {"write_us": round((g1 * b2 - g2 * b1) / det * 1e6, 2),
-                      "ping_pong_us": round((a1 * g2 - a2 * g1) / det * 1e6, 2)}
+            write_us, ping_us = (g1 * b2 - g2 * b1) / det * 1e6, (a1 * g2 - a2 * g1) / det * 1e6
+            # A negative cost means the two windows do not fit one linear model (noise, or
+            # costs that are not per write or per ping): no split rather than a wrong one.
+            if write_us >= 0 and ping_us >= 0:
+                solved = {"write_us": round(write_us, 2), "ping_pong_us": round(ping_us, 2)}
     p99 = feed["push_latency_ms"]["p99"]
     per_process_ms = per_proc * raw_us / 1000
     per_process_gw_ms = per_proc * gw_us / 1000 if gw_us else None
