@@ -112,6 +112,20 @@ def test_bench_lists_the_scripts_of_a_perf_dir(runner: CliRunner, perf_dir: Path
     assert "engine" not in result.output
 
 
+def test_bench_lists_when_each_results_file_was_measured(runner: CliRunner, perf_dir: Path) -> None:
+    """The run's own time from the results file (a fresh clone's files all have the clone's
+    time), or the file's time marked as such when the file has none."""
+    (perf_dir / "results").mkdir(exist_ok=True)
+    (perf_dir / "results" / "fake.json").write_text(json.dumps({"timestamp": "2026-01-02T03:04:05+00:00"}))
+    (perf_dir / "results" / "other.json").write_text("{}")
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    fake = next(line for line in result.output.splitlines() if " fake " in line)
+    other = next(line for line in result.output.splitlines() if " other " in line)
+    assert "results/fake.json (2026-01-02 03:04 UTC)" in fake, result.output
+    assert "results/other.json (" in other and "(file)" in other, result.output
+
+
 def test_unknown_scenario_lists_the_available_ones(runner: CliRunner, perf_dir: Path) -> None:
     result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "nope"])
     assert result.exit_code == 2

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -365,11 +366,20 @@ def bench_list(ctx: click.Context) -> None:
         table.add_column(column)
     for name in scenarios(perf_dir):
         results = perf_dir / "results" / f"{name}.json"
-        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(results.stat().st_mtime)) if results.is_file() else ""
         table.add_row(name, _describe(perf_dir / f"bench_{name}.py"),
-                      f"results/{results.name} ({written})" if written else "-")
+                      f"results/{results.name} ({_run_at(results)})" if results.is_file() else "-")
     Console(highlight=False).print(table)
     click.echo("run one: zmx bench SCENARIO [--quick]; then zmx bench report updates the README's table")
+
+
+def _run_at(results: Path) -> str:
+    """When the run behind a results file happened: its ``timestamp`` (a checkout's files are
+    all as old as the clone), else the file's own time."""
+    try:
+        stamp = json.loads(results.read_text(encoding="utf-8")).get("timestamp")
+        return datetime.fromisoformat(stamp).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(results.stat().st_mtime)) + " (file)"
 
 
 def _scenario_command(name: str, script: Path) -> click.Command:
