@@ -82,6 +82,7 @@ from typing import Any
 import zmq
 from _common import ROOT, RESULTS_DIR, Progress, _cpu_jiffies, machine_busy, noise_note, warn, write_results
 from bench_fanout import (
+    CLIENT_SCHED,
     HELPER_MAX_S,
     HZ,
     MAX_PER_PROCESS,
@@ -404,7 +405,7 @@ class Soak:
         self.gateway = run.node(topo, "g1", timeout=60.0)
         self.progress.step("cluster up")
         procs = max(args.client_procs, math.ceil(args.n / MAX_PER_PROCESS))
-        self.clients = Clients(run, self.port, args.n, K, procs, args.sources)
+        self.clients = Clients(run, self.port, args.n, K, procs, args.sources, args.clients_sched)
         t0 = time.perf_counter()
         self.clients.anchor()
         self.clients.load()
@@ -548,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="messages delivered in the capacity burst, about (3000000; 300000 with --quick)")
     parser.add_argument("--client-procs", type=int, default=2, help="client processes, at least (2)")
     parser.add_argument("--sources", type=int, default=4, help="loopback source addresses 127.0.0.2... (4)")
+    parser.add_argument("--clients-sched", choices=CLIENT_SCHED, default="normal",
+                        help="scheduling policy of the client processes, as in bench_fanout.py (normal: the "
+                             "soak's verdicts compare the run with itself, and its committed runs used it)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 500, 20 s of soak, no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
@@ -668,7 +672,8 @@ def report(args: argparse.Namespace, f: dict[str, Any], failure: str | None) -> 
                    "interval_s": args.interval, "share": args.share, "rate_given": args.rate,
                    "max_rate": args.max_rate, "max_delivered": args.max_delivered,
                    "client_procs": max(args.client_procs, math.ceil(args.n / MAX_PER_PROCESS)),
-                   "sources": args.sources, "sample_every": SAMPLE_EVERY, "seed": args.seed,
+                   "sources": args.sources, "clients_sched": args.clients_sched, "sample_every": SAMPLE_EVERY,
+                   "seed": args.seed,
                    "matcher_fsync": "never", "matcher_snapshot_every": SNAPSHOT_EVERY, "gateway_limits": "defaults",
                    "quick": args.quick}
     if failure:
