@@ -35,8 +35,8 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _VALUE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
 _OWS = b" \t"
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # a request target: visible ASCII (websockets takes any ASCII)
-# Headers this path must see exactly once, or decline: more than one of either makes
-# websockets refuse the handshake, and an Origin is refused when it comes twice.
+# Headers that may come at most once, or the request is declined: websockets refuses a
+# handshake with two keys, two versions or two origins.
 _SINGLE = (b"sec-websocket-key", b"sec-websocket-version", b"origin")
 # Headers that send the request to websockets: a body, or a subprotocol offer (whose syntax
 # websockets checks even though the gateway selects none).
