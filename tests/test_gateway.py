@@ -886,9 +886,9 @@ def test_a_connection_that_does_not_finish_its_handshake_is_cut(cluster: Cluster
                                  extra_gateway=", limits: {handshake_timeout_s: 1}") as (fake, opened, gateway):
         host, port = opened.url.removeprefix("ws://").rsplit(":", 1)
         with contextlib.ExitStack() as stack:
+            connected = time.monotonic()  # no later than the gateway's clock for either starts
             silent = stack.enter_context(socket.create_connection((host, int(port)), timeout=10))
             half = stack.enter_context(socket.create_connection((host, int(port)), timeout=10))
-            connected = time.monotonic()
             half.sendall(b"GET / HTTP/1.1\r\nHost: zmx\r\nUpgrade: websocket\r\n")
             a = opened("a")
             a.subscribe("BTC-USDT")
