@@ -99,6 +99,7 @@ def opened(gateway: Gateway, split: bool) -> tuple[Connection, Transport, weakre
         request = request[20:]
     conn.data_received(request)
     assert transport.written.startswith(b"HTTP/1.1 101 ")
+    assert not conn.closing  # a request in two reads once left its connection "closing", cut 2 s later
     return conn, transport, machine
 
 
