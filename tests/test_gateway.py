@@ -46,7 +46,7 @@ from zmx.codec import encode_publication
 from zmx.events import BookChanged, TradeOccurred
 from zmx.model import Side
 from zmx.node.client import Client, Reply, RequestTimeout
-from zmx.node.gateway import PUBLICATION_MAX_BYTES, text_frame
+from zmx.node.gateway import PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, text_frame
 from zmx.node.runtime import load_topology
 from zmx.topology import Topology
 
@@ -643,7 +643,7 @@ class FakeMatcher:
                     self.requests.put(symbol)
                     if request[:1] == [b"SNAP"] and symbol in self.books and self.oversized_replies:
                         self.oversized_replies -= 1
-                        self.router.send_multipart(envelope + [b"SNAP", request[1], b"\x90" * ((64 << 20) + 1)])
+                        self.router.send_multipart(envelope + [b"SNAP", request[1], b"\x90" * (SNAPSHOT_MAX_BYTES + 1)])
                     elif request[:1] == [b"SNAP"] and symbol in self.books:
                         reply = envelope + [b"SNAP", request[1], msgpack.packb(list(self.books[symbol]))]
                         if self.reply_delay_s:

@@ -87,6 +87,7 @@ FEED_RECONNECT_S = 2.0  # a feed lost for this long is connected again (see Gate
 # makes thousands of trades at once (about 35 bytes each). A bigger frame makes the SUB socket drop
 # the connection, and FEED_RECONNECT_S later the feed is connected again and its channels resync.
 PUBLICATION_MAX_BYTES = 64 * codec.MAX_MESSAGE_BYTES
+SNAPSHOT_MAX_BYTES = 64 * codec.MAX_MESSAGE_BYTES  # a deep book is a big snapshot (see _renew_snapshot_socket)
 # A channel whose feed said nothing for this long (a matcher sends an idle symbol a heartbeat of
 # its own every 1-1.25 s) gets no heartbeat from the gateway: its clients can tell that the feed,
 # not the market, went quiet.
@@ -652,7 +653,7 @@ class Gateway:
     def _snapshot_socket(self, matcher: MatcherNode) -> zmq.Socket[bytes]:
         sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
-        sock.maxmsgsize = 64 * codec.MAX_MESSAGE_BYTES  # a deep book is a big snapshot
+        sock.maxmsgsize = SNAPSHOT_MAX_BYTES
         sock.connect(connect_endpoint(matcher.snapshot))
         return sock
 
