@@ -469,6 +469,28 @@ def decode_batch(data: bytes | bytearray | memoryview, max_bytes: int = MAX_MESS
     return _build_all(_unpack(_body(data, max_bytes, "batch")))
 
 
+def _misplaced(events: tuple[Message, ...], name: str, account: str | None) -> DecodeError:
+    """The error for the first event that does not belong under topic ``name`` (``account``:
+    an account topic's account, None for a symbol's); run only once a check has failed."""
+    for i, event in enumerate(events):
+        kind = type(event).__name__
+        if account is not None:
+            if type(event) not in _PRIVATE:
+                return DecodeError(f"message {i}: {kind} is not a private event; it cannot be published "
+                                   f"under {name!r}")
+            if event.account != account:  # type: ignore[union-attr]
+                return DecodeError(f"message {i}: {kind} of account {event.account!r} "  # type: ignore[union-attr]
+                                   f"published under {name!r}")
+        else:
+            if type(event) not in _PUBLIC:
+                return DecodeError(f"message {i}: {kind} is not a public event; it cannot be published "
+                                   f"under symbol {name!r}")
+            if event.symbol != name:  # type: ignore[union-attr]
+                return DecodeError(f"message {i}: {kind} of symbol {event.symbol!r} "  # type: ignore[union-attr]
+                                   f"published under symbol {name!r}")
+    raise AssertionError("unreachable: an event failed its check above")
+
+
 def decode_publication(
     frame: bytes | bytearray | memoryview, max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[str, tuple[Event, ...]]:
@@ -485,21 +507,11 @@ def decode_publication(
     events = _build_all(_unpack(_body(rest, max_bytes, "publication body")))
     if is_private(name):
         account = name[1:]
-        for i, event in enumerate(events):
-            kind = type(event).__name__
-            if type(event) not in _PRIVATE:
-                raise DecodeError(f"message {i}: {kind} is not a private event; it cannot be published "
-                                  f"under {name!r}")
-            if event.account != account:  # type: ignore[union-attr]
-                raise DecodeError(f"message {i}: {kind} of account {event.account!r} "  # type: ignore[union-attr]
-                                  f"published under {name!r}")
+        for event in events:
+            if type(event) not in _PRIVATE or event.account != account:  # type: ignore[union-attr]
+                raise _misplaced(events, name, account)
     else:
-        for i, event in enumerate(events):
-            kind = type(event).__name__
-            if type(event) not in _PUBLIC:
-                raise DecodeError(f"message {i}: {kind} is not a public event; it cannot be published "
-                                  f"under symbol {name!r}")
-            if event.symbol != name:  # type: ignore[union-attr]
-                raise DecodeError(f"message {i}: {kind} of symbol {event.symbol!r} "  # type: ignore[union-attr]
-                                  f"published under symbol {name!r}")
+        for event in events:
+            if type(event) not in _PUBLIC or event.symbol != name:  # type: ignore[union-attr]
+                raise _misplaced(events, name, None)
     return name, events  # type: ignore[return-value]
