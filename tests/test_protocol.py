@@ -419,6 +419,15 @@ def test_off_the_grid_is_rejected_at_the_gateway(fields, reason):
     assert data["symbol"] == fields.get("symbol", "BTC-USDT")
 
 
+@pytest.mark.parametrize("quantity, says", [
+    ("0.001", "ETH-USDT: quantity 0.001 is below the minimum quantity 0.01"),
+    ("100.001", "ETH-USDT: quantity 100.001 is above the maximum quantity 100"),
+])
+def test_a_quantity_past_a_limit_is_told_which_limit(quantity, says):
+    (message,) = sent(receive(session(), submit_msg(symbol="ETH-USDT", price="2000.5", quantity=quantity)))
+    assert message["data"]["message"] == says
+
+
 def test_an_unknown_symbol_is_rejected_unknown_symbol():
     actions = receive(session(), submit_msg(symbol="DOGE-USDT", id=1))
     (message,) = sent(actions)

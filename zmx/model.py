@@ -149,11 +149,12 @@ class SymbolSpec:
             lots = self._lots(quantity, "quantity")
         except InvalidNumber as e:
             raise InvalidNumber(f"{self.symbol}: {e} (lot_size {self.lot_size})", "invalid_quantity") from None
-        if not self.min_lots <= lots <= self.max_lots:
-            raise InvalidNumber(
-                f"{self.symbol}: quantity {quantity} is outside "
-                f"[{self.lots_to_quantity(self.min_lots)}, {self.lots_to_quantity(self.max_lots)}]",
-                "invalid_quantity")
+        if lots < self.min_lots:
+            raise InvalidNumber(f"{self.symbol}: quantity {quantity} is below the minimum quantity "
+                                f"{self.lots_to_quantity(self.min_lots)}", "invalid_quantity")
+        if lots > self.max_lots:
+            raise InvalidNumber(f"{self.symbol}: quantity {quantity} is above the maximum quantity "
+                                f"{self.lots_to_quantity(self.max_lots)}", "invalid_quantity")
         return lots
 
     # -- integer -> decimal string ---------------------------------------------------------
