@@ -850,6 +850,31 @@ def test_a_publication_over_the_size_limit_costs_the_feed_a_reconnect_and_the_ch
         assert "lost the feed from" in log and "connecting to it again" in log and "resyncing its channels" in log
 
 
+def test_an_update_older_than_the_snapshot_is_skipped_unless_stamped_after_it(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """Right after a snapshot (seq 5, taken at T), updates of seq 5 or less may still come: they
+    were on their way (Clone pattern), stamped before T, and are skipped. One stamped after T
+    comes from a matcher that restarted without its history (docs/wire.md), behind a relay or
+    with no reconnection to tell: the channel resyncs on the new matcher's book."""
+    taken = time.time_ns()
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (5, [[2999000, 1500]], [], taken)}) as (
+            fake, opened, gateway):
+        a = opened("a")
+        a.subscribe("BTC-USDT")
+        book = a.books["BTC-USDT"]
+        assert (book.seq, book.snapshots) == (5, 1)
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 4, taken - 1_000_000, ((2999000, 1500),), ()))
+        fake.books["BTC-USDT"] = (2, [], [[3005000, 10]], time.time_ns() + 1_000_000)  # the new matcher's book
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 2, time.time_ns(), (), ((3005000, 10),)))
+        a.expect(lambda m: m.get("type") == "depth_snapshot" and m["data"]["seq"] == 2, timeout=10.0)
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 3, time.time_ns(), ((2990000, 3),), ()))
+        assert same_book(a.wait_seq("BTC-USDT", 3), [["29900", "0.003"]], [["30050", "0.01"]])
+        # one snapshot for the restart, none for the update that was on its way
+        assert [m["data"]["seq"] for m in a.received if m.get("type") == "depth_snapshot"] == [5, 2]
+        a.wait_until(lambda: "the feed went back to seq 2 (it was at 5)" in gateway.log(), "the gateway's warning")
+        assert gateway.log().count("the feed went back") == 1
+
+
 def test_a_channel_whose_feed_goes_silent_gets_no_more_heartbeats(cluster: Cluster, tmp_path: Path) -> None:
     """``heartbeat_s: 1``. The matcher stops its idle heartbeats of BTC-USDT (its feed goes
     silent) and goes on with SOL-USDT's: the client's SOL-USDT heartbeats go on, its BTC-USDT

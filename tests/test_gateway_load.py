@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -451,6 +452,50 @@ def test_a_matcher_restarted_under_the_gateway_gives_a_fresh_snapshot_then_corre
             client.wait_seq("BTC-USDT", maker.burst(random_flow(rng, maker, "BTC-USDT", 50)))
             seq, bids, asks = matcher_book(topology, "BTC-USDT", context)
             assert client.wait_seq("BTC-USDT", seq).seq == seq and same_book(book, bids, asks), how
+    finally:
+        maker.close()
+
+
+def test_behind_a_relay_a_matcher_back_without_its_history_resyncs_the_channel(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """The gateway's feed comes from a relay, which stays connected while the matcher behind it
+    restarts; this one comes back without its journal (a new host, a wiped disk), so its ``seq``
+    starts again from 1. Its first publication is the gateway's only sign: a ``seq`` that went
+    back. The channel's clients get a fresh ``depth_snapshot`` of the new book, then its updates."""
+    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, relay=True, gateways=1)
+    for name in ("m1", "r1", "x1", "g1"):
+        cluster.start(name)
+    topology = load_topology(cluster.topology)
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    try:
+        for n in range(6):
+            before = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100 - n), "0.001")
+        client = clients()
+        client.subscribe("BTC-USDT")
+        book = client.wait_seq("BTC-USDT", before)
+        assert len(book.bids) == 6
+        snapshots = book.snapshots
+        node(cluster, "m1").kill()
+        shutil.rmtree(cluster.directory / "var" / "m1")
+        cluster.start("m1")
+        # The relay's subscription reaches the new matcher some time after it serves orders, and
+        # what it publishes before is lost (ZeroMQ's slow joiner): an order at a time until the
+        # client has its fresh snapshot.
+        for n in range(10):
+            seq = maker.place("BTC-USDT", "sell", price("BTC-USDT", 100 + n), "0.001")
+            assert seq == n + 1  # a matcher with no history
+            try:
+                client.wait_until(lambda: book.snapshots > snapshots and not book.awaiting_snapshot,
+                                  "a fresh depth_snapshot of the new book", timeout=1.5)
+                break
+            except AssertionError:
+                assert n < 9, "no fresh depth_snapshot after ten orders of the new matcher"
+        top = maker.burst([maker.command("BTC-USDT", "sell", price("BTC-USDT", 200 + n), "0.002") for n in range(5)])
+        now, bids, asks = matcher_book(topology, "BTC-USDT", context)
+        assert now == top
+        assert client.wait_seq("BTC-USDT", top).seq == top and same_book(book, bids, asks)
+        assert not book.bids and len(book.asks) == seq + 5
     finally:
         maker.close()
 

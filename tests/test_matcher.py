@@ -201,9 +201,11 @@ def snapshot_request(sock: zmq.Socket, symbol: bytes, *, retries: int = 1) -> li
 
 
 def book_of(sock: zmq.Socket, symbol: str) -> tuple[int, list, list]:
+    asked = time.time_ns()
     kind, name, body = snapshot_request(sock, symbol.encode())
     assert (kind, name) == (b"SNAP", symbol.encode())
-    seq, bids, asks = msgpack.unpackb(body)
+    seq, bids, asks, taken_ns = msgpack.unpackb(body)
+    assert asked <= taken_ns <= time.time_ns()  # when the matcher took it (docs/wire.md): one clock here
     return seq, [tuple(level) for level in bids], [tuple(level) for level in asks]
 
 
@@ -376,7 +378,7 @@ def test_snapshot_service_is_consistent_with_the_stream(cluster: Cluster, tmp_pa
     assert snapshots.poll(TIMEOUT_MS)
     kind, name, body = snapshots.recv_multipart()
     assert (kind, name) == (b"SNAP", b"BTC-USDT")
-    seq, bids, asks = msgpack.unpackb(body)
+    seq, bids, asks, _taken_ns = msgpack.unpackb(body)
     assert 0 < seq <= reference.seq
     mirror = L2Mirror("BTC-USDT")
     mirror.load_snapshot(seq, [tuple(lv) for lv in bids], [tuple(lv) for lv in asks])
@@ -480,7 +482,7 @@ def book_of_retrying(sock: zmq.Socket, symbol: str) -> tuple[int, list, list]:
         sock.send_multipart([b"SNAP", symbol.encode()])
         if sock.poll(200):
             kind, name, body = sock.recv_multipart()
-            seq, bids, asks = msgpack.unpackb(body)
+            seq, bids, asks, _taken_ns = msgpack.unpackb(body)
             return seq, bids, asks
     raise AssertionError("the snapshot service never answered again")
 

@@ -9,8 +9,10 @@ connection, ``Channel`` per subscribed symbol). The protocol is in
 Market data: one SUB socket connected to the upstream PUBs (matchers or relays). A symbol's
 topic is subscribed when the first local client subscribes its channel and unsubscribed when
 the last one leaves. Each subscribed channel keeps an L2 mirror (snapshot from the owner's
-snapshot service, then updates; Clone pattern); a gap, or a reconnection to the upstream (a
-restarted matcher), makes it fetch a fresh snapshot that goes to every subscriber.
+snapshot service, then updates; Clone pattern); a gap, a reconnection to the upstream (a
+restarted matcher) or a feed whose ``seq`` went back (a matcher restarted without its journal,
+behind a relay: ``ChannelState.feed_seq``) makes it fetch a fresh snapshot that goes to every
+subscriber.
 
 Fan-out: each channel message is JSON-encoded and framed once; the frames of everything
 read from the SUB in one loop turn are joined per channel, and each connection gets one
@@ -419,8 +421,8 @@ def _free(ws: ServerProtocol) -> None:
 class ChannelState:
     """A subscribed channel in this gateway: its protocol ``Channel`` and its subscribers."""
 
-    __slots__ = ("channel", "frames", "heard_at", "last_sent", "snapshot_asked", "subscribed_at", "subscribers",
-                 "trades", "updates")
+    __slots__ = ("channel", "feed_seq", "frames", "heard_at", "last_sent", "snapshot_asked", "snapshot_seq",
+                 "snapshot_taken_ns", "subscribed_at", "subscribers", "trades", "updates")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -434,6 +436,19 @@ class ChannelState:
         # the subscription (0 after that); see Gateway.subscribe.
         self.subscribed_at = self.last_sent
         self.heard_at = self.last_sent  # the last message of its feed (updates and the matcher's heartbeats)
+        # How the gateway sees that the matcher came back without the history it had published
+        # (a wiped or new data directory) when nothing else tells it: behind a relay, whose
+        # connection to the gateway never broke. Its seq starts again from 1.
+        # - ``feed_seq``: the seq of the feed's last publication (0: none since the subscription
+        #   or a resync). It only grows: one path from a matcher to here (``zmx.topology`` refuses
+        #   two), in order. A seq at or below it went back.
+        # - ``snapshot_seq`` and ``snapshot_taken_ns``: the last snapshot's seq and when the
+        #   matcher took it (its clock; 0: not said). Updates at or below that seq that come after
+        #   the snapshot are expected (they were on their way), but they were stamped before it
+        #   was taken; one stamped after it went back.
+        self.feed_seq = 0
+        self.snapshot_seq = 0
+        self.snapshot_taken_ns = 0
 
     def take_turn(self, now: float) -> tuple[bytes, int, int]:
         """This loop turn's frames joined, with the depth updates and trades among them; the
@@ -465,7 +480,8 @@ class Gateway:
         self.requests: OrderedDict[int, tuple[Connection, SubmitOrder | CancelOrder, object, float]] = OrderedDict()
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
-            "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "resyncs", "internal_errors")}
+            "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "resyncs",
+            "internal_errors")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
@@ -704,10 +720,12 @@ class Gateway:
             log.warning("%s: snapshot refused: %s", symbol, body.decode("utf-8", errors="replace"))
             return  # asked again by the tick
         try:
-            seq, bids, asks = msgpack.unpackb(body, use_list=False)
+            seq, bids, asks, *when = msgpack.unpackb(body, use_list=False)  # when: [taken_ns] (docs/wire.md)
             levels = [(int(p), int(q)) for p, q in bids], [(int(p), int(q)) for p, q in asks]
             if type(seq) is not int:
                 raise ValueError("seq is not an integer")
+            if len(when) > 1 or when and (type(when[0]) is not int or when[0] <= 0):
+                raise ValueError("after the levels, only the time the snapshot was taken (a positive integer)")
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             log.warning("%s: undecodable snapshot: %s", symbol, e)
             self.counts["bad_reply"] += 1
@@ -720,6 +738,7 @@ class Gateway:
             self._ask_snapshot(state)
             return
         state.snapshot_asked = 0.0
+        state.snapshot_seq, state.snapshot_taken_ns = (seq, when[0]) if when else (0, 0)
         frame = text_frame(message)
         for conn in state.subscribers:
             if conn.behind:
@@ -734,6 +753,7 @@ class Gateway:
         state.channel.reset()
         state.snapshot_asked = 0.0
         state.subscribed_at = time.monotonic()  # the subscription is sent again on reconnection
+        state.feed_seq = state.snapshot_seq = 0  # a restarted publisher may go on from any seq
 
     # -- market data --------------------------------------------------------------------------------------
 
@@ -761,6 +781,12 @@ class Gateway:
             state = channels.get(name)
             if state is None:
                 continue  # unsubscribed a moment ago
+            if events:
+                last = events[-1]
+                seq = last.seq
+                if seq <= state.feed_seq or seq <= state.snapshot_seq and last.ts_ns > state.snapshot_taken_ns:
+                    self._went_back(state, seq)  # see ChannelState.feed_seq
+                state.feed_seq = seq
             state.heard_at = now
             if state.subscribed_at:
                 state.subscribed_at = 0.0
@@ -785,6 +811,15 @@ class Gateway:
             self._rearm(sub, self._read_sub)
         if dirty:
             self._fan_out()
+
+    def _went_back(self, state: ChannelState, seq: int) -> None:
+        """The feed of ``state``'s symbol went back to ``seq``: its matcher lost its history, and
+        its book is not the mirror's any more. The publication being read is the new matcher's
+        first one here; the resync buffers it for the snapshot it asks."""
+        self.counts["feed_went_back"] += 1
+        log.warning("%s: the feed went back to seq %d (it was at %d): its matcher restarted without its history",
+                    state.channel.symbol, seq, max(state.feed_seq, state.snapshot_seq))
+        self._resync(state, "the feed's seq went back")
 
     def _bad_publication(self, error: DecodeError) -> None:
         """Drop and count an undecodable publication. The first of each ``BAD_LOG_S`` is logged

@@ -577,7 +577,9 @@ class Matcher:
                 else:
                     engine = self.engines[name]
                     bids, asks = engine.depth()
-                    reply = [SNAP, symbol, msgpack.packb([engine.seq, bids, asks])]
+                    # and when it was taken: an update of a seq up to this one stamped later comes
+                    # from a matcher that lost its history (docs/wire.md)
+                    reply = [SNAP, symbol, msgpack.packb([engine.seq, bids, asks, time.time_ns()])]
             else:
                 reply = [ERR, symbol, self.refuse(
                     "snapshot: malformed request",
