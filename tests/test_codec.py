@@ -34,6 +34,7 @@ from zmx.events import (
     AmendRejected,
     BookChanged,
     CancelRejected,
+    FeedHeartbeat,
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
@@ -146,6 +147,7 @@ def test_type_codes_are_the_documented_ones() -> None:
         SubmitOrder: 1, CancelOrder: 2, AmendOrder: 3,
         OrderAccepted: 16, OrderRejected: 17, OrderFilled: 18, OrderCanceled: 19, OrderAmended: 20,
         CancelRejected: 21, AmendRejected: 22, TradeOccurred: 32, BookChanged: 33,
+        FeedHeartbeat: 34,
     }
     for cls, code in codec.TYPE_CODES.items():
         assert f"{code:<4}  {cls.__name__}" in codec.__doc__

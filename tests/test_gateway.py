@@ -43,7 +43,7 @@ from websockets.streams import StreamReader
 from ws import Clients, WsClient, as_decimal_levels, checksum, matcher_book, same_book
 
 from zmx.codec import encode_publication
-from zmx.events import BookChanged, TradeOccurred
+from zmx.events import BookChanged, FeedHeartbeat, TradeOccurred
 from zmx.model import Side
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.gateway import PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, text_frame
@@ -662,7 +662,7 @@ class FakeMatcher:
                             and topic[:-1].decode() not in self.muted:
                         self.xpub.send(encode_publication(topic[:-1].decode(), ()))
 
-    def publish(self, symbol: str, *events: BookChanged) -> None:
+    def publish(self, symbol: str, *events: BookChanged | FeedHeartbeat) -> None:
         self._outbox.put(encode_publication(symbol, events))
 
     def publish_raw(self, frame: bytes) -> None:
@@ -873,6 +873,30 @@ def test_an_update_older_than_the_snapshot_is_skipped_unless_stamped_after_it(
         assert [m["data"]["seq"] for m in a.received if m.get("type") == "depth_snapshot"] == [5, 2]
         a.wait_until(lambda: "the feed went back to seq 2 (it was at 5)" in gateway.log(), "the gateway's warning")
         assert gateway.log().count("the feed went back") == 1
+
+
+def test_a_matchers_heartbeat_tells_the_gateway_what_its_feed_lost(cluster: Cluster, tmp_path: Path) -> None:
+    """A matcher's heartbeat of an idle symbol carries the seq it is at. Above the channel's
+    book: the last publication before the quiet spell was lost on its way (here: never sent),
+    and without the heartbeat the clients would keep the old book until the market moves. Below
+    what the feed brought: the matcher came back without its history. Both resync the channel."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (5, [[2999000, 1500]], [], time.time_ns())}) as (
+            fake, opened, gateway):
+        a = opened("a")
+        a.subscribe("BTC-USDT")
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 6, time.time_ns(), ((2998000, 10),), ()))
+        a.wait_seq("BTC-USDT", 6)
+        fake.books["BTC-USDT"] = (7, [[2999000, 1500], [2998000, 10]], [[3001000, 4]], time.time_ns())
+        fake.publish("BTC-USDT", FeedHeartbeat("BTC-USDT", 7, time.time_ns()))  # seq 7 never came
+        assert same_book(a.wait_seq("BTC-USDT", 7), [["29990", "1.5"], ["29980", "0.01"]], [["30010", "0.004"]])
+        fake.publish("BTC-USDT", FeedHeartbeat("BTC-USDT", 7, time.time_ns()))  # in step: nothing to do
+        fake.books["BTC-USDT"] = (1, [], [[3002000, 1]], time.time_ns() + 1_000_000)
+        fake.publish("BTC-USDT", FeedHeartbeat("BTC-USDT", 1, time.time_ns()))  # back to 1: a new matcher
+        snapshot = a.expect(lambda m: m.get("type") == "depth_snapshot" and m["data"]["seq"] == 1, timeout=10.0)
+        assert (snapshot["data"]["bids"], snapshot["data"]["asks"]) == ([], [["30020", "0.001"]])
+        assert [m["data"]["seq"] for m in a.received if m.get("type") == "depth_snapshot"] == [5, 7, 1]
+        a.wait_until(lambda: "the feed went back to seq 1 (it was at 7)" in gateway.log(), "the gateway's warning")
+        assert "the matcher's heartbeat is at seq 7, the book here at 6: a publication was lost" in gateway.log()
 
 
 def test_a_channel_whose_feed_goes_silent_gets_no_more_heartbeats(cluster: Cluster, tmp_path: Path) -> None:

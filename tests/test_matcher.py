@@ -28,6 +28,7 @@ from zmx.depth import L2Mirror
 from zmx.engine import MatchingEngine
 from zmx.events import (
     BookChanged,
+    FeedHeartbeat,
     OrderAccepted,
     OrderCanceled,
     OrderFilled,
@@ -293,13 +294,16 @@ def test_orders_on_several_symbols_get_replies_and_publications(cluster: Cluster
     bob = [e for name, events in published if name == "@bob" for e in events]
     assert len([e for e in bob if type(e) is OrderFilled]) == 3
 
-    # a quiet symbol gets an empty publication about once a second
+    # a quiet symbol gets a heartbeat about once a second, at the seq of its last publication
     deadline = _Deadline(3000)
     while True:
         assert btc.poll(deadline.left()), "no heartbeat publication for BTC-USDT"
         name, events = codec.decode_publication(btc.recv())
-        if name == "BTC-USDT" and events == ():
+        if name == "BTC-USDT" and events and type(events[0]) is FeedHeartbeat:
             break
+    (beat,) = events
+    assert (beat.symbol, beat.seq) == ("BTC-USDT", 4)
+    assert time.time_ns() - 3_000_000_000 < beat.ts_ns <= time.time_ns()
 
 
 def test_a_subscriber_that_lags_loses_no_publication_below_the_queue_bound(cluster: Cluster, tmp_path: Path,

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from zmx.cli import main
 from zmx.codec import encode_account_publication, encode_publication
-from zmx.events import BookChanged, OrderCanceled, TradeOccurred
+from zmx.events import BookChanged, FeedHeartbeat, OrderCanceled, TradeOccurred
 from zmx.model import Side
 from zmx.node.probe import LatencyHistogram, ProbeStats, interval_table, summary_table
 from zmx.node.runtime import load_topology
@@ -39,7 +39,12 @@ def trade_and_book(symbol: str, seq: int, ts_ns: int) -> bytes:
 
 
 def heartbeat(symbol: str) -> bytes:
+    """The heartbeat of a matcher before they carried a seq (still taken)."""
     return encode_publication(symbol, ())
+
+
+def beat(symbol: str, seq: int) -> bytes:
+    return encode_publication(symbol, (FeedHeartbeat(symbol, seq, 5),))
 
 
 # -- ProbeStats ------------------------------------------------------------------------------
@@ -56,6 +61,18 @@ def test_gaps_are_the_missing_seqs_of_each_symbol() -> None:
     assert (eth.messages, eth.last_seq, eth.gaps) == (2, 101, 0)
     assert stats.gaps == 3
     assert stats.messages == 8
+
+
+def test_a_heartbeat_carries_the_seq_of_its_symbols_last_publication() -> None:
+    """At that seq: nothing missed. Above it: the publications in between were lost. Below it:
+    the matcher lost its history (backwards)."""
+    stats = ProbeStats()
+    for frame in (book("BTC-USDT", 1), beat("BTC-USDT", 1), beat("BTC-USDT", 1), book("BTC-USDT", 2),
+                  beat("BTC-USDT", 4), book("BTC-USDT", 5), beat("BTC-USDT", 2)):
+        stats.feed(frame, 10)
+    btc = stats.symbols["BTC-USDT"]
+    assert (btc.messages, btc.heartbeats, btc.last_seq, btc.gaps, btc.backwards) == (7, 4, 2, 2, 1)
+    assert stats.latency.count == 3  # publications only
 
 
 def test_heartbeats_are_messages_without_a_seq() -> None:

@@ -43,6 +43,7 @@ code  type             code  type
                        22    AmendRejected
                        32    TradeOccurred
                        33    BookChanged
+                       34    FeedHeartbeat
 ====  ===============  ====  ===============
 
 Commands are 1-15, private events 16-31, public events 32-47: all fit msgpack's one-byte
@@ -83,6 +84,7 @@ from zmx.events import (
     BookChanged,
     CancelRejected,
     Event,
+    FeedHeartbeat,
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
@@ -134,6 +136,7 @@ _WIRE: tuple[tuple[int, type, tuple[str, ...]], ...] = (
     (22, AmendRejected, (ID, INT, INT, ID, ID, ID)),
     (32, TradeOccurred, (ID, INT, INT, INT, INT, INT, SIDE)),
     (33, BookChanged, (ID, INT, INT, LEVELS, LEVELS)),
+    (34, FeedHeartbeat, (ID, INT, INT)),
 )
 
 TYPE_CODES: dict[type, int] = {cls: code for code, cls, _ in _WIRE}

@@ -7,7 +7,9 @@ something. Events of a command that changed nothing public (a rejection, an IOC 
 nothing) carry the current ``seq`` without moving it.
 
 Public events (``TradeOccurred``, ``BookChanged``) go to the symbol's channel; the others are
-private to the order's account. Prices are ticks, quantities lots.
+private to the order's account. Prices are ticks, quantities lots. ``FeedHeartbeat`` is no
+engine's: a matcher publishes it for a symbol that had nothing to publish for a while, so
+that its subscribers can tell a quiet market from a dead feed, and see the ``seq`` it is at.
 """
 
 from __future__ import annotations
@@ -138,12 +140,21 @@ class BookChanged(NamedTuple):
     asks: tuple[Level, ...]
 
 
+@typed_equality
+class FeedHeartbeat(NamedTuple):
+    """An idle symbol's feed is alive, at ``seq`` (the last one it published); published alone."""
+
+    symbol: str
+    seq: int
+    ts_ns: int
+
+
 Event = Union[
     OrderAccepted, OrderRejected, OrderFilled, OrderCanceled, OrderAmended,
-    CancelRejected, AmendRejected, TradeOccurred, BookChanged,
+    CancelRejected, AmendRejected, TradeOccurred, BookChanged, FeedHeartbeat,
 ]
 EVENT_TYPES: tuple[type, ...] = (
     OrderAccepted, OrderRejected, OrderFilled, OrderCanceled, OrderAmended,
-    CancelRejected, AmendRejected, TradeOccurred, BookChanged,
+    CancelRejected, AmendRejected, TradeOccurred, BookChanged, FeedHeartbeat,
 )
-PUBLIC_EVENT_TYPES: tuple[type, ...] = (TradeOccurred, BookChanged)
+PUBLIC_EVENT_TYPES: tuple[type, ...] = (TradeOccurred, BookChanged, FeedHeartbeat)

@@ -66,6 +66,7 @@ from websockets.server import ServerProtocol
 
 from zmx import codec
 from zmx.commands import CancelOrder, SubmitOrder
+from zmx.events import FeedHeartbeat
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
@@ -781,18 +782,23 @@ class Gateway:
             state = channels.get(name)
             if state is None:
                 continue  # unsubscribed a moment ago
+            beat = False
             if events:
                 last = events[-1]
-                seq = last.seq
-                if seq <= state.feed_seq or seq <= state.snapshot_seq and last.ts_ns > state.snapshot_taken_ns:
-                    self._went_back(state, seq)  # see ChannelState.feed_seq
-                state.feed_seq = seq
+                if type(last) is FeedHeartbeat:
+                    beat = True
+                    self._feed_heartbeat(state, last)
+                else:
+                    seq = last.seq
+                    if seq <= state.feed_seq or seq <= state.snapshot_seq and last.ts_ns > state.snapshot_taken_ns:
+                        self._went_back(state, seq)  # see ChannelState.feed_seq
+                    state.feed_seq = seq
             state.heard_at = now
             if state.subscribed_at:
                 state.subscribed_at = 0.0
                 self._ask_snapshot(state)
-            if not events:
-                continue  # the matcher's heartbeat
+            if beat or not events:
+                continue  # the matcher's heartbeat (an empty one has no seq)
             try:
                 messages = state.channel.publish(events)
             except SequenceGap as e:
@@ -811,6 +817,23 @@ class Gateway:
             self._rearm(sub, self._read_sub)
         if dirty:
             self._fan_out()
+
+    def _feed_heartbeat(self, state: ChannelState, beat: FeedHeartbeat) -> None:
+        """The matcher's heartbeat of an idle symbol says which seq it is at. Below what the feed
+        brought (``ChannelState.feed_seq``), the matcher lost its history; above the channel's
+        book, a publication was lost on its way here, and nothing else would tell until the
+        market moves again: either way, a resync."""
+        seq = beat.seq
+        if seq < state.feed_seq or seq < state.snapshot_seq and beat.ts_ns > state.snapshot_taken_ns:
+            self._went_back(state, seq)
+        else:
+            book = state.channel.seq
+            if book is not None and seq > book:
+                self.counts["gaps"] += 1
+                log.warning("%s: the matcher's heartbeat is at seq %d, the book here at %d: a publication was "
+                            "lost", state.channel.symbol, seq, book)
+                self._resync(state, f"missed the publications up to seq {seq}")
+        state.feed_seq = seq
 
     def _went_back(self, state: ChannelState, seq: int) -> None:
         """The feed of ``state``'s symbol went back to ``seq``: its matcher lost its history, and

@@ -55,7 +55,7 @@ from zmx.codec import (
 )
 from zmx.commands import COMMAND_TYPES
 from zmx.engine import MatchingEngine
-from zmx.events import PUBLIC_EVENT_TYPES
+from zmx.events import PUBLIC_EVENT_TYPES, FeedHeartbeat
 from zmx.exceptions import DecodeError
 from zmx.node.journal import Journal, JournalError
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready, keep_mmap_threshold, settle_collector
@@ -550,7 +550,8 @@ class Matcher:
         send = self.pub.send  # type: ignore[union-attr]
         for symbol, last in last_public.items():
             if now - last >= IDLE_HEARTBEAT_S:
-                send(encode_publication(symbol, ()), _NOBLOCK)
+                beat = FeedHeartbeat(symbol, self.engines[symbol].seq, time.time_ns())
+                send(encode_publication(symbol, (beat,)), _NOBLOCK)
                 last_public[symbol] = now
 
     def serve_snapshots(self) -> None:

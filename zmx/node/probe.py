@@ -13,15 +13,17 @@ Three layers, so tests and benchmarks can use the measuring without the screen:
 
 What counts (docs/wire.md: one frame per command per symbol):
 
-- a **message** is a frame that decodes (``codec.decode_publication``); an empty publication
-  is a symbol's heartbeat: a message with no ``seq``. A frame that does not decode counts
+- a **message** is a frame that decodes (``codec.decode_publication``); a ``FeedHeartbeat``
+  (or an empty publication, which has no ``seq``) is a symbol's **heartbeat**. A frame that does not decode counts
   as a **decode error** (and its bytes as bytes), never as a message, and never stops the probe.
 - a **gap** is a missing ``seq``: a publication of a symbol whose ``seq`` is more than 1 above
   the last one seen for that symbol adds the difference minus one. The first publication of a
-  symbol only sets the starting point. A ``seq`` at or below the last one (a matcher that
-  lost its state, a duplicate) is counted as **backwards** and becomes the new starting point.
+  symbol only sets the starting point. A heartbeat carries the ``seq`` of the symbol's last
+  publication: one above the last seen adds the difference (the publications in between were
+  lost). A ``seq`` at or below the last one (a matcher that lost its state, a duplicate; below
+  it for a heartbeat) is counted as **backwards** and becomes the new starting point.
 - **latency** is the receive time minus the ``ts_ns`` of the publication's events (all events
-  of one command share one ``ts_ns``), one sample per non-empty publication. Both are wall
+  of one command share one ``ts_ns``), one sample per publication but heartbeats. Both are wall
   clocks; across machines the figure includes their offset, so a negative one is taken as 0.
 - private publications (``@account`` topics) are counted as messages, under ``private``, with
   no ``seq`` to follow: an account's events do not advance by exactly one.
@@ -39,6 +41,7 @@ import zmq
 from rich.table import Table
 
 from zmx.codec import decode_publication
+from zmx.events import FeedHeartbeat
 from zmx.exceptions import DecodeError
 from zmx.node.runtime import POLL_MS, Stopper
 from zmx.topics import is_private, topic
@@ -191,14 +194,18 @@ class ProbeStats:
         last_event = events[-1]  # all events of one publication share one seq and one ts_ns
         seq = last_event.seq
         last = stats.last_seq
+        beat = type(last_event) is FeedHeartbeat  # at the seq of the symbol's last publication
         if last is not None:
-            if seq > last + 1:
-                missing = seq - last - 1
+            if seq > last + (0 if beat else 1):
+                missing = seq - last - (0 if beat else 1)
                 stats.gaps += missing
                 self._gaps += missing
-            elif seq <= last:
+            elif seq < last or seq == last and not beat:
                 stats.backwards += 1
         stats.last_seq = seq
+        if beat:
+            stats.heartbeats += 1
+            return
         latency = received_ns - last_event.ts_ns
         self.latency.add(latency)
         self._latency.add(latency)
