@@ -14,8 +14,9 @@ Three layers, so tests and benchmarks can use the measuring without the screen:
 What counts (docs/wire.md: one frame per command per symbol):
 
 - a **message** is a frame that decodes (``codec.decode_publication``); a ``FeedHeartbeat``
-  (or an empty publication, which has no ``seq``) is a symbol's **heartbeat**. A frame that does not decode counts
-  as a **decode error** (and its bytes as bytes), never as a message, and never stops the probe.
+  (or an empty publication, which has no ``seq``) is a symbol's **heartbeat**. A frame that
+  does not decode counts as a **decode error** (and its bytes as bytes), never as a message,
+  and never stops the probe.
 - a **gap** is a missing ``seq``: a publication of a symbol whose ``seq`` is more than 1 above
   the last one seen for that symbol adds the difference minus one. The first publication of a
   symbol only sets the starting point. A heartbeat carries the ``seq`` of the symbol's last
