@@ -460,8 +460,9 @@ def test_behind_a_relay_a_matcher_back_without_its_history_resyncs_the_channel(
         cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
     """The gateway's feed comes from a relay, which stays connected while the matcher behind it
     restarts; this one comes back without its journal (a new host, a wiped disk), so its ``seq``
-    starts again from 1. Its first publication is the gateway's only sign: a ``seq`` that went
-    back. The channel's clients get a fresh ``depth_snapshot`` of the new book, then its updates."""
+    starts again from 1. What it publishes (an order's update, or the heartbeat of an idle
+    symbol) is the gateway's only sign: a ``seq`` that went back. The channel's clients get a
+    fresh ``depth_snapshot`` of the new book, then its updates."""
     cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, relay=True, gateways=1)
     for name in ("m1", "r1", "x1", "g1"):
         cluster.start(name)
