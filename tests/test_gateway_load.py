@@ -501,6 +501,37 @@ def test_behind_a_relay_a_matcher_back_without_its_history_resyncs_the_channel(
         maker.close()
 
 
+def test_a_relay_restarted_under_the_gateway_costs_its_clients_a_resync_not_their_book(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """``kill -9`` of the relay between the matcher and the gateway, an order while it is down,
+    the relay started again: the gateway connects to it again and its clients get a fresh
+    ``depth_snapshot`` that holds the update they missed, then the updates after it."""
+    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, relay=True, gateways=1)
+    for name in ("m1", "r1", "x1", "g1"):
+        cluster.start(name)
+    topology = load_topology(cluster.topology)
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    try:
+        first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
+        client = clients()
+        client.subscribe("BTC-USDT")
+        book = client.wait_seq("BTC-USDT", first)
+        snapshots = book.snapshots
+        node(cluster, "x1").kill()
+        missed = maker.place("BTC-USDT", "buy", price("BTC-USDT", -101), "0.001")  # orders do not pass the relay
+        cluster.start("x1")
+        client.wait_until(lambda: book.snapshots > snapshots and not book.awaiting_snapshot,
+                          "a fresh depth_snapshot after the relay's restart", timeout=15.0)
+        assert book.seq >= missed and len(book.bids) == 2
+        top = maker.burst([maker.command("BTC-USDT", "sell", price("BTC-USDT", 100 + n), "0.002") for n in range(5)])
+        now, bids, asks = matcher_book(topology, "BTC-USDT", context)
+        assert now == top
+        assert client.wait_seq("BTC-USDT", top).seq == top and same_book(book, bids, asks)
+    finally:
+        maker.close()
+
+
 # -- workers ----------------------------------------------------------------------------------
 
 
