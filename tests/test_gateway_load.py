@@ -24,7 +24,9 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -601,3 +603,19 @@ def test_a_gateway_with_two_workers_serves_one_port_from_two_processes(
         assert len(set(owners.values())) == 2, f"connections per process: {owners}"
     finally:
         maker.close()
+
+
+def test_a_gateway_whose_worker_dies_stops_whole_and_says_which(cluster: Cluster) -> None:
+    """A worker killed: the gateway node stops its other workers, reaps them and exits
+    non-zero, naming the worker, so that its supervisor (``zmx up --restart``) starts all of
+    them again on the shared port."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, workers=2)
+    gateway = node(cluster, "g1")
+    workers = _descendants(gateway.proc.pid) - {gateway.proc.pid}
+    assert len(workers) == 2, workers
+    os.kill(min(workers), signal.SIGKILL)
+    assert gateway.proc.wait(timeout=15) != 0
+    assert re.search(r"worker \d exited with status -9", gateway.log()), gateway.log()
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its gateway"
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", topology.nodes["g1"].port)) != 0  # type: ignore[union-attr]
