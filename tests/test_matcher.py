@@ -8,10 +8,13 @@ exist for the account ``probe`` until its SUB sockets receive the private event.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import re
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -585,6 +588,54 @@ def test_kill_9_in_the_middle_of_a_stream_loses_no_acknowledged_order(cluster: C
     published = read_until_probe(sub, "end")
     assert [events[-1].seq for _, events in published] == [seq + 1, seq + 2]
     assert any(type(e) is TradeOccurred for e in published[1][1])
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[None]:
+    """A tmpfs of ``size`` mounted at ``where`` (root only), unmounted at the end."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def test_a_full_disk_stops_the_matcher_before_it_answers_and_loses_no_acknowledged_order(
+        cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
+    """Its data directory on a 64 KiB file system, a matcher takes orders one at a time until
+    the journal cannot take the next one: it stops with exit status 1 and says why, without
+    answering that order. With room again it comes back with every acknowledged order."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system for the data directory needs root")
+    var = tmp_path / "var"
+    with small_disk(var, "64k"):
+        node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"])
+        router.wait_for(b"HELLO")
+        acked: list[int] = []
+        for i in range(20_000):  # about 700 fit
+            head = router.request(i, "BTC-USDT", limit(f"o{i}", f"a{i}", "BTC-USDT", BUY, 1000 + i, 1))
+            try:
+                status, _ = router.reply(head, timeout_ms=5000)
+            except AssertionError:
+                break
+            assert status == b"ok"
+            acked.append(i)
+        else:
+            raise AssertionError("the journal never filled 64 KiB")
+        assert node.proc.wait(timeout=10) == 1
+        assert "cannot write the journal" in node.log()
+        assert len(acked) > 100
+        subprocess.run(["mount", "-o", "remount,size=4m", str(var)], check=True, capture_output=True)
+        restarted = cluster.start("m1")
+        seq, bids, _ = book_of(snapshot_socket(zctx, restarted), "BTC-USDT")
+        held = {price - 1000 for price, _ in bids}
+        assert set(acked) <= held <= set(acked) | {len(acked)}, "an acknowledged order is missing, or more is there"
+        assert seq == len(held)
+        restarted.stop()
 
 
 def test_clean_stop_exits_0_says_bye_and_a_restart_restores_the_books(cluster: Cluster, tmp_path: Path,

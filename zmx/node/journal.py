@@ -324,8 +324,8 @@ class Journal:
 
     @staticmethod
     def _truncate(path: Path, offset: int, size: int, problem: str) -> None:
-        log.warning("%s: cut off a torn tail of %d byte(s) at offset %d (%s); a crash interrupted that write",
-                    path.name, size, offset, problem)
+        log.warning("%s: cut off a torn tail of %d byte(s) at offset %d (%s); that write was interrupted (a crash, "
+                    "a full disk)", path.name, size, offset, problem)
         fd = os.open(path, os.O_WRONLY)
         try:
             os.ftruncate(fd, offset)
