@@ -48,10 +48,13 @@ from zmx.topology import Topology
 MIDS = {"BTC-USDT": 30000, "SOL-USDT": 150, "ETH-USDT": 2000}  # in whole units; tick 0.01, lot 0.001
 
 
-def start(cluster: Cluster, matchers: dict[str, list[str]], limits: str = "", workers: int = 1) -> Topology:
+def start(cluster: Cluster, matchers: dict[str, list[str]], limits: str = "", workers: int = 1,
+          relay: bool = False) -> Topology:
+    """Matchers, router r1, gateway g1 (and relay x1 between them with ``relay``), all ready."""
     extra = "".join([f", workers: {workers}" if workers != 1 else "", f", limits: {{{limits}}}" if limits else ""])
-    cluster.topology = write_topology(cluster.directory, matchers=matchers, gateways=1, extra_gateway=extra)
-    for name in (*matchers, "r1", "g1"):
+    cluster.topology = write_topology(cluster.directory, matchers=matchers, relay=relay, gateways=1,
+                                      extra_gateway=extra)
+    for name in (*matchers, "r1", *(("x1",) if relay else ()), "g1"):
         cluster.start(name)
     return load_topology(cluster.topology)
 
@@ -465,10 +468,7 @@ def test_behind_a_relay_a_matcher_back_without_its_history_resyncs_the_channel(
     starts again from 1. What it publishes (an order's update, or the heartbeat of an idle
     symbol) is the gateway's only sign: a ``seq`` that went back. The channel's clients get a
     fresh ``depth_snapshot`` of the new book, then its updates."""
-    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, relay=True, gateways=1)
-    for name in ("m1", "r1", "x1", "g1"):
-        cluster.start(name)
-    topology = load_topology(cluster.topology)
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, relay=True)
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
     try:
@@ -508,10 +508,7 @@ def test_a_relay_restarted_under_the_gateway_costs_its_clients_a_resync_not_thei
     """``kill -9`` of the relay between the matcher and the gateway, an order while it is down,
     the relay started again: the gateway connects to it again and its clients get a fresh
     ``depth_snapshot`` that holds the update they missed, then the updates after it."""
-    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, relay=True, gateways=1)
-    for name in ("m1", "r1", "x1", "g1"):
-        cluster.start(name)
-    topology = load_topology(cluster.topology)
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, relay=True)
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
     try:

@@ -475,22 +475,18 @@ def decode_batch(data: bytes | bytearray | memoryview, max_bytes: int = MAX_MESS
 def _misplaced(events: tuple[Message, ...], name: str, account: str | None) -> DecodeError:
     """The error for the first event that does not belong under topic ``name`` (``account``:
     an account topic's account, None for a symbol's); run only once a check has failed."""
+    if account is None:
+        allowed, visibility, field, owner, where = _PUBLIC, "public", "symbol", name, f"symbol {name!r}"
+    else:
+        allowed, visibility, field, owner, where = _PRIVATE, "private", "account", account, repr(name)
     for i, event in enumerate(events):
         kind = type(event).__name__
-        if account is not None:
-            if type(event) not in _PRIVATE:
-                return DecodeError(f"message {i}: {kind} is not a private event; it cannot be published "
-                                   f"under {name!r}")
-            if event.account != account:  # type: ignore[union-attr]
-                return DecodeError(f"message {i}: {kind} of account {event.account!r} "  # type: ignore[union-attr]
-                                   f"published under {name!r}")
-        else:
-            if type(event) not in _PUBLIC:
-                return DecodeError(f"message {i}: {kind} is not a public event; it cannot be published "
-                                   f"under symbol {name!r}")
-            if event.symbol != name:  # type: ignore[union-attr]
-                return DecodeError(f"message {i}: {kind} of symbol {event.symbol!r} "  # type: ignore[union-attr]
-                                   f"published under symbol {name!r}")
+        if type(event) not in allowed:
+            return DecodeError(f"message {i}: {kind} is not a {visibility} event; it cannot be published "
+                               f"under {where}")
+        value = getattr(event, field)
+        if value != owner:
+            return DecodeError(f"message {i}: {kind} of {field} {value!r} published under {where}")
     raise AssertionError("unreachable: an event failed its check above")
 
 
