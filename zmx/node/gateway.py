@@ -785,14 +785,15 @@ class Gateway:
             beat = False
             if events:
                 last = events[-1]
-                if type(last) is FeedHeartbeat:
-                    beat = True
-                    self._feed_heartbeat(state, last)
-                else:
-                    seq = last.seq
-                    if seq <= state.feed_seq or seq <= state.snapshot_seq and last.ts_ns > state.snapshot_taken_ns:
-                        self._went_back(state, seq)  # see ChannelState.feed_seq
-                    state.feed_seq = seq
+                beat = type(last) is FeedHeartbeat
+                # A heartbeat is at the seq of its symbol's last publication: it is checked as the
+                # publication after it would be.
+                seq = last.seq + 1 if beat else last.seq
+                if seq <= state.feed_seq or seq <= state.snapshot_seq and last.ts_ns > state.snapshot_taken_ns:
+                    self._went_back(state, last.seq)  # see ChannelState.feed_seq
+                elif beat:
+                    self._heartbeat_ahead(state, last.seq)
+                state.feed_seq = last.seq
             state.heard_at = now
             if state.subscribed_at:
                 state.subscribed_at = 0.0
@@ -818,22 +819,16 @@ class Gateway:
         if dirty:
             self._fan_out()
 
-    def _feed_heartbeat(self, state: ChannelState, beat: FeedHeartbeat) -> None:
-        """The matcher's heartbeat of an idle symbol says which seq it is at. Below what the feed
-        brought (``ChannelState.feed_seq``), the matcher lost its history; above the channel's
+    def _heartbeat_ahead(self, state: ChannelState, seq: int) -> None:
+        """The matcher's heartbeat of an idle symbol says it is at ``seq``. Above the channel's
         book, a publication was lost on its way here, and nothing else would tell until the
-        market moves again: either way, a resync."""
-        seq = beat.seq
-        if seq < state.feed_seq or seq < state.snapshot_seq and beat.ts_ns > state.snapshot_taken_ns:
-            self._went_back(state, seq)
-        else:
-            book = state.channel.seq
-            if book is not None and seq > book:
-                self.counts["gaps"] += 1
-                log.warning("%s: the matcher's heartbeat is at seq %d, the book here at %d: a publication was "
-                            "lost", state.channel.symbol, seq, book)
-                self._resync(state, f"missed the publications up to seq {seq}")
-        state.feed_seq = seq
+        market moves again: a resync."""
+        book = state.channel.seq
+        if book is not None and seq > book:
+            self.counts["gaps"] += 1
+            log.warning("%s: the matcher's heartbeat is at seq %d, the book here at %d: a publication was lost",
+                        state.channel.symbol, seq, book)
+            self._resync(state, f"missed the publications up to seq {seq}")
 
     def _went_back(self, state: ChannelState, seq: int) -> None:
         """The feed of ``state``'s symbol went back to ``seq``: its matcher lost its history, and

@@ -195,13 +195,15 @@ class ProbeStats:
         last_event = events[-1]  # all events of one publication share one seq and one ts_ns
         seq = last_event.seq
         last = stats.last_seq
-        beat = type(last_event) is FeedHeartbeat  # at the seq of the symbol's last publication
+        beat = type(last_event) is FeedHeartbeat
         if last is not None:
-            if seq > last + (0 if beat else 1):
-                missing = seq - last - (0 if beat else 1)
+            # a heartbeat is at the seq of its symbol's last publication: counted as the one after it
+            follows = seq + 1 if beat else seq
+            if follows > last + 1:
+                missing = follows - last - 1
                 stats.gaps += missing
                 self._gaps += missing
-            elif seq < last or seq == last and not beat:
+            elif follows <= last:
                 stats.backwards += 1
         stats.last_seq = seq
         if beat:
