@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
@@ -792,3 +793,27 @@ def test_snapshot_and_restore_round_trip_with_partly_filled_orders(engine):
         assert twin.handle(cmd, ts_ns=ts) == engine.handle(cmd, ts_ns=ts), cmd
         twin.book._check()
     assert twin.snapshot() == engine.snapshot()
+
+
+def test_changed_ns_is_the_time_of_the_command_that_made_the_seq_and_survives_a_snapshot(engine):
+    assert (engine.seq, engine.changed_ns) == (0, 0)
+    run(engine, limit("a1", SELL, 101, 10), ts=TS + 1)
+    run(engine, limit("b1", BUY, 90, 1, account="bob", tif=IOC), ts=TS + 2)  # no change to the book
+    run(engine, cancel("nope"), ts=TS + 3)  # refused: no change
+    assert (engine.seq, engine.changed_ns) == (1, TS + 1)
+    run(engine, limit("b2", BUY, 101, 4, account="bob"), ts=TS + 4)  # trades
+    run(engine, amend("a1", quantity=8), ts=TS + 5)
+    assert (engine.seq, engine.changed_ns) == (3, TS + 5)
+    run(engine, cancel("a1"), ts=TS + 6)
+    assert (engine.seq, engine.changed_ns) == (4, TS + 6)
+    assert MatchingEngine.restore(engine.snapshot()).changed_ns == TS + 6
+
+
+def test_a_version_1_snapshot_still_restores_without_the_time_of_the_last_change(engine):
+    run(engine, limit("a1", SELL, 101, 10))
+    version, *fields, changed_ns = msgpack.unpackb(engine.snapshot())
+    assert (version, changed_ns) == (2, TS)
+    old = MatchingEngine.restore(msgpack.packb([1, *fields]))  # as zmx wrote them before
+    assert (old.seq, old.depth(), old.changed_ns) == (engine.seq, engine.depth(), 0)
+    with pytest.raises(ValueError, match="version 1 is not supported"):
+        MatchingEngine.restore(msgpack.packb([1, *fields, changed_ns]))  # a field too many for version 1

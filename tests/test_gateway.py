@@ -850,6 +850,32 @@ def test_a_publication_over_the_size_limit_costs_the_feed_a_reconnect_and_the_ch
         assert "lost the feed from" in log and "connecting to it again" in log and "resyncing its channels" in log
 
 
+def test_a_depth_snapshot_says_when_the_book_last_changed_at_the_matcher(cluster: Cluster, tmp_path: Path) -> None:
+    """A ``depth_snapshot``'s ``ts`` is the time of the book's last change: the matcher's
+    ``changed_ns`` (the snapshot reply's fifth element, docs/wire.md), also when a resync loads
+    a book whose updates the gateway never saw; 0 for a book that never changed, and for an
+    older matcher's reply without it when the gateway saw no update either."""
+    minute_ago = time.time_ns() - 60 * 10**9
+    with gateway_on_fake_matcher(cluster, tmp_path, {
+        "BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]], time.time_ns(), minute_ago),
+        "ETH-USDT": (0, [], [], time.time_ns(), 0),
+        "SOL-USDT": (3, [], [[15000, 1000]]),  # an older matcher's reply: no times
+    }) as (fake, opened, _):
+        a = opened("a")
+        a.subscribe("BTC-USDT", "ETH-USDT", "SOL-USDT")
+        first = {m["channel"]: m["data"]["ts"] for m in a.received if m["type"] == "depth_snapshot"}
+        assert first == {"BTC-USDT": minute_ago, "ETH-USDT": 0, "SOL-USDT": 0}
+
+        # seq 9 after 7: a gap; the gateway asks again and gets the book at 9, which holds the
+        # update that showed the gap (the gateway skips it): the ts is the matcher's, not an old one
+        at_9 = time.time_ns()
+        fake.books["BTC-USDT"] = (9, [[2999000, 500]], [[3001000, 2000]], time.time_ns(), at_9)
+        mark = len(a.received)
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 9, at_9, ((2999000, 500),), ()))
+        assert a.wait_seq("BTC-USDT", 9).snapshots == 2
+        assert [m["data"]["ts"] for m in a.since(mark, {"type": "depth_snapshot"})] == [at_9]
+
+
 def test_an_update_older_than_the_snapshot_is_skipped_unless_stamped_after_it(
         cluster: Cluster, tmp_path: Path) -> None:
     """Right after a snapshot (seq 5, taken at T), updates of seq 5 or less may still come: they

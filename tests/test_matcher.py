@@ -208,9 +208,17 @@ def book_of(sock: zmq.Socket, symbol: str) -> tuple[int, list, list]:
     asked = time.time_ns()
     kind, name, body = snapshot_request(sock, symbol.encode())
     assert (kind, name) == (b"SNAP", symbol.encode())
-    seq, bids, asks, taken_ns = msgpack.unpackb(body)
+    seq, bids, asks, taken_ns, changed_ns = msgpack.unpackb(body)
     assert asked <= taken_ns <= time.time_ns()  # when the matcher took it (docs/wire.md): one clock here
+    assert 0 <= changed_ns <= taken_ns and (changed_ns > 0) == (seq > 0)  # when the book last changed
     return seq, [tuple(level) for level in bids], [tuple(level) for level in asks]
+
+
+def changed_ns_of(sock: zmq.Socket, symbol: str) -> int:
+    """When the matcher's book of ``symbol`` last changed, as its snapshot service says."""
+    kind, _, body = snapshot_request(sock, symbol.encode())
+    assert kind == b"SNAP", body
+    return msgpack.unpackb(body)[4]  # type: ignore[no-any-return]
 
 
 def without_ts(events: tuple | list) -> list:
@@ -385,7 +393,7 @@ def test_snapshot_service_is_consistent_with_the_stream(cluster: Cluster, tmp_pa
     assert snapshots.poll(TIMEOUT_MS)
     kind, name, body = snapshots.recv_multipart()
     assert (kind, name) == (b"SNAP", b"BTC-USDT")
-    seq, bids, asks, _taken_ns = msgpack.unpackb(body)
+    seq, bids, asks, _taken_ns, _changed_ns = msgpack.unpackb(body)
     assert 0 < seq <= reference.seq
     mirror = L2Mirror("BTC-USDT")
     mirror.load_snapshot(seq, [tuple(lv) for lv in bids], [tuple(lv) for lv in asks])
@@ -394,6 +402,7 @@ def test_snapshot_service_is_consistent_with_the_stream(cluster: Cluster, tmp_pa
     final = book_of(snapshots, "BTC-USDT")
     assert final == (reference.seq, *map(list, reference.depth()))
     assert (mirror.seq, *mirror.levels()) == final
+    assert changed_ns_of(snapshots, "BTC-USDT") == changes[-1].ts_ns  # the depth_snapshot's ts
 
     # a REQ socket (with its empty delimiter frame) is served too
     req = snapshot_socket(zctx, node, zmq.REQ)
@@ -489,7 +498,7 @@ def book_of_retrying(sock: zmq.Socket, symbol: str) -> tuple[int, list, list]:
         sock.send_multipart([b"SNAP", symbol.encode()])
         if sock.poll(200):
             kind, name, body = sock.recv_multipart()
-            seq, bids, asks, _taken_ns = msgpack.unpackb(body)
+            seq, bids, asks, *_times = msgpack.unpackb(body)
             return seq, bids, asks
     raise AssertionError("the snapshot service never answered again")
 
@@ -559,6 +568,7 @@ def test_kill_9_in_the_middle_of_a_stream_loses_no_acknowledged_order(cluster: C
     router.wait_for(b"HELLO", epoch=2)
     books = snapshot_socket(zctx, restarted)
     recovered = {s: book_of(books, s) for s in symbols}
+    changed = {s: changed_ns_of(books, s) for s in symbols}
     assert restarted.ready["seq"] == {s: recovered[s][0] for s in symbols}
     # the books are those after some prefix of the stream that holds every acknowledged command
     prefixes = [k for k in range(len(acked), sent + 1) if states[k] == recovered]
@@ -573,6 +583,7 @@ def test_kill_9_in_the_middle_of_a_stream_loses_no_acknowledged_order(cluster: C
     router.wait_for(b"HELLO", epoch=3)
     books = snapshot_socket(zctx, again)
     assert {s: book_of(books, s) for s in symbols} == recovered
+    assert {s: changed_ns_of(books, s) for s in symbols} == changed  # from the snapshot and the journal
 
     # the stream goes on at seq + 1, trade ids where they were
     reference = MatchingEngine.restore(saved[prefixes[0]]["BTC-USDT"])
@@ -650,6 +661,7 @@ def test_clean_stop_exits_0_says_bye_and_a_restart_restores_the_books(cluster: C
     books = snapshot_socket(zctx, node)
     before = {s: book_of(books, s) for s in symbols}
     assert before["BTC-USDT"][0] > 0 and before["SOL-USDT"][0] > 0
+    changed = {s: changed_ns_of(books, s) for s in symbols}
 
     node.proc.send_signal(signal.SIGTERM)
     router.wait_for(b"BYE")
@@ -663,6 +675,7 @@ def test_clean_stop_exits_0_says_bye_and_a_restart_restores_the_books(cluster: C
     assert "recovered from the snapshot before segment 2 + 200 journaled command(s)" in restarted.log()
     books = snapshot_socket(zctx, restarted)
     assert {s: book_of(books, s) for s in symbols} == before
+    assert {s: changed_ns_of(books, s) for s in symbols} == changed
     assert restarted.stop() == 0
 
 

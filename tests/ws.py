@@ -415,7 +415,7 @@ def matcher_book(topology: Topology, symbol: str, context: zmq.Context,
     finally:
         dealer.close(linger=0)
     assert frames[0] == b"SNAP", frames
-    seq, bids, asks, _taken_ns = msgpack.unpackb(frames[2])
+    seq, bids, asks, *_times = msgpack.unpackb(frames[2])
     fmt = spec.ticks_to_price, spec.lots_to_quantity
     return seq, [[fmt[0](p), fmt[1](q)] for p, q in bids], [[fmt[0](p), fmt[1](q)] for p, q in asks]
 

@@ -39,19 +39,20 @@ LIMIT, MARKET = OrderType.LIMIT, OrderType.MARKET
 GTC, IOC, FOK, POST_ONLY = TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.POST_ONLY
 _NO_LIMIT = 1 << 64  # a limit key beyond every price (market orders), below book.EMPTY
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2 added ``changed_ns``; restore() still reads 1
 
 
 class MatchingEngine:
     """Price-time priority matching for one symbol (see docs/matching.md)."""
 
-    __slots__ = ("spec", "symbol", "seq", "next_trade_id", "book", "archive", "_used_ids", "_handed",
+    __slots__ = ("spec", "symbol", "seq", "changed_ns", "next_trade_id", "book", "archive", "_used_ids", "_handed",
                  "_bids", "_asks", "_index", "_min_lots", "_max_lots")
 
     def __init__(self, spec: SymbolSpec) -> None:
         self.spec = spec
         self.symbol = spec.symbol
         self.seq = 0
+        self.changed_ns = 0  # the ts_ns of the command that made the current seq (0: none yet)
         self.next_trade_id = 1
         self.book = OrderBook()
         # Every (account, order_id) ever accepted, as one string "account\x00order_id": ids are
@@ -131,6 +132,7 @@ class MatchingEngine:
             if otype is LIMIT and (tif is GTC or tif is POST_ONLY):
                 # The common case: a passive limit order joins the book.
                 seq = self.seq = self.seq + 1
+                self.changed_ns = ts_ns
                 order = self._index[(account, order_id)] = Order(order_id, account, side, price, quantity, 0,
                                                                  quantity, tif)
                 # BookSide.append, inlined: this is the most frequent path of all.
@@ -161,6 +163,8 @@ class MatchingEngine:
             ]
 
         seq = self.seq = self.seq + 1
+
+        self.changed_ns = ts_ns
         events: list[Event] = [_new(OrderAccepted, (symbol, seq, ts_ns, order_id, account, side, otype, tif,
                                                     price, quantity))]
         touched_opposite: dict[int, int] = {}
@@ -283,6 +287,7 @@ class MatchingEngine:
         if order is None:
             return [_new(CancelRejected, (self.symbol, self.seq, ts_ns, order_id, account, "unknown_order"))]
         seq = self.seq = self.seq + 1
+        self.changed_ns = ts_ns
         side = order.side
         canceled = order.remaining
         level = (self._bids if side is BUY else self._asks).remove(order)
@@ -327,6 +332,8 @@ class MatchingEngine:
             return rejected("would_cross")
 
         seq = self.seq = self.seq + 1
+
+        self.changed_ns = ts_ns
         events: list[Event] = [_new(OrderAmended, (symbol, seq, ts_ns, order_id, account, side, price, quantity,
                                                    remaining))]
         touched_own: dict[int, int] = {}
@@ -408,17 +415,19 @@ class MatchingEngine:
             self.next_trade_id,
             sorted(tuple(key.split("\x00", 1)) for key in self._used_ids | self._handed),
             orders,
+            self.changed_ns,
         ]
         return msgpack.packb(state)
 
     @classmethod
     def restore(cls, data: bytes) -> MatchingEngine:
         """An engine in exactly the state that ``snapshot()`` recorded."""
-        version, spec_fields, seq, next_trade_id, used_ids, orders = msgpack.unpackb(data)
-        if version != SNAPSHOT_VERSION:
+        version, spec_fields, seq, next_trade_id, used_ids, orders, *rest = msgpack.unpackb(data)
+        if version not in (1, SNAPSHOT_VERSION) or len(rest) != version - 1:
             raise ValueError(f"engine snapshot version {version} is not supported (expected {SNAPSHOT_VERSION})")
         engine = cls(SymbolSpec(*spec_fields))
         engine.seq = seq
+        engine.changed_ns = rest[0] if rest else 0  # version 1 did not keep it: unknown until the next change
         engine.next_trade_id = next_trade_id
         engine._used_ids = {f"{account}\x00{order_id}" for account, order_id in used_ids}
         for order_id, account, side, price, quantity, filled, remaining, tif in orders:

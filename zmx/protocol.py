@@ -500,13 +500,17 @@ class Channel:
                 out.append(self._update(event, prev_seq))
         return out
 
-    def load_snapshot(self, seq: int, bids: Iterable[Level], asks: Iterable[Level]) -> bytes:
+    def load_snapshot(self, seq: int, bids: Iterable[Level], asks: Iterable[Level], *,
+                      changed_ns: int | None = None) -> bytes:
         """Load a snapshot from the matcher; the ``depth_snapshot`` every subscriber now gets
-        (the buffered updates after ``seq`` are in it). ``SequenceGap`` if the buffer cannot
-        be bridged: ask for a newer snapshot."""
+        (the buffered updates after ``seq`` are in it). ``changed_ns``: when the book last
+        changed at the matcher, as of ``seq`` (0: never; None: not told, an older matcher).
+        ``SequenceGap`` if the buffer cannot be bridged: ask for a newer snapshot."""
         applied = self.mirror.load_snapshot(seq, bids, asks)
         if applied:
             self.last_ts = applied[-1].ts_ns
+        elif changed_ns is not None:
+            self.last_ts = changed_ns
         self._snapshot = None
         return self.snapshot_message()
 

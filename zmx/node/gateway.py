@@ -721,18 +721,21 @@ class Gateway:
             log.warning("%s: snapshot refused: %s", symbol, body.decode("utf-8", errors="replace"))
             return  # asked again by the tick
         try:
-            seq, bids, asks, *when = msgpack.unpackb(body, use_list=False)  # when: [taken_ns] (docs/wire.md)
+            # when: [taken_ns, changed_ns], either or both left out by older matchers (docs/wire.md)
+            seq, bids, asks, *when = msgpack.unpackb(body, use_list=False)
             levels = [(int(p), int(q)) for p, q in bids], [(int(p), int(q)) for p, q in asks]
             if type(seq) is not int:
                 raise ValueError("seq is not an integer")
-            if len(when) > 1 or when and (type(when[0]) is not int or when[0] <= 0):
-                raise ValueError("after the levels, only the time the snapshot was taken (a positive integer)")
+            if (len(when) > 2 or when and (type(when[0]) is not int or when[0] <= 0)
+                    or len(when) == 2 and (type(when[1]) is not int or when[1] < 0)):
+                raise ValueError("after the levels, only the time the snapshot was taken (a positive integer) "
+                                 "and the time of the book's last change (an integer, 0 if none)")
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             log.warning("%s: undecodable snapshot: %s", symbol, e)
             self.counts["bad_reply"] += 1
             return
         try:
-            message = state.channel.load_snapshot(seq, *levels)
+            message = state.channel.load_snapshot(seq, *levels, changed_ns=when[1] if len(when) == 2 else None)
         except SequenceGap as e:
             log.info("%s: snapshot at seq %d does not reach the buffered updates (%s); asking again", symbol,
                      seq, e)

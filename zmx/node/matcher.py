@@ -578,9 +578,10 @@ class Matcher:
                 else:
                     engine = self.engines[name]
                     bids, asks = engine.depth()
-                    # and when it was taken: an update of a seq up to this one stamped later comes
-                    # from a matcher that lost its history (docs/wire.md)
-                    reply = [SNAP, symbol, msgpack.packb([engine.seq, bids, asks, time.time_ns()])]
+                    # and when it was taken (an update of a seq up to this one stamped later comes
+                    # from a matcher that lost its history), and when the book last changed (the
+                    # depth_snapshot's ts): docs/wire.md
+                    reply = [SNAP, symbol, msgpack.packb([engine.seq, bids, asks, time.time_ns(), engine.changed_ns])]
             else:
                 reply = [ERR, symbol, self.refuse(
                     "snapshot: malformed request",
