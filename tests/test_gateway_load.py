@@ -321,10 +321,11 @@ def test_a_reader_that_stops_is_closed_1013_while_the_others_keep_receiving(
 
 def test_idle_channels_get_heartbeats_a_client_that_stops_answering_pings_is_closed_1011(
         cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
-    """``heartbeat_s: 1``, ``ping_interval_s: 1``, ``ping_timeout_s: 1``. The mute client reads on but
-    its pongs are dropped before they leave; a client that answers stays. At the end the gateway
-    stops: its clients are told 1001 (going away)."""
-    topology = start(cluster, {"m1": ["BTC-USDT", "SOL-USDT"]}, "heartbeat_s: 1, ping_interval_s: 1, ping_timeout_s: 1")
+    """``heartbeat_s: 1``, ``ping_interval_s: 3``, ``ping_timeout_s: 1``. The mute client reads on but
+    its pongs are dropped before they leave: it is closed about a second after the ping, not at the
+    next ping's turn. A client that answers stays. At the end the gateway stops: its clients are
+    told 1001 (going away)."""
+    topology = start(cluster, {"m1": ["BTC-USDT", "SOL-USDT"]}, "heartbeat_s: 1, ping_interval_s: 3, ping_timeout_s: 1")
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
     try:
@@ -339,9 +340,19 @@ def test_idle_channels_get_heartbeats_a_client_that_stops_answering_pings_is_clo
         mute = clients("mute")
         protocol = mute.ws.protocol
         send_frame = protocol.send_frame
-        protocol.send_frame = lambda frame: None if frame.opcode is Opcode.PONG else send_frame(frame)  # type: ignore
+        pinged: list[float] = []  # when the gateway's pings came (their pongs are dropped)
+
+        def drop_pongs(frame: Frame) -> None:
+            if frame.opcode is Opcode.PONG:
+                pinged.append(time.monotonic())
+            else:
+                send_frame(frame)
+        protocol.send_frame = drop_pongs  # type: ignore[method-assign]
         code = mute.expect_close(timeout=8.0)
+        closed = time.monotonic()
         assert code == 1011, f"closed with {code} {mute.close_reason!r}"
+        assert len(pinged) == 1 and closed - pinged[0] < 2.0, (
+            f"closed {closed - pinged[0]:.2f} s after the ping; ping_timeout_s is 1 (ping_interval_s 3)")
         assert not live.closed
         assert live.request({"action": "ping", "id": "alive"}, "pong") == {"type": "pong", "id": "alive"}
 

@@ -41,6 +41,7 @@ import contextlib
 import email.utils
 import importlib.resources
 import logging
+import math
 import os
 import secrets
 import signal
@@ -489,9 +490,11 @@ class Gateway:
         self._dirty: list[ChannelState] = []
         self._ping_turn = 0
         self._opened = 0
-        # connections in ping_interval_s / TICK_S slots; one slot is pinged per tick
+        # connections in ping_interval_s / TICK_S slots; one slot is pinged per tick, and the
+        # slot pinged ping_timeout_s ago is checked for pongs that did not come
         slots = max(1, round(self.limits.ping_interval_s / TICK_S))
         self.ping_slots: list[set[Connection]] = [set() for _ in range(slots)]
+        self._ping_wait_ticks = math.ceil(self.limits.ping_timeout_s / TICK_S)
         self.server: asyncio.AbstractServer | None = None
         # ZeroMQ
         self.context = zmq.Context()
@@ -1084,13 +1087,21 @@ class Gateway:
             # idle channels of a connection come due in the same tick and their heartbeats leave
             # in one write (no channel waits longer than heartbeat_s for one).
             self._heartbeats([state for state in live if now - state.last_sent >= heartbeat_s / 2])
-        # pings: each connection once per ping_interval_s, one slot of them per tick; one
-        # that has not answered the previous ping by its next turn is closed
-        self._ping_turn = (self._ping_turn + 1) % len(self.ping_slots)
-        for conn in list(self.ping_slots[self._ping_turn]):
+        # pings: each connection once per ping_interval_s, one slot of them per tick. A
+        # connection is closed once its ping has waited ping_timeout_s for the pong: looked at in
+        # the tick that comes that long after the ping (within half a tick: ticks run late, never
+        # early), and again at its slot's turns, where a ping still unanswered is not renewed.
+        slots = self.ping_slots
+        turn = self._ping_turn = (self._ping_turn + 1) % len(slots)
+        timeout = limits.ping_timeout_s
+        for conn in list(slots[(turn - self._ping_wait_ticks) % len(slots)]):
+            if conn.ping_sent and now - conn.ping_sent >= timeout - TICK_S / 2 and not conn.closing:
+                self.counts["ping_timeout_closed"] += 1
+                conn.close(CLOSE_PING_TIMEOUT, "no pong")
+        for conn in list(slots[turn]):
             if not conn.ping_sent:
                 conn.ping(now)
-            elif now - conn.ping_sent > limits.ping_timeout_s:
+            elif now - conn.ping_sent > timeout and not conn.closing:
                 self.counts["ping_timeout_closed"] += 1
                 conn.close(CLOSE_PING_TIMEOUT, "no pong")
 
