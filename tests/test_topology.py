@@ -449,6 +449,13 @@ def test_no_matcher() -> None:
     assert_error(text, 4, "no matcher node; a cluster needs at least one")
 
 
+def test_no_router() -> None:
+    text = "cluster: x\nsymbols:\n  BTC-USDT: {matcher: m1, tick_size: 1, lot_size: 1}\nnodes:\n" \
+           "  m1: {role: matcher, pub: 'tcp://127.0.0.1:5560', snapshot: 'tcp://127.0.0.1:5561', data_dir: var/m1}\n" \
+           "  g1: {role: gateway, listen: '127.0.0.1:8765'}\n"
+    assert_error(text, 4, "no router node; orders reach the matchers only through one")
+
+
 def test_router_timeout_must_exceed_matcher_heartbeat() -> None:
     text = replace_line(6, '  r1: {role: router, front: "tcp://127.0.0.1:5550", back: "tcp://127.0.0.1:5551",\n'
                            '       heartbeat_timeout_ms: 200}')

@@ -640,6 +640,8 @@ class _Parser:
         relays = tuple(name for name, _, _, role in raw if role == "relay")
         if not matchers:
             raise _Problem(nodes_line, "no matcher node; a cluster needs at least one (role: matcher)")
+        if not any(role == "router" for _, _, _, role in raw):
+            raise _Problem(nodes_line, "no router node; orders reach the matchers only through one (role: router)")
         roles = {name: role for name, _, _, role in raw}
         nodes: dict[str, Node] = {}
         for name, line, entry, role in raw:
