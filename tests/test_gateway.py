@@ -417,6 +417,11 @@ def test_submit_and_cancel_answer_order_updates_to_their_connection_only(shared:
                 "quantity": "1", "id": 15})  # an order_id is never reused, not even after the order ended
     again = maker.expect({"type": "order_update", "id": 15})
     assert (again["data"]["status"], again["data"].get("reason")) == ("rejected", "duplicate_order_id"), again
+    # on another symbol (here: of another matcher) the same id is another order (docs/protocol.md, "Orders")
+    maker.send({"action": "submit_order", "order_id": "a-1", "symbol": "LINK-USDT", "side": "buy", "price": "0.01",
+                "quantity": "1", "time_in_force": "ioc", "id": "elsewhere"})
+    elsewhere = maker.expect({"type": "order_update", "id": "elsewhere", "data": {"status": "accepted"}})
+    assert elsewhere["data"]["symbol"] == "LINK-USDT", elsewhere
     assert set(taker.orders) == {"b-1"} and set(maker.orders) == {"a-1"}  # nobody hears another's orders
 
     # Orders stay on the book when their connection closes.
