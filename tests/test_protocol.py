@@ -254,7 +254,7 @@ def test_subscribe_one_unknown_channel():
     ({}, "missing_field"),
     ({"channel": "BTC-USDT", "channels": ["ETH-USDT"]}, "invalid_field"),
     ({"channel": 1}, "invalid_field"),
-    ({"channel": None}, "invalid_field"),
+    ({"channel": None}, "missing_field"),  # null is no field
     ({"channel": ["BTC-USDT"]}, "invalid_field"),
     ({"channels": "BTC-USDT"}, "invalid_field"),
     ({"channels": []}, "invalid_field"),
@@ -269,6 +269,11 @@ def test_bad_channel_fields_are_refused_whole(action, fields, code):
     message = reply(s, {"action": action, "id": "c", **fields})
     assert_error(message, code, "c")
     assert set(s.channels) == ({"BTC-USDT"} if action == "unsubscribe" else set())
+
+
+def test_a_null_channel_beside_channels_is_no_channel():
+    actions = receive(session(), {"action": "subscribe", "channel": None, "channels": ["ETH-USDT"]})
+    assert Subscribe("ETH-USDT") in actions, sent(actions)
 
 
 def test_a_list_of_the_maximum_length_is_fine():
@@ -352,18 +357,31 @@ def test_each_missing_field_is_missing_field_naming_it(field):
     assert f"'{field}'" in message["message"]
 
 
-def test_a_null_side_counts_as_missing():
-    msg = submit_msg()
-    msg["side"] = None
-    assert_error(reply(session(), msg), "missing_field")
+@pytest.mark.parametrize("field", ["order_id", "symbol", "side", "price", "quantity"])
+def test_a_null_field_counts_as_missing(field):
+    msg = submit_msg(id="n")
+    msg[field] = None
+    message = reply(session(), msg)
+    assert_error(message, "missing_field", "n")
+    assert f"'{field}'" in message["message"]
+    cancel = {"action": "cancel_order", "order_id": "abc123", "symbol": "BTC-USDT", "id": "c"}
+    if field in cancel:
+        assert_error(reply(session(), {**cancel, field: None}), "missing_field", "c")
+
+
+def test_a_null_optional_field_takes_its_default():
+    actions = receive(session(), {**submit_msg(), "type": None, "time_in_force": None})
+    assert len(actions) == 1 and type(actions[0]) is Submit, sent(actions)
+    command = actions[0].command
+    assert (command.type, command.time_in_force) == (OrderType.LIMIT, TimeInForce.GTC)
 
 
 @pytest.mark.parametrize("field, value", [
     ("order_id", 123), ("order_id", ["a"]), ("order_id", True),
-    ("symbol", 1), ("symbol", ["BTC-USDT"]), ("symbol", None),
+    ("symbol", 1), ("symbol", ["BTC-USDT"]),
     ("side", 1), ("side", "BUY"), ("side", "long"), ("side", True),
     ("price", 30000), ("price", 30000.5), ("price", ["30000"]), ("price", True),
-    ("quantity", 1), ("quantity", 0.5), ("quantity", None), ("quantity", {"q": "1"}),
+    ("quantity", 1), ("quantity", 0.5), ("quantity", {"q": "1"}),
     ("type", 1), ("type", "stop"), ("type", "LIMIT"),
     ("time_in_force", 1), ("time_in_force", "day"), ("time_in_force", "GTC"),
 ])

@@ -181,10 +181,9 @@ _TIFS = {t.value: t for t in TimeInForce}
 
 
 def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
-    try:
-        value = message[name]
-    except KeyError:
-        raise ClientError("missing_field", f"{name!r} is missing ({what})") from None
+    value = message.get(name)
+    if value is None:  # null is the same as no field (docs/protocol.md, "Requests")
+        raise ClientError("missing_field", f"{name!r} is missing ({what})")
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ClientError("invalid_field", f"{name!r} must be {what}, got {_json_kind(value)}")
     return value
@@ -281,7 +280,7 @@ class Session:
                      f"on; at {2 * self.rate_limit} the connection is closed", request_id)
 
     def _channel_names(self, message: dict[str, Any]) -> list[str]:
-        has_one, has_many = "channel" in message, "channels" in message
+        has_one, has_many = message.get("channel") is not None, message.get("channels") is not None
         if has_one and has_many:
             raise ClientError("invalid_field", "give either 'channel' or 'channels', not both")
         if has_one:
