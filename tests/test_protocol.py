@@ -350,6 +350,13 @@ def test_a_market_order_with_a_price_is_rejected_invalid_price():
     assert message["data"]["order_id"] == "abc123" and message["data"]["symbol"] == "BTC-USDT"
 
 
+def test_a_post_only_market_order_is_rejected_with_a_message_before_it_leaves():
+    message = reply(session(), submit_msg(type="market", price=None, time_in_force="post_only", id=5))
+    assert message["type"] == "order_update" and message["id"] == 5
+    assert (message["data"]["status"], message["data"]["reason"]) == ("rejected", "invalid_field")
+    assert "post_only" in message["data"]["message"]
+
+
 @pytest.mark.parametrize("field", ["order_id", "symbol", "side", "price", "quantity"])
 def test_each_missing_field_is_missing_field_naming_it(field):
     message = reply(session(), submit_msg(**{field: None}, id="m"))

@@ -352,6 +352,9 @@ class Session:
         if order_type is OrderType.MARKET and price_text is not None:
             return [Send(rejected(order_id, symbol, "invalid_price", "a market order carries no price",
                                   request_id))]
+        if order_type is OrderType.MARKET and time_in_force is TimeInForce.POST_ONLY:
+            return [Send(rejected(order_id, symbol, "invalid_field", "a market order cannot be post_only: it "
+                                  "only takes liquidity", request_id))]
         try:
             price = None if price_text is None else spec.to_ticks(price_text)
             quantity = spec.to_lots(quantity_text)
