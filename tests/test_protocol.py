@@ -256,6 +256,9 @@ def test_subscribe_one_unknown_channel():
     ({"channel": 1}, "invalid_field"),
     ({"channel": None}, "missing_field"),  # null is no field
     ({"channel": ["BTC-USDT"]}, "invalid_field"),
+    ({"channel": "X" * 65}, "invalid_field"),  # no channel's name: refused, not echoed as unknown
+    ({"channel": ""}, "invalid_field"),
+    ({"channels": ["BTC-USDT", "A\nB"]}, "invalid_field"),
     ({"channels": "BTC-USDT"}, "invalid_field"),
     ({"channels": []}, "invalid_field"),
     ({"channels": ["BTC-USDT"] * (MAX_CHANNELS_PER_REQUEST + 1)}, "invalid_field"),
@@ -348,6 +351,13 @@ def test_a_market_order_with_a_price_is_rejected_invalid_price():
     assert message["type"] == "order_update" and message["id"] == 8
     assert message["data"]["status"] == "rejected" and message["data"]["reason"] == "invalid_price"
     assert message["data"]["order_id"] == "abc123" and message["data"]["symbol"] == "BTC-USDT"
+
+
+@pytest.mark.parametrize("symbol", ["X" * 100_000, "", "BTC USDT\n"])
+def test_a_symbol_no_symbol_can_have_is_invalid_field_and_not_echoed(symbol):
+    message = reply(session(), submit_msg(symbol=symbol, id=4))
+    assert_error(message, "invalid_field", 4)
+    assert "'symbol'" in message["message"] and len(orjson.dumps(message)) < 400
 
 
 def test_a_post_only_market_order_is_rejected_with_a_message_before_it_leaves():
@@ -484,6 +494,7 @@ def test_cancel_order_becomes_a_cancel():
     ({"symbol": "BTC-USDT", "order_id": ""}, "invalid_field"),
     ({"symbol": "BTC-USDT", "order_id": "x" * 65}, "invalid_field"),
     ({"symbol": 1, "order_id": "x1"}, "invalid_field"),
+    ({"symbol": "X" * 65, "order_id": "x1"}, "invalid_field"),
     ({"symbol": "DOGE-USDT", "order_id": "x1"}, "unknown_symbol"),
 ])
 def test_cancel_order_errors(fields, code):

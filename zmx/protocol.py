@@ -189,6 +189,16 @@ def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], wh
     return value
 
 
+def _name(message: dict[str, Any], name: str, what: str) -> str:
+    """A field that names something (an order id, a symbol, a channel): 1 to MAX_ID_CHARS
+    printable ASCII characters, as on the wire."""
+    value: str = _field(message, name, str, what)
+    if len(value) > MAX_ID_CHARS or not is_valid_id(value):
+        raise ClientError("invalid_field", f"{name!r} must be 1 to {MAX_ID_CHARS} printable ASCII characters, "
+                          f"got {_show(value)}")
+    return value
+
+
 def _json_kind(value: object) -> str:
     if value is None:
         return "null"
@@ -284,7 +294,7 @@ class Session:
         if has_one and has_many:
             raise ClientError("invalid_field", "give either 'channel' or 'channels', not both")
         if has_one:
-            return [_field(message, "channel", str, "a channel name such as \"BTC-USDT\"")]
+            return [_name(message, "channel", "a channel name such as \"BTC-USDT\"")]
         if not has_many:
             raise ClientError("missing_field", "'channel' (or 'channels') is missing")
         names = _field(message, "channels", list, "a list of channel names")
@@ -294,6 +304,9 @@ class Session:
         for name in names:
             if type(name) is not str:
                 raise ClientError("invalid_field", f"'channels' must hold strings, got {_json_kind(name)}")
+            if len(name) > MAX_ID_CHARS or not is_valid_id(name):
+                raise ClientError("invalid_field", f"'channels' must hold names of 1 to {MAX_ID_CHARS} printable ASCII "
+                                  f"characters, got {_show(name)}")
         return names
 
     def _subscribe(self, message: dict[str, Any], request_id: object) -> list[Action]:
@@ -326,15 +339,15 @@ class Session:
         return [Send(_with_id({"type": "symbols", "data": data}, request_id))]
 
     def _order_id(self, message: dict[str, Any]) -> str:
-        order_id = _field(message, "order_id", str, "a string")
-        if len(order_id) > MAX_ID_CHARS or not is_valid_id(order_id):
-            raise ClientError("invalid_field", f"'order_id' must be 1 to {MAX_ID_CHARS} printable ASCII characters, "
-                              f"got {_show(order_id)}")
-        return order_id
+        return _name(message, "order_id", "a string")
+
+    def _symbol(self, message: dict[str, Any]) -> str:
+        # a name no symbol can have is a malformed request, not an unknown symbol: it is not echoed back
+        return _name(message, "symbol", "a symbol such as \"BTC-USDT\"")
 
     def _submit(self, message: dict[str, Any], request_id: object) -> list[Action]:
         order_id = self._order_id(message)
-        symbol = _field(message, "symbol", str, "a symbol such as \"BTC-USDT\"")
+        symbol = self._symbol(message)
         side = _choice(message, "side", _SIDES, None)
         order_type = _choice(message, "type", _TYPES, "limit")
         time_in_force = _choice(message, "time_in_force", _TIFS, "gtc")
@@ -368,7 +381,7 @@ class Session:
 
     def _cancel(self, message: dict[str, Any], request_id: object) -> list[Action]:
         order_id = self._order_id(message)
-        symbol = _field(message, "symbol", str, "a symbol such as \"BTC-USDT\"")
+        symbol = self._symbol(message)
         if symbol not in self.symbols:
             raise ClientError("unknown_symbol", f"no symbol {_show(symbol)} in this cluster")
         return [Cancel(CancelOrder(order_id, self.account, symbol), request_id)]
