@@ -176,11 +176,12 @@ def test_tables_show_rates_symbols_and_gaps() -> None:
     stats = ProbeStats()
     for seq in (1, 2, 4):
         stats.feed(book("BTC-USDT", seq, ts_ns=0), 3000)
-    console = Console(record=True, width=140)
+    console = Console(record=True, width=80)  # a plain terminal: every header and figure whole
     console.print(interval_table("m1", stats.interval(1.0), stats, 1.0))
-    console.print(summary_table("m1", stats.summary(1.0)))
+    console.print(summary_table("m1 (tcp://127.0.0.1:5560)", stats.summary(1.0)))
     text = console.export_text()
-    assert "messages/s" in text and "latency p99" in text
+    assert "msgs/s" in text and "p99 µs" in text and "undecoded" in text and "max µs" in text
+    assert "…" not in text, text
     assert "BTC-USDT" in text
     assert "summary" in text
 
@@ -293,3 +294,14 @@ def test_zmx_probe_refuses_a_bad_target(tmp_path: Path, args: list[str], message
     result = CliRunner().invoke(main, ["probe", *args, "-t", str(path), "--duration", "1"])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_zmx_probe_says_when_nothing_arrived(as_json: bool) -> None:
+    (port,) = free_ports(1)  # nobody publishes there: ZeroMQ connects in silence all the same
+    endpoint = f"tcp://127.0.0.1:{port}"
+    result = CliRunner().invoke(main, ["probe", endpoint, "--duration", "0.3", *(["--json"] if as_json else [])])
+    assert result.exit_code == 0, result.output
+    assert f"nothing arrived from {endpoint} in 0.3 s" in result.stderr
+    if as_json:
+        assert json.loads(result.stdout)["messages"] == 0  # stdout stays one JSON document

@@ -200,6 +200,7 @@ def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], dur
     if as_json:
         stats, elapsed = run_probe(endpoint, symbols=symbols, duration=duration, stopper=stopper)
         click.echo(json.dumps({"target": target, "endpoint": endpoint, **stats.summary(elapsed)}))
+        _nothing_arrived(stats.messages, endpoint, elapsed)
         return
     waiting = f"probe {target} ({endpoint}): waiting for the first second of data; Ctrl-C stops"
     with Live(waiting, console=console, auto_refresh=False, transient=False) as live:
@@ -215,6 +216,16 @@ def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], dur
     console.print(summary_table(f"{target} ({endpoint})", stats.summary(elapsed)))
     if stats.decode_errors:
         console.print(f"{stats.decode_errors} frame(s) did not decode; the last: {stats.last_error}", soft_wrap=True)
+    _nothing_arrived(stats.messages, endpoint, elapsed)
+
+
+def _nothing_arrived(messages: int, endpoint: str, elapsed: float) -> None:
+    """Say so on stderr when a probe heard nothing: ZeroMQ connects in silence, so an endpoint
+    where nobody publishes looks just like a quiet feed."""
+    if not messages:
+        click.echo(f"zmx probe: nothing arrived from {endpoint} in {elapsed:.1f} s; a matcher or relay sends each "
+                   "idle symbol's heartbeat about every second: is one publishing there (and owning the symbols "
+                   "asked for)?", err=True)
 
 
 def _probe_endpoint(target: str, topology_path: Path | None, symbols: tuple[str, ...]) -> str:
