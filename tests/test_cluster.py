@@ -14,7 +14,7 @@ import zmq
 from nodes import Cluster, NodeProcess, write_topology
 
 from zmx.codec import decode_publication
-from zmx.events import BookChanged, OrderAccepted, OrderRejected, TradeOccurred
+from zmx.events import AmendRejected, BookChanged, OrderAccepted, OrderAmended, OrderRejected, TradeOccurred
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.runtime import load_topology
 from zmx.topics import topic
@@ -144,6 +144,13 @@ def test_orders_reach_their_matcher_replies_their_sender_events_the_right_pub(
                 break
         assert len(seqs) == changes and seqs == list(range(seqs[0], seqs[0] + changes)), seqs
         assert trades == 1
+
+    # the client amends in decimal strings too; the book answers with the order as it now is
+    moved = alice.amend("a0", "alice", "BTC-USDT", price="29000.5", quantity="0.25")
+    assert moved.ok and isinstance(moved.events[0], OrderAmended), moved
+    spec = topology.symbols["BTC-USDT"]
+    assert (moved.events[0].price, moved.events[0].remaining) == (spec.to_ticks("29000.5"), spec.to_lots("0.25"))
+    assert isinstance(bob.amend("a0", "bob", "BTC-USDT", quantity="0.1").events[0], AmendRejected)  # not bob's
     for client in (alice, bob):
         client.close()
 

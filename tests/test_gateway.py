@@ -479,6 +479,51 @@ def test_submit_order_refuses_bad_fields_and_rejects_what_the_book_cannot_take(c
         assert answer["type"] == "error" and answer.get("code") == "invalid_field", (order_id, answer)
 
 
+def test_amend_order_changes_a_resting_order_of_its_connection_and_is_told_as_amended(clients: Clients) -> None:
+    """``amend_order`` (docs/protocol.md, "Orders"; the rules in docs/matching.md, "Amend"): a
+    smaller quantity, then a new price that crosses and trades at once; another connection
+    cannot amend the order; what the gateway or the book refuses comes back as an error."""
+    owner, other = clients("amender"), clients("other")
+
+    def amend(client: WsClient, n: int, **fields: str) -> None:
+        client.send({"action": "amend_order", "symbol": "LINK-USDT", "order_id": "am-1", **fields, "id": n})
+
+    owner.send({"action": "submit_order", "order_id": "am-1", "symbol": "LINK-USDT", "side": "buy",
+                "price": "0.5", "quantity": "4", "id": 1})
+    assert updates_of(owner, {"id": 1}, 1)[0]["data"]["status"] == "accepted"
+    amend(owner, 2, quantity="3")
+    (smaller,) = updates_of(owner, {"id": 2}, 1)
+    assert {k: smaller["data"][k] for k in ("order_id", "symbol", "status", "side", "price", "quantity", "filled",
+                                            "remaining")} == {
+        "order_id": "am-1", "symbol": "LINK-USDT", "status": "amended", "side": "buy", "price": "0.5",
+        "quantity": "3", "filled": "0", "remaining": "3"}, smaller
+    amend(other, 3, quantity="2")
+    error_of(other, "unknown_order", id=3, order_id="am-1", symbol="LINK-USDT")
+
+    other.send({"action": "submit_order", "order_id": "am-s", "symbol": "LINK-USDT", "side": "sell",
+                "price": "1.9", "quantity": "1", "id": 4})
+    assert updates_of(other, {"id": 4}, 1)[0]["data"]["status"] == "accepted"
+    amend(owner, 5, price="1.9")  # crosses the ask: trades at once, the rest rests at 1.9
+    moved, fill = updates_of(owner, {"id": 5}, 2)
+    assert (moved["data"]["status"], moved["data"]["price"], moved["data"]["remaining"]) == ("amended", "1.9", "3")
+    assert {k: fill["data"][k] for k in ("status", "price", "last_price", "last_quantity", "filled", "remaining",
+                                         "liquidity")} == {
+        "status": "partially_filled", "price": "1.9", "last_price": "1.9", "last_quantity": "1", "filled": "1",
+        "remaining": "2", "liquidity": "taker"}, fill
+    made = other.expect({"type": "order_update", "data": {"order_id": "am-s", "status": "filled"}})
+    assert made["data"]["trade_id"] == fill["data"]["trade_id"], made
+
+    amend(owner, 6, price="1.901")
+    error_of(owner, "invalid_price", id=6)
+    amend(owner, 7, quantity="0.5")  # not above the 1 filled already: the book refuses it
+    error_of(owner, "invalid_quantity", id=7, order_id="am-1")
+    amend(owner, 8)
+    error_of(owner, "missing_field", id=8)
+    owner.send({"action": "cancel_order", "symbol": "LINK-USDT", "order_id": "am-1", "id": 9})
+    (gone,) = updates_of(owner, {"id": 9}, 1)
+    assert (gone["data"]["status"], gone["data"]["filled"], gone["data"]["quantity"]) == ("canceled", "1", "3"), gone
+
+
 # -- bad clients -------------------------------------------------------------------------------
 
 

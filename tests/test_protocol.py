@@ -14,14 +14,15 @@ from typing import Any
 import orjson
 import pytest
 
-from zmx.commands import CancelOrder, SubmitOrder
+from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.depth import book_checksum, checksum
 from zmx.engine import MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES, BookChanged, OrderFilled, TradeOccurred
 from zmx.exceptions import SequenceGap
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 from zmx.protocol import (
-    CLOSE_POLICY, MAX_CHANNELS_PER_REQUEST, Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe,
+    CLOSE_POLICY, MAX_CHANNELS_PER_REQUEST, Amend, Cancel, Channel, Close, Send, Session, Submit, Subscribe,
+    Unsubscribe,
 )
 
 BTC = SymbolSpec("BTC-USDT", "0.01", "0.00001")
@@ -97,7 +98,7 @@ class Exchange:
         self.engine = MatchingEngine(spec)
         self.ts = TS
 
-    def run(self, action: Submit | Cancel) -> list:
+    def run(self, action: Submit | Cancel | Amend) -> list:
         self.ts += 1
         return self.engine.handle(action.command, ts_ns=self.ts)
 
@@ -682,6 +683,46 @@ def test_cancel_of_an_unknown_order_or_of_another_accounts_order_is_unknown_orde
     assert_error(message, "unknown_order", "k")
     assert (message["order_id"], message["symbol"]) == (order_id, "BTC-USDT")
     assert ex.engine.resting() == 1
+
+
+def test_amend_goes_to_the_book_in_ticks_and_lots_and_comes_back_as_amended_then_fills():
+    ex = Exchange()
+    ex.order(session(BOB), order_id="b1", side="sell", price="30001", quantity="0.1")
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", price="30000", quantity="0.5")
+    (action,) = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "price": "30001",
+                                "id": "m"})
+    assert action == Amend(AmendOrder("a1", ALICE, "BTC-USDT", 3000100, None), "m")
+    amended, fill = updates(alice.on_reply(action.command, action.request_id, "ok", ex.run(action)))
+    assert amended == {"type": "order_update", "id": "m", "data": {
+        "order_id": "a1", "symbol": "BTC-USDT", "status": "amended", "side": "buy", "price": "30001",
+        "quantity": "0.5", "filled": "0", "remaining": "0.5", "ts": TS + 3}}
+    assert (fill["id"], fill["data"]["status"], fill["data"]["price"], fill["data"]["last_quantity"]) == (
+        "m", "partially_filled", "30001", "0.1")
+    # a quantity-only amend: the new total, the filled part included
+    (action,) = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.3"})
+    assert action.command.quantity == 30000 and action.command.price is None
+    (message,) = updates(alice.on_reply(action.command, None, "ok", ex.run(action)))
+    assert (message["data"]["status"], message["data"]["filled"], message["data"]["remaining"]) == (
+        "amended", "0.1", "0.2")
+    (action,) = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.05",
+                                "id": 3})
+    (message,) = updates(alice.on_reply(action.command, action.request_id, "ok", ex.run(action)))
+    assert_error(message, "invalid_quantity", 3)  # not above the 0.1 filled: the engine refuses it
+
+
+@pytest.mark.parametrize("fields, code", [
+    ({}, "missing_field"),
+    ({"price": 30000}, "invalid_field"),
+    ({"quantity": ["1"]}, "invalid_field"),
+    ({"price": "30000.001"}, "invalid_price"),
+    ({"quantity": "0"}, "invalid_quantity"),
+    ({"symbol": "DOGE-USDT", "price": "1"}, "unknown_symbol"),
+    ({"order_id": "", "price": "1"}, "invalid_field"),
+])
+def test_amend_order_errors_at_the_gateway(fields, code):
+    message = reply(session(), {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", **fields, "id": 6})
+    assert_error(message, code, 6)
 
 
 @pytest.mark.parametrize("status, reason", [("unavailable", "unavailable"), ("unknown_symbol", "unknown_symbol"),

@@ -2,7 +2,7 @@
 
 ``Session`` is one client connection: ``receive(text, now)`` takes a client message and
 returns the actions the I/O shell carries out, in order (``Send`` bytes to this client,
-``Subscribe``/``Unsubscribe`` a channel, ``Submit``/``Cancel`` an order, ``Close``). Replies to
+``Subscribe``/``Unsubscribe`` a channel, ``Submit``/``Cancel``/``Amend`` an order, ``Close``). Replies to
 orders come back through ``on_reply`` and ``on_private``, which return the JSON messages to
 send. ``Channel`` is one symbol's channel: it keeps the L2 mirror and turns what the matcher
 published into the JSON messages every subscriber gets, each encoded once.
@@ -20,17 +20,17 @@ from typing import Any, NamedTuple, Union
 import orjson
 
 from zmx.codec import is_valid_id
-from zmx.commands import CancelOrder, SubmitOrder
+from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.depth import L2Mirror
 from zmx.events import (
-    BookChanged, CancelRejected, Event, Level, OrderAccepted, OrderCanceled, OrderFilled, OrderRejected,
-    TradeOccurred,
+    AmendRejected, BookChanged, CancelRejected, Event, Level, OrderAccepted, OrderAmended, OrderCanceled,
+    OrderFilled, OrderRejected, TradeOccurred,
 )
 from zmx.exceptions import ClientError, InvalidNumber, SequenceGap
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 
 __all__ = [
-    "CLOSE_POLICY", "MAX_CHANNELS_PER_REQUEST", "MAX_ID_CHARS", "Action", "Cancel", "Channel", "Close", "Send",
+    "CLOSE_POLICY", "MAX_CHANNELS_PER_REQUEST", "MAX_ID_CHARS", "Action", "Amend", "Cancel", "Channel", "Close", "Send",
     "SequenceGap", "Session", "Submit", "Subscribe", "Unsubscribe", "error", "order_update", "rejected",
 ]
 
@@ -75,6 +75,11 @@ class Cancel(NamedTuple):
     request_id: object
 
 
+class Amend(NamedTuple):
+    command: AmendOrder
+    request_id: object
+
+
 class Close(NamedTuple):
     """Close the connection with this WebSocket close code."""
 
@@ -82,7 +87,7 @@ class Close(NamedTuple):
     reason: str
 
 
-Action = Union[Send, Subscribe, Unsubscribe, Submit, Cancel, Close]
+Action = Union[Send, Subscribe, Unsubscribe, Submit, Cancel, Amend, Close]
 
 
 # -- message builders ------------------------------------------------------------------------
@@ -107,10 +112,10 @@ def _with_id(body: dict[str, Any], request_id: object) -> bytes:
 
 
 def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
-                 command: SubmitOrder | None = None) -> bytes | None:
-    """The ``order_update`` (or, for a refused cancel, the ``error``) a private event becomes;
-    None for an event that clients do not see. ``command`` is the submit the event answers,
-    when it is known: it gives the order's own price and type."""
+                 command: SubmitOrder | AmendOrder | None = None) -> bytes | None:
+    """The ``order_update`` (or, for a refused cancel or amend, the ``error``) a private event
+    becomes; None for an event that clients do not see. ``command`` is the submit or amend the
+    event answers, when it is known: it gives the order's own price (and a submit its type)."""
     price_text, quantity_text = spec.ticks_to_price, spec.lots_to_quantity
     kind = type(event)
     data: dict[str, Any]
@@ -121,9 +126,10 @@ def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
                 "quantity": quantity_text(event.quantity), "filled": "0",
                 "remaining": quantity_text(event.quantity), "ts": event.ts_ns}
     elif kind is OrderFilled:
-        if command is not None and command.order_id == event.order_id:
+        if command is not None and command.order_id == event.order_id and (
+                command.price is not None or type(command) is SubmitOrder):
             price = None if command.price is None else price_text(command.price)
-        else:  # a resting order: it rested at its own price, which is the trade's price
+        else:  # a resting order (or one amended in quantity only): it trades at its own price
             price = price_text(event.price)
         data = {"order_id": event.order_id, "symbol": event.symbol,
                 "status": "partially_filled" if event.remaining else "filled",
@@ -139,13 +145,22 @@ def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
     elif kind is OrderRejected:
         data = _rejected_data(spec, command, event.order_id, event.symbol, event.reason)
         data["ts"] = event.ts_ns
-    elif kind is CancelRejected:
-        what = {"unknown_order": f"order {event.order_id!r} is not on the {event.symbol} book of this connection"}
-        return error(event.reason, what.get(event.reason, f"cancel refused: {event.reason}"), request_id,
+    elif kind is OrderAmended:
+        data = {"order_id": event.order_id, "symbol": event.symbol, "status": "amended", "side": event.side.value,
+                "price": price_text(event.price), "quantity": quantity_text(event.quantity),
+                "filled": quantity_text(event.quantity - event.remaining), "remaining": quantity_text(event.remaining),
+                "ts": event.ts_ns}
+    elif kind is CancelRejected or kind is AmendRejected:
+        what = {"unknown_order": f"order {event.order_id!r} is not on the {event.symbol} book of this connection",
+                "invalid_quantity": "the new quantity must be above what has filled already, and within the "
+                                    "symbol's quantity limits",
+                "would_cross": "the new price would cross the book, and the order is post_only"}
+        doing = "cancel" if kind is CancelRejected else "amend"
+        return error(event.reason, what.get(event.reason, f"{doing} refused: {event.reason}"), request_id,
                      order_id=event.order_id, symbol=event.symbol)
     else:
         return None
-    if command is not None and command.order_id == event.order_id and "type" not in data:
+    if type(command) is SubmitOrder and command.order_id == event.order_id and "type" not in data:
         data["type"] = command.type.value
         data["time_in_force"] = command.time_in_force.value
     return _with_id({"type": "order_update", "data": data}, request_id)
@@ -276,11 +291,11 @@ class Session:
             if handler is None:
                 if action is None:
                     raise ClientError("missing_field", "'action' is missing (subscribe, unsubscribe, submit_order, "
-                                      "cancel_order, ping, symbols)")
+                                      "cancel_order, amend_order, ping, symbols)")
                 if type(action) is not str:
                     raise ClientError("invalid_field", f"'action' must be a string, got {_json_kind(action)}")
                 raise ClientError("unknown_action", f"unknown action {_show(action)} (subscribe, unsubscribe, "
-                                  "submit_order, cancel_order, ping, symbols)")
+                                  "submit_order, cancel_order, amend_order, ping, symbols)")
             return handler(self, message, request_id)
         except ClientError as e:
             return [Send(error(e.code, str(e), request_id))]
@@ -386,9 +401,32 @@ class Session:
             raise ClientError("unknown_symbol", f"no symbol {_show(symbol)} in this cluster")
         return [Cancel(CancelOrder(order_id, self.account, symbol), request_id)]
 
+    def _amend(self, message: dict[str, Any], request_id: object) -> list[Action]:
+        order_id = self._order_id(message)
+        symbol = self._symbol(message)
+        texts = {}
+        for name in ("price", "quantity"):
+            value = message.get(name)
+            if value is not None and type(value) is not str:
+                raise ClientError("invalid_field", f"{name!r} must be a decimal string such as \"0.5\", "
+                                  f"got {_json_kind(value)}")
+            texts[name] = value
+        if texts["price"] is None and texts["quantity"] is None:
+            raise ClientError("missing_field", "'price' or 'quantity' is missing (an amend changes one or both; "
+                              "'quantity' is the new total, the filled part included)")
+        spec = self.symbols.get(symbol)
+        if spec is None:
+            raise ClientError("unknown_symbol", f"no symbol {_show(symbol)} in this cluster")
+        try:
+            price = None if texts["price"] is None else spec.to_ticks(texts["price"])
+            quantity = None if texts["quantity"] is None else spec.to_lots(texts["quantity"])
+        except InvalidNumber as e:
+            raise ClientError(e.reason, str(e)) from None
+        return [Amend(AmendOrder(order_id, self.account, symbol, price, quantity), request_id)]
+
     # -- answers from the cluster -------------------------------------------------------------------
 
-    def on_reply(self, command: SubmitOrder | CancelOrder, request_id: object, status: str,
+    def on_reply(self, command: SubmitOrder | CancelOrder | AmendOrder, request_id: object, status: str,
                  events: Iterable[Event], message: str = "") -> list[bytes]:
         """The messages for the router's reply to ``command`` (``status`` as in docs/wire.md)."""
         symbol, order_id = command.symbol, command.order_id
@@ -409,7 +447,7 @@ class Session:
         for event in events:
             if getattr(event, "account", None) != self.account:
                 continue  # public events and other accounts' fills are not this client's business
-            update = order_update(spec, event, request_id, command if is_submit else None)
+            update = order_update(spec, event, request_id, command if type(command) is not CancelOrder else None)
             if update is not None:
                 out.append(update)
         # Fills held for this order: after an error status too, since a fill proves that an
@@ -452,6 +490,7 @@ _HANDLERS = {
     "unsubscribe": Session._unsubscribe,
     "submit_order": Session._submit,
     "cancel_order": Session._cancel,
+    "amend_order": Session._amend,
     "ping": Session._ping,
     "symbols": Session._symbols,
 }

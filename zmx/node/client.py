@@ -38,7 +38,7 @@ from typing import NamedTuple, Self
 import zmq
 
 from zmx import codec
-from zmx.commands import CancelOrder, Command, SubmitOrder
+from zmx.commands import AmendOrder, CancelOrder, Command, SubmitOrder
 from zmx.events import Event
 from zmx.exceptions import DecodeError, ZmxError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
@@ -256,3 +256,13 @@ class Client:
     def cancel(self, order_id: str, account: str, symbol: str, *, timeout: float = 5.0) -> Reply:
         """Cancel a resting order and wait for the reply."""
         return self.request(CancelOrder(order_id, account, symbol), timeout)
+
+    def amend(self, order_id: str, account: str, symbol: str, *, price: str | None = None,
+              quantity: str | None = None, spec: SymbolSpec | None = None, timeout: float = 5.0) -> Reply:
+        """Amend a resting order (a new price, a new total quantity with the filled part
+        included, or both; ``None`` keeps one as it is; docs/matching.md, "Amend") and wait for
+        the reply."""
+        grid = self._spec(symbol, spec)
+        command = AmendOrder(order_id, account, symbol, None if price is None else grid.to_ticks(price),
+                             None if quantity is None else grid.to_lots(quantity))
+        return self.request(command, timeout)

@@ -52,7 +52,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Union
 from urllib.parse import urlsplit
 
 import msgpack
@@ -66,17 +66,18 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from zmx import codec
-from zmx.commands import CancelOrder, SubmitOrder
+from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.events import FeedHeartbeat
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
 from zmx.node.runtime import Stopper, announce_ready, settle_collector
-from zmx.protocol import Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe, error
+from zmx.protocol import Amend, Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe, error
 from zmx.topics import account_topic, is_private, topic
 from zmx.topology import GatewayLimits, GatewayNode, MatcherNode, RouterNode, Topology, connect_endpoint
 
 log = logging.getLogger("zmx.gateway")
+OrderCommand = Union[SubmitOrder, CancelOrder, AmendOrder]  # what a client may send to the routers
 
 REQUEST_TIMEOUT_S = 5.0  # an order with no reply by then is answered ``unavailable``
 SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again, on a new connection
@@ -307,7 +308,7 @@ class Connection(asyncio.Protocol):
                 gateway.subscribe(self, action.channel)
             elif kind is Unsubscribe:
                 gateway.unsubscribe(self, action.channel)
-            elif kind is Submit or kind is Cancel:
+            elif kind is Submit or kind is Cancel or kind is Amend:
                 gateway.order(self, action.command, action.request_id)
             elif kind is Close:
                 gateway.counts["rate_limit_closed"] += 1
@@ -479,7 +480,7 @@ class Gateway:
         self.behind: set[Connection] = set()
         self.accounts: dict[str, Connection] = {}
         self.channels: dict[str, ChannelState] = {}
-        self.requests: OrderedDict[int, tuple[Connection, SubmitOrder | CancelOrder, object, float]] = OrderedDict()
+        self.requests: OrderedDict[int, tuple[Connection, OrderCommand, object, float]] = OrderedDict()
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
             "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "resyncs",
@@ -950,7 +951,7 @@ class Gateway:
 
     # -- orders ---------------------------------------------------------------------------------------------
 
-    def order(self, conn: Connection, command: SubmitOrder | CancelOrder, request_id: object) -> None:
+    def order(self, conn: Connection, command: OrderCommand, request_id: object) -> None:
         session = conn.session
         assert session is not None
         if type(command) is SubmitOrder and not conn.account_subscribed:
