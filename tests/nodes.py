@@ -39,10 +39,12 @@ def free_ports(n: int) -> list[int]:
 
 def write_topology(directory: Path, *, matchers: dict[str, list[str]] | None = None, routers: int = 1,
                    relay: bool = False, gateways: int = 0, fsync: str = "batch", snapshot_every: int = 100_000,
-                   extra_matcher: str = "", extra_router: str = "", extra_gateway: str = "") -> Path:
-    """A topology on free ports in ``directory/topology.yaml``; data dirs under ``directory/var``."""
+                   extra_matcher: str = "", extra_router: str = "", extra_gateway: str = "",
+                   standby_relay: bool = False) -> Path:
+    """A topology on free ports in ``directory/topology.yaml``; data dirs under ``directory/var``.
+    ``standby_relay``: a second relay, x2, that each gateway has as the standby of x1."""
     matchers = matchers or {"m1": ["BTC-USDT", "SOL-USDT"], "m2": ["ETH-USDT"]}
-    ports = iter(free_ports(2 * routers + 2 * len(matchers) + 1 + gateways))
+    ports = iter(free_ports(2 * routers + 2 * len(matchers) + 2 + gateways))
     lines = ["cluster: test", "symbols:"]
     for m, symbols in matchers.items():
         for symbol in symbols:
@@ -55,9 +57,12 @@ def write_topology(directory: Path, *, matchers: dict[str, list[str]] | None = N
         lines.append(f'  {m}: {{role: matcher, pub: "tcp://127.0.0.1:{next(ports)}", '
                      f'snapshot: "tcp://127.0.0.1:{next(ports)}", data_dir: "var/{m}", fsync: {fsync}, '
                      f'snapshot_every: {snapshot_every}{extra_matcher}}}')
-    relay_port = next(ports)
-    if relay:
-        lines.append(f'  x1: {{role: relay, pub: "tcp://127.0.0.1:{relay_port}"}}')
+    relay_ports = next(ports), next(ports)
+    if relay or standby_relay:
+        lines.append(f'  x1: {{role: relay, pub: "tcp://127.0.0.1:{relay_ports[0]}"}}')
+    if standby_relay:
+        lines.append(f'  x2: {{role: relay, pub: "tcp://127.0.0.1:{relay_ports[1]}"}}')
+        extra_gateway = f", upstream: [x1], standby: [x2]{extra_gateway}"
     for i in range(1, gateways + 1):
         lines.append(f'  g{i}: {{role: gateway, listen: "127.0.0.1:{next(ports)}"{extra_gateway}}}')
     path = directory / "topology.yaml"

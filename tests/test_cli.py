@@ -47,7 +47,7 @@ def test_check_sharded_shows_relay_and_upstream(runner: CliRunner) -> None:
     result = runner.invoke(main, ["check", str(SHARDED)])
     assert result.exit_code == 0, result.output
     assert "relay" in result.output
-    assert "upstream x1" in result.output
+    assert "upstream x1" in result.output and "standby x2" in result.output
     assert "upstream m1, m2, m3, m4" in result.output
     assert "DOGE-USDT" in result.output
 

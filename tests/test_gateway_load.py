@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import zmq
 from nodes import Cluster, NodeProcess, write_topology
 from websockets.client import ClientProtocol
@@ -49,12 +50,14 @@ MIDS = {"BTC-USDT": 30000, "SOL-USDT": 150, "ETH-USDT": 2000}  # in whole units;
 
 
 def start(cluster: Cluster, matchers: dict[str, list[str]], limits: str = "", workers: int = 1,
-          relay: bool = False) -> Topology:
-    """Matchers, router r1, gateway g1 (and relay x1 between them with ``relay``), all ready."""
+          relay: bool = False, standby_relay: bool = False) -> Topology:
+    """Matchers, router r1, gateway g1 (and relay x1 between them with ``relay``; and x2, the
+    gateway's standby of x1, with ``standby_relay``), all ready."""
     extra = "".join([f", workers: {workers}" if workers != 1 else "", f", limits: {{{limits}}}" if limits else ""])
     cluster.topology = write_topology(cluster.directory, matchers=matchers, relay=relay, gateways=1,
-                                      extra_gateway=extra)
-    for name in (*matchers, "r1", *(("x1",) if relay else ()), "g1"):
+                                      extra_gateway=extra, standby_relay=standby_relay)
+    relays = ("x1", "x2") if standby_relay else ("x1",) if relay else ()
+    for name in (*matchers, "r1", *relays, "g1"):
         cluster.start(name)
     return load_topology(cluster.topology)
 
@@ -539,6 +542,43 @@ def test_a_relay_restarted_under_the_gateway_costs_its_clients_a_resync_not_thei
         assert now == top
         assert client.wait_seq("BTC-USDT", top).seq == top and same_book(book, bids, asks)
     finally:
+        maker.close()
+
+
+@pytest.mark.parametrize("failure", ["kill -9", "SIGSTOP"])
+def test_a_gateway_whose_relay_failed_switches_to_its_standby_and_its_clients_resync(
+        cluster: Cluster, clients: Clients, context: zmq.Context, failure: str) -> None:
+    """Relays x1 and x2 both carry m1; the gateway takes x1 and has x2 as its standby. x1 dies
+    (``kill -9``, and nobody restarts it) or hangs (``SIGSTOP``: its connections stay open and
+    its port still takes new ones, as a host that vanished without a reset; ZeroMQ's pings on
+    the gateway's SUB notice it): the gateway switches to x2 (topology ``standby``), and its
+    clients get a fresh ``depth_snapshot`` that holds what they missed, then the updates after it."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, standby_relay=True)
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    x1 = node(cluster, "x1")
+    try:
+        first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
+        client = clients()
+        client.subscribe("BTC-USDT")
+        book = client.wait_seq("BTC-USDT", first)
+        snapshots = book.snapshots
+        if failure == "kill -9":
+            x1.kill()
+        else:
+            x1.proc.send_signal(signal.SIGSTOP)
+        missed = maker.place("BTC-USDT", "buy", price("BTC-USDT", -101), "0.001")
+        client.wait_until(lambda: book.snapshots > snapshots and not book.awaiting_snapshot,
+                          "a fresh depth_snapshot through the standby relay", timeout=15.0)
+        assert book.seq >= missed and len(book.bids) == 2
+        top = maker.burst([maker.command("BTC-USDT", "sell", price("BTC-USDT", 100 + n), "0.002") for n in range(5)])
+        now, bids, asks = matcher_book(topology, "BTC-USDT", context)
+        assert now == top
+        assert client.wait_seq("BTC-USDT", top).seq == top and same_book(book, bids, asks)
+        assert "which carries the same matchers (topology standby)" in node(cluster, "g1").log()
+    finally:
+        if x1.proc.poll() is None:
+            x1.proc.send_signal(signal.SIGCONT)  # so that it can be stopped
         maker.close()
 
 

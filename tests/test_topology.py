@@ -368,7 +368,8 @@ def test_missing_required_key() -> None:
 
 def test_unknown_key_catches_a_typo() -> None:
     text = replace_line(9, '  g1:\n    role: gateway\n    listen: "127.0.0.1:8765"\n    worker: 4')
-    assert_error(text, 12, "node 'g1': unknown key 'worker' (expected one of: role, listen, workers, upstream, limits)")
+    assert_error(text, 12, "node 'g1': unknown key 'worker' (expected one of: role, listen, workers, upstream, "
+                           "standby, limits)")
 
 
 def test_unknown_limit_key() -> None:
@@ -596,6 +597,31 @@ def test_gateway_must_not_reach_a_matcher_twice() -> None:
     assert_error(text, 9, "node 'g1': upstream reaches matcher 'm1' twice (through 'x1' and 'm1')")
 
 
+RELAY2 = '  x2: {role: relay, pub: "tcp://127.0.0.1:5571"%s}'
+
+
+def test_a_gateways_standby_takes_the_place_of_the_upstream_node_with_the_same_matchers() -> None:
+    text = replace_line(9, '  g1: {role: gateway, listen: "127.0.0.1:8765", upstream: [x1, m2], standby: [x2, m1]}') \
+        + RELAY % ", upstream: [m1]" + "\n" + RELAY2 % ", upstream: [m1]" + "\n"
+    topology = parse(text)
+    assert topology.node("g1").standby == ("x2", "m1")  # type: ignore[union-attr]
+    assert topology.feed_paths("g1") == (("x1", "x2", "m1"), ("m2",))
+    assert topology.matchers_behind("g1") == ("m1", "m2")  # through the upstream nodes only
+
+
+@pytest.mark.parametrize("gateway, problem", [
+    ("upstream: [x1], standby: [x1]", "'x1' is in both upstream and standby"),
+    ("upstream: [x1], standby: [m2]", "standby 'm2' carries m2, the matchers of none of its upstream nodes"),
+    ("upstream: [x1], standby: [x2]", "standby 'x2' carries m1, m2, the matchers of none of its upstream nodes"),
+    ("upstream: [x1], standby: [r1]", "standby 'r1' is a router, not a matcher or relay"),
+    ("upstream: [x1], standby: []", "standby is empty"),
+])
+def test_a_standby_that_cannot_take_an_upstream_nodes_place_is_refused(gateway: str, problem: str) -> None:
+    text = replace_line(9, f'  g1: {{role: gateway, listen: "127.0.0.1:8765", {gateway}}}') \
+        + RELAY % ", upstream: [m1]" + "\n" + RELAY2 % "" + "\n"
+    assert_error(text, 9, f"node 'g1': {problem}")
+
+
 # -- immutability ---------------------------------------------------------------------------
 
 
@@ -660,11 +686,12 @@ def test_shipped_sharded_topology() -> None:
     assert len(matchers) == 4
     assert len(topology.symbols) >= 8
     assert all(len(topology.symbols_of(m.name)) >= 2 for m in matchers)
-    (relay,) = topology.nodes_by_role("relay")
-    assert relay.upstream == tuple(m.name for m in matchers)  # type: ignore[union-attr]
+    relay, spare = topology.nodes_by_role("relay")
+    assert relay.upstream == spare.upstream == tuple(m.name for m in matchers)  # type: ignore[union-attr]
     gateways = topology.nodes_by_role("gateway")
     assert len(gateways) == 2
-    assert all(g.upstream == (relay.name,) for g in gateways)  # type: ignore[union-attr]
+    assert all(g.upstream == (relay.name,) and g.standby == (spare.name,) for g in gateways)  # type: ignore
+    assert all(topology.feed_paths(g.name) == ((relay.name, spare.name),) for g in gateways)
     assert len({g.port for g in gateways}) == 2  # type: ignore[union-attr]
     ports = [int(e.rsplit(":", 1)[1]) for n in topology.nodes.values()
              for e in (getattr(n, k, None) for k in ("front", "back", "pub", "snapshot", "listen")) if e]

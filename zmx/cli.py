@@ -78,6 +78,8 @@ def _nodes_table(topology: Topology) -> Table:
             workers = f" ({node.workers} workers)" if node.workers > 1 else ""
             endpoints = [f"listen {node.url}{workers}"]
             served = [f"upstream {', '.join(node.upstream)}"]
+            if node.standby:
+                served.append(f"standby {', '.join(node.standby)}")
         table.add_row(node.name, node.role, "\n".join(endpoints), "\n".join(served))
     return table
 

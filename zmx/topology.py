@@ -178,6 +178,9 @@ class GatewayNode:
     - ``upstream``: names of the matchers or relays whose PUB its SUB connects to; in the
       file it defaults to every relay if there is one, else every matcher. Here it is always
       the resolved list. It never reaches a matcher twice (directly and through a relay).
+    - ``standby``: relays (or matchers) the gateway switches to when the feed of one of its
+      upstream nodes is lost: each carries the same matchers as one upstream node and takes
+      its place (``Topology.feed_paths``). Default none.
     - ``limits``: ``GatewayLimits``.
     """
 
@@ -186,6 +189,7 @@ class GatewayNode:
     listen: str
     workers: int = 1
     upstream: tuple[str, ...]
+    standby: tuple[str, ...] = ()
     limits: GatewayLimits = GatewayLimits()
 
     @property
@@ -284,6 +288,17 @@ class Topology:
         if isinstance(node, (RelayNode, GatewayNode)):
             return tuple(m for up in node.upstream for m in self.matchers_behind(up))
         raise TopologyError(f"{self.source}: node {name!r} is a {node.role}; it has no upstream")
+
+    def feed_paths(self, gateway: str) -> tuple[tuple[str, ...], ...]:
+        """A gateway's ways to its feeds: for each upstream node, that node and then its standby
+        nodes (those that carry the same matchers), in the order of the topology. The gateway
+        takes the first of each and moves to the next when it loses that one's feed."""
+        node = self.node(gateway)
+        if not isinstance(node, GatewayNode):
+            raise TopologyError(f"{self.source}: node {gateway!r} is a {node.role}, not a gateway")
+        return tuple((up, *(s for s in node.standby
+                            if sorted(self.matchers_behind(s)) == sorted(self.matchers_behind(up))))
+                     for up in node.upstream)
 
     def upstream_endpoints(self, name: str) -> tuple[str, ...]:
         """The PUB endpoints a relay's or gateway's SUB connects to, ready for ``connect``."""
@@ -465,7 +480,8 @@ _ROLE_KEYS: dict[str, dict[str, bool]] = {
     "matcher": {"role": True, "pub": True, "snapshot": True, "data_dir": True, "fsync": False,
                 "snapshot_every": False, "heartbeat_ms": False},
     "relay": {"role": True, "pub": True, "upstream": False},
-    "gateway": {"role": True, "listen": True, "workers": False, "upstream": False, "limits": False},
+    "gateway": {"role": True, "listen": True, "workers": False, "upstream": False, "standby": False,
+                "limits": False},
 }
 
 
@@ -696,6 +712,7 @@ class _Parser:
         listen = self._listen(entry, "listen", where)
         workers = self._int(entry, "workers", where, 1)
         upstream = self._upstream(entry, where, roles, ("matcher", "relay"), relays or matchers)
+        standby = self._upstream(entry, where, roles, ("matcher", "relay"), (), key="standby")
         limits = GatewayLimits()
         if "limits" in entry:
             raw = self._mapping(entry["limits"], entry.key_lines["limits"], f"{where}limits",
@@ -704,30 +721,32 @@ class _Parser:
             defaults = GatewayLimits()
             limits = GatewayLimits(**{k: self._int(raw, k, f"{where}limits: ", getattr(defaults, k))
                                       for k in _LIMIT_KEYS})
-        return GatewayNode(name=name, listen=listen, workers=workers, upstream=upstream, limits=limits)
+        return GatewayNode(name=name, listen=listen, workers=workers, upstream=upstream, standby=standby,
+                           limits=limits)
 
     def _upstream(self, entry: _Map, where: str, roles: dict[str, str], allowed: tuple[str, ...],
-                  default: tuple[str, ...]) -> tuple[str, ...]:
-        if "upstream" not in entry:
+                  default: tuple[str, ...], key: str = "upstream") -> tuple[str, ...]:
+        """A list of node names of the ``allowed`` roles under ``key`` (``upstream``, ``standby``)."""
+        if key not in entry:
             return default
-        value = entry["upstream"]
-        line = entry.key_lines["upstream"]
+        value = entry[key]
+        line = entry.key_lines[key]
         wanted = " or ".join(allowed)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _Problem(line, f"{where}upstream must be a list of {wanted} names like [m1, m2], "
+            raise _Problem(line, f"{where}{key} must be a list of {wanted} names like [m1, m2], "
                                  f"got {_kind(value)}")
         if not value:
-            raise _Problem(line, f"{where}upstream is empty; leave it out to use the default")
+            raise _Problem(line, f"{where}{key} is empty; leave it out to use the default")
         candidates = [n for n, r in roles.items() if r in allowed]
         for up in value:
             if up not in roles:
-                raise _Problem(line, f"{where}upstream {up!r} is not a node "
+                raise _Problem(line, f"{where}{key} {up!r} is not a node "
                                      f"(expected one of: {', '.join(candidates)})")
             if roles[up] not in allowed:
-                raise _Problem(line, f"{where}upstream {up!r} is a {roles[up]}, not a {wanted}")
+                raise _Problem(line, f"{where}{key} {up!r} is a {roles[up]}, not a {wanted}")
         if len(set(value)) != len(value):
             twice = next(v for v in value if value.count(v) > 1)
-            raise _Problem(line, f"{where}upstream names {twice!r} twice")
+            raise _Problem(line, f"{where}{key} names {twice!r} twice")
         return tuple(value)
 
     # -- checks across nodes --------------------------------------------------------------
@@ -776,6 +795,15 @@ class _Parser:
                             f"node {node.name!r}: upstream reaches matcher {matcher!r} twice "
                             f"(through {via!r} and {up!r}); it would receive every message twice")
                     seen[matcher] = up
+            for spare in node.standby:  # type: ignore[union-attr]
+                line = entries[node.name].key_lines["standby"]
+                if spare in node.upstream:  # type: ignore[union-attr]
+                    raise _Problem(line, f"node {node.name!r}: {spare!r} is in both upstream and standby")
+                carries = sorted(topology.matchers_behind(spare))
+                if not any(carries == sorted(topology.matchers_behind(up)) for up in node.upstream):  # type: ignore
+                    raise _Problem(line, f"node {node.name!r}: standby {spare!r} carries {', '.join(carries)}, "
+                                         "the matchers of none of its upstream nodes; a standby takes the place "
+                                         "of an upstream node that carries the same matchers")
 
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:

@@ -88,6 +88,10 @@ SUB_BATCH = 4096  # publications read per loop turn before the connections are w
 CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
 TICK_S = 0.25
 FEED_RECONNECT_S = 2.0  # a feed lost for this long is connected again (see Gateway._reconnect_feed)
+FAILOVER_S = 2.0  # a feed with a standby (topology "standby") lost for this long moves to the standby
+# ZeroMQ's own pings on the SUB's connections: a publisher that stops answering (its host gone,
+# with no TCP reset to say so) counts as lost this long after a ping
+FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS = 1000, 3000
 # The largest publication taken: one command's events, and a market order that sweeps a deep book
 # makes thousands of trades at once (about 35 bytes each). A bigger frame makes the SUB socket drop
 # the connection, and FEED_RECONNECT_S later the feed is connected again and its channels resync.
@@ -483,7 +487,8 @@ class Gateway:
         self.requests: OrderedDict[int, tuple[Connection, OrderCommand, object, float]] = OrderedDict()
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
-            "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "resyncs",
+            "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "feed_failovers",
+            "resyncs",
             "internal_errors")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
@@ -503,14 +508,24 @@ class Gateway:
         self.sub.linger = 0
         self.sub.rcvhwm = HWM
         self.sub.maxmsgsize = PUBLICATION_MAX_BYTES
+        self.sub.heartbeat_ivl, self.sub.heartbeat_timeout = FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS
         self.upstream_symbols: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> symbols coming through it
-        for upstream in node.upstream:
-            endpoint = connect_endpoint(topology.node(upstream).pub)  # type: ignore[union-attr]
-            self.upstream_symbols[endpoint] = tuple(
-                s for m in topology.matchers_behind(upstream) for s in topology.symbols_of(m))
-        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        for endpoint in self.upstream_symbols:
-            self.sub.connect(endpoint)
+        # Each feed's ways, the one in use first (Topology.feed_paths): an upstream node, then its
+        # standby nodes. endpoint -> its way's list (one list shared by the endpoints of a way).
+        self.feed_paths: dict[str, list[str]] = {}
+        ways = []
+        for names in topology.feed_paths(node.name):
+            way = [connect_endpoint(topology.node(name).pub) for name in names]  # type: ignore[union-attr]
+            symbols = tuple(s for m in topology.matchers_behind(names[0]) for s in topology.symbols_of(m))
+            for endpoint in way:
+                self.upstream_symbols[endpoint] = symbols
+                self.feed_paths[endpoint] = way
+            ways.append(way)
+        # A feed is back when its ZMTP handshake is done, not at the TCP connection: a publisher
+        # whose process is stopped (or hung) still has its port accept connections.
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        for way in ways:
+            self.sub.connect(way[0])
         self.connected_once: set[str] = set()
         self.feed_lost: dict[str, float] = {}  # SUB endpoint -> when it was lost
         self.feed_retry: dict[str, float] = {}  # SUB endpoint -> when to connect to it again
@@ -933,10 +948,13 @@ class Gateway:
                 continue
             event = int.from_bytes(frames[0][:2], "little")
             endpoint = frames[1].decode(errors="replace")
+            way = self.feed_paths.get(endpoint)
+            if way is not None and way[0] != endpoint:
+                continue  # a way this gateway left for a standby (its last events may still come)
             if event == zmq.EVENT_DISCONNECTED:
                 log.warning("lost the feed from %s", endpoint)
                 self.feed_lost[endpoint] = time.monotonic()
-            elif event == zmq.EVENT_CONNECTED:
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.feed_lost.pop(endpoint, None)
                 self.feed_retry.pop(endpoint, None)
                 if endpoint in self.connected_once:
@@ -1018,6 +1036,23 @@ class Gateway:
             self.sub.disconnect(endpoint)
         self.sub.connect(endpoint)
 
+    def _fail_over(self, way: list[str], now: float) -> None:
+        """The feed of ``way[0]`` is lost: move to the next way (a standby; after the last, the
+        first again). Its channels resync once it is connected (``_read_monitor``)."""
+        old = way.pop(0)
+        way.append(old)
+        new = way[0]
+        self.counts["feed_failovers"] += 1
+        log.warning("no feed from %s for %.1f s: switching to %s, which carries the same matchers (topology "
+                    "standby)", old, now - self.feed_lost[old], new)
+        self.feed_lost.pop(old, None)
+        self.feed_retry.pop(old, None)
+        with contextlib.suppress(zmq.ZMQError):  # a connection ZeroMQ gave up is no longer known to the socket
+            self.sub.disconnect(old)
+        self.feed_lost[new] = now  # until it is connected: one that never is gives way to the next in turn
+        self.connected_once.add(new)  # so its connection resyncs the channels: what was lost meanwhile is lost
+        self.sub.connect(new)
+
     def _close_retired_snapshot_sockets(self, now: float) -> None:
         retired = self.retired_snapshot_sockets
         while retired and retired[0][1] <= now:
@@ -1031,7 +1066,12 @@ class Gateway:
     def _housekeeping(self, now: float) -> None:
         limits = self.limits
         self._close_retired_snapshot_sockets(now)
-        for endpoint, since in self.feed_lost.items():
+        for endpoint, since in list(self.feed_lost.items()):
+            way = self.feed_paths.get(endpoint)
+            if way is not None and len(way) > 1:
+                if now - since >= FAILOVER_S:
+                    self._fail_over(way, now)
+                continue
             if now >= self.feed_retry.get(endpoint, since + FEED_RECONNECT_S):
                 if endpoint not in self.feed_retry:
                     log.warning("no feed from %s for %.1f s: connecting to it again, every %g s until it is back",
@@ -1123,6 +1163,10 @@ class Gateway:
 
 # -- process --------------------------------------------------------------------------------------------------
 
+def _standby_text(node: GatewayNode) -> str:
+    return f", standby {', '.join(node.standby)}" if node.standby else ""
+
+
 def _serve(topology: Topology, node: GatewayNode, worker: int, ready: Callable[[], None]) -> None:
     # websockets logs "connection open" / "connection closed" at INFO for every connection:
     # 100,000 clients reconnecting made 200,000 lines and a fair part of the storm's CPU.
@@ -1147,7 +1191,7 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         raise TypeError(f"node {name!r} is a {node.role}, not a gateway")
     details: dict[str, Any] = {"url": node.url, "listen": node.listen, "workers": node.workers}
     if node.workers == 1:
-        log.info("serving %s, upstream %s", node.url, ", ".join(node.upstream))
+        log.info("serving %s, upstream %s%s", node.url, ", ".join(node.upstream), _standby_text(node))
         _serve(topology, node, 0, lambda: announce_ready(name, "gateway", **details))
         return
     _run_workers(topology, node, details)
@@ -1198,7 +1242,8 @@ def _run_workers(topology: Topology, node: GatewayNode, details: dict[str, Any])
         ready += len(data)
     os.close(read_end)
     if ready == node.workers and not stopping:
-        log.info("serving %s with %d workers, upstream %s", node.url, node.workers, ", ".join(node.upstream))
+        log.info("serving %s with %d workers, upstream %s%s", node.url, node.workers, ", ".join(node.upstream),
+                 _standby_text(node))
         announce_ready(node.name, "gateway", **details)
     failed: list[str] = []
     while children:
