@@ -517,12 +517,12 @@ def test_behind_a_relay_a_matcher_back_without_its_history_resyncs_the_channel(
         maker.close()
 
 
-def test_a_relay_restarted_under_the_gateway_costs_its_clients_a_resync_not_their_book(
-        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
-    """``kill -9`` of the relay between the matcher and the gateway, an order while it is down,
-    the relay started again: the gateway connects to it again and its clients get a fresh
-    ``depth_snapshot`` that holds the update they missed, then the updates after it."""
-    topology = start(cluster, {"m1": ["BTC-USDT"]}, relay=True)
+def resyncs_across(topology: Topology, clients: Clients, context: zmq.Context, fail: Callable[[], None],
+                   mend: Callable[[], None], what: str) -> None:
+    """A client of g1 holds BTC-USDT, synced past an order; ``fail`` breaks its feed, an order
+    is placed (orders do not pass a relay: the client misses its update), ``mend`` runs. The
+    client must get a fresh ``depth_snapshot`` that holds that order (``what`` brought it),
+    then follow a burst to exactly the matcher's book."""
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
     try:
@@ -531,11 +531,11 @@ def test_a_relay_restarted_under_the_gateway_costs_its_clients_a_resync_not_thei
         client.subscribe("BTC-USDT")
         book = client.wait_seq("BTC-USDT", first)
         snapshots = book.snapshots
-        node(cluster, "x1").kill()
-        missed = maker.place("BTC-USDT", "buy", price("BTC-USDT", -101), "0.001")  # orders do not pass the relay
-        cluster.start("x1")
+        fail()
+        missed = maker.place("BTC-USDT", "buy", price("BTC-USDT", -101), "0.001")
+        mend()
         client.wait_until(lambda: book.snapshots > snapshots and not book.awaiting_snapshot,
-                          "a fresh depth_snapshot after the relay's restart", timeout=15.0)
+                          f"a fresh depth_snapshot {what}", timeout=15.0)
         assert book.seq >= missed and len(book.bids) == 2
         top = maker.burst([maker.command("BTC-USDT", "sell", price("BTC-USDT", 100 + n), "0.002") for n in range(5)])
         now, bids, asks = matcher_book(topology, "BTC-USDT", context)
@@ -543,6 +543,16 @@ def test_a_relay_restarted_under_the_gateway_costs_its_clients_a_resync_not_thei
         assert client.wait_seq("BTC-USDT", top).seq == top and same_book(book, bids, asks)
     finally:
         maker.close()
+
+
+def test_a_relay_restarted_under_the_gateway_costs_its_clients_a_resync_not_their_book(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """``kill -9`` of the relay between the matcher and the gateway, an order while it is down,
+    the relay started again: the gateway connects to it again and its clients get a fresh
+    ``depth_snapshot`` that holds the update they missed, then the updates after it."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, relay=True)
+    resyncs_across(topology, clients, context, node(cluster, "x1").kill, lambda: cluster.start("x1"),
+                   "after the relay's restart")
 
 
 @pytest.mark.parametrize("failure", ["kill -9", "SIGSTOP"])
@@ -554,32 +564,15 @@ def test_a_gateway_whose_relay_failed_switches_to_its_standby_and_its_clients_re
     the gateway's SUB notice it): the gateway switches to x2 (topology ``standby``), and its
     clients get a fresh ``depth_snapshot`` that holds what they missed, then the updates after it."""
     topology = start(cluster, {"m1": ["BTC-USDT"]}, standby_relay=True)
-    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
-    maker = RouterMaker(topology, context)
     x1 = node(cluster, "x1")
     try:
-        first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
-        client = clients()
-        client.subscribe("BTC-USDT")
-        book = client.wait_seq("BTC-USDT", first)
-        snapshots = book.snapshots
-        if failure == "kill -9":
-            x1.kill()
-        else:
-            x1.proc.send_signal(signal.SIGSTOP)
-        missed = maker.place("BTC-USDT", "buy", price("BTC-USDT", -101), "0.001")
-        client.wait_until(lambda: book.snapshots > snapshots and not book.awaiting_snapshot,
-                          "a fresh depth_snapshot through the standby relay", timeout=15.0)
-        assert book.seq >= missed and len(book.bids) == 2
-        top = maker.burst([maker.command("BTC-USDT", "sell", price("BTC-USDT", 100 + n), "0.002") for n in range(5)])
-        now, bids, asks = matcher_book(topology, "BTC-USDT", context)
-        assert now == top
-        assert client.wait_seq("BTC-USDT", top).seq == top and same_book(book, bids, asks)
+        resyncs_across(topology, clients, context,
+                       x1.kill if failure == "kill -9" else lambda: x1.proc.send_signal(signal.SIGSTOP),
+                       lambda: None, "through the standby relay")
         assert "which carries the same matchers (topology standby)" in node(cluster, "g1").log()
     finally:
         if x1.proc.poll() is None:
             x1.proc.send_signal(signal.SIGCONT)  # so that it can be stopped
-        maker.close()
 
 
 # -- workers ----------------------------------------------------------------------------------
