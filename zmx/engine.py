@@ -163,7 +163,6 @@ class MatchingEngine:
             ]
 
         seq = self.seq = self.seq + 1
-
         self.changed_ns = ts_ns
         events: list[Event] = [_new(OrderAccepted, (symbol, seq, ts_ns, order_id, account, side, otype, tif,
                                                     price, quantity))]
@@ -332,7 +331,6 @@ class MatchingEngine:
             return rejected("would_cross")
 
         seq = self.seq = self.seq + 1
-
         self.changed_ns = ts_ns
         events: list[Event] = [_new(OrderAmended, (symbol, seq, ts_ns, order_id, account, side, price, quantity,
                                                    remaining))]

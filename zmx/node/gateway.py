@@ -488,8 +488,7 @@ class Gateway:
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
             "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "feed_failovers",
-            "resyncs",
-            "internal_errors")}
+            "resyncs", "internal_errors")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
