@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import pytest
 import zmq
 from nodes import Cluster, NodeProcess, write_topology
 
 from zmx.codec import decode_publication
 from zmx.events import AmendRejected, BookChanged, OrderAccepted, OrderAmended, OrderRejected, TradeOccurred
+from zmx.exceptions import ZmxError
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.runtime import load_topology
 from zmx.topics import topic
@@ -151,6 +153,8 @@ def test_orders_reach_their_matcher_replies_their_sender_events_the_right_pub(
     spec = topology.symbols["BTC-USDT"]
     assert (moved.events[0].price, moved.events[0].remaining) == (spec.to_ticks("29000.5"), spec.to_lots("0.25"))
     assert isinstance(bob.amend("a0", "bob", "BTC-USDT", quantity="0.1").events[0], AmendRejected)  # not bob's
+    with pytest.raises(ZmxError, match="give at least one"):
+        alice.amend("a0", "alice", "BTC-USDT")
     for client in (alice, bob):
         client.close()
 

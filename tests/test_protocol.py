@@ -711,6 +711,33 @@ def test_amend_goes_to_the_book_in_ticks_and_lots_and_comes_back_as_amended_then
     assert_error(message, "invalid_quantity", 3)  # not above the 0.1 filled: the engine refuses it
 
 
+@pytest.mark.parametrize("fill_first", [False, True])
+def test_a_makers_fill_that_races_its_amend_comes_in_the_books_order(fill_first):
+    """The amend's reply and a fill of the order (from another account's order) come by two
+    ways; whichever comes first, the client gets them in the order the book made them."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    (action,) = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1",
+                                "quantity": "0.5", "id": "m"})
+
+    def fill() -> list:
+        _, events = ex.order(session(BOB), order_id=f"b{fill_first}", side="buy", price="30000", quantity="0.4")
+        return [e for e in events if type(e) is OrderFilled and e.maker]
+
+    if fill_first:
+        made = fill()
+        amended = ex.run(action)
+    else:
+        amended = ex.run(action)
+        made = fill()
+    assert alice.on_private(made) == []  # held: the amend's reply has not come
+    got = updates(alice.on_reply(action.command, action.request_id, "ok", amended))
+    statuses = [(m["data"]["status"], m["data"]["remaining"]) for m in got]
+    assert statuses == ([("partially_filled", "0.6"), ("amended", "0.1")] if fill_first
+                        else [("amended", "0.5"), ("partially_filled", "0.1")]), got
+
+
 @pytest.mark.parametrize("fields, code", [
     ({}, "missing_field"),
     ({"price": 30000}, "invalid_field"),
@@ -723,6 +750,8 @@ def test_amend_goes_to_the_book_in_ticks_and_lots_and_comes_back_as_amended_then
 def test_amend_order_errors_at_the_gateway(fields, code):
     message = reply(session(), {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", **fields, "id": 6})
     assert_error(message, code, 6)
+    if code in ("invalid_price", "invalid_quantity", "unknown_symbol"):  # about that order: named, as the book does
+        assert (message["order_id"], message["symbol"]) == ("a1", fields.get("symbol", "BTC-USDT")), message
 
 
 @pytest.mark.parametrize("status, reason", [("unavailable", "unavailable"), ("unknown_symbol", "unknown_symbol"),

@@ -415,13 +415,17 @@ class Session:
             raise ClientError("missing_field", "'price' or 'quantity' is missing (an amend changes one or both; "
                               "'quantity' is the new total, the filled part included)")
         spec = self.symbols.get(symbol)
-        if spec is None:
-            raise ClientError("unknown_symbol", f"no symbol {_show(symbol)} in this cluster")
+        if spec is None:  # refusals that name the order, as the book's do
+            return [Send(error("unknown_symbol", f"no symbol {_show(symbol)} in this cluster", request_id,
+                               order_id=order_id, symbol=symbol))]
         try:
             price = None if texts["price"] is None else spec.to_ticks(texts["price"])
             quantity = None if texts["quantity"] is None else spec.to_lots(texts["quantity"])
         except InvalidNumber as e:
-            raise ClientError(e.reason, str(e)) from None
+            return [Send(error(e.reason, str(e), request_id, order_id=order_id, symbol=symbol))]
+        if self._inflight is None:
+            self._inflight = {}
+        self._inflight.setdefault((symbol, order_id), [])
         return [Amend(AmendOrder(order_id, self.account, symbol, price, quantity), request_id)]
 
     # -- answers from the cluster -------------------------------------------------------------------
@@ -433,9 +437,16 @@ class Session:
         spec = self.symbols[symbol]
         is_submit = type(command) is SubmitOrder
         held: list[OrderFilled] = []
-        if is_submit and self._inflight is not None:
+        if type(command) is not CancelOrder and self._inflight is not None:
             held = self._inflight.pop((symbol, order_id), [])
+        events = tuple(events)
         out = []
+        if held and events and type(command) is AmendOrder:
+            # An amend's reply and the order's fills as a maker race each other: each goes where
+            # the book put it (the fills made before the amend first), by seq.
+            amend_seq = events[0].seq
+            out.extend(order_update(spec, fill) for fill in held if fill.seq <= amend_seq)  # type: ignore[misc]
+            held = [fill for fill in held if fill.seq > amend_seq]
         if status != "ok":
             reason = status if status in ("unknown_symbol", "unavailable") else "unavailable"
             text = message or status
@@ -461,8 +472,9 @@ class Session:
 
         Only a resting order's fills are taken from this stream (``OrderFilled`` with
         ``maker``): every other private event of a command is in the reply to the command,
-        which only this connection sent. A fill of an order whose own reply has not come yet
-        is held until it has, so that ``accepted`` always comes first.
+        which only this connection sent. A fill of an order whose own reply (to a submit or an
+        amend) has not come yet is held until it has, so that ``accepted`` always comes first
+        and an ``amended`` never shows a state that a fill already changed.
         """
         out = []
         for event in events:

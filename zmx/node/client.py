@@ -262,6 +262,8 @@ class Client:
         """Amend a resting order (a new price, a new total quantity with the filled part
         included, or both; ``None`` keeps one as it is; docs/matching.md, "Amend") and wait for
         the reply."""
+        if price is None and quantity is None:
+            raise ZmxError("an amend changes the price, the quantity or both: give at least one")
         grid = self._spec(symbol, spec)
         command = AmendOrder(order_id, account, symbol, None if price is None else grid.to_ticks(price),
                              None if quantity is None else grid.to_lots(quantity))
