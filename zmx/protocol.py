@@ -204,11 +204,15 @@ def _field(message: dict[str, Any], name: str, kind: type | tuple[type, ...], wh
     return value
 
 
+def _is_name(text: str) -> bool:
+    """An order id, a symbol or a channel: 1 to MAX_ID_CHARS printable ASCII characters, as on the wire."""
+    return len(text) <= MAX_ID_CHARS and is_valid_id(text)
+
+
 def _name(message: dict[str, Any], name: str, what: str) -> str:
-    """A field that names something (an order id, a symbol, a channel): 1 to MAX_ID_CHARS
-    printable ASCII characters, as on the wire."""
+    """A field that names something (``_is_name``)."""
     value: str = _field(message, name, str, what)
-    if len(value) > MAX_ID_CHARS or not is_valid_id(value):
+    if not _is_name(value):
         raise ClientError("invalid_field", f"{name!r} must be 1 to {MAX_ID_CHARS} printable ASCII characters, "
                           f"got {_show(value)}")
     return value
@@ -319,7 +323,7 @@ class Session:
         for name in names:
             if type(name) is not str:
                 raise ClientError("invalid_field", f"'channels' must hold strings, got {_json_kind(name)}")
-            if len(name) > MAX_ID_CHARS or not is_valid_id(name):
+            if not _is_name(name):
                 raise ClientError("invalid_field", f"'channels' must hold names of 1 to {MAX_ID_CHARS} printable ASCII "
                                   f"characters, got {_show(name)}")
         return names

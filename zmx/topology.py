@@ -795,12 +795,13 @@ class _Parser:
                             f"node {node.name!r}: upstream reaches matcher {matcher!r} twice "
                             f"(through {via!r} and {up!r}); it would receive every message twice")
                     seen[matcher] = up
+            placed = {spare for way in topology.feed_paths(node.name) for spare in way[1:]}
             for spare in node.standby:  # type: ignore[union-attr]
                 line = entries[node.name].key_lines["standby"]
                 if spare in node.upstream:  # type: ignore[union-attr]
                     raise _Problem(line, f"node {node.name!r}: {spare!r} is in both upstream and standby")
-                carries = sorted(topology.matchers_behind(spare))
-                if not any(carries == sorted(topology.matchers_behind(up)) for up in node.upstream):  # type: ignore
+                if spare not in placed:
+                    carries = sorted(topology.matchers_behind(spare))
                     raise _Problem(line, f"node {node.name!r}: standby {spare!r} carries {', '.join(carries)}, "
                                          "the matchers of none of its upstream nodes; a standby takes the place "
                                          "of an upstream node that carries the same matchers")

@@ -1127,23 +1127,19 @@ class Gateway:
             # idle channels of a connection come due in the same tick and their heartbeats leave
             # in one write (no channel waits longer than heartbeat_s for one).
             self._heartbeats([state for state in live if now - state.last_sent >= heartbeat_s / 2])
-        # pings: each connection once per ping_interval_s, one slot of them per tick. A
-        # connection is closed once its ping has waited ping_timeout_s for the pong: looked at in
-        # the tick that comes that long after the ping (within half a tick: ticks run late, never
-        # early), and again at its slot's turns, where a ping still unanswered is not renewed.
+        # pings: each connection once per ping_interval_s, one slot of them per tick (a ping
+        # still unanswered is not renewed). A connection is closed once its ping has waited
+        # ping_timeout_s for the pong: looked at in the tick that comes that long after the ping
+        # (within half a tick: ticks run late, never early).
         slots = self.ping_slots
         turn = self._ping_turn = (self._ping_turn + 1) % len(slots)
-        timeout = limits.ping_timeout_s
         for conn in list(slots[(turn - self._ping_wait_ticks) % len(slots)]):
-            if conn.ping_sent and now - conn.ping_sent >= timeout - TICK_S / 2 and not conn.closing:
+            if conn.ping_sent and now - conn.ping_sent >= limits.ping_timeout_s - TICK_S / 2 and not conn.closing:
                 self.counts["ping_timeout_closed"] += 1
                 conn.close(CLOSE_PING_TIMEOUT, "no pong")
         for conn in list(slots[turn]):
             if not conn.ping_sent:
                 conn.ping(now)
-            elif now - conn.ping_sent > timeout and not conn.closing:
-                self.counts["ping_timeout_closed"] += 1
-                conn.close(CLOSE_PING_TIMEOUT, "no pong")
 
     def _heartbeats(self, states: list[ChannelState]) -> None:
         """A heartbeat on each of ``states``, written as a turn of the fan-out: one write per
