@@ -30,6 +30,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -519,10 +520,12 @@ def test_behind_a_relay_a_matcher_back_without_its_history_resyncs_the_channel(
 
 def resyncs_across(topology: Topology, clients: Clients, context: zmq.Context, fail: Callable[[], None],
                    mend: Callable[[], None], what: str) -> None:
-    """A client of g1 holds BTC-USDT, synced past an order; ``fail`` breaks its feed, an order
-    is placed (orders do not pass a relay: the client misses its update), ``mend`` runs. The
-    client must get a fresh ``depth_snapshot`` that holds that order (``what`` brought it),
-    then follow a burst to exactly the matcher's book."""
+    """A client of g1 holds BTC-USDT, synced past an order, and has a sell order resting;
+    ``fail`` breaks its feed, another account's order takes part of that sell (orders do not
+    pass a relay: the client misses the update, and the fill of its order, which only the
+    feed brings), ``mend`` runs. The client must get a fresh ``depth_snapshot`` that holds that
+    trade (``what`` brought it) and the fill of its order, once, then follow a burst and a
+    second fill to exactly the matcher's book and its order's state."""
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
     try:
@@ -530,17 +533,34 @@ def resyncs_across(topology: Topology, clients: Clients, context: zmq.Context, f
         client = clients()
         client.subscribe("BTC-USDT")
         book = client.wait_seq("BTC-USDT", first)
+        client.send({"action": "submit_order", "order_id": "s1", "symbol": "BTC-USDT", "side": "sell",
+                     "price": price("BTC-USDT", 50), "quantity": "0.003"})
+        client.wait_seq("BTC-USDT", first + 1)
+        client.wait_until(lambda: "s1" in client.orders, "s1's order_update")
+        assert client.orders["s1"][0]["data"]["status"] == "accepted"
         snapshots = book.snapshots
         fail()
-        missed = maker.place("BTC-USDT", "buy", price("BTC-USDT", -101), "0.001")
+        missed = maker.place("BTC-USDT", "buy", price("BTC-USDT", 50), "0.001")  # s1's first fill
         mend()
         client.wait_until(lambda: book.snapshots > snapshots and not book.awaiting_snapshot,
                           f"a fresh depth_snapshot {what}", timeout=15.0)
-        assert book.seq >= missed and len(book.bids) == 2
+        assert book.seq >= missed and len(book.bids) == 1
+        assert {Decimal(p): Decimal(q) for p, q in book.asks.items()} == {Decimal(price("BTC-USDT", 50)):
+                                                                          Decimal("0.002")}
+        client.wait_until(lambda: len(client.orders["s1"]) == 2, f"the fill its feed lost, {what}", timeout=15.0)
         top = maker.burst([maker.command("BTC-USDT", "sell", price("BTC-USDT", 100 + n), "0.002") for n in range(5)])
+        top = max(top, maker.place("BTC-USDT", "buy", price("BTC-USDT", 50), "0.001"))  # s1's second fill, live
         now, bids, asks = matcher_book(topology, "BTC-USDT", context)
         assert now == top
         assert client.wait_seq("BTC-USDT", top).seq == top and same_book(book, bids, asks)
+        client.wait_until(lambda: len(client.orders["s1"]) >= 3, "the live fill after it", timeout=10.0)
+        client.drain()
+        fills = [(u["data"]["status"], u["data"]["filled"], u["data"]["remaining"], u["data"]["liquidity"])
+                 for u in client.orders["s1"][1:]]
+        assert fills == [("partially_filled", "0.001", "0.002", "maker"),
+                         ("partially_filled", "0.002", "0.001", "maker")]
+        trade_ids = [u["data"]["trade_id"] for u in client.orders["s1"][1:]]
+        assert trade_ids == sorted(set(trade_ids))
     finally:
         maker.close()
 

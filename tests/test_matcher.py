@@ -519,6 +519,70 @@ def _stream(n: int, seed: int) -> list[Any]:
     return commands
 
 
+def fills_of(sock: zmq.Socket, account: str, after: dict[str, int]) -> tuple[str, int, list[OrderFilled]]:
+    """A gateway's ``FILLS`` request (docs/wire.md): the matcher's name, how far back its
+    answer is whole, and ``account``'s fills of resting orders after the trade ids ``after``."""
+    sock.send_multipart([b"FILLS", account.encode(), msgpack.packb(after)])
+    assert sock.poll(TIMEOUT_MS), "no answer to a fills request"
+    kind, name, body = sock.recv_multipart()
+    assert (kind, name) == (b"FILLS", account.encode()), body
+    matcher, complete_since_ns, publication = msgpack.unpackb(body)
+    topic_name, events = codec.decode_publication(publication)
+    assert topic_name == "@" + account
+    return matcher, complete_since_ns, list(events)
+
+
+@pytest.mark.parametrize("snapshot_every", [100_000, 60])
+def test_a_gateway_asks_an_accounts_fills_of_resting_orders_and_gets_them_again_after_a_kill_9(
+        cluster: Cluster, tmp_path: Path, zctx: zmq.Context, snapshot_every: int) -> None:
+    """What a gateway that lost its feed asks (the fills reached their owners only through the
+    PUB): an account's fills as a maker, on the symbols it names, after the trade id it has of
+    each; the same after a ``kill -9`` and a restart, from the journal: all of them, or with
+    snapshots meanwhile, those since the last one, and the answer says since when it is whole."""
+    symbols = ["BTC-USDT", "SOL-USDT"]
+    node, router = start_matcher(cluster, tmp_path, zctx, symbols, snapshot_every=snapshot_every)
+    router.wait_for(b"HELLO")
+    commands = _stream(400, seed=5)
+    heads = [router.request(i, cmd.symbol, cmd) for i, cmd in enumerate(commands)]
+    made: list[OrderFilled] = []  # every maker fill, from the replies (they hold every event of a command)
+    for head in heads:
+        status, payload = router.reply(head)
+        assert status == b"ok"
+        made.extend(e for e in codec.decode_batch(payload) if type(e) is OrderFilled and e.maker)
+    mine = [f for f in made if f.account == "a1"]
+    assert len({f.symbol for f in mine}) == 2 and len(mine) > 20, "the stream gives a1 fills on both symbols"
+    btc = [f for f in mine if f.symbol == "BTC-USDT"]
+    middle = btc[len(btc) // 2].trade_id
+
+    sock = snapshot_socket(zctx, node)
+    name, complete_since_ns, got = fills_of(sock, "a1", {"BTC-USDT": 0, "SOL-USDT": 0})
+    assert name == "m1" and complete_since_ns <= min(f.ts_ns for f in made)  # all it ever made
+    assert got == mine
+    assert fills_of(sock, "a1", {"BTC-USDT": middle})[2] == [f for f in btc if f.trade_id > middle]
+    assert fills_of(sock, "a1", {"ETH-USDT": 0})[2] == []  # not this matcher's: nothing, not an error
+    assert fills_of(sock, "nobody", {"BTC-USDT": 0})[2] == []
+
+    node.kill()
+    restarted = cluster.start("m1")
+    sock = snapshot_socket(zctx, restarted)
+    name, complete_since_ns, got = fills_of(sock, "a1", {"BTC-USDT": 0, "SOL-USDT": 0})
+    if snapshot_every > len(commands):
+        assert got == mine and complete_since_ns <= min(f.ts_ns for f in made)  # replayed, stamps and all
+    else:  # the fills before the last snapshot are gone, and the answer says so
+        assert min(f.ts_ns for f in made) < complete_since_ns
+        assert got == [f for f in mine if f.ts_ns >= complete_since_ns]
+    for frames in ([b"FILLS", b"a1"], [b"FILLS", b"", msgpack.packb({})], [b"FILLS", b"a1", b"\xc1"],
+                   [b"FILLS", b"a1", msgpack.packb({"BTC-USDT": -1})], [b"FILLS", b"a1", msgpack.packb([1])],
+                   [b"FILLS", b"a\x00b", msgpack.packb({})], [b"FILLS", b"\xff", msgpack.packb({})]):
+        sock.send_multipart(frames)
+        assert sock.poll(TIMEOUT_MS)
+        kind, _, message = sock.recv_multipart()
+        assert kind == b"ERR" and message, frames
+    assert fills_of(sock, "a1", {"SOL-USDT": 0})[2] == [f for f in got if f.symbol == "SOL-USDT"]  # still serving
+    assert restarted.stop() == 0
+    assert "fills: malformed request 6, snapshot: malformed request 1" in restarted.log()
+
+
 def test_kill_9_in_the_middle_of_a_stream_loses_no_acknowledged_order(cluster: Cluster, tmp_path: Path,
                                                                         zctx: zmq.Context) -> None:
     symbols = ["BTC-USDT", "SOL-USDT"]

@@ -890,6 +890,84 @@ def test_on_reply_of_a_cancel_does_not_release_a_submits_hold():
     assert [u["data"]["status"] for u in got] == ["accepted", "partially_filled"]
 
 
+# -- fills a lost feed did not bring: begin_fill_replay / end_fill_replay ---------------------------------------
+
+
+def maker_fills(events: list) -> list[OrderFilled]:
+    return [e for e in events if type(e) is OrderFilled and e.maker]
+
+
+def fill_states(payloads: list[bytes]) -> list[tuple[str, int, str]]:
+    return [(u["data"]["order_id"], u["data"]["trade_id"], u["data"]["filled"]) for u in updates(payloads)]
+
+
+def test_fills_the_feed_lost_come_from_the_matchers_answer_once_each_before_the_live_ones():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    ex.order(alice, order_id="a2", side="sell", price="30001", quantity="1")
+    _, first = ex.order(bob, order_id="b1", price="30000", quantity="0.1")
+    assert fill_states(alice.on_private(first)) == [("a1", 1, "0.1")]  # the feed was fine then
+    lost = [ex.order(bob, order_id=f"b{n}", price="30000", quantity="0.2")[1] for n in (2, 3)]  # feed down
+    asked = alice.begin_fill_replay(["BTC-USDT", "SOL-USDT"])
+    assert asked == {"BTC-USDT": 1}  # only where alice placed orders, after the last fill she has
+    # live fills come while the matcher is asked: held, so that the missed ones go first
+    _, live = ex.order(bob, order_id="b4", price="30001", quantity="0.9")
+    assert alice.on_private(live) == []
+    # the matcher's answer: its fills after trade 1; the live one (trade 4 and 5) is in it too
+    answer = [f for events in (*lost, live) for f in maker_fills(events) if f.account == ALICE]
+    got = fill_states(alice.end_fill_replay(asked, answer))
+    assert got == [("a1", 2, "0.3"), ("a1", 3, "0.5"), ("a1", 4, "1"), ("a2", 5, "0.4")]
+    # held no more: the next live fill goes at once, and a late second answer repeats nothing
+    _, after = ex.order(bob, order_id="b5", price="30001", quantity="0.1")
+    assert fill_states(alice.on_private(after)) == [("a2", 6, "0.5")]
+    assert alice.begin_fill_replay(["BTC-USDT"]) == {"BTC-USDT": 6}
+    assert alice.end_fill_replay(["BTC-USDT"], answer + maker_fills(after)) == []
+
+
+def test_a_replay_with_no_answer_passes_on_the_held_fills():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 0}
+    _, live = ex.order(bob, order_id="b1", price="30000", quantity="0.3")
+    assert alice.on_private(live) == []
+    assert fill_states(alice.end_fill_replay(asked, ())) == [("a1", 1, "0.3")]  # the gateway gave up asking
+
+
+def test_an_account_with_no_orders_on_the_symbols_asks_nothing():
+    alice = session(ALICE)
+    assert alice.begin_fill_replay(["BTC-USDT"]) is None
+    submit(alice, order_id="e1", symbol="ETH-USDT", side="sell", price="2000")
+    assert alice.begin_fill_replay(["BTC-USDT", "SOL-USDT"]) is None
+    assert alice.begin_fill_replay(["ETH-USDT"]) == {"ETH-USDT": 0}
+
+
+def test_a_replayed_fill_of_an_order_whose_reply_is_still_on_its_way_waits_for_it():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    a1 = submit(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    a1_events = ex.run(a1)  # its reply is on its way
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    _, events = ex.order(bob, order_id="b1", price="30000", quantity="0.4")
+    assert alice.end_fill_replay(asked, maker_fills(events)) == []  # accepted must come first
+    got = updates(alice.on_reply(a1.command, None, "ok", a1_events))
+    assert [u["data"]["status"] for u in got] == ["accepted", "partially_filled"]
+
+
+def test_after_the_matcher_lost_its_history_its_trade_ids_count_from_one_again():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    _, events = ex.order(bob, order_id="b1", price="30000", quantity="0.1")
+    alice.on_private(events)
+    assert alice.begin_fill_replay(["BTC-USDT"]) == {"BTC-USDT": 1}
+    alice.end_fill_replay(["BTC-USDT"], ())
+    alice.forget_fills("BTC-USDT")
+    assert alice.begin_fill_replay(["BTC-USDT"]) == {"BTC-USDT": 0}
+
+
 # -- Channel --------------------------------------------------------------------------------------------------
 
 

@@ -248,7 +248,8 @@ class Session:
     authentication arrives). ``symbols`` are the cluster's symbols (channel names = symbols).
     """
 
-    __slots__ = ("_inflight", "_window", "_window_count", "account", "channels", "rate_limit", "symbols")
+    __slots__ = ("_inflight", "_maker_high", "_replaying", "_window", "_window_count", "account", "channels",
+                 "rate_limit", "symbols")
 
     def __init__(self, account: str, symbols: Mapping[str, SymbolSpec], *, rate_limit_per_s: int = 100) -> None:
         self.account = account
@@ -259,6 +260,12 @@ class Session:
         self._window_count = 0
         # (symbol, order_id) -> maker fills that arrived before the order's own reply
         self._inflight: dict[tuple[str, str], list[OrderFilled]] | None = None
+        # symbol -> the trade id of the last fill of a resting order passed on (0: none yet), for
+        # each symbol this account placed orders on
+        self._maker_high: dict[str, int] | None = None
+        # symbol -> its resting orders' fills that arrived while the gateway asks the matcher for
+        # the ones its feed lost (begin_fill_replay)
+        self._replaying: dict[str, list[OrderFilled]] | None = None
 
     # -- client messages -------------------------------------------------------------------------
 
@@ -393,6 +400,9 @@ class Session:
         except InvalidNumber as e:
             return [Send(rejected(order_id, symbol, e.reason, str(e), request_id))]
         command = SubmitOrder(order_id, self.account, symbol, side, order_type, time_in_force, price, quantity)
+        if self._maker_high is None:
+            self._maker_high = {}
+        self._maker_high.setdefault(symbol, 0)
         if self._inflight is None:
             self._inflight = {}
         self._inflight.setdefault((symbol, order_id), [])
@@ -481,10 +491,17 @@ class Session:
         and an ``amended`` never shows a state that a fill already changed.
         """
         out = []
+        replaying, high = self._replaying, self._maker_high
         for event in events:
             if type(event) is not OrderFilled or not event.maker or event.account != self.account:
                 continue
-            key = (event.symbol, event.order_id)
+            symbol = event.symbol
+            if replaying is not None and symbol in replaying:
+                replaying[symbol].append(event)
+                continue
+            if high is not None and symbol in high:
+                high[symbol] = event.trade_id
+            key = (symbol, event.order_id)
             inflight = self._inflight
             if inflight is not None and key in inflight:
                 inflight[key].append(event)
@@ -493,6 +510,46 @@ class Session:
             if spec is not None:
                 out.append(order_update(spec, event))  # type: ignore[arg-type]
         return out
+
+    # -- fills a gateway's feed lost (docs/protocol.md, "Orders") -----------------------------------
+
+    def begin_fill_replay(self, symbols: Iterable[str]) -> dict[str, int] | None:
+        """The gateway lost the feed of ``symbols`` (one matcher's) for a while: the fills of
+        this account's resting orders made meanwhile never came. For those of ``symbols`` it
+        placed orders on: ``{symbol: trade id of the last such fill passed on (0: none)}``,
+        what the gateway asks the matcher for (its fills after these); ``None`` if it placed
+        none. Until ``end_fill_replay`` the fills arriving live on these symbols are held, so
+        that the missed ones come first."""
+        high = self._maker_high
+        if not high:
+            return None
+        asked = {symbol: high[symbol] for symbol in symbols if symbol in high}
+        if not asked:
+            return None
+        if self._replaying is None:
+            self._replaying = {}
+        for symbol in asked:
+            self._replaying.setdefault(symbol, [])
+        return asked
+
+    def end_fill_replay(self, symbols: Iterable[str], fills: Iterable[Event]) -> list[bytes]:
+        """The matcher's answer to ``begin_fill_replay(symbols)``: its fills of this account's
+        resting orders (``()`` when the gateway gave up asking). With the live ones held
+        meanwhile, each fill not passed on yet is passed on once, in the book's order."""
+        merged: dict[tuple[str, int], OrderFilled] = {}
+        replaying = self._replaying
+        for fill in (*fills, *(fill for symbol in symbols for fill in (replaying or {}).pop(symbol, ()))):
+            if type(fill) is OrderFilled and fill.maker:
+                merged[(fill.symbol, fill.trade_id)] = fill
+        if replaying is not None and not replaying:
+            self._replaying = None
+        high = self._maker_high or {}
+        return self.on_private(fill for key, fill in sorted(merged.items()) if key[1] > high.get(key[0], 0))
+
+    def forget_fills(self, symbol: str) -> None:
+        """The matcher of ``symbol`` came back without its history: its trade ids start again."""
+        if self._maker_high is not None and symbol in self._maker_high:
+            self._maker_high[symbol] = 0
 
 
 def _valid_request_id(value: object) -> bool:

@@ -89,6 +89,12 @@ CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
 TICK_S = 0.25
 FEED_RECONNECT_S = 2.0  # a feed lost for this long is connected again (see Gateway._reconnect_feed)
 FAILOVER_S = 2.0  # a feed with a standby (topology "standby") lost for this long moves to the standby
+# The fills of resting orders that a lost feed did not bring are asked of their matcher this long
+# after the feed is back (the account topics' subscriptions reach the matcher first, so nothing
+# falls between the answer and the live stream), again every SNAPSHOT_RETRY_S, given up after
+# FILLS_GIVE_UP_S.
+FILLS_WAIT_S = 0.5
+FILLS_GIVE_UP_S = 30.0
 # ZeroMQ's own pings on the SUB's connections: a publisher that stops answering (its host gone,
 # with no TCP reset to say so) counts as lost this long after a ping
 FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS = 1000, 3000
@@ -469,6 +475,21 @@ class ChannelState:
         return blob, *counts
 
 
+class FillsRequest:
+    """A connection's fills of resting orders on one matcher's symbols, to be asked of the
+    matcher after its feed was lost (``Session.begin_fill_replay``)."""
+
+    __slots__ = ("after", "conn", "due", "give_up", "lost_ns", "sent")
+
+    def __init__(self, conn: Connection, after: dict[str, int], due: float, lost_ns: int) -> None:
+        self.conn = conn
+        self.after = after  # symbol -> the trade id of the last fill passed on
+        self.due = due  # when to send it
+        self.sent = 0.0  # when it was last sent (0: not yet)
+        self.give_up = due + FILLS_GIVE_UP_S
+        self.lost_ns = lost_ns  # the feed was lost at about this time (wall clock, ns)
+
+
 class Gateway:
     """One gateway process (a worker): its WebSocket server and its ZeroMQ sockets."""
 
@@ -488,7 +509,7 @@ class Gateway:
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
             "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "feed_failovers",
-            "resyncs", "internal_errors")}
+            "resyncs", "fills_replayed", "fills_incomplete", "internal_errors")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
@@ -509,15 +530,18 @@ class Gateway:
         self.sub.maxmsgsize = PUBLICATION_MAX_BYTES
         self.sub.heartbeat_ivl, self.sub.heartbeat_timeout = FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS
         self.upstream_symbols: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> symbols coming through it
+        self.upstream_matchers: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> matchers whose feed it carries
         # Each feed's ways, the one in use first (Topology.feed_paths): an upstream node, then its
         # standby nodes. endpoint -> its way's list (one list shared by the endpoints of a way).
         self.feed_paths: dict[str, list[str]] = {}
         ways = []
         for names in topology.feed_paths(node.name):
             way = [connect_endpoint(topology.node(name).pub) for name in names]  # type: ignore[union-attr]
-            symbols = tuple(s for m in topology.matchers_behind(names[0]) for s in topology.symbols_of(m))
+            matchers = topology.matchers_behind(names[0])
+            symbols = tuple(s for m in matchers for s in topology.symbols_of(m))
             for endpoint in way:
                 self.upstream_symbols[endpoint] = symbols
+                self.upstream_matchers[endpoint] = matchers
                 self.feed_paths[endpoint] = way
             ways.append(way)
         # A feed is back when its ZMTP handshake is done, not at the TCP connection: a publisher
@@ -528,6 +552,8 @@ class Gateway:
         self.connected_once: set[str] = set()
         self.feed_lost: dict[str, float] = {}  # SUB endpoint -> when it was lost
         self.feed_retry: dict[str, float] = {}  # SUB endpoint -> when to connect to it again
+        self.matcher_feed_lost: dict[str, float] = {}  # matcher name -> when its feed was lost (until it is back)
+        self.fills_requests: dict[tuple[str, str], FillsRequest] = {}  # (matcher name, account) -> request
         self.dealer = self.context.socket(zmq.DEALER)
         self.dealer.linger = 0
         self.dealer.immediate = 1
@@ -731,6 +757,9 @@ class Gateway:
             self.counts["bad_reply"] += 1
             return
         kind, symbol_bytes, body = frames
+        if kind == b"FILLS":
+            self._fills_reply(symbol_bytes, body)
+            return
         state = self.channels.get(symbol_bytes.decode("ascii", errors="replace"))
         if state is None or not state.snapshot_asked:
             return  # nobody holds the channel any more, or it is synced already
@@ -828,6 +857,7 @@ class Gateway:
                 log.warning("%s: %s", name, e)
                 state.channel.reset()
                 self._ask_snapshot(state)
+                self._ask_fills(self.topology.owner_of(name), now - FEED_SILENT_S, now)  # lost with the updates?
                 continue
             if messages:
                 if not state.frames:
@@ -850,6 +880,8 @@ class Gateway:
             log.warning("%s: the matcher's heartbeat is at seq %d, the book here at %d: a publication was lost",
                         state.channel.symbol, seq, book)
             self._resync(state, f"missed the publications up to seq {seq}")
+            now = time.monotonic()
+            self._ask_fills(self.topology.owner_of(state.channel.symbol), now - FEED_SILENT_S, now)
 
     def _went_back(self, state: ChannelState, seq: int) -> None:
         """The feed of ``state``'s symbol went back to ``seq``: its matcher lost its history, and
@@ -858,6 +890,9 @@ class Gateway:
         self.counts["feed_went_back"] += 1
         log.warning("%s: the feed went back to seq %d (it was at %d): its matcher restarted without its history",
                     state.channel.symbol, seq, max(state.feed_seq, state.snapshot_seq))
+        for conn in self.accounts.values():
+            if conn.session is not None:
+                conn.session.forget_fills(state.channel.symbol)  # its trade ids start again too
         self._resync(state, "the feed's seq went back")
 
     def _bad_publication(self, error: DecodeError) -> None:
@@ -950,9 +985,12 @@ class Gateway:
             way = self.feed_paths.get(endpoint)
             if way is not None and way[0] != endpoint:
                 continue  # a way this gateway left for a standby (its last events may still come)
+            now = time.monotonic()
             if event == zmq.EVENT_DISCONNECTED:
                 log.warning("lost the feed from %s", endpoint)
-                self.feed_lost[endpoint] = time.monotonic()
+                self.feed_lost[endpoint] = now
+                for matcher in self.upstream_matchers.get(endpoint, ()):
+                    self.matcher_feed_lost.setdefault(matcher, now)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.feed_lost.pop(endpoint, None)
                 self.feed_retry.pop(endpoint, None)
@@ -963,6 +1001,8 @@ class Gateway:
                         state = self.channels.get(symbol)
                         if state is not None:
                             self._resync(state, f"reconnected to {endpoint}")
+                    for matcher in self.upstream_matchers.get(endpoint, ()):
+                        self._ask_fills(matcher, self.matcher_feed_lost.pop(matcher, now), now)
                 self.connected_once.add(endpoint)
         self._rearm(self.monitor, self._read_monitor)
 
@@ -1012,6 +1052,77 @@ class Gateway:
             for payload in payloads:
                 conn.send(payload)
         self._rearm(self.dealer, self._read_replies)
+
+    # -- fills a lost feed did not bring (docs/protocol.md, "Orders") -------------------------------------
+
+    def _ask_fills(self, matcher: str, lost: float, now: float) -> None:
+        """The feed of ``matcher`` was lost at about ``lost`` (monotonic) and is back: every
+        connection that placed orders on its symbols asks it for the fills of its resting orders
+        made meanwhile (they came only through the feed), ``FILLS_WAIT_S`` from now."""
+        symbols = self.topology.symbols_of(matcher)
+        # the feed may have gone silent a ping's timeout before it was found lost
+        lost_ns = time.time_ns() - int((now - lost + (FEED_PING_IVL_MS + FEED_PING_TIMEOUT_MS) / 1000) * 1e9)
+        for account, conn in self.accounts.items():
+            session = conn.session
+            after = session.begin_fill_replay(symbols) if session is not None else None
+            if after is None:
+                continue
+            old = self.fills_requests.get((matcher, account))
+            if old is not None:  # asked again before the answer came: the older loss counts
+                lost_ns = min(lost_ns, old.lost_ns)
+            self.fills_requests[(matcher, account)] = FillsRequest(conn, after, now + FILLS_WAIT_S, lost_ns)
+
+    def _send_fills_requests(self, now: float) -> None:
+        for (matcher, account), request in list(self.fills_requests.items()):
+            if request.conn.session is None or request.conn.transport is None:
+                del self.fills_requests[(matcher, account)]  # the connection is gone
+            elif now >= request.give_up:
+                del self.fills_requests[(matcher, account)]
+                self.counts["fills_incomplete"] += 1
+                log.warning("%s: no answer from %s about the fills its feed lost, in %g s; giving up", account,
+                            matcher, FILLS_GIVE_UP_S)
+                for payload in request.conn.session.end_fill_replay(request.after, ()):
+                    request.conn.send(payload)
+            elif now >= request.due and (not request.sent or now - request.sent >= SNAPSHOT_RETRY_S):
+                if request.sent:
+                    self._renew_snapshot_socket(matcher)
+                request.sent = now
+                sock = self.snapshot_sockets[matcher]
+                try:
+                    sock.send_multipart((b"FILLS", account.encode(), msgpack.packb(request.after)), zmq.NOBLOCK)
+                except zmq.Again:
+                    continue  # sent again at the next retry
+                self._rearm(sock, lambda sock=sock: self._read_snapshots(sock))
+
+    def _fills_reply(self, account_bytes: bytes, body: bytes) -> None:
+        account = account_bytes.decode("utf-8", errors="replace")
+        try:
+            matcher, complete_since_ns, publication = msgpack.unpackb(body)
+            request = self.fills_requests.get((matcher, account))
+            if request is None:
+                return  # answered already (asked twice), or the connection is gone
+            name, events = codec.decode_publication(publication, SNAPSHOT_MAX_BYTES)
+            if name != "@" + account or type(complete_since_ns) is not int:
+                raise ValueError(f"an answer about {name}, complete since {complete_since_ns!r}")
+        except (ValueError, TypeError, DecodeError, msgpack.UnpackException) as e:
+            log.warning("undecodable answer about the fills of %s: %s", account, e)
+            self.counts["bad_reply"] += 1
+            return
+        del self.fills_requests[(matcher, account)]
+        session = request.conn.session
+        if session is None or request.conn.transport is None:
+            return
+        payloads = session.end_fill_replay(request.after, (e for e in events if e.symbol in request.after))
+        for payload in payloads:
+            request.conn.send(payload)
+        if payloads:
+            self.counts["fills_replayed"] += len(payloads)
+            log.info("%s: %d fill(s) of resting orders that the feed from %s lost, passed on", account,
+                     len(payloads), matcher)
+        if complete_since_ns > request.lost_ns:
+            self.counts["fills_incomplete"] += 1
+            log.warning("%s: %s holds fills since %.1f s after its feed was lost only; older ones may be missing",
+                        account, matcher, (complete_since_ns - request.lost_ns) / 1e9)
 
     # -- housekeeping -------------------------------------------------------------------------------------
 
@@ -1065,6 +1176,8 @@ class Gateway:
     def _housekeeping(self, now: float) -> None:
         limits = self.limits
         self._close_retired_snapshot_sockets(now)
+        if self.fills_requests:
+            self._send_fills_requests(now)
         for endpoint, since in list(self.feed_lost.items()):
             way = self.feed_paths.get(endpoint)
             if way is not None and len(way) > 1:

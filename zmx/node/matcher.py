@@ -10,7 +10,9 @@
   ``HELLO`` each time a connection to a router is established (a socket monitor reports
   it) and every ``HELLO_INTERVAL_S`` as a safety net, ``HB`` every ``heartbeat_ms``, ``BYE``
   on a clean stop (docs/wire.md);
-- a PUB socket bound at ``pub`` and a ROUTER bound at ``snapshot`` (Clone pattern).
+- a PUB socket bound at ``pub`` and a ROUTER bound at ``snapshot`` (Clone pattern), which
+  also answers a gateway that lost its feed with the fills of an account's resting orders it
+  published lately (``zmx.node.recentfills``).
 
 The loop: poll, then drain each ready socket without blocking (at most ``BATCH`` messages
 each), run the commands through the engines, append the batch to the journal and make it
@@ -55,9 +57,10 @@ from zmx.codec import (
 )
 from zmx.commands import COMMAND_TYPES
 from zmx.engine import MatchingEngine
-from zmx.events import PUBLIC_EVENT_TYPES, FeedHeartbeat
+from zmx.events import PUBLIC_EVENT_TYPES, FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError
 from zmx.node.journal import Journal, JournalError
+from zmx.node.recentfills import RecentFills
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready, keep_mmap_threshold, settle_collector
 from zmx.node.usedids import UsedIds
 from zmx.node.usedids import store as store_used_ids
@@ -93,7 +96,9 @@ HEADER_MIN = 10  # version byte + 8-byte request id + at least one byte of symbo
 
 HELLO, HB, BYE = b"HELLO", b"HB", b"BYE"
 OK, BAD_REQUEST, UNKNOWN_SYMBOL = b"ok", b"bad_request", b"unknown_symbol"
-SNAP, ERR = b"SNAP", b"ERR"
+SNAP, FILLS, ERR = b"SNAP", b"FILLS", b"ERR"
+FILLS_ACCOUNT_MAX = 128  # bytes of an account in a fills request (an account topic holds at most 126)
+FILLS_REQUEST_MAX = 64 * 1024  # bytes of a fills request's trade ids
 
 _COMMANDS = frozenset(COMMAND_TYPES)
 _PUBLIC = frozenset(PUBLIC_EVENT_TYPES)
@@ -129,12 +134,21 @@ def filters_text(used_ids: UsedIds) -> str:
     return f"this matcher's order-id filters hold {used_ids.filter_bytes} bytes"
 
 
-def _restore(topology: Topology, name: str, journal: Journal
+def hold_fills(fills: RecentFills, events: Iterable[object]) -> None:
+    """Keep the resting orders' fills among replayed ``events`` (``Matcher.publish`` keeps
+    those of the commands it serves)."""
+    for event in events:
+        if type(event) is OrderFilled and event.maker:
+            fills.add(event.account, event.symbol, event.trade_id, event.ts_ns, pack_records((event,))[0])
+
+
+def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
              ) -> tuple[dict[str, MatchingEngine], bool, UsedIds]:
     """The engines of ``name``'s symbols as the journal left them, whether a snapshot should
     be written at once (there is none yet, or a symbol left this matcher), and the archive of
     their old order ids (``zmx.node.usedids``), attached to them before the replay: a command
-    is replayed against the ids it was first checked against.
+    is replayed against the ids it was first checked against. The replayed commands' fills of
+    resting orders go into ``fills``.
 
     A snapshot records each symbol's spec, and a matcher writes one at its first start, so
     the journal always says which spec its commands were handled with. A topology that
@@ -175,6 +189,11 @@ def _restore(topology: Topology, name: str, journal: Journal
     gone = sorted(set(states or ()) - set(engines))
     for symbol in gone:
         log.warning("%s: in the journal's snapshot but no longer owned by %s; its book is dropped", symbol, name)
+    # Every fill stamped after the snapshot's last book change (a fill changes the book) is
+    # replayed below; without a snapshot, every fill ever. A snapshot of format 1 does not say
+    # when its books changed: complete from now on only.
+    changes = [e.changed_ns for e in engines.values() if e.seq]
+    fills.complete_since_ns = 0 if states is None else max(changes, default=0) + 1 if all(changes) else time.time_ns()
     skipped: Counter[str] = Counter()
     failed = 0
     for ts_ns, cmd in replay:
@@ -183,9 +202,11 @@ def _restore(topology: Topology, name: str, journal: Journal
             skipped[cmd.symbol] += 1
             continue
         try:
-            engine.handle(cmd, ts_ns=ts_ns)
+            events = engine.handle(cmd, ts_ns=ts_ns)
         except Exception:  # noqa: BLE001 - it failed the same way when it was first handled
             failed += 1
+            continue
+        hold_fills(fills, events)
     for symbol, count in sorted(skipped.items()):
         log.warning("%s: %d journaled command(s) skipped: %s no longer owns it", symbol, count, name)
     if failed:
@@ -217,6 +238,7 @@ class Matcher:
         self.engines: dict[str, MatchingEngine] = {}
         self.header_symbols: dict[bytes, str] = {}  # the symbol as a request header holds it -> symbol
         self.journal: Journal | None = None
+        self.fills = RecentFills(time.time_ns())  # resting orders' fills, for gateways that lost their feed
         self.ctx: zmq.Context | None = None
         self.pub: zmq.Socket | None = None
         self.snap: zmq.Socket | None = None
@@ -248,7 +270,8 @@ class Matcher:
         try:
             self.journal = Journal(node.data_dir, fsync=node.fsync)
             self.epoch = self.journal.bump_epoch()
-            self.engines, snapshot_now, self.used_ids = _restore(self.topology, self.name, self.journal)
+            self.engines, snapshot_now, self.used_ids = _restore(self.topology, self.name, self.journal,
+                                                                 self.fills)
             if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
                 # A snapshot records each symbol's spec, so a later replay uses the right one.
                 self.journal.write_snapshot({s: e.snapshot() for s, e in self.engines.items()})
@@ -401,6 +424,7 @@ class Matcher:
                     next_hello = now + HELLO_INTERVAL_S
             if now >= next_idle:
                 self.idle_heartbeats(last_public, now)
+                self.fills.expire(time.time_ns())
                 next_idle = now + IDLE_CHECK_S
             if self.problems and now >= next_problem_log:
                 self.log_problems()
@@ -527,6 +551,7 @@ class Matcher:
                 now: float) -> None:
         pub = self.pub
         public_types = _PUBLIC
+        hold = self.fills.add
         for symbol, events, records in published:
             public = []
             private: dict[str, list[bytes]] = {}
@@ -540,6 +565,8 @@ class Matcher:
                         private[account] = [record]
                     else:
                         held.append(record)
+                    if type(event) is OrderFilled and event.maker:
+                        hold(account, symbol, event.trade_id, event.ts_ns, record)
             if public:
                 _send(pub, join_publication(symbol, public), _NOBLOCK)
                 last_public[symbol] = now
@@ -582,15 +609,41 @@ class Matcher:
                     # from a matcher that lost its history), and when the book last changed (the
                     # depth_snapshot's ts): docs/wire.md
                     reply = [SNAP, symbol, msgpack.packb([engine.seq, bids, asks, time.time_ns(), engine.changed_ns])]
+            elif len(request) == 3 and request[0] == FILLS:
+                reply = self.fills_reply(request[1], request[2])
             else:
                 reply = [ERR, symbol, self.refuse(
                     "snapshot: malformed request",
-                    f"a book request is 2 frames, {SNAP!r} and a symbol; got {len(request)} frame(s)"
+                    f"a book request is 2 frames, {SNAP!r} and a symbol (a fills request 3, {FILLS!r}, an account "
+                    f"and the trade ids it has); got {len(request)} frame(s)"
                     + (f" starting {request[0][:16]!r}" if request else ""))]
             try:
                 send([peer, *envelope, *reply], _NOBLOCK)
             except zmq.ZMQError:
                 self.problems["snapshot: reply dropped"] += 1
+
+    def fills_reply(self, account_bytes: bytes, body: bytes) -> list[bytes]:
+        """The answer to a gateway's ``FILLS`` request: ``account``'s fills of resting orders
+        on the symbols it names, after the trade id it gives for each (docs/wire.md, "Fills a
+        gateway missed")."""
+        try:
+            if len(account_bytes) > FILLS_ACCOUNT_MAX or len(body) > FILLS_REQUEST_MAX:
+                raise ValueError(f"the account is at most {FILLS_ACCOUNT_MAX} bytes and the trade ids at most "
+                                 f"{FILLS_REQUEST_MAX}")
+            account = account_bytes.decode("utf-8")
+            try:
+                after = msgpack.unpackb(body)
+            except (ValueError, msgpack.UnpackException) as e:
+                raise ValueError(f"the trade ids are not msgpack ({type(e).__name__} {e})") from None
+            if not account or type(after) is not dict or not all(
+                    type(symbol) is str and type(trade_id) is int and trade_id >= 0
+                    for symbol, trade_id in after.items()):
+                raise ValueError("a fills request is an account, then a msgpack map of symbol -> the last trade id "
+                                 "the gateway has of it (0 for none)")
+            publication = join_account_publication(account, self.fills.of(account, after))  # checks the account
+        except ValueError as e:  # UnicodeDecodeError is one
+            return [ERR, account_bytes[:FILLS_ACCOUNT_MAX], self.refuse("fills: malformed request", str(e))]
+        return [FILLS, account_bytes, msgpack.packb([self.name, self.fills.complete_since_ns, publication])]
 
     def connection_events(self, monitor: zmq.Socket, now: float) -> None:
         """HELLO on every new connection to a router; a new DEALER for a lost one.
