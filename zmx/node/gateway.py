@@ -24,7 +24,8 @@ it with 1013.
 
 Orders: one DEALER to every router's front (docs/wire.md frames). Each connection is its own
 account; the account's private topic is subscribed on its first order, for the fills of its
-resting orders.
+resting orders. Those that a lost feed did not bring are asked of the matcher once it is back
+(``_ask_fills``; docs/wire.md, "Fills a gateway missed").
 
 Plain HTTP: a GET without ``Upgrade`` gets the page ``page.html`` at ``/`` (a browser's way to
 use the gateway over the same port), else 404, and the connection is closed.
@@ -1068,9 +1069,8 @@ class Gateway:
             if after is None:
                 continue
             old = self.fills_requests.get((matcher, account))
-            if old is not None:  # asked again before the answer came: the older loss counts
-                lost_ns = min(lost_ns, old.lost_ns)
-            self.fills_requests[(matcher, account)] = FillsRequest(conn, after, now + FILLS_WAIT_S, lost_ns)
+            since = lost_ns if old is None else min(lost_ns, old.lost_ns)  # asked again before the answer came
+            self.fills_requests[(matcher, account)] = FillsRequest(conn, after, now + FILLS_WAIT_S, since)
 
     def _send_fills_requests(self, now: float) -> None:
         for (matcher, account), request in list(self.fills_requests.items()):
