@@ -553,7 +553,8 @@ class Gateway:
         self.connected_once: set[str] = set()
         self.feed_lost: dict[str, float] = {}  # SUB endpoint -> when it was lost
         self.feed_retry: dict[str, float] = {}  # SUB endpoint -> when to connect to it again
-        self.matcher_feed_lost: dict[str, float] = {}  # matcher name -> when its feed was lost (until it is back)
+        # matcher name -> when its feed, or the connection to its snapshot service, was lost (until it is back)
+        self.matcher_lost: dict[str, float] = {}
         self.fills_requests: dict[tuple[str, str], FillsRequest] = {}  # (matcher name, account) -> request
         self.dealer = self.context.socket(zmq.DEALER)
         self.dealer.linger = 0
@@ -564,6 +565,7 @@ class Gateway:
             self.dealer.connect(connect_endpoint(router.front))
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
         self.snapshot_renewed: dict[str, float] = {}  # matcher name -> when its DEALER was last made anew
+        self.snapshot_monitors: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> its DEALER's monitor
         # old snapshot DEALERs still read: (socket, when to close it, matcher name), oldest first
         self.retired_snapshot_sockets: list[tuple[zmq.Socket[bytes], float, str]] = []
         for matcher in topology.nodes_by_role("matcher"):
@@ -582,6 +584,7 @@ class Gateway:
         self._watch(self.monitor, self._read_monitor)
         for name, sock in self.snapshot_sockets.items():
             self._watch(sock, lambda s=sock: self._read_snapshots(s))
+            self._monitor_snapshot_socket(name, sock)
         node = self.node
         self.server = await loop.create_server(
             lambda: Connection(self), node.host, node.port, reuse_port=node.workers > 1 or None,
@@ -611,6 +614,8 @@ class Gateway:
         for sock, _ in self._readers:
             loop.remove_reader(sock.getsockopt(zmq.FD))
         self.sub.disable_monitor()
+        for name in list(self.snapshot_monitors):
+            self._unmonitor_snapshot_socket(name)
         for sock in (self.monitor, self.sub, self.dealer, *self.snapshot_sockets.values(),
                      *(old for old, _, _ in self.retired_snapshot_sockets)):
             sock.close(linger=0)
@@ -731,6 +736,7 @@ class Gateway:
             return
         self.snapshot_renewed[name] = now
         retired = self.retired_snapshot_sockets
+        self._unmonitor_snapshot_socket(name)
         retired.append((self.snapshot_sockets[name], now + SNAPSHOT_RETIRE_S, name))
         own = [entry for entry in retired if entry[2] == name]
         for entry in own[:-SNAPSHOT_RETIRED_MAX]:
@@ -740,7 +746,46 @@ class Gateway:
         assert isinstance(matcher, MatcherNode)
         sock = self.snapshot_sockets[name] = self._snapshot_socket(matcher)
         self._watch(sock, lambda: self._read_snapshots(sock))
+        self._monitor_snapshot_socket(name, sock)
         log.info("snapshot request to %s unanswered for %g s: asking on a new connection", name, SNAPSHOT_RETRY_S)
+
+    def _monitor_snapshot_socket(self, name: str, sock: zmq.Socket[bytes]) -> None:
+        """Watch the connection of matcher ``name``'s snapshot DEALER: it is the gateway's own
+        line to the matcher, so it shows a matcher that restarted behind a relay, whose feed
+        to the gateway never broke (``_read_snapshot_monitor``)."""
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.snapshot_monitors[name] = monitor
+        self._watch(monitor, lambda: self._read_snapshot_monitor(name, monitor))
+
+    def _unmonitor_snapshot_socket(self, name: str) -> None:
+        monitor = self.snapshot_monitors.pop(name)
+        asyncio.get_running_loop().remove_reader(monitor.getsockopt(zmq.FD))
+        self._readers = [(sock, read) for sock, read in self._readers if sock is not monitor]
+        self.snapshot_sockets[name].disable_monitor()
+        monitor.close(linger=0)
+
+    def _read_snapshot_monitor(self, name: str, monitor: zmq.Socket[bytes]) -> None:
+        """A matcher whose snapshot service was lost and is back may have restarted: the fills
+        of resting orders it published before the relays' subscriptions reached it again are
+        lost to their owners, and asked of it (``_ask_fills``)."""
+        if monitor.closed:
+            return  # unmonitored meanwhile; a read of it was still scheduled
+        for _ in range(64):
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2 or len(frames[0]) < 6:
+                continue
+            event = int.from_bytes(frames[0][:2], "little")
+            now = time.monotonic()
+            if event == zmq.EVENT_DISCONNECTED:
+                log.info("lost the connection to %s's snapshot service", name)
+                self.matcher_lost.setdefault(name, now)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and name in self.matcher_lost:
+                log.info("connected to %s's snapshot service again", name)
+                self._ask_fills(name, self.matcher_lost.pop(name), now)
+        self._rearm(monitor, lambda: self._read_snapshot_monitor(name, monitor))
 
     def _read_snapshots(self, sock: zmq.Socket[bytes]) -> None:
         if sock.closed:
@@ -991,7 +1036,7 @@ class Gateway:
                 log.warning("lost the feed from %s", endpoint)
                 self.feed_lost[endpoint] = now
                 for matcher in self.upstream_matchers.get(endpoint, ()):
-                    self.matcher_feed_lost.setdefault(matcher, now)
+                    self.matcher_lost.setdefault(matcher, now)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.feed_lost.pop(endpoint, None)
                 self.feed_retry.pop(endpoint, None)
@@ -1003,7 +1048,7 @@ class Gateway:
                         if state is not None:
                             self._resync(state, f"reconnected to {endpoint}")
                     for matcher in self.upstream_matchers.get(endpoint, ()):
-                        self._ask_fills(matcher, self.matcher_feed_lost.pop(matcher, now), now)
+                        self._ask_fills(matcher, self.matcher_lost.pop(matcher, now), now)
                 self.connected_once.add(endpoint)
         self._rearm(self.monitor, self._read_monitor)
 
