@@ -733,8 +733,9 @@ class _Parser:
         line = entry.key_lines[key]
         wanted = " or ".join(allowed)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _Problem(line, f"{where}{key} must be a list of {wanted} names like [m1, m2], "
-                                 f"got {_kind(value)}")
+            got = _kind(value) if not isinstance(value, list) else \
+                f"a list holding {_kind(next(v for v in value if not isinstance(v, str)))}"
+            raise _Problem(line, f"{where}{key} must be a list of {wanted} names like [m1, m2], got {got}")
         if not value:
             raise _Problem(line, f"{where}{key} is empty; leave it out to use the default")
         candidates = [n for n, r in roles.items() if r in allowed]
