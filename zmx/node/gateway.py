@@ -480,7 +480,7 @@ class FillsRequest:
     """A connection's fills of resting orders on one matcher's symbols, to be asked of the
     matcher after its feed was lost (``Session.begin_fill_replay``)."""
 
-    __slots__ = ("after", "conn", "due", "give_up", "lost_ns", "sent")
+    __slots__ = ("after", "again", "conn", "due", "give_up", "lost_ns", "sent")
 
     def __init__(self, conn: Connection, after: dict[str, int], due: float, lost_ns: int) -> None:
         self.conn = conn
@@ -489,6 +489,7 @@ class FillsRequest:
         self.sent = 0.0  # when it was last sent (0: not yet)
         self.give_up = due + FILLS_GIVE_UP_S
         self.lost_ns = lost_ns  # the feed was lost at about this time (wall clock, ns)
+        self.again = False  # lost again after it was sent: ask again once it is answered
 
 
 class Gateway:
@@ -1105,17 +1106,21 @@ class Gateway:
         """The feed of ``matcher`` was lost at about ``lost`` (monotonic) and is back: every
         connection that placed orders on its symbols asks it for the fills of its resting orders
         made meanwhile (they came only through the feed), ``FILLS_WAIT_S`` from now."""
-        symbols = self.topology.symbols_of(matcher)
         # the feed may have gone silent a ping's timeout before it was found lost
         lost_ns = time.time_ns() - int((now - lost + (FEED_PING_IVL_MS + FEED_PING_TIMEOUT_MS) / 1000) * 1e9)
         for account, conn in self.accounts.items():
-            session = conn.session
-            after = session.begin_fill_replay(symbols) if session is not None else None
-            if after is None:
-                continue
             old = self.fills_requests.get((matcher, account))
-            since = lost_ns if old is None else min(lost_ns, old.lost_ns)  # asked again before the answer came
-            self.fills_requests[(matcher, account)] = FillsRequest(conn, after, now + FILLS_WAIT_S, since)
+            if old is None:
+                self._ask_account_fills(matcher, account, conn, lost_ns, now)
+            else:  # one is on its way: it covers this loss, or (sent already) another one follows its answer
+                old.lost_ns = min(old.lost_ns, lost_ns)
+                old.again = old.again or bool(old.sent)
+
+    def _ask_account_fills(self, matcher: str, account: str, conn: Connection, lost_ns: int, now: float) -> None:
+        session = conn.session
+        after = session.begin_fill_replay(self.topology.symbols_of(matcher)) if session is not None else None
+        if after is not None:
+            self.fills_requests[(matcher, account)] = FillsRequest(conn, after, now + FILLS_WAIT_S, lost_ns)
 
     def _send_fills_requests(self, now: float) -> None:
         for (matcher, account), request in list(self.fills_requests.items()):
@@ -1168,6 +1173,8 @@ class Gateway:
             self.counts["fills_incomplete"] += 1
             log.warning("%s: %s holds fills since %.1f s after its feed was lost only; older ones may be missing",
                         account, matcher, (complete_since_ns - request.lost_ns) / 1e9)
+        if request.again:
+            self._ask_account_fills(matcher, account, request.conn, time.time_ns(), time.monotonic())
 
     # -- housekeeping -------------------------------------------------------------------------------------
 
