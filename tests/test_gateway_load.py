@@ -536,14 +536,16 @@ def rest_s1(client: WsClient) -> None:
 TWO_FILLS = [("partially_filled", "0.001", "0.002", "maker"), ("partially_filled", "0.002", "0.001", "maker")]
 
 
-def test_behind_a_relay_a_restarted_matcher_still_brings_the_fills_of_resting_orders_to_their_owner(
-        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
-    """The gateway holds none of the matcher's channels, only a client's resting order. The
-    matcher restarts (``kill -9``) behind the relay, whose connection to the gateway never
-    breaks; the fills it makes at once, before the relay's subscriptions reach it again, are
-    lost on the way (ZeroMQ's slow joiner), and the gateway's own line to the matcher (its
-    snapshot service's connection) is what shows the restart: the client gets every fill of its
-    order, each once."""
+@pytest.mark.parametrize("failure", ["matcher kill -9", "relay kill -9"])
+def test_a_fill_the_feed_lost_reaches_its_owner_before_the_orders_cancel(
+        cluster: Cluster, clients: Clients, context: zmq.Context, failure: str) -> None:
+    """The gateway holds none of the matcher's channels, only a client's resting order ``s1``.
+    Either the matcher restarts (``kill -9``) behind the relay, whose connection to the gateway
+    never breaks, and fills at once, before the relay's subscriptions reach it again (ZeroMQ's
+    slow joiner); or the relay dies and the fill is made while the gateway has no feed. The
+    client cancels ``s1`` right after the fill: the cancel's reply shows the fill, which never
+    came, and waits for it. The client gets the fill, once, then ``canceled``, as the book made
+    them."""
     topology = start(cluster, {"m1": ["BTC-USDT"]}, relay=True)
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
@@ -551,14 +553,19 @@ def test_behind_a_relay_a_restarted_matcher_still_brings_the_fills_of_resting_or
         client = clients()
         until_accepted(client, "BTC-USDT", "warm")
         rest_s1(client)
-        node(cluster, "m1").kill()
-        cluster.start("m1")
-        maker.place("BTC-USDT", "buy", price("BTC-USDT", 50), "0.001")  # at once: the relay may not hear it
-        client.wait_until(lambda: len(s1_fills(client)) == 1, "the fill made right after the restart", timeout=15.0)
-        maker.place("BTC-USDT", "buy", price("BTC-USDT", 50), "0.001")
-        client.wait_until(lambda: len(s1_fills(client)) == 2, "the next fill", timeout=10.0)
+        if failure == "matcher kill -9":
+            node(cluster, "m1").kill()
+            cluster.start("m1")
+        else:
+            node(cluster, "x1").kill()
+        maker.place("BTC-USDT", "buy", price("BTC-USDT", 50), "0.001")  # the feed does not bring it
+        client.send({"action": "cancel_order", "order_id": "s1", "symbol": "BTC-USDT", "id": "c"})
+        client.wait_until(lambda: client.orders["s1"][-1]["data"]["status"] == "canceled", "s1 canceled",
+                          timeout=15.0)
         client.drain()
-        assert s1_fills(client) == TWO_FILLS
+        assert [(u["data"]["status"], u["data"]["filled"], u.get("id")) for u in client.orders["s1"]] == [
+            ("accepted", "0", None), ("partially_filled", "0.001", None), ("canceled", "0.001", "c")]
+        assert s1_fills(client) == TWO_FILLS[:1]
     finally:
         maker.close()
 

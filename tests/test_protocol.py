@@ -925,6 +925,99 @@ def test_fills_the_feed_lost_come_from_the_matchers_answer_once_each_before_the_
     assert alice.end_fill_replay(["BTC-USDT"], answer + maker_fills(after)) == []
 
 
+@pytest.mark.parametrize("then", ["cancel", "amend"])
+def test_a_reply_that_comes_while_fills_are_asked_again_goes_where_the_book_put_it(then):
+    """The feed lost two fills of a1; before the matcher's answer comes, alice's cancel (or
+    amend) of a1 is answered. The fills come first, then the reply, as the book made them;
+    a reply that says nothing of the book (an error) is not held."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    lost = [f for n in (1, 2) for f in maker_fills(ex.order(bob, order_id=f"b{n}", price="30000",
+                                                            quantity="0.1")[1])]
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    message = {"action": "cancel_order"} if then == "cancel" else {"action": "amend_order", "quantity": "0.5"}
+    action = receive(alice, {**message, "symbol": "BTC-USDT", "order_id": "a1", "id": "r"})[0]
+    assert alice.on_reply(action.command, "r", "ok", ex.run(action)) == []  # held
+    other = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "zz"})[0]
+    assert alice.on_reply(other.command, None, "unavailable", (), "no answer within 5 s") != []  # not held
+    got = updates(alice.end_fill_replay(asked, lost))
+    assert [(u["data"]["status"], u["data"]["filled"], u.get("id")) for u in got] == [
+        ("partially_filled", "0.1", None), ("partially_filled", "0.2", None),
+        ("canceled", "0.2", "r") if then == "cancel" else ("amended", "0.2", "r")]
+    # nothing is held any more
+    after = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})[0]
+    assert alice.on_reply(after.command, None, "ok", ex.run(after)) != []
+
+
+def test_a_submit_answered_while_fills_are_asked_again_comes_before_its_own_fills():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30001", quantity="1")
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    a2 = submit(alice, "s", order_id="a2", side="sell", price="30000", quantity="1")
+    a2_events = ex.run(a2)
+    _, taken = ex.order(bob, order_id="b1", price="30000", quantity="0.3")
+    assert alice.on_private(taken) == []  # live, held
+    assert alice.on_reply(a2.command, "s", "ok", a2_events) == []  # held too
+    got = updates(alice.end_fill_replay(asked, ()))
+    assert [(u["data"]["order_id"], u["data"]["status"]) for u in got] == [
+        ("a2", "accepted"), ("a2", "partially_filled")]
+
+
+def test_a_fill_that_shows_an_earlier_one_missing_waits_for_it_and_the_matcher_is_asked():
+    """Nothing told the gateway that the feed lost a fill (a publication dropped on the way, on
+    a symbol whose channel it does not hold): the next fill of the order shows more filled
+    before it than was passed on. It waits; the gateway asks the matcher from trade id 0."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    first = maker_fills(ex.order(bob, order_id="b1", price="30000", quantity="0.1")[1])  # lost on the way
+    second = maker_fills(ex.order(bob, order_id="b2", price="30000", quantity="0.2")[1])
+    assert alice.on_private(second) == [] and alice.fills_wanted == {"BTC-USDT": 0}
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 0} and alice.fills_wanted is None
+    assert fill_states(alice.end_fill_replay(asked, first + second)) == [("a1", 1, "0.1"), ("a1", 2, "0.3")]
+    assert alice.on_private(second) == []  # passed on already: never twice
+
+
+def test_a_cancel_that_shows_a_fill_missing_waits_for_it():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    lost = maker_fills(ex.order(bob, order_id="b1", price="30000", quantity="0.1")[1])
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})[0]
+    assert alice.on_reply(cancel.command, "c", "ok", ex.run(cancel)) == []
+    assert alice.fills_wanted == {"BTC-USDT": 0}
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    got = updates(alice.end_fill_replay(asked, lost))
+    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [("partially_filled", "0.1"),
+                                                                          ("canceled", "0.1")]
+    cancel2 = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})[0]
+    (gone,) = updates(alice.on_reply(cancel2.command, None, "ok", ex.run(cancel2)))
+    assert gone["code"] == "unknown_order"  # a1 ended: not held, nothing wanted
+    assert alice.fills_wanted is None
+    # the matcher no longer holds the fill (or never answered): the cancel goes out anyway, once
+    ex.order(alice, order_id="a2", side="sell", price="30000", quantity="1")
+    lost = maker_fills(ex.order(bob, order_id="b2", price="30000", quantity="0.1")[1])
+    cancel3 = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a2"})[0]
+    assert alice.on_reply(cancel3.command, None, "ok", ex.run(cancel3)) == []
+    got = updates(alice.end_fill_replay(alice.begin_fill_replay(["BTC-USDT"]), ()))
+    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [("canceled", "0.1")]
+    assert alice.fills_wanted is None  # asked once, not again
+
+
+def test_a_fill_of_an_order_whose_reply_timed_out_still_goes_out():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    a1 = submit(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    ex.run(a1)
+    alice.on_reply(a1.command, None, "unavailable", (), "no answer within 5 s")  # the order is live after all
+    fills = maker_fills(ex.order(bob, order_id="b1", price="30000", quantity="0.1")[1])
+    assert fill_states(alice.on_private(fills)) == [("a1", 1, "0.1")]
+    assert alice.fills_wanted is None
+
+
 def test_a_replay_with_no_answer_passes_on_the_held_fills():
     ex = Exchange()
     alice, bob = session(ALICE), session(BOB)

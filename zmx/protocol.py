@@ -248,8 +248,8 @@ class Session:
     authentication arrives). ``symbols`` are the cluster's symbols (channel names = symbols).
     """
 
-    __slots__ = ("_inflight", "_maker_high", "_replaying", "_window", "_window_count", "account", "channels",
-                 "rate_limit", "symbols")
+    __slots__ = ("_filled", "_inflight", "_maker_high", "_replaying", "_window", "_window_count", "account",
+                 "channels", "fills_wanted", "rate_limit", "symbols")
 
     def __init__(self, account: str, symbols: Mapping[str, SymbolSpec], *, rate_limit_per_s: int = 100) -> None:
         self.account = account
@@ -263,9 +263,16 @@ class Session:
         # symbol -> the trade id of the last fill of a resting order passed on (0: none yet), for
         # each symbol this account placed orders on
         self._maker_high: dict[str, int] | None = None
-        # symbol -> its resting orders' fills that arrived while the gateway asks the matcher for
-        # the ones its feed lost (begin_fill_replay)
-        self._replaying: dict[str, list[OrderFilled]] | None = None
+        # symbol -> its resting orders' fills, and the replies to its orders, that arrived while
+        # the gateway asks the matcher for the fills its feed lost (begin_fill_replay)
+        self._replaying: dict[str, list[OrderFilled | _HeldReply]] | None = None
+        # (symbol, order_id) -> the lots filled that the messages passed on so far show, for each
+        # live order this connection placed: a later event of the order that shows more filled
+        # before it than that proves fills that never came
+        self._filled: dict[tuple[str, str], int] | None = None
+        # symbol -> the trade id to ask the matcher for fills after (0): symbols where an order's
+        # own events proved fills missing; the gateway asks (begin_fill_replay) and empties it
+        self.fills_wanted: dict[str, int] | None = None
 
     # -- client messages -------------------------------------------------------------------------
 
@@ -445,21 +452,36 @@ class Session:
     # -- answers from the cluster -------------------------------------------------------------------
 
     def on_reply(self, command: SubmitOrder | CancelOrder | AmendOrder, request_id: object, status: str,
-                 events: Iterable[Event], message: str = "") -> list[bytes]:
-        """The messages for the router's reply to ``command`` (``status`` as in docs/wire.md)."""
+                 events: Iterable[Event], message: str = "", *, settle: bool = False) -> list[bytes]:
+        """The messages for the router's reply to ``command`` (``status`` as in docs/wire.md).
+        ``settle``: the reply was held for fills asked again, which have come (or will not):
+        it goes out whatever it shows."""
         symbol, order_id = command.symbol, command.order_id
+        events = tuple(events)
+        if status == "ok" and events and not settle:
+            replaying = self._replaying
+            if replaying is None or symbol not in replaying:
+                if not self._filled or not any(self._shows_missing(event) for event in events):
+                    replaying = None
+                else:  # the reply shows fills of its order that never came: they are asked for first
+                    replaying = self._want_fills(symbol)
+            if replaying is not None:
+                # The matcher is being asked for fills of this symbol that the feed lost: the reply
+                # waits for them, and goes where the book put it (end_fill_replay), so that a fill
+                # never comes after the order's cancel or amend that the book made later.
+                replaying[symbol].append(_HeldReply(command, request_id, status, events, message))
+                return []
         spec = self.symbols[symbol]
         is_submit = type(command) is SubmitOrder
         held: list[OrderFilled] = []
         if type(command) is not CancelOrder and self._inflight is not None:
             held = self._inflight.pop((symbol, order_id), [])
-        events = tuple(events)
         out = []
         if held and events and type(command) is AmendOrder:
             # An amend's reply and the order's fills as a maker race each other: each goes where
             # the book put it (the fills made before the amend first), by seq.
             amend_seq = events[0].seq
-            out.extend(order_update(spec, fill) for fill in held if fill.seq <= amend_seq)  # type: ignore[misc]
+            out.extend(self._maker_updates(spec, [fill for fill in held if fill.seq <= amend_seq]))
             held = [fill for fill in held if fill.seq > amend_seq]
         if status != "ok":
             reason = status if status in ("unknown_symbol", "unavailable") else "unavailable"
@@ -475,41 +497,114 @@ class Session:
             update = order_update(spec, event, request_id, command if type(command) is not CancelOrder else None)
             if update is not None:
                 out.append(update)
+                self._passed(event)
         # Fills held for this order: after an error status too, since a fill proves that an
         # order whose reply was lost (or timed out) is live.
-        for fill in held:
-            out.append(order_update(spec, fill))  # type: ignore[arg-type]
+        out.extend(self._maker_updates(spec, held))
         return out
 
-    def on_private(self, events: Iterable[Event]) -> list[bytes]:
+    def on_private(self, events: Iterable[Event], *, settle: bool = False) -> list[bytes]:
         """Messages for this account's private events published by a matcher.
 
         Only a resting order's fills are taken from this stream (``OrderFilled`` with
         ``maker``): every other private event of a command is in the reply to the command,
         which only this connection sent. A fill of an order whose own reply (to a submit or an
         amend) has not come yet is held until it has, so that ``accepted`` always comes first
-        and an ``amended`` never shows a state that a fill already changed.
+        and an ``amended`` never shows a state that a fill already changed. A fill passed on
+        already is dropped; one that shows earlier fills of its order missing waits for them
+        (``fills_wanted``), unless ``settle`` (they were asked for already).
         """
         out = []
-        replaying, high = self._replaying, self._maker_high
         for event in events:
             if type(event) is not OrderFilled or not event.maker or event.account != self.account:
                 continue
             symbol = event.symbol
+            replaying = self._replaying
             if replaying is not None and symbol in replaying:
                 replaying[symbol].append(event)
                 continue
-            if high is not None and symbol in high:
-                high[symbol] = event.trade_id
             key = (symbol, event.order_id)
             inflight = self._inflight
             if inflight is not None and key in inflight:
-                inflight[key].append(event)
+                if event not in inflight[key]:  # a fill asked again may be held already
+                    inflight[key].append(event)
                 continue
-            spec = self.symbols.get(event.symbol)
+            if not settle and self._shows_missing(event):
+                self._want_fills(symbol)[symbol].append(event)
+                continue
+            spec = self.symbols.get(symbol)
             if spec is not None:
-                out.append(order_update(spec, event))  # type: ignore[arg-type]
+                out.extend(self._maker_updates(spec, (event,)))
         return out
+
+    def _maker_updates(self, spec: SymbolSpec, fills: Iterable[OrderFilled]) -> list[bytes]:
+        """The order_updates of resting orders' fills, each passed on once."""
+        out = []
+        high, tracked = self._maker_high, self._filled
+        for fill in fills:
+            known = tracked.get((fill.symbol, fill.order_id)) if tracked else None
+            if known is not None and fill.filled <= known:
+                continue  # passed on already (a fill asked again that had come after all)
+            if high is not None and fill.trade_id > high.get(fill.symbol, fill.trade_id):
+                high[fill.symbol] = fill.trade_id
+            self._passed(fill)
+            out.append(order_update(spec, fill))  # type: ignore[arg-type]
+        return out
+
+    def _passed(self, event: Event) -> None:
+        """What an event passed on to the client says of its order's fills (``_filled``)."""
+        kind = type(event)
+        tracked = self._filled
+        key = (event.symbol, event.order_id)  # type: ignore[union-attr]
+        if kind is OrderAccepted:
+            if tracked is None:
+                tracked = self._filled = {}
+            tracked[key] = 0
+        elif tracked is None or key not in tracked:
+            return
+        elif kind is OrderFilled:
+            if event.remaining:  # type: ignore[union-attr]
+                tracked[key] = event.filled  # type: ignore[union-attr]
+            else:
+                del tracked[key]
+        elif kind is OrderCanceled:
+            del tracked[key]
+        elif kind is OrderAmended:
+            tracked[key] = event.quantity - event.remaining  # type: ignore[union-attr]
+
+    def _shows_missing(self, event: Event) -> bool:
+        """True if ``event``, of a live order of this connection, shows more filled before it
+        than the messages passed on (or held, waiting for the order's reply) did."""
+        tracked = self._filled
+        if not tracked or getattr(event, "account", None) != self.account:
+            return False
+        key = (event.symbol, event.order_id)  # type: ignore[union-attr]
+        known = tracked.get(key)
+        if known is None:
+            return False
+        kind = type(event)
+        if kind is OrderFilled:
+            before = event.filled - event.quantity  # type: ignore[union-attr]
+        elif kind is OrderCanceled:
+            before = event.filled  # type: ignore[union-attr]
+        elif kind is OrderAmended:
+            before = event.quantity - event.remaining  # type: ignore[union-attr]
+        else:
+            return False
+        if self._inflight is not None:
+            known = max((fill.filled for fill in self._inflight.get(key, ())), default=known)
+        return before > known
+
+    def _want_fills(self, symbol: str) -> dict[str, list[OrderFilled | _HeldReply]]:
+        """An order's own event proved fills of ``symbol`` missing: what comes on it is held,
+        and the gateway asks the matcher for them (``fills_wanted``). The hold, to append to."""
+        if self.fills_wanted is None:
+            self.fills_wanted = {}
+        self.fills_wanted[symbol] = 0
+        if self._replaying is None:
+            self._replaying = {}
+        self._replaying.setdefault(symbol, [])
+        return self._replaying
 
     # -- fills a gateway's feed lost (docs/protocol.md, "Orders") -----------------------------------
 
@@ -518,12 +613,17 @@ class Session:
         this account's resting orders made meanwhile never came. For those of ``symbols`` it
         placed orders on: ``{symbol: trade id of the last such fill passed on (0: none)}``,
         what the gateway asks the matcher for (its fills after these); ``None`` if it placed
-        none. Until ``end_fill_replay`` the fills arriving live on these symbols are held, so
-        that the missed ones come first."""
+        none. Until ``end_fill_replay`` the fills arriving live on these symbols, and the
+        replies to this account's orders on them, are held, so that everything goes out in the
+        book's order."""
         high = self._maker_high
         if not high:
             return None
-        asked = {symbol: high[symbol] for symbol in symbols if symbol in high}
+        wanted = self.fills_wanted or {}
+        asked = {symbol: wanted.pop(symbol) if symbol in wanted else high[symbol] for symbol in symbols
+                 if symbol in high}
+        if not wanted:
+            self.fills_wanted = None
         if not asked:
             return None
         if self._replaying is None:
@@ -534,22 +634,53 @@ class Session:
 
     def end_fill_replay(self, symbols: Iterable[str], fills: Iterable[Event]) -> list[bytes]:
         """The matcher's answer to ``begin_fill_replay(symbols)``: its fills of this account's
-        resting orders (``()`` when the gateway gave up asking). With the live ones held
-        meanwhile, each fill not passed on yet is passed on once, in the book's order."""
+        resting orders (``()`` when the gateway gave up asking). With the live fills and the
+        replies held meanwhile, each fill not passed on yet is passed on once, and each reply,
+        in the book's order (by ``seq``)."""
         merged: dict[tuple[str, int], OrderFilled] = {}
-        replaying = self._replaying
-        for fill in (*fills, *(fill for symbol in symbols for fill in (replaying or {}).pop(symbol, ()))):
-            if type(fill) is OrderFilled and fill.maker:
-                merged[(fill.symbol, fill.trade_id)] = fill
-        if replaying is not None and not replaying:
+        replies: list[_HeldReply] = []
+        replaying = self._replaying or {}
+        for item in (*fills, *(item for symbol in symbols for item in replaying.pop(symbol, ()))):
+            if type(item) is _HeldReply:
+                replies.append(item)
+            elif type(item) is OrderFilled and item.maker:
+                merged[(item.symbol, item.trade_id)] = item
+        if not replaying:
             self._replaying = None
-        high = self._maker_high or {}
-        return self.on_private(fill for key, fill in sorted(merged.items()) if key[1] > high.get(key[0], 0))
+        high, tracked = self._maker_high or {}, self._filled or {}
+        # A fill is new if its order is live here and it shows more filled than was passed on
+        # (_maker_updates), or if its trade id is above the last one passed on (the order ended
+        # here, or its reply never came).
+        # (symbol, seq, a reply before a fill, then arrival or trade id): unique, so the items are never compared
+        order: list[tuple[str, int, int, int, Any]] = [
+            (fill.symbol, fill.seq, 1, trade_id, fill) for (_, trade_id), fill in merged.items()
+            if (fill.symbol, fill.order_id) in tracked or trade_id > high.get(fill.symbol, 0)]
+        order += [(reply.command.symbol, reply.events[0].seq, 0, n, reply) for n, reply in enumerate(replies)]
+        out = []
+        for *_, item in sorted(order, key=lambda entry: entry[:4]):
+            if type(item) is _HeldReply:
+                out += self.on_reply(*item, settle=True)
+            else:
+                out += self.on_private((item,), settle=True)
+        return out
 
     def forget_fills(self, symbol: str) -> None:
         """The matcher of ``symbol`` came back without its history: its trade ids start again."""
         if self._maker_high is not None and symbol in self._maker_high:
             self._maker_high[symbol] = 0
+        if self._filled:
+            for key in [key for key in self._filled if key[0] == symbol]:
+                del self._filled[key]  # its orders went with its history
+
+
+class _HeldReply(NamedTuple):
+    """A reply held while the fills of its symbol are asked again (``Session.on_reply``'s arguments)."""
+
+    command: SubmitOrder | CancelOrder | AmendOrder
+    request_id: object
+    status: str
+    events: tuple[Event, ...]
+    message: str
 
 
 def _valid_request_id(value: object) -> bool:

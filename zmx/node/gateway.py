@@ -68,7 +68,7 @@ from websockets.server import ServerProtocol
 
 from zmx import codec
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
-from zmx.events import FeedHeartbeat
+from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
@@ -95,7 +95,7 @@ FAILOVER_S = 2.0  # a feed with a standby (topology "standby") lost for this lon
 # falls between the answer and the live stream), again every SNAPSHOT_RETRY_S, given up after
 # FILLS_GIVE_UP_S.
 FILLS_WAIT_S = 0.5
-FILLS_GIVE_UP_S = 30.0
+FILLS_GIVE_UP_S = 10.0
 # ZeroMQ's own pings on the SUB's connections: a publisher that stops answering (its host gone,
 # with no TCP reset to say so) counts as lost this long after a ping
 FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS = 1000, 3000
@@ -807,6 +807,8 @@ class Gateway:
         if kind == b"FILLS":
             self._fills_reply(symbol_bytes, body)
             return
+        if kind == b"ERR" and self.fills_requests and self._fills_refused(symbol_bytes, body):
+            return
         state = self.channels.get(symbol_bytes.decode("ascii", errors="replace"))
         if state is None or not state.snapshot_asked:
             return  # nobody holds the channel any more, or it is synced already
@@ -873,8 +875,7 @@ class Gateway:
             if is_private(name):
                 conn = self.accounts.get(name[1:])
                 if conn is not None and conn.session is not None:
-                    for payload in conn.session.on_private(events):
-                        conn.send(payload)
+                    self._deliver(conn, conn.session.on_private(events))
                 continue
             state = channels.get(name)
             if state is None:
@@ -1096,9 +1097,31 @@ class Gateway:
                                                  "the reply could not be read; the outcome is unknown")
             else:
                 payloads = conn.session.on_reply(command, request_id, reply.status, reply.events, reply.message)
-            for payload in payloads:
-                conn.send(payload)
+            self._deliver(conn, payloads)
         self._rearm(self.dealer, self._read_replies)
+
+    def _deliver(self, conn: Connection, payloads: list[bytes]) -> None:
+        """Send a session's answer to the cluster; if its order's own events proved fills
+        missing (``Session.fills_wanted``), ask the matcher for them."""
+        for payload in payloads:
+            conn.send(payload)
+        session = conn.session
+        if session is None or not session.fills_wanted:
+            return
+        now = time.monotonic()
+        for matcher in {self.topology.owner_of(symbol) for symbol in session.fills_wanted}:
+            old = self.fills_requests.get((matcher, session.account))
+            if old is None:
+                self._ask_account_fills(matcher, session.account, conn, time.time_ns(), now, wait=0.0)
+            elif old.sent:
+                old.again = True  # asked again once it is answered, from the trade id wanted
+            else:
+                for symbol in self.topology.symbols_of(matcher):
+                    if symbol in session.fills_wanted:
+                        old.after[symbol] = session.fills_wanted.pop(symbol)
+                if not session.fills_wanted:
+                    session.fills_wanted = None
+        self._send_fills_requests(now)
 
     # -- fills a lost feed did not bring (docs/protocol.md, "Orders") -------------------------------------
 
@@ -1116,11 +1139,12 @@ class Gateway:
                 old.lost_ns = min(old.lost_ns, lost_ns)
                 old.again = old.again or bool(old.sent)
 
-    def _ask_account_fills(self, matcher: str, account: str, conn: Connection, lost_ns: int, now: float) -> None:
+    def _ask_account_fills(self, matcher: str, account: str, conn: Connection, lost_ns: int, now: float,
+                           wait: float = FILLS_WAIT_S) -> None:
         session = conn.session
         after = session.begin_fill_replay(self.topology.symbols_of(matcher)) if session is not None else None
         if after is not None:
-            self.fills_requests[(matcher, account)] = FillsRequest(conn, after, now + FILLS_WAIT_S, lost_ns)
+            self.fills_requests[(matcher, account)] = FillsRequest(conn, after, now + wait, lost_ns)
 
     def _send_fills_requests(self, now: float) -> None:
         for (matcher, account), request in list(self.fills_requests.items()):
@@ -1131,8 +1155,7 @@ class Gateway:
                 self.counts["fills_incomplete"] += 1
                 log.warning("%s: no answer from %s about the fills its feed lost, in %g s; giving up", account,
                             matcher, FILLS_GIVE_UP_S)
-                for payload in request.conn.session.end_fill_replay(request.after, ()):
-                    request.conn.send(payload)
+                self._end_fills_request(request, ())
             elif now >= request.due and (not request.sent or now - request.sent >= SNAPSHOT_RETRY_S):
                 if request.sent:
                     self._renew_snapshot_socket(matcher)
@@ -1159,22 +1182,37 @@ class Gateway:
             self.counts["bad_reply"] += 1
             return
         del self.fills_requests[(matcher, account)]
-        session = request.conn.session
-        if session is None or request.conn.transport is None:
-            return
-        payloads = session.end_fill_replay(request.after, (e for e in events if e.symbol in request.after))
-        for payload in payloads:
-            request.conn.send(payload)
-        if payloads:
-            self.counts["fills_replayed"] += len(payloads)
-            log.info("%s: %d fill(s) of resting orders that the feed from %s lost, passed on", account,
-                     len(payloads), matcher)
+        fills = [e for e in events if type(e) is OrderFilled and e.symbol in request.after]
+        self._end_fills_request(request, fills)
+        if fills:
+            self.counts["fills_replayed"] += len(fills)
+            log.info("%s: %s sent %d fill(s) of resting orders that its feed lost", account, matcher, len(fills))
         if complete_since_ns > request.lost_ns:
             self.counts["fills_incomplete"] += 1
             log.warning("%s: %s holds fills since %.1f s after its feed was lost only; older ones may be missing",
                         account, matcher, (complete_since_ns - request.lost_ns) / 1e9)
         if request.again:
             self._ask_account_fills(matcher, account, request.conn, time.time_ns(), time.monotonic())
+
+    def _fills_refused(self, account_bytes: bytes, message: bytes) -> bool:
+        """An ``ERR`` answer about an account with a fills request on its way (a matcher that
+        does not know ``FILLS``, or a request over its limits): asking again would not help, so
+        what was held for the request goes out now. False if it is not about such an account."""
+        account = account_bytes.decode("utf-8", errors="replace")
+        refused = [key for key, request in self.fills_requests.items() if key[1] == account and request.sent]
+        for key in refused:
+            request = self.fills_requests.pop(key)
+            self.counts["fills_incomplete"] += 1
+            log.warning("%s: %s refused the request for the fills its feed lost: %s", account, key[0],
+                        message.decode("utf-8", errors="replace"))
+            self._end_fills_request(request, ())
+        return bool(refused)
+
+    def _end_fills_request(self, request: FillsRequest, fills: list[OrderFilled] | tuple[()]) -> None:
+        """Pass on ``fills`` (the matcher's answer, or nothing) with what was held for ``request``."""
+        conn = request.conn
+        if conn.session is not None and conn.transport is not None:
+            self._deliver(conn, conn.session.end_fill_replay(request.after, fills))
 
     # -- housekeeping -------------------------------------------------------------------------------------
 
@@ -1255,10 +1293,9 @@ class Gateway:
                 break
             del requests[rid]
             if conn.session is not None and conn.transport is not None:
-                for payload in conn.session.on_reply(
-                        command, request_id, "unavailable",
-                        (), f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"):
-                    conn.send(payload)
+                self._deliver(conn, conn.session.on_reply(
+                    command, request_id, "unavailable", (),
+                    f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"))
         # connections that do not finish their handshake (or never start it) hold a socket
         # each: cut them, as websockets' own server does
         handshaking = self.handshaking

@@ -627,9 +627,10 @@ class Matcher:
         on the symbols it names, after the trade id it gives for each (docs/wire.md, "Fills a
         gateway missed")."""
         try:
-            if len(account_bytes) > FILLS_ACCOUNT_MAX or len(body) > FILLS_REQUEST_MAX:
-                raise ValueError(f"the account is at most {FILLS_ACCOUNT_MAX} bytes and the trade ids at most "
-                                 f"{FILLS_REQUEST_MAX}")
+            if len(body) > FILLS_REQUEST_MAX:
+                raise ValueError(f"the trade ids are {len(body)} bytes, at most {FILLS_REQUEST_MAX}")
+            if len(account_bytes) > FILLS_ACCOUNT_MAX:  # account_topic below has the exact limit
+                raise ValueError(f"the account is {len(account_bytes)} bytes, at most {FILLS_ACCOUNT_MAX - 2}")
             account = account_bytes.decode("utf-8")
             try:
                 after = msgpack.unpackb(body)
