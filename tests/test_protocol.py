@@ -1007,6 +1007,19 @@ def test_a_cancel_that_shows_a_fill_missing_waits_for_it():
     assert alice.fills_wanted is None  # asked once, not again
 
 
+def test_an_amend_that_crosses_into_several_fills_shows_nothing_missing():
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    for n, ask in enumerate(("30001", "30002")):
+        ex.order(bob, order_id=f"b{n}", side="sell", price=ask, quantity="0.1")
+    ex.order(alice, order_id="a1", price="30000", quantity="1")
+    amend = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "price": "30002"})[0]
+    got = updates(alice.on_reply(amend.command, None, "ok", ex.run(amend)))
+    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [
+        ("amended", "0"), ("partially_filled", "0.1"), ("partially_filled", "0.2")]
+    assert alice.fills_wanted is None
+
+
 def test_a_fill_of_an_order_whose_reply_timed_out_still_goes_out():
     ex = Exchange()
     alice, bob = session(ALICE), session(BOB)

@@ -461,7 +461,7 @@ class Session:
         if status == "ok" and events and not settle:
             replaying = self._replaying
             if replaying is None or symbol not in replaying:
-                if not self._filled or not any(self._shows_missing(event) for event in events):
+                if not self._shows_missing(events):
                     replaying = None
                 else:  # the reply shows fills of its order that never came: they are asked for first
                     replaying = self._want_fills(symbol)
@@ -529,7 +529,7 @@ class Session:
                 if event not in inflight[key]:  # a fill asked again may be held already
                     inflight[key].append(event)
                 continue
-            if not settle and self._shows_missing(event):
+            if not settle and self._shows_missing((event,)):
                 self._want_fills(symbol)[symbol].append(event)
                 continue
             spec = self.symbols.get(symbol)
@@ -572,28 +572,38 @@ class Session:
         elif kind is OrderAmended:
             tracked[key] = event.quantity - event.remaining  # type: ignore[union-attr]
 
-    def _shows_missing(self, event: Event) -> bool:
-        """True if ``event``, of a live order of this connection, shows more filled before it
-        than the messages passed on (or held, waiting for the order's reply) did."""
+    def _shows_missing(self, events: Iterable[Event]) -> bool:
+        """True if one of ``events`` (a reply's, in order, or one fill), of a live order of this
+        connection, shows more filled before it than the messages passed on (or held, waiting
+        for the order's reply), and the events before it, did."""
         tracked = self._filled
-        if not tracked or getattr(event, "account", None) != self.account:
+        if not tracked:
             return False
-        key = (event.symbol, event.order_id)  # type: ignore[union-attr]
-        known = tracked.get(key)
-        if known is None:
-            return False
-        kind = type(event)
-        if kind is OrderFilled:
-            before = event.filled - event.quantity  # type: ignore[union-attr]
-        elif kind is OrderCanceled:
-            before = event.filled  # type: ignore[union-attr]
-        elif kind is OrderAmended:
-            before = event.quantity - event.remaining  # type: ignore[union-attr]
-        else:
-            return False
-        if self._inflight is not None:
-            known = max((fill.filled for fill in self._inflight.get(key, ())), default=known)
-        return before > known
+        inflight = self._inflight
+        seen: dict[tuple[str, str], int] = {}  # what the events before showed
+        for event in events:
+            kind = type(event)
+            if kind is OrderFilled:
+                before = event.filled - event.quantity  # type: ignore[union-attr]
+                after = event.filled  # type: ignore[union-attr]
+            elif kind is OrderCanceled:
+                before = after = event.filled  # type: ignore[union-attr]
+            elif kind is OrderAmended:
+                before = after = event.quantity - event.remaining  # type: ignore[union-attr]
+            else:
+                continue
+            if event.account != self.account:  # type: ignore[union-attr]
+                continue
+            key = (event.symbol, event.order_id)  # type: ignore[union-attr]
+            known = seen.get(key, tracked.get(key))
+            if known is None:
+                continue  # not a live order of this connection (yet)
+            if inflight is not None:
+                known = max((fill.filled for fill in inflight.get(key, ())), default=known)
+            if before > known:
+                return True
+            seen[key] = after
+        return False
 
     def _want_fills(self, symbol: str) -> dict[str, list[OrderFilled | _HeldReply]]:
         """An order's own event proved fills of ``symbol`` missing: what comes on it is held,
@@ -647,14 +657,15 @@ class Session:
                 merged[(item.symbol, item.trade_id)] = item
         if not replaying:
             self._replaying = None
-        high, tracked = self._maker_high or {}, self._filled or {}
+        high, tracked, inflight = self._maker_high or {}, self._filled or {}, self._inflight or {}
         # A fill is new if its order is live here and it shows more filled than was passed on
-        # (_maker_updates), or if its trade id is above the last one passed on (the order ended
-        # here, or its reply never came).
+        # (_maker_updates), or it waits for its order's reply (on_private holds it once), or its
+        # trade id is above the last one passed on (the order ended here, or its reply timed out).
         # (symbol, seq, a reply before a fill, then arrival or trade id): unique, so the items are never compared
         order: list[tuple[str, int, int, int, Any]] = [
             (fill.symbol, fill.seq, 1, trade_id, fill) for (_, trade_id), fill in merged.items()
-            if (fill.symbol, fill.order_id) in tracked or trade_id > high.get(fill.symbol, 0)]
+            if (fill.symbol, fill.order_id) in tracked or (fill.symbol, fill.order_id) in inflight
+            or trade_id > high.get(fill.symbol, 0)]
         order += [(reply.command.symbol, reply.events[0].seq, 0, n, reply) for n, reply in enumerate(replies)]
         out = []
         for *_, item in sorted(order, key=lambda entry: entry[:4]):
