@@ -51,14 +51,14 @@ MIDS = {"BTC-USDT": 30000, "SOL-USDT": 150, "ETH-USDT": 2000}  # in whole units;
 
 
 def start(cluster: Cluster, matchers: dict[str, list[str]], limits: str = "", workers: int = 1,
-          relay: bool = False, standby_relay: bool = False) -> Topology:
-    """Matchers, router r1, gateway g1 (and relay x1 between them with ``relay``; and x2, the
-    gateway's standby of x1, with ``standby_relay``), all ready."""
+          relay: bool = False, standby_relay: bool = False, routers: int = 1) -> Topology:
+    """Matchers, router r1 (r1..rN with ``routers``), gateway g1 (and relay x1 between them with
+    ``relay``; and x2, the gateway's standby of x1, with ``standby_relay``), all ready."""
     extra = "".join([f", workers: {workers}" if workers != 1 else "", f", limits: {{{limits}}}" if limits else ""])
     cluster.topology = write_topology(cluster.directory, matchers=matchers, relay=relay, gateways=1,
-                                      extra_gateway=extra, standby_relay=standby_relay)
+                                      extra_gateway=extra, standby_relay=standby_relay, routers=routers)
     relays = ("x1", "x2") if standby_relay else ("x1",) if relay else ()
-    for name in (*matchers, "r1", *relays, "g1"):
+    for name in (*matchers, *(f"r{n}" for n in range(1, routers + 1)), *relays, "g1"):
         cluster.start(name)
     return load_topology(cluster.topology)
 
@@ -568,6 +568,34 @@ def test_a_fill_the_feed_lost_reaches_its_owner_before_the_orders_cancel(
         assert s1_fills(client) == TWO_FILLS[:1]
     finally:
         maker.close()
+
+
+def test_over_two_routers_a_connections_requests_are_answered_in_the_order_it_sent_them(
+        cluster: Cluster, clients: Clients) -> None:
+    """Two routers: each connection's orders go through one of them while it is up, so an amend
+    and the cancel sent right after it reach the book in that order (over both, the cancel
+    overtook the amend about one time in three). With that router killed, the other one
+    carries the connection's orders."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, routers=2)
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    traders = [clients(f"t{n}") for n in range(4)]  # spread over both routers
+    for trader in traders:
+        until_accepted(trader, "BTC-USDT", trader.name)
+    for n in range(25):
+        for trader in traders:
+            order_id = f"p{n}"
+            trader.send({"action": "submit_order", "order_id": order_id, "symbol": "BTC-USDT", "side": "buy",
+                         "price": price("BTC-USDT", -200 - n), "quantity": "0.002"})
+            trader.send({"action": "amend_order", "order_id": order_id, "symbol": "BTC-USDT", "quantity": "0.001"})
+            trader.send({"action": "cancel_order", "order_id": order_id, "symbol": "BTC-USDT"})
+    for trader in traders:
+        trader.wait_until(lambda t=trader: len(t.orders.get("p24", ())) == 3, "the last order's three updates")
+        for n in range(25):
+            assert [u["data"]["status"] for u in trader.orders[f"p{n}"]] == ["accepted", "amended", "canceled"]
+        assert not trader.take({"type": "error"})
+    node(cluster, "r1").kill()
+    for trader in traders:
+        until_accepted(trader, "BTC-USDT", f"{trader.name}-after")  # whichever router it had
 
 
 def resyncs_across(topology: Topology, clients: Clients, context: zmq.Context, fail: Callable[[], None],

@@ -1007,6 +1007,43 @@ def test_a_cancel_that_shows_a_fill_missing_waits_for_it():
     assert alice.fills_wanted is None  # asked once, not again
 
 
+def test_a_fill_that_comes_live_after_it_was_asked_again_is_not_passed_on_twice():
+    """The usual race, no outage: alice's cancel is answered (through a router) before two fills
+    of the order (on the feed, through a relay) arrive. The cancel shows them; the matcher is
+    asked for the fills after the last one alice has; then the live copies come, and are dropped."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    first = maker_fills(ex.order(bob, order_id="b1", price="30000", quantity="0.1")[1])
+    assert len(alice.on_private(first)) == 1
+    on_the_way = [f for n in (2, 3) for f in maker_fills(ex.order(bob, order_id=f"b{n}", price="30000",
+                                                                  quantity="0.1")[1])]
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})[0]
+    assert alice.on_reply(cancel.command, "c", "ok", ex.run(cancel)) == []
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": first[0].trade_id}  # after a1's last fill passed on, not from 0
+    got = updates(alice.end_fill_replay(asked, on_the_way))
+    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [
+        ("partially_filled", "0.2"), ("partially_filled", "0.3"), ("canceled", "0.3")]
+    assert alice.on_private(on_the_way) == []  # the live copies
+
+
+def test_a_refused_cancel_of_an_order_that_filled_unseen_comes_after_its_fill():
+    """a1 filled completely, and the fill is not here yet: the cancel's ``unknown_order`` (at the
+    seq of that fill: a refusal moves nothing) proves it ended. The fill goes out first."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.5")
+    lost = maker_fills(ex.order(bob, order_id="b1", price="30000", quantity="0.5")[1])
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})[0]
+    refused = ex.run(cancel)
+    assert refused[0].seq == lost[0].seq
+    assert alice.on_reply(cancel.command, "c", "ok", refused) == []
+    got = updates(alice.end_fill_replay(alice.begin_fill_replay(["BTC-USDT"]), lost))
+    assert [(u["type"], u.get("data", {}).get("status") or u.get("code")) for u in got] == [
+        ("order_update", "filled"), ("error", "unknown_order")]
+
+
 def test_an_amend_that_crosses_into_several_fills_shows_nothing_missing():
     ex = Exchange()
     alice, bob = session(ALICE), session(BOB)

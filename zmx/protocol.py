@@ -266,12 +266,13 @@ class Session:
         # symbol -> its resting orders' fills, and the replies to its orders, that arrived while
         # the gateway asks the matcher for the fills its feed lost (begin_fill_replay)
         self._replaying: dict[str, list[OrderFilled | _HeldReply]] | None = None
-        # (symbol, order_id) -> the lots filled that the messages passed on so far show, for each
-        # live order this connection placed: a later event of the order that shows more filled
-        # before it than that proves fills that never came
-        self._filled: dict[tuple[str, str], int] | None = None
-        # symbol -> the trade id to ask the matcher for fills after (0): symbols where an order's
-        # own events proved fills missing; the gateway asks (begin_fill_replay) and empties it
+        # (symbol, order_id) -> (the lots filled that the messages passed on so far show, a trade
+        # id below any fill of the order not passed on yet), for each live order this connection
+        # placed: a later event of the order that shows more filled before it proves fills that
+        # never came, and the matcher is asked for the fills after that trade id
+        self._filled: dict[tuple[str, str], tuple[int, int]] | None = None
+        # symbol -> the trade id to ask the matcher for fills after: symbols where an order's own
+        # events proved fills missing; the gateway asks (begin_fill_replay), which empties it
         self.fills_wanted: dict[str, int] | None = None
 
     # -- client messages -------------------------------------------------------------------------
@@ -461,10 +462,11 @@ class Session:
         if status == "ok" and events and not settle:
             replaying = self._replaying
             if replaying is None or symbol not in replaying:
-                if not self._shows_missing(events):
+                after = self._shows_missing(events)
+                if after is None:
                     replaying = None
                 else:  # the reply shows fills of its order that never came: they are asked for first
-                    replaying = self._want_fills(symbol)
+                    replaying = self._want_fills(symbol, after)
             if replaying is not None:
                 # The matcher is being asked for fills of this symbol that the feed lost: the reply
                 # waits for them, and goes where the book put it (end_fill_replay), so that a fill
@@ -481,7 +483,7 @@ class Session:
             # An amend's reply and the order's fills as a maker race each other: each goes where
             # the book put it (the fills made before the amend first), by seq.
             amend_seq = events[0].seq
-            out.extend(self._maker_updates(spec, [fill for fill in held if fill.seq <= amend_seq]))
+            out.extend(self._maker_updates(spec, [fill for fill in held if fill.seq <= amend_seq], held=True))
             held = [fill for fill in held if fill.seq > amend_seq]
         if status != "ok":
             reason = status if status in ("unknown_symbol", "unavailable") else "unavailable"
@@ -500,7 +502,7 @@ class Session:
                 self._passed(event)
         # Fills held for this order: after an error status too, since a fill proves that an
         # order whose reply was lost (or timed out) is live.
-        out.extend(self._maker_updates(spec, held))
+        out.extend(self._maker_updates(spec, held, held=True))
         return out
 
     def on_private(self, events: Iterable[Event], *, settle: bool = False) -> list[bytes]:
@@ -529,23 +531,32 @@ class Session:
                 if event not in inflight[key]:  # a fill asked again may be held already
                     inflight[key].append(event)
                 continue
-            if not settle and self._shows_missing((event,)):
-                self._want_fills(symbol)[symbol].append(event)
-                continue
+            if not settle:
+                after = self._shows_missing((event,))
+                if after is not None:
+                    self._want_fills(symbol, after)[symbol].append(event)
+                    continue
             spec = self.symbols.get(symbol)
             if spec is not None:
                 out.extend(self._maker_updates(spec, (event,)))
         return out
 
-    def _maker_updates(self, spec: SymbolSpec, fills: Iterable[OrderFilled]) -> list[bytes]:
-        """The order_updates of resting orders' fills, each passed on once."""
+    def _maker_updates(self, spec: SymbolSpec, fills: Iterable[OrderFilled], *, held: bool = False) -> list[bytes]:
+        """The order_updates of resting orders' fills, each passed on once: a fill of a live
+        order here that shows no more filled than was passed on came already (asked again, then
+        live), and so did one of another order (ended here) whose trade id is not above the last
+        passed on; unless ``held`` (it waited for its order's reply: never passed on)."""
         out = []
-        high, tracked = self._maker_high, self._filled
+        high, tracked = self._maker_high or {}, self._filled
         for fill in fills:
             known = tracked.get((fill.symbol, fill.order_id)) if tracked else None
-            if known is not None and fill.filled <= known:
-                continue  # passed on already (a fill asked again that had come after all)
-            if high is not None and fill.trade_id > high.get(fill.symbol, fill.trade_id):
+            last = high.get(fill.symbol)
+            if known is not None:
+                if fill.filled <= known[0]:
+                    continue
+            elif not held and last is not None and fill.trade_id <= last:
+                continue
+            if last is not None and fill.trade_id > last:
                 high[fill.symbol] = fill.trade_id
             self._passed(fill)
             out.append(order_update(spec, fill))  # type: ignore[arg-type]
@@ -559,26 +570,31 @@ class Session:
         if kind is OrderAccepted:
             if tracked is None:
                 tracked = self._filled = {}
-            tracked[key] = 0
-        elif tracked is None or key not in tracked:
+            # every fill of the order comes after the last one of the symbol passed on so far
+            tracked[key] = (0, (self._maker_high or {}).get(event.symbol, 0))  # type: ignore[union-attr]
             return
-        elif kind is OrderFilled:
+        known = tracked.get(key) if tracked is not None else None
+        if known is None:
+            return
+        if kind is OrderFilled:
             if event.remaining:  # type: ignore[union-attr]
-                tracked[key] = event.filled  # type: ignore[union-attr]
+                tracked[key] = (event.filled, max(known[1], event.trade_id))  # type: ignore[union-attr,index]
             else:
-                del tracked[key]
+                del tracked[key]  # type: ignore[union-attr]
         elif kind is OrderCanceled:
-            del tracked[key]
+            del tracked[key]  # type: ignore[union-attr]
         elif kind is OrderAmended:
-            tracked[key] = event.quantity - event.remaining  # type: ignore[union-attr]
+            tracked[key] = (event.quantity - event.remaining, known[1])  # type: ignore[union-attr,index]
 
-    def _shows_missing(self, events: Iterable[Event]) -> bool:
-        """True if one of ``events`` (a reply's, in order, or one fill), of a live order of this
+    def _shows_missing(self, events: Iterable[Event]) -> int | None:
+        """If one of ``events`` (a reply's, in order, or one fill), of a live order of this
         connection, shows more filled before it than the messages passed on (or held, waiting
-        for the order's reply), and the events before it, did."""
+        for the order's reply) and the events before it did, or refuses a cancel or amend as
+        ``unknown_order`` (it ended, so fills made it end): the trade id after which its missing
+        fills are. Else None."""
         tracked = self._filled
         if not tracked:
-            return False
+            return None
         inflight = self._inflight
         seen: dict[tuple[str, str], int] = {}  # what the events before showed
         for event in events:
@@ -590,27 +606,31 @@ class Session:
                 before = after = event.filled  # type: ignore[union-attr]
             elif kind is OrderAmended:
                 before = after = event.quantity - event.remaining  # type: ignore[union-attr]
+            elif (kind is CancelRejected or kind is AmendRejected) and event.reason == "unknown_order":
+                before = after = -1  # ended: shown below as missing, if the order is live here
             else:
                 continue
             if event.account != self.account:  # type: ignore[union-attr]
                 continue
             key = (event.symbol, event.order_id)  # type: ignore[union-attr]
-            known = seen.get(key, tracked.get(key))
-            if known is None:
+            state = tracked.get(key)
+            if state is None:
                 continue  # not a live order of this connection (yet)
+            known = seen.get(key, state[0])
             if inflight is not None:
                 known = max((fill.filled for fill in inflight.get(key, ())), default=known)
-            if before > known:
-                return True
+            if before > known or before < 0:
+                return state[1]
             seen[key] = after
-        return False
+        return None
 
-    def _want_fills(self, symbol: str) -> dict[str, list[OrderFilled | _HeldReply]]:
-        """An order's own event proved fills of ``symbol`` missing: what comes on it is held,
-        and the gateway asks the matcher for them (``fills_wanted``). The hold, to append to."""
+    def _want_fills(self, symbol: str, after: int) -> dict[str, list[OrderFilled | _HeldReply]]:
+        """An order's own event proved fills of ``symbol`` after trade id ``after`` missing: what
+        comes on it is held, and the gateway asks the matcher for them (``fills_wanted``). The
+        hold, to append to."""
         if self.fills_wanted is None:
             self.fills_wanted = {}
-        self.fills_wanted[symbol] = 0
+        self.fills_wanted[symbol] = min(after, self.fills_wanted.get(symbol, after))
         if self._replaying is None:
             self._replaying = {}
         self._replaying.setdefault(symbol, [])
@@ -630,8 +650,8 @@ class Session:
         if not high:
             return None
         wanted = self.fills_wanted or {}
-        asked = {symbol: wanted.pop(symbol) if symbol in wanted else high[symbol] for symbol in symbols
-                 if symbol in high}
+        asked = {symbol: min(high[symbol], wanted.pop(symbol)) if symbol in wanted else high[symbol]
+                 for symbol in symbols if symbol in high}
         if not wanted:
             self.fills_wanted = None
         if not asked:
@@ -661,12 +681,14 @@ class Session:
         # A fill is new if its order is live here and it shows more filled than was passed on
         # (_maker_updates), or it waits for its order's reply (on_private holds it once), or its
         # trade id is above the last one passed on (the order ended here, or its reply timed out).
-        # (symbol, seq, a reply before a fill, then arrival or trade id): unique, so the items are never compared
+        # (symbol, seq, a fill before a reply, then trade id or arrival): unique, so the items are
+        # never compared. A reply at the seq of a fill is a refusal (it moved nothing), which
+        # came after the command that made that seq.
         order: list[tuple[str, int, int, int, Any]] = [
-            (fill.symbol, fill.seq, 1, trade_id, fill) for (_, trade_id), fill in merged.items()
+            (fill.symbol, fill.seq, 0, trade_id, fill) for (_, trade_id), fill in merged.items()
             if (fill.symbol, fill.order_id) in tracked or (fill.symbol, fill.order_id) in inflight
             or trade_id > high.get(fill.symbol, 0)]
-        order += [(reply.command.symbol, reply.events[0].seq, 0, n, reply) for n, reply in enumerate(replies)]
+        order += [(reply.command.symbol, reply.events[0].seq, 1, n, reply) for n, reply in enumerate(replies)]
         out = []
         for *_, item in sorted(order, key=lambda entry: entry[:4]):
             if type(item) is _HeldReply:

@@ -22,7 +22,8 @@ it gets no channel data until it drains, then a ``slow_consumer`` error and a fr
 ``depth_snapshot`` per channel it missed; behind for longer than ``slow_consumer_ms`` closes
 it with 1013.
 
-Orders: one DEALER to every router's front (docs/wire.md frames). Each connection is its own
+Orders: one DEALER to each router's front (docs/wire.md frames); a connection's orders go
+through one router while it is up, so they stay in the order it sent them. Each connection is its own
 account; the account's private topic is subscribed on its first order, for the fills of its
 resting orders. Those that a lost feed did not bring are asked of the matcher once it is back
 (``_ask_fills``; docs/wire.md, "Fills a gateway missed").
@@ -557,13 +558,18 @@ class Gateway:
         # matcher name -> when its feed, or the connection to its snapshot service, was lost (until it is back)
         self.matcher_lost: dict[str, float] = {}
         self.fills_requests: dict[tuple[str, str], FillsRequest] = {}  # (matcher name, account) -> request
-        self.dealer = self.context.socket(zmq.DEALER)
-        self.dealer.linger = 0
-        self.dealer.immediate = 1
-        self.dealer.sndhwm = self.dealer.rcvhwm = HWM
+        # One DEALER per router, and each connection's orders through one of them while it is
+        # up: a connection's requests reach the matcher, and its replies come back, in the order
+        # it sent them (over several routers, a cancel could overtake the amend sent before it).
+        self.dealers: list[zmq.Socket[bytes]] = []
         for router in topology.nodes_by_role("router"):
             assert isinstance(router, RouterNode)
-            self.dealer.connect(connect_endpoint(router.front))
+            dealer = self.context.socket(zmq.DEALER)
+            dealer.linger = 0
+            dealer.immediate = 1  # a router that is down takes nothing: the next one is tried
+            dealer.sndhwm = dealer.rcvhwm = HWM
+            dealer.connect(connect_endpoint(router.front))
+            self.dealers.append(dealer)
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
         self.snapshot_renewed: dict[str, float] = {}  # matcher name -> when its DEALER was last made anew
         self.snapshot_monitors: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> its DEALER's monitor
@@ -581,7 +587,8 @@ class Gateway:
     async def serve(self, stop: asyncio.Event, ready: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
         self._watch(self.sub, self._read_sub)
-        self._watch(self.dealer, self._read_replies)
+        for dealer in self.dealers:
+            self._watch(dealer, lambda d=dealer: self._read_replies(d))
         self._watch(self.monitor, self._read_monitor)
         for name, sock in self.snapshot_sockets.items():
             self._watch(sock, lambda s=sock: self._read_snapshots(s))
@@ -617,7 +624,7 @@ class Gateway:
         self.sub.disable_monitor()
         for name in list(self.snapshot_monitors):
             self._unmonitor_snapshot_socket(name)
-        for sock in (self.monitor, self.sub, self.dealer, *self.snapshot_sockets.values(),
+        for sock in (self.monitor, self.sub, *self.dealers, *self.snapshot_sockets.values(),
                      *(old for old, _, _ in self.retired_snapshot_sockets)):
             sock.close(linger=0)
         self.context.term()
@@ -1065,20 +1072,27 @@ class Gateway:
             self.sub.subscribe(account_topic(session.account))
         self._request_ids += 1
         rid = self._request_ids
-        try:
-            self.dealer.send_multipart((encode_header(rid, command.symbol), codec.encode(command)), zmq.NOBLOCK)
-        except zmq.Again:
-            for payload in session.on_reply(command, request_id, "unavailable", (), "no router is connected"):
-                conn.send(payload)
+        frames = (encode_header(rid, command.symbol), codec.encode(command))
+        dealers = self.dealers
+        first = hash(session.account) % len(dealers)  # this connection's router, while it is up
+        for n in range(len(dealers)):
+            dealer = dealers[(first + n) % len(dealers)]
+            try:
+                dealer.send_multipart(frames, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                continue
+        else:
+            self._deliver(conn, session.on_reply(command, request_id, "unavailable", (), "no router is connected"))
             return
         self.requests[rid] = (conn, command, request_id, time.monotonic() + REQUEST_TIMEOUT_S)
-        self._rearm(self.dealer, self._read_replies)
+        self._rearm(dealer, lambda: self._read_replies(dealer))
         self._rearm(self.sub, self._read_sub)
 
-    def _read_replies(self) -> None:
+    def _read_replies(self, dealer: zmq.Socket[bytes]) -> None:
         for _ in range(1024):
             try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+                frames = dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             reply = parse_reply(frames)
@@ -1098,7 +1112,7 @@ class Gateway:
             else:
                 payloads = conn.session.on_reply(command, request_id, reply.status, reply.events, reply.message)
             self._deliver(conn, payloads)
-        self._rearm(self.dealer, self._read_replies)
+        self._rearm(dealer, lambda: self._read_replies(dealer))
 
     def _deliver(self, conn: Connection, payloads: list[bytes]) -> None:
         """Send a session's answer to the cluster; if its order's own events proved fills
