@@ -570,12 +570,14 @@ def test_a_fill_the_feed_lost_reaches_its_owner_before_the_orders_cancel(
         maker.close()
 
 
+@pytest.mark.parametrize("failure", ["kill -9", "SIGSTOP"])
 def test_over_two_routers_a_connections_requests_are_answered_in_the_order_it_sent_them(
-        cluster: Cluster, clients: Clients) -> None:
+        cluster: Cluster, clients: Clients, failure: str) -> None:
     """Two routers: each connection's orders go through one of them while it is up, so an amend
     and the cancel sent right after it reach the book in that order (over both, the cancel
-    overtook the amend about one time in three). With that router killed, the other one
-    carries the connection's orders."""
+    overtook the amend about one time in three). With that router killed, or hung (its
+    connections stay open; ZeroMQ's pings find it), the other one carries the connection's
+    orders."""
     topology = start(cluster, {"m1": ["BTC-USDT"]}, routers=2)
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     traders = [clients(f"t{n}") for n in range(4)]  # spread over both routers
@@ -593,9 +595,17 @@ def test_over_two_routers_a_connections_requests_are_answered_in_the_order_it_se
         for n in range(25):
             assert [u["data"]["status"] for u in trader.orders[f"p{n}"]] == ["accepted", "amended", "canceled"]
         assert not trader.take({"type": "error"})
-    node(cluster, "r1").kill()
-    for trader in traders:
-        until_accepted(trader, "BTC-USDT", f"{trader.name}-after")  # whichever router it had
+    r1 = node(cluster, "r1")
+    if failure == "kill -9":
+        r1.kill()
+    else:
+        r1.proc.send_signal(signal.SIGSTOP)
+    try:
+        for trader in traders:
+            until_accepted(trader, "BTC-USDT", f"{trader.name}-after")  # whichever router it had
+    finally:
+        if r1.proc.poll() is None:
+            r1.proc.send_signal(signal.SIGCONT)  # so that it can be stopped
 
 
 def resyncs_across(topology: Topology, clients: Clients, context: zmq.Context, fail: Callable[[], None],

@@ -568,6 +568,8 @@ class Gateway:
             dealer.linger = 0
             dealer.immediate = 1  # a router that is down takes nothing: the next one is tried
             dealer.sndhwm = dealer.rcvhwm = HWM
+            # ZeroMQ's pings: a router that hangs loses its connection, and its orders go to the next
+            dealer.heartbeat_ivl, dealer.heartbeat_timeout = FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS
             dealer.connect(connect_endpoint(router.front))
             self.dealers.append(dealer)
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
