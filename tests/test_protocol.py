@@ -1044,6 +1044,35 @@ def test_a_refused_cancel_of_an_order_that_filled_unseen_comes_after_its_fill():
         ("order_update", "filled"), ("error", "unknown_order")]
 
 
+def test_an_order_whose_submit_got_no_answer_is_checked_as_a_live_one():
+    """The submit timed out (``unknown_outcome``: the client is told ``unavailable``) but the
+    order is on the book. A fill is on its way when the owner cancels it: the cancel shows the
+    fill and waits for it. A timed-out order that never reached the book is refused as
+    ``unknown_order`` at once (after a look for fills), and forgotten."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="1")
+    ex.run(a1)  # on the book; the answer is lost
+    (told,) = updates(alice.on_reply(a1.command, "s", "unknown_outcome", (), "no answer within 5 s"))
+    assert (told["data"]["status"], told["data"]["reason"]) == ("rejected", "unavailable")
+    on_the_way = maker_fills(ex.order(bob, order_id="b1", price="30000", quantity="0.1")[1])
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})[0]
+    assert alice.on_reply(cancel.command, "c", "ok", ex.run(cancel)) == []
+    got = updates(alice.end_fill_replay(alice.begin_fill_replay(["BTC-USDT"]), on_the_way))
+    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [("partially_filled", "0.1"),
+                                                                          ("canceled", "0.1")]
+    assert alice.on_private(on_the_way) == []
+    a2 = submit(alice, order_id="a2", side="sell", price="30000", quantity="1")  # never reaches the book
+    alice.on_reply(a2.command, None, "unknown_outcome", (), "no answer within 5 s")
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a2"})[0]
+    assert alice.on_reply(cancel.command, None, "ok", ex.run(cancel)) == []  # held: did it end unseen?
+    (gone,) = updates(alice.end_fill_replay(alice.begin_fill_replay(["BTC-USDT"]), ()))
+    assert gone["code"] == "unknown_order"
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a2"})[0]
+    assert len(alice.on_reply(cancel.command, None, "ok", ex.run(cancel))) == 1  # forgotten: not held again
+    assert alice.fills_wanted is None
+
+
 def test_an_amend_that_crosses_into_several_fills_shows_nothing_missing():
     ex = Exchange()
     alice, bob = session(ALICE), session(BOB)

@@ -454,9 +454,10 @@ class Session:
 
     def on_reply(self, command: SubmitOrder | CancelOrder | AmendOrder, request_id: object, status: str,
                  events: Iterable[Event], message: str = "", *, settle: bool = False) -> list[bytes]:
-        """The messages for the router's reply to ``command`` (``status`` as in docs/wire.md).
-        ``settle``: the reply was held for fills asked again, which have come (or will not):
-        it goes out whatever it shows."""
+        """The messages for the router's reply to ``command`` (``status`` as in docs/wire.md, or
+        ``unknown_outcome``: no answer, or none that could be read; the client is told
+        ``unavailable``). ``settle``: the reply was held for fills asked again, which have come
+        (or will not): it goes out whatever it shows."""
         symbol, order_id = command.symbol, command.order_id
         events = tuple(events)
         if status == "ok" and events and not settle:
@@ -486,6 +487,12 @@ class Session:
             out.extend(self._maker_updates(spec, [fill for fill in held if fill.seq <= amend_seq], held=True))
             held = [fill for fill in held if fill.seq > amend_seq]
         if status != "ok":
+            if status == "unknown_outcome" and is_submit:
+                # The order may be live: its later fills and replies are checked as a live
+                # order's, from nothing filled (a cancel that shows a fill waits for it).
+                submit: SubmitOrder = command  # type: ignore[assignment]
+                self._passed(OrderAccepted(symbol, 0, 0, order_id, self.account, submit.side, submit.type,
+                                           submit.time_in_force, submit.price, submit.quantity))
             reason = status if status in ("unknown_symbol", "unavailable") else "unavailable"
             text = message or status
             if is_submit:
@@ -581,8 +588,9 @@ class Session:
                 tracked[key] = (event.filled, max(known[1], event.trade_id))  # type: ignore[union-attr,index]
             else:
                 del tracked[key]  # type: ignore[union-attr]
-        elif kind is OrderCanceled:
-            del tracked[key]  # type: ignore[union-attr]
+        elif kind is OrderCanceled or (kind is CancelRejected or kind is AmendRejected) and \
+                event.reason == "unknown_order":  # type: ignore[union-attr]
+            del tracked[key]  # type: ignore[union-attr]  # it ended (an unknown_order: unseen, or never placed)
         elif kind is OrderAmended:
             tracked[key] = (event.quantity - event.remaining, known[1])  # type: ignore[union-attr,index]
 

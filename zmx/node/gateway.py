@@ -1109,7 +1109,7 @@ class Gateway:
                 continue
             if reply.status == "bad_reply":
                 self.counts["bad_reply"] += 1
-                payloads = conn.session.on_reply(command, request_id, "unavailable", (),
+                payloads = conn.session.on_reply(command, request_id, "unknown_outcome", (),
                                                  "the reply could not be read; the outcome is unknown")
             else:
                 payloads = conn.session.on_reply(command, request_id, reply.status, reply.events, reply.message)
@@ -1310,7 +1310,7 @@ class Gateway:
             del requests[rid]
             if conn.session is not None and conn.transport is not None:
                 self._deliver(conn, conn.session.on_reply(
-                    command, request_id, "unavailable", (),
+                    command, request_id, "unknown_outcome", (),
                     f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"))
         # connections that do not finish their handshake (or never start it) hold a socket
         # each: cut them, as websockets' own server does
