@@ -1134,7 +1134,8 @@ class Gateway:
             else:
                 for symbol in self.topology.symbols_of(matcher):
                     if symbol in session.fills_wanted:
-                        old.after[symbol] = session.fills_wanted.pop(symbol)
+                        wanted = session.fills_wanted.pop(symbol)
+                        old.after[symbol] = min(wanted, old.after.get(symbol, wanted))
                 if not session.fills_wanted:
                     session.fills_wanted = None
         self._send_fills_requests(now)
@@ -1200,9 +1201,9 @@ class Gateway:
         del self.fills_requests[(matcher, account)]
         fills = [e for e in events if type(e) is OrderFilled and e.symbol in request.after]
         self._end_fills_request(request, fills)
-        if fills:
+        if fills:  # counted, not logged at info: on a busy gateway a cancel often overtakes its order's fill
             self.counts["fills_replayed"] += len(fills)
-            log.info("%s: %s sent %d fill(s) of resting orders that its feed lost", account, matcher, len(fills))
+            log.debug("%s: %s sent %d fill(s) of resting orders that its feed lost", account, matcher, len(fills))
         if complete_since_ns > request.lost_ns:
             self.counts["fills_incomplete"] += 1
             log.warning("%s: %s holds fills since %.1f s after its feed was lost only; older ones may be missing",
