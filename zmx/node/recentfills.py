@@ -24,7 +24,9 @@ from collections.abc import Mapping
 
 __all__ = ["RETAIN_MAX", "RETAIN_S", "RecentFills"]
 
-RETAIN_S = 300.0  # longer than any outage a gateway's own recovery covers (a relay's restart, a standby's switch)
+# Ten times the longest outage the cluster's own recovery took here (a standby's switch: 6-7 s),
+# and short enough that a busy matcher reaches the bound within its first minutes
+RETAIN_S = 120.0
 RETAIN_MAX = 100_000  # fills held at most (about 310 bytes each, 31 MB in all)
 
 
