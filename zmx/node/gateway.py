@@ -66,6 +66,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from zmq.utils.monitor import recv_monitor_message
 
 from zmx import codec
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
@@ -640,6 +641,11 @@ class Gateway:
         self._readers.append((sock, read))
         asyncio.get_running_loop().call_soon(self._run_reader, read)
 
+    def _unwatch(self, sock: zmq.Socket[bytes]) -> None:
+        """Undo ``_watch``: ``sock``'s reader is called no more (before the socket is closed)."""
+        asyncio.get_running_loop().remove_reader(sock.getsockopt(zmq.FD))
+        self._readers = [(watched, read) for watched, read in self._readers if watched is not sock]
+
     def _run_reader(self, read: Callable[[], None]) -> None:
         """Run a socket reader; a bug in it is logged and the reader runs again (what it had
         not read yet is still waiting, and its FD will not fire for it)."""
@@ -769,33 +775,25 @@ class Gateway:
 
     def _unmonitor_snapshot_socket(self, name: str) -> None:
         monitor = self.snapshot_monitors.pop(name)
-        asyncio.get_running_loop().remove_reader(monitor.getsockopt(zmq.FD))
-        self._readers = [(sock, read) for sock, read in self._readers if sock is not monitor]
+        self._unwatch(monitor)
         self.snapshot_sockets[name].disable_monitor()
         monitor.close(linger=0)
 
     def _read_snapshot_monitor(self, name: str, monitor: zmq.Socket[bytes]) -> None:
+        self._drain_monitor(monitor, lambda event, _: self._snapshot_service_event(name, event),
+                            lambda: self._read_snapshot_monitor(name, monitor))
+
+    def _snapshot_service_event(self, name: str, event: int) -> None:
         """A matcher whose snapshot service was lost and is back may have restarted: the fills
         of resting orders it published before the relays' subscriptions reached it again are
         lost to their owners, and asked of it (``_ask_fills``)."""
-        if monitor.closed:
-            return  # unmonitored meanwhile; a read of it was still scheduled
-        for _ in range(64):
-            try:
-                frames = monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2 or len(frames[0]) < 6:
-                continue
-            event = int.from_bytes(frames[0][:2], "little")
-            now = time.monotonic()
-            if event == zmq.EVENT_DISCONNECTED:
-                log.info("lost the connection to %s's snapshot service", name)
-                self.matcher_lost.setdefault(name, now)
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and name in self.matcher_lost:
-                log.info("connected to %s's snapshot service again", name)
-                self._ask_fills(name, self.matcher_lost.pop(name), now)
-        self._rearm(monitor, lambda: self._read_snapshot_monitor(name, monitor))
+        now = time.monotonic()
+        if event == zmq.EVENT_DISCONNECTED:
+            log.info("lost the connection to %s's snapshot service", name)
+            self.matcher_lost.setdefault(name, now)
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and name in self.matcher_lost:
+            log.info("connected to %s's snapshot service again", name)
+            self._ask_fills(name, self.matcher_lost.pop(name), now)
 
     def _read_snapshots(self, sock: zmq.Socket[bytes]) -> None:
         if sock.closed:
@@ -1029,39 +1027,49 @@ class Gateway:
             if state is not None and state.channel.synced:
                 conn.send(state.channel.snapshot_message())
 
-    def _read_monitor(self) -> None:
+    def _drain_monitor(self, monitor: zmq.Socket[bytes], handle: Callable[[int, str], None],
+                       reader: Callable[[], None]) -> None:
+        """Hand each event waiting on a socket monitor to ``handle(event, endpoint)``, at most
+        64 a turn (``reader`` reads the rest at the next one)."""
+        if monitor.closed:
+            return  # unmonitored meanwhile; a read of it was still scheduled
         for _ in range(64):
             try:
-                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+                message = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 2 or len(frames[0]) < 6:
+            except RuntimeError:  # not a monitor event (pyzmq's check): skipped
                 continue
-            event = int.from_bytes(frames[0][:2], "little")
-            endpoint = frames[1].decode(errors="replace")
-            way = self.feed_paths.get(endpoint)
-            if way is not None and way[0] != endpoint:
-                continue  # a way this gateway left for a standby (its last events may still come)
-            now = time.monotonic()
-            if event == zmq.EVENT_DISCONNECTED:
-                log.warning("lost the feed from %s", endpoint)
-                self.feed_lost[endpoint] = now
+            handle(message["event"], message["endpoint"].decode(errors="replace"))
+        self._rearm(monitor, reader)
+
+    def _read_monitor(self) -> None:
+        self._drain_monitor(self.monitor, self._feed_event, self._read_monitor)
+
+    def _feed_event(self, event: int, endpoint: str) -> None:
+        """A connection of the SUB to a publisher was lost, or made (again)."""
+        way = self.feed_paths.get(endpoint)
+        if way is not None and way[0] != endpoint:
+            return  # a way this gateway left for a standby (its last events may still come)
+        now = time.monotonic()
+        if event == zmq.EVENT_DISCONNECTED:
+            log.warning("lost the feed from %s", endpoint)
+            self.feed_lost[endpoint] = now
+            for matcher in self.upstream_matchers.get(endpoint, ()):
+                self.matcher_lost.setdefault(matcher, now)
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.feed_lost.pop(endpoint, None)
+            self.feed_retry.pop(endpoint, None)
+            if endpoint in self.connected_once:
+                # Reconnected: the publisher may have restarted, what it sent meanwhile is lost.
+                log.info("feed from %s is back; resyncing its channels", endpoint)
+                for symbol in self.upstream_symbols.get(endpoint, ()):
+                    state = self.channels.get(symbol)
+                    if state is not None:
+                        self._resync(state, f"reconnected to {endpoint}")
                 for matcher in self.upstream_matchers.get(endpoint, ()):
-                    self.matcher_lost.setdefault(matcher, now)
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.feed_lost.pop(endpoint, None)
-                self.feed_retry.pop(endpoint, None)
-                if endpoint in self.connected_once:
-                    # Reconnected: the publisher may have restarted, what it sent meanwhile is lost.
-                    log.info("feed from %s is back; resyncing its channels", endpoint)
-                    for symbol in self.upstream_symbols.get(endpoint, ()):
-                        state = self.channels.get(symbol)
-                        if state is not None:
-                            self._resync(state, f"reconnected to {endpoint}")
-                    for matcher in self.upstream_matchers.get(endpoint, ()):
-                        self._ask_fills(matcher, self.matcher_lost.pop(matcher, now), now)
-                self.connected_once.add(endpoint)
-        self._rearm(self.monitor, self._read_monitor)
+                    self._ask_fills(matcher, self.matcher_lost.pop(matcher, now), now)
+            self.connected_once.add(endpoint)
 
     # -- orders ---------------------------------------------------------------------------------------------
 
@@ -1131,13 +1139,9 @@ class Gateway:
                 self._ask_account_fills(matcher, session.account, conn, time.time_ns(), now, wait=0.0)
             elif old.sent:
                 old.again = True  # asked again once it is answered, from the trade id wanted
-            else:
-                for symbol in self.topology.symbols_of(matcher):
-                    if symbol in session.fills_wanted:
-                        wanted = session.fills_wanted.pop(symbol)
-                        old.after[symbol] = min(wanted, old.after.get(symbol, wanted))
-                if not session.fills_wanted:
-                    session.fills_wanted = None
+            else:  # not sent yet: it asks from the lower trade ids (begin_fill_replay takes the wanted ones)
+                for symbol, after in (session.begin_fill_replay(self.topology.symbols_of(matcher)) or {}).items():
+                    old.after[symbol] = min(after, old.after.get(symbol, after))
         self._send_fills_requests(now)
 
     # -- fills a lost feed did not bring (docs/protocol.md, "Orders") -------------------------------------
@@ -1276,8 +1280,7 @@ class Gateway:
             self._close_snapshot_socket(retired.pop(0)[0])
 
     def _close_snapshot_socket(self, old: zmq.Socket[bytes]) -> None:
-        asyncio.get_running_loop().remove_reader(old.getsockopt(zmq.FD))
-        self._readers = [(sock, read) for sock, read in self._readers if sock is not old]
+        self._unwatch(old)
         old.close(linger=0)
 
     def _housekeeping(self, now: float) -> None:
