@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -111,7 +112,79 @@ def test_garbage_tail_is_cut_off(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         f.write(bytes(4096))  # or zeros
     with caplog.at_level(logging.WARNING, logger="zmx.journal"), Journal(tmp_path) as journal:
         assert journal.recover()[1] == commands(0, 3)
-    assert "cut off a torn tail of 4396 byte(s)" in caplog.text
+    assert "cut off a torn tail of 300 byte(s)" in caplog.text  # the zeros after them are no damage
+    assert segment.stat().st_size == record_offsets(3)[-1]
+
+
+def crash_copy(journal: Journal, directory: Path) -> Path:
+    """What the disk holds of ``journal``'s files if its process died now (synced, not closed)."""
+    directory.mkdir()
+    for path in journal.directory.iterdir():
+        if path.name != "lock":
+            (directory / path.name).write_bytes(path.read_bytes())
+    return directory
+
+
+def test_the_segment_is_preallocated_and_trimmed_when_closed(tmp_path: Path) -> None:
+    data = record_offsets(4)[-1]
+    with fresh(tmp_path / "j") as journal:
+        journal.append_batch(records(0, 4))
+        journal.sync()
+        segment = segments(journal.directory)[-1]
+        assert segment.stat().st_size == data + journal_module.PREALLOCATE_BYTES
+        journal.rotate()
+        assert segment.stat().st_size == data, "a segment closed by rotate keeps its records only"
+        journal.append_batch(records(4, 1))
+        journal.sync()
+    assert [p.stat().st_size for p in segments(tmp_path / "j")] == [data, record_offsets(5)[-1] - data]
+
+
+def test_a_crash_leaves_zeros_after_the_records_and_the_journal_goes_on_there(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with fresh(tmp_path / "j") as journal:
+        journal.append_batch(records(0, 3))
+        journal.sync()
+        crashed = crash_copy(journal, tmp_path / "crashed")
+    segment = segments(crashed)[-1]
+    assert segment.read_bytes()[record_offsets(3)[-1]:] == bytes(journal_module.PREALLOCATE_BYTES)
+    with caplog.at_level(logging.WARNING, logger="zmx.journal"), Journal(crashed) as journal:
+        assert journal.recover()[1] == commands(0, 3)
+        journal.append_batch(records(3, 2))
+        journal.sync()
+    assert not caplog.text, "zeros after the records are no damage"
+    assert segment.stat().st_size == record_offsets(5)[-1]
+    with Journal(crashed) as journal:
+        assert journal.recover()[1] == commands(0, 5)
+
+
+def test_a_torn_record_before_the_preallocated_zeros_is_cut_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with fresh(tmp_path / "j") as journal:
+        journal.append_batch(records(0, 3))
+        journal.sync()
+        crashed = crash_copy(journal, tmp_path / "crashed")
+    segment = segments(crashed)[-1]
+    offsets = record_offsets(3)
+    data = bytearray(segment.read_bytes())
+    data[offsets[3] - 6:offsets[3]] = bytes(6)  # the last record's last page never reached the disk
+    segment.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="zmx.journal"), Journal(crashed) as journal:
+        assert journal.recover()[1] == commands(0, 2)
+    assert f"cut off a torn tail of {offsets[3] - 6 - offsets[2]} byte(s) at offset {offsets[2]}" in caplog.text
+    assert segment.stat().st_size == offsets[2]
+
+
+def test_a_file_system_without_preallocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(journal_module.os, "posix_fallocate", refuse)
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 2))
+        journal.sync()
+        assert segments(tmp_path)[-1].stat().st_size == record_offsets(2)[-1]
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 2)
 
 
 def test_corrupt_last_record_is_a_torn_tail(tmp_path: Path) -> None:

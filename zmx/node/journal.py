@@ -28,8 +28,21 @@ according to the ``fsync`` mode of the topology:
   per record, so no answered command can be lost, even inside a batch);
 - ``never``: no sync at all; the operating system writes the pages when it likes.
 
-(``fdatasync`` also persists the file size, which is all an append needs; where it does
-not exist, ``fsync``.)
+(``fdatasync`` persists the data and what reading it back needs, such as a grown file
+size; where it does not exist, ``fsync``.)
+
+Preallocation
+-------------
+
+The segment being written is grown ``PREALLOCATE_BYTES`` at a time (``posix_fallocate``),
+ahead of the records: a write then neither grows the file nor allocates blocks, and its
+``fdatasync`` has less metadata to commit. Measured on this machine's ext4: ``fdatasync``
+after a 200-byte append 170-200 µs at p50 and 50-65 µs of CPU, after a write into
+preallocated room 115-145 µs and 32-47 µs; the ack p99 of 2,000 orders/s through a router
+and two matchers went from 9.2-10.5 ms to 6.1-7.6 ms (four rounds each, in turn, on a busy
+day of the machine). The room past the last record reads as zeros; it is cut off when the
+segment is closed (``rotate``, ``close``), so only a segment that was being written when its
+process died ends in zeros. A file system that cannot preallocate gets plain appends.
 
 Snapshots
 ---------
@@ -45,9 +58,11 @@ Recovery
 --------
 
 ``recover`` loads the newest valid snapshot and reads every record of the segments from
-its segment on. A torn tail of the **last** segment -- an incomplete record, or a bad
-record with no valid record after it, which is what a crash in the middle of a write
-leaves -- is cut off with a warning that says how many bytes. Any other damage (a bad
+its segment on. Zeros after the last record are the unused room of a preallocated segment
+(no record starts with a zero length), not damage: the journal goes on writing there. A
+torn tail of the **last** segment -- an incomplete record, or a bad record with no valid
+record after it, which is what a crash in the middle of a write leaves -- is cut off with a
+warning that says how many bytes (not counting the zeros after them). Any other damage (a bad
 record followed by good ones, a bad record in an earlier segment, a missing segment) raises
 ``JournalError``: replaying around it could silently lose commands that were answered.
 
@@ -89,6 +104,7 @@ _TS = struct.Struct("<Q")
 _SNAP_HEAD = struct.Struct("<4sI")  # magic, crc32
 _MIN_RECORD = _TS.size + 1  # a timestamp and at least one byte of command
 _MAX_RECORD = _TS.size + MAX_MESSAGE_BYTES
+PREALLOCATE_BYTES = 16 << 20  # the segment being written grows this much at a time (see "Preallocation")
 _SEGMENT = re.compile(r"journal-(\d{10})\.log")
 _SNAPSHOT = re.compile(r"snapshot-(\d{10})\.snap")
 
@@ -156,8 +172,10 @@ def _record_at(data: bytes, offset: int) -> tuple[int, bytes, int] | str:
     return ts_ns, data[start + _TS.size:start + length], start + length
 
 
-def _valid_record_after(data: bytes, offset: int) -> int | None:
-    """The offset of the first intact record that starts after ``offset``, if any.
+def _valid_record_after(data: bytes, offset: int, used: int) -> int | None:
+    """The offset of the first intact record that starts after ``offset``, if any; ``used``:
+    where the zeros at the end of ``data`` start (a record's length is never zero, so none
+    starts among them).
 
     A crash leaves nothing valid after a torn write; something valid there means the damage
     is in the middle of the journal. Tried first where the damaged record says it ends,
@@ -170,12 +188,25 @@ def _valid_record_after(data: bytes, offset: int) -> int | None:
             return candidate
     unpack_from, head = _RECORD_HEAD.unpack_from, _RECORD_HEAD.size
     end = len(data)
-    for candidate in range(offset + 1, end - head - _MIN_RECORD + 1):
+    for candidate in range(offset + 1, min(end - head - _MIN_RECORD + 1, used)):
         length = unpack_from(data, candidate)[0]
         if _MIN_RECORD <= length <= _MAX_RECORD and candidate + head + length <= end:
             if not isinstance(_record_at(data, candidate), str):
                 return candidate
     return None
+
+
+def _preallocate(fd: int, offset: int, length: int) -> bool:
+    """Reserve ``length`` bytes of the file from ``offset`` on (they read as zeros); False where
+    it cannot be done (the file system does not support it, or is too full to reserve that
+    much: the records themselves may still fit)."""
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSPC, errno.EFBIG, errno.ENOSYS):
+            return False
+        raise
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -216,6 +247,9 @@ class Journal:
         self.since_snapshot = 0  # records after the newest snapshot (replayed ones included)
         self.snapshot_segment: int | None = None  # the segment that follows the snapshot recovered from
         self._fd = -1
+        self._end = 0  # where the next record goes in the current segment
+        self._room = 0  # the current segment's size: past _end, preallocated zeros
+        self._preallocate = True  # False once the file system refused
         self._dirty = False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -286,7 +320,8 @@ class Journal:
             return "its content does not match its name"
         return engines
 
-    def _read_segment(self, path: Path, last: bool) -> list[tuple[int, Command]]:
+    def _read_segment(self, path: Path, last: bool) -> tuple[list[tuple[int, Command]], int]:
+        """The segment's records and where the last one ends."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -298,9 +333,12 @@ class Journal:
         while offset < end:
             found = _record_at(data, offset)
             if isinstance(found, str):
-                later = _valid_record_after(data, offset)
+                used = len(data.rstrip(b"\0"))
+                if used <= offset:
+                    break  # only zeros from here on: the preallocated room
+                later = _valid_record_after(data, offset, used)
                 if last and later is None:
-                    self._truncate(path, offset, end - offset, found)
+                    self._truncate(path, offset, used - offset, found)
                     break
                 where = (f"an intact record follows at offset {later}" if later is not None
                          else "it is not the last segment")
@@ -320,10 +358,11 @@ class Journal:
                                    f"holds a {type(cmd).__name__}, not a command")
             records.append((ts_ns, cmd))  # type: ignore[arg-type]
             offset = next_offset
-        return records
+        return records, offset
 
     @staticmethod
     def _truncate(path: Path, offset: int, size: int, problem: str) -> None:
+        """Cut ``path`` at ``offset``: ``size`` bytes there and after are not zeros."""
         log.warning("%s: cut off a torn tail of %d byte(s) at offset %d (%s); that write was interrupted (a crash, "
                     "a full disk)", path.name, size, offset, problem)
         fd = os.open(path, os.O_WRONLY)
@@ -363,21 +402,48 @@ class Journal:
                 f"journal segment {_segment_name(missing)} is missing from {str(self.directory)!r}: recovery "
                 f"starts at segment {base}{after} and needs every segment from there on")
         replay: list[tuple[int, Command]] = []
+        end = 0
         for number in needed:
-            replay.extend(self._read_segment(segments[number], last=number == needed[-1]))
+            records, end = self._read_segment(segments[number], last=number == needed[-1])
+            replay.extend(records)
         self.segment = needed[-1] if needed else base
         self.snapshot_segment = base if engines is not None else None
         self.since_snapshot = len(replay)
-        self._open_segment(self.segment)
+        self._open_segment(self.segment, end)
         self.remove_obsolete()  # a crash may have come between a snapshot and its clean-up
         return engines, replay
 
-    def _open_segment(self, number: int) -> None:
+    def _open_segment(self, number: int, end: int = 0) -> None:
+        """Write segment ``number`` from ``end`` on (its last record's end; zeros may follow)."""
         path = self.directory / _segment_name(number)
         existed = path.exists()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            self._room = os.fstat(fd).st_size
+            os.lseek(fd, end, os.SEEK_SET)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._end = end
         if not existed:
             _fsync_dir(self.directory)
+
+    def _reserve(self, size: int) -> None:
+        """Room for ``size`` more bytes in the segment, preallocated if it was not already."""
+        end = self._end + size
+        if end > self._room and self._preallocate:
+            if _preallocate(self._fd, self._room, end + PREALLOCATE_BYTES - self._room):
+                self._room = end + PREALLOCATE_BYTES
+            else:
+                self._preallocate = False
+                log.info("%s: cannot preallocate journal space here; appending without", self.directory)
+
+    def _trim(self) -> None:
+        """Cut the preallocated room off the segment (before it is closed)."""
+        if self._room > self._end:
+            os.ftruncate(self._fd, self._end)
+            self._room = self._end
 
     # -- appending ------------------------------------------------------------------------
 
@@ -386,13 +452,19 @@ class Journal:
         fdatasync per record). ``OSError`` means the batch may not be durable: do not answer it."""
         if not records:
             return
+        fd = self._fd
         if self.fsync == "always":
-            fd = self._fd
-            for record in records:
-                _write_all(fd, encode_records((record,)))
+            encoded = [encode_records((record,)) for record in records]
+            self._reserve(sum(map(len, encoded)))
+            for data in encoded:
+                _write_all(fd, data)
+                self._end += len(data)
                 _datasync(fd)
         else:
-            _write_all(self._fd, encode_records(records))
+            data = encode_records(records)
+            self._reserve(len(data))
+            _write_all(fd, data)
+            self._end += len(data)
             self._dirty = True
         self.since_snapshot += len(records)
 
@@ -423,6 +495,7 @@ class Journal:
         have a torn tail) and start the next; its number, which is the name of the snapshot
         of the state as of now."""
         new = self.segment + 1
+        self._trim()
         os.fsync(self._fd)
         self._dirty = False
         os.close(self._fd)
@@ -470,6 +543,7 @@ class Journal:
         """Sync (whatever the mode: a clean stop loses nothing), release the directory."""
         if self._fd >= 0:
             try:
+                self._trim()
                 os.fsync(self._fd)
             finally:
                 os.close(self._fd)
