@@ -174,6 +174,46 @@ def test_a_torn_record_before_the_preallocated_zeros_is_cut_off(
     assert segment.stat().st_size == offsets[2]
 
 
+def test_zeros_at_the_end_of_an_earlier_segment_are_damage(tmp_path: Path) -> None:
+    """An earlier segment was cut to its records and synced before the next one was created:
+    zeros there (a bad copy or restore of the directory) are not room, and nothing is dropped."""
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 5))
+        journal.sync()
+        journal.rotate()
+        journal.append_batch(records(5, 2))
+        journal.sync()
+    first = segments(tmp_path)[0]
+    data = bytearray(first.read_bytes())
+    start = record_offsets(5)[2]
+    data[start:] = bytes(len(data) - start)
+    first.write_bytes(bytes(data))
+    with Journal(tmp_path) as journal, pytest.raises(JournalError, match=f"damaged at offset {start}.*not the last"):
+        journal.recover()
+
+
+def test_a_preallocation_that_fails_half_way_leaves_no_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        os.ftruncate(fd, offset + length // 2)  # some of it was reserved before the disk was full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_module.os, "posix_fallocate", full)
+    with caplog.at_level(logging.INFO, logger="zmx.journal"), fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 2))
+        journal.sync()
+        journal.append_batch(records(2, 1))
+        journal.sync()
+        journal.rotate()
+        journal.append_batch(records(3, 1))
+        journal.sync()
+    assert caplog.text.count("cannot preallocate journal space") == 1
+    sizes = [p.stat().st_size for p in segments(tmp_path)]
+    assert sizes == [record_offsets(3)[-1], record_offsets(4)[-1] - record_offsets(3)[-1]]
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 4)
+
+
 def test_a_file_system_without_preallocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")

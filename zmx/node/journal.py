@@ -58,8 +58,10 @@ Recovery
 --------
 
 ``recover`` loads the newest valid snapshot and reads every record of the segments from
-its segment on. Zeros after the last record are the unused room of a preallocated segment
-(no record starts with a zero length), not damage: the journal goes on writing there. A
+its segment on. Zeros after the last record of the last segment are the unused room of a
+preallocated segment (no record starts with a zero length), not damage: the journal goes on
+writing there (an earlier segment was cut to its records and synced before the next one was
+created, so zeros at its end are damage). A
 torn tail of the **last** segment -- an incomplete record, or a bad record with no valid
 record after it, which is what a crash in the middle of a write leaves -- is cut off with a
 warning that says how many bytes (not counting the zeros after them). Any other damage (a bad
@@ -249,7 +251,8 @@ class Journal:
         self._fd = -1
         self._end = 0  # where the next record goes in the current segment
         self._room = 0  # the current segment's size: past _end, preallocated zeros
-        self._preallocate = True  # False once the file system refused
+        self._preallocate = True  # False once the file system refused, until the next segment
+        self._told = False  # that it cannot preallocate (logged once)
         self._dirty = False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -334,8 +337,10 @@ class Journal:
             found = _record_at(data, offset)
             if isinstance(found, str):
                 used = len(data.rstrip(b"\0"))
-                if used <= offset:
+                if used <= offset and last:
                     break  # only zeros from here on: the preallocated room
+                # (an earlier segment was cut to its records and synced before the next one
+                # was created: zeros at its end are damage)
                 later = _valid_record_after(data, offset, used)
                 if last and later is None:
                     self._truncate(path, offset, used - offset, found)
@@ -426,6 +431,7 @@ class Journal:
             raise
         self._fd = fd
         self._end = end
+        self._preallocate = True
         if not existed:
             _fsync_dir(self.directory)
 
@@ -436,14 +442,17 @@ class Journal:
             if _preallocate(self._fd, self._room, end + PREALLOCATE_BYTES - self._room):
                 self._room = end + PREALLOCATE_BYTES
             else:
-                self._preallocate = False
-                log.info("%s: cannot preallocate journal space here; appending without", self.directory)
+                self._preallocate = False  # appends until the next segment
+                if not self._told:
+                    self._told = True
+                    log.info("%s: cannot preallocate journal space (not supported, or the disk is nearly "
+                             "full); appending without", self.directory)
 
     def _trim(self) -> None:
-        """Cut the preallocated room off the segment (before it is closed)."""
-        if self._room > self._end:
-            os.ftruncate(self._fd, self._end)
-            self._room = self._end
+        """Cut the segment to its records before it is closed: the preallocated room, and
+        whatever a preallocation that failed half-way may have added."""
+        os.ftruncate(self._fd, self._end)
+        self._room = self._end
 
     # -- appending ------------------------------------------------------------------------
 
