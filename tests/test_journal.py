@@ -125,6 +125,15 @@ def crash_copy(journal: Journal, directory: Path) -> Path:
     return directory
 
 
+def crashed_segment(tmp_path: Path, n: int) -> Path:
+    """The segment a process leaves that journaled ``n`` records, synced them and died."""
+    with fresh(tmp_path / "j") as journal:
+        journal.append_batch(records(0, n))
+        journal.sync()
+        crashed = crash_copy(journal, tmp_path / "crashed")
+    return segments(crashed)[-1]
+
+
 def test_the_segment_is_preallocated_and_trimmed_when_closed(tmp_path: Path) -> None:
     data = record_offsets(4)[-1]
     with fresh(tmp_path / "j") as journal:
@@ -141,11 +150,8 @@ def test_the_segment_is_preallocated_and_trimmed_when_closed(tmp_path: Path) -> 
 
 def test_a_crash_leaves_zeros_after_the_records_and_the_journal_goes_on_there(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with fresh(tmp_path / "j") as journal:
-        journal.append_batch(records(0, 3))
-        journal.sync()
-        crashed = crash_copy(journal, tmp_path / "crashed")
-    segment = segments(crashed)[-1]
+    segment = crashed_segment(tmp_path, 3)
+    crashed = segment.parent
     assert segment.read_bytes()[record_offsets(3)[-1]:] == bytes(journal_module.PREALLOCATE_BYTES)
     with caplog.at_level(logging.WARNING, logger="zmx.journal"), Journal(crashed) as journal:
         assert journal.recover()[1] == commands(0, 3)
@@ -159,16 +165,12 @@ def test_a_crash_leaves_zeros_after_the_records_and_the_journal_goes_on_there(
 
 def test_a_torn_record_before_the_preallocated_zeros_is_cut_off(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with fresh(tmp_path / "j") as journal:
-        journal.append_batch(records(0, 3))
-        journal.sync()
-        crashed = crash_copy(journal, tmp_path / "crashed")
-    segment = segments(crashed)[-1]
+    segment = crashed_segment(tmp_path, 3)
     offsets = record_offsets(3)
     data = bytearray(segment.read_bytes())
     data[offsets[3] - 6:offsets[3]] = bytes(6)  # the last record's last page never reached the disk
     segment.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="zmx.journal"), Journal(crashed) as journal:
+    with caplog.at_level(logging.WARNING, logger="zmx.journal"), Journal(segment.parent) as journal:
         assert journal.recover()[1] == commands(0, 2)
     assert f"cut off a torn tail of {offsets[3] - 6 - offsets[2]} byte(s) at offset {offsets[2]}" in caplog.text
     assert segment.stat().st_size == offsets[2]
@@ -192,8 +194,8 @@ def test_zeros_at_the_end_of_an_earlier_segment_are_damage(tmp_path: Path) -> No
         journal.recover()
 
 
-def test_a_preallocation_that_fails_half_way_leaves_no_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_a_preallocation_that_fails_half_way_leaves_no_zeros(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     def full(fd: int, offset: int, length: int) -> None:
         os.ftruncate(fd, offset + length // 2)  # some of it was reserved before the disk was full
         raise OSError(errno.ENOSPC, "No space left on device")
