@@ -61,12 +61,12 @@ Recovery
 its segment on. Zeros after the last record of the last segment are the unused room of a
 preallocated segment (no record starts with a zero length), not damage: the journal goes on
 writing there (an earlier segment was cut to its records and synced before the next one was
-created, so zeros at its end are damage). A
-torn tail of the **last** segment -- an incomplete record, or a bad record with no valid
-record after it, which is what a crash in the middle of a write leaves -- is cut off with a
-warning that says how many bytes (not counting the zeros after them). Any other damage (a bad
-record followed by good ones, a bad record in an earlier segment, a missing segment) raises
-``JournalError``: replaying around it could silently lose commands that were answered.
+created, so zeros at its end are damage). A torn tail of the **last** segment -- an
+incomplete record, or a bad record with no valid record after it, which is what a crash in
+the middle of a write leaves -- is cut off with a warning that says how many bytes (not
+counting the zeros after them). Any other damage (a bad record followed by good ones, a bad
+record in an earlier segment, a missing segment) raises ``JournalError``: replaying around it
+could silently lose commands that were answered.
 
 Only the last segment can have a torn tail: a segment is fsynced before the next one is
 started, whatever the mode. ``recover`` also clears what a crash may leave behind: temporary
@@ -337,10 +337,8 @@ class Journal:
             found = _record_at(data, offset)
             if isinstance(found, str):
                 used = len(data.rstrip(b"\0"))
-                if used <= offset and last:
+                if used <= offset and last:  # an earlier segment that ends in zeros is damaged (see Recovery)
                     break  # only zeros from here on: the preallocated room
-                # (an earlier segment was cut to its records and synced before the next one
-                # was created: zeros at its end are damage)
                 later = _valid_record_after(data, offset, used)
                 if last and later is None:
                     self._truncate(path, offset, used - offset, found)
