@@ -87,7 +87,7 @@ from burst to burst: the CPU ratio of one cell moved between 0.49 and 0.88 over 
 of the same code with a single burst.
 
 Run: ``.venv/bin/python perf/bench_fanout.py`` (N = 500, 1,000, 5,000, 15,000; K = 1, 10;
-about 13 minutes) or ``--quick`` (N = 200, about a minute, no results file). Writes
+about 14 minutes) or ``--quick`` (N = 200, about a minute, no results file). Writes
 ``perf/results/fanout.json``.
 """
 
