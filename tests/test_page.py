@@ -8,7 +8,11 @@
   checksum), and the books must end equal to the matcher's. A stream with an update missing, or
   a checksum that does not match, must be caught.
 
-The page's DOM code (tables, the order form) needs a browser and is not run here.
+- The same script decides what the page offers for an order of its connection (cancel and amend
+  while it is live, ``amended`` included) and builds its ``amend_order``; what it builds is sent
+  to a real gateway here.
+
+The page's DOM code (tables, the order form, the buttons) needs a browser and is not run here.
 """
 
 from __future__ import annotations
@@ -58,6 +62,15 @@ for (const [name, b] of Object.entries(books)) {
   out[name] = { seq: b.seq, bids: b.levels("bids"), asks: b.levels("asks") };
 }
 console.log(JSON.stringify({ results, books: out }));
+"""
+
+
+# Runs the page's order code on [order, typed price, typed quantity] cases: [live, amend request].
+ORDER_CODE = """
+const { orderIsLive, amendRequest } = require(process.argv[1]);
+const cases = JSON.parse(require("fs").readFileSync(0, "utf8"));
+console.log(JSON.stringify(cases.map(([order, price, quantity]) => [orderIsLive(order),
+                                                                   amendRequest(order, price, quantity)])));
 """
 
 
@@ -177,3 +190,43 @@ def test_the_pages_book_code_keeps_the_matchers_book_and_catches_gaps_and_bad_ch
     bad = json.loads(json.dumps(channel[at]))
     bad["data"]["checksum"] = (bad["data"]["checksum"] + 1) % 2**32
     assert replay(script, channel[:at] + [bad])["results"] == {"ok": at, "checksum": 1}
+
+
+def order_code(script: Path, cases: list[tuple[dict[str, Any], str | None, str | None]]) -> list[Any]:
+    done = subprocess.run([NODE, "-e", ORDER_CODE, "--", str(script)], input=json.dumps(cases), capture_output=True,
+                          text=True, timeout=60, check=False)  # type: ignore[list-item]
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(NODE is None, reason="needs Node.js (node) to run the page's script")
+def test_the_pages_order_code_amends_through_a_gateway_and_keeps_an_amended_order_live(
+        cluster: Cluster, clients: Clients, tmp_path: Path) -> None:
+    _, gateway = start(cluster)
+    script = book_script(get(gateway, "/")[2], tmp_path)
+    client = clients("page", url=gateway.url)
+    client.send({"action": "submit_order", "order_id": "p1", "symbol": "BTC-USDT", "side": "buy",
+                 "price": "29000", "quantity": "0.5"})
+    order = client.expect({"type": "order_update", "data": {"order_id": "p1", "status": "accepted"}})["data"]
+
+    # A new price typed in, the quantity left empty: only the price changes.
+    [(live, request)] = order_code(script, [(order, " 29000.5 ", "")])
+    assert live and request == {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "p1", "price": "29000.5"}
+    client.send(request)
+    amended = client.expect({"type": "order_update", "data": {"order_id": "p1", "status": "amended"}})["data"]
+    assert (amended["price"], amended["quantity"]) == ("29000.5", "0.5")
+    order = {**order, **amended}  # as the page keeps it
+
+    # Amended is still live (cancel and amend stay); the same texts, or none, change nothing.
+    cases = [(order, amended["price"], "0.8"), (order, amended["price"], amended["quantity"]), (order, "", None)]
+    (live, request), unchanged, empty = order_code(script, cases)
+    assert live and request == {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "p1", "quantity": "0.8"}
+    assert unchanged == [True, None] and empty == [True, None]
+    client.send(request)
+    client.expect({"type": "order_update", "data": {"order_id": "p1", "status": "amended", "quantity": "0.8"}})
+
+    client.send({"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "p1"})
+    canceled = client.expect({"type": "order_update", "data": {"order_id": "p1", "status": "canceled"}})["data"]
+    ended = [{**order, **canceled}, {**order, "status": "filled"}, {**order, "status": "rejected"},
+             {**order, "earlier": True}]
+    assert [live for live, _ in order_code(script, [(o, "1", "1") for o in ended])] == [False] * 4
