@@ -88,7 +88,8 @@ of the same code with a single burst.
 
 Run: ``.venv/bin/python perf/bench_fanout.py`` (N = 500, 1,000, 5,000, 15,000; K = 1, 10;
 about 14 minutes) or ``--quick`` (N = 200, about a minute, no results file). Writes
-``perf/results/fanout.json``.
+``perf/results/fanout.json`` when it measured the whole matrix (every N, K and target): a run
+of some cells (``--n 500 --k 1``) keeps its figures only with ``--json FILE``.
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ HELPER_MAX_S = 3600  # a helper ends by itself after this long (or as soon as th
 MAX_PACED = 3_000.0  # orders/s the driver is asked for at most in a paced round
 WRITE_MAX_SHARE = 5  # the write ceiling's max round emits 1/5 of the gateway's burst (same rate)
 TURN_CAP = 4096  # messages a ceiling emits per loop turn when behind (the gateway's SUB_BATCH)
+FULL_N = [500, 1_000, 5_000, 15_000]  # the whole matrix: only its runs go to perf/results/fanout.json
+FULL_K = [1, 10]
+FULL_TARGETS = ["gateway", "write", "coalesce"]
 SEND_QUEUE_BYTES = 1_048_576  # the ceilings' transport high-water mark (the gateway's default bound)
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -1552,7 +1556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=None,
                         help="connections per cell (500 1000 5000 15000; 200 with --quick)")
-    parser.add_argument("--k", type=int, nargs="+", default=[1, 10], help="channels (symbols) per cell (1 10)")
+    parser.add_argument("--k", type=int, nargs="+", default=FULL_K, help="channels (symbols) per cell (1 10)")
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (1)")
     parser.add_argument("--moderate", type=float, default=20.0, help="orders/s per channel in the moderate round (20)")
     parser.add_argument("--moderate-cap", type=float, default=30_000.0,
@@ -1574,7 +1578,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="scheduling policy of the client processes: batch (SCHED_BATCH: a client woken "
                              "by a frame does not preempt the server in the middle of a walk, as clients on "
                              "hosts of their own would not) or normal (batch)")
-    parser.add_argument("--targets", nargs="+", default=["gateway", "write", "coalesce"])
+    parser.add_argument("--targets", nargs="+", default=FULL_TARGETS)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 200, 2 s rounds, no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
@@ -1582,7 +1586,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.seconds, args.moderate_seconds, args.max_delivered = args.n or [200], 2.0, 2.0, 100_000
-    args.n = args.n or [500, 1_000, 5_000, 15_000]
+    args.n = args.n or FULL_N
     args.max_rounds = args.max_rounds or (1 if args.quick else 3)
     if "gateway" in args.targets and not gateway_available():
         warn("zmx/node/gateway.py is missing: measuring the ceilings only")
@@ -1716,7 +1720,12 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
         figures["summary"] = summarize("fanout", figures)
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "fanout", **figures}, indent=2) + "\n")
-    if not args.quick:
+    partial = (sorted(args.n) != FULL_N or sorted(args.k) != FULL_K
+               or sorted(args.targets) != sorted(FULL_TARGETS))
+    if partial and not args.quick:
+        print("a partial run (other cells or targets than the whole matrix): perf/results/fanout.json, which the "
+              "README's table reads, is left as it is" + ("" if args.json else "; --json FILE keeps these figures"))
+    elif not args.quick:
         path = write_results("fanout", figures)
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
