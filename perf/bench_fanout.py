@@ -1526,11 +1526,12 @@ def progress(name: str, result: dict[str, Any]) -> None:
     print(f"    {name:8} {result['memory']['kb_per_connection']:5.2f} KB/conn | moderate {fmt(m['delivered_per_s'])}/s "
           f"p99 {fmt(m['latency_ms']['p99'], '.2f')} ms (read {fmt(m['read_latency_ms']['p99'], '.1f')}) | "
           f"max {fmt(x['delivered_per_s'])}/s, "
-          f"{fmt(x['server_cpu_s_per_million'], '.2f')} CPU s/M{bursts(result)} | high {fmt(h['delivered_per_s'])}/s "
+          f"{fmt(x['server_cpu_s_per_million'], '.2f')} CPU s/M{burst_spread(result)} | "
+          f"high {fmt(h['delivered_per_s'])}/s "
           f"p99 {fmt(h['latency_ms']['p99'], '.1f')} ms", flush=True)
 
 
-def bursts(result: dict[str, Any]) -> str:
+def burst_spread(result: dict[str, Any]) -> str:
     """`` (bursts 0.20-0.29)``: the spread of CPU s per million over the max round's bursts."""
     cpu = [r["server_cpu_s"] / r["delivered"] * 1e6 for r in result.get("max_rounds", ()) if r["delivered"]]
     return f" (bursts {min(cpu):.2f}-{max(cpu):.2f})" if len(cpu) > 1 else ""
