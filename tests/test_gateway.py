@@ -399,6 +399,7 @@ def test_submit_and_cancel_answer_order_updates_to_their_connection_only(shared:
     assert (dec(made["filled"]), dec(made["remaining"]), dec(made["last_price"]), dec(made["last_quantity"]),
             made["liquidity"], made["trade_id"]) == (dec("4"), dec("6"), dec("0.5"), dec("4"), "maker",
                                                      fill["trade_id"]), made
+    assert (made.get("type"), made.get("time_in_force")) == ("limit", "gtc"), made  # kept from its accepted
     trade = maker.expect({"type": "trade", "channel": "DOGE-USDT"})
     assert trade["data"]["trade_id"] == fill["trade_id"] and trade["data"]["taker_side"] == "sell", trade
 
@@ -409,6 +410,7 @@ def test_submit_and_cancel_answer_order_updates_to_their_connection_only(shared:
     canceled = maker.expect({"type": "order_update", "id": 12})
     assert (canceled["data"]["order_id"], canceled["data"]["status"], canceled["data"].get("reason")) == (
         "a-1", "canceled", "user"), canceled
+    assert (canceled["data"].get("type"), canceled["data"].get("time_in_force")) == ("limit", "gtc"), canceled
     maker.send({"action": "cancel_order", "symbol": "DOGE-USDT", "order_id": "a-1", "id": 13})
     error_of(maker, "unknown_order", id=13)
     maker.send({"action": "cancel_order", "symbol": "DOGE-USDT", "order_id": "never-placed", "id": 14})

@@ -649,7 +649,8 @@ def test_user_cancel_echoes_the_cancels_id():
     got = updates(alice.on_reply(action.command, action.request_id, "ok", ex.run(action)))
     assert got == [{"type": "order_update", "id": 2, "data": {
         "order_id": "a1", "symbol": "BTC-USDT", "status": "canceled", "reason": "user", "side": "sell",
-        "price": "30000", "quantity": "0.2", "filled": "0", "remaining": "0", "ts": TS + 2}}]
+        "price": "30000", "quantity": "0.2", "filled": "0", "remaining": "0", "ts": TS + 2,
+        "type": "limit", "time_in_force": "gtc"}}]  # from the order's accepted: a cancel does not say
 
 
 def test_engine_rejection_duplicate_order_id():
@@ -696,7 +697,7 @@ def test_amend_goes_to_the_book_in_ticks_and_lots_and_comes_back_as_amended_then
     amended, fill = updates(alice.on_reply(action.command, action.request_id, "ok", ex.run(action)))
     assert amended == {"type": "order_update", "id": "m", "data": {
         "order_id": "a1", "symbol": "BTC-USDT", "status": "amended", "side": "buy", "price": "30001",
-        "quantity": "0.5", "filled": "0", "remaining": "0.5", "ts": TS + 3}}
+        "quantity": "0.5", "filled": "0", "remaining": "0.5", "ts": TS + 3, "type": "limit", "time_in_force": "gtc"}}
     assert (fill["id"], fill["data"]["status"], fill["data"]["price"], fill["data"]["last_quantity"]) == (
         "m", "partially_filled", "30001", "0.1")
     # a quantity-only amend: the new total, the filled part included
@@ -797,10 +798,33 @@ def test_on_private_gives_only_this_accounts_maker_fills():
     assert fill == {"type": "order_update", "data": {
         "order_id": "a1", "symbol": "BTC-USDT", "status": "filled", "side": "sell", "price": "30000",
         "quantity": "0.2", "filled": "0.2", "remaining": "0", "last_price": "30000", "last_quantity": "0.2",
-        "trade_id": trade.trade_id, "liquidity": "maker", "ts": TS + 2}}
+        "trade_id": trade.trade_id, "liquidity": "maker", "ts": TS + 2, "type": "limit", "time_in_force": "gtc"}}
     assert bob.on_private(events) == []  # bob's own (taker) events came in his reply
     assert carol.on_private(events) == []  # other accounts' events are ignored
     assert [u["data"]["trade_id"] for u in got[1:]] == [trade.trade_id]  # the two sides share the trade_id
+
+
+def test_every_update_of_an_order_says_its_type_and_time_in_force():
+    """The events of a resting order's later fills, of its cancel and of its amend do not
+    carry them: the session remembers them from the order's accepted."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    got, _ = ex.order(alice, 1, order_id="a1", side="sell", price="30000", quantity="1", time_in_force="post_only")
+    (action,) = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.8"})
+    got += updates(alice.on_reply(action.command, None, "ok", ex.run(action)))
+    _, events = ex.order(bob, order_id="b1", price="30000", quantity="0.3")
+    got += updates(alice.on_private(events))
+    (action,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})
+    got += updates(alice.on_reply(action.command, None, "ok", ex.run(action)))
+    assert [(u["data"]["status"], u["data"].get("type"), u["data"].get("time_in_force")) for u in got] == [
+        ("accepted", "limit", "post_only"), ("amended", "limit", "post_only"),
+        ("partially_filled", "limit", "post_only"), ("canceled", "limit", "post_only")]
+    # an order that filled completely as a maker: its last fill says them too, then it is forgotten
+    ex.order(alice, order_id="a2", side="sell", price="30000", quantity="0.1")
+    _, events = ex.order(bob, order_id="b2", price="30000", quantity="0.1")
+    (fill,) = updates(alice.on_private(events))
+    assert (fill["data"]["status"], fill["data"]["type"], fill["data"]["time_in_force"]) == ("filled", "limit", "gtc")
+    assert alice._kind(next(e for e in events if type(e) is OrderFilled and e.account == ALICE)) is None
 
 
 def test_on_private_ignores_everything_but_fills():
@@ -991,8 +1015,8 @@ def test_a_cancel_that_shows_a_fill_missing_waits_for_it():
     assert alice.fills_wanted == {"BTC-USDT": 0}
     asked = alice.begin_fill_replay(["BTC-USDT"])
     got = updates(alice.end_fill_replay(asked, lost))
-    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [("partially_filled", "0.1"),
-                                                                          ("canceled", "0.1")]
+    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [
+        ("partially_filled", "0.1"), ("canceled", "0.1")]
     cancel2 = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})[0]
     (gone,) = updates(alice.on_reply(cancel2.command, None, "ok", ex.run(cancel2)))
     assert gone["code"] == "unknown_order"  # a1 ended: not held, nothing wanted
@@ -1059,8 +1083,8 @@ def test_an_order_whose_submit_got_no_answer_is_checked_as_a_live_one():
     cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})[0]
     assert alice.on_reply(cancel.command, "c", "ok", ex.run(cancel)) == []
     got = updates(alice.end_fill_replay(alice.begin_fill_replay(["BTC-USDT"]), on_the_way))
-    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [("partially_filled", "0.1"),
-                                                                          ("canceled", "0.1")]
+    assert [(u["data"]["status"], u["data"]["filled"]) for u in got] == [
+        ("partially_filled", "0.1"), ("canceled", "0.1")]
     assert alice.on_private(on_the_way) == []
     a2 = submit(alice, order_id="a2", side="sell", price="30000", quantity="1")  # never reaches the book
     alice.on_reply(a2.command, None, "unknown_outcome", (), "no answer within 5 s")

@@ -112,10 +112,13 @@ def _with_id(body: dict[str, Any], request_id: object) -> bytes:
 
 
 def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
-                 command: SubmitOrder | AmendOrder | None = None) -> bytes | None:
+                 command: SubmitOrder | AmendOrder | None = None,
+                 order_kind: tuple[str, str] | None = None) -> bytes | None:
     """The ``order_update`` (or, for a refused cancel or amend, the ``error``) a private event
     becomes; None for an event that clients do not see. ``command`` is the submit or amend the
-    event answers, when it is known: it gives the order's own price (and a submit its type)."""
+    event answers, when it is known: it gives the order's own price (and a submit its type).
+    ``order_kind``: the order's ``type`` and ``time_in_force``, for an event that does not carry
+    them (a fill, cancel or amend of an order the connection placed earlier)."""
     price_text, quantity_text = spec.ticks_to_price, spec.lots_to_quantity
     kind = type(event)
     data: dict[str, Any]
@@ -160,9 +163,12 @@ def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
                      order_id=event.order_id, symbol=event.symbol)
     else:
         return None
-    if type(command) is SubmitOrder and command.order_id == event.order_id and "type" not in data:
-        data["type"] = command.type.value
-        data["time_in_force"] = command.time_in_force.value
+    if "type" not in data:
+        if type(command) is SubmitOrder and command.order_id == event.order_id:
+            data["type"] = command.type.value
+            data["time_in_force"] = command.time_in_force.value
+        elif order_kind is not None:
+            data["type"], data["time_in_force"] = order_kind
     return _with_id({"type": "order_update", "data": data}, request_id)
 
 
@@ -267,10 +273,12 @@ class Session:
         # the gateway asks the matcher for the fills its feed lost (begin_fill_replay)
         self._replaying: dict[str, list[OrderFilled | _HeldReply]] | None = None
         # (symbol, order_id) -> (the lots filled that the messages passed on so far show, a trade
-        # id below any fill of the order not passed on yet), for each live order this connection
-        # placed: a later event of the order that shows more filled before it proves fills that
-        # never came, and the matcher is asked for the fills after that trade id
-        self._filled: dict[tuple[str, str], tuple[int, int]] | None = None
+        # id below any fill of the order not passed on yet, its type, its time in force), for
+        # each live order this connection placed: a later event of the order that shows more
+        # filled before it proves fills that never came, and the matcher is asked for the fills
+        # after that trade id; the type and time in force go into the order's later updates,
+        # whose events do not carry them
+        self._filled: dict[tuple[str, str], tuple[int, int, str, str]] | None = None
         # symbol -> the trade id to ask the matcher for fills after: symbols where an order's own
         # events proved fills missing; the gateway asks (begin_fill_replay), which empties it
         self.fills_wanted: dict[str, int] | None = None
@@ -503,7 +511,8 @@ class Session:
         for event in events:
             if getattr(event, "account", None) != self.account:
                 continue  # public events and other accounts' fills are not this client's business
-            update = order_update(spec, event, request_id, command if type(command) is not CancelOrder else None)
+            update = order_update(spec, event, request_id, command if type(command) is not CancelOrder else None,
+                                  self._kind(event))
             if update is not None:
                 out.append(update)
                 self._passed(event)
@@ -565,9 +574,15 @@ class Session:
                 continue
             if last is not None and fill.trade_id > last:
                 high[fill.symbol] = fill.trade_id
+            update = order_update(spec, fill, order_kind=self._kind(fill))  # before _passed ends the order
             self._passed(fill)
-            out.append(order_update(spec, fill))  # type: ignore[arg-type]
+            out.append(update)  # type: ignore[arg-type]
         return out
+
+    def _kind(self, event: Event) -> tuple[str, str] | None:
+        """The type and time in force of the live order of this connection that ``event`` is of."""
+        state = self._filled.get((event.symbol, event.order_id)) if self._filled else None  # type: ignore[union-attr]
+        return None if state is None else state[2:]  # type: ignore[return-value]
 
     def _passed(self, event: Event) -> None:
         """What an event passed on to the client says of its order's fills (``_filled``)."""
@@ -578,21 +593,23 @@ class Session:
             if tracked is None:
                 tracked = self._filled = {}
             # every fill of the order comes after the last one of the symbol passed on so far
-            tracked[key] = (0, (self._maker_high or {}).get(event.symbol, 0))  # type: ignore[union-attr]
+            tracked[key] = (0, (self._maker_high or {}).get(event.symbol, 0),  # type: ignore[union-attr]
+                            event.type.value, event.time_in_force.value)  # type: ignore[union-attr]
             return
         known = tracked.get(key) if tracked is not None else None
         if known is None:
             return
         if kind is OrderFilled:
             if event.remaining:  # type: ignore[union-attr]
-                tracked[key] = (event.filled, max(known[1], event.trade_id))  # type: ignore[union-attr,index]
+                tracked[key] = (event.filled, max(known[1], event.trade_id),  # type: ignore[union-attr]
+                                known[2], known[3])
             else:
                 del tracked[key]  # type: ignore[union-attr]
         elif kind is OrderCanceled or (kind is CancelRejected or kind is AmendRejected) and \
                 event.reason == "unknown_order":  # type: ignore[union-attr]
             del tracked[key]  # type: ignore[union-attr]  # it ended (an unknown_order: unseen, or never placed)
         elif kind is OrderAmended:
-            tracked[key] = (event.quantity - event.remaining, known[1])  # type: ignore[union-attr,index]
+            tracked[key] = (event.quantity - event.remaining, known[1], known[2], known[3])  # type: ignore[union-attr]
 
     def _shows_missing(self, events: Iterable[Event]) -> int | None:
         """If one of ``events`` (a reply's, in order, or one fill), of a live order of this
