@@ -229,6 +229,36 @@ def test_a_file_system_without_preallocation(tmp_path: Path, monkeypatch: pytest
         assert journal.recover()[1] == commands(0, 2)
 
 
+def test_no_preallocation_that_would_leave_the_disk_nearly_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The room ahead of the records must not take the space a snapshot needs: the journal
+    appends instead, says so once, and preallocates again at a later segment if there is room."""
+    real = os.fstatvfs
+    free = {"bytes": journal_module.PREALLOCATE_BYTES + journal_module.PREALLOCATE_KEEP_FREE - 1}
+
+    def statvfs(fd: int) -> os.statvfs_result:
+        disk = real(fd)
+        fields = list(disk)
+        fields[4] = free["bytes"] // disk.f_frsize  # f_bavail
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(journal_module.os, "fstatvfs", statvfs)
+    with caplog.at_level(logging.INFO, logger="zmx.journal"), fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 2))
+        journal.sync()
+        journal.append_batch(records(2, 1))
+        journal.sync()
+        assert segments(tmp_path)[-1].stat().st_size == record_offsets(3)[-1]
+        free["bytes"] *= 2
+        journal.rotate()
+        journal.append_batch(records(3, 1))
+        journal.sync()
+        assert segments(tmp_path)[-1].stat().st_size > journal_module.PREALLOCATE_BYTES
+    assert caplog.text.count("cannot preallocate journal space") == 1
+    with Journal(tmp_path) as journal:
+        assert journal.recover()[1] == commands(0, 4)
+
+
 def test_corrupt_last_record_is_a_torn_tail(tmp_path: Path) -> None:
     with fresh(tmp_path) as journal:
         journal.append_batch(records(0, 3))

@@ -42,7 +42,10 @@ preallocated room 115-145 µs and 32-47 µs; the ack p99 of 2,000 orders/s throu
 and two matchers went from 9.2-10.5 ms to 6.1-7.6 ms (four rounds each, in turn, on a busy
 day of the machine). The room past the last record reads as zeros; it is cut off when the
 segment is closed (``rotate``, ``close``), so only a segment that was being written when its
-process died ends in zeros. A file system that cannot preallocate gets plain appends.
+process died ends in zeros. A file system that cannot preallocate gets plain appends, and so
+does a disk that would have less than ``PREALLOCATE_KEEP_FREE`` (64 MiB) free after it (until
+the next segment, when the journal tries again): room no record uses yet must not take the
+space a snapshot needs.
 
 Snapshots
 ---------
@@ -107,6 +110,7 @@ _SNAP_HEAD = struct.Struct("<4sI")  # magic, crc32
 _MIN_RECORD = _TS.size + 1  # a timestamp and at least one byte of command
 _MAX_RECORD = _TS.size + MAX_MESSAGE_BYTES
 PREALLOCATE_BYTES = 16 << 20  # the segment being written grows this much at a time (see "Preallocation")
+PREALLOCATE_KEEP_FREE = 4 * PREALLOCATE_BYTES  # no preallocation that would leave less free on the disk
 _SEGMENT = re.compile(r"journal-(\d{10})\.log")
 _SNAPSHOT = re.compile(r"snapshot-(\d{10})\.snap")
 
@@ -201,8 +205,13 @@ def _valid_record_after(data: bytes, offset: int, used: int) -> int | None:
 def _preallocate(fd: int, offset: int, length: int) -> bool:
     """Reserve ``length`` bytes of the file from ``offset`` on (they read as zeros); False where
     it cannot be done (the file system does not support it, or is too full to reserve that
-    much: the records themselves may still fit)."""
+    much: the records themselves may still fit), or where it would leave less than
+    ``PREALLOCATE_KEEP_FREE`` free: room that no record uses yet must not take the space a
+    snapshot (written by a child process) or the archive of used order ids needs."""
     try:
+        disk = os.fstatvfs(fd)
+        if disk.f_bavail * disk.f_frsize < length + PREALLOCATE_KEEP_FREE:
+            return False
         os.posix_fallocate(fd, offset, length)
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSPC, errno.EFBIG, errno.ENOSYS):
