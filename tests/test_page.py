@@ -9,8 +9,8 @@
   a checksum that does not match, must be caught.
 
 - The same script decides what the page offers for an order of its connection (cancel and amend
-  while it is live, ``amended`` included) and builds its ``amend_order``; what it builds is sent
-  to a real gateway here.
+  while it is live, ``amended`` included; a cancel alone while its submit's outcome is unknown)
+  and builds its ``amend_order``; what it builds is sent to a real gateway here.
 
 The page's DOM code (tables, the order form, the buttons) needs a browser and is not run here.
 """
@@ -22,6 +22,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import zlib
@@ -65,12 +66,14 @@ console.log(JSON.stringify({ results, books: out }));
 """
 
 
-# Runs the page's order code on [order, typed price, typed quantity] cases: [live, amend request].
+# Runs the page's order code on [order, typed price, typed quantity] cases: [live, amend request,
+# outcome unknown (only a cancel offered)].
 ORDER_CODE = """
-const { orderIsLive, amendRequest } = require(process.argv[1]);
+const { orderIsLive, outcomeUnknown, amendRequest } = require(process.argv[1]);
 const cases = JSON.parse(require("fs").readFileSync(0, "utf8"));
 console.log(JSON.stringify(cases.map(([order, price, quantity]) => [orderIsLive(order),
-                                                                   amendRequest(order, price, quantity)])));
+                                                                   amendRequest(order, price, quantity),
+                                                                   outcomeUnknown(order)])));
 """
 
 
@@ -192,6 +195,16 @@ def test_the_pages_book_code_keeps_the_matchers_book_and_catches_gaps_and_bad_ch
     assert replay(script, channel[:at] + [bad])["results"] == {"ok": at, "checksum": 1}
 
 
+def node_eval(script: Path, function: str, args: list[Any]) -> Any:
+    """``function(...args)`` of the page's script, run under Node."""
+    code = (f"const {{ {function} }} = require(process.argv[1]);\n"
+            f"console.log(JSON.stringify({function}(...JSON.parse(require('fs').readFileSync(0, 'utf8')))));")
+    done = subprocess.run([NODE, "-e", code, "--", str(script)], input=json.dumps(args), capture_output=True,
+                          text=True, timeout=60, check=False)  # type: ignore[list-item]
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def order_code(script: Path, cases: list[tuple[dict[str, Any], str | None, str | None]]) -> list[Any]:
     done = subprocess.run([NODE, "-e", ORDER_CODE, "--", str(script)], input=json.dumps(cases), capture_output=True,
                           text=True, timeout=60, check=False)  # type: ignore[list-item]
@@ -210,7 +223,7 @@ def test_the_pages_order_code_amends_through_a_gateway_and_keeps_an_amended_orde
     order = client.expect({"type": "order_update", "data": {"order_id": "p1", "status": "accepted"}})["data"]
 
     # A new price typed in, the quantity left empty: only the price changes.
-    [(live, request)] = order_code(script, [(order, " 29000.5 ", "")])
+    [(live, request, _)] = order_code(script, [(order, " 29000.5 ", "")])
     assert live and request == {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "p1", "price": "29000.5"}
     client.send(request)
     amended = client.expect({"type": "order_update", "data": {"order_id": "p1", "status": "amended"}})["data"]
@@ -219,9 +232,9 @@ def test_the_pages_order_code_amends_through_a_gateway_and_keeps_an_amended_orde
 
     # Amended is still live (cancel and amend stay); the same texts, or none, change nothing.
     cases = [(order, amended["price"], "0.8"), (order, amended["price"], amended["quantity"]), (order, "", None)]
-    (live, request), unchanged, empty = order_code(script, cases)
+    (live, request, _), unchanged, empty = order_code(script, cases)
     assert live and request == {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "p1", "quantity": "0.8"}
-    assert unchanged == [True, None] and empty == [True, None]
+    assert unchanged == [True, None, False] and empty == [True, None, False]
     client.send(request)
     client.expect({"type": "order_update", "data": {"order_id": "p1", "status": "amended", "quantity": "0.8"}})
 
@@ -229,4 +242,43 @@ def test_the_pages_order_code_amends_through_a_gateway_and_keeps_an_amended_orde
     canceled = client.expect({"type": "order_update", "data": {"order_id": "p1", "status": "canceled"}})["data"]
     ended = [{**order, **canceled}, {**order, "status": "filled"}, {**order, "status": "rejected"},
              {**order, "earlier": True}]
-    assert [live for live, _ in order_code(script, [(o, "1", "1") for o in ended])] == [False] * 4
+    assert [live or unknown for live, _, unknown in order_code(script, [(o, "1", "1") for o in ended])] == [False] * 4
+
+
+@pytest.mark.skipif(NODE is None, reason="needs Node.js (node) to run the page's script")
+def test_the_page_keeps_a_cancel_on_an_order_that_got_no_answer_until_the_cancel_settles_it(
+        cluster: Cluster, clients: Clients, tmp_path: Path) -> None:
+    """The only router hangs (SIGSTOP) with an order in it: after 5 s the client gets
+    ``rejected`` ``unavailable`` with ``outcome_unknown``, and the page offers a cancel (not an
+    amend). The order never reached the book (the matchers' connections to the hung router
+    timed out, so it refused the order when it went on): the cancel's ``unknown_order`` says
+    so, and the page drops the cancel. Had it been on the book, the cancel's ``canceled``
+    would end it the usual way."""
+    _, gateway = start(cluster)
+    script = book_script(get(gateway, "/")[2], tmp_path)
+    client = clients("page", url=gateway.url)
+    client.send({"action": "submit_order", "order_id": "warm", "symbol": "BTC-USDT", "side": "buy",
+                 "price": "28000", "quantity": "0.5"})
+    client.expect({"type": "order_update", "data": {"order_id": "warm", "status": "accepted"}})
+    router = next(p for p in cluster.procs if p.name == "r1").proc
+    router.send_signal(signal.SIGSTOP)
+    try:
+        client.send({"action": "submit_order", "order_id": "p2", "symbol": "BTC-USDT", "side": "buy",
+                     "price": "28000", "quantity": "0.5"})
+        told = client.expect({"type": "order_update", "data": {"order_id": "p2"}}, timeout=15.0)["data"]
+    finally:
+        router.send_signal(signal.SIGCONT)
+    assert (told["status"], told["reason"], told.get("outcome_unknown")) == ("rejected", "unavailable", True), told
+    [(live, _, unknown)] = order_code(script, [(told, "1", "1")])
+    assert (live, unknown) == (False, True)
+    [(live, _, unknown)] = order_code(script, [({**told, "status": "canceled"}, "1", "1")])  # had it been there
+    assert (live, unknown) == (False, False)
+
+    client.send({"action": "cancel_order", "order_id": "p2", "symbol": "BTC-USDT"})  # what its button sends
+    answer = client.expect({"type": "error", "order_id": "p2"}, timeout=15.0)
+    assert answer["code"] == "unknown_order", answer
+    settled = node_eval(script, "afterError", [told, answer])
+    assert settled == {**told, "outcome_unknown": False}
+    [(live, _, unknown)] = order_code(script, [(settled, "1", "1")])
+    assert (live, unknown) == (False, False)
+    assert node_eval(script, "afterError", [told, {"code": "rate_limited"}]) == told  # other errors: as it was

@@ -783,6 +783,21 @@ def test_router_error_status_for_a_cancel_is_an_error(status, code):
     assert_error(message, code, 3)
     assert message["message"] == "matcher gone"
     assert (message["order_id"], message["symbol"]) == ("a1", "BTC-USDT")
+    assert "outcome_unknown" not in message  # the router said no: nothing happened
+
+
+def test_a_submit_or_cancel_that_got_no_answer_says_its_outcome_is_unknown():
+    s = session()
+    (submit_action,) = receive(s, {**submit_msg(), "id": 1})
+    (told,) = updates(s.on_reply(submit_action.command, 1, "unknown_outcome", (), "no answer within 5 s"))
+    assert (told["data"]["status"], told["data"]["reason"], told["data"]["outcome_unknown"]) == (
+        "rejected", "unavailable", True)
+    (cancel,) = receive(s, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "zz", "id": 2})
+    (message,) = updates(s.on_reply(cancel.command, 2, "unknown_outcome", (), "no answer within 5 s"))
+    assert_error(message, "unavailable", 2)
+    assert message["outcome_unknown"] is True
+    (refused,) = updates(s.on_reply(submit_action.command, 3, "unavailable", (), "m1 is down"))
+    assert "outcome_unknown" not in refused["data"]
 
 
 # -- on_private: a resting order's later fills -----------------------------------------------------------------
@@ -1079,6 +1094,7 @@ def test_an_order_whose_submit_got_no_answer_is_checked_as_a_live_one():
     ex.run(a1)  # on the book; the answer is lost
     (told,) = updates(alice.on_reply(a1.command, "s", "unknown_outcome", (), "no answer within 5 s"))
     assert (told["data"]["status"], told["data"]["reason"]) == ("rejected", "unavailable")
+    assert told["data"]["outcome_unknown"] is True  # so a client knows to cancel it to be sure
     on_the_way = maker_fills(ex.order(bob, order_id="b1", price="30000", quantity="0.1")[1])
     cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})[0]
     assert alice.on_reply(cancel.command, "c", "ok", ex.run(cancel)) == []

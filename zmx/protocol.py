@@ -173,7 +173,7 @@ def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
 
 
 def _rejected_data(spec: SymbolSpec | None, command: SubmitOrder | None, order_id: str, symbol: str,
-                   reason: str, message: str | None = None) -> dict[str, Any]:
+                   reason: str, message: str | None = None, outcome_unknown: bool = False) -> dict[str, Any]:
     data: dict[str, Any] = {"order_id": order_id, "symbol": symbol, "status": "rejected", "reason": reason}
     if command is not None:
         data["side"] = command.side.value
@@ -184,13 +184,17 @@ def _rejected_data(spec: SymbolSpec | None, command: SubmitOrder | None, order_i
             data["quantity"] = spec.lots_to_quantity(command.quantity)
     if message:
         data["message"] = message
+    if outcome_unknown:
+        data["outcome_unknown"] = True
     return data
 
 
 def rejected(order_id: str, symbol: str, reason: str, message: str, request_id: object = None, *,
-             spec: SymbolSpec | None = None, command: SubmitOrder | None = None) -> bytes:
-    """An ``order_update`` ``rejected`` that did not come from a matcher (the gateway, a router)."""
-    data = _rejected_data(spec, command, order_id, symbol, reason, message)
+             spec: SymbolSpec | None = None, command: SubmitOrder | None = None,
+             outcome_unknown: bool = False) -> bytes:
+    """An ``order_update`` ``rejected`` that did not come from a matcher (the gateway, a router).
+    ``outcome_unknown``: no answer came, so the order may be on the book all the same."""
+    data = _rejected_data(spec, command, order_id, symbol, reason, message, outcome_unknown)
     return _with_id({"type": "order_update", "data": data}, request_id)
 
 
@@ -503,10 +507,12 @@ class Session:
                                            submit.time_in_force, submit.price, submit.quantity))
             reason = status if status in ("unknown_symbol", "unavailable") else "unavailable"
             text = message or status
+            unknown = {"outcome_unknown": True} if status == "unknown_outcome" else {}
             if is_submit:
-                out.append(rejected(order_id, symbol, reason, text, request_id, spec=spec, command=command))
+                out.append(rejected(order_id, symbol, reason, text, request_id, spec=spec, command=command,
+                                    **unknown))
             else:
-                out.append(error(reason, text, request_id, order_id=order_id, symbol=symbol))
+                out.append(error(reason, text, request_id, order_id=order_id, symbol=symbol, **unknown))
             events = ()
         for event in events:
             if getattr(event, "account", None) != self.account:
