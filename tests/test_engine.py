@@ -399,6 +399,27 @@ def test_prices_up_to_the_64_bit_limit_rest_and_trade(engine):
     assert engine.depth() == ([(1, 5)], [(top, 5)])
 
 
+def test_a_price_level_never_holds_more_than_the_64_bit_limit():
+    """With no max_quantity an order may be 2^63 - 1 lots; two of them at one price would make
+    a level total the wire cannot carry (a BookChanged no codec packs): the order that would
+    take the level past it is rejected, a submit or an amend, and the book stays as it was."""
+    engine = MatchingEngine(SymbolSpec(SYM, "0.01", "0.001"))
+    assert engine.spec.max_lots == MAX_UNITS
+    assert run(engine, limit("a1", SELL, 100, MAX_UNITS - 5))[-1] == book(1, asks=[(100, MAX_UNITS - 5)])
+    assert run(engine, limit("a2", SELL, 100, 6)) == [rejected(1, "a2", "invalid_quantity")]
+    assert run(engine, limit("a3", SELL, 100, 5))[-1] == book(2, asks=[(100, MAX_UNITS)])  # exactly at the limit
+    assert run(engine, limit("a4", SELL, 101, 7))[-1] == book(3, asks=[(101, 7)])  # another level has room
+    reject = AmendRejected(SYM, 3, TS, "a4", "alice", "invalid_quantity")
+    assert run(engine, amend("a4", price=100)) == [reject]  # moved onto the full level
+    assert run(engine, amend("a3", quantity=6)) == [AmendRejected(SYM, 3, TS, "a3", "alice", "invalid_quantity")]
+    assert run(engine, amend("a3", quantity=4))[-1] == book(4, asks=[(100, MAX_UNITS - 1)])  # smaller: fine
+    assert run(engine, amend("a3", quantity=5))[-1] == book(5, asks=[(100, MAX_UNITS)])  # its own lots count once
+    assert engine.depth() == ([], [(100, MAX_UNITS), (101, 7)])
+    # a market order never rests: it may take the whole level
+    assert run(engine, market("b1", BUY, MAX_UNITS, account="bob"))[-1] == book(6, asks=[(100, 0)])
+    assert engine.depth() == ([], [(101, 7)])
+
+
 @pytest.mark.parametrize("price", [100.0, "100"])
 def test_a_price_that_is_not_an_integer_is_rejected(engine, price):
     assert run(engine, limit("a1", BUY, price, 5)) == [rejected(0, "a1", "invalid_price")]

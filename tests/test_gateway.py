@@ -473,6 +473,15 @@ def test_submit_order_refuses_bad_fields_and_rejects_what_the_book_cannot_take(c
     assert outcome({"order_id": "v-8", "price": "1.5", "time_in_force": "ioc"}, 7) == ("canceled", "ioc")
     assert outcome({"order_id": "v-9", "price": "2", "quantity": "5", "time_in_force": "fok"}, 8) == (
         "canceled", "fok")
+    # LINK-USDT has no max_quantity: one order may be 2^63 - 1 lots, but a price level never holds
+    # more (two such orders once crashed the matcher on a BookChanged it could not pack)
+    most = {"side": "sell", "price": "77777", "quantity": "9223372036854775.807"}
+    assert outcome({"order_id": "v-10", **most}, 9) == ("accepted", None)
+    assert outcome({"order_id": "v-11", **most}, 10) == ("rejected", "invalid_quantity")
+    assert outcome({"order_id": "v-12", **most, "quantity": "0.001"}, 11) == ("rejected", "invalid_quantity")
+    assert outcome({"order_id": "v-13", "side": "sell", "price": "77778"}, 12) == ("accepted", None)  # still serving
+    book.send({"action": "cancel_order", "symbol": "LINK-USDT", "order_id": "v-10", "id": 13})
+    assert book.expect({"type": "order_update", "id": 13})["data"]["status"] == "canceled"
 
     # docs/protocol.md: an order_id is 1-64 printable ASCII characters
     for n, order_id in enumerate(("x" * 65, "", "tab\tid", "ünï"), start=20):

@@ -116,6 +116,10 @@ class MatchingEngine:
             return self._reject(cmd, ts_ns, "invalid_field")
         if type(quantity) is not int or not self._min_lots <= quantity <= self._max_lots:
             return self._reject(cmd, ts_ns, "invalid_quantity")
+        # The level it may rest at: its total must stay a 64-bit integer (the wire's limit).
+        level = own.levels.get(-limit_key) if otype is LIMIT else None
+        if level is not None and level.total > MAX_UNITS - quantity:
+            return self._reject(cmd, ts_ns, "invalid_quantity")
         used_key = f"{account}\x00{order_id}"
         used_ids = self._used_ids
         if used_key in used_ids or self._used_before(used_key):
@@ -136,7 +140,6 @@ class MatchingEngine:
                 order = self._index[(account, order_id)] = Order(order_id, account, side, price, quantity, 0,
                                                                  quantity, tif)
                 # BookSide.append, inlined: this is the most frequent path of all.
-                level = own.levels.get(-limit_key)
                 if level is None:
                     level = own.append(order)
                 else:
@@ -321,6 +324,11 @@ class MatchingEngine:
             return rejected("invalid_quantity")
         side = order.side
         remaining = quantity - order.filled
+        own = book.side(side)
+        target = own.levels.get(own.sign * price)  # the level it will rest at: its total stays 64-bit
+        if target is not None and target.total - (order.remaining if price == order.price else 0) > \
+                MAX_UNITS - remaining:
+            return rejected("invalid_quantity")
         if price == order.price and quantity == order.quantity:
             return [_new(OrderAmended, (symbol, self.seq, ts_ns, order_id, account, side, price, quantity,
                                         remaining))]
@@ -338,7 +346,6 @@ class MatchingEngine:
         touched_opposite: dict[int, int] = {}
         if price == order.price and quantity < order.quantity:
             # Smaller at the same price: keeps its place in the queue.
-            own = book.side(side)
             level = own.levels[own.sign * price]
             level.total -= order.remaining - remaining
             order.remaining = remaining

@@ -488,13 +488,15 @@ class Matcher:
                 add_record((ts_ns, body))  # it reaches the engine: journaled, whatever happens in there
                 try:
                     events = engines[symbol].handle(cmd, ts_ns=ts_ns)  # type: ignore[arg-type]
+                    packed = pack_records(events)  # each event packed once: reply and publications
                 except Exception:  # noqa: BLE001 - a bug must not stop the other symbols
+                    # (an event that cannot be packed is one too: the seq it took is never
+                    # published, and the gateways resync at the gap)
                     self.engine_failed(symbol, cmd)
                     add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
                         "engine failure", "internal error: the matcher failed on this command")))
                     continue
                 counts[symbol] += 1
-                packed = pack_records(events)  # each event packed once: reply and publications
                 add_reply((dealer, client, header, OK, packed))
                 add_published((symbol, events, packed))
 
