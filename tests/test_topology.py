@@ -597,6 +597,24 @@ def test_gateway_must_not_reach_a_matcher_twice() -> None:
     assert_error(text, 9, "node 'g1': upstream reaches matcher 'm1' twice (through 'x1' and 'm1')")
 
 
+@pytest.mark.parametrize("gateway, relay, problem", [
+    ("upstream: [m1]", "", "its upstream reaches no feed of ETH-USDT (matcher 'm2'): its clients would get no "
+                           "update of it; add 'm2', or a relay that carries it, to its upstream"),
+    ("upstream: [x1]", ", upstream: [m2]", "its upstream reaches no feed of BTC-USDT (matcher 'm1')"),
+])
+def test_a_gateway_must_hear_every_matcher_that_owns_a_symbol(gateway: str, relay: str, problem: str) -> None:
+    """Each symbol is a channel of every gateway: one it gets no feed of would show a book that
+    never moves, with no error."""
+    text = replace_line(9, f'  g1: {{role: gateway, listen: "127.0.0.1:8765", {gateway}}}') + RELAY % relay + "\n"
+    assert_error(text, 9, f"node 'g1': {problem}")
+
+
+def test_a_matcher_that_owns_no_symbol_need_not_be_heard() -> None:
+    m3 = '  m3: {role: matcher, pub: "tcp://127.0.0.1:5564", snapshot: "tcp://127.0.0.1:5565", data_dir: "var/m3"}'
+    text = BASE.replace("  g1:", m3 + "\n  g1:").replace('"127.0.0.1:8765"}', '"127.0.0.1:8765", upstream: [m1, m2]}')
+    assert parse(text).node("g1").upstream == ("m1", "m2")  # type: ignore[union-attr]
+
+
 RELAY2 = '  x2: {role: relay, pub: "tcp://127.0.0.1:5571"%s}'
 
 

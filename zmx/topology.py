@@ -177,7 +177,8 @@ class GatewayNode:
     - ``workers``: number of gateway processes sharing the port (default 1).
     - ``upstream``: names of the matchers or relays whose PUB its SUB connects to; in the
       file it defaults to every relay if there is one, else every matcher. Here it is always
-      the resolved list. It never reaches a matcher twice (directly and through a relay).
+      the resolved list. It never reaches a matcher twice (directly and through a relay), and
+      it reaches every matcher that owns a symbol (each symbol is a channel of every gateway).
     - ``standby``: relays (or matchers) the gateway switches to when the feed of one of its
       upstream nodes is lost: each carries the same matchers as one upstream node and takes
       its place (``Topology.feed_paths``). Default none.
@@ -806,6 +807,17 @@ class _Parser:
                     raise _Problem(line, f"node {node.name!r}: standby {spare!r} carries {', '.join(carries)}, "
                                          "the matchers of none of its upstream nodes; a standby takes the place "
                                          "of an upstream node that carries the same matchers")
+            # Every symbol is a channel of every gateway: one whose matcher it never hears from
+            # would serve a book that never moves.
+            unheard = {m: topology.symbols_of(m) for m in dict.fromkeys(topology.owners.values()) if m not in seen}
+            if unheard:
+                raise _Problem(
+                    entries[node.name].key_lines.get("upstream", entries.key_lines[node.name]),
+                    f"node {node.name!r}: its upstream reaches no feed of "
+                    + "; ".join(f"{', '.join(symbols)} (matcher {m!r})" for m, symbols in unheard.items())
+                    + f": its clients would get no update of {'them' if len(unheard) > 1 else 'it'}; add "
+                    + " and ".join(repr(m) for m in unheard) + ", or a relay that carries "
+                    + ("them" if len(unheard) > 1 else "it") + ", to its upstream")
 
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:
