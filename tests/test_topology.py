@@ -379,7 +379,9 @@ def test_unknown_limit_key() -> None:
 
 @pytest.mark.parametrize("value, got", [
     ('"4"', "got a string ('4')"),
-    ("2.5", "got a string ('2.5')"),
+    ("2.5", "got 2.5"),
+    ("2.0", "got 2.0"),
+    ("1e3", "got 1e3"),
     ("true", "got a boolean (true)"),
     ("[1]", "got a list"),
 ])
@@ -396,6 +398,19 @@ def test_integers_must_be_positive() -> None:
     text = replace_line(7, '  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", '
                            'data_dir: "var/m1", snapshot_every: 0}')
     assert_error(text, 7, "node 'm1': snapshot_every must be at least 1")
+
+
+@pytest.mark.parametrize("limit, value, maximum", [
+    ("ping_interval_s", "100000000000", "3,600"), ("heartbeat_s", "3601", "3,600"),
+    ("slow_consumer_ms", "100000000000000", "3,600,000"), ("max_message_bytes", "67108865", "67,108,864"),
+])
+def test_limits_have_a_largest_value(limit: str, value: str, maximum: str) -> None:
+    """A typo of a few zeros is refused here: a ping interval of 10^11 s hung a gateway."""
+    text = replace_line(9, f'  g1: {{role: gateway, listen: "127.0.0.1:8765", limits: {{{limit}: {value}}}}}')
+    assert_error(text, 9, f"node 'g1': limits: {limit} must be at most {maximum}, got {int(value):,}")
+    largest = int(maximum.replace(",", ""))
+    text = replace_line(9, f'  g1: {{role: gateway, listen: "127.0.0.1:8765", limits: {{{limit}: {largest}}}}}')
+    assert getattr(parse(text).node("g1").limits, limit) == largest  # type: ignore[union-attr]
 
 
 def test_limits_not_a_mapping() -> None:

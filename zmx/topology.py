@@ -141,7 +141,8 @@ class RelayNode:
 class GatewayLimits:
     """What a gateway allows each WebSocket client (the ``limits`` mapping of a gateway).
 
-    All values are integers; none is a float.
+    All values are integers; none is a float. Each has a largest value (``LIMIT_MAXIMA``: an
+    hour for the times, 64 MiB for a message, 1 GiB for a queue, 10^6 messages a second).
 
     - ``max_message_bytes``: largest frame accepted from a client; larger ones are refused
       (``too_large`` or close code 1009). Default 1 MiB.
@@ -158,7 +159,7 @@ class GatewayLimits:
       this long after it connected is cut. Default 10.
     """
 
-    max_message_bytes: int = 1_048_576
+    max_message_bytes: int = 1_048_576  # (the largest each may be: LIMIT_MAXIMA)
     send_queue_bytes: int = 1_048_576
     slow_consumer_ms: int = 5000
     rate_limit_per_s: int = 100
@@ -166,6 +167,21 @@ class GatewayLimits:
     ping_timeout_s: int = 20
     heartbeat_s: int = 5
     handshake_timeout_s: int = 10
+
+
+# The largest value of each gateway limit: far above any use, and low enough that a typo (a
+# ping interval of 10^11 s would make the gateway build a ping slot per quarter second of it)
+# is refused by ``zmx check`` instead of hanging a gateway.
+LIMIT_MAXIMA = {
+    "max_message_bytes": 64 << 20,
+    "send_queue_bytes": 1 << 30,
+    "slow_consumer_ms": 3_600_000,
+    "rate_limit_per_s": 1_000_000,
+    "ping_interval_s": 3600,
+    "ping_timeout_s": 3600,
+    "heartbeat_s": 3600,
+    "handshake_timeout_s": 3600,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -474,6 +490,7 @@ _SYMBOL_KEYS = ("matcher", "tick_size", "lot_size", "min_quantity", "max_quantit
 _DECIMAL_KEYS = ("tick_size", "lot_size", "min_quantity", "max_quantity")
 _ZMQ_ENDPOINT_HELP = "expected tcp://host:port with a port 1-65535, ipc://path or inproc://name"
 _LIMIT_KEYS = tuple(GatewayLimits.__dataclass_fields__)
+_DECIMAL_TEXT = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\d+[eE][+-]?\d+")  # 2.5, 2.0, 1e3
 
 # Keys of each role: name -> required. Order is the order of the messages' lists.
 _ROLE_KEYS: dict[str, dict[str, bool]] = {
@@ -505,15 +522,20 @@ class _Parser:
             if key not in allowed:
                 raise _Problem(line, f"{where}unknown key {key!r} (expected one of: {', '.join(allowed)})")
 
-    def _int(self, mapping: _Map, key: str, where: str, default: int, minimum: int = 1) -> int:
+    def _int(self, mapping: _Map, key: str, where: str, default: int, minimum: int = 1,
+             maximum: int | None = None) -> int:
         if key not in mapping:
             return default
         value = mapping[key]
         line = mapping.key_lines[key]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Problem(line, f"{where}{key} must be a whole number like {default}, got {_kind(value)}")
+            # (numbers with a point stay strings in this YAML: prices are decimals)
+            got = value if isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value) else _kind(value)
+            raise _Problem(line, f"{where}{key} must be a whole number like {default}, got {got}")
         if value < minimum:
             raise _Problem(line, f"{where}{key} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise _Problem(line, f"{where}{key} must be at most {maximum:,}, got {value:,}")
         return value
 
     @staticmethod
@@ -720,8 +742,8 @@ class _Parser:
                                 "{max_message_bytes: 1048576}")
             self._check_keys(raw, _LIMIT_KEYS, f"{where}limits: ")
             defaults = GatewayLimits()
-            limits = GatewayLimits(**{k: self._int(raw, k, f"{where}limits: ", getattr(defaults, k))
-                                      for k in _LIMIT_KEYS})
+            limits = GatewayLimits(**{k: self._int(raw, k, f"{where}limits: ", getattr(defaults, k),
+                                                   maximum=LIMIT_MAXIMA[k]) for k in _LIMIT_KEYS})
         return GatewayNode(name=name, listen=listen, workers=workers, upstream=upstream, standby=standby,
                            limits=limits)
 
