@@ -22,7 +22,7 @@ import pytest
 from nodes import write_topology
 
 from zmx.cli import builtin_topology_path
-from zmx.node.runtime import load_topology
+from zmx.node.runtime import READY_PREFIX, load_topology
 from zmx.node.supervisor import (
     BACKOFF_FIRST,
     BoundPort,
@@ -227,6 +227,21 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path: Path, up: Callabl
     assert "is up" not in sup.out
     assert not node_processes(tmp_path)
     assert not (tmp_path / "var").exists()  # no matcher ever ran
+
+
+def test_zmx_node_on_a_gateway_port_in_use_fails_and_never_says_it_serves(tmp_path: Path) -> None:
+    """``zmx node g1`` alone (no supervisor checking ports first): the bind fails, and the log
+    never claimed the gateway was serving."""
+    path = write_topology(tmp_path, gateways=1)
+    gateway = load_topology(path).nodes["g1"]
+    with socket.socket() as squatter:
+        squatter.bind((gateway.host, gateway.port))  # type: ignore[union-attr]
+        squatter.listen(1)
+        done = subprocess.run([sys.executable, "-m", "zmx.cli", "node", "g1", "-t", str(path)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0, done.stderr
+    assert "address already in use" in done.stderr.lower(), done.stderr
+    assert "serving" not in done.stderr and READY_PREFIX not in done.stdout, done.stderr
 
 
 def test_a_node_that_fails_to_start_is_reported_and_nothing_is_left(tmp_path: Path, up: Callable[..., Up]) -> None:

@@ -1408,8 +1408,11 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         raise TypeError(f"node {name!r} is a {node.role}, not a gateway")
     details: dict[str, Any] = {"url": node.url, "listen": node.listen, "workers": node.workers}
     if node.workers == 1:
-        log.info("serving %s, upstream %s%s", node.url, ", ".join(node.upstream), _standby_text(node))
-        _serve(topology, node, 0, lambda: announce_ready(name, "gateway", **details))
+        def ready() -> None:  # once the port is bound
+            log.info("serving %s, upstream %s%s", node.url, ", ".join(node.upstream), _standby_text(node))
+            announce_ready(name, "gateway", **details)
+
+        _serve(topology, node, 0, ready)
         return
     _run_workers(topology, node, details)
 
