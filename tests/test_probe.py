@@ -288,6 +288,7 @@ def test_zmx_probe_a_node_of_a_topology_for_one_symbol(tmp_path: Path, context: 
     (["m1", "--symbol", "ETH-USDT"], "node 'm1' does not publish 'ETH-USDT'"),
     (["tcp://127.0.0.1:5999", "--symbol", "@alice"], "must not start with '@'"),
     (["http://127.0.0.1:80"], "is not a ZeroMQ endpoint"),
+    (["tcp://bad"], "'tcp://bad': Invalid argument (expected tcp://host:port"),  # was a traceback
 ])
 def test_zmx_probe_refuses_a_bad_target(tmp_path: Path, args: list[str], message: str) -> None:
     path = write_topology(tmp_path)

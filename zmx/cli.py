@@ -236,6 +236,18 @@ def _probe_endpoint(target: str, topology_path: Path | None, symbols: tuple[str,
         if not target.startswith(("tcp://", "ipc://", "inproc://")):
             raise click.BadParameter(f"{target!r} is not a ZeroMQ endpoint (tcp://host:port or ipc://path) "
                                      "nor a node name", param_hint="'TARGET'")
+        import zmq
+
+        context = zmq.Context()
+        try:
+            with context.socket(zmq.SUB) as sub:
+                sub.linger = 0
+                sub.connect(target)  # what ZeroMQ makes of it: tcp://bad has no port, for one
+        except zmq.ZMQError as e:
+            raise click.BadParameter(f"{target!r}: {zmq.strerror(e.errno)} (expected tcp://host:port or ipc://path)",
+                                     param_hint="'TARGET'") from None
+        finally:
+            context.term()
         return target
     loaded = _load(_topology_or_builtin(topology_path))
     try:
