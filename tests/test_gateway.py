@@ -608,6 +608,17 @@ def test_a_frame_over_the_size_limit_closes_the_connection_with_1009(clients: Cl
     assert code == 1009, f"closed with {code} {client.close_reason!r}"
 
 
+def test_a_text_message_that_is_not_utf8_closes_the_connection_with_1007(clients: Clients) -> None:
+    """RFC 6455, 8.1: an endpoint that gets a text message that is not UTF-8 fails the connection
+    (it was answered as bad JSON, "surrogates not allowed")."""
+    client = clients("utf8")
+    client.ws.send(b'{"action":"ping","x":"\xff\xfe","id":1}', text=True)
+    code = client.expect_close()
+    assert code == 1007, f"closed with {code} {client.close_reason!r}"
+    other = clients("after-utf8")
+    assert other.request({"action": "ping", "id": 2}, "pong") == {"type": "pong", "id": 2}
+
+
 def test_abusive_clients_are_answered_or_closed_and_the_others_keep_being_served(
         shared: Shared, clients: Clients) -> None:
     watcher = clients("watcher")

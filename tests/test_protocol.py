@@ -543,6 +543,13 @@ def test_a_new_second_resets_the_count():
     assert_error(reply(s, {"action": "ping"}, now=6.5), "rate_limited")
 
 
+def test_a_text_message_that_is_not_utf8_asks_for_close_1007():
+    s = session()
+    assert receive(s, b'{"action":"ping","x":"\xff\xfe"}') == [Close(1007, "a text message that is not UTF-8")]
+    assert reply(s, b'{"action":"ping","x":"\xc3\xa9"}') == {"type": "pong"}  # UTF-8 outside ASCII: fine
+    assert_error(reply(s, b'{"action":'), "bad_json")  # UTF-8, just not JSON
+
+
 def test_default_rate_limit_is_100_per_second():
     s = session()
     for i in range(100):

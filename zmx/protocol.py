@@ -30,8 +30,9 @@ from zmx.exceptions import ClientError, InvalidNumber, SequenceGap
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 
 __all__ = [
-    "CLOSE_POLICY", "MAX_CHANNELS_PER_REQUEST", "MAX_ID_CHARS", "Action", "Amend", "Cancel", "Channel", "Close", "Send",
-    "SequenceGap", "Session", "Submit", "Subscribe", "Unsubscribe", "error", "order_update", "rejected",
+    "CLOSE_INVALID_DATA", "CLOSE_POLICY", "MAX_CHANNELS_PER_REQUEST", "MAX_ID_CHARS", "Action", "Amend", "Cancel",
+    "Channel", "Close", "Send", "SequenceGap", "Session", "Submit", "Subscribe", "Unsubscribe", "error",
+    "order_update", "rejected",
 ]
 
 MAX_ID_CHARS = 64
@@ -40,6 +41,7 @@ _MAX_INT_ID = 2**63 - 1
 
 # WebSocket close codes the session asks for
 CLOSE_POLICY = 1008  # a flood past twice the rate limit
+CLOSE_INVALID_DATA = 1007  # a text message that is not UTF-8 (RFC 6455, 8.1)
 
 
 # -- actions for the I/O shell -------------------------------------------------------------
@@ -301,6 +303,8 @@ class Session:
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError as e:
+            if type(data) is bytes and not _is_utf8(data):  # not text at all: the endpoint must fail it
+                return [Close(CLOSE_INVALID_DATA, "a text message that is not UTF-8")]
             if over_limit:
                 return [Send(self._rate_limited(None))]
             return [Send(error("bad_json", f"not valid JSON: {e}"))]
@@ -745,6 +749,14 @@ class _HeldReply(NamedTuple):
     status: str
     events: tuple[Event, ...]
     message: str
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _valid_request_id(value: object) -> bool:

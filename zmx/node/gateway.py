@@ -75,7 +75,19 @@ from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
 from zmx.node.runtime import Stopper, announce_ready, settle_collector
-from zmx.protocol import Amend, Cancel, Channel, Close, Send, Session, Submit, Subscribe, Unsubscribe, error
+from zmx.protocol import (
+    CLOSE_POLICY,
+    Amend,
+    Cancel,
+    Channel,
+    Close,
+    Send,
+    Session,
+    Submit,
+    Subscribe,
+    Unsubscribe,
+    error,
+)
 from zmx.topics import account_topic, is_private, topic
 from zmx.topology import GatewayLimits, GatewayNode, MatcherNode, RouterNode, Topology, connect_endpoint
 
@@ -324,7 +336,7 @@ class Connection(asyncio.Protocol):
             elif kind is Submit or kind is Cancel or kind is Amend:
                 gateway.order(self, action.command, action.request_id)
             elif kind is Close:
-                gateway.counts["rate_limit_closed"] += 1
+                gateway.counts["rate_limit_closed" if action.code == CLOSE_POLICY else "bad_utf8_closed"] += 1
                 self.close(action.code, action.reason)
                 return
 
@@ -511,7 +523,7 @@ class Gateway:
         self.channels: dict[str, ChannelState] = {}
         self.requests: OrderedDict[int, tuple[Connection, OrderCommand, object, float]] = OrderedDict()
         self.counts: dict[str, int] = {key: 0 for key in (
-            "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed",
+            "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed", "bad_utf8_closed",
             "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "feed_failovers",
             "resyncs", "fills_replayed", "fills_incomplete", "internal_errors")}
         self._request_ids = 0
