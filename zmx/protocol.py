@@ -435,8 +435,9 @@ class Session:
     def _cancel(self, message: dict[str, Any], request_id: object) -> list[Action]:
         order_id = self._order_id(message)
         symbol = self._symbol(message)
-        if symbol not in self.symbols:
-            raise ClientError("unknown_symbol", f"no symbol {_show(symbol)} in this cluster")
+        if symbol not in self.symbols:  # refusals that name the order, as an amend's and the book's do
+            return [Send(error("unknown_symbol", f"no symbol {_show(symbol)} in this cluster", request_id,
+                               order_id=order_id, symbol=symbol))]
         return [Cancel(CancelOrder(order_id, self.account, symbol), request_id)]
 
     def _amend(self, message: dict[str, Any], request_id: object) -> list[Action]:
