@@ -472,6 +472,21 @@ def test_an_unknown_symbol_is_rejected_unknown_symbol():
     assert message["data"]["symbol"] == "DOGE-USDT"
 
 
+@pytest.mark.parametrize("fields, reason", [
+    ({"price": "30000.001"}, "invalid_price"), ({"quantity": "0.000001"}, "invalid_quantity"),
+    ({"symbol": "DOGE-USDT"}, "unknown_symbol"), ({"type": "market", "time_in_force": "post_only", "price": None},
+                                                  "invalid_field"),
+])
+def test_a_gateway_rejection_shows_the_order_as_sent_like_the_books_do(fields, reason):
+    order = submit_msg(**{"side": "sell", "time_in_force": "ioc", **fields})
+    (message,) = sent(receive(session(), order))
+    data = message["data"]
+    assert (data["status"], data["reason"]) == ("rejected", reason)
+    assert {k: data[k] for k in ("side", "type", "time_in_force", "price", "quantity")} == {
+        "side": "sell", "type": order.get("type", "limit"), "time_in_force": order["time_in_force"],
+        "price": order.get("price"), "quantity": order["quantity"]}
+
+
 def test_a_gateway_rejection_leaves_nothing_in_flight():
     s = session()
     receive(s, submit_msg(price="30000.001"))

@@ -193,10 +193,13 @@ def _rejected_data(spec: SymbolSpec | None, command: SubmitOrder | None, order_i
 
 def rejected(order_id: str, symbol: str, reason: str, message: str, request_id: object = None, *,
              spec: SymbolSpec | None = None, command: SubmitOrder | None = None,
-             outcome_unknown: bool = False) -> bytes:
+             outcome_unknown: bool = False, echo: dict[str, Any] | None = None) -> bytes:
     """An ``order_update`` ``rejected`` that did not come from a matcher (the gateway, a router).
-    ``outcome_unknown``: no answer came, so the order may be on the book all the same."""
+    ``outcome_unknown``: no answer came, so the order may be on the book all the same. ``echo``:
+    the order's fields as the client sent them, for a refusal made before there was a command."""
     data = _rejected_data(spec, command, order_id, symbol, reason, message, outcome_unknown)
+    if echo:
+        data.update({k: v for k, v in echo.items() if k not in data})
     return _with_id({"type": "order_update", "data": data}, request_id)
 
 
@@ -408,21 +411,24 @@ class Session:
             raise ClientError("invalid_field", f"'price' must be a decimal string such as \"30000.5\", "
                               f"got {_json_kind(price_text)}")
         quantity_text = _field(message, "quantity", str, "a decimal string such as \"0.5\"")
+        # a refusal here shows the order as it was sent, as the book's refusals show it
+        echo = {"side": side.value, "type": order_type.value, "time_in_force": time_in_force.value,
+                "price": price_text, "quantity": quantity_text}
         spec = self.symbols.get(symbol)
         if spec is None:
             return [Send(rejected(order_id, symbol, "unknown_symbol", f"no symbol {_show(symbol)} in this cluster",
-                                  request_id))]
+                                  request_id, echo=echo))]
         if order_type is OrderType.MARKET and price_text is not None:
             return [Send(rejected(order_id, symbol, "invalid_price", "a market order carries no price",
-                                  request_id))]
+                                  request_id, echo=echo))]
         if order_type is OrderType.MARKET and time_in_force is TimeInForce.POST_ONLY:
             return [Send(rejected(order_id, symbol, "invalid_field", "a market order cannot be post_only: it "
-                                  "only takes liquidity", request_id))]
+                                  "only takes liquidity", request_id, echo=echo))]
         try:
             price = None if price_text is None else spec.to_ticks(price_text)
             quantity = spec.to_lots(quantity_text)
         except InvalidNumber as e:
-            return [Send(rejected(order_id, symbol, e.reason, str(e), request_id))]
+            return [Send(rejected(order_id, symbol, e.reason, str(e), request_id, echo=echo))]
         command = SubmitOrder(order_id, self.account, symbol, side, order_type, time_in_force, price, quantity)
         if self._maker_high is None:
             self._maker_high = {}
