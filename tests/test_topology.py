@@ -227,7 +227,7 @@ def test_bad_lot_size_and_bounds() -> None:
 
 def test_invalid_symbol_name() -> None:
     text = replace_line(3, '  btc usdt: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
-    assert_error(text, 3, "symbol 'btc usdt': symbol 'btc usdt' is not a valid name")
+    assert_error(text, 3, ":3: symbol 'btc usdt' is not a valid name")
     text = replace_line(3, '  123: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
     assert_error(text, 3, "symbol name 123 must be a string")
 

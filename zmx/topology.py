@@ -653,6 +653,8 @@ class _Parser:
             except InvalidNumber as e:
                 message = str(e)
                 bad = next((k for k in _DECIMAL_KEYS if message.startswith(k) and k in entry), None)
+                if message.startswith(f"symbol {symbol!r}"):  # it names the symbol already
+                    raise _Problem(line, message) from None
                 raise _Problem(entry.key_lines[bad] if bad else line, f"{where}{message}") from None
             symbols[symbol] = spec
             owners[symbol] = owner
