@@ -76,6 +76,7 @@ from zmx.handshake import upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
 from zmx.node.runtime import Stopper, announce_ready, settle_collector
 from zmx.protocol import (
+    CLOSE_INVALID_DATA,
     CLOSE_POLICY,
     Amend,
     Cancel,
@@ -94,6 +95,7 @@ from zmx.topology import GatewayLimits, GatewayNode, MatcherNode, RouterNode, To
 log = logging.getLogger("zmx.gateway")
 OrderCommand = Union[SubmitOrder, CancelOrder, AmendOrder]  # what a client may send to the routers
 
+_CLOSE_COUNTS = {CLOSE_POLICY: "rate_limit_closed", CLOSE_INVALID_DATA: "bad_utf8_closed"}  # a session's Close
 REQUEST_TIMEOUT_S = 5.0  # an order with no reply by then is answered ``unavailable``
 SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again, on a new connection
 SNAPSHOT_RETIRE_S = 30.0  # an old snapshot connection is still read this long: a slow answer still counts
@@ -336,7 +338,7 @@ class Connection(asyncio.Protocol):
             elif kind is Submit or kind is Cancel or kind is Amend:
                 gateway.order(self, action.command, action.request_id)
             elif kind is Close:
-                gateway.counts["rate_limit_closed" if action.code == CLOSE_POLICY else "bad_utf8_closed"] += 1
+                gateway.counts[_CLOSE_COUNTS[action.code]] += 1
                 self.close(action.code, action.reason)
                 return
 
