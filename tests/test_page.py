@@ -250,8 +250,8 @@ def test_the_page_keeps_a_cancel_on_an_order_that_got_no_answer_until_the_cancel
         cluster: Cluster, clients: Clients, tmp_path: Path) -> None:
     """The only router hangs (SIGSTOP) with an order in it: after 5 s the client gets
     ``rejected`` ``unavailable`` with ``outcome_unknown``, and the page offers a cancel (not an
-    amend). When the router goes on, the order may reach the book unseen, or not (it refuses
-    orders for a matcher whose connection timed out meanwhile): both happen. The cancel its
+    amend). When the router goes on, the order may reach the book unseen, or not (the hung
+    router's connections may have timed out meanwhile): both happened here. The cancel its
     button sends settles it either way: ``canceled``, or ``unknown_order``; then no button."""
     _, gateway = start(cluster)
     script = book_script(get(gateway, "/")[2], tmp_path)
