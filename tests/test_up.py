@@ -244,6 +244,37 @@ def test_zmx_node_on_a_gateway_port_in_use_fails_and_never_says_it_serves(tmp_pa
     assert "serving" not in done.stderr and READY_PREFIX not in done.stdout, done.stderr
 
 
+def test_a_kill_9_of_a_gateway_with_workers_leaves_no_worker_serving(tmp_path: Path) -> None:
+    """The workers a gateway forks die with it, even by ``kill -9``: orphans would keep its
+    port, unseen by ``zmx up``, which would then fail to start it again."""
+    path = write_topology(tmp_path, gateways=1, extra_gateway=", workers: 2")
+    gateway = load_topology(path).nodes["g1"]
+    proc = subprocess.Popen([sys.executable, "-m", "zmx.cli", "node", "g1", "-t", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    workers: list[int] = []
+    try:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as ready:
+            ready.register(proc.stdout, selectors.EVENT_READ)
+            assert ready.select(timeout=30), "no READY from the gateway in 30 s"
+        assert proc.stdout.readline().startswith(READY_PREFIX)
+        workers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                   if (_stat(pid) or ("", 0))[1] == proc.pid]
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_gone(workers) == [], "a worker outlived its killed gateway"
+        with socket.socket() as probe:
+            port = (gateway.host, gateway.port)  # type: ignore[union-attr]
+            assert probe.connect_ex(port) != 0, "the port is still served"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        for pid in workers:  # orphans, if the test failed
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_node_that_fails_to_start_is_reported_and_nothing_is_left(tmp_path: Path, up: Callable[..., Up]) -> None:
     path = write_topology(tmp_path)
     (tmp_path / "var").mkdir()

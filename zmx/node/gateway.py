@@ -74,7 +74,7 @@ from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
-from zmx.node.runtime import Stopper, announce_ready, settle_collector
+from zmx.node.runtime import Stopper, announce_ready, die_with_parent, settle_collector
 from zmx.protocol import (
     CLOSE_INVALID_DATA,
     CLOSE_POLICY,
@@ -1436,12 +1436,15 @@ def _run_workers(topology: Topology, node: GatewayNode, details: dict[str, Any])
     _check_port(node)
     read_end, write_end = os.pipe()
     children: dict[int, int] = {}
+    die_with_me = die_with_parent()  # a kill -9 of this process must not leave workers serving the port
     for worker in range(node.workers):
         pid = os.fork()
         if pid == 0:
             os.close(read_end)
             code = 0
             try:
+                if die_with_me is not None:
+                    die_with_me()
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 _serve(topology, node, worker, lambda w=worker: os.write(write_end, bytes((w,))))

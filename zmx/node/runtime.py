@@ -10,12 +10,15 @@ SIGTERM: every loop polls its sockets with a short timeout and checks ``Stopper.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import gc
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
 from os import PathLike
 from typing import Any
 
@@ -141,3 +144,27 @@ def run_node(topology: Topology, name: str) -> int:
     stopper = Stopper().install()
     module.run(topology, name, stopper)
     return 0
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A function for a child process to run first thing after its fork: Linux then sends it
+    SIGTERM when the process that forked it dies (``prctl(PR_SET_PDEATHSIG)``), so that a
+    ``kill -9`` of a parent leaves no child behind. Made in the parent (it notes the parent's
+    pid: a child whose parent died before the call took effect exits at once). None where
+    there is no such call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return in_child

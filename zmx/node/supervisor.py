@@ -30,8 +30,6 @@ is started from the main thread.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import queue
@@ -42,7 +40,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -51,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 import zmx
-from zmx.node.runtime import Stopper, parse_ready
+from zmx.node.runtime import Stopper, die_with_parent, parse_ready
 from zmx.topology import GatewayNode, MatcherNode, Node, RelayNode, RouterNode, Topology
 
 START_ORDER = ("matcher", "router", "relay", "gateway")
@@ -123,26 +121,6 @@ def port_problem(address: BoundPort) -> str | None:
 
 
 # -- children ----------------------------------------------------------------------------------
-
-
-def _pdeathsig() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that asks Linux to SIGTERM the child when the supervisor dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the supervisor died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def restart_delay(backoff: float, ran_for: float | None) -> tuple[float, float]:
@@ -243,7 +221,7 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.stopper = Stopper()
         self.width = max(len(name) for name in topology.nodes)
-        self._preexec = _pdeathsig()
+        self._preexec = die_with_parent()
 
     # -- the plan ------------------------------------------------------------------------
 
