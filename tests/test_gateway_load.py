@@ -272,6 +272,8 @@ def test_a_slow_reader_gets_slow_consumer_then_a_fresh_snapshot_and_keeps_a_corr
         fields = ("missed_updates", "missed_trades", "from_seq", "to_seq")
         assert all(isinstance(missed.get(k), int) for k in fields), error
         assert missed["missed_updates"] > 0 and missed["from_seq"] <= missed["to_seq"] <= last, error
+        # what it missed starts right after the last update it got (the error comes after them)
+        assert missed["from_seq"] == slow.books["BTC-USDT"].seq + 1, (error, slow.books["BTC-USDT"].seq)
         slow.wait_seq("BTC-USDT", last, timeout=10.0)  # a fresh depth_snapshot first (ws.ChannelBook checks)
         assert slow.books["BTC-USDT"].snapshots >= 2  # (more if it fell behind again while catching up)
 

@@ -451,8 +451,8 @@ def _free(ws: ServerProtocol) -> None:
 class ChannelState:
     """A subscribed channel in this gateway: its protocol ``Channel`` and its subscribers."""
 
-    __slots__ = ("channel", "feed_seq", "frames", "heard_at", "last_sent", "snapshot_asked", "snapshot_seq",
-                 "snapshot_taken_ns", "subscribed_at", "subscribers", "trades", "updates")
+    __slots__ = ("channel", "feed_seq", "first_seq", "frames", "heard_at", "last_sent", "snapshot_asked",
+                 "snapshot_seq", "snapshot_taken_ns", "subscribed_at", "subscribers", "trades", "updates")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -460,6 +460,7 @@ class ChannelState:
         self.frames: list[bytes] = []  # framed messages of this loop turn
         self.updates = 0  # depth updates and trades among them (counted for slow consumers)
         self.trades = 0
+        self.first_seq = 0  # the seq of this turn's first depth update (what a slow consumer missed from)
         self.last_sent = time.monotonic()
         self.snapshot_asked = 0.0  # when the pending snapshot request was sent (0: none pending)
         # When the topic was subscribed, until its first message shows that the publisher has
@@ -480,12 +481,12 @@ class ChannelState:
         self.snapshot_seq = 0
         self.snapshot_taken_ns = 0
 
-    def take_turn(self, now: float) -> tuple[bytes, int, int]:
-        """This loop turn's frames joined, with the depth updates and trades among them; the
-        channel starts the next turn empty."""
+    def take_turn(self, now: float) -> tuple[bytes, int, int, int]:
+        """This loop turn's frames joined, with the depth updates and trades among them and
+        the seq of its first depth update; the channel starts the next turn empty."""
         frames = self.frames
         blob = frames[0] if len(frames) == 1 else b"".join(frames)
-        counts = self.updates, self.trades
+        counts = self.updates, self.trades, self.first_seq
         self.frames = []
         self.updates = self.trades = 0
         self.last_sent = now
@@ -863,7 +864,7 @@ class Gateway:
         frame = text_frame(message)
         for conn in state.subscribers:
             if conn.behind:
-                self._miss(conn, symbol, state.channel.seq, 0, 0)
+                self._miss(conn, symbol, 0, state.channel.seq, 0, 0)
             else:
                 conn.send_frames(frame)
         state.last_sent = time.monotonic()
@@ -931,6 +932,8 @@ class Gateway:
             if messages:
                 if not state.frames:
                     dirty.append(state)
+                if not state.updates:
+                    state.first_seq = events[-1].seq
                 state.frames.extend(map(text_frame, messages))
                 state.updates += 1  # a publication is its trades, then one depth update
                 state.trades += len(messages) - 1
@@ -982,21 +985,21 @@ class Gateway:
         dirty = self._dirty
         if len(dirty) == 1:  # one busy channel (the usual case): no per-connection joining
             state = dirty.pop()
-            blob, updates, trades = state.take_turn(now)
+            blob, updates, trades, first = state.take_turn(now)
             for conn in state.subscribers:
                 if conn.behind:
                     if updates or trades:  # a heartbeat alone is nothing missed
-                        self._miss(conn, state.channel.symbol, state.channel.seq, updates, trades)
+                        self._miss(conn, state.channel.symbol, first, state.channel.seq, updates, trades)
                 elif not conn.closing:
                     conn.transport.write(blob)  # type: ignore[union-attr]  # subscribers are connected
             return
         touched: list[Connection] = []
         for state in dirty:
-            blob, updates, trades = state.take_turn(now)
+            blob, updates, trades, first = state.take_turn(now)
             for conn in state.subscribers:
                 if conn.behind:
                     if updates or trades:
-                        self._miss(conn, state.channel.symbol, state.channel.seq, updates, trades)
+                        self._miss(conn, state.channel.symbol, first, state.channel.seq, updates, trades)
                     continue
                 out = conn.out
                 if out is None:
@@ -1012,13 +1015,16 @@ class Gateway:
             if transport is not None and not conn.closing:
                 transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[index]
 
-    def _miss(self, conn: Connection, symbol: str, seq: int | None, updates: int, trades: int) -> None:
+    def _miss(self, conn: Connection, symbol: str, first: int, seq: int | None, updates: int,
+              trades: int) -> None:
+        """``conn`` is behind: a turn of ``symbol`` (its depth updates from seq ``first`` to
+        ``seq``) is dropped for it, and counted for its ``slow_consumer`` error."""
         missed = conn.missed
         if missed is None:
             missed = conn.missed = {}
         entry = missed.get(symbol)
         if entry is None:
-            missed[symbol] = [updates, trades, seq or 0, seq or 0]
+            missed[symbol] = [updates, trades, first or seq or 0, seq or 0]
         else:
             entry[0] += updates
             entry[1] += trades
