@@ -750,6 +750,36 @@ def test_a_gateway_with_two_workers_serves_one_port_from_two_processes(
         maker.close()
 
 
+def test_a_gateway_stopped_under_a_subscriber_that_never_closes_logs_no_error(cluster: Cluster) -> None:
+    """A subscriber that never answers the gateway's close: its connection is cut after the
+    grace second, once the ZeroMQ sockets are closed; losing it must not touch them (it logged
+    a traceback, "Socket operation on non-socket", on every such stop)."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]})
+    url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    protocol = ClientProtocol(parse_uri(url))
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        protocol.send_request(protocol.connect())
+        for data in protocol.data_to_send():
+            sock.sendall(data)
+        while protocol.state is not State.OPEN:  # each recv times out after 10 s
+            data = sock.recv(65536)
+            assert data, "the gateway closed the connection"
+            protocol.receive_data(data)
+        protocol.send_text(b'{"action":"subscribe","channel":"BTC-USDT"}')
+        for data in protocol.data_to_send():
+            sock.sendall(data)
+        got = b""
+        while b"depth_snapshot" not in got:  # each recv times out after 10 s
+            data = sock.recv(65536)
+            assert data, "the gateway closed the connection"
+            got += data
+        gateway = node(cluster, "g1")
+        assert gateway.stop() == 0  # this client reads nothing more: the close frame stays unanswered
+    log = gateway.log()
+    assert "stopped; counts" in log and "Traceback" not in log and "ZMQError" not in log, log
+
+
 def test_a_gateway_whose_worker_dies_stops_whole_and_says_which(cluster: Cluster) -> None:
     """A worker killed: the gateway node stops its other workers, reaps them and exits
     non-zero, naming the worker, so that its supervisor (``zmx up --restart``) starts all of

@@ -735,6 +735,8 @@ class Gateway:
             conn.missed.pop(symbol, None)
         if not state.subscribers:
             del self.channels[symbol]
+            if self.sub.closed:  # a connection lost after shutdown closed the ZeroMQ sockets
+                return
             self.sub.unsubscribe(topic(symbol))
             self._rearm(self.sub, self._read_sub)
 
