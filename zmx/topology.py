@@ -811,13 +811,14 @@ class _Parser:
     @staticmethod
     def check_upstream_overlap(topology: Topology, entries: _Map) -> None:
         for node in topology.nodes_by_role("gateway"):
+            upstream_line = entries[node.name].key_lines.get("upstream", entries.key_lines[node.name])
             seen: dict[str, str] = {}
             for up in node.upstream:  # type: ignore[union-attr]
                 for matcher in topology.matchers_behind(up):
                     if matcher in seen:
                         via = seen[matcher]
                         raise _Problem(
-                            entries[node.name].key_lines.get("upstream", entries.key_lines[node.name]),
+                            upstream_line,
                             f"node {node.name!r}: upstream reaches matcher {matcher!r} twice "
                             f"(through {via!r} and {up!r}); it would receive every message twice")
                     seen[matcher] = up
@@ -836,7 +837,7 @@ class _Parser:
             unheard = {m: topology.symbols_of(m) for m in dict.fromkeys(topology.owners.values()) if m not in seen}
             if unheard:
                 raise _Problem(
-                    entries[node.name].key_lines.get("upstream", entries.key_lines[node.name]),
+                    upstream_line,
                     f"node {node.name!r}: its upstream reaches no feed of "
                     + "; ".join(f"{', '.join(symbols)} (matcher {m!r})" for m, symbols in unheard.items())
                     + f": its clients would get no update of {'them' if len(unheard) > 1 else 'it'}; add "

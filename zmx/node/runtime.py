@@ -150,8 +150,9 @@ def die_with_parent() -> Callable[[], None] | None:
     """A function for a child process to run first thing after its fork: Linux then sends it
     SIGTERM when the process that forked it dies (``prctl(PR_SET_PDEATHSIG)``), so that a
     ``kill -9`` of a parent leaves no child behind. Made in the parent (it notes the parent's
-    pid: a child whose parent died before the call took effect exits at once). None where
-    there is no such call."""
+    pid: a child whose parent died before the call took effect exits at once). The signal is
+    tied to the thread that forked the child: fork from the main thread. None where there is
+    no such call."""
     if not sys.platform.startswith("linux"):
         return None
     try:
