@@ -76,9 +76,9 @@ BATCH = 512  # requests (or book requests) drained from one socket before the ba
 # A batch also ends once its requests have taken this long to read and run: its replies wait
 # for the whole batch, and requests that keep arriving while one is read would otherwise keep
 # it open. Measured through a router with one matcher on the two-core machine: with requests
-# kept in flight, 18,000-19,400 orders/s instead of 15,200-17,400 (the replies of a batch leave
-# while the next one is read, so client, router and matcher overlap; 0.5-2 ms all did as well,
-# 4 ms 16,200-17,600); at 8,000 orders/s, one drain that went on for 27 ms (246 requests, each
+# kept in flight, mostly 18,000-19,400 orders/s instead of 15,200-17,400 (the replies of a batch
+# leave while the next one is read, so client, router and matcher overlap; 0.5-2 ms all did as
+# well, 4 ms 16,200-17,600); at 8,000 orders/s, one drain that went on for 27 ms (246 requests, each
 # slowed by the other processes on the cores) no longer happens, and the worst ack of a round
 # fell from 15-51 ms to 14-20 ms.
 DRAIN_BUDGET_S = 0.002
