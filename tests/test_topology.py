@@ -280,6 +280,13 @@ def test_yaml_indentation_error() -> None:
     assert re.match(rf"{re.escape(SOURCE)}:\d+: YAML syntax error: ", error_of(text))
 
 
+@pytest.mark.parametrize("character, shown", [("\x00", "#x0000"), ("\x07", "#x0007"), ("\ufffe", "#xfffe")])
+def test_a_character_yaml_does_not_allow_is_named_with_its_line_and_column(character: str, shown: str) -> None:
+    line = BASE.splitlines()[5]  # a node's line, somewhere in the middle of the file
+    text = replace_line(6, line[:4] + character + line[4:])
+    assert_error(text, 6, f"YAML syntax error: character {shown} at column 5 is not allowed in YAML")
+
+
 def test_several_documents_and_python_tags_are_refused() -> None:
     assert_error(BASE + "---\ncluster: other\n", 10, "expected a single document in the stream, but found another")
     assert_error("cluster: !!python/object:os.system x\n", 1, "YAML error: could not determine a constructor")

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode
+from yaml.reader import ReaderError
 
 from zmx.exceptions import InvalidNumber, TopologyError
 from zmx.model import SymbolSpec
@@ -856,6 +857,11 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
         kind = "" if isinstance(e, _DuplicateKey) else "YAML error: " if isinstance(e, ConstructorError) \
             else "YAML syntax error: "
         raise TopologyError(f"{source}:{line} {kind}{problem}") from None
+    except ReaderError as e:  # a character YAML does not allow: say on which line
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise TopologyError(f"{source}:{line}: YAML syntax error: character #x{e.character:04x} at column "
+                            f"{column} is not allowed in YAML ({e.reason})") from None
     except yaml.YAMLError as e:
         raise TopologyError(f"{source}: YAML syntax error: {e}") from None
     if not isinstance(data, _Map):
