@@ -16,11 +16,11 @@
 
 The loop: poll, then drain each ready socket without blocking (at most ``BATCH`` requests
 each; once the batch has taken ``DRAIN_BUDGET_S``, a router not read yet gets one message
-read and the batch ends), run the commands through the engines, append the batch to the journal and make it durable
-(``fsync`` mode), and only then answer each request on the DEALER it came from and publish
-the events: per command and symbol one frame of public events, per account one frame of
-private events. Book requests are answered after that, so a snapshot is always
-taken between two published commands. Every ``snapshot_every`` commands the journal starts a
+read and the batch ends), run the commands through the engines, append the batch to the
+journal and make it durable (``fsync`` mode), and only then answer each request on the
+DEALER it came from and publish the events: per command and symbol one frame of public
+events, per account one frame of private events. Book requests are answered after that, so
+a snapshot is always taken between two published commands. Every ``snapshot_every`` commands the journal starts a
 new segment and a forked child process writes the engines' snapshot (``fork_snapshot``), so
 the loop never waits for it. The order ids used before a snapshot move out of the engines'
 memory into an archive on disk (``zmx.node.usedids``): a matcher's memory does not grow with
@@ -76,11 +76,11 @@ BATCH = 512  # requests (or book requests) drained from one socket before the ba
 # A batch also ends once its requests have taken this long to read and run: its replies wait
 # for the whole batch, and requests that keep arriving while one is read would otherwise keep
 # it open. Measured through a router with one matcher on the two-core machine: with requests
-# kept in flight, mostly 18,000-19,400 orders/s instead of 15,200-17,400 (the replies of a batch
-# leave while the next one is read, so client, router and matcher overlap; 0.5-2 ms all did as
-# well, 4 ms 16,200-17,600); at 8,000 orders/s, one drain that went on for 27 ms (246 requests, each
-# slowed by the other processes on the cores) no longer happens, and the worst ack of a round
-# fell from 15-51 ms to 14-20 ms.
+# kept in flight, mostly 18,000-19,400 orders/s instead of 15,200-17,400 (the replies of a
+# batch leave while the next one is read, so client, router and matcher overlap; 0.5-2 ms all
+# did as well, 4 ms 16,200-17,600); at 8,000 orders/s, one drain that went on for 27 ms (246
+# requests, each slowed by the other processes on the cores) no longer happens, and the worst
+# ack of a round fell from 15-51 ms to 14-20 ms.
 DRAIN_BUDGET_S = 0.002
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # ZMQ_MAXMSGSIZE: a bigger frame makes ZeroMQ drop the connection
 # On the DEALERs to the routers: a REQS frame is at most BATCH_BYTES or one request, whose body
