@@ -679,6 +679,37 @@ def test_a_gateway_whose_relay_failed_switches_to_its_standby_and_its_clients_re
             x1.proc.send_signal(signal.SIGCONT)  # so that it can be stopped
 
 
+def test_a_gateway_started_while_its_relay_is_down_takes_its_standby(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """x1, the gateway's upstream, never runs; x2, its standby, does. The gateway must not wait
+    for x1 for ever (its clients would get a snapshot, then a book that never moves): it moves
+    to x2 as it would had it lost x1's feed, says so, and its clients get the live updates."""
+    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, gateways=1,
+                                      standby_relay=True)
+    for name in ("m1", "r1", "x2", "g1"):
+        cluster.start(name)
+    topology = load_topology(cluster.topology)
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    try:
+        first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
+        client = clients()
+        client.subscribe("BTC-USDT")
+        book = client.wait_seq("BTC-USDT", first)
+        g1 = node(cluster, "g1")
+        client.wait_until(lambda: "switching to" in g1.log(), "the gateway's move to its standby", timeout=15.0)
+        assert "which carries the same matchers (topology standby)" in g1.log()
+        client.wait_until(lambda: not book.awaiting_snapshot, "the book after the move", timeout=15.0)
+        snapshots = book.snapshots
+        top = maker.burst([maker.command("BTC-USDT", "sell", price("BTC-USDT", 100 + n), "0.002") for n in range(3)])
+        assert client.wait_seq("BTC-USDT", top).seq == top
+        assert book.snapshots == snapshots  # live updates through x2, not another resync
+        now, bids, asks = matcher_book(topology, "BTC-USDT", context)
+        assert now == top and same_book(book, bids, asks)
+    finally:
+        maker.close()
+
+
 # -- workers ----------------------------------------------------------------------------------
 
 

@@ -569,7 +569,11 @@ class Gateway:
         for way in ways:
             self.sub.connect(way[0])
         self.connected_once: set[str] = set()
-        self.feed_lost: dict[str, float] = {}  # SUB endpoint -> when it was lost
+        # SUB endpoint -> when it was lost. A feed counts as lost from the start until its first
+        # handshake: a gateway started while its upstream node is down moves to that node's
+        # standby (or connects to it again, and says so) as it would had the feed been lost later.
+        now = time.monotonic()
+        self.feed_lost: dict[str, float] = {way[0]: now for way in ways}
         self.feed_retry: dict[str, float] = {}  # SUB endpoint -> when to connect to it again
         # matcher name -> when its feed, or the connection to its snapshot service, was lost (until it is back)
         self.matcher_lost: dict[str, float] = {}
