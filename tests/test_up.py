@@ -244,6 +244,23 @@ def test_zmx_node_on_a_gateway_port_in_use_fails_and_never_says_it_serves(tmp_pa
     assert "serving" not in done.stderr and READY_PREFIX not in done.stdout, done.stderr
 
 
+@pytest.mark.parametrize("name", ["m1", "r1", "x1", "g1"])
+def test_zmx_node_on_an_address_of_another_host_says_so_in_one_line(tmp_path: Path, name: str) -> None:
+    """An operator starts a node on the wrong machine: its address is no interface of this host.
+    Every role says which address it could not bind and why, in one line (no traceback), and
+    exits non-zero without claiming to serve. (Binding sends nothing: 10.255.255.1 is only
+    asked of this host's own interfaces.)"""
+    path = write_topology(tmp_path, relay=True, gateways=1)
+    text = path.read_text()
+    line = next(line for line in text.splitlines() if line.startswith(f"  {name}:"))
+    path.write_text(text.replace(line, line.replace("127.0.0.1", "10.255.255.1")))
+    done = subprocess.run([sys.executable, "-m", "zmx.cli", "node", name, "-t", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0, done.stderr
+    assert "10.255.255.1" in done.stderr and "no interface of this host has that address" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and READY_PREFIX not in done.stdout, done.stderr
+
+
 def test_a_kill_9_of_a_gateway_with_workers_leaves_no_worker_serving(tmp_path: Path) -> None:
     """The workers a gateway forks die with it, even by ``kill -9``: orphans would keep its
     port, unseen by ``zmx up``, which would then fail to start it again."""

@@ -74,7 +74,7 @@ from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
-from zmx.node.runtime import Stopper, announce_ready, die_with_parent, settle_collector
+from zmx.node.runtime import Stopper, announce_ready, cannot_bind, die_with_parent, settle_collector
 from zmx.protocol import (
     CLOSE_INVALID_DATA,
     CLOSE_POLICY,
@@ -616,9 +616,12 @@ class Gateway:
             self._watch(sock, lambda s=sock: self._read_snapshots(s))
             self._monitor_snapshot_socket(name, sock)
         node = self.node
-        self.server = await loop.create_server(
-            lambda: Connection(self), node.host, node.port, reuse_port=node.workers > 1 or None,
-            backlog=BACKLOG)
+        try:
+            self.server = await loop.create_server(
+                lambda: Connection(self), node.host, node.port, reuse_port=node.workers > 1 or None,
+                backlog=BACKLOG)
+        except OSError as e:
+            raise ZmxError(_cannot_listen(node, e)) from None
         ticker = loop.create_task(self._tick())
         ready()
         try:
@@ -1521,7 +1524,14 @@ def _check_port(node: GatewayNode) -> None:
             probe.bind((node.host, node.port))
             probe.listen(1)
         except OSError as e:
-            raise ZmxError(f"gateway {node.name}: cannot listen on {node.listen}: {e.strerror}") from None
+            raise ZmxError(_cannot_listen(node, e)) from None
+
+
+def _cannot_listen(node: GatewayNode, error: OSError) -> str:
+    """(``zmx node`` puts the node's name before it.) The reason as the system names its error
+    number: asyncio's own text repeats the address."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return cannot_bind("the listening socket", node.listen, error.errno, reason)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,7 +62,14 @@ from zmx.events import PUBLIC_EVENT_TYPES, FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError
 from zmx.node.journal import Journal, JournalError
 from zmx.node.recentfills import RecentFills
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready, keep_mmap_threshold, settle_collector
+from zmx.node.runtime import (
+    POLL_MS,
+    Stopper,
+    announce_ready,
+    cannot_bind,
+    keep_mmap_threshold,
+    settle_collector,
+)
 from zmx.node.usedids import UsedIds
 from zmx.node.usedids import store as store_used_ids
 from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, unpack_requests
@@ -350,7 +357,7 @@ class Matcher:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
             sock.close(0)
-            raise _StartFailure(f"cannot bind the {what} socket to {endpoint}: {e.strerror}") from None
+            raise _StartFailure(cannot_bind(f"the {what} socket", endpoint, e.errno, e.strerror)) from None
         return sock
 
     def ready_details(self) -> dict[str, object]:

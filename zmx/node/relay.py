@@ -18,7 +18,7 @@ import time
 
 import zmq
 
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind
 from zmx.topology import RelayNode, Topology
 
 log = logging.getLogger("zmx.relay")
@@ -49,7 +49,11 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         control_out.connect(control_address)
         for endpoint in upstream:
             xsub.connect(endpoint)
-        xpub.bind(node.pub)
+        try:
+            xpub.bind(node.pub)
+        except zmq.ZMQError as e:
+            log.error("%s", cannot_bind("the pub socket", node.pub, e.errno, e.strerror))
+            raise SystemExit(1) from None
         # The proxy thread owns xsub, xpub and control_in from here on (a thread start is a
         # full memory barrier, which is what ZeroMQ asks of a socket that changes threads).
         proxy = threading.Thread(target=_proxy, args=(xsub, xpub, control_in, name),

@@ -32,7 +32,7 @@ import msgpack
 import zmq
 
 from zmx.codec import MAX_ID_LENGTH, MAX_MESSAGE_BYTES, VERSION
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind
 from zmx.node.wire import BATCH_BYTES, REPS, REQS, REQUEST_HEAD, unpack_replies
 from zmx.topology import RouterNode, Topology
 
@@ -294,7 +294,7 @@ class _Router:
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as e:
-                log.error("cannot bind the %s socket to %s: %s", what, endpoint, e.strerror)
+                log.error("%s", cannot_bind(f"the {what} socket", endpoint, e.errno, e.strerror))
                 raise SystemExit(1) from None
 
     def close(self) -> None:

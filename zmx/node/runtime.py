@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import gc
 import importlib
 import json
@@ -57,6 +58,16 @@ ROLE_MODULES = {
 # step, 56.2-57.5 MB with the threshold fixed).
 MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+
+
+def cannot_bind(what: str, address: str, error_number: int | None, reason: str | None) -> str:
+    """What a node says when it cannot bind ``address`` (``what``: "the pub socket", ...), with
+    a hint for the usual mistake on several machines: an address that is another host's."""
+    text = f"cannot bind {what} to {address}: {reason or 'error ' + str(error_number)}"
+    if error_number == errno.EADDRNOTAVAIL:
+        text += (" (no interface of this host has that address: start the node on the host the topology "
+                 "gives it, or change the address)")
+    return text
 
 
 def keep_mmap_threshold() -> bool:
