@@ -730,13 +730,17 @@ def test_clean_stop_exits_0_says_bye_and_a_restart_restores_the_books(cluster: C
     node.proc.send_signal(signal.SIGTERM)
     router.wait_for(b"BYE")
     assert node.proc.wait(TIMEOUT_MS / 1000) == 0
-    assert "stopped after 200 command(s)" in node.log()
+    first_run = node.log()
+    assert "stopped after 200 command(s)" in first_run
+    data_dir = (cluster.directory / "var" / "m1").resolve()
+    assert first_run.count(f"WARNING m1 zmx.matcher: no journal in {data_dir}: empty books from seq 0") == 1
 
     restarted = cluster.start("m1")
     assert restarted.ready["epoch"] == 2
     assert restarted.ready["seq"] == {s: before[s][0] for s in symbols}
     # the snapshot written at the first start, then the whole journal after it
     assert "recovered from the snapshot before segment 2 + 200 journaled command(s)" in restarted.log()
+    assert restarted.log().count("no journal in") == 1  # the first start's: this one found it
     books = snapshot_socket(zctx, restarted)
     assert {s: book_of(books, s) for s in symbols} == before
     assert {s: changed_ns_of(books, s) for s in symbols} == changed

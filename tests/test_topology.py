@@ -287,6 +287,28 @@ def test_a_character_yaml_does_not_allow_is_named_with_its_line_and_column(chara
     assert_error(text, 6, f"YAML syntax error: character {shown} at column 5 is not allowed in YAML")
 
 
+def _on_hosts(text: str) -> str:
+    """BASE with r1 on 10.0.0.1, the matchers on 10.0.0.2 and the gateway listening everywhere."""
+    text = text.replace("tcp://127.0.0.1:555", "tcp://10.0.0.1:555")
+    text = text.replace("tcp://127.0.0.1:556", "tcp://10.0.0.2:556")
+    return text.replace('listen: "127.0.0.1:8765"', 'listen: "0.0.0.0:8765"')
+
+
+def test_a_wildcard_endpoint_in_a_topology_over_several_hosts_is_refused() -> None:
+    assert parse(_on_hosts(BASE)).node("m1").pub == "tcp://10.0.0.2:5560"  # type: ignore[union-attr]
+    text = _on_hosts(BASE).replace("tcp://10.0.0.2:5560", "tcp://*:5560")
+    assert_error(text, 7, "node 'm1': pub 'tcp://*:5560' has a wildcard host, which the nodes that connect to it "
+                 "take as 127.0.0.1, their own host", "several hosts (10.0.0.1: r1, 10.0.0.2: m1)",
+                 "give m1's own address")
+    text = _on_hosts(BASE).replace("tcp://10.0.0.1:5551", "tcp://0.0.0.0:5551")
+    assert_error(text, 6, "node 'r1': back 'tcp://0.0.0.0:5551' has a wildcard host")
+
+
+def test_wildcard_endpoints_on_one_machine_are_fine() -> None:
+    topology = parse(BASE.replace("tcp://127.0.0.1:", "tcp://*:"))
+    assert topology.node("m1").pub == "tcp://*:5560"  # type: ignore[union-attr]
+
+
 def test_several_documents_and_python_tags_are_refused() -> None:
     assert_error(BASE + "---\ncluster: other\n", 10, "expected a single document in the stream, but found another")
     assert_error("cluster: !!python/object:os.system x\n", 1, "YAML error: could not determine a constructor")

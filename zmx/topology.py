@@ -333,6 +333,7 @@ _TCP = re.compile(rf"tcp://({_HOST}):([0-9]{{1,5}})")
 _HOST_PORT = re.compile(rf"({_HOST}):([0-9]{{1,5}})")
 _IPC = re.compile(r"(ipc|inproc)://(\S+)")
 _WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "[::]", "::"})
+_CONNECTED_TO = {"router": ("front", "back"), "matcher": ("pub", "snapshot"), "relay": ("pub",)}  # by other nodes
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -845,6 +846,39 @@ class _Parser:
                     + " and ".join(repr(m) for m in unheard) + ", or a relay that carries "
                     + ("them" if len(unheard) > 1 else "it") + ", to its upstream")
 
+    @staticmethod
+    def check_wildcards(topology: Topology, entries: _Map) -> None:
+        """An endpoint is both where its node binds and where the others connect, and the others
+        connect to a wildcard host (``*``, ``0.0.0.0``) as the loopback address, on their own host.
+        Right on one machine; in a topology whose addresses name two hosts or more, a wildcard
+        would have each node connect to itself (a cluster that starts, and whose matchers are
+        never heard)."""
+        hosts: dict[str, str] = {}  # host address -> the first node found on it
+        wild: list[tuple[Node, str, str]] = []
+        for node in topology.nodes.values():
+            for key in _CONNECTED_TO.get(node.role, ("listen",)):
+                endpoint = getattr(node, key)
+                m = _TCP.fullmatch(endpoint) if key != "listen" else _HOST_PORT.fullmatch(endpoint)
+                if m is None:
+                    continue
+                host = m.group(1)
+                if host in _WILDCARD_HOSTS:
+                    if key != "listen":  # nothing of the cluster connects to a gateway
+                        wild.append((node, key, endpoint))
+                elif not _is_loopback(host):
+                    hosts.setdefault(host, node.name)
+        if wild and len(hosts) > 1:
+            node, key, endpoint = wild[0]
+            line = entries[node.name].key_lines.get(key, entries.key_lines[node.name])
+            raise _Problem(line, f"node {node.name!r}: {key} {endpoint!r} has a wildcard host, which the nodes "
+                                 "that connect to it take as 127.0.0.1, their own host; this topology's nodes are "
+                                 "on several hosts (" + ", ".join(f"{h}: {n}" for h, n in hosts.items())
+                                 + f"): give {node.name}'s own address")
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("localhost", "[::1]", "::1")
+
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:
     """Parse and validate a topology from YAML text. ``source`` names it in error messages."""
@@ -871,6 +905,7 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
     try:
         topology = _Parser(data).parse(source)
         _Parser.check_upstream_overlap(topology, data["nodes"])
+        _Parser.check_wildcards(topology, data["nodes"])
     except _Problem as p:
         raise TopologyError(f"{source}:{p.line}: {p.message}") from None
     return topology

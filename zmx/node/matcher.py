@@ -175,6 +175,11 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     symbols = topology.symbols_of(name)
     started = time.perf_counter()
     states, replay = journal.recover()
+    if states is None and not replay:
+        # Right on a first start; on a restart it means the books are gone: say where it looked.
+        log.warning("no journal in %s: empty books from seq 0 (this matcher's first start, or its data_dir, "
+                    "which is relative to the directory it was started in, is not where it was)",
+                    journal.directory.resolve())
     try:
         used_ids = UsedIds(journal.directory, symbols, journal.snapshot_segment)
     except sqlite3.Error as e:
