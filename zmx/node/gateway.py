@@ -24,9 +24,9 @@ it with 1013.
 
 Orders: one DEALER to each router's front (docs/wire.md frames); a connection's orders go
 through one router while it is up, so those for one matcher stay in the order it sent them.
-Each connection is its own account; the account's private topic is subscribed on its first order, for the fills of its
-resting orders. Those that a lost feed did not bring are asked of the matcher once it is back
-(``_ask_fills``; docs/wire.md, "Fills a gateway missed").
+Each connection is its own account; the account's private topic is subscribed on its first
+order, for the fills of its resting orders. Those that a lost feed did not bring are asked of
+the matcher once it is back (``_ask_fills``; docs/wire.md, "Fills a gateway missed").
 
 Plain HTTP: a GET without ``Upgrade`` gets the page ``page.html`` at ``/`` (a browser's way to
 use the gateway over the same port), else 404, and the connection is closed.
