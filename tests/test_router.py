@@ -509,6 +509,21 @@ def hello(symbols: list[str], epoch: int = 1, node: str = "m1") -> bytes:
     return msgpack.packb({"node": node, "symbols": symbols, "epoch": epoch})
 
 
+def test_table_names_a_stranger_and_a_replaced_connection_apart() -> None:
+    """A peer with a name that is no matcher's is a stranger; one with ZeroMQ's own kind of
+    routing id (a zero byte and four more) is a matcher's old connection, renamed when the
+    matcher connected again while the router was not reading (a hung router): its queued
+    heartbeats are stale, not a stranger's."""
+    t = table()
+    with pytest.raises(Malformed, match="HB from b'm9', which is no matcher of the topology") as stranger:
+        t.heartbeat(b"m9", hello(["BTC-USDT"]), now=0.0)
+    assert stranger.value.kind == "not a matcher"
+    with pytest.raises(Malformed, match="HB queued on a matcher's connection that its reconnection replaced") as old:
+        t.heartbeat(b"\x00\xe4<\x98i", hello(["BTC-USDT"]), now=0.0)
+    assert old.value.kind == "from a replaced connection"
+    assert t.route == {}
+
+
 def test_table_routes_only_what_the_owner_announced_and_the_topology_gives_it() -> None:
     t = table()
     assert t.route == {}

@@ -134,6 +134,11 @@ class MatcherTable:
     def _matcher(self, ident: bytes, what: str) -> _Matcher:
         m = self.matchers.get(ident)
         if m is None:
+            if len(ident) == 5 and ident[0] == 0:
+                # ZeroMQ's own kind of routing id: the one a connection gets when a new connection
+                # takes its name over (ROUTER_HANDOVER), with what was still queued on it.
+                raise Malformed("from a replaced connection",
+                                f"{what} queued on a matcher's connection that its reconnection replaced")
             raise Malformed("not a matcher", f"{what} from {_show(ident)}, which is no matcher of the topology")
         return m
 
