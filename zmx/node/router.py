@@ -138,7 +138,9 @@ class MatcherTable:
                 # ZeroMQ's own kind of routing id: the one a connection gets when a new connection
                 # takes its name over (ROUTER_HANDOVER), with what was still queued on it.
                 raise Malformed("from a replaced connection",
-                                f"{what} queued on a matcher's connection that its reconnection replaced")
+                                f"{what} from a connection without a name of its own ({_show(ident)}): a "
+                                "matcher's old connection, renamed when it connected again, with what was "
+                                "still queued on it (or a peer that never gave a name)")
             raise Malformed("not a matcher", f"{what} from {_show(ident)}, which is no matcher of the topology")
         return m
 
