@@ -518,7 +518,8 @@ def test_table_names_a_stranger_and_a_replaced_connection_apart() -> None:
     with pytest.raises(Malformed, match="HB from b'm9', which is no matcher of the topology") as stranger:
         t.heartbeat(b"m9", hello(["BTC-USDT"]), now=0.0)
     assert stranger.value.kind == "not a matcher"
-    with pytest.raises(Malformed, match="HB from a connection without a name of its own .*: a matcher's old connection") as old:
+    replaced = "HB from a connection without a name of its own .*: a matcher's old connection"
+    with pytest.raises(Malformed, match=replaced) as old:
         t.heartbeat(b"\x00\xe4<\x98i", hello(["BTC-USDT"]), now=0.0)
     assert old.value.kind == "from a replaced connection"
     assert t.route == {}
