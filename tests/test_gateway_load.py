@@ -710,6 +710,34 @@ def test_a_gateway_started_while_its_relay_is_down_takes_its_standby(
         maker.close()
 
 
+def test_a_gateway_says_when_a_feed_behind_its_relay_goes_silent_and_when_it_is_heard_again(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """m1 hangs (``SIGSTOP``) behind relay x1: the gateway's connection to x1 stays up, so only
+    the silence of BTC-USDT's feed tells; the gateway's log says so, naming the matcher, and
+    says when the feed is heard again (``SIGCONT``). (The client also holds ETH-USDT, m2's,
+    whose heartbeat each second wakes it up to look at the log.)"""
+    topology = start(cluster, {"m1": ["BTC-USDT"], "m2": ["ETH-USDT"]}, limits="heartbeat_s: 1", relay=True)
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    m1, g1 = node(cluster, "m1"), node(cluster, "g1")
+    try:
+        first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
+        client = clients()
+        client.subscribe("BTC-USDT", "ETH-USDT")
+        client.wait_seq("BTC-USDT", first)
+        assert "no message from the feed" not in g1.log()
+        m1.proc.send_signal(signal.SIGSTOP)
+        client.wait_until(lambda: "no message from the feed of BTC-USDT for 3 s (matcher m1)" in g1.log(),
+                          "the gateway's word that the feed went silent", timeout=15.0)
+        m1.proc.send_signal(signal.SIGCONT)
+        client.wait_until(lambda: "the feed of BTC-USDT is heard again" in g1.log(),
+                          "the gateway's word that the feed is back", timeout=15.0)
+    finally:
+        if m1.proc.poll() is None:
+            m1.proc.send_signal(signal.SIGCONT)  # so that it can be stopped
+        maker.close()
+
+
 # -- workers ----------------------------------------------------------------------------------
 
 

@@ -574,6 +574,7 @@ class Gateway:
         # standby (or connects to it again, and says so) as it would had the feed been lost later.
         now = time.monotonic()
         self.feed_lost: dict[str, float] = {way[0]: now for way in ways}
+        self.silent: set[str] = set()  # subscribed symbols whose feed said nothing for FEED_SILENT_S
         self.feed_retry: dict[str, float] = {}  # SUB endpoint -> when to connect to it again
         # matcher name -> when its feed, or the connection to its snapshot service, was lost (until it is back)
         self.matcher_lost: dict[str, float] = {}
@@ -1373,6 +1374,7 @@ class Gateway:
         # a channel whose feed went silent gets no heartbeat: its clients see the feed is gone
         live = [state for state in self.channels.values()
                 if state.channel.synced and now - state.heard_at <= FEED_SILENT_S]
+        self._log_silence(now)
         if any(now - state.last_sent >= heartbeat_s for state in live):
             # The channels idle for half the interval beat along with the ones due, so that the
             # idle channels of a connection come due in the same tick and their heartbeats leave
@@ -1391,6 +1393,25 @@ class Gateway:
         for conn in list(slots[turn]):
             if not conn.ping_sent:
                 conn.ping(now)
+
+    def _log_silence(self, now: float) -> None:
+        """Say when subscribed channels' feed goes silent (its matcher hangs, its host or the way
+        to it is cut: a relay in between stays connected, so only the silence tells) and when
+        it is heard again. A channel counts from its first snapshot on."""
+        was = self.silent
+        silent = {symbol for symbol, state in self.channels.items()
+                  if now - state.heard_at > FEED_SILENT_S and (state.channel.synced or symbol in was)}
+        if silent == was:
+            return
+        gone = sorted(silent - was)
+        back = sorted(symbol for symbol in was - silent if symbol in self.channels)  # not just unsubscribed
+        if gone:
+            log.warning("no message from the feed of %s for %.0f s (matcher %s): their clients get no heartbeats "
+                        "until it is back", ", ".join(gone), FEED_SILENT_S,
+                        ", ".join(sorted({self.topology.owner_of(symbol) for symbol in gone})))
+        if back:
+            log.info("the feed of %s is heard again", ", ".join(back))
+        self.silent = silent
 
     def _heartbeats(self, states: list[ChannelState]) -> None:
         """A heartbeat on each of ``states``, written as a turn of the fan-out: one write per
