@@ -40,7 +40,7 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
-from ws import Clients, WsClient, matcher_book, same_book, slow_socket
+from ws import ChannelBook, Clients, WsClient, matcher_book, same_book, slow_socket
 
 from zmx.commands import SubmitOrder
 from zmx.node.client import Client, RequestTimeout
@@ -89,6 +89,17 @@ def until_accepted(client: WsClient, symbol: str, tag: str, timeout: float = 15.
             return
         assert update["data"].get("reason") == "unavailable", update
         assert time.monotonic() < deadline, f"never accepted through the gateway: {update}"
+
+
+def synced_client(topology: Topology, clients: Clients, maker: RouterMaker, *channels: str
+                  ) -> tuple[WsClient, ChannelBook, int]:
+    """A client of g1 that holds ``channels`` (BTC-USDT among them), synced past a far-away
+    BTC-USDT buy that ``maker`` placed first; with that book and the order's seq."""
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
+    client = clients()
+    client.subscribe(*channels)
+    return client, client.wait_seq("BTC-USDT", first), first
 
 
 class RouterMaker:
@@ -618,13 +629,9 @@ def resyncs_across(topology: Topology, clients: Clients, context: zmq.Context, f
     feed brings), ``mend`` runs. The client must get a fresh ``depth_snapshot`` that holds that
     trade (``what`` brought it) and the fill of its order, once, then follow a burst and a
     second fill to exactly the matcher's book and its order's state."""
-    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
     try:
-        first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
-        client = clients()
-        client.subscribe("BTC-USDT")
-        book = client.wait_seq("BTC-USDT", first)
+        client, book, first = synced_client(topology, clients, maker, "BTC-USDT")
         rest_s1(client)
         client.wait_seq("BTC-USDT", first + 1)
         snapshots = book.snapshots
@@ -689,13 +696,9 @@ def test_a_gateway_started_while_its_relay_is_down_takes_its_standby(
     for name in ("m1", "r1", "x2", "g1"):
         cluster.start(name)
     topology = load_topology(cluster.topology)
-    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
     try:
-        first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
-        client = clients()
-        client.subscribe("BTC-USDT")
-        book = client.wait_seq("BTC-USDT", first)
+        client, book, _ = synced_client(topology, clients, maker, "BTC-USDT")
         g1 = node(cluster, "g1")
         client.wait_until(lambda: "switching to" in g1.log(), "the gateway's move to its standby", timeout=15.0)
         assert "which carries the same matchers (topology standby)" in g1.log()
@@ -717,14 +720,10 @@ def test_a_gateway_says_when_a_feed_behind_its_relay_goes_silent_and_when_it_is_
     says when the feed is heard again (``SIGCONT``). (The client also holds ETH-USDT, m2's,
     whose heartbeat each second wakes it up to look at the log.)"""
     topology = start(cluster, {"m1": ["BTC-USDT"], "m2": ["ETH-USDT"]}, limits="heartbeat_s: 1", relay=True)
-    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
     m1, g1 = node(cluster, "m1"), node(cluster, "g1")
     try:
-        first = maker.place("BTC-USDT", "buy", price("BTC-USDT", -100), "0.001")
-        client = clients()
-        client.subscribe("BTC-USDT", "ETH-USDT")
-        client.wait_seq("BTC-USDT", first)
+        client, _, _ = synced_client(topology, clients, maker, "BTC-USDT", "ETH-USDT")
         assert "no message from the feed" not in g1.log()
         m1.proc.send_signal(signal.SIGSTOP)
         client.wait_until(lambda: "no message from the feed of BTC-USDT for 3 s (matcher m1)" in g1.log(),
