@@ -20,11 +20,11 @@ read and the batch ends), run the commands through the engines, append the batch
 journal and make it durable (``fsync`` mode), and only then answer each request on the
 DEALER it came from and publish the events: per command and symbol one frame of public
 events, per account one frame of private events. Book requests are answered after that, so
-a snapshot is always taken between two published commands. Every ``snapshot_every`` commands the journal starts a
-new segment and a forked child process writes the engines' snapshot (``fork_snapshot``), so
-the loop never waits for it. The order ids used before a snapshot move out of the engines'
-memory into an archive on disk (``zmx.node.usedids``): a matcher's memory does not grow with
-every order it ever accepted, and an id is still never reused.
+a snapshot is always taken between two published commands. Every ``snapshot_every`` commands
+the journal starts a new segment and a forked child process writes the engines' snapshot
+(``fork_snapshot``), so the loop never waits for it. The order ids used before a snapshot
+move out of the engines' memory into an archive on disk (``zmx.node.usedids``): a matcher's
+memory does not grow with every order it ever accepted, and an id is still never reused.
 
 Nothing a peer sends can stop the loop: malformed messages are answered with
 ``bad_request`` where the sender can be told, else dropped, and counted; the counts are
