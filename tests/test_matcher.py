@@ -733,17 +733,35 @@ def test_clean_stop_exits_0_says_bye_and_a_restart_restores_the_books(cluster: C
     first_run = node.log()
     assert "stopped after 200 command(s)" in first_run
     data_dir = (cluster.directory / "var" / "m1").resolve()
-    assert first_run.count(f"WARNING m1 zmx.matcher: no journal in {data_dir}: empty books from seq 0") == 1
+    assert first_run.count(f"INFO m1 zmx.matcher: new data_dir {data_dir}: empty books from seq 0") == 1
 
     restarted = cluster.start("m1")
     assert restarted.ready["epoch"] == 2
     assert restarted.ready["seq"] == {s: before[s][0] for s in symbols}
     # the snapshot written at the first start, then the whole journal after it
     assert "recovered from the snapshot before segment 2 + 200 journaled command(s)" in restarted.log()
-    assert restarted.log().count("no journal in") == 1  # the first start's: this one found it
+    assert restarted.log().count("empty books") == 1  # the first start's: this one found its journal
     books = snapshot_socket(zctx, restarted)
     assert {s: book_of(books, s) for s in symbols} == before
     assert {s: changed_ns_of(books, s) for s in symbols} == changed
+    assert restarted.stop() == 0
+
+
+def test_a_matcher_whose_journal_is_gone_says_where_it_looked(cluster: Cluster, tmp_path: Path,
+                                                               zctx: zmq.Context) -> None:
+    """Its data_dir says it ran before (the epoch file), but its journal, snapshots and archive
+    are gone: it starts with empty books, and warns with the directory it looked in."""
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"], fsync="never")
+    router.wait_for(b"HELLO")
+    assert node.stop() == 0
+    data_dir = (cluster.directory / "var" / "m1").resolve()
+    for path in data_dir.iterdir():
+        if path.name != "epoch":
+            path.unlink()
+    restarted = cluster.start("m1")
+    assert restarted.ready["seq"] == {"BTC-USDT": 0}
+    assert (f"WARNING m1 zmx.matcher: no journal in {data_dir}, where this matcher ran 1 time(s) before: "
+            "empty books from seq 0") in restarted.log()
     assert restarted.stop() == 0
 
 

@@ -159,7 +159,7 @@ def hold_fills(fills: RecentFills, events: Iterable[object]) -> None:
             fills.add(event.account, event.symbol, event.trade_id, event.ts_ns, pack_records((event,))[0])
 
 
-def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
+def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills, epoch: int
              ) -> tuple[dict[str, MatchingEngine], bool, UsedIds]:
     """The engines of ``name``'s symbols as the journal left them, whether a snapshot should
     be written at once (there is none yet, or a symbol left this matcher), and the archive of
@@ -175,11 +175,12 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     symbols = topology.symbols_of(name)
     started = time.perf_counter()
     states, replay = journal.recover()
-    if states is None and not replay:
-        # Right on a first start; on a restart it means the books are gone: say where it looked.
-        log.warning("no journal in %s: empty books from seq 0 (this matcher's first start, or its data_dir, "
-                    "which is relative to the directory it was started in, is not where it was)",
-                    journal.directory.resolve())
+    if states is None and not replay:  # say where it looked: a data_dir is relative to the working directory
+        if epoch == 1:  # a first start here (or the matcher was started from another directory)
+            log.info("new data_dir %s: empty books from seq 0", journal.directory.resolve())
+        else:
+            log.warning("no journal in %s, where this matcher ran %d time(s) before: empty books from seq 0",
+                        journal.directory.resolve(), epoch - 1)
     try:
         used_ids = UsedIds(journal.directory, symbols, journal.snapshot_segment)
     except sqlite3.Error as e:
@@ -293,7 +294,7 @@ class Matcher:
             self.journal = Journal(node.data_dir, fsync=node.fsync)
             self.epoch = self.journal.bump_epoch()
             self.engines, snapshot_now, self.used_ids = _restore(self.topology, self.name, self.journal,
-                                                                 self.fills)
+                                                                 self.fills, self.epoch)
             if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
                 # A snapshot records each symbol's spec, so a later replay uses the right one.
                 self.journal.write_snapshot({s: e.snapshot() for s, e in self.engines.items()})
