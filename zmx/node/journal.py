@@ -68,8 +68,10 @@ created, so zeros at its end are damage). A torn tail of the **last** segment --
 incomplete record, or a bad record with no valid record after it, which is what a crash in
 the middle of a write leaves -- is cut off with a warning that says how many bytes (not
 counting the zeros after them). Any other damage (a bad record followed by good ones, a bad
-record in an earlier segment, a missing segment) raises ``JournalError``: replaying around it
-could silently lose commands that were answered.
+record in an earlier segment, a missing segment, the segment a snapshot is named after) raises
+``JournalError``: replaying around it could silently lose commands that were answered. (The
+segment a snapshot is named after always exists: ``rotate`` creates it, and syncs the
+directory, before that snapshot is written.)
 
 Only the last segment can have a torn tail: a segment is fsynced before the next one is
 started, whatever the mode. ``recover`` also clears what a crash may leave behind: temporary
@@ -407,6 +409,15 @@ class Journal:
             engines, base = found, number
             break
         needed = [n for n in segments if n >= base]
+        if engines is not None and base not in segments:
+            # rotate() creates the segment before the snapshot named after it is written, so
+            # this segment existed: it was deleted, and the commands it held with it
+            raise JournalError(
+                f"journal segment {_segment_name(base)} is missing from {str(self.directory)!r}, although "
+                f"{_snapshot_name(base)} was written after it was started: any command answered since that "
+                "snapshot is gone, so the matcher does not start. Restore the data directory from a backup, "
+                f"or create an empty {_segment_name(base)} there to start from the snapshot and accept "
+                "losing them")
         if needed != list(range(base, base + len(needed))):
             missing = next(n for n in range(base, needed[-1] + 1) if n not in segments)
             after = f" after snapshot {_snapshot_name(base)}" if engines is not None else " (no usable snapshot)"
