@@ -309,6 +309,30 @@ def test_wildcard_endpoints_on_one_machine_are_fine() -> None:
     assert topology.node("m1").pub == "tcp://*:5560"  # type: ignore[union-attr]
 
 
+def test_a_loopback_endpoint_that_a_node_on_another_host_connects_to_is_refused() -> None:
+    # m1 is on 10.0.0.2 (its snapshot says so); its pub on loopback reaches no gateway elsewhere
+    text = _on_hosts(BASE).replace("tcp://10.0.0.2:5560", "tcp://127.0.0.1:5560")
+    text = text.replace('listen: "0.0.0.0:8765"', 'listen: "10.0.0.3:8765"')
+    assert_error(text, 7, "node 'm1': pub 'tcp://127.0.0.1:5560' is a loopback address, which only the nodes on "
+                 "m1's host (10.0.0.2) can reach, and g1 connects to it from 10.0.0.3",
+                 "give m1's own address on the network")
+    # a router's back on localhost, its front on 10.0.0.1: the matchers on 10.0.0.2 cannot reach it
+    text = _on_hosts(BASE).replace("tcp://10.0.0.1:5551", "tcp://localhost:5551")
+    assert_error(text, 6, "node 'r1': back 'tcp://localhost:5551' is a loopback address", "m1 connects to it from "
+                 "10.0.0.2")
+
+
+def test_a_loopback_endpoint_for_the_nodes_of_its_own_host_is_fine() -> None:
+    # the matchers and the gateway on 10.0.0.2, the gateway reading the matchers over loopback;
+    # the router on 10.0.0.1
+    text = _on_hosts(BASE).replace("tcp://10.0.0.2:556", "tcp://127.0.0.1:556")
+    text = text.replace('listen: "0.0.0.0:8765"', 'listen: "10.0.0.2:8765"')
+    text = text.replace('snapshot: "tcp://127.0.0.1:5561"', 'snapshot: "tcp://10.0.0.2:5561"')
+    assert parse(text).node("m1").pub == "tcp://127.0.0.1:5560"  # type: ignore[union-attr]
+    # a node with loopback addresses only could be on any host
+    assert parse(_on_hosts(BASE).replace("tcp://10.0.0.2:556", "tcp://127.0.0.1:556")).node("m2")
+
+
 def test_several_documents_and_python_tags_are_refused() -> None:
     assert_error(BASE + "---\ncluster: other\n", 10, "expected a single document in the stream, but found another")
     assert_error("cluster: !!python/object:os.system x\n", 1, "YAML error: could not determine a constructor")

@@ -875,6 +875,48 @@ class _Parser:
                                  "on several hosts (" + ", ".join(f"{h}: {n}" for h, n in hosts.items())
                                  + f"): give {node.name}'s own address")
 
+    @staticmethod
+    def check_loopbacks(topology: Topology, entries: _Map) -> None:
+        """A loopback endpoint (``127.0.0.1``, ``localhost``) that other nodes connect to reaches
+        only the nodes on its own host. Where the topology shows that one of them is on another
+        host (a node is on the hosts its own addresses name; one with loopback and wildcard
+        addresses only could be anywhere), the cluster would start and never hear that node."""
+        def hosts_of(node: Node) -> frozenset[str]:
+            found = set()
+            for _key, endpoint in node.endpoints:
+                m = _TCP.fullmatch(endpoint) or _HOST_PORT.fullmatch(endpoint)
+                host = _normal_host(m.group(1)) if m is not None else "*"
+                if host not in _WILDCARD_HOSTS and not _is_loopback(host):
+                    found.add(host)
+            return frozenset(found)
+
+        def connectors(node: Node, key: str) -> list[Node]:
+            nodes = topology.nodes.values()
+            if node.role == "router":
+                return [n for n in nodes if n.role == ("gateway" if key == "front" else "matcher")]
+            if key == "snapshot":  # asked by the gateways that receive the matcher's symbols
+                return [n for n in nodes if isinstance(n, GatewayNode) and any(
+                    node.name in topology.matchers_behind(up) for up in (*n.upstream, *n.standby))]
+            return [n for n in nodes if isinstance(n, (RelayNode, GatewayNode))
+                    and node.name in (*n.upstream, *getattr(n, "standby", ()))]
+
+        for node in topology.nodes.values():
+            for key in _CONNECTED_TO.get(node.role, ()):
+                endpoint = getattr(node, key)
+                m = _TCP.fullmatch(endpoint)
+                if m is None or not _is_loopback(_normal_host(m.group(1))):
+                    continue
+                own = hosts_of(node)
+                for other in connectors(node, key):
+                    theirs = hosts_of(other)
+                    if own and theirs and not own & theirs:
+                        line = entries[node.name].key_lines.get(key, entries.key_lines[node.name])
+                        raise _Problem(line, f"node {node.name!r}: {key} {endpoint!r} is a loopback address, which "
+                                             f"only the nodes on {node.name}'s host ({', '.join(sorted(own))}) can "
+                                             f"reach, and {other.name} connects to it from "
+                                             f"{', '.join(sorted(theirs))}: give {node.name}'s own address on the "
+                                             "network")
+
 
 def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host in ("localhost", "[::1]", "::1")
@@ -906,6 +948,7 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
         topology = _Parser(data).parse(source)
         _Parser.check_upstream_overlap(topology, data["nodes"])
         _Parser.check_wildcards(topology, data["nodes"])
+        _Parser.check_loopbacks(topology, data["nodes"])
     except _Problem as p:
         raise TopologyError(f"{source}:{p.line}: {p.message}") from None
     return topology
