@@ -686,6 +686,32 @@ def test_a_gateway_whose_relay_failed_switches_to_its_standby_and_its_clients_re
             x1.proc.send_signal(signal.SIGCONT)  # so that it can be stopped
 
 
+def test_a_gateway_moves_back_to_its_upstream_relay_when_the_standby_fails_in_turn(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """x1 dies, the gateway takes x2 (standby); x1 comes back and x2 dies: the gateway moves back
+    to x1, names it as the topology's upstream, and its clients resync and follow the book."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, standby_relay=True)
+    maker = RouterMaker(topology, context)
+    try:
+        client, book, _ = synced_client(topology, clients, maker, "BTC-USDT")
+        g1 = node(cluster, "g1")
+        node(cluster, "x1").kill()
+        client.wait_until(lambda: "(topology standby)" in g1.log(), "the move to the standby x2", timeout=15.0)
+        client.wait_until(lambda: not book.awaiting_snapshot, "the book after the move", timeout=15.0)
+        cluster.start("x1")
+        snapshots = book.snapshots
+        node(cluster, "x2").kill()
+        client.wait_until(lambda: "(topology upstream)" in g1.log(), "the move back to x1", timeout=15.0)
+        client.wait_until(lambda: book.snapshots > snapshots and not book.awaiting_snapshot,
+                          "a fresh depth_snapshot through x1", timeout=15.0)
+        top = maker.burst([maker.command("BTC-USDT", "sell", price("BTC-USDT", 100 + n), "0.002") for n in range(3)])
+        assert client.wait_seq("BTC-USDT", top).seq == top
+        now, bids, asks = matcher_book(topology, "BTC-USDT", context)
+        assert now == top and same_book(book, bids, asks)
+    finally:
+        maker.close()
+
+
 def test_a_gateway_started_while_its_relay_is_down_takes_its_standby(
         cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
     """x1, the gateway's upstream, never runs; x2, its standby, does. The gateway must not wait
@@ -713,6 +739,33 @@ def test_a_gateway_started_while_its_relay_is_down_takes_its_standby(
         maker.close()
 
 
+def test_a_gateway_started_before_its_relay_says_it_waits_and_when_the_feed_came(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """x1, the gateway's only upstream, starts late: the gateway says it has no feed and keeps
+    connecting, says when the feed came, and its clients' books move from then on."""
+    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, gateways=1, relay=True)
+    for name in ("m1", "r1", "g1"):
+        cluster.start(name)
+    topology = load_topology(cluster.topology)
+    maker = RouterMaker(topology, context)
+    try:
+        client, book, _ = synced_client(topology, clients, maker, "BTC-USDT")
+        g1 = node(cluster, "g1")
+        client.wait_until(lambda: "no feed from" in g1.log(), "the gateway's word that it has no feed", timeout=15.0)
+        assert "connected, " not in g1.log()
+        cluster.start("x1")
+        client.wait_until(lambda: "s after the gateway began to wait for it" in g1.log(),
+                          "the gateway's word that the feed came", timeout=15.0)
+        # (if x1 passed the subscription on to m1 after this update, the next heartbeat's seq resyncs)
+        top = maker.place("BTC-USDT", "sell", price("BTC-USDT", 100), "0.001")
+        client.wait_until(lambda: book.seq >= top and not book.awaiting_snapshot, "the update through x1",
+                          timeout=15.0)
+        now, bids, asks = matcher_book(topology, "BTC-USDT", context)
+        assert now == top and same_book(book, bids, asks)
+    finally:
+        maker.close()
+
+
 def test_a_gateway_says_when_a_feed_behind_its_relay_goes_silent_and_when_it_is_heard_again(
         cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
     """m1 hangs (``SIGSTOP``) behind relay x1: the gateway's connection to x1 stays up, so only
@@ -726,7 +779,8 @@ def test_a_gateway_says_when_a_feed_behind_its_relay_goes_silent_and_when_it_is_
         client, _, _ = synced_client(topology, clients, maker, "BTC-USDT", "ETH-USDT")
         assert "no message from the feed" not in g1.log()
         m1.proc.send_signal(signal.SIGSTOP)
-        client.wait_until(lambda: "no message from the feed of BTC-USDT for 3 s (matcher m1)" in g1.log(),
+        client.wait_until(lambda: "no message from the feed of BTC-USDT for 3 s (matcher m1, or relay x1 on the way)"
+                          in g1.log(),
                           "the gateway's word that the feed went silent", timeout=15.0)
         m1.proc.send_signal(signal.SIGCONT)
         client.wait_until(lambda: "the feed of BTC-USDT is heard again" in g1.log(),

@@ -894,9 +894,8 @@ class _Parser:
             nodes = topology.nodes.values()
             if node.role == "router":
                 return [n for n in nodes if n.role == ("gateway" if key == "front" else "matcher")]
-            if key == "snapshot":  # asked by the gateways that receive the matcher's symbols
-                return [n for n in nodes if isinstance(n, GatewayNode) and any(
-                    node.name in topology.matchers_behind(up) for up in (*n.upstream, *n.standby))]
+            if key == "snapshot":  # every gateway asks books of the matchers themselves
+                return [n for n in nodes if n.role == "gateway"]
             return [n for n in nodes if isinstance(n, (RelayNode, GatewayNode))
                     and node.name in (*n.upstream, *getattr(n, "standby", ()))]
 

@@ -553,16 +553,22 @@ class Gateway:
         # Each feed's ways, the one in use first (Topology.feed_paths): an upstream node, then its
         # standby nodes. endpoint -> its way's list (one list shared by the endpoints of a way).
         self.feed_paths: dict[str, list[str]] = {}
+        self.feed_node: dict[str, str] = {}  # SUB endpoint -> the node that binds it
+        self.symbol_way: dict[str, list[str]] = {}  # symbol -> its feed's way (way[0]: the one in use)
         ways = []
         for names in topology.feed_paths(node.name):
             way = [connect_endpoint(topology.node(name).pub) for name in names]  # type: ignore[union-attr]
             matchers = topology.matchers_behind(names[0])
             symbols = tuple(s for m in matchers for s in topology.symbols_of(m))
-            for endpoint in way:
+            for endpoint, name in zip(way, names, strict=True):
                 self.upstream_symbols[endpoint] = symbols
                 self.upstream_matchers[endpoint] = matchers
                 self.feed_paths[endpoint] = way
+                self.feed_node[endpoint] = name
+            for symbol in symbols:
+                self.symbol_way[symbol] = way
             ways.append(way)
+        self.upstream_nodes = {way[0] for way in ways}  # the topology's upstream (the others: standby)
         # A feed is back when its ZMTP handshake is done, not at the TCP connection: a publisher
         # whose process is stopped (or hung) still has its port accept connections.
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
@@ -1088,8 +1094,11 @@ class Gateway:
             for matcher in self.upstream_matchers.get(endpoint, ()):
                 self.matcher_lost.setdefault(matcher, now)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.feed_lost.pop(endpoint, None)
-            self.feed_retry.pop(endpoint, None)
+            since = self.feed_lost.pop(endpoint, None)
+            warned = self.feed_retry.pop(endpoint, None) is not None
+            if endpoint not in self.connected_once and warned and since is not None:
+                log.info("feed from %s connected, %.1f s after the gateway began to wait for it", endpoint,
+                         now - since)  # after "no feed from ...": the word that it came
             if endpoint in self.connected_once:
                 # Reconnected: the publisher may have restarted, what it sent meanwhile is lost.
                 log.info("feed from %s is back; resyncing its channels", endpoint)
@@ -1294,8 +1303,9 @@ class Gateway:
         way.append(old)
         new = way[0]
         self.counts["feed_failovers"] += 1
-        log.warning("no feed from %s for %.1f s: switching to %s, which carries the same matchers (topology "
-                    "standby)", old, now - self.feed_lost[old], new)
+        log.warning("no feed from %s for %.1f s: switching to %s, which carries the same matchers (%s)",
+                    old, now - self.feed_lost[old], new,
+                    "topology upstream" if new in self.upstream_nodes else "topology standby")
         self.feed_lost.pop(old, None)
         self.feed_retry.pop(old, None)
         with contextlib.suppress(zmq.ZMQError):  # a connection ZeroMQ gave up is no longer known to the socket
@@ -1406,12 +1416,24 @@ class Gateway:
         gone = sorted(silent - was)
         back = sorted(symbol for symbol in was - silent if symbol in self.channels)  # not just unsubscribed
         if gone:
-            log.warning("no message from the feed of %s for %.0f s (matcher %s): their clients get no heartbeats "
-                        "until it is back", ", ".join(gone), FEED_SILENT_S,
-                        ", ".join(sorted({self.topology.owner_of(symbol) for symbol in gone})))
+            log.warning("no message from the feed of %s for %.0f s (%s): their clients get no heartbeats until it "
+                        "is back", ", ".join(gone), FEED_SILENT_S, self._blame(gone))
         if back:
             log.info("the feed of %s is heard again", ", ".join(back))
         self.silent = silent
+
+    def _blame(self, symbols: list[str]) -> str:
+        """Who may be at fault for the silence of ``symbols``: their matchers, and the nodes in
+        between that the gateway takes them from ("matcher m1, or relay x1 on the way")."""
+        causes = []
+        for symbol in symbols:
+            owner = self.topology.owner_of(symbol)
+            way = self.symbol_way.get(symbol)
+            via = self.feed_node.get(way[0], owner) if way else owner
+            cause = f"matcher {owner}" if via == owner else f"matcher {owner}, or relay {via} on the way"
+            if cause not in causes:
+                causes.append(cause)
+        return "; ".join(causes)
 
     def _heartbeats(self, states: list[ChannelState]) -> None:
         """A heartbeat on each of ``states``, written as a turn of the fan-out: one write per
