@@ -259,6 +259,8 @@ def test_zmx_node_on_an_address_of_another_host_says_so_in_one_line(tmp_path: Pa
     assert done.returncode != 0, done.stderr
     assert "10.255.255.1" in done.stderr and "no interface of this host has that address" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and READY_PREFIX not in done.stdout, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(said) == 1 and said[0].count("10.255.255.1") == 1, done.stderr  # said once, and nothing else
 
 
 def test_a_kill_9_of_a_gateway_with_workers_leaves_no_worker_serving(tmp_path: Path) -> None:

@@ -279,6 +279,7 @@ class Matcher:
         self._reported: Counter[str] = Counter()
         self.problems: Counter[str] = Counter()  # since the last problem log line
         self.problems_total: Counter[str] = Counter()
+        self.served = False  # it started serving (a start that failed ends with its error, no summary)
         self.dropped_replies = 0
         self._last_conn_log: dict[str, float] = {}
         self._last_engine_log = -1e9
@@ -872,6 +873,8 @@ class Matcher:
             self.ctx.term()
         if self.used_ids is not None:
             self.used_ids.close()
+        if not self.served:
+            return
         self.problems_total.update(self.problems)
         total = sum(self.commands.values())
         problems = ", ".join(f"{what} {n}" for what, n in sorted(self.problems_total.items())) or "none"
@@ -895,6 +898,7 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         # The collector's full passes would otherwise stall the loop for tens of milliseconds
         # (measured: p99 ack latency).
         settle_collector()
+        matcher.served = True
         announce_ready(name, "matcher", **matcher.ready_details())
         log.info("serving %s (epoch %d, fsync %s) on pub %s, snapshot %s, routers %s",
                  ", ".join(matcher.symbols) or "no symbols", matcher.epoch, matcher.node.fsync,

@@ -63,7 +63,8 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 def cannot_bind(what: str, address: str, error_number: int | None, reason: str | None) -> str:
     """What a node says when it cannot bind ``address`` (``what``: "the pub socket", ...), with
     a hint for the usual mistake on several machines: an address that is another host's."""
-    text = f"cannot bind {what} to {address}: {reason or 'error ' + str(error_number)}"
+    reason = (reason or f"error {error_number}").removesuffix(f" (addr={address!r})")  # pyzmq adds the address
+    text = f"cannot bind {what} to {address}: {reason}"
     if error_number == errno.EADDRNOTAVAIL:
         text += (" (no interface of this host has that address: start the node on the host the topology "
                  "gives it, or change the address)")
