@@ -63,6 +63,14 @@ def start(cluster: Cluster, matchers: dict[str, list[str]], limits: str = "", wo
     return load_topology(cluster.topology)
 
 
+def start_only(cluster: Cluster, names: tuple[str, ...], **layout: bool) -> Topology:
+    """m1 (BTC-USDT), r1, g1 and the relays ``layout`` asks for in the topology; only ``names`` started."""
+    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, gateways=1, **layout)
+    for name in names:
+        cluster.start(name)
+    return load_topology(cluster.topology)
+
+
 def node(cluster: Cluster, name: str) -> NodeProcess:
     return next(p for p in reversed(cluster.procs) if p.name == name)
 
@@ -717,11 +725,7 @@ def test_a_gateway_started_while_its_relay_is_down_takes_its_standby(
     """x1, the gateway's upstream, never runs; x2, its standby, does. The gateway must not wait
     for x1 for ever (its clients would get a snapshot, then a book that never moves): it moves
     to x2 as it would had it lost x1's feed, says so, and its clients get the live updates."""
-    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, gateways=1,
-                                      standby_relay=True)
-    for name in ("m1", "r1", "x2", "g1"):
-        cluster.start(name)
-    topology = load_topology(cluster.topology)
+    topology = start_only(cluster, ("m1", "r1", "x2", "g1"), standby_relay=True)
     maker = RouterMaker(topology, context)
     try:
         client, book, _ = synced_client(topology, clients, maker, "BTC-USDT")
@@ -743,10 +747,7 @@ def test_a_gateway_started_before_its_relay_says_it_waits_and_when_the_feed_came
         cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
     """x1, the gateway's only upstream, starts late: the gateway says it has no feed and keeps
     connecting, says when the feed came, and its clients' books move from then on."""
-    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT"]}, gateways=1, relay=True)
-    for name in ("m1", "r1", "g1"):
-        cluster.start(name)
-    topology = load_topology(cluster.topology)
+    topology = start_only(cluster, ("m1", "r1", "g1"), relay=True)
     maker = RouterMaker(topology, context)
     try:
         client, book, _ = synced_client(topology, clients, maker, "BTC-USDT")
