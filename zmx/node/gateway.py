@@ -1382,9 +1382,16 @@ class Gateway:
                 self._renew_snapshot_socket(self.topology.owner_of(state.channel.symbol))
                 self._ask_snapshot(state)
         # a channel whose feed went silent gets no heartbeat: its clients see the feed is gone
-        live = [state for state in self.channels.values()
-                if state.channel.synced and now - state.heard_at <= FEED_SILENT_S]
-        self._log_silence(now)
+        live = []
+        silent = set()
+        was = self.silent
+        for symbol, state in self.channels.items():
+            if now - state.heard_at <= FEED_SILENT_S:
+                if state.channel.synced:
+                    live.append(state)
+            elif state.channel.synced or symbol in was:
+                silent.add(symbol)
+        self._log_silence(silent)
         if any(now - state.last_sent >= heartbeat_s for state in live):
             # The channels idle for half the interval beat along with the ones due, so that the
             # idle channels of a connection come due in the same tick and their heartbeats leave
@@ -1404,13 +1411,12 @@ class Gateway:
             if not conn.ping_sent:
                 conn.ping(now)
 
-    def _log_silence(self, now: float) -> None:
+    def _log_silence(self, silent: set[str]) -> None:
         """Say when subscribed channels' feed goes silent (its matcher hangs, its host or the way
         to it is cut: a relay in between stays connected, so only the silence tells) and when
-        it is heard again. A channel counts from its first snapshot on."""
+        it is heard again. ``silent``: the channels not heard for ``FEED_SILENT_S`` now, each
+        counted from its first snapshot on (``_housekeeping``)."""
         was = self.silent
-        silent = {symbol for symbol, state in self.channels.items()
-                  if now - state.heard_at > FEED_SILENT_S and (state.channel.synced or symbol in was)}
         if silent == was:
             return
         gone = sorted(silent - was)
