@@ -858,10 +858,9 @@ class _Parser:
         for node in topology.nodes.values():
             for key in _CONNECTED_TO.get(node.role, ("listen",)):
                 endpoint = getattr(node, key)
-                m = _TCP.fullmatch(endpoint) if key != "listen" else _HOST_PORT.fullmatch(endpoint)
-                if m is None:
+                host = _endpoint_host(endpoint)
+                if host is None:
                     continue
-                host = m.group(1)
                 if host in _WILDCARD_HOSTS:
                     if key != "listen":  # nothing of the cluster connects to a gateway
                         wild.append((node, key, endpoint))
@@ -881,14 +880,11 @@ class _Parser:
         only the nodes on its own host. Where the topology shows that one of them is on another
         host (a node is on the hosts its own addresses name; one with loopback and wildcard
         addresses only could be anywhere), the cluster would start and never hear that node."""
-        def hosts_of(node: Node) -> frozenset[str]:
-            found = set()
-            for _key, endpoint in node.endpoints:
-                m = _TCP.fullmatch(endpoint) or _HOST_PORT.fullmatch(endpoint)
-                host = _normal_host(m.group(1)) if m is not None else "*"
-                if host not in _WILDCARD_HOSTS and not _is_loopback(host):
-                    found.add(host)
-            return frozenset(found)
+        hosts_of: dict[str, frozenset[str]] = {}  # node name -> the hosts its own addresses name
+        for node in topology.nodes.values():
+            hosts = (_endpoint_host(endpoint) for _key, endpoint in node.endpoints)
+            hosts_of[node.name] = frozenset(
+                h for h in map(_normal_host, filter(None, hosts)) if h not in _WILDCARD_HOSTS and not _is_loopback(h))
 
         def connectors(node: Node, key: str) -> list[Node]:
             nodes = topology.nodes.values()
@@ -902,12 +898,12 @@ class _Parser:
         for node in topology.nodes.values():
             for key in _CONNECTED_TO.get(node.role, ()):
                 endpoint = getattr(node, key)
-                m = _TCP.fullmatch(endpoint)
-                if m is None or not _is_loopback(_normal_host(m.group(1))):
+                host = _endpoint_host(endpoint)
+                if host is None or not _is_loopback(_normal_host(host)):
                     continue
-                own = hosts_of(node)
+                own = hosts_of[node.name]
                 for other in connectors(node, key):
-                    theirs = hosts_of(other)
+                    theirs = hosts_of[other.name]
                     if own and theirs and not own & theirs:
                         line = entries[node.name].key_lines.get(key, entries.key_lines[node.name])
                         raise _Problem(line, f"node {node.name!r}: {key} {endpoint!r} is a loopback address, which "
@@ -915,6 +911,13 @@ class _Parser:
                                              f"reach, and {other.name} connects to it from "
                                              f"{', '.join(sorted(theirs))}: give {node.name}'s own address on the "
                                              "network")
+
+
+def _endpoint_host(endpoint: str) -> str | None:
+    """The host of ``tcp://HOST:PORT`` or a ``listen`` address ``HOST:PORT`` as written (None for
+    ``ipc://`` and ``inproc://``)."""
+    m = _TCP.fullmatch(endpoint) or _HOST_PORT.fullmatch(endpoint)
+    return m.group(1) if m is not None else None
 
 
 def _is_loopback(host: str) -> bool:
