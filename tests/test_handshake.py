@@ -18,7 +18,7 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 from websockets.utils import accept_key
 
-from zmx.handshake import MAX_REQUEST_BYTES, upgrade_response
+from zmx.handshake import MAX_REQUEST_BYTES, refused_method, upgrade_response
 
 DATE = "Sat, 28 Nov 2026 02:00:00 GMT"
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455, 1.3: its accept value is s3pPLMBiTxaQ9kYGzzhZRbK+xOo=
@@ -165,3 +165,13 @@ def test_a_key_is_checked_as_websockets_checks_it() -> None:
         data = request(*PLAIN[:3], f"Sec-WebSocket-Key: {key}", PLAIN[4])
         answer = upgrade_response(data, DATE)
         assert answer is not None and same_as_websockets(data, answer)
+
+
+def test_a_method_other_than_get_or_head_is_found_once_its_request_line_has_come() -> None:
+    assert refused_method(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}") == "POST"
+    assert refused_method(b"DELETE /x HTTP/1.0\r\n") == "DELETE"
+    assert refused_method(request(*PLAIN, line="PUT / HTTP/1.1")) == "PUT"
+    for data in (request(*PLAIN), request("Host: x", line="HEAD / HTTP/1.1"),
+                 b"POST / HTTP/1.1",  # the line has not all come: websockets reads the rest
+                 b"POST /\r\n", b"hello world\r\n", b"P\x00ST / HTTP/1.1\r\n", b"\r\n"):
+        assert refused_method(data) is None, data

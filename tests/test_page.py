@@ -1,7 +1,8 @@
 """The gateway's browser page: served over plain HTTP on the WebSocket port, and its book code.
 
-- A GET without ``Upgrade`` at ``/`` gets the page (``zmx/node/page.html``), a HEAD its headers
-  alone, anything else 404; WebSocket clients keep using the same port, before and after.
+- A GET that does not ask for ``Upgrade: websocket`` at ``/`` gets the page
+  (``zmx/node/page.html``), a HEAD its headers alone, any other path 404, any other method 405;
+  WebSocket clients keep using the same port, before and after.
 - The page keeps a channel's book in a script of its own (``<script id="zmx-book">``, no DOM).
   That script, taken from the page as served, runs under Node on the messages a real client got
   during a seeded random order flow: every snapshot and update must check out (``prev_seq`` and
@@ -98,6 +99,48 @@ def get(gateway: GatewayNode, path: str) -> tuple[int, dict[str, str], bytes]:
         conn.close()
 
 
+def ask(gateway: GatewayNode, *parts: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``parts`` (one write each) and read the answer until the gateway closes."""
+    host, port = gateway.url.removeprefix("ws://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for part in parts:
+            sock.sendall(part)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 "), answer[:200]
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def test_other_methods_get_405_and_the_gateway_goes_on_serving(cluster: Cluster, clients: Clients) -> None:
+    _, gateway = start(cluster)
+    client = clients("before", url=gateway.url)
+    client.subscribe("BTC-USDT")
+    upgrade = (f"Host: zmx\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {'A' * 22}==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    for name, parts in {
+        "a POST with a body": (b"POST / HTTP/1.1\r\nHost: zmx\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 2\r\n\r\n{}",),
+        "a POST with a body, over several writes": (b"POST /or", b"ders HTTP/1.1\r\nHost: zmx\r\n",
+                                                    b"Content-Length: 2\r\n\r\n", b"{}"),
+        "a DELETE, its request line split": (b"DEL", b"ETE /x HTTP/1.1\r\nHost: zmx\r\n\r\n"),
+        "an OPTIONS": (b"OPTIONS * HTTP/1.1\r\nHost: zmx\r\n\r\n",),
+        "a PUT that asks for the WebSocket protocol": (b"PUT / HTTP/1.1\r\n" + upgrade,),
+    }.items():
+        status, headers, body = ask(gateway, *parts)
+        assert status == 405, name
+        assert headers["allow"] == "GET, HEAD" and headers["connection"] == "close", (name, headers)
+        assert b"GET and HEAD" in body and int(headers["content-length"]) == len(body), (name, body)
+
+    # The gateway goes on serving its clients and new ones.
+    after = clients("after", url=gateway.url)
+    after.subscribe("ETH-USDT")
+    client.send({"action": "ping", "id": 1})
+    client.expect({"type": "pong", "id": 1})
+    assert get(gateway, "/")[0] == 200
+
+
 def book_script(page: bytes, directory: Path) -> Path:
     found = re.search(rb'<script id="zmx-book">(.*?)</script>', page, re.S)
     assert found, "the page has no zmx-book script"
@@ -128,16 +171,16 @@ def test_a_browser_gets_the_page_and_websocket_clients_the_same_port(cluster: Cl
     assert get(gateway, "/?channel=x")[2] == body  # a query changes nothing
     # HEAD: the headers of a GET, and nothing after them (read off the socket: http.client
     # would not read a body after a HEAD even if there were one)
-    host, port = gateway.url.removeprefix("ws://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: zmx\r\n\r\n")
-        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # until the gateway closes
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ") and f"Content-Length: {len(body)}".encode() in head, head
+    status, headers, rest = ask(gateway, b"HEAD / HTTP/1.1\r\nHost: zmx\r\n\r\n")
+    assert status == 200 and headers["content-length"] == str(len(body)), headers
     assert rest == b"", rest[:80]
     status, headers, body = get(gateway, "/favicon.ico")
     assert status == 404 and headers["content-type"].startswith("text/plain")
     assert b"The page is at /" in body
+
+    # An upgrade to another protocol than WebSocket is a plain request (the page).
+    status, _, body = ask(gateway, b"GET / HTTP/1.1\r\nHost: zmx\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+    assert status == 200 and body == PAGE_FILE.read_bytes()
 
     # The WebSocket clients, old and new, are served as before.
     after = clients("after", url=gateway.url)

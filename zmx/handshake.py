@@ -24,10 +24,12 @@ import binascii
 import hashlib
 import re
 
-__all__ = ["MAX_REQUEST_BYTES", "upgrade_response"]
+__all__ = ["MAX_REQUEST_BYTES", "PAGE_METHODS", "refused_method", "upgrade_response"]
 
 MAX_REQUEST_BYTES = 4096  # a longer request goes to websockets (its limits: 8 KiB a line, 128 headers)
 MAX_HEADERS = 64
+MAX_REQUEST_LINE_BYTES = 8192  # websockets' limit for one line
+PAGE_METHODS = ("GET", "HEAD")  # the methods of plain HTTP requests the gateway answers
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, 1.3
 # The same token and field-value grammar as websockets' HTTP parser (RFC 9110, 5.6.2 and 5.5).
@@ -100,3 +102,18 @@ def upgrade_response(data: bytes, date: str) -> tuple[bytes, int] | None:
     response = (b"HTTP/1.1 101 Switching Protocols\r\nDate: " + date.encode() + b"\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
     return response, end + 4
+
+
+def refused_method(data: bytes) -> str | None:
+    """The method of the HTTP request line at the start of ``data`` when it is neither GET nor
+    HEAD; None for those, and when ``data`` does not start with a whole request line.
+
+    The gateway answers such a request (405) before websockets sees it: websockets' parser
+    refuses a request with a body, as a POST usually has, and closes without a word.
+    """
+    end = data.find(b"\r\n", 0, MAX_REQUEST_LINE_BYTES)
+    parts = data[:end].split(b" ") if end > 0 else []
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/") or not _TOKEN.fullmatch(parts[0]):
+        return None
+    method = parts[0].decode("ascii")
+    return None if method in PAGE_METHODS else method

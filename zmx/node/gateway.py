@@ -28,8 +28,9 @@ Each connection is its own account; the account's private topic is subscribed on
 order, for the fills of its resting orders. Those that a lost feed did not bring are asked of
 the matcher once it is back (``_ask_fills``; docs/wire.md, "Fills a gateway missed").
 
-Plain HTTP: a GET without ``Upgrade`` gets the page ``page.html`` at ``/`` (a browser's way to
-use the gateway over the same port), else 404, and the connection is closed.
+Plain HTTP: a GET that does not ask for ``Upgrade: websocket`` gets the page ``page.html`` at
+``/`` (a browser's way to use the gateway over the same port), else 404; a HEAD the same
+headers; any other method 405; and the connection is closed.
 
 Workers: ``workers: N`` forks N processes before anything else is created; each one is a
 whole gateway (own sockets, own mirrors) listening on the same port with ``SO_REUSEPORT``,
@@ -72,7 +73,7 @@ from zmx import codec
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
-from zmx.handshake import upgrade_response
+from zmx.handshake import PAGE_METHODS, refused_method, upgrade_response
 from zmx.node.client import HWM, encode_header, parse_reply
 from zmx.node.runtime import Stopper, announce_ready, cannot_bind, die_with_parent, settle_collector
 from zmx.protocol import (
@@ -139,19 +140,33 @@ PAGE_PATHS = frozenset(("/", "/index.html"))
 PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src ws: wss:; "
                "base-uri 'none'; form-action 'none'")
 NOT_FOUND = b"Not found. The page is at /; WebSocket clients connect to ws://this-host/.\n"
+NOT_ALLOWED = (b"Method not allowed. The page at / answers GET and HEAD; WebSocket clients send a GET "
+               b"with Upgrade: websocket.\n")
 
 
 def http_response(path: str, method: str = "GET") -> Response:
-    """The answer to a plain HTTP GET or HEAD (no ``Upgrade``): the page at ``/``, else 404
-    (for a HEAD, the same headers and no body)."""
-    if urlsplit(path).path in PAGE_PATHS:
+    """The answer to a plain HTTP request (one that is not a WebSocket upgrade): for a GET,
+    the page at ``/``, else 404; for a HEAD, the same headers and no body; for any other
+    method, 405 with ``Allow: GET, HEAD``."""
+    if method not in PAGE_METHODS:
+        status, body, kind = HTTPStatus.METHOD_NOT_ALLOWED, NOT_ALLOWED, "text/plain; charset=utf-8"
+    elif urlsplit(path).path in PAGE_PATHS:
         status, body, kind = HTTPStatus.OK, PAGE, "text/html; charset=utf-8"
     else:
         status, body, kind = HTTPStatus.NOT_FOUND, NOT_FOUND, "text/plain; charset=utf-8"
     headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
                        ("Content-Length", str(len(body))), ("Content-Type", kind), ("Cache-Control", "no-cache"),
                        ("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", PAGE_POLICY)])
+    if status is HTTPStatus.METHOD_NOT_ALLOWED:
+        headers["Allow"] = ", ".join(PAGE_METHODS)
     return Response(status.value, status.phrase, headers, b"" if method == "HEAD" else body)
+
+
+def wants_websocket(request: Request) -> bool:
+    """Whether a request asks for the WebSocket protocol (an ``Upgrade`` that names it); a
+    request that asks for another one (``h2c``, say) is a plain HTTP request."""
+    return any(token.strip().lower() == "websocket"
+               for value in request.headers.get_all("Upgrade") for token in value.split(","))
 
 
 _TEXT_HEAD = 0x81  # FIN, opcode 1 (text); RFC 6455, 5.2
@@ -218,6 +233,11 @@ class Connection(asyncio.Protocol):
                     accepted = upgrade_response(data, self.gateway.http_date())
                     if accepted is None:  # anything but a plain upgrade request in one read
                         ws = self.ws = ServerProtocol(max_size=self.gateway.limits.max_message_bytes)
+                        method = refused_method(data)
+                        if method is not None:  # answered before websockets parses it: it may have a body
+                            ws.send_response(http_response("/", method))
+                            self._flush_ws(ws)
+                            return
                     else:
                         response, end = accepted
                         self.out.append(response)
@@ -292,7 +312,7 @@ class Connection(asyncio.Protocol):
         return ws
 
     def _handshake(self, ws: ServerProtocol, request: Request) -> None:
-        if "Upgrade" not in request.headers:  # not a WebSocket client: a browser asking for the page
+        if not wants_websocket(request):  # not a WebSocket client: a browser asking for the page
             ws.send_response(http_response(request.path, request.method))
             return
         response = ws.accept(request)
