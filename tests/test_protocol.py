@@ -8,7 +8,9 @@ events of a real ``MatchingEngine``; the channel is checked against a naive clie
 from __future__ import annotations
 
 import random
+import re
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,12 +21,15 @@ from zmx.depth import book_checksum, checksum
 from zmx.engine import MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES, BookChanged, OrderFilled, TradeOccurred
 from zmx.exceptions import SequenceGap
+from zmx.node.runtime import load_topology
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 from zmx.protocol import (
     CLOSE_POLICY, MAX_CHANNELS_PER_REQUEST, Amend, Cancel, Channel, Close, Send, Session, Submit, Subscribe,
     Unsubscribe,
 )
 
+REPO = Path(__file__).resolve().parent.parent
+PROTOCOL_DOC = REPO / "docs" / "protocol.md"
 BTC = SymbolSpec("BTC-USDT", "0.01", "0.00001")
 ETH = SymbolSpec("ETH-USDT", "0.5", "0.001", min_quantity="0.01", max_quantity="100")
 SYMBOLS = {spec.symbol: spec for spec in (BTC, ETH)}
@@ -1473,3 +1478,42 @@ def test_random_orders_through_engine_channel_and_client_book():
         assert sorted(f["liquidity"] for f in sides) == ["maker", "taker"], sides
         assert {f["last_quantity"] for f in sides} == {trade["quantity"]}
         assert {f["last_price"] for f in sides} == {trade["price"]}
+
+
+def doc_examples(heading: str) -> list[dict[str, Any]]:
+    """The one-line JSON messages of the first code block after ``heading`` in docs/protocol.md."""
+    text = PROTOCOL_DOC.read_text()
+    block = text[text.index(heading):].split("```", 2)[1]
+    return [orjson.loads(line) for line in block.splitlines() if line.startswith("{")]
+
+
+def test_the_documented_channel_messages_check_out():
+    # A client that follows docs/protocol.md's example applies it without a gap or a bad checksum.
+    messages = doc_examples("### Channel messages")
+    assert [m["type"] for m in messages] == ["depth_snapshot", "trade", "depth_update", "heartbeat"]
+    book: dict[str, dict[str, str]] = {}
+    seq = None
+    for m in messages:
+        data = m["data"]
+        if m["type"] == "depth_snapshot":
+            book = {side: dict(data[side]) for side in ("bids", "asks")}
+        elif m["type"] == "depth_update":
+            assert data["prev_seq"] == seq
+            for side in ("bids", "asks"):
+                for price, quantity in data[side]:
+                    book[side].pop(price) if quantity == "0" else book[side].__setitem__(price, quantity)
+        else:  # a trade has the seq of the update that follows it, a heartbeat the current one
+            assert data["seq"] == seq + (m["type"] == "trade")
+            continue
+        seq = data["seq"]
+        bids = sorted(book["bids"].items(), key=lambda level: -Decimal(level[0]))
+        asks = sorted(book["asks"].items(), key=lambda level: Decimal(level[0]))
+        assert data["checksum"] == checksum(bids, asks), m
+
+
+def test_the_documented_symbols_answer_is_the_built_in_topologys():
+    text = PROTOCOL_DOC.read_text()
+    shown = re.search(r'\{"symbol":"BTC-USDT"[^}]*\}', text)
+    assert shown is not None
+    topology = load_topology(REPO / "topology" / "local.yaml")
+    assert orjson.loads(shown.group()) == topology.symbols["BTC-USDT"].describe()
