@@ -1,7 +1,7 @@
 """The WebSocket protocol as a Sans-I/O state machine: ``Session`` and ``Channel`` without sockets.
 
 Every action, every error path and every state transition of ``zmx.protocol``, checked against
-../shared/DESIGN.md ("WebSocket protocol") and docs/protocol.md. Order replies are built from the
+docs/protocol.md, the public contract. Order replies are built from the
 events of a real ``MatchingEngine``; the channel is checked against a naive client-side book.
 """
 

@@ -7,8 +7,8 @@ orders come back through ``on_reply`` and ``on_private``, which return the JSON 
 send. ``Channel`` is one symbol's channel: it keeps the L2 mirror and turns what the matcher
 published into the JSON messages every subscriber gets, each encoded once.
 
-The public contract is ../shared/DESIGN.md ("WebSocket protocol"); what it leaves open is
-decided in docs/protocol.md. Messages are built as bytes (``orjson``) so that the shell can
+The public contract is docs/protocol.md (it follows the design's "WebSocket protocol" and
+says what that leaves open). Messages are built as bytes (``orjson``) so that the shell can
 frame them once and write the same bytes to every subscriber.
 """
 

@@ -3,8 +3,7 @@
 An asyncio shell (uvloop) around two Sans-I/O state machines: ``websockets``'
 ``ServerProtocol`` (incoming frames, pings, closing, and the handshakes that
 ``zmx.handshake.upgrade_response`` leaves to it) and ``zmx.protocol`` (``Session`` per
-connection, ``Channel`` per subscribed symbol). The protocol is in
-../shared/DESIGN.md and docs/protocol.md.
+connection, ``Channel`` per subscribed symbol). The protocol is docs/protocol.md.
 
 Market data: one SUB socket connected to the upstream PUBs (matchers or relays). A symbol's
 topic is subscribed when the first local client subscribes its channel and unsubscribed when
