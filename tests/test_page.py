@@ -36,6 +36,7 @@ from nodes import Cluster, write_topology
 from ws import Clients, matcher_book
 
 import zmx.node
+from zmx.depth import checksum
 from zmx.node.client import Client
 from zmx.node.runtime import load_topology
 from zmx.topology import GatewayNode, Topology
@@ -246,6 +247,32 @@ def node_eval(script: Path, function: str, args: list[Any]) -> Any:
                           text=True, timeout=60, check=False)  # type: ignore[list-item]
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="needs Node.js (node) to run the page's script")
+def test_the_pages_book_orders_prices_that_a_double_cannot_tell_apart(tmp_path: Path) -> None:
+    # Prices of 20 digits (a symbol whose tick is small against its price): as doubles they
+    # are all the same number, so a book sorted by Number() fails its checksums.
+    script = book_script(PAGE_FILE.read_bytes(), tmp_path)
+    base = "1234567890123456789"
+    bids = [[f"{base}.3", "1"], [f"{base}.21", "2"], [f"{base}.2", "3"]]
+    asks = [[f"{base}.4", "1"], [f"{base}.5", "2"]]
+    after_bids = [bids[0], [f"{base}.29", "4"], bids[1]]  # one level added, the last one removed
+    messages = [
+        {"channel": "X", "type": "depth_snapshot", "data": {"seq": 5, "bids": bids, "asks": asks,
+                                                            "checksum": checksum(bids, asks)}},
+        {"channel": "X", "type": "depth_update",
+         "data": {"seq": 6, "prev_seq": 5, "bids": [[f"{base}.2", "0"], [f"{base}.29", "4"]], "asks": [],
+                  "checksum": checksum(after_bids, asks)}},
+    ]
+    result = replay(script, messages)
+    assert result["results"] == {"ok": 2}, result
+    assert result["books"]["X"] == {"seq": 6, "bids": after_bids, "asks": asks}
+    # the spread the page shows: ask - bid, exactly
+    for ask, bid, spread in ((f"{base}.4", f"{base}.3", "0.1"), (f"{base}.4", f"{base}.29", "0.11"),
+                             ("30001", "30000.5", "0.5"), ("100", "99.99", "0.01"), ("0.3", "0.1", "0.2"),
+                             ("7", "5", "2"), ("5", "5.25", "-0.25")):
+        assert node_eval(script, "priceDifference", [ask, bid]) == spread, (ask, bid)
 
 
 def order_code(script: Path, cases: list[tuple[dict[str, Any], str | None, str | None]]) -> list[Any]:
