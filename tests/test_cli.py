@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 import zmx
 from zmx import cli
 from zmx.cli import builtin_topology_path, main
+from zmx.topology import GatewayLimits
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "topology" / "local.yaml"
@@ -50,6 +52,19 @@ def test_check_sharded_shows_relay_and_upstream(runner: CliRunner) -> None:
     assert "upstream x1" in result.output and "standby x2" in result.output
     assert "upstream m1, m2, m3, m4" in result.output
     assert "DOGE-USDT" in result.output
+
+
+def test_check_shows_every_gateways_limits_and_which_are_not_the_default(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check", str(SHARDED)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│ ")]
+    rows = {row[0]: row[1:] for row in cells if "_" in row[0]}  # the limits table's: limit, g1, g2
+    assert set(rows) == {f.name for f in dataclasses.fields(GatewayLimits)}, rows
+    # sharded.yaml sets g2's max_message_bytes: 65536 and rate_limit_per_s: 200
+    assert rows["max_message_bytes"] == ["1 MiB", "64 KiB *"]
+    assert rows["rate_limit_per_s"] == ["100/s", "200/s *"]
+    assert rows["heartbeat_s"] == ["5 s", "5 s"]
 
 
 def test_check_bad_topology_exits_2_with_the_line(runner: CliRunner, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import zmx
 from zmx.exceptions import TopologyError, ZmxError
 from zmx.node.runtime import load_topology
 from zmx.topology import (
+    GatewayLimits,
     GatewayNode,
     MatcherNode,
     RelayNode,
@@ -96,9 +97,44 @@ def _symbols_table(topology: Topology) -> Table:
     return table
 
 
+# Each gateway limit (zmx.topology.GatewayLimits) as the limits table shows it: topology key, unit.
+_LIMIT_UNITS = (("max_message_bytes", "bytes"), ("send_queue_bytes", "bytes"), ("slow_consumer_ms", "ms"),
+                ("rate_limit_per_s", "/s"), ("ping_interval_s", "s"), ("ping_timeout_s", "s"), ("heartbeat_s", "s"),
+                ("handshake_timeout_s", "s"))
+
+
+def _limit_text(value: int, unit: str) -> str:
+    if unit == "/s":
+        return f"{value}/s"
+    if unit != "bytes":
+        return f"{value} {unit}"
+    for size, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if value % size == 0:
+            return f"{value // size} {name}"
+    return f"{value} B"
+
+
+def _limits_table(topology: Topology) -> Table:
+    """What each gateway allows its clients (its ``limits``, the defaults where it sets none)."""
+    table = Table(title=f"cluster {topology.cluster}: gateway limits", title_justify="left",
+                  caption="* not the default", caption_justify="left")
+    table.add_column("limits:", no_wrap=True)
+    gateways = [node for node in topology.nodes_by_role("gateway") if isinstance(node, GatewayNode)]
+    for node in gateways:
+        table.add_column(node.name, no_wrap=True)
+    defaults = GatewayLimits()
+    for key, unit in _LIMIT_UNITS:
+        default = getattr(defaults, key)
+        cells = [getattr(node.limits, key) for node in gateways]
+        table.add_row(key, *(_limit_text(value, unit) + (" *" if value != default else "") for value in cells))
+    return table
+
+
 def _print_layout(console: Console, topology: Topology) -> None:
     console.print(_nodes_table(topology))
     console.print(_symbols_table(topology))
+    if topology.nodes_by_role("gateway"):
+        console.print(_limits_table(topology))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

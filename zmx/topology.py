@@ -145,8 +145,8 @@ class GatewayLimits:
     All values are integers; none is a float. Each has a largest value (``LIMIT_MAXIMA``: an
     hour for the times, 64 MiB for a message, 1 GiB for a queue, 10^6 messages a second).
 
-    - ``max_message_bytes``: largest frame accepted from a client; larger ones are refused
-      (``too_large`` or close code 1009). Default 1 MiB.
+    - ``max_message_bytes``: largest frame accepted from a client; a larger one closes the
+      connection with code 1009. Default 1 MiB.
     - ``send_queue_bytes``: bytes queued for one client before its depth is conflated into a
       fresh snapshot. Default 1 MiB.
     - ``slow_consumer_ms``: a client that stays behind this long is disconnected (1013).
