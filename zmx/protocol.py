@@ -321,8 +321,11 @@ class Session:
         if type(message) is not dict:
             return [Send(error("bad_json", f"a request is a JSON object, got {_json_kind(message)}"))]
         if bad_id is not None:
+            # orjson reads an integer past 64 bits as a float: say so, not the float it became
+            got = "a number past the 64-bit range" if type(bad_id) is float and abs(bad_id) >= 2.0 ** 63 \
+                and bad_id.is_integer() else _show(bad_id)
             return [Send(error("invalid_field", "'id' must be a string of at most 64 characters or a 64-bit "
-                               f"integer, got {_show(bad_id)}"))]
+                               f"integer, got {got}"))]
         action = message.get("action")
         handler = _HANDLERS.get(action) if type(action) is str else None
         try:
