@@ -189,6 +189,9 @@ def test_up_starts_every_node_and_stops_them_on_sigint(tmp_path: Path, up: Calla
     sup.proc.send_signal(signal.SIGINT)
     assert sup.finish() == 0, sup.err
     assert "stopped 4 node(s)" in sup.out
+    # a cluster stopping as a whole is no problem: no node warns that another went (a matcher
+    # used to count its router's exit in about one stop in three)
+    assert "WARNING" not in sup.out + sup.err, sup.out + sup.err
     assert not wait_gone(list(children.values()))
     assert not node_processes(tmp_path)
 

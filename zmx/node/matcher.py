@@ -278,6 +278,9 @@ class Matcher:
         self.commands: Counter[str] = Counter()
         self._reported: Counter[str] = Counter()
         self.problems: Counter[str] = Counter()  # since the last problem log line
+        # serve's: once it says stop (SIGTERM), the poll that the signal broke into goes on and
+        # may see a router that stopped at the same signal leave
+        self.stopper: Stopper | None = None
         self.problems_total: Counter[str] = Counter()
         self.served = False  # it started serving (a start that failed ends with its error, no summary)
         self.dropped_replies = 0
@@ -375,6 +378,7 @@ class Matcher:
 
     def serve(self, stopper: Stopper) -> None:
         assert self.journal is not None and self.pub is not None and self.snap is not None
+        self.stopper = stopper
         journal = self.journal
         snap = self.snap
         poll = self.poller.poll
@@ -704,6 +708,8 @@ class Matcher:
                 if not quiet:
                     log.info("connected to router %s: HELLO sent (epoch %d)", router, self.epoch)
             elif kind == zmq.EVENT_DISCONNECTED:
+                if self.stopper is not None and self.stopper.stopped:
+                    return  # the cluster stops: its routers go too, and that is no problem to report
                 self.problems[f"connection to router {router} lost"] += 1
                 dropped = self._unlink(link)
                 self.links[self.links.index(link)] = self._link(router, link.endpoint)

@@ -130,6 +130,9 @@ class MatcherTable:
             self.matchers[m.ident] = m
         self.route: dict[bytes, bytes] = {}
         self.last_seen: dict[bytes, float] = dict.fromkeys(self.matchers, float("-inf"))
+        # the router's own stop (serve sets it): the poll a SIGTERM broke into goes on, and
+        # matchers stopped by the same signal may say BYE meanwhile
+        self.stopper: Stopper | None = None
 
     def _matcher(self, ident: bytes, what: str) -> _Matcher:
         m = self.matchers.get(ident)
@@ -217,7 +220,8 @@ class MatcherTable:
             self.route.pop(s.encode(), None)
         was_up, m.up, m.down_reason = m.up, False, reason
         if was_up:
-            log.warning("%s down: %s; %s unavailable", m.name, reason, ", ".join(m.symbols) or "no symbols")
+            level = logging.INFO if self.stopper is not None and self.stopper.stopped else logging.WARNING
+            log.log(level, "%s down: %s; %s unavailable", m.name, reason, ", ".join(m.symbols) or "no symbols")
 
     # -- answers ------------------------------------------------------------------------
 
@@ -467,6 +471,7 @@ class _Router:
         frecv, fsend = _backend_recv.__get__(front), _backend_send.__get__(front)
         brecv, bsend = _backend_recv.__get__(back), _backend_send.__get__(back)
         route, last_seen = table.route, table.last_seen
+        table.stopper = stopper
         from_client, from_matcher, forward_failed = self.from_client, self.from_matcher, self.forward_failed
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
