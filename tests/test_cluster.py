@@ -15,12 +15,14 @@ import zmq
 from nodes import Cluster, NodeProcess, write_topology
 
 from zmx.codec import decode_publication
-from zmx.events import AmendRejected, BookChanged, OrderAccepted, OrderAmended, OrderRejected, TradeOccurred
+from zmx.events import (
+    AmendRejected, BookChanged, FeedHeartbeat, OrderAccepted, OrderAmended, OrderRejected, TradeOccurred,
+)
 from zmx.exceptions import ZmxError
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.runtime import load_topology
 from zmx.topics import topic
-from zmx.topology import Topology
+from zmx.topology import Topology, connect_endpoint
 
 FAST = 0.1  # the router answers unavailable within this many seconds
 
@@ -100,6 +102,36 @@ def btc(order_id: str, account: str, side: str, price: str = "30000", quantity: 
         symbol: str = "BTC-USDT") -> dict[str, str]:
     return {"order_id": order_id, "account": account, "symbol": symbol, "side": side, "price": price,
             "quantity": quantity}
+
+
+def test_each_new_subscriber_gets_its_symbols_heartbeat_at_once_direct_or_through_a_relay(
+        cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    # A gateway asks for a channel's snapshot once the feed's first message shows that its
+    # subscription took hold. The matcher answers each subscription to one of its symbols with
+    # the symbol's heartbeat (its current seq), through a relay as well: the relay passes on
+    # every subscriber's subscription, not only the topic's first.
+    cluster.topology = write_topology(cluster.directory, matchers={"m1": ["BTC-USDT", "SOL-USDT"]}, relay=True)
+    topology = load_topology(cluster.topology)
+    for name in ("r1", "m1", "x1"):
+        cluster.start(name)
+    until_ok(Client.from_topology(topology, context=context), btc("a0", "alice", "buy", "29000"))
+    direct = connect_endpoint(topology.nodes["m1"].pub)  # type: ignore[union-attr]
+    relayed = connect_endpoint(topology.nodes["x1"].pub)  # type: ignore[union-attr]
+    watcher = subscriber(context, direct, "BTC-USDT")
+    wait_live(watcher, "BTC-USDT")
+
+    firsts = []
+    for endpoint in (direct, relayed, relayed, direct, relayed):  # one after another
+        sub = subscriber(context, endpoint, "BTC-USDT")
+        assert sub.poll(10_000), "no message after subscribing"
+        symbol, events = decode_publication(sub.recv())
+        assert symbol == "BTC-USDT" and [type(e) for e in events] == [FeedHeartbeat], events
+        assert events[0].seq == 1  # the book's seq after the one order: nothing more was published
+        firsts.append(events[0].ts_ns)
+        sub.close()
+    # An idle symbol's periodic heartbeats are at least 1 s apart (the matcher's own clock):
+    # five of them would span 4 s. These came with the subscriptions.
+    assert max(firsts) - min(firsts) < 1_000_000_000, firsts
 
 
 def test_orders_reach_their_matcher_replies_their_sender_events_the_right_pub(

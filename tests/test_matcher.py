@@ -493,6 +493,33 @@ def test_malformed_requests_to_the_snapshot_service_get_errors(cluster: Cluster,
     assert "snapshot: malformed request 5" in node.log()
 
 
+def test_what_a_subscriber_sends_to_the_pub_is_dropped_and_the_matcher_goes_on(
+        cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
+    # The matcher reads its pub socket for subscriptions (an XPUB: each one gets the symbol's
+    # heartbeat); an XSUB peer may send it anything else too.
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT", "SOL-USDT"])
+    router.wait_for(b"HELLO")
+    peer = zctx.socket(zmq.XSUB)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(node.ready["pub"])  # type: ignore[index]
+    junk = random.Random(11).randbytes(64)
+    assert junk[:1] not in (b"\x00", b"\x01")  # a frame that starts with 1 is a subscription
+    for frame in (junk, b"", b"\x02BTC-USDT\x00", b"\x00BTC-USDT\x00", b"\x00", bytes(2 << 20)):
+        peer.send(frame)  # the last is over the frame limit: the connection is dropped, and comes back
+    assert [type(e) for e in router.order(1, limit("x", "alice", "BTC-USDT", SELL, 5, 1))] == \
+        [OrderAccepted, BookChanged]
+    # Subscribed (again, after the drop) until the answer comes: BTC-USDT's heartbeat, at its seq.
+    for _ in range(50):
+        peer.send(b"\x01" + topic("BTC-USDT"))
+        if peer.poll(200):
+            break
+    else:
+        raise AssertionError("no heartbeat answered the subscription")
+    symbol, events = codec.decode_publication(peer.recv())
+    assert symbol == "BTC-USDT" and [(type(e), e.seq) for e in events] == [(FeedHeartbeat, 1)]
+    assert node.stop() == 0
+
+
 def book_of_retrying(sock: zmq.Socket, symbol: str) -> tuple[int, list, list]:
     for _ in range(50):
         sock.send_multipart([b"SNAP", symbol.encode()])

@@ -88,6 +88,40 @@ def test_subscriptions_travel_upstream_and_only_subscribed_topics_arrive(
     assert "stopped" in relay.log()
 
 
+def test_every_subscribers_subscription_goes_upstream_and_the_last_ones_unsubscription(
+        cluster: Cluster, tmp_path: Path, context: zmq.Context) -> None:
+    # So that the matcher can answer each one with the symbol's heartbeat (the proof a gateway
+    # waits for before it asks for a snapshot), and the topic still leaves the matcher's feed
+    # when the relay's last subscriber of it goes.
+    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT", "ETH-USDT"]}, relay=True)
+    topology = load_topology(cluster.topology)
+    m1 = context.socket(zmq.XPUB)
+    m1.linger = 0
+    m1.setsockopt(zmq.XPUB_VERBOSE, 1)  # as a matcher's: every subscription, duplicates too
+    m1.bind(topology.nodes["m1"].pub)  # type: ignore[union-attr]
+    cluster.start("x1")
+    endpoint = connect_endpoint(topology.nodes["x1"].pub)  # type: ignore[union-attr]
+    subs = []
+    for i in range(3):
+        sub = context.socket(zmq.SUB)
+        sub.linger = 0
+        sub.connect(endpoint)
+        sub.subscribe(topic("BTC-USDT"))
+        subs.append(sub)
+        assert recv(m1, f"subscriber {i}'s subscription") == b"\x01" + topic("BTC-USDT")
+    # The first two leave: no unsubscription goes upstream (each one's next subscription, on
+    # the same connection, comes after its unsubscription would have).
+    for sub, marker in zip(subs, ("ETH-USDT", "SOL-USDT")):
+        sub.unsubscribe(topic("BTC-USDT"))
+        sub.subscribe(topic(marker))
+        assert recv(m1, f"{marker} subscription") == b"\x01" + topic(marker)
+    # The last one leaves: the topic is unsubscribed upstream.
+    subs[2].unsubscribe(topic("BTC-USDT"))
+    assert recv(m1, "the unsubscription") == b"\x00" + topic("BTC-USDT")
+    for sub in subs:
+        sub.close()
+
+
 def test_a_relay_fans_out_to_several_subscribers(cluster: Cluster, tmp_path: Path, context: zmq.Context) -> None:
     cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}, relay=True)
     topology = load_topology(cluster.topology)
@@ -101,9 +135,8 @@ def test_a_relay_fans_out_to_several_subscribers(cluster: Cluster, tmp_path: Pat
         sub.connect(endpoint)
         sub.subscribe(topic("BTC-USDT"))
         subs.append(sub)
-    # The relay's XPUB passes one subscription per topic upstream, not one per subscriber.
-    assert recv(m1, "the subscription") == b"\x01" + topic("BTC-USDT")
-    # ... so the first one only proves the relay holds at least one subscriber: send until
+    # This XPUB (not verbose, unlike a matcher's) passes on a topic's first subscription only,
+    # so it only proves the relay holds at least one subscriber: send until
     # each subscriber has its first message (a subscriber that joins late misses the first).
     seen = [False] * len(subs)
     poller = zmq.Poller()

@@ -749,9 +749,9 @@ class Gateway:
         if state is None:
             # First the updates, then the snapshot (Clone pattern). A ZeroMQ subscription takes a
             # while to reach the publisher, and a snapshot taken before it arrives would be
-            # followed by a gap; so the snapshot is asked when the topic's first message (an
-            # update, or the matcher's heartbeat of an idle symbol, at least every 1.25 s)
-            # proves it arrived, or after SUBSCRIBE_WAIT_S at the latest.
+            # followed by a gap; so the snapshot is asked when the topic's first message (the
+            # heartbeat the matcher answers each subscription with, or an update) proves it
+            # arrived, or after SUBSCRIBE_WAIT_S at the latest (the matcher may be down).
             state = self.channels[symbol] = ChannelState(Channel(self.symbols[symbol]))
             self.sub.subscribe(topic(symbol))
             self._rearm(self.sub, self._read_sub)

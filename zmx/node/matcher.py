@@ -292,7 +292,9 @@ class Matcher:
     def start(self) -> None:
         node = self.node
         self.ctx = zmq.Context()
-        self.pub = self._bind(zmq.PUB, node.pub, "pub", {zmq.SNDHWM: PUB_HWM})
+        # An XPUB, to hear each new subscription to a symbol (XPUB_VERBOSE: every subscriber's,
+        # not only the first) and answer it with the symbol's heartbeat at once; see welcome().
+        self.pub = self._bind(zmq.XPUB, node.pub, "pub", {zmq.SNDHWM: PUB_HWM, zmq.XPUB_VERBOSE: 1})
         self.snap = self._bind(zmq.ROUTER, node.snapshot, "snapshot")
         try:
             self.journal = Journal(node.data_dir, fsync=node.fsync)
@@ -310,6 +312,7 @@ class Matcher:
         for router in self.routers:
             self.links.append(self._link(router.name, connect_endpoint(router.back)))
         self.poller.register(self.snap, zmq.POLLIN)
+        self.poller.register(self.pub, zmq.POLLIN)
 
     def _link(self, router: str, endpoint: str) -> _Link:
         """A new DEALER connected to a router's back, registered with the poller."""
@@ -380,7 +383,7 @@ class Matcher:
         assert self.journal is not None and self.pub is not None and self.snap is not None
         self.stopper = stopper
         journal = self.journal
-        snap = self.snap
+        snap, pub = self.snap, self.pub
         poll = self.poller.poll
         dealers = self.dealers  # the set itself: _link and _unlink keep it up to date
         monitors = self.monitors
@@ -408,7 +411,7 @@ class Matcher:
                 raise
             now = monotonic()
             if ready:
-                snap_ready = False
+                snap_ready = subscribed = False
                 events_from: list[zmq.Socket] = []
                 deadline = clock() + DRAIN_BUDGET_S  # one budget for the batch, whichever routers fill it
                 for sock, _ in ready:
@@ -416,6 +419,8 @@ class Matcher:
                         self.drain_requests(sock, records, replies, published, deadline)
                     elif sock is snap:
                         snap_ready = True
+                    elif sock is pub:
+                        subscribed = True
                     elif sock in monitors:
                         events_from.append(sock)
                 if records:
@@ -435,6 +440,8 @@ class Matcher:
                     published.clear()
                 if snap_ready:
                     self.serve_snapshots()
+                if subscribed:
+                    self.welcome(last_public, now)
                 for monitor in events_from:
                     self.connection_events(monitor, now)
                 if journal.since_snapshot >= snapshot_every and self.snapshot_child is None and not self.absorbing:
@@ -614,6 +621,39 @@ class Matcher:
                 beat = FeedHeartbeat(symbol, self.engines[symbol].seq, time.time_ns())
                 send(encode_publication(symbol, (beat,)), _NOBLOCK)
                 last_public[symbol] = now
+
+    def welcome(self, last_public: dict[str, float], now: float) -> None:
+        """Answer each new subscription to one of this matcher's symbols with the symbol's
+        heartbeat (its current ``seq``), at once.
+
+        A gateway asks for a symbol's snapshot once a message of the symbol proves that its
+        subscription reached the publisher (docs/wire.md, "Snapshots"); without this, a quiet
+        symbol's first subscriber waited for the next idle heartbeat, up to 1.25 s. Relays pass
+        their subscribers' subscriptions on (XPUB_VERBOSE) for the same reason. The heartbeat
+        goes to every subscriber of the symbol, and says nothing new to the others. Unsubscribe
+        messages, other topics (accounts) and anything else a peer sends are read and dropped;
+        at most one heartbeat per symbol goes out per call, so a peer that sends subscriptions
+        in a loop costs the matcher a read each, and its subscribers little.
+        """
+        pub = self.pub
+        assert pub is not None
+        symbols = self.header_symbols
+        # One heartbeat per symbol however many subscriptions came: each of them is in the
+        # XPUB's filter once read, so one heartbeat sent after reading reaches them all.
+        welcomed: set[str] = set()
+        for _ in range(BATCH):
+            try:
+                message = pub.recv(_NOBLOCK)
+            except zmq.Again:
+                break
+            if message[:1] == b"\x01" and message[-1:] == b"\x00":
+                symbol = symbols.get(message[1:-1])
+                if symbol is not None:
+                    welcomed.add(symbol)
+        for symbol in welcomed:
+            beat = FeedHeartbeat(symbol, self.engines[symbol].seq, time.time_ns())
+            pub.send(encode_publication(symbol, (beat,)), _NOBLOCK)
+            last_public[symbol] = now
 
     def serve_snapshots(self) -> None:
         """Answer up to BATCH book requests (Clone pattern); see docs/wire.md."""

@@ -1,9 +1,9 @@
 """The relay node: an XSUB/XPUB proxy, a fan-out tier between matchers and gateways.
 
 Its XSUB connects to the PUB of every upstream matcher (``RelayNode.upstream``), its XPUB is
-bound at ``pub``. ZeroMQ forwards the subscriptions of the relay's subscribers upstream, so a
-relay only receives the topics that somebody downstream holds, and filtering happens at the
-matcher. Frames pass through untouched (one frame per publication, see docs/wire.md).
+bound at ``pub``. ZeroMQ forwards the subscriptions of the relay's subscribers upstream (each
+one: ``XPUB_VERBOSE``), so a relay only receives the topics that somebody downstream holds,
+and filtering happens at the matcher. Frames pass through untouched (one frame per publication, see docs/wire.md).
 
 The proxy itself runs in C (``zmq.proxy_steerable``) in a thread; the main thread waits on the
 ``Stopper`` and, when SIGINT or SIGTERM sets it, sends ``TERMINATE`` on the proxy's control
@@ -45,6 +45,12 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
             sock.linger = 0
         xsub.rcvhwm = HWM
         xpub.sndhwm = HWM
+        # Every subscriber's subscription goes upstream, not only a topic's first, so that the
+        # matcher answers each one with the symbol's heartbeat (matcher.welcome), and every
+        # unsubscription too: XSUB counts a topic's subscriptions and passes its
+        # unsubscription on when the count is back to zero, so the two must come in pairs.
+        xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         control_in.bind(control_address)
         control_out.connect(control_address)
         for endpoint in upstream:
