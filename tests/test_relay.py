@@ -30,15 +30,25 @@ def recv(sock: zmq.Socket, what: str) -> bytes:
     return sock.recv()
 
 
-def upstream_publishers(ctx: zmq.Context, topology: Topology) -> dict[str, zmq.Socket]:
-    """An XPUB bound where each matcher would publish."""
+def upstream_publishers(ctx: zmq.Context, topology: Topology, verbose: bool = False) -> dict[str, zmq.Socket]:
+    """An XPUB bound where each matcher would publish; ``verbose`` as a matcher's is (it hands
+    over every subscription, a topic's later ones too)."""
     publishers = {}
     for node in topology.nodes_by_role("matcher"):
         xpub = ctx.socket(zmq.XPUB)
         xpub.linger = 0
+        xpub.setsockopt(zmq.XPUB_VERBOSE, int(verbose))
         xpub.bind(node.pub)  # type: ignore[union-attr]
         publishers[node.name] = xpub
     return publishers
+
+
+def subscriber(ctx: zmq.Context, endpoint: str, symbol: str) -> zmq.Socket:
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.connect(endpoint)
+    sub.subscribe(topic(symbol))
+    return sub
 
 
 def test_subscriptions_travel_upstream_and_only_subscribed_topics_arrive(
@@ -52,10 +62,7 @@ def test_subscriptions_travel_upstream_and_only_subscribed_topics_arrive(
     assert ready is not None and ready["role"] == "relay"
     assert ready["pub"] == relay_pub
 
-    sub = context.socket(zmq.SUB)
-    sub.linger = 0
-    sub.connect(connect_endpoint(relay_pub))
-    sub.subscribe(topic("BTC-USDT"))
+    sub = subscriber(context, connect_endpoint(relay_pub), "BTC-USDT")
 
     # The subscription reaches every upstream matcher, and it is the only one: the relay
     # receives what its subscribers hold, not everything.
@@ -93,21 +100,14 @@ def test_every_subscribers_subscription_goes_upstream_and_the_last_ones_unsubscr
     # So that the matcher can answer each one with the symbol's heartbeat (the proof a gateway
     # waits for before it asks for a snapshot), and the topic still leaves the matcher's feed
     # when the relay's last subscriber of it goes.
-    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT", "ETH-USDT"]}, relay=True)
+    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}, relay=True)
     topology = load_topology(cluster.topology)
-    m1 = context.socket(zmq.XPUB)
-    m1.linger = 0
-    m1.setsockopt(zmq.XPUB_VERBOSE, 1)  # as a matcher's: every subscription, duplicates too
-    m1.bind(topology.nodes["m1"].pub)  # type: ignore[union-attr]
+    (m1,) = upstream_publishers(context, topology, verbose=True).values()
     cluster.start("x1")
     endpoint = connect_endpoint(topology.nodes["x1"].pub)  # type: ignore[union-attr]
     subs = []
     for i in range(3):
-        sub = context.socket(zmq.SUB)
-        sub.linger = 0
-        sub.connect(endpoint)
-        sub.subscribe(topic("BTC-USDT"))
-        subs.append(sub)
+        subs.append(subscriber(context, endpoint, "BTC-USDT"))
         assert recv(m1, f"subscriber {i}'s subscription") == b"\x01" + topic("BTC-USDT")
     # The first two leave: no unsubscription goes upstream (each one's next subscription, on
     # the same connection, comes after its unsubscription would have).
@@ -128,13 +128,7 @@ def test_a_relay_fans_out_to_several_subscribers(cluster: Cluster, tmp_path: Pat
     (m1,) = upstream_publishers(context, topology).values()
     cluster.start("x1")
     endpoint = connect_endpoint(topology.nodes["x1"].pub)  # type: ignore[union-attr]
-    subs = []
-    for _ in range(3):
-        sub = context.socket(zmq.SUB)
-        sub.linger = 0
-        sub.connect(endpoint)
-        sub.subscribe(topic("BTC-USDT"))
-        subs.append(sub)
+    subs = [subscriber(context, endpoint, "BTC-USDT") for _ in range(3)]
     # This XPUB (not verbose, unlike a matcher's) passes on a topic's first subscription only,
     # so it only proves the relay holds at least one subscriber: send until
     # each subscriber has its first message (a subscriber that joins late misses the first).
