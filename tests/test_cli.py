@@ -43,6 +43,7 @@ def test_check_shows_nodes_and_symbols(runner: CliRunner) -> None:
                  "tcp://127.0.0.1:5550", "tcp://127.0.0.1:5560", "ws://127.0.0.1:8765",
                  "BTC-USDT", "ETH-USDT", "0.00001"):
         assert text in out, text
+    assert "all the defaults" in out and "*" not in out  # the gateway limits: local.yaml sets none
 
 
 def test_check_sharded_shows_relay_and_upstream(runner: CliRunner) -> None:

@@ -142,6 +142,37 @@ def test_other_methods_get_405_and_the_gateway_goes_on_serving(cluster: Cluster,
     assert get(gateway, "/")[0] == 200
 
 
+def test_a_request_the_gateway_cannot_read_gets_400_and_one_after_an_answer_is_not_read(
+        cluster: Cluster, clients: Clients) -> None:
+    _, gateway = start(cluster)
+    client = clients("before", url=gateway.url)
+    client.subscribe("BTC-USDT")
+    for name, data, reason in (
+            ("a GET with a body", b"GET / HTTP/1.1\r\nHost: zmx\r\nContent-Length: 5\r\n\r\nabcde",
+             b"unsupported request body"),
+            ("a header line without a colon", b"GET / HTTP/1.1\r\nHost zmx\r\n\r\n", b"invalid HTTP header line"),
+            ("a TLS hello (wss:// or https:// on this plain port)", bytes.fromhex("160301020001") + bytes(60) + b"\r\n",
+             b"invalid HTTP request line")):
+        status, headers, body = ask(gateway, data)
+        assert status == 400 and headers["connection"] == "close", name
+        assert body.startswith(b"Bad request: ") and reason in body and int(headers["content-length"]) == len(body), \
+            (name, body)
+    # Too many headers: websockets' own answer, and only it.
+    status, _, body = ask(gateway, b"GET / HTTP/1.1\r\n" + b"X-Many: y\r\n" * 200 + b"\r\n")
+    assert status == 431 and b"HTTP/1.1" not in body, body
+    # Two requests in one write (pipelined): the first is answered and the connection closed.
+    for first, second in (("/", "/x"), ("/x", "/")):
+        status, _, body = ask(gateway, f"GET {first} HTTP/1.1\r\nHost: zmx\r\n\r\n"
+                                       f"GET {second} HTTP/1.1\r\nHost: zmx\r\n\r\n".encode())
+        assert (status, body) == (200, PAGE_FILE.read_bytes()) if first == "/" else status == 404
+        assert b"HTTP/1.1" not in body  # no second answer
+    # The gateway went on serving, and logged no error for any of it.
+    client.send({"action": "ping", "id": 1})
+    client.expect({"type": "pong", "id": 1})
+    log = next(p for p in cluster.procs if p.name == "g1").log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-2000:]
+
+
 def book_script(page: bytes, directory: Path) -> Path:
     found = re.search(rb'<script id="zmx-book">(.*?)</script>', page, re.S)
     assert found, "the page has no zmx-book script"

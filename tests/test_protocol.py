@@ -256,6 +256,9 @@ def test_subscribe_one_unknown_channel():
     assert_error(message, "unknown_channel")
     assert message["channel"] == "DOGE-USDT"
     assert set(s.channels) == set()
+    # a long name is named whole in "channel", cut in the message, inside its quotes
+    long = reply(s, {"action": "subscribe", "channel": "A" * 64})
+    assert long["channel"] == "A" * 64 and f'"{"A" * 33}..."' in long["message"], long
 
 
 @pytest.mark.parametrize("action", ["subscribe", "unsubscribe"])

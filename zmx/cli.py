@@ -116,13 +116,14 @@ def _limit_text(value: int, unit: str) -> str:
 
 def _limits_table(topology: Topology) -> Table:
     """What each gateway allows its clients (its ``limits``, the defaults where it sets none)."""
-    table = Table(title=f"cluster {topology.cluster}: gateway limits", title_justify="left",
-                  caption="* not the default", caption_justify="left")
-    table.add_column("limits:", no_wrap=True)
     gateways = [node for node in topology.nodes_by_role("gateway") if isinstance(node, GatewayNode)]
+    defaults = GatewayLimits()
+    changed = any(node.limits != defaults for node in gateways)
+    table = Table(title=f"cluster {topology.cluster}: gateway limits", title_justify="left",
+                  caption="* not the default" if changed else "all the defaults", caption_justify="left")
+    table.add_column("limits:", no_wrap=True)
     for node in gateways:
         table.add_column(node.name, no_wrap=True)
-    defaults = GatewayLimits()
     for key, unit in _LIMIT_UNITS:
         default = getattr(defaults, key)
         cells = [getattr(node.limits, key) for node in gateways]

@@ -252,6 +252,10 @@ def _choice(message: dict[str, Any], name: str, choices: dict[str, Any], default
 
 
 def _show(value: object) -> str:
+    """A client's value in a message: as JSON, at most about 40 characters (a long string is
+    cut inside its quotes)."""
+    if type(value) is str and len(value) > 36:
+        value = value[:33] + "..."
     text = orjson.dumps(value).decode() if not isinstance(value, (set, bytes)) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

@@ -61,7 +61,7 @@ import msgpack
 import uvloop
 import zmq
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidState
+from websockets.exceptions import InvalidMessage, InvalidState
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -148,17 +148,31 @@ def http_response(path: str, method: str = "GET") -> Response:
     the page at ``/``, else 404; for a HEAD, the same headers and no body; for any other
     method, 405 with ``Allow: GET, HEAD``."""
     if method not in PAGE_METHODS:
-        status, body, kind = HTTPStatus.METHOD_NOT_ALLOWED, NOT_ALLOWED, "text/plain; charset=utf-8"
-    elif urlsplit(path).path in PAGE_PATHS:
-        status, body, kind = HTTPStatus.OK, PAGE, "text/html; charset=utf-8"
-    else:
-        status, body, kind = HTTPStatus.NOT_FOUND, NOT_FOUND, "text/plain; charset=utf-8"
+        return _plain(HTTPStatus.METHOD_NOT_ALLOWED, NOT_ALLOWED, "text/plain; charset=utf-8")
+    if urlsplit(path).path in PAGE_PATHS:
+        return _plain(HTTPStatus.OK, PAGE, "text/html; charset=utf-8", head=method == "HEAD")
+    return _plain(HTTPStatus.NOT_FOUND, NOT_FOUND, "text/plain; charset=utf-8", head=method == "HEAD")
+
+
+def bad_request(error: Exception) -> bytes:
+    """The answer to a request that websockets could not read (a GET with a body, a malformed
+    header, bytes that are not HTTP): websockets itself closes without a word."""
+    reason = "".join(c if " " <= c <= "~" else "?" for c in str(error.__cause__ or error))
+    if len(reason) > 120:
+        reason = reason[:117] + "..."
+    body = (f"Bad request: {reason}. This port takes HTTP/1.1 GET requests: WebSocket upgrades, "
+            "and the page at /.\n").encode()
+    return _plain(HTTPStatus.BAD_REQUEST, body, "text/plain; charset=utf-8").serialize()
+
+
+def _plain(status: HTTPStatus, body: bytes, kind: str, head: bool = False) -> Response:
+    """A plain HTTP response that closes the connection; ``head``: its headers only."""
     headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
                        ("Content-Length", str(len(body))), ("Content-Type", kind), ("Cache-Control", "no-cache"),
                        ("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", PAGE_POLICY)])
     if status is HTTPStatus.METHOD_NOT_ALLOWED:
         headers["Allow"] = ", ".join(PAGE_METHODS)
-    return Response(status.value, status.phrase, headers, b"" if method == "HEAD" else body)
+    return Response(status.value, status.phrase, headers, b"" if head else body)
 
 
 def wants_websocket(request: Request) -> bool:
@@ -248,11 +262,19 @@ class Connection(asyncio.Protocol):
                 else:
                     ws = self._open_ws()
             ws.receive_data(data)
+            answered = False
             for event in ws.events_received():
                 if type(event) is Frame:
                     self._frame(event)
                 elif isinstance(event, Request):
                     self._handshake(ws, event)
+                    answered = True
+                    if ws.state is not State.OPEN:
+                        break  # answered as plain HTTP, or refused: a request after it is not read
+            if type(ws.handshake_exc) is InvalidMessage and not answered and not self.closing:
+                # a request websockets could not read, which it would leave unanswered (too
+                # long a line, too many headers: it answers those itself)
+                self._write(bad_request(ws.handshake_exc))
             self._flush_ws(ws)
         finally:
             self._write_out()
@@ -312,9 +334,14 @@ class Connection(asyncio.Protocol):
 
     def _handshake(self, ws: ServerProtocol, request: Request) -> None:
         if not wants_websocket(request):  # not a WebSocket client: a browser asking for the page
-            ws.send_response(http_response(request.path, request.method))
+            response = http_response(request.path, request.method)
+        else:
+            response = ws.accept(request)
+        if ws.eof_sent:
+            # websockets read what came after the request as frames and gave up (a second
+            # request sent without waiting, say): this one is answered, and the connection ends.
+            self._write(response.serialize())
             return
-        response = ws.accept(request)
         ws.send_response(response)
         if ws.state is State.OPEN:
             self.gateway.opened(self)
