@@ -1524,3 +1524,8 @@ def test_the_documented_symbols_answer_is_the_built_in_topologys():
     assert shown is not None
     topology = load_topology(REPO / "topology" / "local.yaml")
     assert orjson.loads(shown.group()) == topology.symbols["BTC-USDT"].describe()
+
+
+def test_the_documented_error_is_what_a_session_sends():
+    (documented,) = doc_examples("### Errors")
+    assert reply(session(), {"action": "subscribe", "channel": "DOGE-USDT", "id": 3}) == documented
