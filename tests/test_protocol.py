@@ -1529,3 +1529,9 @@ def test_the_documented_symbols_answer_is_the_built_in_topologys():
 def test_the_documented_error_is_what_a_session_sends():
     (documented,) = doc_examples("### Errors")
     assert reply(session(), {"action": "subscribe", "channel": "DOGE-USDT", "id": 3}) == documented
+
+
+def test_the_documented_order_update_is_what_a_session_sends_but_the_time():
+    (documented,) = doc_examples("### Order updates")
+    (accepted,), _ = Exchange().order(session(), 7, price="30000", quantity="0.5")
+    assert {**accepted, "data": {**accepted["data"], "ts": 0}} == {**documented, "data": {**documented["data"], "ts": 0}}
