@@ -1534,4 +1534,5 @@ def test_the_documented_error_is_what_a_session_sends():
 def test_the_documented_order_update_is_what_a_session_sends_but_the_time():
     (documented,) = doc_examples("### Order updates")
     (accepted,), _ = Exchange().order(session(), 7, price="30000", quantity="0.5")
-    assert {**accepted, "data": {**accepted["data"], "ts": 0}} == {**documented, "data": {**documented["data"], "ts": 0}}
+    assert accepted["data"].pop("ts") and documented["data"].pop("ts")
+    assert accepted == documented
