@@ -148,7 +148,9 @@ def http_response(path: str, method: str = "GET") -> Response:
     the page at ``/``, else 404; for a HEAD, the same headers and no body; for any other
     method, 405 with ``Allow: GET, HEAD``."""
     if method not in PAGE_METHODS:
-        return _plain(HTTPStatus.METHOD_NOT_ALLOWED, NOT_ALLOWED, "text/plain; charset=utf-8")
+        response = _plain(HTTPStatus.METHOD_NOT_ALLOWED, NOT_ALLOWED, "text/plain; charset=utf-8")
+        response.headers["Allow"] = ", ".join(PAGE_METHODS)
+        return response
     if urlsplit(path).path in PAGE_PATHS:
         return _plain(HTTPStatus.OK, PAGE, "text/html; charset=utf-8", head=method == "HEAD")
     return _plain(HTTPStatus.NOT_FOUND, NOT_FOUND, "text/plain; charset=utf-8", head=method == "HEAD")
@@ -170,8 +172,6 @@ def _plain(status: HTTPStatus, body: bytes, kind: str, head: bool = False) -> Re
     headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
                        ("Content-Length", str(len(body))), ("Content-Type", kind), ("Cache-Control", "no-cache"),
                        ("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", PAGE_POLICY)])
-    if status is HTTPStatus.METHOD_NOT_ALLOWED:
-        headers["Allow"] = ", ".join(PAGE_METHODS)
     return Response(status.value, status.phrase, headers, b"" if head else body)
 
 

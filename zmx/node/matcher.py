@@ -614,13 +614,16 @@ class Matcher:
             for account, own in private.items():
                 _send(pub, join_account_publication(account, own), _NOBLOCK)
 
+    def heartbeat(self, symbol: str, last_public: dict[str, float], now: float) -> None:
+        """Publish ``symbol``'s heartbeat: the ``seq`` it is at, and when."""
+        beat = FeedHeartbeat(symbol, self.engines[symbol].seq, time.time_ns())
+        self.pub.send(encode_publication(symbol, (beat,)), _NOBLOCK)  # type: ignore[union-attr]
+        last_public[symbol] = now
+
     def idle_heartbeats(self, last_public: dict[str, float], now: float) -> None:
-        send = self.pub.send  # type: ignore[union-attr]
         for symbol, last in last_public.items():
             if now - last >= IDLE_HEARTBEAT_S:
-                beat = FeedHeartbeat(symbol, self.engines[symbol].seq, time.time_ns())
-                send(encode_publication(symbol, (beat,)), _NOBLOCK)
-                last_public[symbol] = now
+                self.heartbeat(symbol, last_public, now)
 
     def welcome(self, last_public: dict[str, float], now: float) -> None:
         """Answer each new subscription to one of this matcher's symbols with the symbol's
@@ -651,9 +654,7 @@ class Matcher:
                 if symbol is not None:
                     welcomed.add(symbol)
         for symbol in welcomed:
-            beat = FeedHeartbeat(symbol, self.engines[symbol].seq, time.time_ns())
-            pub.send(encode_publication(symbol, (beat,)), _NOBLOCK)
-            last_public[symbol] = now
+            self.heartbeat(symbol, last_public, now)
 
     def serve_snapshots(self) -> None:
         """Answer up to BATCH book requests (Clone pattern); see docs/wire.md."""

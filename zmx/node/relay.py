@@ -3,7 +3,8 @@
 Its XSUB connects to the PUB of every upstream matcher (``RelayNode.upstream``), its XPUB is
 bound at ``pub``. ZeroMQ forwards the subscriptions of the relay's subscribers upstream (each
 one: ``XPUB_VERBOSE``), so a relay only receives the topics that somebody downstream holds,
-and filtering happens at the matcher. Frames pass through untouched (one frame per publication, see docs/wire.md).
+and filtering happens at the matcher. Frames pass through untouched (one frame per
+publication, see docs/wire.md).
 
 The proxy itself runs in C (``zmq.proxy_steerable``) in a thread; the main thread waits on the
 ``Stopper`` and, when SIGINT or SIGTERM sets it, sends ``TERMINATE`` on the proxy's control
