@@ -61,9 +61,10 @@ Phases (each with a timeout):
 
 Targets: ``TARGETS``. Run: ``.venv/bin/python perf/bench_connections.py`` (100,000
 connections, about 5 minutes), ``--connections N``, or ``--quick`` (5,000 connections, 2
-workers, under a minute, no results file). Writes ``perf/results/connections.json`` and the
-plots ``connections_latency_cdf.png`` (``plots.py``) and ``connections_connect.png`` (the
-connect and storm curves, drawn here).
+workers, under a minute, no results file). Writes ``perf/results/connections.json``;
+``zmx bench connections`` (or ``zmx bench plot connections`` later) draws the plots
+``connections_latency_cdf.png`` (``plots.py``) and ``connections_connect.png`` (the connect
+and storm curves, ``draw`` here).
 """
 
 from __future__ import annotations
@@ -1340,22 +1341,17 @@ def report(args: argparse.Namespace, f: dict[str, Any], failure: str | None, pro
     if not args.quick:
         path = write_results("connections", f)
         print(f"wrote {path.relative_to(ROOT)}")
-        draw(path, f)
     progress.step("written")
     return 0 if failure is None else 1
 
 
-def draw(path: Path, f: dict[str, Any]) -> None:
-    """The latency CDF (plots.py) and the connect / storm curves (drawn here)."""
-    try:
-        from plots import PlotsUnavailable, plot_results
+def draw(results: Path) -> list[Path]:
+    """``NAME_connect.png`` beside ``results``: the connect and storm curves (``plots.py`` calls it
+    after the latency CDF)."""
+    from matplotlib.figure import Figure
+    from plots import _save
 
-        for p in plot_results(path):
-            print(f"wrote {p.relative_to(ROOT)}")
-        from matplotlib.figure import Figure
-    except (ImportError, PlotsUnavailable) as e:
-        warn(f"no plots: {e}")
-        return
+    f = json.loads(results.read_text(encoding="utf-8"))
     fig = Figure(figsize=(6.4, 3.8), dpi=90, layout="constrained")
     ax = fig.add_subplot()
     for key, label in (("connect", "connect"), ("storm", "reconnect storm")):
@@ -1368,9 +1364,9 @@ def draw(path: Path, f: dict[str, Any]) -> None:
     ax.set_title(f"{f['config']['connections']:,} connections, {f['config']['workers']} gateway workers", fontsize=10)
     ax.grid(True, linewidth=0.3)
     ax.legend(fontsize=8)
-    out = path.with_name(f"{path.stem}_connect.png")
-    fig.savefig(out, format="png")
-    print(f"wrote {out.relative_to(ROOT)}")
+    out = results.with_name(f"{results.stem}_connect.png")
+    _save(fig, out)
+    return [out]
 
 
 if __name__ == "__main__":

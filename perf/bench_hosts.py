@@ -101,8 +101,9 @@ Claims checked (``claims`` in the JSON, rows in ``summary``):
 
 Run as root (it creates namespaces and a cgroup per capped host, and removes them):
 ``.venv/bin/python perf/bench_hosts.py`` (about 6.5 minutes) or ``--quick`` (about a minute, no
-results file). Writes ``perf/results/hosts.json`` and the PNGs
-``perf/results/hosts_gateway_cpu.png``, ``hosts_matcher_cpu.png``, ``hosts_delivered.png``.
+results file). Writes ``perf/results/hosts.json``; ``zmx bench hosts`` (or ``zmx bench plot
+hosts`` later) draws the PNGs ``perf/results/hosts_gateway_cpu.png``, ``hosts_matcher_cpu.png``
+and ``hosts_delivered.png`` (``draw`` here).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _common import (ROOT, RESULTS_DIR, Progress, _cpu_jiffies, machine_busy, metadata, noise_note, proc_stat_cpu,
+from _common import (ROOT, Progress, _cpu_jiffies, machine_busy, metadata, noise_note, proc_stat_cpu,
                      warn, write_results)
 from bench_fanout import HZ, client_frame, fmt
 from bench_orders import (
@@ -1162,13 +1163,13 @@ def claims(rounds: list[dict[str, Any]], args: argparse.Namespace, cores: int) -
 # -- plots -------------------------------------------------------------------------------------------------
 
 
-def plot(figures: dict[str, Any], prefix: str = "hosts") -> list[Path]:
-    try:
-        from matplotlib.figure import Figure
-        from plots import _save
-    except ImportError:
-        warn("matplotlib is not installed: no plots (pip install -e '.[bench]')")
-        return []
+def draw(results: Path) -> list[Path]:
+    """One PNG a claim beside ``results``: ``NAME_gateway_cpu.png`` (1), ``NAME_matcher_cpu.png``
+    (2), ``NAME_delivered.png`` (3) (``plots.py`` calls it)."""
+    from matplotlib.figure import Figure
+    from plots import _save
+
+    figures = json.loads(results.read_text(encoding="utf-8"))
     c = figures["claims"]
     title = f"bench_hosts ({figures.get('timestamp', '')})"
     written = []
@@ -1191,7 +1192,7 @@ def plot(figures: dict[str, Any], prefix: str = "hosts") -> list[Path]:
     ax.set_title(f"(1) gateway CPU per delivered message\n{title}", fontsize=9)
     ax.legend(fontsize=8)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    path = RESULTS_DIR / f"{prefix}_gateway_cpu.png"
+    path = results.with_name(f"{results.stem}_gateway_cpu.png")
     _save(fig, path)
     written.append(path)
 
@@ -1219,7 +1220,7 @@ def plot(figures: dict[str, Any], prefix: str = "hosts") -> list[Path]:
         a.set_ylim(bottom=0)
         a.legend(fontsize=7)
         a.xaxis.get_major_locator().set_params(integer=True)
-    path = RESULTS_DIR / f"{prefix}_matcher_cpu.png"
+    path = results.with_name(f"{results.stem}_matcher_cpu.png")
     _save(fig, path)
     written.append(path)
 
@@ -1267,7 +1268,7 @@ def plot(figures: dict[str, Any], prefix: str = "hosts") -> list[Path]:
     a1.set_title(f"(3) delivered messages/s vs gateway processes ({'met' if c3['met'] else 'NOT met'})\n"
                  f"{cfg['scale_clients_per_gateway']:,} connections x {cfg['channels_per_client']} channels per "
                  f"gateway, {cfg['scale_rate_orders_per_s']:g} orders/s\n{capped}{title}", fontsize=9)
-    path = RESULTS_DIR / f"{prefix}_delivered.png"
+    path = results.with_name(f"{results.stem}_delivered.png")
     _save(fig, path)
     written.append(path)
     return written
@@ -1426,9 +1427,6 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], idle: dict[st
         return 0
     path = write_results("hosts", figures)
     print(f"wrote {path.relative_to(ROOT)}")
-    data = {**figures, **metadata()}
-    for png in plot(data):
-        print(f"wrote {png.relative_to(ROOT)}")
     return 0
 
 

@@ -57,8 +57,8 @@ interval. The matcher's RSS as measured and the filters' size are reported besid
 Run: ``.venv/bin/python perf/bench_soak.py`` (2,000 connections, 10 minutes, plus about a
 minute to start and measure), ``--minutes 1`` for a short run, ``--quick`` (500 connections,
 20 s of soak in 2 s intervals, about 40 s; no results file). Writes
-``perf/results/soak.json`` and the plots ``soak_p99.png`` (latency over time) and
-``soak_rss.png`` (RSS over time).
+``perf/results/soak.json``; ``zmx bench soak`` (or ``zmx bench plot soak`` later) draws the
+plots ``soak_p99.png`` (latency over time) and ``soak_rss.png`` (RSS over time), ``draw`` here.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from _common import ROOT, RESULTS_DIR, Progress, _cpu_jiffies, machine_busy, noise_note, warn, write_results
+from _common import ROOT, Progress, _cpu_jiffies, machine_busy, noise_note, warn, write_results
 from bench_fanout import (
     CLIENT_SCHED,
     HELPER_MAX_S,
@@ -720,22 +720,19 @@ def report(args: argparse.Namespace, f: dict[str, Any], failure: str | None) -> 
     if not args.quick and failure is None:
         path = write_results("soak", f)
         print(f"wrote {path.relative_to(ROOT)}")
-        for png in draw(json.loads(path.read_text(encoding="utf-8"))):
-            print(f"wrote {png.relative_to(ROOT)}")
     return 0 if failure is None else 1
 
 
 # -- plots ---------------------------------------------------------------------------------------------------
 
 
-def draw(f: dict[str, Any], prefix: str = "soak") -> list[Path]:
-    """``soak_p99.png`` (latency and delivered/s over time) and ``soak_rss.png`` (RSS over time)."""
-    try:
-        from matplotlib.figure import Figure
-        from plots import _save
-    except ImportError:
-        warn("matplotlib is not installed: no plots (pip install -e '.[bench]')")
-        return []
+def draw(results: Path) -> list[Path]:
+    """``NAME_p99.png`` (latency and delivered/s over time) and ``NAME_rss.png`` (RSS over time)
+    beside ``results`` (``plots.py`` calls it)."""
+    from matplotlib.figure import Figure
+    from plots import _save
+
+    f = json.loads(results.read_text(encoding="utf-8"))
     intervals = f["intervals"]
     if not intervals:
         return []
@@ -773,7 +770,7 @@ def draw(f: dict[str, Any], prefix: str = "soak") -> list[Path]:
     lines2, labels2 = b.get_legend_handles_labels()
     ax.legend(lines + lines2, labels + labels2, fontsize=7, loc="upper left")
     ax.set_title(title, fontsize=9)
-    path = RESULTS_DIR / f"{prefix}_p99.png"
+    path = results.with_name(f"{results.stem}_p99.png")
     _save(fig, path)
     written.append(path)
 
@@ -812,7 +809,7 @@ def draw(f: dict[str, Any], prefix: str = "soak") -> list[Path]:
         if i == 0:
             ax.set_title(title, fontsize=9)
     ax.set_xlabel("minutes into the soak")
-    path = RESULTS_DIR / f"{prefix}_rss.png"
+    path = results.with_name(f"{results.stem}_rss.png")
     _save(fig, path)
     written.append(path)
     return written

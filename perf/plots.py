@@ -16,8 +16,16 @@ What is plotted is found in the figures, not configured per benchmark:
 
 Nothing else inside a list is plotted (the rounds of a figure; the latencies of a list of
 cells). A results file without latency data gets no CDF, one without a series no throughput
-plot (and a PNG left from an earlier run of either is removed). Needs matplotlib
-(``pip install -e '.[bench]'``); without it ``PlotsUnavailable`` says so.
+plot (and a PNG left from an earlier run of either is removed).
+
+A scenario may also draw plots of its own from its results file (the connect and storm curves
+of ``connections``, the three claims of ``hosts``, p99 and RSS over time of ``soak``): a
+top-level function ``draw(results: Path) -> list[Path]`` in ``bench_NAME.py`` beside this file,
+which writes its PNGs next to ``NAME.json`` and returns their paths. ``plot_results`` finds it
+by reading the script (one without a ``draw`` is never imported) and calls it after the plots
+above, so a benchmark's own plots are drawn again from a results file as the others are.
+
+Needs matplotlib (``pip install -e '.[bench]'``); without it ``PlotsUnavailable`` says so.
 
 Run: ``.venv/bin/python perf/plots.py perf/results/pub.json ...`` (``zmx bench`` calls
 ``plot_results`` after a benchmark and in ``zmx bench plot``).
@@ -25,12 +33,14 @@ Run: ``.venv/bin/python perf/plots.py perf/results/pub.json ...`` (``zmx bench``
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import io
 import json
 import math
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +55,10 @@ DPI = 90
 
 class PlotsUnavailable(RuntimeError):
     """matplotlib is missing: the figures are in the results file, only the pictures are not."""
+
+
+NO_MATPLOTLIB = ("matplotlib is not installed, so no plots were drawn (the results file has every figure): "
+                 "pip install -e '.[bench]' (or pip install 'matplotlib>=3.7')")
 
 
 @dataclass
@@ -211,8 +225,7 @@ def _figure(panels: int) -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise PlotsUnavailable("matplotlib is not installed, so no plots were drawn (the results file has every "
-                               "figure): pip install -e '.[bench]' (or pip install 'matplotlib>=3.7')") from None
+        raise PlotsUnavailable(NO_MATPLOTLIB) from None
     return Figure(figsize=(SIZE_INCHES[0], SIZE_INCHES[1] * panels), dpi=DPI, layout="constrained")
 
 
@@ -293,8 +306,34 @@ def draw_throughput(panels: list[Panel], title: str, path: Path) -> None:
     _save(fig, path)
 
 
+def scenario_draw(results: Path) -> Callable[[Path], list[Path]] | None:
+    """``draw`` of the scenario behind ``results`` (``bench_NAME.py`` beside this file for
+    ``NAME.json``), if the script defines one at top level; ``None`` otherwise. The script is
+    read first and imported only if it has one (its other code runs only under ``__main__``)."""
+    script = Path(__file__).with_name(f"bench_{results.stem}.py")
+    try:
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "draw" for node in tree.body):
+        return None
+    name = script.stem
+    module = sys.modules.get(name)
+    if module is None or Path(getattr(module, "__file__", None) or "").resolve() != script.resolve():
+        if str(script.parent) not in sys.path:  # the scripts import each other and _common
+            sys.path.insert(0, str(script.parent))
+        spec = importlib.util.spec_from_file_location(name, script)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    draw: Callable[[Path], list[Path]] = module.draw
+    return draw
+
+
 def plot_results(results: Path) -> list[Path]:
-    """Draw the plots of a results file next to it; the paths written (none: nothing to plot)."""
+    """Draw the plots of a results file next to it, the scenario's own (``scenario_draw``) after
+    the latency CDF and the throughput plot; the paths written (none: nothing to plot)."""
     data = json.loads(results.read_text(encoding="utf-8"))
     name = results.stem
     title = f"{data.get('benchmark', name)} ({data.get('timestamp', 'no timestamp')})"
@@ -312,6 +351,14 @@ def plot_results(results: Path) -> list[Path]:
         written.append(throughput)
     else:
         throughput.unlink(missing_ok=True)
+    draw = scenario_draw(results)
+    if draw is not None:
+        try:
+            written += draw(results)
+        except ImportError as e:
+            if (e.name or "").partition(".")[0] not in ("matplotlib", "PIL"):
+                raise
+            raise PlotsUnavailable(NO_MATPLOTLIB) from None
     return written
 
 

@@ -207,6 +207,57 @@ def test_plot_draws_an_existing_results_file(runner: CliRunner, perf_dir: Path, 
     assert f"wrote {results / 'pub_throughput.png'}" in result.stdout
 
 
+# A scenario with plots of its own: ``draw(results)`` at top level, found by plots.py.
+OWN = textwrap.dedent('''\
+    """A scenario that draws a plot of its own."""
+    import json, sys
+    from pathlib import Path
+
+    def draw(results):
+        figures = json.loads(results.read_text())
+        if figures.get("needs") == "matplotlib":
+            import matplotlib.not_a_module  # what a draw without matplotlib meets
+        if figures.get("needs") == "something else":
+            import zmx_no_such_module
+        out = results.with_name(results.stem + "_own.png")
+        out.write_text(f"curve of {figures['points']} points")
+        return [out]
+
+    if __name__ == "__main__":
+        sys.exit("not run by plots")
+''')
+
+
+def test_plot_draws_what_a_scenario_draws_itself_and_imports_no_script_without_a_draw(
+        runner: CliRunner, perf_dir: Path, tmp_path: Path) -> None:
+    (perf_dir / "bench_own.py").write_text(OWN, encoding="utf-8")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "own.json").write_text(json.dumps({"benchmark": "own", "points": 12}))
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "plot", "own", "--results", str(results)])
+    assert result.exit_code == 0, result.output
+    assert (results / "own_own.png").read_text() == "curve of 12 points"
+    assert f"wrote {results / 'own_own.png'}" in result.stdout
+    assert "nothing to plot" not in result.stdout
+
+    # bench_fake.py has no draw, and code at top level: it is not imported (it would print)
+    (results / "fake.json").write_text(json.dumps({"benchmark": "fake"}))
+    fake = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "plot", "fake", "--results", str(results)])
+    assert fake.exit_code == 0, fake.output
+    assert "fake benchmark" not in fake.output and "nothing to plot" in fake.stdout
+
+    # a draw that needs matplotlib, which is missing: said so, as for the other plots
+    (results / "own.json").write_text(json.dumps({"benchmark": "own", "points": 3, "needs": "matplotlib"}))
+    missing = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "plot", "own", "--results", str(results)])
+    assert missing.exit_code == 1
+    assert "matplotlib is not installed" in missing.stderr
+    # any other import that fails is a bug of the script, not a missing plotting library
+    (results / "own.json").write_text(json.dumps({"benchmark": "own", "points": 3, "needs": "something else"}))
+    broken = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "plot", "own", "--results", str(results)])
+    assert isinstance(broken.exception, ModuleNotFoundError)
+    assert (results / "own_own.png").read_text() == "curve of 12 points"
+
+
 # -- plots: what is found in a results file ---------------------------------------------------------
 
 
