@@ -7,14 +7,17 @@ figures from different runs and machines can be told apart.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,35 @@ def write_results(name: str, figures: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM off while the block runs, then deliver the first that came.
+
+    For a benchmark's cleanup (stopping its processes, removing its temporary directory): a
+    Ctrl-C reaches the benchmark and ``zmx bench`` at once, and ``zmx bench`` then passes it on;
+    a second signal in the middle of the cleanup would cut it short and leave processes or
+    files behind. A cleanup that hangs is still ended by SIGKILL (``zmx bench`` sends one if
+    the benchmark has not stopped a minute after it was interrupted)."""
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if came:
+            signal.raise_signal(came[0])
+
+
+def remove_directory(directory: Path, keep: bool) -> None:
+    """A benchmark's temporary directory at its end: removed, or kept (``--keep``) and named."""
+    if keep:
+        print(f"kept {directory}")
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Timer:

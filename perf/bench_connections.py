@@ -79,7 +79,6 @@ import os
 import random
 import re
 import resource
-import shutil
 import socket
 import sys
 import tempfile
@@ -91,7 +90,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _common import ROOT, Progress, machine_busy, noise_note, warn, write_results
+from _common import ROOT, Progress, machine_busy, noise_note, remove_directory, shielded, warn, write_results
 from bench_fanout import (
     HZ,
     Run,
@@ -1245,16 +1244,14 @@ def main(argv: list[str] | None = None) -> int:
         failure = f"{type(e).__name__}: {e}"
         warn(failure[:3000])
     finally:
-        # the clients first (their connections aborted), then the nodes: the gateway logs its counts when it stops
-        try:
-            run.stop_all()
-        finally:
-            figures["gateway_log"] = read_log(directory / "g1.log")
-            progress.step("stopped")
-            if args.keep:
-                print(f"kept {directory}")
-            else:
-                shutil.rmtree(directory, ignore_errors=True)
+        with shielded():
+            # the clients first (their connections aborted), then the nodes: the gateway logs its counts when it stops
+            try:
+                run.stop_all()
+            finally:
+                figures["gateway_log"] = read_log(directory / "g1.log")
+                progress.step("stopped")
+                remove_directory(directory, args.keep)
     figures["loadavg_before"] = load_before
     figures["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     figures["noise_before"] = {"others_cpus": before_busy.others, "steal_cpus": before_busy.steal}

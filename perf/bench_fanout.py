@@ -103,7 +103,6 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 import subprocess
 import struct
@@ -116,7 +115,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _common import ROOT, _cpu_jiffies, machine_busy, noise_note, warn, write_results
+from _common import ROOT, _cpu_jiffies, machine_busy, noise_note, remove_directory, shielded, warn, write_results
 from summaries import summarize
 from bench_orders import (
     ACCOUNTS,
@@ -1615,11 +1614,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  N={n:,} K={k} ...", flush=True)
                 cells.append(bench.cell(n, k))
     finally:
-        run.stop_all()
-        if args.keep:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        with shielded():
+            run.stop_all()
+            remove_directory(directory, args.keep)
     elapsed = time.monotonic() - started
     return report(args, cells, before, elapsed)
 

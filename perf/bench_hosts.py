@@ -115,7 +115,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -126,7 +125,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from _common import (ROOT, Progress, _cpu_jiffies, machine_busy, metadata, noise_note, proc_stat_cpu,
-                     warn, write_results)
+                     remove_directory, shielded, warn, write_results)
 from bench_fanout import HZ, client_frame, fmt
 from bench_orders import (
     ACCOUNTS,
@@ -1368,13 +1367,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run.gateways} gateway(s), {run.clients} connections each", flush=True)
             rounds += bench.run(run)
     finally:
-        bench.stop_all()
-        remove_namespaces()
-        remove_cpu_caps()
-        if args.keep:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        with shielded():
+            bench.stop_all()
+            remove_namespaces()
+            remove_cpu_caps()
+            remove_directory(directory, args.keep)
     elapsed = time.monotonic() - started
     return report(args, rounds, bench.idle, before, load_before, elapsed)
 

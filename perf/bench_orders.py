@@ -62,7 +62,6 @@ import itertools
 import os
 import random
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +81,8 @@ from _common import (
     interleaved,
     machine_busy,
     noise_note,
+    remove_directory,
+    shielded,
     warn,
     write_results,
 )
@@ -883,13 +884,11 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             warn(note)
     finally:
-        for client in clients.values():
-            client.close()
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        with shielded():
+            for client in clients.values():
+                client.close()
+            procs.stop_all()
+            remove_directory(directory, args.keep)
 
     # -- figures -----------------------------------------------------------------------------
     loop_rate, _ = best("python loop")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from _common import ROOT, Progress, interleaved, machine_busy, noise_note, warn, write_results
+from _common import (ROOT, Progress, interleaved, machine_busy, noise_note, remove_directory, shielded, warn,
+                     write_results)
 from bench_orders import (
     MID,
     STALL_S,
@@ -363,11 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         for count in args.symbols:
             results[str(count)] = SymbolCountRun(count, args, procs, rounds, budget=900.0, progress=progress).run()
     finally:
-        procs.stop_all()
-        if args.keep:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        with shielded():
+            procs.stop_all()
+            remove_directory(directory, args.keep)
 
     # -- figures -----------------------------------------------------------------------------
     def best(rounds: list[dict[str, Any]]) -> dict[str, Any]:

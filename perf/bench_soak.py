@@ -70,7 +70,6 @@ import math
 import os
 import re
 import select
-import shutil
 import statistics
 import sys
 import tempfile
@@ -80,7 +79,8 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from _common import ROOT, Progress, _cpu_jiffies, machine_busy, noise_note, warn, write_results
+from _common import (ROOT, Progress, _cpu_jiffies, machine_busy, noise_note, remove_directory, shielded, warn,
+                     write_results)
 from bench_fanout import (
     CLIENT_SCHED,
     HELPER_MAX_S,
@@ -615,12 +615,10 @@ def main(argv: list[str] | None = None) -> int:
         failure = f"{type(e).__name__}: {e}"
         warn(failure[:3000])
     finally:
-        run.stop_all()
-        progress.step("stopped")
-        if args.keep:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        with shielded():
+            run.stop_all()
+            progress.step("stopped")
+            remove_directory(directory, args.keep)
     figures["intervals"] = bench.intervals
     figures["loadavg_before"] = load_before
     figures["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]

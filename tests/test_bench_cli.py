@@ -6,9 +6,13 @@ No real benchmark runs here: the scenarios are tiny scripts in a temporary perf 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -186,6 +190,64 @@ def test_a_failing_scenario_fails_zmx_bench(runner: CliRunner, perf_dir: Path) -
     result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "fake", "--fail"])
     assert result.exit_code == 1
     assert "benchmark fake failed (exit status 3)" in result.stderr
+
+
+# A scenario that works until it is interrupted, then takes a moment to clean up, as the real ones do.
+SLOW = textwrap.dedent('''\
+    """A scenario that cleans up when interrupted."""
+    import sys, time
+    from pathlib import Path
+    from _common import shielded
+
+    try:
+        print("working", flush=True)
+        time.sleep(120)  # the work, until a signal
+    finally:
+        with shielded():
+            time.sleep(0.5)  # stopping processes, removing files
+            Path(__file__).with_name("cleaned").write_text("yes")
+''')
+
+
+def test_an_interrupted_scenario_cleans_up_before_zmx_bench_exits(perf_dir: Path) -> None:
+    """A SIGINT to ``zmx bench`` alone (not to its process group) reaches the scenario too, which
+    then cleans up; a SIGTERM, as zmx bench sent at once before, killed it with nothing cleaned."""
+    shutil.copy(PERF / "_common.py", perf_dir / "_common.py")
+    (perf_dir / "bench_slow.py").write_text(SLOW, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "zmx.cli", "bench", "--perf-dir", str(perf_dir), "slow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "working\n"  # the scenario runs
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # zmx bench and the scenario, whatever happened
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert (perf_dir / "cleaned").read_text() == "yes"
+    assert "slow: interrupted" in err and "slow: stopped" in err
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGINT, signal.SIGTERM]])
+def test_shielded_holds_signals_off_until_the_cleanup_is_done(tmp_path: Path, signals: list[int]) -> None:
+    script = tmp_path / "s.py"
+    script.write_text(textwrap.dedent(f'''\
+        import os, sys
+        sys.path.insert(0, {str(PERF)!r})
+        from _common import shielded
+        with shielded():
+            for sig in {[int(s) for s in signals]!r}:
+                os.kill(os.getpid(), sig)
+            print("cleaned up", flush=True)
+        print("not reached", flush=True)
+    '''))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert done.stdout == "cleaned up\n"
+    assert done.returncode == -signal.SIGINT  # the first signal, delivered once the block ended
+    assert "KeyboardInterrupt" in done.stderr
 
 
 def test_plot_draws_an_existing_results_file(runner: CliRunner, perf_dir: Path, tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -526,16 +528,41 @@ def _run_benchmark(name: str, script: Path, args: list[str]) -> int:
     except KeyboardInterrupt:
         code = 130
     finally:
-        if proc.poll() is None:  # interrupted: stop the benchmark (it stops its own processes on SIGTERM)
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc.poll() is None:
+            _stop_benchmark(name, proc, console)
     if code == 130:
         raise SystemExit(130)
     return code
+
+
+BENCH_STOP_S = (60.0, 10.0)  # after SIGINT, after SIGTERM; then SIGKILL
+
+
+def _stop_benchmark(name: str, proc: Any, console: Console) -> None:
+    """Stop an interrupted benchmark and let it clean up: it stops its processes and removes
+    its temporary directory on SIGINT (as after a Ctrl-C, which reaches it too), with signals
+    held off meanwhile (``_common.shielded``). SIGTERM if it has not stopped ``BENCH_STOP_S[0]``
+    seconds later, SIGKILL after ``BENCH_STOP_S[1]`` more; a second Ctrl-C moves on at once."""
+    import subprocess
+
+    console.print(f"{name}: interrupted; waiting for it to stop its processes and remove its temporary files "
+                  "(Ctrl-C again to hurry it)")
+    for sig, wait in ((signal.SIGINT, BENCH_STOP_S[0]), (signal.SIGTERM, BENCH_STOP_S[1]), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:
+            if sig == signal.SIGKILL:
+                proc.wait()
+            continue
+    if proc.returncode == -signal.SIGKILL:
+        console.print(f"{name}: killed; its processes or temporary files may be left behind")
+    else:
+        console.print(f"{name}: stopped")
 
 
 def _load_results(path: Path) -> dict[str, Any]:
