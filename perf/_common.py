@@ -7,8 +7,10 @@ figures from different runs and machines can be told apart.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
+import math
 import json
 import os
 import platform
@@ -98,6 +100,37 @@ def shielded() -> Iterator[None]:
             signal.signal(sig, handler)
         if came:
             signal.raise_signal(came[0])
+
+
+PROG_ENV = "ZMX_BENCH_PROG"  # set by zmx bench: the command that runs the benchmark
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser, described by the first paragraph of its docstring ``doc``; under
+    ``zmx bench`` its usage and errors name that command rather than the script."""
+    return argparse.ArgumentParser(prog=os.environ.get(PROG_ENV) or None, description=doc.split("\n\n")[0])
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (rounds, orders, connections, processes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def above_zero(text: str) -> float:
+    """An argparse type: a number above 0 (a rate, a length of time, a share)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def remove_directory(directory: Path, keep: bool) -> None:

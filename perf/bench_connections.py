@@ -90,7 +90,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _common import ROOT, Progress, machine_busy, noise_note, remove_directory, shielded, warn, write_results
+from _common import (ROOT, Progress, above_zero, arguments, at_least_one, machine_busy, noise_note, remove_directory,
+                     shielded, warn, write_results)
 from bench_fanout import (
     HZ,
     Run,
@@ -1144,18 +1145,21 @@ def kernel_memory(before: dict[str, Any], held: dict[str, Any], n: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=None, help="connections held (100000; 5000 with --quick)")
-    parser.add_argument("--workers", type=int, default=None, help="gateway processes (one per 12,500 connections)")
-    parser.add_argument("--client-procs", type=int, default=None,
+    parser = arguments(__doc__)
+    parser.add_argument("--connections", type=at_least_one, default=None,
+                        help="connections held (100000; 5000 with --quick)")
+    parser.add_argument("--workers", type=at_least_one, default=None,
+                        help="gateway processes (one per 12,500 connections)")
+    parser.add_argument("--client-procs", type=at_least_one, default=None,
                         help=f"client processes (one per {PER_CLIENT_PROC:,} connections, at least 2)")
-    parser.add_argument("--symbols", type=int, default=12, help="symbols (channels), at least 3 (12)")
-    parser.add_argument("--rate", type=float, default=0.25, help="depth updates/s per symbol in the feed (0.25)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of the feed (30 s; 5 s with --quick)")
-    parser.add_argument("--sources", type=int, default=8, help="loopback source addresses 127.0.0.2... (8)")
-    parser.add_argument("--concurrency", type=int, default=256, help="handshakes in flight per client process")
-    parser.add_argument("--connect-timeout", type=float, default=None, help="connect phase timeout (60 s + N/1000)")
-    parser.add_argument("--storm-timeout", type=float, default=120.0, help="reconnect storm timeout (120 s)")
+    parser.add_argument("--symbols", type=at_least_one, default=12, help="symbols (channels), at least 3 (12)")
+    parser.add_argument("--rate", type=above_zero, default=0.25, help="depth updates/s per symbol in the feed (0.25)")
+    parser.add_argument("--seconds", type=above_zero, default=30.0, help="length of the feed (30 s; 5 s with --quick)")
+    parser.add_argument("--sources", type=at_least_one, default=8, help="loopback source addresses 127.0.0.2... (8)")
+    parser.add_argument("--concurrency", type=at_least_one, default=256, help="handshakes in flight per client process")
+    parser.add_argument("--connect-timeout", type=above_zero, default=None,
+                        help="connect phase timeout (60 s + N/1000)")
+    parser.add_argument("--storm-timeout", type=above_zero, default=120.0, help="reconnect storm timeout (120 s)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: 5,000 connections, 2 workers, no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")

@@ -27,7 +27,6 @@ for the engine loop under cProfile). Writes ``perf/results/engine.json``.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import gc
 import pstats
@@ -39,7 +38,8 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from _common import CpuWatch, Progress, best_of, interleaved, machine_busy, noise_note, warn, write_results
+from _common import (CpuWatch, Progress, arguments, at_least_one, best_of, interleaved, machine_busy, noise_note, warn,
+                     write_results)
 from summaries import summarize
 from zmx.commands import CancelOrder, SubmitOrder
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
@@ -335,10 +335,10 @@ def print_table(rows: list[tuple[str, str]], title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=200_000, help="commands in the workload (default 200000)")
+    parser = arguments(__doc__)
+    parser.add_argument("--n", type=at_least_one, default=200_000, help="commands in the workload (default 200000)")
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; the best counts (default 3)")
+    parser.add_argument("--repeat", type=at_least_one, default=3, help="rounds; the best counts (default 3)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (2000 commands, 1 round), no results file")
     parser.add_argument("--profile", action="store_true", help="also run the engine loop under cProfile")
     parser.add_argument("--no-engine", action="store_true", help="baseline only (no zmx.engine needed)")

@@ -115,7 +115,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _common import ROOT, _cpu_jiffies, machine_busy, noise_note, remove_directory, shielded, warn, write_results
+from _common import (ROOT, _cpu_jiffies, above_zero, arguments, at_least_one, machine_busy, noise_note,
+                     remove_directory, shielded, warn, write_results)
 from summaries import summarize
 from bench_orders import (
     ACCOUNTS,
@@ -1553,27 +1554,28 @@ def fmt(x: float | None, spec: str = ",.0f") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=None,
+    parser = arguments(__doc__)
+    parser.add_argument("--n", type=at_least_one, nargs="+", default=None,
                         help="connections per cell (500 1000 5000 15000; 200 with --quick)")
-    parser.add_argument("--k", type=int, nargs="+", default=FULL_K, help="channels (symbols) per cell (1 10)")
-    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (1)")
-    parser.add_argument("--moderate", type=float, default=20.0, help="orders/s per channel in the moderate round (20)")
-    parser.add_argument("--moderate-cap", type=float, default=30_000.0,
+    parser.add_argument("--k", type=at_least_one, nargs="+", default=FULL_K, help="channels (symbols) per cell (1 10)")
+    parser.add_argument("--workers", type=at_least_one, default=1, help="gateway worker processes (1)")
+    parser.add_argument("--moderate", type=above_zero, default=20.0,
+                        help="orders/s per channel in the moderate round (20)")
+    parser.add_argument("--moderate-cap", type=above_zero, default=30_000.0,
                         help="at most this many deliveries/s in the moderate round (30000)")
-    parser.add_argument("--moderate-seconds", type=float, default=12.0,
+    parser.add_argument("--moderate-seconds", type=above_zero, default=12.0,
                         help="length of the moderate round (12 s: the p99 of one round is compared between servers, "
                              "and at large N a 5 s round held only about 30 walks)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of the high round (5 s)")
-    parser.add_argument("--high", type=float, default=0.5,
+    parser.add_argument("--seconds", type=above_zero, default=5.0, help="length of the high round (5 s)")
+    parser.add_argument("--high", type=above_zero, default=0.5,
                         help="the high round's rate, as a share of the gateway's max delivered/s (0.5)")
-    parser.add_argument("--max-rounds", type=int, default=None,
+    parser.add_argument("--max-rounds", type=at_least_one, default=None,
                         help="bursts per target and cell; the median by delivered per CPU-second counts "
                              "(3; 1 with --quick)")
-    parser.add_argument("--max-delivered", type=int, default=3_000_000,
+    parser.add_argument("--max-delivered", type=at_least_one, default=3_000_000,
                         help="messages to deliver in the max round, about (3000000)")
-    parser.add_argument("--client-procs", type=int, default=2, help="client processes, at least (2)")
-    parser.add_argument("--sources", type=int, default=4, help="loopback source addresses 127.0.0.2... (4)")
+    parser.add_argument("--client-procs", type=at_least_one, default=2, help="client processes, at least (2)")
+    parser.add_argument("--sources", type=at_least_one, default=4, help="loopback source addresses 127.0.0.2... (4)")
     parser.add_argument("--clients-sched", choices=CLIENT_SCHED, default="batch",
                         help="scheduling policy of the client processes: batch (SCHED_BATCH: a client woken "
                              "by a frame does not preempt the server in the middle of a walk, as clients on "

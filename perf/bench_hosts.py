@@ -124,8 +124,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _common import (ROOT, Progress, _cpu_jiffies, machine_busy, metadata, noise_note, proc_stat_cpu,
-                     remove_directory, shielded, warn, write_results)
+from _common import (ROOT, Progress, _cpu_jiffies, above_zero, arguments, at_least_one, machine_busy, metadata,
+                     noise_note, proc_stat_cpu, remove_directory, shielded, warn, write_results)
 from bench_fanout import HZ, client_frame, fmt
 from bench_orders import (
     ACCOUNTS,
@@ -1277,32 +1277,32 @@ def draw(results: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gateways", type=int, nargs="+", default=[1, 2, 3, 4],
+    parser = arguments(__doc__)
+    parser.add_argument("--gateways", type=at_least_one, nargs="+", default=[1, 2, 3, 4],
                         help="gateway counts behind one relay (1 2 3 4)")
-    parser.add_argument("--relay-gateways", type=int, nargs="*", default=[2, 4],
+    parser.add_argument("--relay-gateways", type=at_least_one, nargs="*", default=[2, 4],
                         help="gateway counts split over two relays (2 4)")
-    parser.add_argument("--direct-gateways", type=int, nargs="*", default=[4],
+    parser.add_argument("--direct-gateways", type=at_least_one, nargs="*", default=[4],
                         help="gateway counts straight on the matcher, no relay (4)")
-    parser.add_argument("--clients", type=int, default=50, help="WebSocket connections per gateway (50)")
-    parser.add_argument("--more-clients", type=int, nargs="*", default=[100, 200],
+    parser.add_argument("--clients", type=at_least_one, default=50, help="WebSocket connections per gateway (50)")
+    parser.add_argument("--more-clients", type=at_least_one, nargs="*", default=[100, 200],
                         help="connections per gateway of the clients run, at the first gateway count (100 200)")
-    parser.add_argument("--channels", type=int, default=10, help="symbols each connection subscribes (10)")
-    parser.add_argument("--rate", type=float, default=150.0, help="orders/s of the moderate rounds (150)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of a round (8 s)")
-    parser.add_argument("--scale-gateways", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6],
+    parser.add_argument("--channels", type=at_least_one, default=10, help="symbols each connection subscribes (10)")
+    parser.add_argument("--rate", type=above_zero, default=150.0, help="orders/s of the moderate rounds (150)")
+    parser.add_argument("--seconds", type=above_zero, default=8.0, help="length of a round (8 s)")
+    parser.add_argument("--scale-gateways", type=at_least_one, nargs="+", default=[1, 2, 3, 4, 5, 6],
                         help="gateway counts of the scaling run, behind one relay (1 2 3 4 5 6)")
-    parser.add_argument("--scale-clients", type=int, default=2000,
+    parser.add_argument("--scale-clients", type=at_least_one, default=2000,
                         help="connections per gateway in the scaling run (2000)")
-    parser.add_argument("--scale-client-procs", type=int, default=2,
+    parser.add_argument("--scale-client-procs", type=at_least_one, default=2,
                         help="client processes per gateway in the scaling run (2)")
-    parser.add_argument("--scale-rate", type=float, default=200.0, help="orders/s of the scaling rounds (200)")
-    parser.add_argument("--scale-seconds", type=float, default=4.0,
+    parser.add_argument("--scale-rate", type=above_zero, default=200.0, help="orders/s of the scaling rounds (200)")
+    parser.add_argument("--scale-seconds", type=above_zero, default=4.0,
                         help="length of a scaling round (4 s: the backlog of the larger counts stays in RAM)")
     parser.add_argument("--scale-gateway-cpu", type=float, default=0.15,
                         help="CPU cap of each gateway host in the scaling run, in cores (0.15; 0: no cap, the "
                              "gateways share the machine's cores)")
-    parser.add_argument("--repeat", type=int, default=2, help="moderate rounds per run, averaged (2)")
+    parser.add_argument("--repeat", type=at_least_one, default=2, help="moderate rounds per run, averaged (2)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run (under a minute), no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, topologies)")

@@ -78,6 +78,8 @@ from _common import (
     ROOT,
     CpuWatch,
     Progress,
+    arguments,
+    at_least_one,
     interleaved,
     machine_busy,
     noise_note,
@@ -760,12 +762,13 @@ def ms(us: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=50_000, help="orders per round (default 50000)")
-    parser.add_argument("--window", type=int, default=256, help="requests in flight at the maximum rate (256)")
-    parser.add_argument("--repeat", type=int, default=5, help="maximum-rate rounds per target; the best counts (5)")
-    parser.add_argument("--paced-n", type=int, default=25_000, help="orders per half-rate round (25000)")
-    parser.add_argument("--paced-repeat", type=int, default=5, help="half-rate rounds per target (5)")
+    parser = arguments(__doc__)
+    parser.add_argument("--n", type=at_least_one, default=50_000, help="orders per round (default 50000)")
+    parser.add_argument("--window", type=at_least_one, default=256, help="requests in flight at the maximum rate (256)")
+    parser.add_argument("--repeat", type=at_least_one, default=5,
+                        help="maximum-rate rounds per target; the best counts (5)")
+    parser.add_argument("--paced-n", type=at_least_one, default=25_000, help="orders per half-rate round (25000)")
+    parser.add_argument("--paced-repeat", type=at_least_one, default=5, help="half-rate rounds per target (5)")
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (3000 orders, 1 round), no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, journals)")

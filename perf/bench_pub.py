@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from _common import (ROOT, Progress, interleaved, machine_busy, noise_note, remove_directory, shielded, warn,
-                     write_results)
+from _common import (ROOT, Progress, arguments, at_least_one, interleaved, machine_busy, noise_note, remove_directory,
+                     shielded, warn, write_results)
 from bench_orders import (
     MID,
     STALL_S,
@@ -329,14 +329,14 @@ class SymbolCountRun:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=50_000, help="orders (= publications) per round (50000)")
-    parser.add_argument("--window", type=int, default=256, help="requests in flight (256)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds per target; the best counts (3)")
-    parser.add_argument("--paced-repeat", type=int, default=1,
+    parser = arguments(__doc__)
+    parser.add_argument("--n", type=at_least_one, default=50_000, help="orders (= publications) per round (50000)")
+    parser.add_argument("--window", type=at_least_one, default=256, help="requests in flight (256)")
+    parser.add_argument("--repeat", type=at_least_one, default=3, help="rounds per target; the best counts (3)")
+    parser.add_argument("--paced-repeat", type=at_least_one, default=1,
                         help="rounds at half of the best rate (1; --repeat of them when there were gaps)")
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
-    parser.add_argument("--symbols", type=int, nargs="+", default=list(SYMBOL_COUNTS),
+    parser.add_argument("--symbols", type=at_least_one, nargs="+", default=list(SYMBOL_COUNTS),
                         help="symbol counts (default 1 10 100)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (3000 orders, 1 round), no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, journals)")

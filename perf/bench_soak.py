@@ -79,8 +79,8 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from _common import (ROOT, Progress, _cpu_jiffies, machine_busy, noise_note, remove_directory, shielded, warn,
-                     write_results)
+from _common import (ROOT, Progress, _cpu_jiffies, above_zero, arguments, at_least_one, machine_busy, noise_note,
+                     remove_directory, shielded, warn, write_results)
 from bench_fanout import (
     CLIENT_SCHED,
     HELPER_MAX_S,
@@ -536,19 +536,19 @@ def print_interval(e: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=None, help="load connections (2000; 500 with --quick)")
-    parser.add_argument("--workers", type=int, default=2, help="gateway worker processes (2)")
-    parser.add_argument("--minutes", type=float, default=None, help="length of the soak (10; 1/3 with --quick)")
-    parser.add_argument("--interval", type=float, default=None, help="seconds a row covers (10; 2 with --quick)")
-    parser.add_argument("--share", type=float, default=0.7, help="soak rate as a share of the capacity (0.7)")
-    parser.add_argument("--rate", type=float, default=None,
+    parser = arguments(__doc__)
+    parser.add_argument("--n", type=at_least_one, default=None, help="load connections (2000; 500 with --quick)")
+    parser.add_argument("--workers", type=at_least_one, default=2, help="gateway worker processes (2)")
+    parser.add_argument("--minutes", type=above_zero, default=None, help="length of the soak (10; 1/3 with --quick)")
+    parser.add_argument("--interval", type=above_zero, default=None, help="seconds a row covers (10; 2 with --quick)")
+    parser.add_argument("--share", type=above_zero, default=0.7, help="soak rate as a share of the capacity (0.7)")
+    parser.add_argument("--rate", type=above_zero, default=None,
                         help="orders/s of the soak, instead of --share of the measured capacity")
-    parser.add_argument("--max-rate", type=float, default=5_000.0, help="orders/s of the soak at most (5000)")
-    parser.add_argument("--max-delivered", type=int, default=None,
+    parser.add_argument("--max-rate", type=above_zero, default=5_000.0, help="orders/s of the soak at most (5000)")
+    parser.add_argument("--max-delivered", type=at_least_one, default=None,
                         help="messages delivered in the capacity burst, about (3000000; 300000 with --quick)")
-    parser.add_argument("--client-procs", type=int, default=2, help="client processes, at least (2)")
-    parser.add_argument("--sources", type=int, default=4, help="loopback source addresses 127.0.0.2... (4)")
+    parser.add_argument("--client-procs", type=at_least_one, default=2, help="client processes, at least (2)")
+    parser.add_argument("--sources", type=at_least_one, default=4, help="loopback source addresses 127.0.0.2... (4)")
     parser.add_argument("--clients-sched", choices=CLIENT_SCHED, default="normal",
                         help="scheduling policy of the client processes, as in bench_fanout.py (normal: the "
                              "soak's verdicts compare the run with itself, and its committed runs used it)")

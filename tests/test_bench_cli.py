@@ -250,6 +250,42 @@ def test_shielded_holds_signals_off_until_the_cleanup_is_done(tmp_path: Path, si
     assert "KeyboardInterrupt" in done.stderr
 
 
+@pytest.mark.parametrize(("args", "error"), [
+    (["engine", "--n", "-5"], "argument --n: must be at least 1, got -5"),
+    (["engine", "--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
+    (["orders", "--window", "0"], "argument --window: must be at least 1, got 0"),
+    (["pub", "--symbols", "10", "0"], "argument --symbols: must be at least 1, got 0"),
+    (["fanout", "--high", "nan"], "argument --high: must be a number above 0, got nan"),
+    (["soak", "--minutes", "x"], "argument --minutes: 'x' is not a number"),
+])
+def test_a_benchmark_refuses_counts_and_rates_it_cannot_run(args: list[str], error: str) -> None:
+    """Refused before anything runs, in the words of the command that was typed (a negative
+    --n once ran, printed a negative rate and wrote it to the committed results file). With
+    --quick, so that a benchmark that no longer refused them would write no results file."""
+    proc = subprocess.Popen([sys.executable, "-m", "zmx.cli", "bench", *args, "--quick"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={k: v for k, v in os.environ.items() if k != "ZMX_PERF_DIR"})
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 1
+    assert f"zmx bench {args[0]}: error: {error}" in err
+
+
+@pytest.mark.parametrize(("text", "error"), [("{not json", "not a readable results file"),
+                                             ("[1, 2]", "not a results file (a JSON object expected)")])
+def test_plot_of_a_broken_results_file_says_so(runner: CliRunner, perf_dir: Path, tmp_path: Path, text: str,
+                                               error: str) -> None:
+    (tmp_path / "pub.json").write_text(text)
+    result = runner.invoke(main, ["bench", "--perf-dir", str(perf_dir), "plot", "pub", "--results", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'pub.json'}: {error}" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_plot_draws_an_existing_results_file(runner: CliRunner, perf_dir: Path, tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()

@@ -331,6 +331,7 @@ def node(name: str, topology_path: Path) -> None:
 
 PERF_DIR_ENV = "ZMX_PERF_DIR"
 PROGRESS_ENV = "ZMX_BENCH_PROGRESS"  # as in perf/_common.py: the benchmark then prints PROGRESS lines
+PROG_ENV = "ZMX_BENCH_PROG"  # as in perf/_common.py: the benchmark's usage line names this command
 PROGRESS_LINE = re.compile(r"PROGRESS (\d+)/(\d+)(?: (.*))?")
 SCENARIO_ORDER = ("engine", "orders", "pub", "fanout", "connections", "hosts")  # the issue's; others follow
 BENCH_COMMANDS = ("list", "plot", "report")
@@ -484,7 +485,7 @@ def _run_benchmark(name: str, script: Path, args: list[str]) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True, highlight=False)
-    env = {**os.environ, PROGRESS_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, PROGRESS_ENV: "1", PROG_ENV: f"zmx bench {name}", "PYTHONUNBUFFERED": "1"}
     if console.is_terminal and "COLUMNS" not in os.environ:
         env["COLUMNS"] = str(console.width)  # the benchmark's own tables at our width
     proc = subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent.parent, env=env,
@@ -634,6 +635,7 @@ def bench_plot(ctx: click.Context, scenario: str, results_dir: Path | None) -> N
     if not results.is_file():
         have = ", ".join(sorted((p.stem for p in results_dir.glob("*.json")), key=_order)) or "none"
         raise click.ClickException(f"no results file {results} (results files: {have})")
+    _load_results(results)  # a clear error for a file that is not a results file
     _plot(perf_dir, results, strict=True)
 
 
