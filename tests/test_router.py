@@ -532,7 +532,8 @@ def test_table_routes_only_what_the_owner_announced_and_the_topology_gives_it() 
     assert t.route == {b"BTC-USDT": b"m1"}
     assert t.refusal(b"SOL-USDT") == (b"unavailable", b"SOL-USDT: its matcher m1 does not serve it (epoch 1)")
     assert t.refusal(b"ETH-USDT")[0] == b"unavailable"
-    assert t.refusal(b"DOGE")[0] == b"unknown_symbol"
+    assert t.refusal(b"DOGE") == (b"unknown_symbol", b"no matcher of the cluster owns symbol 'DOGE'")
+    assert t.refusal(b"D\xffGE") == (b"unknown_symbol", b"no matcher of the cluster owns symbol b'D\\xffGE'")
 
 
 def test_table_heartbeats_silence_bye_and_lost_connections() -> None:

@@ -21,6 +21,11 @@ class InvalidNumber(ZmxError, ValueError):
         self.reason = reason
 
 
+class InvalidOrder(ZmxError, ValueError):
+    """An order a client was asked to send has a field the cluster does not take (a side, type or
+    time in force it does not know, a symbol its topology does not have)."""
+
+
 class ProtocolError(ZmxError):
     """Something received from a peer does not follow the protocol."""
 

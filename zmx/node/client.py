@@ -9,6 +9,13 @@ are up. The frames are those of ``docs/wire.md``.
         reply = client.submit("o1", "alice", "BTC-USDT", "buy", "30000", "0.5")
         assert reply.ok, reply.message
 
+Errors (each a ``ZmxError``): ``InvalidNumber`` for a price or quantity off the symbol's grid,
+``InvalidOrder`` for a symbol, side, type or time in force the cluster does not take,
+``NoRouter`` when no router took a request in time, ``RequestTimeout`` when no reply came in
+time, ``ClientClosed`` after ``close``; a front endpoint that is not one gives a ``ZmxError``
+when the client is made. Replies say what the cluster refused (``Reply.status``, and the
+events' reasons).
+
 ``send`` / ``recv`` pipeline (many requests in flight, replies in any order, matched by
 ``request_id``); ``request`` sends one command and waits for its reply, keeping the other
 replies that arrive meanwhile for later ``recv`` calls. A client is one ZeroMQ socket: use it
@@ -32,28 +39,34 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
+from enum import Enum
 from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple, Self, TypeVar
 
 import zmq
 
 from zmx import codec
 from zmx.commands import AmendOrder, CancelOrder, Command, SubmitOrder
 from zmx.events import Event
-from zmx.exceptions import DecodeError, ZmxError
+from zmx.exceptions import DecodeError, InvalidOrder, TopologyError, ZmxError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 from zmx.topology import RouterNode, Topology, connect_endpoint
 
-__all__ = ["BAD_REPLY", "Client", "NoRouter", "Reply", "RequestTimeout", "encode_header", "parse_reply"]
+__all__ = ["BAD_REPLY", "Client", "ClientClosed", "NoRouter", "Reply", "RequestTimeout", "encode_header", "parse_reply"]
 
 VERSION_BYTE = bytes((codec.VERSION,))
 # A reply whose payload this client could not decode gets this status (it is not on the wire).
 BAD_REPLY = "bad_reply"
+E = TypeVar("E", bound=Enum)
 HWM = 100_000  # queue bound per direction; the routers' replies must never be dropped for lack of room
 
 
 class NoRouter(ZmxError, TimeoutError):
     """No router took the request in time: none is connected, or every queue is full."""
+
+
+class ClientClosed(ZmxError):
+    """The client was closed: it sends and receives nothing more."""
 
 
 class RequestTimeout(ZmxError, TimeoutError):
@@ -109,6 +122,13 @@ def parse_reply(frames: Sequence[bytes]) -> Reply | None:
     return Reply(request_id, status_text, (), bytes(payload).decode("utf-8", errors="replace"))
 
 
+def _choice(kind: type[E], value: object, what: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidOrder(f"{what} {value!r} is not one of {', '.join(repr(k.value) for k in kind)}") from None
+
+
 class Client:
     """A DEALER to every router front; see the module documentation."""
 
@@ -123,7 +143,12 @@ class Client:
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
         for endpoint in front_endpoints:
-            sock.connect(connect_endpoint(endpoint))
+            try:
+                sock.connect(connect_endpoint(endpoint))
+            except (zmq.ZMQError, TopologyError) as e:
+                sock.close(linger=0)
+                raise ZmxError(f"cannot connect to the router front {endpoint!r}: {e} "
+                               "(expected tcp://HOST:PORT or ipc://PATH)") from None
         self.socket = sock
         self.endpoints = tuple(front_endpoints)
         self.symbols = dict(symbols or {})
@@ -169,6 +194,9 @@ class Client:
             return
         except zmq.Again:
             pass
+        except zmq.ZMQError:
+            self._check_open()
+            raise
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -182,15 +210,20 @@ class Client:
                 continue
 
     def recv(self, timeout: float) -> Reply | None:
-        """The next reply, waiting up to ``timeout`` s; None if there is none by then."""
+        """The next reply, waiting up to ``timeout`` s (0: only one already here); None if
+        there is none by then. Replies kept by ``request`` come first."""
         if self._kept:
             return self._kept.popleft()
         return self._recv(time.monotonic() + timeout)
 
     def request(self, command: Command, timeout: float = 5.0) -> Reply:
-        """Send ``command`` and wait for its reply (``RequestTimeout`` after ``timeout`` s).
+        """Send ``command`` and wait for its reply (``RequestTimeout`` after ``timeout`` s, which
+        must be above 0: a request cannot be answered in no time).
 
-        Other replies that arrive meanwhile are kept, in order, for ``recv``."""
+        Other replies that arrive meanwhile are kept, in order, for ``recv`` (among them the late
+        reply to a request that timed out: call ``recv`` to see them, or they stay here)."""
+        if not timeout > 0:
+            raise ValueError(f"a request's timeout must be above 0 seconds, got {timeout!r}")
         deadline = time.monotonic() + timeout
         request_id = self.send(command, timeout=timeout)
         while True:
@@ -209,13 +242,22 @@ class Client:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
-                    return None
+                pass
+            except zmq.ZMQError:
+                self._check_open()
+                raise
+            else:
+                reply = self._parse(frames)
+                if reply is not None:
+                    return reply
                 continue
-            reply = self._parse(frames)
-            if reply is not None:
-                return reply
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                return None
+
+    def _check_open(self) -> None:
+        if self.socket.closed:
+            raise ClientClosed("this client is closed (close() or the end of its with block)")
 
     def _parse(self, frames: list[bytes]) -> Reply | None:
         reply = parse_reply(frames)
@@ -231,18 +273,20 @@ class Client:
         try:
             return self.symbols[symbol]
         except KeyError:
-            raise ZmxError(f"no SymbolSpec for {symbol!r} to convert prices with; pass spec= "
-                           f"(known: {', '.join(self.symbols) or 'none'})") from None
+            if self.symbols:
+                raise InvalidOrder(f"unknown symbol {symbol!r}: the topology of this client has "
+                                   f"{', '.join(self.symbols)}") from None
+            raise InvalidOrder(f"no tick and lot size for {symbol!r}: a client made without a topology needs "
+                               "spec=SymbolSpec(...) to turn decimal strings into ticks and lots") from None
 
     def submit_command(self, order_id: str, account: str, symbol: str, side: str, price: str | None,
                        quantity: str, *, type: str = "limit", time_in_force: str = "gtc",
                        spec: SymbolSpec | None = None) -> SubmitOrder:
         """A ``SubmitOrder`` from decimal strings (``InvalidNumber`` if off the symbol's grid)."""
         grid = self._spec(symbol, spec)
-        order_type = OrderType(type)
         ticks = None if price is None else grid.to_ticks(price)
-        return SubmitOrder(order_id, account, symbol, Side(side), order_type, TimeInForce(time_in_force),
-                           ticks, grid.to_lots(quantity))
+        return SubmitOrder(order_id, account, symbol, _choice(Side, side, "side"), _choice(OrderType, type, "type"),
+                           _choice(TimeInForce, time_in_force, "time_in_force"), ticks, grid.to_lots(quantity))
 
     def submit(self, order_id: str, account: str, symbol: str, side: str, price: str | None, quantity: str, *,
                type: str = "limit", time_in_force: str = "gtc", spec: SymbolSpec | None = None,

@@ -229,7 +229,9 @@ class MatcherTable:
         """Status and message for a request whose symbol is not in ``route``."""
         owner = self.owners.get(symbol)
         if owner is None:
-            return UNKNOWN_SYMBOL, f"no matcher of the cluster owns symbol {_show(symbol, 40)}".encode()
+            readable = len(symbol) <= 40 and symbol.isascii() and symbol.decode("ascii").isprintable()
+            shown = repr(symbol.decode("ascii")) if readable else _show(symbol, 40)
+            return UNKNOWN_SYMBOL, f"no matcher of the cluster owns symbol {shown}".encode()
         m = self.matchers[owner.encode()]
         name = symbol.decode()
         if m.up:  # up, but did not announce this symbol

@@ -1,0 +1,74 @@
+"""The Python client's own errors: what a caller gets for a mistake, without a cluster
+(a DEALER connects lazily, so none of these needs a router)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from zmx.cli import builtin_topology_path
+from zmx.commands import CancelOrder
+from zmx.exceptions import InvalidNumber, InvalidOrder, ZmxError
+from zmx.model import SymbolSpec
+from zmx.node.client import Client, ClientClosed
+from zmx.node.runtime import load_topology
+
+FREE = "tcp://127.0.0.1:9"  # nothing is asked of it: no request in these tests is ever sent
+
+
+@pytest.fixture
+def client() -> Iterator[Client]:
+    with Client.from_topology(load_topology(builtin_topology_path())) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"side": "BUY"}, "side 'BUY' is not one of 'buy', 'sell'"),
+    ({"type": "stop"}, "type 'stop' is not one of 'limit', 'market'"),
+    ({"time_in_force": "day"}, "time_in_force 'day' is not one of 'gtc', 'ioc', 'fok', 'post_only'"),
+    ({"symbol": "DOGE-USDT"}, "unknown symbol 'DOGE-USDT': the topology of this client has BTC-USDT"),
+])
+def test_an_order_field_the_cluster_does_not_take_is_an_invalid_order(client: Client, kwargs: dict[str, str],
+                                                                      error: str) -> None:
+    order = {"order_id": "o1", "account": "alice", "symbol": "BTC-USDT", "side": "buy", "price": "30000",
+             "quantity": "0.5", **kwargs}
+    with pytest.raises(InvalidOrder) as caught:
+        client.submit_command(**order)
+    assert str(caught.value).startswith(error)
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, ZmxError)
+
+
+def test_a_client_without_a_topology_asks_for_the_symbols_grid() -> None:
+    with Client([FREE]) as c:
+        with pytest.raises(InvalidOrder, match=r"no tick and lot size for 'BTC-USDT'.*spec=SymbolSpec"):
+            c.submit_command("o1", "alice", "BTC-USDT", "buy", "30000", "0.5")
+        spec = SymbolSpec("BTC-USDT", tick_size="0.01", lot_size="0.001")
+        assert c.submit_command("o1", "alice", "BTC-USDT", "buy", "30000", "0.5", spec=spec).price == 3_000_000
+        with pytest.raises(InvalidNumber):
+            c.submit_command("o1", "alice", "BTC-USDT", "buy", "30000.001", "0.5", spec=spec)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan")])
+def test_a_request_needs_a_timeout_above_zero(client: Client, timeout: float) -> None:
+    """Refused before anything is sent (with 0, the order was placed and the call raised
+    RequestTimeout all the same)."""
+    with pytest.raises(ValueError, match="timeout must be above 0 seconds"):
+        client.request(CancelOrder("o1", "alice", "BTC-USDT"), timeout)
+    with pytest.raises(ValueError, match="timeout must be above 0 seconds"):
+        client.submit("o1", "alice", "BTC-USDT", "buy", "30000", "0.5", timeout=timeout)
+    assert client.recv(0) is None  # a poll of what is already here is still fine
+
+
+def test_a_closed_client_says_so(client: Client) -> None:
+    client.close()
+    with pytest.raises(ClientClosed, match="this client is closed"):
+        client.cancel("o1", "alice", "BTC-USDT")
+    with pytest.raises(ClientClosed):
+        client.recv(0.01)
+
+
+@pytest.mark.parametrize("endpoint", ["bogus", "tcp://127.0.0.1", "http://127.0.0.1:5550"])
+def test_a_front_endpoint_that_is_not_one_is_refused_when_the_client_is_made(endpoint: str) -> None:
+    with pytest.raises(ZmxError, match=f"cannot connect to the router front '{endpoint}'"):
+        Client([endpoint])
