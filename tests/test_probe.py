@@ -298,11 +298,11 @@ def test_zmx_probe_refuses_a_bad_target(tmp_path: Path, args: list[str], message
 
 
 @pytest.mark.parametrize("as_json", [False, True])
-def test_zmx_probe_says_when_nothing_arrived(as_json: bool) -> None:
+def test_zmx_probe_says_when_nothing_arrived_and_exits_1(as_json: bool) -> None:
     (port,) = free_ports(1)  # nobody publishes there: ZeroMQ connects in silence all the same
     endpoint = f"tcp://127.0.0.1:{port}"
     result = CliRunner().invoke(main, ["probe", endpoint, "--duration", "0.3", *(["--json"] if as_json else [])])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # a script checking a feed can tell
     assert f"nothing arrived from {endpoint} in 0.3 s" in result.stderr
     if as_json:
         assert json.loads(result.stdout)["messages"] == 0  # stdout stays one JSON document

@@ -261,12 +261,14 @@ def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], dur
 
 
 def _nothing_arrived(messages: int, endpoint: str, elapsed: float) -> None:
-    """Say so on stderr when a probe heard nothing: ZeroMQ connects in silence, so an endpoint
-    where nobody publishes looks just like a quiet feed."""
+    """Say so on stderr, and exit 1, when a probe heard nothing: ZeroMQ connects in silence, so
+    an endpoint where nobody publishes looks just like a quiet feed, and a script that runs
+    ``zmx probe --duration S`` to check a feed must be able to tell."""
     if not messages:
         click.echo(f"zmx probe: nothing arrived from {endpoint} in {elapsed:.1f} s; a matcher or relay sends each "
                    "idle symbol's heartbeat about every second: is one publishing there (and owning the symbols "
                    "asked for)?", err=True)
+        raise SystemExit(1)
 
 
 def _probe_endpoint(target: str, topology_path: Path | None, symbols: tuple[str, ...]) -> str:
