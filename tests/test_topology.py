@@ -494,11 +494,13 @@ def test_fsync_mode() -> None:
                  "node 'm1': fsync 'sometimes' is not one of: batch, always, never")
 
 
-def test_data_dir_must_be_relative() -> None:
+def test_data_dir_is_absolute_or_relative_to_where_the_node_starts() -> None:
     line = ('  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", '
             'data_dir: "%s"}')
-    assert_error(replace_line(7, line % "/var/lib/zmx"), 7,
-                 "node 'm1': data_dir '/var/lib/zmx' must be a relative path")
+    for data_dir in ("/var/lib/zmx/m1", "var/m1", "../m1"):
+        assert parse(replace_line(7, line % data_dir)).node("m1").data_dir == data_dir  # type: ignore[union-attr]
+    assert_error(replace_line(7, line % "~/zmx/m1"), 7,
+                 "node 'm1': data_dir '~/zmx/m1': '~' is not expanded here; write the whole path")
     assert_error(replace_line(7, line % ""), 7, "node 'm1': data_dir is empty")
 
 

@@ -92,9 +92,10 @@ class MatcherNode:
 
     - ``pub``: endpoint of the PUB socket it binds and publishes every event on.
     - ``snapshot``: endpoint of the ROUTER socket answering "book of SYMBOL".
-    - ``data_dir``: relative path of its journal and snapshots, exactly as written in the
-      file (the process that starts the node resolves it against its working directory).
-      Two matchers never share or nest data directories.
+    - ``data_dir``: the directory of its journal and snapshots, exactly as written in the
+      file: an absolute path, or a relative one that the process that starts the node
+      resolves against its working directory. Two matchers never share or nest data
+      directories (as written: a relative and an absolute path are not compared).
     - ``fsync``: when the journal is flushed to disk: ``batch`` (once per batch of commands,
       before the batch is answered; the default), ``always`` (after every command) or
       ``never`` (left to the operating system).
@@ -714,9 +715,10 @@ class _Parser:
         pub = self._zmq_endpoint(entry, "pub", where, "tcp://127.0.0.1:5560")
         snapshot = self._zmq_endpoint(entry, "snapshot", where, "tcp://127.0.0.1:5561")
         data_dir = self._str(entry, "data_dir", where, f"var/{name}")
-        if data_dir.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:", data_dir):
+        if data_dir.startswith("~"):
             raise _Problem(entry.key_lines["data_dir"],
-                           f"{where}data_dir {data_dir!r} must be a relative path like 'var/{name}'")
+                           f"{where}data_dir {data_dir!r}: '~' is not expanded here; write the whole path "
+                           f"('/home/...'), or a path relative to where the node starts ('var/{name}')")
         fsync = entry.get("fsync", "batch")
         if fsync not in FSYNC_MODES:
             shown = repr(fsync) if isinstance(fsync, str) else _kind(fsync)
