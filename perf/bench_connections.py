@@ -1160,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-timeout", type=above_zero, default=None,
                         help="connect phase timeout (60 s + N/1000)")
     parser.add_argument("--storm-timeout", type=above_zero, default=120.0, help="reconnect storm timeout (120 s)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the order flow (1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 5,000 connections, 2 workers, no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--json", type=Path, help="also write the figures here (smoke runs too)")

@@ -1580,8 +1580,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="scheduling policy of the client processes: batch (SCHED_BATCH: a client woken "
                              "by a frame does not preempt the server in the middle of a walk, as clients on "
                              "hosts of their own would not) or normal (batch)")
-    parser.add_argument("--targets", nargs="+", default=FULL_TARGETS)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--targets", nargs="+", default=FULL_TARGETS, choices=FULL_TARGETS,
+                        help="the servers measured in each cell: the gateway and the two raw asyncio ceilings "
+                             "(gateway write coalesce)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the order flow (1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 200, 2 s rounds, no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--json", type=Path, help="also write the figures here (smoke runs too)")
@@ -1692,7 +1694,7 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                 entry["delivered_per_s_max"] = gw["max"]["delivered_per_s"]
                 entry["rate_met"] = (gw["max"]["delivered_per_s"] or 0) >= TARGETS["delivered_per_s_at_5000"]
                 met_all &= entry["rate_met"]
-            if per_proc <= 550:
+            if 450 <= per_proc <= 550:  # "with 500 connections per gateway process"
                 p99 = gw["moderate"]["latency_ms"]["p99"]
                 entry["p99_ms_at_500_per_process"] = p99
                 entry["p99_500_met"] = p99 is not None and p99 <= TARGETS["p99_ms_at_500_per_process"]

@@ -1303,7 +1303,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU cap of each gateway host in the scaling run, in cores (0.15; 0: no cap, the "
                              "gateways share the machine's cores)")
     parser.add_argument("--repeat", type=at_least_one, default=2, help="moderate rounds per run, averaged (2)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the order flow (1)")
     parser.add_argument("--quick", action="store_true", help="smoke run (under a minute), no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, topologies)")
     parser.add_argument("--json", type=Path, help="also write the figures here (smoke runs too)")
@@ -1340,7 +1340,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{CLIENT_HOSTS} client hosts (namespaces {PREFIX}*, bridge {BRIDGE} in {BRIDGE_NS}, {SUBNET}.0/24); "
           f"{args.clients} connections per gateway x {args.channels} channels, rounds of {args.seconds:g} s at "
           f"{args.rate:g} orders/s; scaling run: {args.scale_clients} connections per gateway "
-          f"({args.scale_client_procs} client processes), {args.scale_seconds:g} s at {args.scale_rate:g} orders/s, "
+          f"({args.scale_client_procs} client process{'es' if args.scale_client_procs > 1 else ''}), "
+          f"{args.scale_seconds:g} s at {args.scale_rate:g} orders/s, "
           f"{cap}; "
           f"load average {load_before[0]:.2f}", flush=True)
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-hosts-"))

@@ -130,6 +130,11 @@ RSS_REPORTED = ("matcher", "matcher_id_filters", "clients", "driver")  # beside 
 FILTERS_RE = re.compile(rb"this matcher's order-id filters hold (\d+) bytes")
 
 
+def span(minutes: float) -> str:
+    """``--minutes`` as a reader takes it: ``20 s`` under a minute, else ``10 min``."""
+    return f"{minutes * 60:.0f} s" if minutes < 1 else f"{minutes:.3g} min"
+
+
 # -- order driver (--role driver) ----------------------------------------------------------------------
 
 
@@ -461,7 +466,7 @@ class Soak:
         prev = {"cpu": {g: jiffies(p) for g, p in groups.items()}, "ours": jiffies(ours_pids),
                 "machine": _cpu_jiffies(), "total": 0, "hist": Counter(), "sent": 0, "acked": 0}
         t_start = last = time.monotonic()
-        print(f"  soak: {rate:,.0f} orders/s for {args.minutes:g} min, a row every {args.interval:g} s", flush=True)
+        print(f"  soak: {rate:,.0f} orders/s for {span(args.minutes)}, a row every {args.interval:g} s", flush=True)
         heads = ("minute", "orders/s", "deliv/s", "p50 ms", "p99 ms", "p99.9 ms", "gw MB", "match MB", "route MB",
                  "gw cores", "others", "lost", "spread")
         print("  " + "  ".join(f"{h:>10}" for h in heads), flush=True)
@@ -506,7 +511,7 @@ class Soak:
                     "sent": driver["sent"], "acked": driver["acked"]}
             last = now
             print_interval(entry)
-            self.progress.step(f"minute {entry['t_min']:.1f} of {args.minutes:g}, "
+            self.progress.step(f"minute {entry['t_min']:.1f} of {span(args.minutes)}, "
                                f"p99 {fmt(entry['latency_ms']['p99'], '.1f')} ms")
         # the end: orders stop, the counts settle, every connection of a channel must have the same count
         self.driver.write("halt")
@@ -552,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients-sched", choices=CLIENT_SCHED, default="normal",
                         help="scheduling policy of the client processes, as in bench_fanout.py (normal: the "
                              "soak's verdicts compare the run with itself, and its committed runs used it)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the order flow (1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 500, 20 s of soak, no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--json", type=Path, help="also write the figures here (smoke runs too)")
@@ -582,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         warn(note)
     load_before = [round(x, 2) for x in os.getloadavg()]
     print(f"soak: {args.n:,} connections x {K} channels, gateway {args.workers} workers, matcher fsync: never; "
-          f"{args.minutes:g} min at {args.share:g} of the capacity (a burst of about {args.max_delivered:,} "
+          f"{span(args.minutes)} at {args.share:g} of the capacity (a burst of about {args.max_delivered:,} "
           f"deliveries first), a row every {args.interval:g} s", flush=True)
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-soak-"))
     run = Run(directory)
@@ -593,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start()
         figures["connect_s"] = bench.connect_s
-        print(f"  {args.n + K:,} connections subscribed in {bench.connect_s} s; capacity burst ...", flush=True)
+        print(f"  {args.n + K:,} connections subscribed ({args.n:,} and an anchor on each of the {K} channels) in "
+              f"{bench.connect_s} s; capacity burst ...", flush=True)
         cap = figures["capacity"] = bench.capacity()
         per_order, subscribers = cap["feed_messages_per_order"], cap["subscribers_per_channel"]
         if args.rate is not None:
@@ -705,7 +711,7 @@ def report(args: argparse.Namespace, f: dict[str, Any], failure: str | None) -> 
         ["seq breaks, client errors, orders not ok", f"{fmt(end.get('prev_seq_breaks'))}, {end.get('errors')}, "
          f"{sum(end.get('driver', {}).get('not_ok', {}).values()) if end else '-'}", "", ""],
     ]
-    print_rows(f"soak: {args.n:,} connections, {args.minutes:g} min at "
+    print_rows(f"soak: {args.n:,} connections, {span(args.minutes)} at "
                f"{fmt(f.get('rate', {}).get('orders_per_s'))} orders/s", ["verdict", "measured", "wanted", "met"],
                rows)
     if failure:

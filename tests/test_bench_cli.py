@@ -107,6 +107,7 @@ def test_bench_lists_the_scenarios_of_this_checkout(runner: CliRunner, args: lis
     for name in ("engine", "orders", "pub"):
         assert name in result.output
     assert "Matching engine throughput" in result.output  # the first line of the script's docstring
+    assert "``" not in result.output and "(issue" not in result.output  # read as text, not as reST notes
 
 
 def test_bench_lists_the_scripts_of_a_perf_dir(runner: CliRunner, perf_dir: Path) -> None:

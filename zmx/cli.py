@@ -377,7 +377,9 @@ def _describe(script: Path) -> str:
         doc = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) or ""
     except (OSError, SyntaxError, ValueError):
         return ""
-    return doc.split("\n\n")[0].replace("\n", " ")
+    first = doc.split("\n\n")[0].replace("\n", " ")
+    # for the reader of a table: no reST literals, no note of the issue it was built for
+    return re.sub(r"\s*\(issues? [0-9, and]+\)", "", re.sub(r"``([^`]+)``", r"\1", first))
 
 
 class BenchGroup(click.Group):

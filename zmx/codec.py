@@ -417,6 +417,9 @@ def _unpack(body: Any) -> Any:
         raise DecodeError("malformed msgpack: a byte that starts no msgpack value") from None
     except (ValueError, TypeError, OverflowError, UnpackException) as e:
         # Truncated input, bad UTF-8, one of the limits above ...
+        if str(e).endswith(f"exceeds max_str_len({4 * MAX_ID_LENGTH})"):
+            raise DecodeError(f"a string of {str(e).split()[0]} bytes: no field takes more than {MAX_ID_LENGTH} "
+                              "characters") from None
         raise DecodeError(f"malformed msgpack: {str(e) or type(e).__name__}") from None
 
 
