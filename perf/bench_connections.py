@@ -1161,7 +1161,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="connect phase timeout (60 s + N/1000)")
     parser.add_argument("--storm-timeout", type=above_zero, default=120.0, help="reconnect storm timeout (120 s)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the order flow (1)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 5,000 connections, 2 workers, no results file")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 5,000 connections, 2 workers, a 5 s feed at 1 update/s per symbol (unless "
+                             "--seconds / --rate say otherwise), no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--json", type=Path, help="also write the figures here (smoke runs too)")
     args = parser.parse_args(argv)
