@@ -333,10 +333,9 @@ def pack_records(messages: Sequence[Message]) -> list[bytes]:
     packed once, joined by ``join_batch`` / ``join_publication`` /
     ``join_account_publication`` into the bytes the ``encode_*`` functions give."""
     try:
-        codes = [TYPE_CODES[type(m)] for m in messages]
+        return [_pack((TYPE_CODES[type(m)], *m)) for m in messages]
     except KeyError as e:
         raise TypeError(f"not a zmx command or event: {e.args[0].__name__}") from None
-    return [_pack((code, *m)) for code, m in zip(codes, messages)]
 
 
 _FIX_ARRAYS = [_VERSION_BYTE + bytes((0x90 | n,)) for n in range(16)]
