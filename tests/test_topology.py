@@ -512,6 +512,11 @@ def test_two_matchers_never_share_a_data_dir() -> None:
     assert_error(replace_line(8, line % "var/m1/sub"), 8,
                  "node 'm2': data_dir 'var/m1/sub' and the data_dir 'var/m1' of node 'm1' are nested")
     assert parse(replace_line(8, line % "var/m10")).node("m2").data_dir == "var/m10"  # type: ignore[union-attr]
+    m1 = ('  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", '
+          'data_dir: "%s"}')
+    for outer, inner in (("/srv/zmx/m1", "/srv/zmx/m1/sub"), ("/", "/srv/zmx/m2")):
+        assert_error(replace_line(8, line % inner, replace_line(7, m1 % outer)), 8,
+                     f"node 'm2': data_dir '{inner}' and the data_dir '{outer}' of node 'm1' are nested")
 
 
 def test_no_matcher() -> None:

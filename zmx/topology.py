@@ -793,7 +793,7 @@ class _Parser:
                     raise _Problem(line, f"node {node.name!r}: data_dir {node.data_dir!r} is also the data_dir of "
                                          f"node {other!r}; two matchers would write the same journal")
                 inner, outer = sorted((path, other_path), key=len, reverse=True)
-                if outer == "." or inner.startswith(outer + "/"):
+                if outer == "." or inner.startswith(outer.rstrip("/") + "/"):  # (outer "/" ends with one)
                     other_dir = nodes[other].data_dir  # type: ignore[union-attr]
                     raise _Problem(line, f"node {node.name!r}: data_dir {node.data_dir!r} and the data_dir "
                                          f"{other_dir!r} of node {other!r} are nested")
