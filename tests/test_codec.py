@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -732,3 +734,15 @@ def test_is_valid_id() -> None:
     assert is_valid_id("x" * MAX_ID_LENGTH)
     for bad in ("", "x" * (MAX_ID_LENGTH + 1), "zoë", "a\x00", "tab\t", 5, None, b"abc"):
         assert not is_valid_id(bad)
+
+
+def test_the_wire_docs_table_of_bodies_is_the_codecs() -> None:
+    """docs/wire.md, "Bodies": what an outside client builds its messages from (a review had to
+    find the layout from the matcher's error messages before it was there)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "wire.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| (.+) \|$", text, re.MULTILINE)
+    documented = {int(code): (name, re.findall(r"`(\w+)`(\??) (\w+)", fields)) for code, name, fields in rows}
+    wire = {spec.code: (cls.__name__, [(f, "?" if k.endswith("?") else "", k.rstrip("?"))
+                                        for f, k in zip(spec.fields, spec.kinds)])
+            for cls, spec in codec._SPEC_OF.items()}
+    assert documented == wire

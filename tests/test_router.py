@@ -515,7 +515,7 @@ def test_table_names_a_stranger_and_a_replaced_connection_apart() -> None:
     matcher connected again while the router was not reading (a hung router): its queued
     heartbeats are stale, not a stranger's."""
     t = table()
-    with pytest.raises(Malformed, match="HB from b'm9', which is no matcher of the topology") as stranger:
+    with pytest.raises(Malformed, match="HB from 'm9', which is no matcher of the topology") as stranger:
         t.heartbeat(b"m9", hello(["BTC-USDT"]), now=0.0)
     assert stranger.value.kind == "not a matcher"
     replaced = "HB from a connection without a name of its own .*: a matcher's old connection"

@@ -72,7 +72,7 @@ from zmx.node.runtime import (
 )
 from zmx.node.usedids import UsedIds
 from zmx.node.usedids import store as store_used_ids
-from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, unpack_requests
+from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, show, unpack_requests
 from zmx.topology import MatcherNode, RouterNode, Topology, connect_endpoint
 
 __all__ = ["BATCH", "MAX_FRAME_BYTES", "run"]
@@ -517,7 +517,7 @@ class Matcher:
                 if header_symbols.get(header[9:]) != symbol:
                     if header[9:] != symbol.encode():
                         add_reply((dealer, client, header, BAD_REQUEST, self.refuse(
-                            "symbol mismatch", f"the header names symbol {header[9:][:64]!r}, the body {symbol!r}")))
+                            "symbol mismatch", f"the header names symbol {show(header[9:], 64)}, the body {symbol!r}")))
                     else:
                         self.problems["unknown symbol"] += 1
                         add_reply((dealer, client, header, UNKNOWN_SYMBOL,
@@ -676,7 +676,7 @@ class Matcher:
                 name = engines.get(symbol)
                 if name is None:
                     self.problems["snapshot: unknown symbol"] += 1
-                    reply = [ERR, symbol, f"matcher {self.name} does not own symbol {symbol[:64]!r}".encode()]
+                    reply = [ERR, symbol, f"matcher {self.name} does not own symbol {show(symbol, 64)}".encode()]
                 else:
                     engine = self.engines[name]
                     bids, asks = engine.depth()

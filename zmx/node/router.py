@@ -34,6 +34,7 @@ import zmq
 from zmx.codec import MAX_ID_LENGTH, MAX_MESSAGE_BYTES, VERSION
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind
 from zmx.node.wire import BATCH_BYTES, REPS, REQS, REQUEST_HEAD, unpack_replies
+from zmx.node.wire import show as _show
 from zmx.topology import RouterNode, Topology
 
 __all__ = ["BATCH", "MAX_HEADER_BYTES", "Malformed", "MatcherTable", "run"]
@@ -73,11 +74,6 @@ class Malformed(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def _show(data: bytes, limit: int = 24) -> str:
-    text = repr(data[:limit])
-    return text + "..." if len(data) > limit else text
 
 
 def _unpack_control(payload: bytes, what: str) -> Any:
@@ -229,9 +225,7 @@ class MatcherTable:
         """Status and message for a request whose symbol is not in ``route``."""
         owner = self.owners.get(symbol)
         if owner is None:
-            readable = len(symbol) <= 40 and symbol.isascii() and symbol.decode("ascii").isprintable()
-            shown = repr(symbol.decode("ascii")) if readable else _show(symbol, 40)
-            return UNKNOWN_SYMBOL, f"no matcher of the cluster owns symbol {shown}".encode()
+            return UNKNOWN_SYMBOL, f"no matcher of the cluster owns symbol {_show(symbol, 40)}".encode()
         m = self.matchers[owner.encode()]
         name = symbol.decode()
         if m.up:  # up, but did not announce this symbol

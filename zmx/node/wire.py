@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["BATCH_BYTES", "REPLY_HEAD", "REPS", "REQS", "REQUEST_HEAD", "pack_replies", "pack_requests",
+__all__ = ["BATCH_BYTES", "REPLY_HEAD", "REPS", "REQS", "REQUEST_HEAD", "pack_replies", "pack_requests", "show",
            "unpack_replies", "unpack_requests"]
 
 REQS, REPS = b"REQS", b"REPS"
@@ -26,6 +26,14 @@ REPLY_HEAD = struct.Struct("!BBBI")
 # A sender starts a new message before a record that would take a batch past this many bytes,
 # so a batch frame is at most this or one record (a body is at most codec.MAX_MESSAGE_BYTES).
 BATCH_BYTES = 256 * 1024
+
+
+def show(data: bytes, limit: int = 24) -> str:
+    """Bytes from a peer in a message for people: ``'BTC-USDT'`` when they are printable ASCII,
+    else their ``bytes`` repr; cut after ``limit`` bytes."""
+    part = bytes(data[:limit])
+    text = repr(part.decode("ascii")) if part.isascii() and part.decode("ascii").isprintable() else repr(part)
+    return text + "..." if len(data) > limit else text
 
 
 def pack_requests(requests: list[tuple[bytes, bytes, bytes]]) -> bytes:
