@@ -604,13 +604,16 @@ def test_a_gateway_asks_an_accounts_fills_of_resting_orders_and_gets_them_again_
     else:  # the fills before the last snapshot are gone, and the answer says so
         assert min(f.ts_ns for f in made) < complete_since_ns
         assert got == [f for f in mine if f.ts_ns >= complete_since_ns]
-    for frames in ([b"FILLS", b"a1"], [b"FILLS", b"", msgpack.packb({})], [b"FILLS", b"a1", b"\xc1"],
-                   [b"FILLS", b"a1", msgpack.packb({"BTC-USDT": -1})], [b"FILLS", b"a1", msgpack.packb([1])],
-                   [b"FILLS", b"a\x00b", msgpack.packb({})], [b"FILLS", b"\xff", msgpack.packb({})]):
+    for frames, says in (([b"FILLS", b"a1"], b""), ([b"FILLS", b"", msgpack.packb({})], b"the account is empty"),
+                         ([b"FILLS", b"a1", b"\xc1"], b"the trade ids are not msgpack"),
+                         ([b"FILLS", b"a1", msgpack.packb({"BTC-USDT": -1})], b"the trade ids hold 'BTC-USDT': -1"),
+                         ([b"FILLS", b"a1", msgpack.packb([1])], b"the trade ids are not a msgpack map"),
+                         ([b"FILLS", b"a\x00b", msgpack.packb({})], b""),
+                         ([b"FILLS", b"\xff", msgpack.packb({})], b"")):
         sock.send_multipart(frames)
         assert sock.poll(TIMEOUT_MS)
         kind, _, message = sock.recv_multipart()
-        assert kind == b"ERR" and message, frames
+        assert kind == b"ERR" and message and says in message, (frames, message)
     assert fills_of(sock, "a1", {"SOL-USDT": 0})[2] == [f for f in got if f.symbol == "SOL-USDT"]  # still serving
     assert restarted.stop() == 0
     assert "fills: malformed request 6, snapshot: malformed request 1" in restarted.log()

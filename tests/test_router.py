@@ -548,6 +548,7 @@ def test_table_heartbeats_silence_bye_and_lost_connections() -> None:
     t.sweep(now=1.95)
     assert t.route == {}
     assert b"has been silent for 1050 ms" in t.refusal(b"BTC-USDT")[1]
+    assert b"has been silent for 2100 ms" in t.refusal(b"BTC-USDT", now=3.0)[1]  # by the time it is asked
     with pytest.raises(Malformed, match="epoch 3 after epoch 4"):
         t.heartbeat(b"m1", msgpack.packb(3), now=2.0)  # a stale epoch brings nothing back
     assert t.route == {}

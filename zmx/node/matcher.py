@@ -710,12 +710,15 @@ class Matcher:
             try:
                 after = msgpack.unpackb(body)
             except (ValueError, msgpack.UnpackException) as e:
-                raise ValueError(f"the trade ids are not msgpack ({type(e).__name__} {e})") from None
-            if not account or type(after) is not dict or not all(
-                    type(symbol) is str and type(trade_id) is int and trade_id >= 0
-                    for symbol, trade_id in after.items()):
-                raise ValueError("a fills request is an account, then a msgpack map of symbol -> the last trade id "
-                                 "the gateway has of it (0 for none)")
+                raise ValueError(f"the trade ids are not msgpack ({str(e) or type(e).__name__})") from None
+            if not account:
+                raise ValueError("the account is empty")
+            wanted = ("a msgpack map of symbol -> the last trade id the gateway has of it (0 for none)")
+            if type(after) is not dict:
+                raise ValueError(f"the trade ids are not {wanted}")
+            for symbol, trade_id in after.items():
+                if type(symbol) is not str or type(trade_id) is not int or trade_id < 0:
+                    raise ValueError(f"the trade ids hold {symbol!r}: {trade_id!r}; expected {wanted}")
             publication = join_account_publication(account, self.fills.of(account, after))  # checks the account
         except ValueError as e:  # UnicodeDecodeError is one
             return [ERR, account_bytes[:FILLS_ACCOUNT_MAX], self.refuse("fills: malformed request", str(e))]

@@ -91,7 +91,7 @@ def _epoch(value: object, what: str) -> int:
 
 
 class _Matcher:
-    __slots__ = ("down_reason", "epoch", "ident", "name", "owned", "symbols", "up")
+    __slots__ = ("down_reason", "epoch", "ident", "name", "owned", "silent", "symbols", "up")
 
     def __init__(self, name: str, owned: tuple[str, ...]) -> None:
         self.name = name
@@ -101,6 +101,7 @@ class _Matcher:
         self.epoch = -1
         self.up = False
         self.down_reason = "is not connected (no HELLO yet)"
+        self.silent = False  # down because it went silent: a refusal says for how long by then
 
 
 class MatcherTable:
@@ -197,8 +198,11 @@ class MatcherTable:
             if seen < deadline:
                 m = self.matchers[ident]
                 if m.up:
-                    self.down(m, f"has been silent for {(now - seen) * 1000:.0f} ms "
-                                 f"(heartbeat timeout {self.timeout_s * 1000:.0f} ms)")
+                    self.down(m, self._silence(seen, now))
+                    m.silent = True
+
+    def _silence(self, seen: float, now: float) -> str:
+        return f"has been silent for {(now - seen) * 1000:.0f} ms (heartbeat timeout {self.timeout_s * 1000:.0f} ms)"
 
     def _up(self, m: _Matcher, symbols: tuple[str, ...], epoch: int, now: float) -> None:
         changed = not m.up or m.epoch != epoch or m.symbols != symbols
@@ -214,15 +218,16 @@ class MatcherTable:
     def down(self, m: _Matcher, reason: str) -> None:
         for s in m.symbols:
             self.route.pop(s.encode(), None)
-        was_up, m.up, m.down_reason = m.up, False, reason
+        was_up, m.up, m.down_reason, m.silent = m.up, False, reason, False
         if was_up:
             level = logging.INFO if self.stopper is not None and self.stopper.stopped else logging.WARNING
             log.log(level, "%s down: %s; %s unavailable", m.name, reason, ", ".join(m.symbols) or "no symbols")
 
     # -- answers ------------------------------------------------------------------------
 
-    def refusal(self, symbol: bytes) -> tuple[bytes, bytes]:
-        """Status and message for a request whose symbol is not in ``route``."""
+    def refusal(self, symbol: bytes, now: float | None = None) -> tuple[bytes, bytes]:
+        """Status and message for a request whose symbol is not in ``route`` (at ``now``: how
+        long a matcher that went silent has been silent by then)."""
         owner = self.owners.get(symbol)
         if owner is None:
             return UNKNOWN_SYMBOL, f"no matcher of the cluster owns symbol {_show(symbol, 40)}".encode()
@@ -230,7 +235,8 @@ class MatcherTable:
         name = symbol.decode()
         if m.up:  # up, but did not announce this symbol
             return UNAVAILABLE, f"{name}: its matcher {owner} does not serve it (epoch {m.epoch})".encode()
-        return UNAVAILABLE, f"{name}: its matcher {owner} {m.down_reason}".encode()
+        reason = self._silence(self.last_seen[m.ident], now) if m.silent and now is not None else m.down_reason
+        return UNAVAILABLE, f"{name}: its matcher {owner} {reason}".encode()
 
     def describe(self) -> str:
         return "; ".join(f"{m.name} up (epoch {m.epoch})" if m.up else f"{m.name} down: {m.down_reason}"
@@ -327,7 +333,7 @@ class _Router:
 
     def _from_client(self, msg: list[bytes]) -> None:
         if len(msg) == 3 and msg[1][:1] == b"\x01" and HEADER_PREFIX < len(msg[1]) <= MAX_HEADER_BYTES:
-            status, message = self.table.refusal(msg[1][HEADER_PREFIX:])
+            status, message = self.table.refusal(msg[1][HEADER_PREFIX:], time.monotonic())
             self.refuse(msg[0], msg[1], status, message)
             return
         echo, kind, message = _front_problem(msg)
