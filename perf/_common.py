@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
 import json
+import math
 import os
 import platform
 import shutil
