@@ -1,7 +1,8 @@
 """``zmx bench``: scenarios, the progress bar, plots and the README's performance table.
 
 No real benchmark runs here: the scenarios are tiny scripts in a temporary perf directory
-(``--perf-dir``), and the report works on a temporary README and results directory.
+(``--perf-dir``), the real scripts are only given arguments they must refuse before anything
+runs, and the report works on a temporary README and results directory.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -220,6 +222,7 @@ def test_an_interrupted_scenario_cleans_up_before_zmx_bench_exits(perf_dir: Path
                             start_new_session=True)
     try:
         assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], 30)[0], "the scenario never started"
         assert proc.stdout.readline() == "working\n"  # the scenario runs
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
