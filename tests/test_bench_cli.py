@@ -389,6 +389,17 @@ def test_plots_split_a_grid_of_cells_by_its_second_key() -> None:
         ("cells, k = 1", [(500, 500), (5000, 5000)]), ("cells, k = 10", [(500, 5000), (5000, 50000)])]
 
 
+def test_the_scenarios_with_plots_of_their_own_are_found() -> None:
+    """``zmx bench plot`` draws these from a results file as it draws the generic plots (it drew
+    only those before); the others have none, and are not imported to find out."""
+    plots = load_perf_module("plots")
+    found = {name: plots.scenario_draw(PERF / "results" / f"{name}.json")
+             for name in ("engine", "orders", "pub", "fanout", "connections", "hosts", "soak")}
+    assert {name for name, draw in found.items() if draw is not None} == {"connections", "hosts", "soak"}
+    assert all(draw.__name__ == "draw" and draw.__module__ == f"bench_{name}"
+               for name, draw in found.items() if draw is not None)
+
+
 def test_plots_of_a_file_without_latency_or_series_are_none(tmp_path: Path) -> None:
     plots = load_perf_module("plots")
     path = tmp_path / "engine.json"
