@@ -195,19 +195,20 @@ def test_a_failing_scenario_fails_zmx_bench(runner: CliRunner, perf_dir: Path) -
     assert "benchmark fake failed (exit status 3)" in result.stderr
 
 
-# A scenario that works until it is interrupted, then takes a moment to clean up, as the real ones do.
+# A scenario that works until it is interrupted, then cleans up, as the real ones do; a second
+# signal (the SIGTERM zmx bench may send) comes in the middle of its cleanup.
 SLOW = textwrap.dedent('''\
     """A scenario that cleans up when interrupted."""
-    import sys, time
+    import os, signal
     from pathlib import Path
     from _common import shielded
 
     try:
         print("working", flush=True)
-        time.sleep(120)  # the work, until a signal
+        signal.pause()  # the work, until a signal
     finally:
         with shielded():
-            time.sleep(0.5)  # stopping processes, removing files
+            os.kill(os.getpid(), signal.SIGTERM)  # held off until the cleanup is done
             Path(__file__).with_name("cleaned").write_text("yes")
 ''')
 
