@@ -713,7 +713,7 @@ class Matcher:
                 raise ValueError(f"the trade ids are not msgpack ({str(e) or type(e).__name__})") from None
             if not account:
                 raise ValueError("the account is empty")
-            wanted = ("a msgpack map of symbol -> the last trade id the gateway has of it (0 for none)")
+            wanted = "a msgpack map of symbol -> the last trade id the gateway has of it (0 for none)"
             if type(after) is not dict:
                 raise ValueError(f"the trade ids are not {wanted}")
             for symbol, trade_id in after.items():
