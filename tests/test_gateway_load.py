@@ -629,6 +629,58 @@ def test_over_two_routers_a_connections_requests_are_answered_in_the_order_it_se
             r1.proc.send_signal(signal.SIGCONT)  # so that it can be stopped
 
 
+def test_an_order_answered_outcome_unknown_gets_its_late_answer_without_its_id(
+        cluster: Cluster, clients: Clients) -> None:
+    """The matcher hangs (``SIGSTOP``) past the gateway's ``order_timeout_s`` (1 s here) with
+    two orders in it: b's buy, which takes a's resting ask, and a's sell, which meets a's own
+    resting bid (self-trade prevention cancels that bid). Each is answered ``unavailable``
+    with ``outcome_unknown`` and its ``id``; when the matcher goes on, it runs them, and what
+    their answers show reaches the clients then, without an ``id``: b's fill, a's accepted
+    sell and its canceled bid. (The gateway used to drop an answer that came after its
+    request's ``outcome_unknown``: b never learnt that it had bought.) Both late orders are
+    live orders of their connections: cancels settle them."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, limits="order_timeout_s: 1")
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    a, b = clients("a"), clients("b")
+    for client in (a, b):
+        until_accepted(client, "BTC-USDT", client.name)
+    ask, bid = price("BTC-USDT", 10), price("BTC-USDT", -10)
+    for order_id, side, at in (("a-ask", "sell", ask), ("a-bid", "buy", bid)):
+        a.send({"action": "submit_order", "order_id": order_id, "symbol": "BTC-USDT", "side": side, "price": at,
+                "quantity": "0.001"})
+        a.expect({"type": "order_update", "data": {"order_id": order_id, "status": "accepted"}})
+    m1 = node(cluster, "m1")
+    m1.proc.send_signal(signal.SIGSTOP)
+    try:
+        b.send({"action": "submit_order", "order_id": "b-buy", "symbol": "BTC-USDT", "side": "buy", "price": ask,
+                "quantity": "0.001", "id": "bb"})
+        a.send({"action": "submit_order", "order_id": "a-sell", "symbol": "BTC-USDT", "side": "sell", "price": bid,
+                "quantity": "0.002", "id": "as"})
+        told = [client.expect({"type": "order_update", "id": rid}, timeout=10.0)["data"]
+                for client, rid in ((b, "bb"), (a, "as"))]
+    finally:
+        m1.proc.send_signal(signal.SIGCONT)
+    assert [(t["status"], t["reason"], t.get("outcome_unknown")) for t in told] == [
+        ("rejected", "unavailable", True)] * 2, told
+
+    b.wait_until(lambda: any(u["data"]["status"] == "filled" for u in b.orders["b-buy"]), "b-buy's late fill")
+    a.wait_until(lambda: any(u["data"]["status"] == "canceled" for u in a.orders["a-bid"]), "a-bid's cancel")
+    a.wait_until(lambda: any(u["data"]["status"] == "filled" for u in a.orders["a-ask"]), "a-ask's fill (feed)")
+    late_b = [u for u in b.orders["b-buy"] if u["data"]["status"] != "rejected"]
+    assert [(u["data"]["status"], u["data"]["filled"], "id" in u) for u in late_b] == [
+        ("accepted", "0", False), ("filled", "0.001", False)], late_b
+    assert late_b[1]["data"]["liquidity"] == "taker"
+    (canceled,) = [u for u in a.orders["a-bid"] if u["data"]["status"] == "canceled"]
+    assert (canceled["data"]["reason"], "id" in canceled) == ("self_trade", False)
+    assert [(u["data"]["status"], "id" in u) for u in a.orders["a-sell"] if u["data"]["status"] != "rejected"] == [
+        ("accepted", False)]
+
+    a.send({"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a-sell", "id": "c"})
+    assert a.expect({"type": "order_update", "id": "c"})["data"]["status"] == "canceled"
+    b.send({"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "b-buy", "id": "c"})
+    assert b.expect({"type": "error", "id": "c"})["code"] == "unknown_order"  # it filled: nothing to cancel
+
+
 def resyncs_across(topology: Topology, clients: Clients, context: zmq.Context, fail: Callable[[], None],
                    mend: Callable[[], None], what: str) -> None:
     """A client of g1 holds BTC-USDT, synced past an order, and has a sell order resting;

@@ -373,17 +373,30 @@ def test_the_page_keeps_a_cancel_on_an_order_that_got_no_answer_until_the_cancel
     assert (live, unknown) == (False, True)
 
     client.send({"action": "cancel_order", "order_id": "p2", "symbol": "BTC-USDT"})  # what its button sends
+    # p2's own answer may come first, late and without an id: accepted (it reached the book)
+    # or rejected (it never will); then the cancel's
+    order = told
     answer = client.expect(lambda m: m.get("order_id", m.get("data", {}).get("order_id")) == "p2", timeout=15.0)
+    while answer["type"] == "order_update" and answer["data"]["status"] in ("accepted", "rejected"):
+        assert "id" not in answer and "outcome_unknown" not in answer["data"], answer
+        order = node_eval(script, "afterUpdate", [order, answer["data"]])
+        answer = client.expect(lambda m: m.get("order_id", m.get("data", {}).get("order_id")) == "p2", timeout=15.0)
     if answer["type"] == "error":  # it never reached the book
         assert answer["code"] == "unknown_order", answer
-        settled = node_eval(script, "afterError", [told, answer])
-        assert settled == {**told, "outcome_unknown": False}
+        settled = node_eval(script, "afterError", [order, answer])
+        assert (settled["status"], settled["outcome_unknown"]) == ("rejected", False), settled
     else:  # it was there after all
         assert (answer["data"]["status"], answer["data"]["reason"], answer["data"]["filled"]) == (
             "canceled", "user", "0"), answer
-        settled = {**told, **answer["data"]}  # as the page keeps it
+        settled = node_eval(script, "afterUpdate", [order, answer["data"]])
     [(live, _, unknown)] = order_code(script, [(settled, "1", "1")])
     assert (live, unknown) == (False, False)
     unknown_order = {"type": "error", "code": "unknown_order", "order_id": "p2"}
     assert node_eval(script, "afterError", [told, unknown_order]) == {**told, "outcome_unknown": False}
     assert node_eval(script, "afterError", [told, {"code": "rate_limited"}]) == told  # other errors: as it was
+    # a late answer settles it too: live after all, or never on the book
+    late = {key: told[key] for key in ("order_id", "symbol", "side", "type", "time_in_force", "price", "quantity")}
+    accepted = node_eval(script, "afterUpdate", [told, {**late, "status": "accepted", "filled": "0", "remaining": "1"}])
+    refused = node_eval(script, "afterUpdate", [told, {**late, "status": "rejected", "reason": "unavailable"}])
+    assert [(live, unknown) for live, _, unknown in order_code(script, [(accepted, "1", "1"), (refused, "1", "1")])] \
+        == [(True, False), (False, False)]

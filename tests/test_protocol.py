@@ -1149,6 +1149,96 @@ def test_an_order_whose_submit_got_no_answer_is_checked_as_a_live_one():
     assert alice.fills_wanted is None
 
 
+def test_the_late_answer_of_a_submit_that_timed_out_goes_out_without_an_id():
+    """The client was told ``outcome_unknown``; then a matcher that hung ran the order and its
+    answer came: the order's own fill and the self-trade cancel it made of the connection's
+    resting ask go out then, without the request's ``id`` (the gateway used to drop them: the
+    client never learnt it had bought, nor that its ask was gone). The order is live after it."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(bob, order_id="b1", side="sell", price="30000", quantity="0.1")
+    ex.order(alice, order_id="a0", side="sell", price="30001", quantity="0.1")
+    a1 = submit(alice, "s", order_id="a1", price="30001", quantity="0.5")  # takes b1, then meets a0
+    (told,) = updates(alice.on_reply(a1.command, "s", "unknown_outcome", (), "no answer within 5 s"))
+    assert told["id"] == "s" and told["data"]["outcome_unknown"] is True
+    got = updates(alice.on_reply(a1.command, None, "ok", ex.run(a1), late=True))
+    assert [(u["data"]["order_id"], u["data"]["status"], u["data"].get("reason"), "id" in u) for u in got] == [
+        ("a1", "accepted", None, False), ("a1", "partially_filled", None, False),
+        ("a0", "canceled", "self_trade", False)]
+    fills = maker_fills(ex.order(bob, order_id="b2", side="sell", price="30001", quantity="0.4")[1])
+    assert fill_states(alice.on_private(fills)) == [("a1", 2, "0.5")]
+    assert alice.fills_wanted is None
+
+
+@pytest.mark.parametrize("command", ["submit", "cancel"])
+def test_a_late_refusal_says_the_request_never_reached_the_book(command):
+    """The router's answer came after the ``outcome_unknown``: it refused (its matcher was
+    gone), so the order or cancel never reached the book; the client is told so, without an
+    ``id``, and the order is not taken as live any more (its cancel is not held)."""
+    ex = Exchange()
+    alice = session(ALICE)
+    if command == "cancel":
+        ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+        action = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})[0]
+    else:
+        action = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="1")
+    alice.on_reply(action.command, action.request_id, "unknown_outcome", (), "no answer within 5 s")
+    (late,) = updates(alice.on_reply(action.command, None, "unavailable", (), "its matcher m1 lost its connection",
+                                     late=True))
+    assert "id" not in late
+    if command == "cancel":
+        assert (late["type"], late["code"], late["order_id"], "outcome_unknown" in late) == (
+            "error", "unavailable", "a1", False)
+        return
+    assert (late["data"]["status"], late["data"]["reason"], "outcome_unknown" in late["data"]) == (
+        "rejected", "unavailable", False)
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})[0]
+    (gone,) = updates(alice.on_reply(cancel.command, None, "ok", ex.run(cancel)))  # not held: not live here
+    assert gone["code"] == "unknown_order"
+    assert alice.fills_wanted is None
+
+
+def test_a_late_answer_behind_a_fill_of_its_order_goes_out_in_the_books_order():
+    """The timed-out order ran late, rested, and was hit before its answer came: the fill from
+    the feed shows fills missing (the answer's own), the answer waits with it while the matcher
+    is asked, and everything goes out in the book's order, each fill once."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(bob, order_id="b1", side="sell", price="30000", quantity="0.1")
+    a1 = submit(alice, order_id="a1", price="30000", quantity="0.5")
+    alice.on_reply(a1.command, None, "unknown_outcome", (), "no answer within 5 s")
+    answer = ex.run(a1)  # takes b1, rests 0.4
+    hit = maker_fills(ex.order(bob, order_id="b2", side="sell", price="30000", quantity="0.1")[1])
+    assert alice.on_private(hit) == []  # shows 0.1 filled before it, unseen here: asked for
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 0}
+    assert alice.on_reply(a1.command, None, "ok", answer, late=True) == []  # waits with it
+    got = updates(alice.end_fill_replay(["BTC-USDT"], hit))  # the matcher has the maker fill only
+    assert [(u["data"]["status"], u["data"]["filled"], u["data"].get("liquidity")) for u in got] == [
+        ("accepted", "0", None), ("partially_filled", "0.1", "taker"), ("partially_filled", "0.2", "maker")]
+    assert alice.on_private(hit) == []  # passed on once
+    more = maker_fills(ex.order(bob, order_id="b3", side="sell", price="30000", quantity="0.1")[1])
+    assert fill_states(alice.on_private(more)) == [("a1", 3, "0.3")]
+
+
+def test_a_late_answer_after_a_fill_of_its_order_changes_nothing_that_fill_showed():
+    """The timed-out order ran late, rested, and was hit; its fill came through the feed before
+    the answer did. The answer's ``accepted`` goes out then (late), and the order's next fill
+    follows the one passed on, once, with nothing asked again."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    a1 = submit(alice, order_id="a1", price="30000", quantity="0.5")
+    alice.on_reply(a1.command, None, "unknown_outcome", (), "no answer within 5 s")
+    answer = ex.run(a1)  # rests
+    hit = maker_fills(ex.order(bob, order_id="b1", side="sell", price="30000", quantity="0.1")[1])
+    assert fill_states(alice.on_private(hit)) == [("a1", 1, "0.1")]
+    (late,) = updates(alice.on_reply(a1.command, None, "ok", answer, late=True))
+    assert (late["data"]["status"], "id" in late) == ("accepted", False)
+    more = maker_fills(ex.order(bob, order_id="b2", side="sell", price="30000", quantity="0.1")[1])
+    assert fill_states(alice.on_private(more)) == [("a1", 2, "0.2")]
+    assert alice.fills_wanted is None
+
+
 def test_an_amend_that_crosses_into_several_fills_shows_nothing_missing():
     ex = Exchange()
     alice, bob = session(ALICE), session(BOB)

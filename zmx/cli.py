@@ -102,7 +102,7 @@ def _symbols_table(topology: Topology) -> Table:
 # Each gateway limit (zmx.topology.GatewayLimits) as the limits table shows it: topology key, unit.
 _LIMIT_UNITS = (("max_message_bytes", "bytes"), ("send_queue_bytes", "bytes"), ("slow_consumer_ms", "ms"),
                 ("rate_limit_per_s", "/s"), ("ping_interval_s", "s"), ("ping_timeout_s", "s"), ("heartbeat_s", "s"),
-                ("handshake_timeout_s", "s"))
+                ("handshake_timeout_s", "s"), ("order_timeout_s", "s"))
 
 
 def _limit_text(value: int, unit: str) -> str:

@@ -483,11 +483,14 @@ class Session:
     # -- answers from the cluster -------------------------------------------------------------------
 
     def on_reply(self, command: SubmitOrder | CancelOrder | AmendOrder, request_id: object, status: str,
-                 events: Iterable[Event], message: str = "", *, settle: bool = False) -> list[bytes]:
+                 events: Iterable[Event], message: str = "", *, settle: bool = False,
+                 late: bool = False) -> list[bytes]:
         """The messages for the router's reply to ``command`` (``status`` as in docs/wire.md, or
         ``unknown_outcome``: no answer, or none that could be read; the client is told
         ``unavailable``). ``settle``: the reply was held for fills asked again, which have come
-        (or will not): it goes out whatever it shows."""
+        (or will not): it goes out whatever it shows. ``late``: the reply came after the request
+        was answered ``unknown_outcome`` (pass ``request_id`` None): what it shows goes out all
+        the same, without an ``id`` -- the command ran, or a refusal says it never will."""
         symbol, order_id = command.symbol, command.order_id
         events = tuple(events)
         if status == "ok" and events and not settle:
@@ -517,7 +520,10 @@ class Session:
             out.extend(self._maker_updates(spec, [fill for fill in held if fill.seq <= amend_seq], held=True))
             held = [fill for fill in held if fill.seq > amend_seq]
         if status != "ok":
-            if status == "unknown_outcome" and is_submit:
+            if late:
+                if is_submit and self._filled:
+                    self._filled.pop((symbol, order_id), None)  # refused: it never reached the book
+            elif status == "unknown_outcome" and is_submit:
                 # The order may be live: its later fills and replies are checked as a live
                 # order's, from nothing filled (a cancel that shows a fill waits for it).
                 submit: SubmitOrder = command  # type: ignore[assignment]
@@ -616,6 +622,10 @@ class Session:
         if kind is OrderAccepted:
             if tracked is None:
                 tracked = self._filled = {}
+            elif key in tracked:
+                # The late reply of an order whose request timed out (it was taken as live then),
+                # behind fills of the order that came first: what they showed stands.
+                return
             # every fill of the order comes after the last one of the symbol passed on so far
             tracked[key] = (0, (self._maker_high or {}).get(event.symbol, 0),  # type: ignore[union-attr]
                             event.type.value, event.time_in_force.value)  # type: ignore[union-attr]

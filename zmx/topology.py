@@ -159,6 +159,9 @@ class GatewayLimits:
     - ``heartbeat_s``: an idle channel gets a ``heartbeat`` message this often. Default 5.
     - ``handshake_timeout_s``: a connection that has not finished its WebSocket handshake
       this long after it connected is cut. Default 10.
+    - ``order_timeout_s``: an order, cancel or amend with no answer from the cluster this long
+      after it was sent is answered ``unavailable`` with ``outcome_unknown``; an answer that
+      comes later is still passed on, without the request's ``id``. Default 5.
     """
 
     max_message_bytes: int = 1_048_576  # (the largest each may be: LIMIT_MAXIMA)
@@ -169,6 +172,7 @@ class GatewayLimits:
     ping_timeout_s: int = 20
     heartbeat_s: int = 5
     handshake_timeout_s: int = 10
+    order_timeout_s: int = 5
 
 
 # The largest value of each gateway limit: far above any use, and low enough that a typo (a
@@ -183,6 +187,7 @@ LIMIT_MAXIMA = {
     "ping_timeout_s": 3600,
     "heartbeat_s": 3600,
     "handshake_timeout_s": 3600,
+    "order_timeout_s": 3600,
 }
 
 

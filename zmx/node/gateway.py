@@ -73,7 +73,7 @@ from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import PAGE_METHODS, refused_method, upgrade_response
-from zmx.node.client import HWM, encode_header, parse_reply
+from zmx.node.client import HWM, Reply, encode_header, parse_reply
 from zmx.node.runtime import Stopper, announce_ready, cannot_bind, die_with_parent, settle_collector
 from zmx.protocol import (
     CLOSE_INVALID_DATA,
@@ -96,7 +96,13 @@ log = logging.getLogger("zmx.gateway")
 OrderCommand = Union[SubmitOrder, CancelOrder, AmendOrder]  # what a client may send to the routers
 
 _CLOSE_COUNTS = {CLOSE_POLICY: "rate_limit_closed", CLOSE_INVALID_DATA: "bad_utf8_closed"}  # a session's Close
-REQUEST_TIMEOUT_S = 5.0  # an order with no reply by then is answered ``unavailable``
+# A request answered ``unknown_outcome`` (no reply within the limit ``order_timeout_s``) is
+# remembered this long: a router or matcher that hung may still run it and answer, and what the
+# answer shows (the order's own fills, the self-trade cancels of the connection's other orders,
+# or a refusal) reaches the client then. A later answer is dropped (counted), and so is that of
+# the oldest such request past LATE_REPLY_KEEP_MAX of them (memory: a few hundred bytes each).
+LATE_REPLY_KEEP_S = 600.0
+LATE_REPLY_KEEP_MAX = 100_000
 SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent again, on a new connection
 SNAPSHOT_RETIRE_S = 30.0  # an old snapshot connection is still read this long: a slow answer still counts
 SNAPSHOT_RETIRED_MAX = 2  # old snapshot connections kept per matcher (a matcher that is down makes one every 2 s)
@@ -571,13 +577,17 @@ class Gateway:
         self.accounts: dict[str, Connection] = {}
         self.channels: dict[str, ChannelState] = {}
         self.requests: OrderedDict[int, tuple[Connection, OrderCommand, object, float]] = OrderedDict()
+        # requests answered unknown_outcome, oldest first: request id -> (connection, command, until when)
+        self.timed_out: OrderedDict[int, tuple[Connection, OrderCommand, float]] = OrderedDict()
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed", "bad_utf8_closed",
             "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "feed_failovers",
-            "resyncs", "fills_replayed", "fills_incomplete", "internal_errors")}
+            "resyncs", "fills_replayed", "fills_incomplete", "internal_errors", "orders_timed_out", "late_replies",
+            "late_replies_dropped")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
+        self._late_logged_at = -BAD_LOG_S
         self._dirty: list[ChannelState] = []
         self._ping_turn = 0
         self._opened = 0
@@ -1180,7 +1190,7 @@ class Gateway:
         else:
             self._deliver(conn, session.on_reply(command, request_id, "unavailable", (), "no router is connected"))
             return
-        self.requests[rid] = (conn, command, request_id, time.monotonic() + REQUEST_TIMEOUT_S)
+        self.requests[rid] = (conn, command, request_id, time.monotonic() + self.limits.order_timeout_s)
         self._rearm(dealer, lambda: self._read_replies(dealer))
         self._rearm(self.sub, self._read_sub)
 
@@ -1196,7 +1206,8 @@ class Gateway:
                 continue
             entry = self.requests.pop(reply.request_id, None)
             if entry is None:
-                continue  # answered already (timed out)
+                self._late_reply(reply)
+                continue
             conn, command, request_id, _ = entry
             if conn.session is None or conn.transport is None:
                 continue
@@ -1208,6 +1219,29 @@ class Gateway:
                 payloads = conn.session.on_reply(command, request_id, reply.status, reply.events, reply.message)
             self._deliver(conn, payloads)
         self._rearm(dealer, lambda: self._read_replies(dealer))
+
+    def _late_reply(self, reply: Reply) -> None:
+        """The reply to a request answered ``unknown_outcome`` already: what it shows goes to
+        the connection all the same, without the request's ``id`` (docs/protocol.md, "Orders").
+        A reply that cannot be read leaves the outcome unknown, as it was."""
+        late = self.timed_out.pop(reply.request_id, None)
+        if late is None or late[0].session is None or late[0].transport is None:
+            self.counts["late_replies_dropped"] += 1  # its connection closed, or past LATE_REPLY_KEEP_S
+            return
+        conn, command, _ = late
+        session = conn.session
+        assert session is not None
+        if reply.status == "bad_reply":
+            self.counts["bad_reply"] += 1
+            return
+        self.counts["late_replies"] += 1
+        now = time.monotonic()
+        if now - self._late_logged_at >= BAD_LOG_S:  # one line a second at most: a hung router holds many
+            self._late_logged_at = now
+            log.info("the answer (%s) to %s %s on %s came after its client was told the outcome is unknown; "
+                     "passed on (late answers so far: %d)", reply.status, type(command).__name__,
+                     command.order_id, command.symbol, self.counts["late_replies"])
+        self._deliver(conn, session.on_reply(command, None, reply.status, reply.events, reply.message, late=True))
 
     def _deliver(self, conn: Connection, payloads: list[bytes]) -> None:
         """Send a session's answer to the cluster; if its order's own events proved fills
@@ -1392,16 +1426,25 @@ class Gateway:
             self._bad_unlogged = 0
             self._bad_logged_at = now
         # orders without a reply
-        requests = self.requests
+        requests, timed_out = self.requests, self.timed_out
         while requests:
             rid, (conn, command, request_id, deadline) = next(iter(requests.items()))
             if deadline > now:
                 break
             del requests[rid]
             if conn.session is not None and conn.transport is not None:
+                self.counts["orders_timed_out"] += 1
+                timed_out[rid] = (conn, command, now + LATE_REPLY_KEEP_S)
                 self._deliver(conn, conn.session.on_reply(
                     command, request_id, "unknown_outcome", (),
-                    f"no answer within {REQUEST_TIMEOUT_S:g} s; the outcome is unknown"))
+                    f"no answer within {limits.order_timeout_s} s; the outcome is unknown"))
+        while timed_out:
+            rid, (conn, _, until) = next(iter(timed_out.items()))
+            if until > now and conn.transport is not None:
+                break
+            del timed_out[rid]  # most never get an answer: the router that held them died
+        while len(timed_out) > LATE_REPLY_KEEP_MAX:
+            timed_out.popitem(last=False)
         # connections that do not finish their handshake (or never start it) hold a socket
         # each: cut them, as websockets' own server does
         handshaking = self.handshaking
