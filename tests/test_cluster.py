@@ -7,6 +7,7 @@ publishes an empty heartbeat frame for every idle symbol each second), never by 
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 
@@ -220,6 +221,40 @@ def test_two_routers_one_killed_orders_go_through_the_other(cluster: Cluster,
         assert isinstance(first, OrderAccepted) or (
             isinstance(first, OrderRejected) and first.reason == "duplicate_order_id"), reply
     assert lost <= 2, f"{lost} requests lost after r1 died"
+    client.close()
+
+
+def test_two_routers_one_hung_orders_go_through_the_other(cluster: Cluster,
+                                                          context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """r1 hangs (``SIGSTOP``: its connections stay open). ZeroMQ's pings find it within a few
+    seconds and the client's requests all go through r2 from then on (without the pings, every
+    other request went to r1 and timed out for as long as it hung, as a review found)."""
+    topology = start(cluster, routers=2, m1=["BTC-USDT"])
+    fronts = {name: topology.nodes[name].front for name in ("r1", "r2")}  # type: ignore[union-attr]
+    for name, front in fronts.items():  # each router has heard m1's HELLO
+        with Client([front], context=context, symbols=dict(topology.symbols)) as one:
+            until_ok(one, btc(f"hello-{name}", "carol", "buy", "1000"))
+    client = Client.from_topology(topology, context=context)
+    for n in range(10):  # the DEALER spreads these over both routers
+        assert client.submit(**btc(f"before{n}", "alice", "buy", "1000"), timeout=5.0).ok
+    r1 = node(cluster, "r1").proc
+    r1.send_signal(signal.SIGSTOP)
+    try:
+        lost = []
+        for n in range(40):
+            order = btc(f"after{n}", "alice", "buy", "1000")
+            for _ in range(10):
+                try:
+                    reply = client.submit(**order, timeout=1.0)
+                    break
+                except RequestTimeout:
+                    lost.append(n)  # sent to r1: sent again
+            else:
+                raise AssertionError(f"{order['order_id']} never answered; timeouts at orders {lost}")
+            assert reply.ok, reply
+    finally:
+        r1.send_signal(signal.SIGCONT)
+    assert lost and max(lost) < 20, f"timeouts at orders {lost}: r1 kept its share of the requests"
     client.close()
 
 

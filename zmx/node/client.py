@@ -24,7 +24,10 @@ from one thread.
 Losing a router
 ---------------
 When one of several routers dies, its connection drops and the DEALER stops sending to it;
-new requests go to the others. A request that was already on its way to the dead router,
+new requests go to the others. One that hangs (stopped, or a host that no longer answers)
+keeps its connection open, so ZeroMQ's pings find it: its connection is dropped once it has
+not answered for ``PING_TIMEOUT_MS``, about 4 s after it hung (until then it takes its share
+of the requests, which time out). A request that was already on its way to the dead router,
 or waiting there for its matcher's reply, is lost with it: no reply comes, and ``request``
 raises ``RequestTimeout``. The caller may send the same command again (it then goes
 through a router that is up). A command that did reach its matcher is answered the second
@@ -59,6 +62,7 @@ VERSION_BYTE = bytes((codec.VERSION,))
 BAD_REPLY = "bad_reply"
 E = TypeVar("E", bound=Enum)
 HWM = 100_000  # queue bound per direction; the routers' replies must never be dropped for lack of room
+PING_IVL_MS, PING_TIMEOUT_MS = 1000, 3000  # ZeroMQ's pings on the connections to the routers
 
 
 class NoRouter(ZmxError, TimeoutError):
@@ -142,6 +146,10 @@ class Client:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
+        # ZeroMQ's pings: a router that hangs loses its connection (without them it went on
+        # taking every other request, each lost until it went on)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, PING_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PING_TIMEOUT_MS)
         for endpoint in front_endpoints:
             try:
                 sock.connect(connect_endpoint(endpoint))

@@ -73,7 +73,7 @@ from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import PAGE_METHODS, refused_method, upgrade_response
-from zmx.node.client import HWM, Reply, encode_header, parse_reply
+from zmx.node.client import HWM, PING_IVL_MS, PING_TIMEOUT_MS, Reply, encode_header, parse_reply
 from zmx.node.runtime import Stopper, announce_ready, cannot_bind, die_with_parent, settle_collector
 from zmx.protocol import (
     CLOSE_INVALID_DATA,
@@ -652,7 +652,7 @@ class Gateway:
             dealer.immediate = 1  # a router that is down takes nothing: the next one is tried
             dealer.sndhwm = dealer.rcvhwm = HWM
             # ZeroMQ's pings: a router that hangs loses its connection, and its orders go to the next
-            dealer.heartbeat_ivl, dealer.heartbeat_timeout = FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS
+            dealer.heartbeat_ivl, dealer.heartbeat_timeout = PING_IVL_MS, PING_TIMEOUT_MS  # as Client's
             dealer.connect(connect_endpoint(router.front))
             self.dealers.append(dealer)
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
