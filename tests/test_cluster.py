@@ -258,6 +258,29 @@ def test_two_routers_one_hung_orders_go_through_the_other(cluster: Cluster,
     client.close()
 
 
+def test_a_router_that_did_not_run_holds_its_own_silence_against_no_matcher(
+        cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """r1 stopped (``SIGSTOP``) past its heartbeat timeout, then going on: the matcher's
+    heartbeats wait unread in its queue, so the silence is the router's own. It says so and
+    takes no matcher down (it logged "m1 down: has been silent for ..." for every matcher, as a
+    review found); the order it held meanwhile is answered when it goes on."""
+    topology = start(cluster, m1=["BTC-USDT"])
+    client = Client.from_topology(topology, context=context)
+    until_ok(client, btc("warm", "alice", "buy", "1000"))
+    r1 = node(cluster, "r1")
+    r1.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(RequestTimeout):  # r1 holds it
+            client.submit(**btc("held", "alice", "buy", "1000"), timeout=2.0)
+    finally:
+        r1.proc.send_signal(signal.SIGCONT)
+    late = client.recv(5.0)
+    assert late is not None and late.ok and isinstance(late.events[0], OrderAccepted), late
+    assert client.submit(**btc("after", "alice", "buy", "1000"), timeout=5.0).ok
+    log = r1.log()
+    assert "this router did not run for" in log and "m1 down" not in log, log
+
+
 def test_matcher_stopped_is_unavailable_at_once_and_serves_again_after_restart(
         cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
     topology = start(cluster, m1=["BTC-USDT"], m2=["ETH-USDT"])

@@ -879,7 +879,7 @@ class Matcher:
     def log_problems(self) -> None:
         self.problems_total.update(self.problems)
         counts = ", ".join(f"{what} {n}" for what, n in sorted(self.problems.items()))
-        log.warning("refused or dropped in the last %.0f s: %s", PROBLEM_LOG_S, counts)
+        log.warning("refused, dropped or lost in the last %.0f s: %s", PROBLEM_LOG_S, counts)
         self.problems.clear()
 
     def log_stats(self) -> None:
@@ -928,7 +928,7 @@ class Matcher:
         self.problems_total.update(self.problems)
         total = sum(self.commands.values())
         problems = ", ".join(f"{what} {n}" for what, n in sorted(self.problems_total.items())) or "none"
-        log.info("stopped after %d command(s) this run; refused or dropped since start: %s", total, problems)
+        log.info("stopped after %d command(s) this run; refused, dropped or lost since start: %s", total, problems)
 
 
 def run(topology: Topology, name: str, stopper: Stopper) -> None:

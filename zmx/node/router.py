@@ -191,6 +191,13 @@ class MatcherTable:
         if m is not None and m.up:
             self.down(m, "lost its connection")
 
+    def forgive(self, stalled_s: float) -> None:
+        """This router did not run for ``stalled_s`` (stopped, or starved of CPU): the matchers'
+        silence meanwhile is its own (their heartbeats wait unread in its queue), so it does
+        not count against them."""
+        for ident in self.last_seen:
+            self.last_seen[ident] += stalled_s
+
     def sweep(self, now: float) -> None:
         """Take down every matcher silent for longer than the timeout."""
         deadline = now - self.timeout_s
@@ -502,9 +509,16 @@ class _Router:
         next_malformed_log = now + MALFORMED_LOG_EVERY_S
         stats_since = now
         timeout = POLL_MS
+        turn = now
+        stall_s = max(table.timeout_s / 2, 2 * POLL_MS / 1000)  # a turn waits in poll for POLL_MS at most
         while not stopper.stopped:
             ready = dict(poll(timeout))
             now = monotonic()
+            if now - turn > stall_s:
+                table.forgive(now - turn)
+                log.warning("this router did not run for %.0f ms (stopped, or starved of CPU): the matchers' "
+                            "silence meanwhile is not held against them", (now - turn) * 1000)
+            turn = now
             if now >= next_sweep:
                 table.sweep(now)
                 next_sweep = now + SWEEP_EVERY_S
