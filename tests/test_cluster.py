@@ -281,6 +281,23 @@ def test_a_router_that_did_not_run_holds_its_own_silence_against_no_matcher(
     assert "this router did not run for" in log and "m1 down" not in log, log
 
 
+def test_a_restarted_router_takes_orders_once_it_knows_its_matcher(
+        cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """r1 killed and started again while m1 runs: it binds its front only once m1 has said
+    HELLO (or its heartbeat timeout has passed), so an order sent to it as soon as it is ready
+    is accepted (it was answered ``unavailable`` in the first few hundred milliseconds, before
+    m1 had connected again, as a review found)."""
+    topology = start(cluster, m1=["BTC-USDT"])
+    front = topology.nodes["r1"].front  # type: ignore[union-attr]
+    for n in range(3):
+        node(cluster, "r1").kill()
+        cluster.start("r1")
+        with Client([front], context=context, symbols=dict(topology.symbols)) as client:
+            reply = client.submit(**btc(f"first{n}", "alice", "buy", "1000"), timeout=5.0)
+        assert reply.ok and isinstance(reply.events[0], OrderAccepted), reply
+    assert "m1 up" in node(cluster, "r1").log()
+
+
 def test_matcher_stopped_is_unavailable_at_once_and_serves_again_after_restart(
         cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
     topology = start(cluster, m1=["BTC-USDT"], m2=["ETH-USDT"])

@@ -10,6 +10,8 @@ ZeroMQ: a send to a routing id whose connection is gone fails at once (``ROUTER_
 -> ``EHOSTUNREACH``), and a restarted matcher with the same name takes its id over
 (``ROUTER_HANDOVER``). A request for a symbol whose owner is not connected, said ``BYE``,
 or has been silent past ``heartbeat_timeout_ms`` is answered ``unavailable`` on the spot.
+At start the back is bound first and the front once every matcher has said ``HELLO``, or
+``START_WAIT_S`` has passed: no order meets a router that has not heard its matcher yet.
 
 The loop is the hot path of the cluster: poll both sockets, then drain each without
 blocking, up to ``BATCH`` messages a socket a turn (the matchers' side first, so replies
@@ -53,6 +55,9 @@ FRONT_MAX_FRAME = MAX_MESSAGE_BYTES
 BACK_MAX_FRAME = 16 * MAX_MESSAGE_BYTES
 BATCH = 1024  # messages drained from one socket per turn before looking at the other
 HWM = 100_000  # queue bound of each socket direction (messages); a full queue is reported, never waited on
+# At start the front waits this long at most for every matcher's HELLO (ZeroMQ connects a
+# matcher again 0.1-0.3 s after its router restarted): a matcher still silent then is down.
+START_WAIT_S = 0.5
 SWEEP_EVERY_S = 0.01  # how often silent matchers are looked for
 STATS_EVERY_S = 10.0
 MALFORMED_LOG_EVERY_S = 1.0
@@ -309,13 +314,34 @@ class _Router:
         s.setsockopt(zmq.RCVHWM, HWM)
         return s
 
-    def bind(self) -> None:
-        for sock, what, endpoint in ((self.front, "front", self.node.front), (self.back, "back", self.node.back)):
-            try:
-                sock.bind(endpoint)
-            except zmq.ZMQError as e:
-                log.error("%s", cannot_bind(f"the {what} socket", endpoint, e.errno, e.strerror))
-                raise SystemExit(1) from None
+    def bind(self, what: str) -> None:
+        sock, endpoint = (self.front, self.node.front) if what == "front" else (self.back, self.node.back)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            log.error("%s", cannot_bind(f"the {what} socket", endpoint, e.errno, e.strerror))
+            raise SystemExit(1) from None
+
+    def await_matchers(self, stopper: Stopper, grace_s: float) -> None:
+        """Before the front is bound: read the matchers' news on the back until every matcher
+        of the topology is up, or ``grace_s`` has passed. A matcher's connection and HELLO come
+        a few hundred milliseconds after a router (re)starts; a router that took orders at once
+        answered them ``unavailable`` meanwhile, while the matcher was fine."""
+        table, back = self.table, self.back
+        deadline = time.monotonic() + grace_s
+        while not stopper.stopped and not all(m.up for m in table.matchers.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.info("no word from %s yet: serving the other symbols (theirs are unavailable until then)",
+                         ", ".join(m.name for m in table.matchers.values() if not m.up))
+                return
+            if back.poll(max(1, int(min(left * 1000, POLL_MS)))):
+                while True:
+                    try:
+                        msg = back.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.from_matcher(msg, time.monotonic())
 
     def close(self) -> None:
         self.front.close(linger=0)
@@ -618,7 +644,11 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router = _Router(topology, node, context)
     try:
-        router.bind()
+        router.bind("back")
+        # the front only once the matchers are known: until it is bound, clients and gateways
+        # send nothing here (they send to connected routers only)
+        router.await_matchers(stopper, min(START_WAIT_S, node.heartbeat_timeout_ms / 1000))
+        router.bind("front")
         log.info("front %s, back %s, heartbeat timeout %d ms; matchers: %s", node.front, node.back,
                  node.heartbeat_timeout_ms, ", ".join(
                      f"{m.name} ({', '.join(m.owned) or 'no symbols'})" for m in router.table.matchers.values()))
