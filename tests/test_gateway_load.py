@@ -681,6 +681,39 @@ def test_an_order_answered_outcome_unknown_gets_its_late_answer_without_its_id(
     assert b.expect({"type": "error", "id": "c"})["code"] == "unknown_order"  # it filled: nothing to cancel
 
 
+def test_a_router_that_hung_past_the_gateways_pings_answers_late_over_the_new_connection(
+        cluster: Cluster, clients: Clients) -> None:
+    """The only router hangs (``SIGSTOP``) with an order in it, long enough for the gateway's
+    ZeroMQ pings to drop its connection (new orders then get ``no router is connected``). When
+    it goes on it passes the order on, and the answer reaches the client, late and without an
+    ``id``, over the gateway's connection made again (the gateway's DEALER has a name of its
+    own, which the router hands over): the answer used to go to the dropped connection."""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, limits="order_timeout_s: 1")
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    client = clients("a")
+    until_accepted(client, "BTC-USDT", "warm")
+    r1 = node(cluster, "r1")
+    r1.proc.send_signal(signal.SIGSTOP)
+    try:
+        client.send({"action": "submit_order", "order_id": "held", "symbol": "BTC-USDT", "side": "buy",
+                     "price": price("BTC-USDT", -100), "quantity": "0.001", "id": "h"})
+        told = client.expect({"type": "order_update", "id": "h"}, timeout=10.0)["data"]
+        assert (told["status"], told.get("outcome_unknown")) == ("rejected", True), told
+        for n in itertools.count():  # until the gateway's pings have dropped r1's connection
+            client.send({"action": "submit_order", "order_id": f"probe{n}", "symbol": "BTC-USDT", "side": "buy",
+                         "price": price("BTC-USDT", -100), "quantity": "0.001", "id": f"p{n}"})
+            answer = client.expect({"type": "order_update", "id": f"p{n}"}, timeout=10.0)["data"]
+            if answer.get("message") == "no router is connected":
+                break
+            assert n < 20, answer
+    finally:
+        r1.proc.send_signal(signal.SIGCONT)
+    client.wait_until(lambda: any(u["data"]["status"] == "accepted" for u in client.orders["held"]),
+                      "the held order's late answer", timeout=15.0)
+    (late,) = [u for u in client.orders["held"] if u["data"]["status"] == "accepted"]
+    assert "id" not in late
+
+
 def resyncs_across(topology: Topology, clients: Clients, context: zmq.Context, fail: Callable[[], None],
                    mend: Callable[[], None], what: str) -> None:
     """A client of g1 holds BTC-USDT, synced past an order, and has a sell order resting;

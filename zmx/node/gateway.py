@@ -653,6 +653,10 @@ class Gateway:
             dealer.sndhwm = dealer.rcvhwm = HWM
             # ZeroMQ's pings: a router that hangs loses its connection, and its orders go to the next
             dealer.heartbeat_ivl, dealer.heartbeat_timeout = PING_IVL_MS, PING_TIMEOUT_MS  # as Client's
+            # A name of its own, which the router hands over to a new connection (ROUTER_HANDOVER):
+            # a router that hung past the pings answers what it held once it goes on, over the
+            # connection made again, instead of to the one the pings dropped.
+            dealer.routing_id = f"{node.name}.{worker}.{os.getpid()}".encode()
             dealer.connect(connect_endpoint(router.front))
             self.dealers.append(dealer)
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service

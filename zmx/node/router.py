@@ -299,6 +299,9 @@ class _Router:
         self.front = self._socket(context, FRONT_MAX_FRAME)
         self.back = self._socket(context, BACK_MAX_FRAME)
         self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # a gateway's connection made again (after its pings dropped a router that hung) takes
+        # its routing id over, so the replies to what it sent before reach it
+        self.front.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.counts = _Counts(list(self.table.owners))
         self.window = _Counts(list(self.table.owners))  # since the last stats line
         self.malformed_logged: dict[str, Counter[str]] = {"client": Counter(), "matcher": Counter()}
