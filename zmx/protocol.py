@@ -538,9 +538,12 @@ class Session:
             else:
                 out.append(error(reason, text, request_id, order_id=order_id, symbol=symbol, **unknown))
             events = ()
+        stale = late and self._filled is not None and self._filled.get((symbol, order_id), (0,))[0] > 0
         for event in events:
             if getattr(event, "account", None) != self.account:
                 continue  # public events and other accounts' fills are not this client's business
+            if stale and type(event) is OrderAccepted:
+                continue  # its fills came first (through the feed): an accepted, filled 0, would undo them
             update = order_update(spec, event, request_id, command if type(command) is not CancelOrder else None,
                                   self._kind(event))
             if update is not None:
