@@ -30,6 +30,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 from decimal import Decimal
 from pathlib import Path
 
@@ -683,31 +684,43 @@ def test_an_order_answered_outcome_unknown_gets_its_late_answer_without_its_id(
 
 def test_a_router_that_hung_past_the_gateways_pings_answers_late_over_the_new_connection(
         cluster: Cluster, clients: Clients) -> None:
-    """The only router hangs (``SIGSTOP``) with an order in it, long enough for the gateway's
-    ZeroMQ pings to drop its connection (new orders then get ``no router is connected``). When
-    it goes on it passes the order on, and the answer reaches the client, late and without an
-    ``id``, over the gateway's connection made again (the gateway's DEALER has a name of its
-    own, which the router hands over): the answer used to go to the dropped connection."""
+    """The matcher and then the only router hang (``SIGSTOP``) with an order in the router,
+    long enough for the gateway's ZeroMQ pings to drop its connection to the router (new
+    orders then get ``no router is connected``). The router goes on, passes the order to the
+    matcher and answers new orders over the gateway's connection made again; then the matcher
+    goes on, and the order's answer reaches the client, late and without an ``id``: the
+    gateway's DEALER has a name of its own, which the router hands over to the new connection
+    (the answer went to the dropped connection's old name, and was lost)."""
     topology = start(cluster, {"m1": ["BTC-USDT"]}, limits="order_timeout_s: 1")
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     client = clients("a")
     until_accepted(client, "BTC-USDT", "warm")
-    r1 = node(cluster, "r1")
+    m1, r1 = node(cluster, "m1"), node(cluster, "r1")
+
+    def probe_until(what: str, done: Callable[[dict[str, Any]], bool]) -> None:
+        for n in itertools.count():
+            client.send({"action": "submit_order", "order_id": f"{what}{n}", "symbol": "BTC-USDT", "side": "buy",
+                         "price": price("BTC-USDT", -100), "quantity": "0.001", "id": f"{what}{n}"})
+            answer = client.expect({"type": "order_update", "id": f"{what}{n}"}, timeout=10.0)["data"]
+            if done(answer):
+                return
+            assert n < 20, answer
+
+    m1.proc.send_signal(signal.SIGSTOP)
     r1.proc.send_signal(signal.SIGSTOP)
     try:
         client.send({"action": "submit_order", "order_id": "held", "symbol": "BTC-USDT", "side": "buy",
                      "price": price("BTC-USDT", -100), "quantity": "0.001", "id": "h"})
         told = client.expect({"type": "order_update", "id": "h"}, timeout=10.0)["data"]
         assert (told["status"], told.get("outcome_unknown")) == ("rejected", True), told
-        for n in itertools.count():  # until the gateway's pings have dropped r1's connection
-            client.send({"action": "submit_order", "order_id": f"probe{n}", "symbol": "BTC-USDT", "side": "buy",
-                         "price": price("BTC-USDT", -100), "quantity": "0.001", "id": f"p{n}"})
-            answer = client.expect({"type": "order_update", "id": f"p{n}"}, timeout=10.0)["data"]
-            if answer.get("message") == "no router is connected":
-                break
-            assert n < 20, answer
+        probe_until("lost", lambda answer: answer.get("message") == "no router is connected")
+        r1.proc.send_signal(signal.SIGCONT)
+        # answered through r1 again (outcome unknown: m1 is still stopped; or unavailable once
+        # r1 finds it silent): the gateway's new connection is r1's now
+        probe_until("back", lambda answer: answer.get("message") != "no router is connected")
     finally:
         r1.proc.send_signal(signal.SIGCONT)
+        m1.proc.send_signal(signal.SIGCONT)
     client.wait_until(lambda: any(u["data"]["status"] == "accepted" for u in client.orders["held"]),
                       "the held order's late answer", timeout=15.0)
     (late,) = [u for u in client.orders["held"] if u["data"]["status"] == "accepted"]

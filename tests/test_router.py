@@ -27,7 +27,7 @@ from zmx.commands import SubmitOrder
 from zmx.events import OrderAccepted
 from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.client import Client, Reply, encode_header
-from zmx.node.router import MAX_HEADER_BYTES, Malformed, MatcherTable
+from zmx.node.router import MAX_HEADER_BYTES, REPLY_RETRY_S, Malformed, MatcherTable, _Router
 from zmx.node.runtime import load_topology
 from zmx.node.wire import pack_replies, unpack_requests
 from zmx.topology import Topology, parse_topology
@@ -490,8 +490,7 @@ def test_log_names_matchers_going_up_and_down(setup: Setup, tmp_path: Path) -> N
 # -- the matcher table, in process ---------------------------------------------------------
 
 
-def table(timeout_s: float = 1.0) -> MatcherTable:
-    cluster_yaml = """
+TABLE_YAML = """
 cluster: t
 symbols:
   BTC-USDT: {matcher: m1, tick_size: "0.01", lot_size: "0.001"}
@@ -502,7 +501,10 @@ nodes:
   m1: {role: matcher, pub: "tcp://127.0.0.1:3", snapshot: "tcp://127.0.0.1:4", data_dir: var/m1}
   m2: {role: matcher, pub: "tcp://127.0.0.1:5", snapshot: "tcp://127.0.0.1:6", data_dir: var/m2}
 """
-    return MatcherTable(parse_topology(cluster_yaml), timeout_s)
+
+
+def table(timeout_s: float = 1.0) -> MatcherTable:
+    return MatcherTable(parse_topology(TABLE_YAML), timeout_s)
 
 
 def hello(symbols: list[str], epoch: int = 1, node: str = "m1") -> bytes:
@@ -576,3 +578,41 @@ def test_table_refuses_malformed_control_messages() -> None:
     with pytest.raises(Malformed, match="non-negative"):
         t.heartbeat(b"m1", msgpack.packb(True), now=0.0)
     assert t.route == {}
+
+
+def test_a_reply_whose_client_is_not_connected_is_sent_once_it_is_in_order_or_dropped_in_time() -> None:
+    """A gateway whose pings dropped a router that hung connects again under the same name a
+    few milliseconds after the router goes on and answers what it held: those replies are kept
+    and sent once the client is there (they were dropped: the client never learnt that its
+    order had filled), each client's in order; after ``REPLY_RETRY_S`` they are dropped and
+    counted."""
+    topology = parse_topology(TABLE_YAML)
+    node = topology.node("r1")
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = _Router(topology, node, context)  # type: ignore[arg-type]
+    client = context.socket(zmq.DEALER)
+    try:
+        router.front.bind("inproc://front")
+        now = time.monotonic()
+        assert not router.reply((b"g1.0.1", b"h1", b"ok", b"first"), now)  # nobody of that name: kept
+        client.routing_id = b"g1.0.1"
+        client.connect("inproc://front")
+        assert not router.reply((b"g1.0.1", b"h2", b"ok", b"second"), now)  # behind the first, whatever ZeroMQ says
+        deadline = time.monotonic() + 5.0
+        sent = 0
+        while sent < 2 and time.monotonic() < deadline:  # the connection is made in the background
+            sent += router.retry_unsent(time.monotonic())
+            client.poll(10)
+        assert sent == 2
+        assert [client.recv_multipart(zmq.NOBLOCK) for _ in range(2)] == [
+            [b"h1", b"ok", b"first"], [b"h2", b"ok", b"second"]]
+        assert not router.unsent and not router.unsent_clients
+
+        router.reply((b"gone", b"h3", b"ok", b"third"), now)
+        assert router.retry_unsent(now + REPLY_RETRY_S / 2) == 0 and len(router.unsent) == 1
+        assert router.retry_unsent(now + REPLY_RETRY_S + 0.1) == 0
+        assert not router.unsent and router.window.dropped_replies == 1
+    finally:
+        client.close(0)
+        router.close()
+        context.term()

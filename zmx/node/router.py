@@ -1,6 +1,7 @@
 """The router node: forwards each order to the matcher that owns its symbol.
 
-Stateless: it keeps no request. Its front ROUTER takes requests from clients and gateways,
+Stateless: it keeps no request (a reply whose client is not connected at that moment is
+kept ``REPLY_RETRY_S`` at most). Its front ROUTER takes requests from clients and gateways,
 its back ROUTER is where every matcher connects with its node name as routing id. The
 frames are those of ``docs/wire.md``; the router reads the symbol from the request header
 (``header[9:]``) and never decodes the order itself.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import msgpack
@@ -58,6 +59,11 @@ HWM = 100_000  # queue bound of each socket direction (messages); a full queue i
 # At start the front waits this long at most for every matcher's HELLO (ZeroMQ connects a
 # matcher again 0.1-0.3 s after its router restarted): a matcher still silent then is down.
 START_WAIT_S = 0.5
+# A reply whose client is not connected at that moment, or not reading, is tried again for this
+# long: a gateway whose pings dropped this router while it hung connects again under the same
+# name (ROUTER_HANDOVER), a few milliseconds after the router goes on and answers what it held.
+REPLY_RETRY_S = 2.0
+UNSENT_MAX = 100_000  # replies kept to try again, at most (past it they are dropped, counted)
 SWEEP_EVERY_S = 0.01  # how often silent matchers are looked for
 STATS_EVERY_S = 10.0
 MALFORMED_LOG_EVERY_S = 1.0
@@ -306,6 +312,9 @@ class _Router:
         self.window = _Counts(list(self.table.owners))  # since the last stats line
         self.malformed_logged: dict[str, Counter[str]] = {"client": Counter(), "matcher": Counter()}
         self.last_problem: dict[str, str] = {}
+        # replies ZeroMQ did not take, oldest first: (until when, client, frames); and their clients
+        self.unsent: deque[tuple[float, bytes, tuple[bytes, ...]]] = deque()
+        self.unsent_clients: set[bytes] = set()
 
     @staticmethod
     def _socket(context: zmq.Context[zmq.Socket[bytes]], max_frame: int) -> zmq.Socket[bytes]:
@@ -355,10 +364,51 @@ class _Router:
     def refuse(self, client: bytes, header: bytes, status: bytes, message: bytes) -> None:
         """Answer a client request with an error status (never blocks)."""
         self.window.refused[status] += 1
-        try:
-            self.front.send_multipart((client, header, status, message), zmq.NOBLOCK)
-        except zmq.ZMQError:  # the client is gone (EHOSTUNREACH) or not reading (EAGAIN)
+        self.reply((client, header, status, message), time.monotonic())
+
+    def reply(self, frames: tuple[bytes, ...], now: float) -> bool:
+        """Send a reply (``client, header, status, payload``) off the fast path: after the
+        replies kept for its client, if any, else at once; kept (``keep``) if ZeroMQ does not
+        take it. True if it left."""
+        if frames[0] not in self.unsent_clients:
+            try:
+                self.front.send_multipart(frames, zmq.NOBLOCK)
+                return True
+            except zmq.ZMQError:  # the client is not connected (EHOSTUNREACH) or not reading (EAGAIN)
+                pass
+        self.keep(frames, now)
+        return False
+
+    def keep(self, frames: tuple[bytes, ...], now: float) -> None:
+        """A reply to try again until ``REPLY_RETRY_S`` from now (``retry_unsent``)."""
+        if len(self.unsent) >= UNSENT_MAX:
             self.window.dropped_replies += 1
+            return
+        self.unsent.append((now + REPLY_RETRY_S, frames[0], frames))
+        self.unsent_clients.add(frames[0])
+
+    def retry_unsent(self, now: float) -> int:
+        """Send the kept replies that ZeroMQ takes now, each client's in order; drop (count)
+        those past their time. The number sent."""
+        kept: deque[tuple[float, bytes, tuple[bytes, ...]]] = deque()
+        refused: set[bytes] = set()  # a client that did not take one: its later replies wait too
+        sent = 0
+        for until, client, frames in self.unsent:
+            if client not in refused:
+                try:
+                    self.front.send_multipart(frames, zmq.NOBLOCK)
+                    sent += 1
+                    continue
+                except zmq.ZMQError:
+                    refused.add(client)
+            if until <= now:
+                self.window.dropped_replies += 1
+                refused.add(client)  # the ones after it keep their own time
+            else:
+                kept.append((until, client, frames))
+        self.unsent = kept
+        self.unsent_clients = {client for _, client, _ in kept}
+        return sent
 
     def from_client(self, msg: list[bytes]) -> None:
         """A request the fast path did not forward."""
@@ -509,6 +559,7 @@ class _Router:
         frecv, fsend = _backend_recv.__get__(front), _backend_send.__get__(front)
         brecv, bsend = _backend_recv.__get__(back), _backend_send.__get__(back)
         route, last_seen = table.route, table.last_seen
+        unsent_clients = self.unsent_clients  # (retry_unsent makes a new set: taken again after it)
         table.stopper = stopper
         from_client, from_matcher, forward_failed = self.from_client, self.from_matcher, self.forward_failed
         poller = zmq.Poller()
@@ -550,6 +601,9 @@ class _Router:
             turn = now
             if now >= next_sweep:
                 table.sweep(now)
+                if self.unsent:
+                    replies += self.retry_unsent(now)
+                    unsent_clients = self.unsent_clients
                 next_sweep = now + SWEEP_EVERY_S
                 if now >= next_malformed_log:
                     self.flush_window(forwarded, replies)
@@ -580,10 +634,13 @@ class _Router:
                         if problem:
                             bad_batch(ident, problem)
                         for client, header, status, payload in records:
+                            if unsent_clients and client in unsent_clients:
+                                self.keep((client, header, status, payload), now)  # after its kept ones
+                                continue
                             try:
                                 fsend(client, more)
-                            except zmq_error:  # the client is gone or not reading
-                                self.window.dropped_replies += 1
+                            except zmq_error:  # the client is not connected now, or not reading
+                                self.keep((client, header, status, payload), now)
                                 continue
                             fsend(header, more)
                             fsend(status, more)
@@ -634,6 +691,10 @@ class _Router:
                 outbox.clear()
             # A full batch means more is waiting: look again without sleeping in poll.
             timeout = 0 if busy else POLL_MS
+        if self.unsent:
+            replies += self.retry_unsent(time.monotonic())
+            self.window.dropped_replies += len(self.unsent)  # the router stops: they never leave
+            self.unsent.clear()
         self.flush_window(forwarded, replies)
         self.log_malformed()
         self.log_stats(time.monotonic() - stats_since)
