@@ -192,8 +192,9 @@ def test_orders_reach_their_matcher_replies_their_sender_events_the_right_pub(
         client.close()
 
 
-def test_two_routers_one_killed_orders_go_through_the_other(cluster: Cluster,
-                                                            context: zmq.Context[zmq.Socket[bytes]]) -> None:
+def two_routers(cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> Client:
+    """Routers r1 and r2, each of which has heard m1 (BTC-USDT); a client of both that has
+    placed orders through each."""
     topology = start(cluster, routers=2, m1=["BTC-USDT"])
     fronts = {name: topology.nodes[name].front for name in ("r1", "r2")}  # type: ignore[union-attr]
     for name, front in fronts.items():  # each router has heard m1's HELLO
@@ -202,6 +203,12 @@ def test_two_routers_one_killed_orders_go_through_the_other(cluster: Cluster,
     client = Client.from_topology(topology, context=context)
     for n in range(10):  # the DEALER spreads these over both routers
         assert client.submit(**btc(f"before{n}", "alice", "buy", "1000"), timeout=5.0).ok
+    return client
+
+
+def test_two_routers_one_killed_orders_go_through_the_other(cluster: Cluster,
+                                                            context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    client = two_routers(cluster, context)
     node(cluster, "r1").kill()
 
     lost = 0
@@ -229,14 +236,7 @@ def test_two_routers_one_hung_orders_go_through_the_other(cluster: Cluster,
     """r1 hangs (``SIGSTOP``: its connections stay open). ZeroMQ's pings find it within a few
     seconds and the client's requests all go through r2 from then on (without the pings, every
     other request went to r1 and timed out for as long as it hung, as a review found)."""
-    topology = start(cluster, routers=2, m1=["BTC-USDT"])
-    fronts = {name: topology.nodes[name].front for name in ("r1", "r2")}  # type: ignore[union-attr]
-    for name, front in fronts.items():  # each router has heard m1's HELLO
-        with Client([front], context=context, symbols=dict(topology.symbols)) as one:
-            until_ok(one, btc(f"hello-{name}", "carol", "buy", "1000"))
-    client = Client.from_topology(topology, context=context)
-    for n in range(10):  # the DEALER spreads these over both routers
-        assert client.submit(**btc(f"before{n}", "alice", "buy", "1000"), timeout=5.0).ok
+    client = two_routers(cluster, context)
     r1 = node(cluster, "r1").proc
     r1.send_signal(signal.SIGSTOP)
     try:
