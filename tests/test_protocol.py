@@ -1170,6 +1170,31 @@ def test_the_late_answer_of_a_submit_that_timed_out_goes_out_without_an_id():
     assert alice.fills_wanted is None
 
 
+@pytest.mark.parametrize("action", [
+    {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "x"},
+    {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.5", "id": "x"}])
+def test_the_late_answer_of_a_cancel_or_amend_goes_out_without_an_id(action):
+    """A cancel or amend answered ``outcome_unknown`` ran late: its ``canceled`` or ``amended``
+    reaches the client then, without the request's ``id``, and the order is known to be
+    ended, or live at its new size."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="1")
+    request = receive(alice, action)[0]
+    (told,) = updates(alice.on_reply(request.command, "x", "unknown_outcome", (), "no answer within 5 s"))
+    assert (told["code"], told["outcome_unknown"], told["id"]) == ("unavailable", True, "x")
+    (late,) = updates(alice.on_reply(request.command, None, "ok", ex.run(request), late=True))
+    assert (late["data"]["order_id"], "id" in late) == ("a1", False)
+    hit = maker_fills(ex.order(bob, order_id="b1", price="30000", quantity="0.1")[1])
+    if action["action"] == "cancel_order":
+        assert (late["data"]["status"], late["data"]["reason"]) == ("canceled", "user")
+        assert hit == []  # nothing left to hit
+    else:
+        assert (late["data"]["status"], late["data"]["quantity"]) == ("amended", "0.5")
+        assert fill_states(alice.on_private(hit)) == [("a1", 1, "0.1")]
+        assert alice.fills_wanted is None
+
+
 @pytest.mark.parametrize("command", ["submit", "cancel"])
 def test_a_late_refusal_says_the_request_never_reached_the_book(command):
     """The router's answer came after the ``outcome_unknown``: it refused (its matcher was
