@@ -206,28 +206,37 @@ def two_routers(cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> Cl
     return client
 
 
+def resent_until_answered(client: Client, n: int, tries: int) -> tuple[list[int], list[Reply]]:
+    """Orders after0..after{n-1}, one at a time, each sent again when it times out (up to
+    ``tries`` sends): the index of the order at each timeout, and each order's reply."""
+    lost: list[int] = []
+    replies = []
+    for k in range(n):
+        order = btc(f"after{k}", "alice", "buy", "1000")
+        for _ in range(tries):
+            try:
+                replies.append(client.submit(**order, timeout=1.0))
+                break
+            except RequestTimeout:
+                lost.append(k)
+        else:
+            raise AssertionError(f"{order['order_id']} never answered; timeouts at orders {lost}")
+    return lost, replies
+
+
 def test_two_routers_one_killed_orders_go_through_the_other(cluster: Cluster,
                                                             context: zmq.Context[zmq.Socket[bytes]]) -> None:
     client = two_routers(cluster, context)
     node(cluster, "r1").kill()
 
-    lost = 0
-    for n in range(50):
-        order = btc(f"after{n}", "alice", "buy", "1000")
-        for _ in range(3):
-            try:
-                reply = client.submit(**order, timeout=1.0)
-                break
-            except RequestTimeout:
-                lost += 1  # on its way to r1 when it died: sent again, through r2
-        else:
-            raise AssertionError(f"{order['order_id']} never answered")
+    lost, replies = resent_until_answered(client, 50, 3)  # lost: on its way to r1 when it died
+    for reply in replies:
         assert reply.ok, reply
         first = reply.events[0]
         # a resend of an order that did arrive is refused as a duplicate: placed once either way
         assert isinstance(first, OrderAccepted) or (
             isinstance(first, OrderRejected) and first.reason == "duplicate_order_id"), reply
-    assert lost <= 2, f"{lost} requests lost after r1 died"
+    assert len(lost) <= 2, f"{len(lost)} requests lost after r1 died"
     client.close()
 
 
@@ -240,20 +249,10 @@ def test_two_routers_one_hung_orders_go_through_the_other(cluster: Cluster,
     r1 = node(cluster, "r1").proc
     r1.send_signal(signal.SIGSTOP)
     try:
-        lost = []
-        for n in range(40):
-            order = btc(f"after{n}", "alice", "buy", "1000")
-            for _ in range(10):
-                try:
-                    reply = client.submit(**order, timeout=1.0)
-                    break
-                except RequestTimeout:
-                    lost.append(n)  # sent to r1: sent again
-            else:
-                raise AssertionError(f"{order['order_id']} never answered; timeouts at orders {lost}")
-            assert reply.ok, reply
+        lost, replies = resent_until_answered(client, 40, 10)  # lost: sent to r1
     finally:
         r1.send_signal(signal.SIGCONT)
+    assert all(reply.ok for reply in replies), replies
     assert lost and max(lost) < 20, f"timeouts at orders {lost}: r1 kept its share of the requests"
     client.close()
 
