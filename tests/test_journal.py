@@ -47,6 +47,12 @@ def fresh(directory: Path, fsync: str = "batch") -> Journal:
     return journal
 
 
+def crashed(directory: Path) -> None:
+    """Make a journal closed here look as its process's crash would leave it: without the
+    record of a clean stop."""
+    (directory / journal_module.STOPPED).unlink()
+
+
 def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("journal-*.log"))
 
@@ -85,6 +91,7 @@ def test_torn_tail_is_cut_off_and_reported(tmp_path: Path, cut: int, caplog: pyt
     with fresh(tmp_path) as journal:
         journal.append_batch(records(0, 5))
         journal.sync()
+    crashed(tmp_path)
     segment = segments(tmp_path)[-1]
     size = segment.stat().st_size
     offsets = record_offsets(5)
@@ -263,6 +270,7 @@ def test_corrupt_last_record_is_a_torn_tail(tmp_path: Path) -> None:
     with fresh(tmp_path) as journal:
         journal.append_batch(records(0, 3))
         journal.sync()
+    crashed(tmp_path)
     segment = segments(tmp_path)[-1]
     data = bytearray(segment.read_bytes())
     data[-3] ^= 0xFF
@@ -276,6 +284,7 @@ def test_corrupt_record_in_the_middle_is_refused(tmp_path: Path, flip: str) -> N
     with fresh(tmp_path) as journal:
         journal.append_batch(records(0, 5))
         journal.sync()
+    crashed(tmp_path)  # (after a clean stop, any damage is refused: below)
     segment = segments(tmp_path)[-1]
     data = bytearray(segment.read_bytes())
     start = record_offsets(5)[2]
@@ -288,6 +297,116 @@ def test_corrupt_record_in_the_middle_is_refused(tmp_path: Path, flip: str) -> N
     assert f"is damaged at offset {start}" in message
     assert "an intact record follows" in message
     assert segment.stat().st_size == len(data), "nothing is cut off a journal that is refused"
+
+
+@pytest.mark.parametrize("damage", ["zeros", "cut", "flip", "segment"])
+def test_after_a_clean_stop_every_record_must_be_there(tmp_path: Path, damage: str) -> None:
+    """A clean stop records where the journal ends (``stopped``). What a crash may leave at the
+    end of the last segment (zeros, a torn record), or a newest segment gone, is then damage:
+    refused, nothing changed, until that record is removed to accept the loss."""
+    engine = MatchingEngine(SPEC)
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 3))
+        journal.sync()
+        journal.write_snapshot({SYM: engine.snapshot()})  # (its archive count: tests/test_usedids.py)
+        journal.append_batch(records(3, 5))
+        journal.sync()
+    sizes = [len(journal_module.encode_records(records(i, 1))) for i in range(3, 8)]
+    offsets = [sum(sizes[:i]) for i in range(6)]  # of the records in segment 2
+    assert (tmp_path / journal_module.STOPPED).read_text() == f"2 {offsets[-1]}\n"
+    segment = segments(tmp_path)[-1]
+    data = segment.read_bytes()
+    if damage == "zeros":  # the last two records zeroed, as a lost write-back would leave them
+        segment.write_bytes(data[:offsets[3]] + bytes(len(data) - offsets[3]))
+        wanted = f"is damaged at offset {offsets[3]}: a record length of 0 bytes"
+    elif damage == "cut":  # cut on a record boundary: no torn record shows it
+        segment.write_bytes(data[:offsets[4]])
+        wanted = f"ends at offset {offsets[4]}, although the matcher stopped cleanly with {offsets[5]} bytes"
+    elif damage == "flip":
+        segment.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+        wanted = f"is damaged at offset {offsets[4]}: a record whose crc32 does not match"
+    else:  # the newest segment deleted: segment 1 and the snapshot before 2 alone would look whole
+        segment.unlink()
+        wanted = "journal segment journal-0000000002.log is missing"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "lock"}
+    with Journal(tmp_path) as journal, pytest.raises(JournalError, match=wanted) as error:
+        journal.recover()
+    assert f"remove {journal_module.STOPPED!r}" in str(error.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "lock"} == before
+    crashed(tmp_path)  # the operator accepts the loss
+    if damage == "segment":
+        (tmp_path / segment.name).touch()
+    with Journal(tmp_path) as journal:
+        kept = journal.recover()[1]
+    assert kept == {"zeros": commands(3, 3), "cut": commands(3, 4), "flip": commands(3, 4),
+                    "segment": []}[damage]
+
+
+def test_a_clean_stop_after_recovery_and_a_temporary_file_left_by_a_crash(tmp_path: Path) -> None:
+    """The record of a clean stop is removed once a start recovered (the journal may grow or
+    end in a crash from then on), and written again at the next clean stop. A temporary file
+    that a crash left (a snapshot being written) goes at the next start, before the epoch."""
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 2))
+        journal.sync()
+    stopped = tmp_path / journal_module.STOPPED
+    assert stopped.exists()
+    (tmp_path / "snapshot-0000000002.snap.tmp").write_bytes(b"half a snapshot")
+    (tmp_path / "notes.tmp").mkdir()  # not one of ours: left alone
+    journal = Journal(tmp_path)
+    try:
+        assert not (tmp_path / "snapshot-0000000002.snap.tmp").exists()
+        assert journal.bump_epoch() == 1
+        assert journal.recover()[1] == commands(0, 2)
+        assert not stopped.exists()
+        journal.append_batch(records(2, 1))
+        journal.sync()
+        assert not stopped.exists()
+    finally:
+        journal.close()
+    assert stopped.read_text() == f"1 {record_offsets(3)[-1]}\n"
+    assert (tmp_path / "notes.tmp").is_dir()
+
+
+def test_a_snapshot_that_fails_to_write_leaves_no_temporary_file(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk: the half-written snapshot must not keep the space the journal needs."""
+    with fresh(tmp_path) as journal:
+        journal.append_batch(records(0, 2))
+        journal.sync()
+        number = journal.rotate()
+
+        def full(fd: int, data: bytes) -> int:
+            os.write(fd, bytes(data[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(journal_module, "_write", full)
+        with pytest.raises(OSError, match="No space left"):
+            journal.store_snapshot(number, {SYM: MatchingEngine(SPEC).snapshot()}, 0)
+        monkeypatch.undo()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".tmp", ".snap")) == []
+        journal.append_batch(records(2, 1))  # and the journal goes on
+        journal.sync()
+    with Journal(tmp_path) as journal:
+        assert journal.recover() == (None, commands(0, 3))
+
+
+def test_a_journal_whose_directory_was_removed_refuses_the_next_batch(tmp_path: Path) -> None:
+    """Writes to a deleted file succeed, and a matcher would answer them: the batch is refused
+    (the matcher then stops without answering it)."""
+    directory = tmp_path / "m1"
+    journal = fresh(directory)
+    try:
+        journal.append_batch(records(0, 2))
+        journal.sync()
+        for path in directory.iterdir():
+            path.unlink()
+        directory.rmdir()
+        with pytest.raises(OSError, match="journal segment journal-0000000001.log was deleted while in use"):
+            journal.append_batch(records(2, 1))
+    finally:
+        with pytest.raises(OSError):  # nowhere to record the stop
+            journal.close()
 
 
 def test_damage_in_an_earlier_segment_is_refused(tmp_path: Path) -> None:
@@ -341,6 +460,7 @@ def test_the_segment_after_a_snapshot_deleted_is_refused(tmp_path: Path) -> None
         journal.write_snapshot({SYM: engine.snapshot()})
         journal.append_batch(records(3, 2))  # answered after the snapshot
         journal.sync()
+    crashed(tmp_path)  # (after a clean stop, the record of it shows the loss as well: below)
     lost = segments(tmp_path)[-1]
     assert lost.name == "journal-0000000002.log"
     lost.unlink()

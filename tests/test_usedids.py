@@ -29,7 +29,13 @@ def outcome(engine: MatchingEngine, order_id: str, account: str = "alice") -> st
     return event.reason
 
 
+def new_archive(directory: Path) -> None:
+    """The archive as a matcher's first start makes it (a snapshot's child stores into it)."""
+    UsedIds(directory, [], snapshot=None).close()
+
+
 def test_stored_ids_are_found_exactly_and_survive_a_reopen(tmp_path: Path) -> None:
+    new_archive(tmp_path)
     assert store(tmp_path, 3, [("BTC-USDT", ["alice\x00o1", "bob\x00o2"]), ("ETH-USDT", ["alice\x00o9"])]) == 3
     ids = UsedIds(tmp_path, ["BTC-USDT", "ETH-USDT"], snapshot=3)
     btc, eth = ids.symbols["BTC-USDT"], ids.symbols["ETH-USDT"]
@@ -65,6 +71,7 @@ def test_the_serving_connection_only_reads_and_a_store_leaves_no_log_for_it_to_c
 
 
 def test_rows_of_a_snapshot_that_did_not_land_are_dropped(tmp_path: Path) -> None:
+    new_archive(tmp_path)
     store(tmp_path, 2, [("BTC-USDT", ["a\x00old"])])
     store(tmp_path, 5, [("BTC-USDT", ["a\x00late"])])  # its snapshot 5 never landed
     ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=2)
@@ -76,10 +83,62 @@ def test_rows_of_a_snapshot_that_did_not_land_are_dropped(tmp_path: Path) -> Non
     none.close()
 
 
+def test_the_count_a_snapshot_records_is_checked_against_the_archive(tmp_path: Path) -> None:
+    """Each store returns how many ids the archive holds (a snapshot records it); a start whose
+    archive holds fewer than its snapshot says (lost, emptied, replaced) is refused, and so is
+    one whose archive holds a generation later than the newest journal segment."""
+    new_archive(tmp_path)
+    assert store(tmp_path, 2, [("BTC-USDT", ["a\x00o1", "a\x00o2"]), ("ETH-USDT", ["a\x00o1"])]) == 3
+    assert store(tmp_path, 3, [("BTC-USDT", ["a\x00o2", "a\x00o3"])]) == 4  # o2 stored before: counted once
+    path = tmp_path / usedids.FILE_NAME
+    ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=3, expected=4, last_segment=3)
+    assert ids.total == 4 and ids.dropped == 0
+    ids.close()
+    missing = r"journal-0000000003.log is missing .*\(the newest is journal-0000000002.log\)"
+    with pytest.raises(usedids.ArchiveMismatch, match=missing):
+        UsedIds(tmp_path, ["BTC-USDT"], snapshot=2, expected=3, last_segment=2)
+    # a snapshot that did not land: its rows go, and the count with them
+    ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=2, expected=3, last_segment=3)
+    assert ids.total == 3 and ids.dropped == 1
+    ids.close()
+    assert store(tmp_path, 4, [("BTC-USDT", ["a\x00o4"])]) == 4
+
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM used_ids WHERE key = ?", ("a\x00o1",))
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    fewer = r"holds 2 id\(s\) of snapshot 4 and before, and that snapshot says it held 4"
+    with pytest.raises(usedids.ArchiveMismatch, match=fewer):
+        UsedIds(tmp_path, ["BTC-USDT"], snapshot=4, expected=4, last_segment=4)
+    assert path.read_bytes() == before  # refused, nothing changed
+    path.unlink()
+    with pytest.raises(usedids.ArchiveMismatch, match="is missing, and snapshot 4 says it held 4 id"):
+        UsedIds(tmp_path, ["BTC-USDT"], snapshot=4, expected=4, last_segment=4)
+    assert not path.exists()
+    with pytest.raises(sqlite3.OperationalError):  # and a snapshot's child does not make a new, empty one
+        store(tmp_path, 5, [("BTC-USDT", ["a\x00o5"])])
+    assert not path.exists()
+
+
+def test_an_archive_without_counts_gets_them_at_start(tmp_path: Path) -> None:
+    """An archive written before the count of each generation (an older zmx): counted at start."""
+    db = sqlite3.connect(tmp_path / usedids.FILE_NAME)
+    db.execute(usedids._SCHEMA)
+    db.executemany("INSERT INTO used_ids VALUES (?, ?, ?)", [("BTC-USDT", f"a\x00{i}", 1 + i % 2) for i in range(5)])
+    db.commit()
+    db.close()
+    ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=2, expected=None, last_segment=2)
+    assert ids.total == 5 and "a\x004" in ids.symbols["BTC-USDT"]
+    ids.close()
+    assert store(tmp_path, 3, [("BTC-USDT", ["a\x009"])]) == 6
+
+
 def test_the_filter_answers_present_wrongly_at_times_but_the_table_corrects_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(usedids, "FIRST_TIER", 16)  # tiny filters: 16, 64, 256, 1024 ids
     used = [f"a\x00{i}" for i in range(1000)]
+    new_archive(tmp_path)
     store(tmp_path, 1, [("BTC-USDT", used)])
     ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=1).symbols["BTC-USDT"]
     assert [t.capacity for t in ids.tiers] == [16, 64, 256, 1024] and ids.count == 1000

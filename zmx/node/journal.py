@@ -5,6 +5,8 @@ working directory)::
 
     lock                       flock()ed while a process owns the directory
     epoch                      decimal text: how many times the matcher has started
+    stopped                    "SEGMENT OFFSET": where a clean stop left the journal (removed
+                               once a start has recovered)
     journal-0000000001.log     journal segments, numbered from 1
     snapshot-0000000003.snap   the engines' state before segment 3 (every record of
                                segments 1 and 2 is in it)
@@ -51,8 +53,10 @@ Snapshots
 ---------
 
 ``write_snapshot`` stores every engine's ``snapshot()`` bytes, msgpack-packed with the number
-of the segment that follows it, as ``b"ZMXS" | u32 crc32 | msgpack {version, segment,
-engines}``: written to a temporary file, fsynced, renamed over, the directory fsynced. Then
+of the segment that follows it and how many ids the archive of used order ids held for it
+(``zmx.node.usedids``; absent in snapshots of an older zmx), as ``b"ZMXS" | u32 crc32 |
+msgpack {version, segment, engines, archived}``: written to a temporary file (removed if the
+write fails: a full disk must not keep it), fsynced, renamed over, the directory fsynced. Then
 a new segment starts. The previous snapshot and the segments after it are kept (if the
 newest snapshot is ever unreadable, recovery falls back to it and replays more); anything
 older is deleted.
@@ -74,13 +78,22 @@ segment a snapshot is named after always exists: ``rotate`` creates it, and sync
 directory, before that snapshot is written.)
 
 Only the last segment can have a torn tail: a segment is fsynced before the next one is
-started, whatever the mode. ``recover`` also clears what a crash may leave behind: temporary
-files, and snapshots and segments that a newer snapshot made obsolete. A data directory has
-one owner at a time (``flock`` on ``lock``); a second process is refused.
+started, whatever the mode. After a clean stop there is none: ``close`` writes ``stopped``
+with where the records end, and ``recover`` then refuses (``JournalError``, nothing changed)
+a last segment that is missing, or whose records are damaged, zeroed or cut before that
+offset -- damage that would otherwise look like the end of a journal; removing ``stopped``
+accepts the loss. ``recover`` also clears what a crash may leave behind: snapshots and
+segments that a newer snapshot made obsolete (and the constructor, before anything is
+written, the temporary files of ``_write_atomically``). A data directory has one owner at a
+time (``flock`` on ``lock``); a second process is refused.
+
+``append_batch`` refuses a batch (``OSError``) once the segment's file was deleted (its
+directory removed while the matcher runs): writes to it would succeed and be lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -98,7 +111,7 @@ from zmx.codec import MAX_MESSAGE_BYTES, decode
 from zmx.commands import COMMAND_TYPES, Command
 from zmx.exceptions import DecodeError, ZmxError
 
-__all__ = ["FSYNC_MODES", "Journal", "JournalError", "SNAPSHOT_VERSION"]
+__all__ = ["FSYNC_MODES", "Journal", "JournalError", "SNAPSHOT_VERSION", "STOPPED"]
 
 log = logging.getLogger("zmx.journal")
 
@@ -115,6 +128,8 @@ PREALLOCATE_BYTES = 16 << 20  # the segment being written grows this much at a t
 PREALLOCATE_KEEP_FREE = 4 * PREALLOCATE_BYTES  # no preallocation that would leave less free on the disk
 _SEGMENT = re.compile(r"journal-(\d{10})\.log")
 _SNAPSHOT = re.compile(r"snapshot-(\d{10})\.snap")
+STOPPED = "stopped"  # where the journal ended at a clean stop: "SEGMENT OFFSET" (see "Recovery")
+_TEMPORARY = re.compile(r"(epoch|stopped|snapshot-\d{10}\.snap)\.tmp")  # _write_atomically's
 
 # Looked up at call time, so a test can count them.
 _write = os.write
@@ -235,11 +250,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # a write that failed (a full disk) must not keep the space it took: the journal needs it
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -259,6 +280,7 @@ class Journal:
         self.segment = 0  # the segment appended to; 0 until recover()
         self.since_snapshot = 0  # records after the newest snapshot (replayed ones included)
         self.snapshot_segment: int | None = None  # the segment that follows the snapshot recovered from
+        self.snapshot_archived: int | None = None  # the ids that snapshot says the archive of used ids held
         self._fd = -1
         self._end = 0  # where the next record goes in the current segment
         self._room = 0  # the current segment's size: past _end, preallocated zeros
@@ -279,6 +301,11 @@ class Journal:
                 raise JournalError(f"the data directory {str(self.directory)!r} is in use by another process "
                                    "(is this matcher already running?)") from None
             raise JournalError(f"cannot lock the data directory {str(self.directory)!r}: {e.strerror or e}") from None
+        # What a snapshot or epoch write cut short by a crash left: before anything is written
+        # here (the epoch first), since on a full disk that space is what the writes need.
+        for stale in self.directory.iterdir():
+            if _TEMPORARY.fullmatch(stale.name) and stale.is_file():
+                stale.unlink()
 
     # -- epoch ----------------------------------------------------------------------------
 
@@ -308,8 +335,9 @@ class Journal:
                 found[int(m.group(1))] = path
         return dict(sorted(found.items()))
 
-    def _read_snapshot(self, number: int, path: Path) -> dict[str, bytes] | str:
-        """The engines of a snapshot file, or what is wrong with it."""
+    def _read_snapshot(self, number: int, path: Path) -> tuple[dict[str, bytes], int | None] | str:
+        """The engines of a snapshot file and how many archived order ids it relies on (``None``:
+        it does not say), or what is wrong with it."""
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -332,10 +360,15 @@ class Journal:
         if segment != number or not isinstance(engines, dict) or not all(
                 isinstance(k, str) and isinstance(v, bytes) for k, v in engines.items()):
             return "its content does not match its name"
-        return engines
+        archived = state.get("archived")  # absent in the snapshots of an older zmx
+        if archived is not None and (type(archived) is not int or archived < 0):
+            return f"its count of archived order ids is {archived!r}"
+        return engines, archived
 
-    def _read_segment(self, path: Path, last: bool) -> tuple[list[tuple[int, Command]], int]:
-        """The segment's records and where the last one ends."""
+    def _read_segment(self, path: Path, last: bool, clean_end: int | None = None
+                      ) -> tuple[list[tuple[int, Command]], int]:
+        """The segment's records and where the last one ends. ``clean_end``: where a clean
+        stop left its records (``STOPPED``); none of them may be missing, torn or zeros."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -346,6 +379,13 @@ class Journal:
         end = len(data)
         while offset < end:
             found = _record_at(data, offset)
+            if isinstance(found, str) and clean_end is not None and offset < clean_end:
+                raise JournalError(
+                    f"journal segment {str(path)!r} is damaged at offset {offset}: {found}, although the matcher "
+                    f"stopped cleanly with {clean_end} bytes of records in it (the file {STOPPED!r} says so); "
+                    "the commands after that offset were answered, so the matcher does not start. Restore the "
+                    "data directory from a backup; to cut the segment there and accept losing them, remove "
+                    f"{STOPPED!r}")
             if isinstance(found, str):
                 used = len(data.rstrip(b"\0"))
                 if used <= offset and last:  # an earlier segment that ends in zeros is damaged (see Recovery)
@@ -372,6 +412,12 @@ class Journal:
                                    f"holds a {type(cmd).__name__}, not a command")
             records.append((ts_ns, cmd))  # type: ignore[arg-type]
             offset = next_offset
+        if clean_end is not None and offset < clean_end:
+            raise JournalError(
+                f"journal segment {str(path)!r} ends at offset {offset}, although the matcher stopped cleanly with "
+                f"{clean_end} bytes of records in it (the file {STOPPED!r} says so): the file was cut short, and "
+                "the commands it lost were answered, so the matcher does not start. Restore the data directory "
+                f"from a backup; to start from what is there and accept losing them, remove {STOPPED!r}")
         return records, offset
 
     @staticmethod
@@ -392,10 +438,15 @@ class Journal:
         ``(ts_ns, command)`` journaled after it, in order. Opens the journal for appending."""
         if self._fd >= 0:
             raise RuntimeError("recover() was already called")
-        for stale in self.directory.glob("*.tmp"):  # a snapshot or epoch write cut short
-            stale.unlink()
+        stopped = self._read_stopped()
         snapshots = self._numbered(_SNAPSHOT)
         segments = self._numbered(_SEGMENT)
+        if stopped is not None and (not segments or stopped[0] > max(segments)):
+            raise JournalError(
+                f"journal segment {_segment_name(stopped[0])} is missing from {str(self.directory)!r}: the matcher "
+                f"stopped cleanly with it as its newest segment (the file {STOPPED!r} says so), and the commands "
+                "it held were answered, so the matcher does not start. Restore the data directory from a backup; "
+                f"to start from what is there and accept losing those commands, remove {STOPPED!r}")
         engines: dict[str, bytes] | None = None
         base = 1
         for number in reversed(snapshots):
@@ -406,7 +457,7 @@ class Journal:
                           snapshots[number].name, found, bad.name)
                 os.replace(snapshots[number], bad)
                 continue
-            engines, base = found, number
+            (engines, self.snapshot_archived), base = found, number
             break
         needed = [n for n in segments if n >= base]
         if engines is not None and base not in segments:
@@ -427,14 +478,35 @@ class Journal:
         replay: list[tuple[int, Command]] = []
         end = 0
         for number in needed:
-            records, end = self._read_segment(segments[number], last=number == needed[-1])
+            last = number == needed[-1]
+            clean_end = stopped[1] if stopped is not None and last and stopped[0] == number else None
+            records, end = self._read_segment(segments[number], last, clean_end)
             replay.extend(records)
         self.segment = needed[-1] if needed else base
         self.snapshot_segment = base if engines is not None else None
         self.since_snapshot = len(replay)
+        if stopped is not None:  # from now on the journal may grow, or end in a crash
+            os.unlink(self.directory / STOPPED)
+            _fsync_dir(self.directory)
         self._open_segment(self.segment, end)
         self.remove_obsolete()  # a crash may have come between a snapshot and its clean-up
         return engines, replay
+
+    def _read_stopped(self) -> tuple[int, int] | None:
+        """``(segment, offset)`` of ``STOPPED``, where the last clean stop left the journal;
+        ``None`` after a crash (or before this zmx wrote the file)."""
+        path = self.directory / STOPPED
+        try:
+            text = path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise JournalError(f"cannot read {str(path)!r}: {e}") from None
+        fields = text.split()
+        if len(fields) != 2 or not all(f.isdigit() for f in fields):
+            raise JournalError(f"{str(path)!r} should hold a segment number and an offset, not {text[:40]!r}; "
+                               "remove it if the matcher's last stop was not clean")
+        return int(fields[0]), int(fields[1])
 
     def _open_segment(self, number: int, end: int = 0) -> None:
         """Write segment ``number`` from ``end`` on (its last record's end; zeros may follow)."""
@@ -480,6 +552,9 @@ class Journal:
         if not records:
             return
         fd = self._fd
+        if not os.fstat(fd).st_nlink:  # about 1 us, against 100-700 us for the batch's fdatasync here
+            raise OSError(errno.ENOENT, f"journal segment {_segment_name(self.segment)} was deleted while in use "
+                                        "(the data directory removed?)")
         if self.fsync == "always":
             encoded = [encode_records((record,)) for record in records]
             self._reserve(sum(map(len, encoded)))
@@ -504,7 +579,7 @@ class Journal:
 
     # -- snapshots ------------------------------------------------------------------------
 
-    def write_snapshot(self, engines: Mapping[str, bytes]) -> None:
+    def write_snapshot(self, engines: Mapping[str, bytes], archived: int | None = None) -> None:
         """Store the state of every engine (symbol -> ``MatchingEngine.snapshot()``), which
         must hold every record appended so far; start a new segment; delete what is obsolete.
 
@@ -513,7 +588,7 @@ class Journal:
         the state, ``store_snapshot`` and then ``remove_obsolete`` in the other process,
         ``snapshot_stored`` once it succeeded."""
         number = self.rotate()
-        self.store_snapshot(number, engines)
+        self.store_snapshot(number, engines, archived)
         self.remove_obsolete()
         self.snapshot_stored(number)
 
@@ -532,11 +607,14 @@ class Journal:
         self.since_snapshot = 0
         return new
 
-    def store_snapshot(self, number: int, engines: Mapping[str, bytes]) -> None:
-        """Write snapshot ``number`` atomically and durably. Touches no state of this object
-        (safe in a forked child process)."""
-        body = msgpack.packb({"version": SNAPSHOT_VERSION, "segment": number, "engines": dict(engines)},
-                             use_bin_type=True)
+    def store_snapshot(self, number: int, engines: Mapping[str, bytes], archived: int | None = None) -> None:
+        """Write snapshot ``number`` atomically and durably, with ``archived``: how many ids the
+        archive of used order ids holds for it (``zmx.node.usedids``). Touches no state of
+        this object (safe in a forked child process)."""
+        state: dict[str, Any] = {"version": SNAPSHOT_VERSION, "segment": number, "engines": dict(engines)}
+        if archived is not None:
+            state["archived"] = archived
+        body = msgpack.packb(state, use_bin_type=True)
         _write_atomically(self.directory / _snapshot_name(number),
                           _SNAP_HEAD.pack(SNAPSHOT_MAGIC, zlib.crc32(body)) + body)
 
@@ -567,7 +645,8 @@ class Journal:
     # -- closing --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Sync (whatever the mode: a clean stop loses nothing), release the directory."""
+        """Sync (whatever the mode: a clean stop loses nothing), say where the journal ends
+        (``STOPPED``), release the directory."""
         if self._fd >= 0:
             try:
                 self._trim()
@@ -575,6 +654,7 @@ class Journal:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+            _write_atomically(self.directory / STOPPED, f"{self.segment} {self._end}\n".encode("ascii"))
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

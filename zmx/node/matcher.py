@@ -70,7 +70,7 @@ from zmx.node.runtime import (
     keep_mmap_threshold,
     settle_collector,
 )
-from zmx.node.usedids import UsedIds
+from zmx.node.usedids import ArchiveMismatch, UsedIds
 from zmx.node.usedids import store as store_used_ids
 from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, show, unpack_requests
 from zmx.topology import MatcherNode, RouterNode, Topology, connect_endpoint
@@ -182,7 +182,10 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
             log.warning("no journal in %s, where this matcher ran %d time(s) before: empty books from seq 0",
                         journal.directory.resolve(), epoch - 1)
     try:
-        used_ids = UsedIds(journal.directory, symbols, journal.snapshot_segment)
+        used_ids = UsedIds(journal.directory, symbols, journal.snapshot_segment, journal.snapshot_archived,
+                           journal.segment)
+    except ArchiveMismatch as e:
+        raise _StartFailure(str(e)) from None
     except sqlite3.Error as e:
         raise _StartFailure(f"cannot open the archive of used order ids in {journal.directory}: {e}") from None
     if used_ids.dropped:
@@ -302,8 +305,7 @@ class Matcher:
             self.engines, snapshot_now, self.used_ids = _restore(self.topology, self.name, self.journal,
                                                                  self.fills, self.epoch)
             if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
-                # A snapshot records each symbol's spec, so a later replay uses the right one.
-                self.journal.write_snapshot({s: e.snapshot() for s, e in self.engines.items()})
+                self.snapshot_at_start()
         except (JournalError, OSError) as e:
             raise _StartFailure(f"cannot recover from data_dir {node.data_dir!r}: {e}") from None
         self.header_symbols = {symbol.encode(): symbol for symbol in self.engines}
@@ -313,6 +315,30 @@ class Matcher:
             self.links.append(self._link(router.name, connect_endpoint(router.back)))
         self.poller.register(self.snap, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
+
+    def snapshot_at_start(self) -> None:
+        """A snapshot of the recovered engines, written here, before serving: the first one of a
+        data directory, which records each symbol's spec so that a later replay uses the right
+        one, and then one whenever the replay was long or a symbol left this matcher.
+
+        Only the first one must land. Any later one may fail (a nearly full disk: a start that
+        failed for want of room for it would leave the matcher down although its journal had
+        room for more orders): the journal goes on in the new segment, and the next snapshot
+        is due after ``snapshot_every`` commands, as after one that failed while serving."""
+        journal, used_ids = self.journal, self.used_ids
+        assert journal is not None and used_ids is not None
+        first = journal.snapshot_segment is None
+        number = journal.rotate()
+        try:
+            journal.store_snapshot(number, {s: e.snapshot() for s, e in self.engines.items()}, used_ids.total)
+        except OSError as e:
+            if first:
+                raise
+            log.error("cannot write snapshot %d at start (%s); serving on without it, the journal replays from "
+                      "snapshot %d", number, e, journal.snapshot_segment)
+            return
+        journal.remove_obsolete()
+        journal.snapshot_stored(number)
 
     def _link(self, router: str, endpoint: str) -> _Link:
         """A new DEALER connected to a router's back, registered with the poller."""
@@ -430,6 +456,7 @@ class Matcher:
                     except OSError as e:
                         log.critical("cannot write the journal in %s (%s); stopping before this batch of %d "
                                      "command(s) is answered", self.node.data_dir, e, len(records))
+                        self.problems["not answered: the journal could not take them"] += len(records)
                         raise SystemExit(1) from None
                     records.clear()
                 if replies:
@@ -806,18 +833,22 @@ class Matcher:
             self.reopen_used_ids()
             log.error("cannot fork to write a snapshot (%s); the journal goes on without it", e)
             return
-        if pid == 0:  # the child: no sockets, no logging, no cleanup, only the files
+        if pid == 0:  # the child: no sockets, no cleanup, only the files (and its error, if any)
             status = 1
             try:
                 gc.disable()  # a short-lived process: no collection (which would copy pages) in it
                 os.closerange(3, _MAX_FD)  # not its sockets, nor the data directory's lock
                 os.nice(19)  # the serving process comes first
                 # The ids go to the archive, durably, before the snapshot that no longer holds them.
-                store_used_ids(journal.directory, number, [(s, e.pop_used_ids()) for s, e in self.engines.items()])
-                journal.store_snapshot(number, {s: e.snapshot() for s, e in self.engines.items()})
+                archived = store_used_ids(journal.directory, number,
+                                          [(s, e.pop_used_ids()) for s, e in self.engines.items()])
+                journal.store_snapshot(number, {s: e.snapshot() for s, e in self.engines.items()}, archived)
                 status = 0
                 with contextlib.suppress(OSError):  # left for the next snapshot, or the next start
                     journal.remove_obsolete()
+            except BaseException as e:  # noqa: BLE001 - said, then the parent reports the status
+                # (logging is safe here: it resets its locks in a forked child; the log goes to stderr)
+                log.error("the process writing snapshot %d failed: %s", number, e)
             finally:
                 os._exit(status)
         self.reopen_used_ids()
@@ -906,7 +937,7 @@ class Matcher:
             try:
                 self.journal.close()
             except OSError as e:
-                log.error("cannot sync the journal on stop: %s", e)
+                log.error("cannot close the journal cleanly on stop (the next start takes it for a crash): %s", e)
         for link in self.links:
             try:
                 link.dealer.send(BYE, _NOBLOCK)

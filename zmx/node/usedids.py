@@ -15,6 +15,14 @@ would need 32 GB after five days. So a matcher moves them here:
   the child has finished, then adds it to the filters below, a slice per loop turn
   (``SymbolIds.absorb``), and forgets the strings.
 
+The table and the snapshots depend on each other, so each snapshot records how many ids the
+table held when it was written (``store`` returns it: a second table, ``generations``, counts
+the rows each generation added). A matcher refuses to start when the table holds fewer ids
+than its snapshot says (the file was lost, emptied or replaced: old order ids would be
+accepted again), and when the table holds ids of a generation later than the newest journal
+segment (a snapshot's child stores generation N only after segment N was started, so that
+segment existed and was lost). Only the first start of a data directory creates the file.
+
 A lookup (``key in ids``) asks a Bloom filter first: in memory, 16 bits an id (2 bytes
 instead of 110), no false "absent", about 1 false "present" in 400. Only a "present" goes to
 the table, so a new id (nearly every lookup) never touches the disk and the answer is
@@ -28,7 +36,7 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["FILE_NAME", "UsedIds", "SymbolIds", "store"]
+__all__ = ["ArchiveMismatch", "FILE_NAME", "UsedIds", "SymbolIds", "store"]
 
 FILE_NAME = "used-ids.sqlite3"
 FIRST_TIER = 1 << 16  # ids the first filter of a symbol holds; each next one holds 4x more
@@ -39,15 +47,35 @@ _MASK32 = (1 << 32) - 1
 # gen: the snapshot whose child stored the row (its journal segment number)
 _SCHEMA = "CREATE TABLE IF NOT EXISTS used_ids (symbol TEXT NOT NULL, key TEXT NOT NULL, gen INTEGER NOT NULL, " \
           "PRIMARY KEY (symbol, key)) WITHOUT ROWID"
+# how many rows of used_ids each generation added (their sum is the table's size, without a scan)
+_GENERATIONS = "CREATE TABLE IF NOT EXISTS generations (gen INTEGER PRIMARY KEY, ids INTEGER NOT NULL)"
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """A connection that writes (a snapshot's child, and the start of a matcher)."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")
-    db.execute(_SCHEMA)
+class ArchiveMismatch(Exception):
+    """The archive does not hold what the journal's snapshots say it does (the message says
+    what, and what to do)."""
+
+
+def _connect(path: Path, *, create: bool = False) -> sqlite3.Connection:
+    """A connection that writes (a snapshot's child, and the start of a matcher). Only
+    ``create`` makes a missing file: a child must not store into a new, empty archive when
+    the matcher's was removed under it."""
+    mode = "rwc" if create else "rw"
+    db = sqlite3.connect(path.resolve().as_uri() + f"?mode={mode}", uri=True, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute(_SCHEMA)
+        db.execute(_GENERATIONS)
+    except sqlite3.Error:
+        db.close()
+        raise
     return db
+
+
+def _total(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT coalesce(sum(ids), 0) FROM generations").fetchone()[0]
 
 
 def _connect_reader(path: Path) -> sqlite3.Connection:
@@ -61,20 +89,24 @@ def _connect_reader(path: Path) -> sqlite3.Connection:
 
 def store(directory: str | Path, gen: int, generations: Iterable[tuple[str, Iterable[str]]]) -> int:
     """Write ``(symbol, keys)`` into the directory's table as snapshot ``gen``'s and commit
-    durably; how many keys were written. Opens its own connection: a snapshot's child calls
-    this, and an SQLite connection must not cross a fork."""
+    durably; how many ids the table holds now (snapshot ``gen`` records it). Opens its own
+    connection: a snapshot's child calls this, and an SQLite connection must not cross a
+    fork. The file must exist (``UsedIds`` made it): ``sqlite3.OperationalError`` if not."""
     db = _connect(Path(directory) / FILE_NAME)
     try:
-        written = 0
+        added = 0
         db.execute("BEGIN")
         for symbol, keys in generations:
-            rows = [(symbol, key, gen) for key in keys]
-            db.executemany("INSERT OR IGNORE INTO used_ids VALUES (?, ?, ?)", rows)
-            written += len(rows)
+            cursor = db.executemany("INSERT OR IGNORE INTO used_ids VALUES (?, ?, ?)",
+                                    [(symbol, key, gen) for key in keys])
+            added += cursor.rowcount  # a key stored already (by a snapshot that failed) is not added again
+        db.execute("INSERT INTO generations VALUES (?, ?) ON CONFLICT (gen) DO UPDATE SET ids = ids + excluded.ids",
+                   (gen, added))
+        total = _total(db)
         db.execute("COMMIT")
         # Here, in the snapshot's child, rather than in a later close of the serving process.
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return written
+        return total
     finally:
         db.close()
 
@@ -166,16 +198,49 @@ class UsedIds:
     later one are dropped: that snapshot never landed (or was unreadable), so the journal
     after ``snapshot``, replayed, accepts those ids again, and the replay must find them
     unused, as they were the first time; the next snapshot's child stores them again.
+
+    ``expected``: how many ids that snapshot says the table held (``None``: it does not say,
+    a snapshot of an older zmx); ``last_segment``: the newest journal segment. Either check
+    failing raises ``ArchiveMismatch`` (see the module's docstring), before any row is dropped.
     """
 
-    def __init__(self, directory: str | Path, symbols: Iterable[str], snapshot: int | None) -> None:
+    def __init__(self, directory: str | Path, symbols: Iterable[str], snapshot: int | None,
+                 expected: int | None = None, last_segment: int | None = None) -> None:
         self.directory = Path(directory)
-        writer = _connect(self.directory / FILE_NAME)  # creates the table; writes only here
+        path = self.directory / FILE_NAME
+        if expected and not path.exists():
+            raise ArchiveMismatch(
+                f"the archive of used order ids {str(path)!r} is missing, and snapshot {snapshot} says it held "
+                f"{expected} id(s): a matcher without them would accept those order ids again")
+        writer = _connect(path, create=True)  # the first start of a data directory makes it; writes only here
         try:
-            self.dropped = writer.execute("DELETE FROM used_ids WHERE gen > ?",
-                                          (-1 if snapshot is None else snapshot,)).rowcount
-            self.db = _connect_reader(self.directory / FILE_NAME)
+            latest = writer.execute("SELECT max(gen) FROM used_ids").fetchone()[0]
+            if latest is not None and last_segment is not None and latest > last_segment:
+                raise ArchiveMismatch(
+                    f"journal segment journal-{latest:010d}.log is missing from {str(self.directory)!r} (the newest "
+                    f"is journal-{last_segment:010d}.log): the archive of used order ids holds ids that the process "
+                    f"writing snapshot {latest} stored, which it does only once that segment was started, so the "
+                    "commands answered since are gone and the matcher does not start. Restore the data directory "
+                    "from a backup")
+            below = -1 if snapshot is None else snapshot
+            writer.execute("BEGIN")
+            self.dropped = writer.execute("DELETE FROM used_ids WHERE gen > ?", (below,)).rowcount
+            writer.execute("DELETE FROM generations WHERE gen > ?", (below,))
+            rows = writer.execute("SELECT count(*) FROM used_ids").fetchone()[0]
+            if expected is not None and rows < expected:
+                raise ArchiveMismatch(
+                    f"the archive of used order ids {str(path)!r} holds {rows} id(s) of snapshot {snapshot} and "
+                    f"before, and that snapshot says it held {expected}: the file was emptied or replaced, and a "
+                    "matcher without those ids would accept them again. Restore the file from a backup")
+            if _total(writer) != rows:  # an archive of an older zmx, without the count of each generation
+                writer.execute("DELETE FROM generations")
+                writer.execute("INSERT INTO generations SELECT gen, count(*) FROM used_ids GROUP BY gen")
+            writer.execute("COMMIT")
+            self.total = rows
+            self.db = _connect_reader(path)
         finally:
+            if writer.in_transaction:
+                writer.execute("ROLLBACK")
             writer.close()
         self.symbols = {symbol: SymbolIds(self.db, symbol) for symbol in symbols}
         for symbol, ids in self.symbols.items():
