@@ -611,3 +611,23 @@ def test_a_data_dir_has_one_owner(tmp_path: Path) -> None:
         with pytest.raises(JournalError, match="in use by another process"):
             Journal(tmp_path)
     Journal(tmp_path).close()  # free again once the owner closed it
+
+
+def test_a_data_directory_that_cannot_be_used_says_which_file_and_why(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(JournalError, match=r"cannot use the data directory '.*afile': it is not a directory"):
+        Journal(tmp_path / "afile")
+    (tmp_path / "m1" / "lock").mkdir(parents=True)
+    with pytest.raises(JournalError, match=r"cannot open '.*m1/lock' to lock the data directory: Is a directory"):
+        Journal(tmp_path / "m1")
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with Journal(tmp_path / "m2") as journal:
+        monkeypatch.setattr(journal_module, "_write", full)
+        with pytest.raises(JournalError, match=r"cannot write '.*m2/epoch': No space left on device"):
+            journal.bump_epoch()
+        monkeypatch.undo()
+        assert not list((tmp_path / "m2").glob("*.tmp"))

@@ -289,9 +289,13 @@ class Journal:
         self._dirty = False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problem = "it is not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
+            raise JournalError(f"cannot use the data directory {str(self.directory)!r}: {problem}") from None
+        try:
             self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise JournalError(f"cannot use the data directory {str(self.directory)!r}: "
+            raise JournalError(f"cannot open {str(self.directory / 'lock')!r} to lock the data directory: "
                                f"{e.strerror or e}") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -322,7 +326,10 @@ class Journal:
             raise JournalError(f"{str(path)!r} should hold a number, not {text[:40]!r}; "
                                "fix or remove it (a removed epoch starts again at 1)")
         epoch = int(text) + 1
-        _write_atomically(path, f"{epoch}\n".encode("ascii"))
+        try:
+            _write_atomically(path, f"{epoch}\n".encode("ascii"))
+        except OSError as e:
+            raise JournalError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
         return epoch
 
     # -- recovery -------------------------------------------------------------------------
