@@ -7,10 +7,13 @@ upstream through the relay -- and the moment from which a publication reaches th
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
 import zmq
-from nodes import Cluster, write_topology
+from nodes import Cluster, free_ports, write_topology
 
 from zmx.codec import encode_publication
 from zmx.events import BookChanged
@@ -148,3 +151,115 @@ def test_a_relay_fans_out_to_several_subscribers(cluster: Cluster, tmp_path: Pat
     for i, sub in enumerate(subs):
         while recv(sub, f"subscriber {i}") != book("BTC-USDT", seq + 1):
             pass  # the earlier ones of the warm-up
+
+
+class Blackhole:
+    """A TCP forwarder from 127.0.0.1:``port`` to ``upstream``, whose ``cut`` makes the
+    connections it carries go silent both ways without closing (what a link that fails, or a
+    host that dies without a TCP reset, leaves: half-open connections); new ones go through."""
+
+    def __init__(self, port: int, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.cut_off: list[socket.socket] = []  # silenced, never closed until the end
+        self.live: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                far = socket.create_connection(self.upstream, timeout=2)
+            except OSError:
+                near.close()
+                continue
+            with self.lock:
+                self.live += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        while True:
+            try:
+                data = a.recv(65536)
+            except OSError:
+                return
+            with self.lock:
+                if a in self.cut_off:
+                    return  # silent: nothing forwarded, nothing closed, nothing read any more
+            if not data:
+                with self.lock:
+                    if a in self.cut_off:
+                        return
+                b.close()
+                return
+            try:
+                b.sendall(data)
+            except OSError:
+                return
+
+    def cut(self) -> None:
+        with self.lock:
+            self.cut_off += self.live
+            self.live = []
+
+    def close(self) -> None:
+        self.stopped = True
+        self.listener.close()
+        with self.lock:
+            for sock in self.cut_off + self.live:
+                sock.close()
+
+
+def test_a_relay_drops_an_upstream_connection_that_went_silent_and_reaches_the_restarted_matcher(
+        cluster: Cluster, tmp_path: Path, context: zmq.Context) -> None:
+    """A review cut a relay off its matcher, killed and restarted the matcher during the cut
+    (its FIN lost), and healed: the relay kept the dead connection (an XSUB with nothing to
+    subscribe never writes, so it never learns), and the gateways behind it showed a frozen
+    book until their clients left. Its pings now drop such a connection, and it connects again."""
+    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}, relay=True)
+    topology = load_topology(cluster.topology)
+    host, port = connect_endpoint(topology.nodes["m1"].pub)[len("tcp://"):].rsplit(":", 1)  # type: ignore[union-attr]
+    (behind,) = free_ports(1)
+
+    def publisher() -> zmq.Socket:  # the matcher, at a port of its own behind the forwarder
+        xpub = context.socket(zmq.XPUB)
+        xpub.linger = 0
+        xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        deadline = time.monotonic() + 5
+        while True:  # the port of the one closed just before is freed by ZeroMQ's I/O thread
+            try:
+                xpub.bind(f"tcp://127.0.0.1:{behind}")
+                return xpub
+            except zmq.ZMQError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    link = Blackhole(int(port), ("127.0.0.1", behind))
+    try:
+        m1 = publisher()
+        cluster.start("x1")
+        sub = subscriber(context, connect_endpoint(topology.nodes["x1"].pub), "BTC-USDT")  # type: ignore[union-attr]
+        assert recv(m1, "the subscription") == b"\x01" + topic("BTC-USDT")
+        m1.send(book("BTC-USDT", 1))
+        assert recv(sub, "the first publication") == book("BTC-USDT", 1)
+
+        link.cut()  # the link fails...
+        m1.close()  # ... and the matcher dies, its goodbye lost with the link
+        m1 = publisher()  # restarted; new connections go through again
+        # The relay connects to it again once its pings found the old connection dead (about
+        # 4 s), and its subscriber's subscription comes with it.
+        assert m1.poll(15_000), "the relay never connected to the restarted matcher"
+        assert m1.recv() == b"\x01" + topic("BTC-USDT")
+        m1.send(book("BTC-USDT", 2))
+        assert recv(sub, "a publication of the restarted matcher") == book("BTC-USDT", 2)
+        sub.close()
+        m1.close()
+    finally:
+        link.close()

@@ -26,7 +26,7 @@ Losing a router
 When one of several routers dies, its connection drops and the DEALER stops sending to it;
 new requests go to the others. One that hangs (stopped, or a host that no longer answers)
 keeps its connection open, so ZeroMQ's pings find it: its connection is dropped once it has
-not answered for ``PING_TIMEOUT_MS``, about 4 s after it hung (until then it takes its share
+not answered for ``runtime.PING_TIMEOUT_MS``, about 4 s after it hung (until then it takes its share
 of the requests, which time out). A request that was already on its way to the dead router,
 or waiting there for its matcher's reply, is lost with it: no reply comes, and ``request``
 raises ``RequestTimeout``. The caller may send the same command again (it then goes
@@ -53,6 +53,7 @@ from zmx.commands import AmendOrder, CancelOrder, Command, SubmitOrder
 from zmx.events import Event
 from zmx.exceptions import DecodeError, InvalidOrder, TopologyError, ZmxError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
+from zmx.node.runtime import watch_peer
 from zmx.topology import RouterNode, Topology, connect_endpoint
 
 __all__ = ["BAD_REPLY", "Client", "ClientClosed", "NoRouter", "Reply", "RequestTimeout", "encode_header", "parse_reply"]
@@ -62,7 +63,6 @@ VERSION_BYTE = bytes((codec.VERSION,))
 BAD_REPLY = "bad_reply"
 E = TypeVar("E", bound=Enum)
 HWM = 100_000  # queue bound per direction; the routers' replies must never be dropped for lack of room
-PING_IVL_MS, PING_TIMEOUT_MS = 1000, 3000  # ZeroMQ's pings on the connections to the routers
 
 
 class NoRouter(ZmxError, TimeoutError):
@@ -148,8 +148,7 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, HWM)
         # ZeroMQ's pings: a router that hangs loses its connection (without them it went on
         # taking every other request, each lost until it went on)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, PING_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PING_TIMEOUT_MS)
+        watch_peer(sock)
         for endpoint in front_endpoints:
             try:
                 sock.connect(connect_endpoint(endpoint))

@@ -73,8 +73,17 @@ from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import PAGE_METHODS, refused_method, upgrade_response
-from zmx.node.client import HWM, PING_IVL_MS, PING_TIMEOUT_MS, Reply, encode_header, parse_reply
-from zmx.node.runtime import Stopper, announce_ready, cannot_bind, die_with_parent, settle_collector
+from zmx.node.client import HWM, Reply, encode_header, parse_reply
+from zmx.node.runtime import (
+    PING_IVL_MS,
+    PING_TIMEOUT_MS,
+    Stopper,
+    announce_ready,
+    cannot_bind,
+    die_with_parent,
+    settle_collector,
+    watch_peer,
+)
 from zmx.protocol import (
     CLOSE_INVALID_DATA,
     CLOSE_POLICY,
@@ -118,9 +127,6 @@ FAILOVER_S = 2.0  # a feed with a standby (topology "standby") lost for this lon
 # FILLS_GIVE_UP_S.
 FILLS_WAIT_S = 0.5
 FILLS_GIVE_UP_S = 10.0
-# ZeroMQ's own pings on the SUB's connections: a publisher that stops answering (its host gone,
-# with no TCP reset to say so) counts as lost this long after a ping
-FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS = 1000, 3000
 # The largest publication taken: one command's events, and a market order that sweeps a deep book
 # makes thousands of trades at once (about 35 bytes each). A bigger frame makes the SUB socket drop
 # the connection, and FEED_RECONNECT_S later the feed is connected again and its channels resync.
@@ -603,7 +609,7 @@ class Gateway:
         self.sub.linger = 0
         self.sub.rcvhwm = HWM
         self.sub.maxmsgsize = PUBLICATION_MAX_BYTES
-        self.sub.heartbeat_ivl, self.sub.heartbeat_timeout = FEED_PING_IVL_MS, FEED_PING_TIMEOUT_MS
+        watch_peer(self.sub)  # a publisher that stops answering counts as lost about 4 s after
         self.upstream_symbols: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> symbols coming through it
         self.upstream_matchers: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> matchers whose feed it carries
         # Each feed's ways, the one in use first (Topology.feed_paths): an upstream node, then its
@@ -652,7 +658,7 @@ class Gateway:
             dealer.immediate = 1  # a router that is down takes nothing: the next one is tried
             dealer.sndhwm = dealer.rcvhwm = HWM
             # ZeroMQ's pings: a router that hangs loses its connection, and its orders go to the next
-            dealer.heartbeat_ivl, dealer.heartbeat_timeout = PING_IVL_MS, PING_TIMEOUT_MS  # as Client's
+            watch_peer(dealer)
             # A name of its own, which the router hands over to a new connection (ROUTER_HANDOVER):
             # a router that hung past the pings answers what it held once it goes on, over the
             # connection made again, instead of to the one the pings dropped.
@@ -828,6 +834,7 @@ class Gateway:
         sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.maxmsgsize = SNAPSHOT_MAX_BYTES
+        watch_peer(sock)  # a matcher cut off is seen as gone (its monitor), and back within a second
         sock.connect(connect_endpoint(matcher.snapshot))
         return sock
 
@@ -1274,7 +1281,7 @@ class Gateway:
         connection that placed orders on its symbols asks it for the fills of its resting orders
         made meanwhile (they came only through the feed), ``FILLS_WAIT_S`` from now."""
         # the feed may have gone silent a ping's timeout before it was found lost
-        lost_ns = time.time_ns() - int((now - lost + (FEED_PING_IVL_MS + FEED_PING_TIMEOUT_MS) / 1000) * 1e9)
+        lost_ns = time.time_ns() - int((now - lost + (PING_IVL_MS + PING_TIMEOUT_MS) / 1000) * 1e9)
         for account, conn in self.accounts.items():
             old = self.fills_requests.get((matcher, account))
             if old is None:

@@ -69,6 +69,7 @@ from zmx.node.runtime import (
     cannot_bind,
     keep_mmap_threshold,
     settle_collector,
+    watch_peer,
 )
 from zmx.node.usedids import ArchiveMismatch, UsedIds
 from zmx.node.usedids import store as store_used_ids
@@ -106,7 +107,6 @@ PROBLEM_LOG_S = 1.0
 # slice at most (a slice of 2,000 after an idle poll used to hold new requests 5-7 ms).
 ABSORB_SLICE = 200
 STOP_LINGER_MS = 500  # BYE and the last batch's replies and events may take this long to leave
-ZMTP_HEARTBEAT_MS = 1000  # ZeroMQ's own pings, so a router that vanished is noticed
 
 HEADER_VERSION = 1
 HEADER_MIN = 10  # version byte + 8-byte request id + at least one byte of symbol
@@ -348,8 +348,7 @@ class Matcher:
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a router that is down
         dealer.setsockopt(zmq.SNDHWM, DEALER_HWM)
         dealer.setsockopt(zmq.RCVHWM, DEALER_HWM)
-        dealer.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
-        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ZMTP_HEARTBEAT_MS)
+        watch_peer(dealer)  # a router that vanished is noticed, and one back is connected again within a second
         monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         monitor.setsockopt(zmq.LINGER, 0)
         dealer.connect(endpoint)

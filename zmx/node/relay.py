@@ -19,7 +19,7 @@ import time
 
 import zmq
 
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind, watch_peer
 from zmx.topology import RelayNode, Topology
 
 log = logging.getLogger("zmx.relay")
@@ -54,6 +54,9 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         control_in.bind(control_address)
         control_out.connect(control_address)
+        # A matcher that restarted while cut off, or whose host is gone, would otherwise keep a
+        # dead connection here for good: an XSUB that has no subscription to send never writes
+        watch_peer(xsub)
         for endpoint in upstream:
             xsub.connect(endpoint)
         try:
