@@ -592,6 +592,40 @@ def test_a_fill_the_feed_lost_reaches_its_owner_before_the_orders_cancel(
         maker.close()
 
 
+def test_fills_the_matcher_did_not_give_in_time_come_once_it_answers_and_the_client_is_told(
+        cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
+    """The relay dies and ``s1`` fills meanwhile; then the matcher stops answering the gateway
+    (``SIGSTOP``: a review cut the gateway off it, its feed coming through a standby relay)
+    before the relay is back. The gateway asks for the fill, gets no answer in 10 s, and lets
+    what it held go: the client is told (``unavailable`` with the symbols) and, once the
+    matcher answers again, gets the fill. (It was never asked again: the fill was lost.)"""
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, relay=True)
+    clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
+    maker = RouterMaker(topology, context)
+    m1 = node(cluster, "m1")
+    try:
+        client = clients()
+        until_accepted(client, "BTC-USDT", "warm")
+        rest_s1(client)
+        node(cluster, "x1").kill()
+        maker.place("BTC-USDT", "buy", price("BTC-USDT", 50), "0.001")  # the feed does not bring it
+        m1.proc.send_signal(signal.SIGSTOP)
+        cluster.start("x1")  # the feed is back, and the gateway asks m1 for the fills it lost
+        told = client.expect({"type": "error", "code": "unavailable"}, timeout=30.0)
+        assert told["symbols"] == ["BTC-USDT"] and "no answer in 10 s" in told["message"]
+        assert s1_fills(client) == []
+        m1.proc.send_signal(signal.SIGCONT)
+        client.wait_until(lambda: s1_fills(client) == TWO_FILLS[:1], "s1's fill", timeout=15.0)
+        client.send({"action": "cancel_order", "order_id": "s1", "symbol": "BTC-USDT", "id": "c"})
+        client.wait_until(lambda: client.orders["s1"][-1]["data"]["status"] == "canceled", "s1 canceled")
+        assert [(u["data"]["status"], u["data"]["filled"]) for u in client.orders["s1"]] == [
+            ("accepted", "0"), ("partially_filled", "0.001"), ("canceled", "0.001")]
+    finally:
+        if m1.proc.poll() is None:
+            m1.proc.send_signal(signal.SIGCONT)  # so that it can be stopped
+        maker.close()
+
+
 @pytest.mark.parametrize("failure", ["kill -9", "SIGSTOP"])
 def test_over_two_routers_a_connections_requests_are_answered_in_the_order_it_sent_them(
         cluster: Cluster, clients: Clients, failure: str) -> None:

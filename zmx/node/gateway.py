@@ -1304,8 +1304,17 @@ class Gateway:
             elif now >= request.give_up:
                 del self.fills_requests[(matcher, account)]
                 self.counts["fills_incomplete"] += 1
-                log.warning("%s: no answer from %s about the fills its feed lost, in %g s; giving up", account,
-                            matcher, FILLS_GIVE_UP_S)
+                log.warning("%s: no answer from %s about the fills its feed lost, in %g s; asked again once its "
+                            "snapshot service is connected again", account, matcher, FILLS_GIVE_UP_S)
+                # The matcher may be cut off from this gateway alone (its feed comes through a relay):
+                # the next handshake with its snapshot service asks every connection's fills again
+                # (_snapshot_service_event), and the client is told meanwhile.
+                self.matcher_lost.setdefault(matcher, now - (time.time_ns() - request.lost_ns) / 1e9)
+                symbols = sorted(request.after)
+                request.conn.send(error(
+                    "unavailable", f"fills of this connection's resting orders on {', '.join(symbols)} that the "
+                    f"gateway's feed lost could not be asked of their matcher (no answer in {FILLS_GIVE_UP_S:g} s); "
+                    "they come once it answers", symbols=symbols))
                 self._end_fills_request(request, ())
             elif now >= request.due and (not request.sent or now - request.sent >= SNAPSHOT_RETRY_S):
                 if request.sent:
