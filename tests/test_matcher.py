@@ -798,7 +798,7 @@ def test_a_matcher_whose_archive_of_used_ids_is_lost_does_not_start(
     data = tmp_path / "var" / "m1"
     archive = data / "used-ids.sqlite3"
     kept = archive.read_bytes()
-    assert len(_archived(archive)) >= 20
+    assert len(_archived(archive)) >= 10  # a snapshot's child stored a generation (more under a light load)
 
     archive.unlink()
     refused = cluster.start("m1", wait=False)
@@ -951,15 +951,16 @@ def test_order_ids_stay_used_once_archived_and_after_a_kill_9(
     assert not refused(110, "a0", account="bob")  # ids are per account
     assert not refused(111, "new-1")
 
+    # Once a child has stored a generation, the matcher moves it into its filters; the filter's
+    # first tier is a step in the matcher's memory, and its log says so.
+    node.wait_for_log("BTC-USDT: order-id filter tier 1 of 128 KiB started for 65536 ids; "
+                      "this matcher's order-id filters hold 131072 bytes")
     # A clean stop waits for the snapshot being written: what the children stored is in the table,
     # the first generation (a0 ... a9 at least) among it.
     assert node.stop() == 0
     data = tmp_path / "var" / "m1"
     archived = _archived(data / "used-ids.sqlite3")
     assert {f"alice\x00a{i}" for i in range(10)} <= archived
-    # The filter's first tier is a step in the matcher's memory; its log says so.
-    assert ("BTC-USDT: order-id filter tier 1 of 128 KiB started for 65536 ids; "
-            "this matcher's order-id filters hold 131072 bytes") in node.log_path.read_text()
     # The children also removed what their snapshots made obsolete: the newest snapshot and the
     # one before it are kept, with the journal segments from that one on.
     snapshots = sorted(int(f.name[9:19]) for f in data.glob("snapshot-*.snap"))
