@@ -589,11 +589,12 @@ class Gateway:
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed", "bad_utf8_closed",
             "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "feed_failovers",
             "resyncs", "fills_replayed", "fills_incomplete", "internal_errors", "orders_timed_out", "late_replies",
-            "late_replies_dropped")}
+            "late_replies_dropped", "orders_no_router")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
         self._late_logged_at = -BAD_LOG_S
+        self._no_router_logged_at = -BAD_LOG_S
         self._dirty: list[ChannelState] = []
         self._ping_turn = 0
         self._opened = 0
@@ -1199,6 +1200,12 @@ class Gateway:
             except zmq.Again:
                 continue
         else:
+            self.counts["orders_no_router"] += 1
+            now = time.monotonic()
+            if now - self._no_router_logged_at >= BAD_LOG_S:  # one line a second at most
+                self._no_router_logged_at = now
+                log.warning("no router is connected: orders are refused unavailable (%d so far)",
+                            self.counts["orders_no_router"])
             self._deliver(conn, session.on_reply(command, request_id, "unavailable", (), "no router is connected"))
             return
         self.requests[rid] = (conn, command, request_id, time.monotonic() + self.limits.order_timeout_s)
