@@ -10,6 +10,7 @@ connections, so a request may overtake the news: helpers retry until the behavio
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import time
@@ -616,3 +617,16 @@ def test_a_reply_whose_client_is_not_connected_is_sent_once_it_is_in_order_or_dr
         client.close(0)
         router.close()
         context.term()
+
+
+def test_table_a_matcher_back_with_an_earlier_epoch_is_served_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A matcher whose data directory is new (lost) starts at epoch 1 again: it serves (it is
+    the owner), and the router says what that may mean."""
+    t = table(timeout_s=1.0)
+    t.hello(b"m1", hello(["BTC-USDT", "SOL-USDT"], epoch=7), now=0.0)
+    t.bye(b"m1")
+    with caplog.at_level(logging.WARNING, logger="zmx.router"):
+        t.hello(b"m1", hello(["BTC-USDT", "SOL-USDT"], epoch=1), now=1.0)
+    assert t.route == {b"BTC-USDT": b"m1", b"SOL-USDT": b"m1"}
+    assert "m1: HELLO with epoch 1 after epoch 7: a second process using this name, or a matcher whose data " \
+           "directory is new" in caplog.text

@@ -169,7 +169,8 @@ class MatcherTable:
             raise Malformed("bad HELLO", f"HELLO symbols must be a list of strings, got {symbols!r:.80}")
         epoch = _epoch(data["epoch"], "HELLO")
         if epoch < m.epoch:
-            log.warning("%s: HELLO with epoch %d after epoch %d; is a second process using this name?",
+            log.warning("%s: HELLO with epoch %d after epoch %d: a second process using this name, or a matcher "
+                        "whose data directory is new (its books start empty, and old order ids are free again)",
                         m.name, epoch, m.epoch)
         foreign = [s for s in symbols if s not in m.owned]
         if foreign:
