@@ -610,7 +610,7 @@ class Gateway:
         self.sub.linger = 0
         self.sub.rcvhwm = HWM
         self.sub.maxmsgsize = PUBLICATION_MAX_BYTES
-        watch_peer(self.sub)  # a publisher that stops answering counts as lost about 4 s after
+        watch_peer(self.sub)  # a publisher that stops answering counts as lost about 4 s later
         self.upstream_symbols: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> symbols coming through it
         self.upstream_matchers: dict[str, tuple[str, ...]] = {}  # SUB endpoint -> matchers whose feed it carries
         # Each feed's ways, the one in use first (Topology.feed_paths): an upstream node, then its
