@@ -716,45 +716,76 @@ def small_disk(where: Path, size: str) -> Iterator[None]:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
 
 
-def test_a_full_disk_stops_the_matcher_before_it_answers_and_loses_no_acknowledged_order(
+def test_a_disk_filling_up_leaves_cancels_only_and_a_full_one_stops_the_matcher_losing_nothing(
         cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
     """Its data directory on a 128 KiB file system, a matcher takes orders one at a time until
-    the journal cannot take the next one: it stops with exit status 1 and says why, without
-    answering that order. With room again it comes back with every acknowledged order."""
+    the disk is nearly full (a sixteenth of it left): then new orders are refused
+    ``unavailable``, cancels go on, and orders are taken again once there is room. With the
+    rest of the disk taken by another file, the journal cannot take the next cancel: the
+    matcher stops with exit status 1 and says why, without answering it. With room again it
+    comes back with every acknowledged order and cancel."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small file system for the data directory needs root")
     var = tmp_path / "var"
+
+    def remount(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(var)], check=True, capture_output=True)
+
     with small_disk(var, "128k"):  # the archive of used ids takes about 60 KiB of it (SQLite's files)
         node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"])
         router.wait_for(b"HELLO")
-        acked: list[int] = []
-        for i in range(20_000):  # about 1,400 fit
+        resting: list[int] = []
+        for i in range(20_000):  # about 1,200 fit
             head = router.request(i, "BTC-USDT", limit(f"o{i}", f"a{i}", "BTC-USDT", BUY, 1000 + i, 1))
+            status, payload = router.reply(head, timeout_ms=5000)
+            if status == b"unavailable":
+                break
+            assert status == b"ok"
+            resting.append(i)
+        else:
+            raise AssertionError("the disk never came near full")
+        assert len(resting) > 100
+        assert b"its disk is nearly full" in payload and b"cancels only" in payload
+        assert "new orders and amends are refused unavailable until there is room again" in node.log()
+        gone = resting.pop()  # a cancel still goes
+        assert type(router.order(30_000, CancelOrder(f"o{gone}", f"a{gone}", "BTC-USDT"))[0]) is OrderCanceled
+
+        remount("4m")  # room again: orders are taken again
+        taken = 40_000
+        assert type(router.order(taken, limit(f"o{taken}", "z", "BTC-USDT", BUY, 900, 1))[0]) is OrderAccepted
+        resting.append(taken)
+        node.wait_for_log("orders are taken again")
+        remount("128k")  # and nearly full again
+
+        stat = os.statvfs(var)
+        (var / "filler").write_bytes(bytes(stat.f_bavail * stat.f_frsize))  # the rest of the disk
+        for n, i in enumerate(list(resting)):  # cancels until one finds no room in the journal
+            account = "z" if i == taken else f"a{i}"
+            head = router.request(50_000 + n, "BTC-USDT", CancelOrder(f"o{i}", account, "BTC-USDT"))
             try:
                 status, _ = router.reply(head, timeout_ms=5000)
             except AssertionError:
                 break
             assert status == b"ok"
-            acked.append(i)
+            resting.remove(i)
         else:
-            raise AssertionError("the journal never filled 128 KiB")
+            raise AssertionError("the journal took every cancel on a full disk")
         assert node.proc.wait(timeout=10) == 1
         assert "cannot write the journal" in node.log()
-        assert len(acked) > 100
-        subprocess.run(["mount", "-o", "remount,size=4m", str(var)], check=True, capture_output=True)
+        remount("4m")
         restarted = cluster.start("m1")
-        seq, bids, _ = book_of(snapshot_socket(zctx, restarted), "BTC-USDT")
-        held = {price - 1000 for price, _ in bids}
-        assert set(acked) <= held <= set(acked) | {len(acked)}, "an acknowledged order is missing, or more is there"
-        assert seq == len(held)
+        _, bids, _ = book_of(snapshot_socket(zctx, restarted), "BTC-USDT")
+        assert {price for price, _ in bids} == {900 if i == taken else 1000 + i for i in resting}, \
+            "an acknowledged order or cancel is missing, or one that was not answered is there"
         restarted.stop()
 
 
 def test_a_snapshot_that_does_not_fit_at_start_leaves_the_matcher_serving(
         cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
     """A start on a nearly full disk where the journal has room but the snapshot due at start
-    does not fit: the matcher says so and serves; the half-written snapshot leaves no file that
-    would take the journal's room; a restart with room has every order."""
+    does not fit: the matcher says so and serves (cancels only, the disk being nearly full);
+    the half-written snapshot leaves no file that would take the journal's room; a restart with
+    room has every order and cancel."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small file system for the data directory needs root")
     var = tmp_path / "var"
@@ -776,8 +807,10 @@ def test_a_snapshot_that_does_not_fit_at_start_leaves_the_matcher_serving(
                          restarted.log())
         assert not list((var / "m1").glob("*.tmp"))
         router.wait_for(b"HELLO", epoch=restarted.ready["epoch"])
-        for i in range(1500, 1510):
-            assert type(router.order(i, limit(f"o{i}", "b", "BTC-USDT", SELL, 5000 + i, 1))[0]) is OrderAccepted
+        head = router.request(1500, "BTC-USDT", limit("o1500", "b", "BTC-USDT", SELL, 5000, 1))
+        assert router.reply(head)[0] == b"unavailable"  # a new order: the disk is nearly full
+        for i in range(10):
+            assert type(router.order(2000 + i, CancelOrder(f"o{i}", f"a{i % 7}", "BTC-USDT"))[0]) is OrderCanceled
         assert restarted.stop() == 0
         (var / "filler").unlink()
         again = cluster.start("m1")

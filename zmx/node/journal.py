@@ -584,6 +584,12 @@ class Journal:
                 _datasync(self._fd)
             self._dirty = False
 
+    def disk_space(self) -> tuple[int, int]:
+        """``(free, size)`` in bytes of the file system the journal is written to (free: what
+        this process may still use)."""
+        disk = os.fstatvfs(self._fd)
+        return disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
+
     # -- snapshots ------------------------------------------------------------------------
 
     def write_snapshot(self, engines: Mapping[str, bytes], archived: int | None = None) -> None:

@@ -56,7 +56,7 @@ from zmx.codec import (
     join_publication,
     pack_records,
 )
-from zmx.commands import COMMAND_TYPES
+from zmx.commands import COMMAND_TYPES, CancelOrder
 from zmx.engine import MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES, FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError
@@ -107,12 +107,19 @@ PROBLEM_LOG_S = 1.0
 # slice at most (a slice of 2,000 after an idle poll used to hold new requests 5-7 ms).
 ABSORB_SLICE = 200
 STOP_LINGER_MS = 500  # BYE and the last batch's replies and events may take this long to leave
+# Room kept free on the data directory's file system: below it, new orders and amends are
+# refused ``unavailable`` and cancels go on (each a journal record of a few dozen bytes), so
+# that a disk filling up leaves clients able to take their orders off the book, the feed
+# running, and room for snapshots, instead of stopping the matcher with every symbol when the
+# journal can take no more. A small file system keeps a sixteenth of its size instead.
+DISK_RESERVE_BYTES = 64 << 20
+DISK_RESERVE_SHARE = 16
 
 HEADER_VERSION = 1
 HEADER_MIN = 10  # version byte + 8-byte request id + at least one byte of symbol
 
 HELLO, HB, BYE = b"HELLO", b"HB", b"BYE"
-OK, BAD_REQUEST, UNKNOWN_SYMBOL = b"ok", b"bad_request", b"unknown_symbol"
+OK, BAD_REQUEST, UNKNOWN_SYMBOL, UNAVAILABLE = b"ok", b"bad_request", b"unknown_symbol", b"unavailable"
 SNAP, FILLS, ERR = b"SNAP", b"FILLS", b"ERR"
 FILLS_ACCOUNT_MAX = 128  # bytes of an account in a fills request (an account topic holds at most 126)
 FILLS_REQUEST_MAX = 64 * 1024  # bytes of a fills request's trade ids
@@ -287,6 +294,7 @@ class Matcher:
         self.problems_total: Counter[str] = Counter()
         self.served = False  # it started serving (a start that failed ends with its error, no summary)
         self.dropped_replies = 0
+        self.cancels_only = b""  # while the disk is nearly full: why new orders and amends are refused
         self._last_conn_log: dict[str, float] = {}
         self._last_engine_log = -1e9
 
@@ -509,6 +517,8 @@ class Matcher:
         commands = _COMMANDS
         clock = time.perf_counter
         handled = 0
+        self.check_disk()
+        cancels_only = self.cancels_only
         while handled < BATCH and not (handled and clock() >= deadline):
             try:
                 frame = recv(dealer, _NOBLOCK, False)
@@ -549,6 +559,10 @@ class Matcher:
                         add_reply((dealer, client, header, UNKNOWN_SYMBOL,
                                    f"matcher {self.name} does not own {symbol}".encode()))
                     continue
+                if cancels_only and type(cmd) is not CancelOrder:
+                    self.problems["refused: the disk is nearly full"] += 1
+                    add_reply((dealer, client, header, UNAVAILABLE, cancels_only))
+                    continue
                 ts_ns = time_ns()
                 add_record((ts_ns, body))  # it reaches the engine: journaled, whatever happens in there
                 try:
@@ -564,6 +578,26 @@ class Matcher:
                 counts[symbol] += 1
                 add_reply((dealer, client, header, OK, packed))
                 add_published((symbol, events, packed))
+
+    def check_disk(self) -> None:
+        """Cancels only once the data directory's file system has less than its reserve free
+        (``DISK_RESERVE_BYTES``), until it has a quarter more than that; said when it starts
+        and when it ends."""
+        assert self.journal is not None
+        try:
+            free, size = self.journal.disk_space()
+        except OSError:
+            return  # the next write says what is wrong
+        reserve = min(DISK_RESERVE_BYTES, size // DISK_RESERVE_SHARE)
+        if free < reserve and not self.cancels_only:
+            self.cancels_only = (f"matcher {self.name}: its disk is nearly full ({free // 1024} KiB free, "
+                                 f"{reserve // 1024} KiB kept); cancels only").encode()
+            log.error("the disk of %s has %d KiB free, less than the %d KiB kept: new orders and amends are refused "
+                      "unavailable until there is room again; cancels go on", self.node.data_dir, free // 1024,
+                      reserve // 1024)
+        elif free >= reserve + reserve // 4 and self.cancels_only:  # a margin: no flapping at the edge
+            self.cancels_only = b""
+            log.info("the disk of %s has %d KiB free again: orders are taken again", self.node.data_dir, free // 1024)
 
     def engine_failed(self, symbol: str, cmd: object) -> None:
         """Log an engine exception (a bug), at most once a second with its traceback."""
