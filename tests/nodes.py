@@ -90,14 +90,6 @@ class NodeProcess:
         except OSError:
             return ""
 
-    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
-        """Until ``text`` is in the node's log (a line it writes once something happened)."""
-        deadline = time.monotonic() + timeout
-        while text not in self.log_path.read_text(errors="replace"):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"node {self.name} did not log {text!r} in {timeout} s:\n{self.log()}")
-            time.sleep(0.02)  # a file has no event to wait for
-
     def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
         """Block until the node prints its READY line; fail with its log if it does not."""
         assert self.proc.stdout is not None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import zmq
@@ -154,9 +153,10 @@ def test_a_relay_fans_out_to_several_subscribers(cluster: Cluster, tmp_path: Pat
 
 
 class Blackhole:
-    """A TCP forwarder from 127.0.0.1:``port`` to ``upstream``, whose ``cut`` makes the
-    connections it carries go silent both ways without closing (what a link that fails, or a
-    host that dies without a TCP reset, leaves: half-open connections); new ones go through."""
+    """A TCP forwarder from 127.0.0.1:``port`` to ``upstream`` (each new connection goes where
+    ``upstream`` says at the time), whose ``cut`` makes the connections it carries go silent
+    both ways without closing (what a link that fails, or a host that dies without a TCP reset,
+    leaves: half-open connections); new ones go through."""
 
     def __init__(self, port: int, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -224,26 +224,19 @@ def test_a_relay_drops_an_upstream_connection_that_went_silent_and_reaches_the_r
     book until their clients left. Its pings now drop such a connection, and it connects again."""
     cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}, relay=True)
     topology = load_topology(cluster.topology)
-    host, port = connect_endpoint(topology.nodes["m1"].pub)[len("tcp://"):].rsplit(":", 1)  # type: ignore[union-attr]
-    (behind,) = free_ports(1)
+    _, port = connect_endpoint(topology.nodes["m1"].pub)[len("tcp://"):].rsplit(":", 1)  # type: ignore[union-attr]
 
-    def publisher() -> zmq.Socket:  # the matcher, at a port of its own behind the forwarder
+    def publisher(at: int) -> zmq.Socket:  # the matcher, at a port of its own behind the forwarder
         xpub = context.socket(zmq.XPUB)
         xpub.linger = 0
         xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        deadline = time.monotonic() + 5
-        while True:  # the port of the one closed just before is freed by ZeroMQ's I/O thread
-            try:
-                xpub.bind(f"tcp://127.0.0.1:{behind}")
-                return xpub
-            except zmq.ZMQError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        xpub.bind(f"tcp://127.0.0.1:{at}")
+        return xpub
 
-    link = Blackhole(int(port), ("127.0.0.1", behind))
+    first, second = free_ports(2)
+    link = Blackhole(int(port), ("127.0.0.1", first))
     try:
-        m1 = publisher()
+        m1 = publisher(first)
         cluster.start("x1")
         sub = subscriber(context, connect_endpoint(topology.nodes["x1"].pub), "BTC-USDT")  # type: ignore[union-attr]
         assert recv(m1, "the subscription") == b"\x01" + topic("BTC-USDT")
@@ -252,7 +245,8 @@ def test_a_relay_drops_an_upstream_connection_that_went_silent_and_reaches_the_r
 
         link.cut()  # the link fails...
         m1.close()  # ... and the matcher dies, its goodbye lost with the link
-        m1 = publisher()  # restarted; new connections go through again
+        m1 = publisher(second)  # restarted; new connections go through again, to it
+        link.upstream = ("127.0.0.1", second)
         # The relay connects to it again once its pings found the old connection dead (about
         # 4 s), and its subscriber's subscription comes with it.
         assert m1.poll(15_000), "the relay never connected to the restarted matcher"
