@@ -219,6 +219,13 @@ def _valid_record_after(data: bytes, offset: int, used: int) -> int | None:
     return None
 
 
+def _disk_space(fd: int) -> tuple[int, int]:
+    """``(free, size)`` in bytes of the file system ``fd`` is on (free: what this process may
+    still use)."""
+    disk = os.fstatvfs(fd)
+    return disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
+
+
 def _preallocate(fd: int, offset: int, length: int) -> bool:
     """Reserve ``length`` bytes of the file from ``offset`` on (they read as zeros); False where
     it cannot be done (the file system does not support it, or is too full to reserve that
@@ -226,8 +233,7 @@ def _preallocate(fd: int, offset: int, length: int) -> bool:
     ``PREALLOCATE_KEEP_FREE`` free: room that no record uses yet must not take the space a
     snapshot (written by a child process) or the archive of used order ids needs."""
     try:
-        disk = os.fstatvfs(fd)
-        if disk.f_bavail * disk.f_frsize < length + PREALLOCATE_KEEP_FREE:
+        if _disk_space(fd)[0] < length + PREALLOCATE_KEEP_FREE:
             return False
         os.posix_fallocate(fd, offset, length)
     except OSError as e:
@@ -585,10 +591,8 @@ class Journal:
             self._dirty = False
 
     def disk_space(self) -> tuple[int, int]:
-        """``(free, size)`` in bytes of the file system the journal is written to (free: what
-        this process may still use)."""
-        disk = os.fstatvfs(self._fd)
-        return disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
+        """``(free, size)`` in bytes of the file system the journal is written to."""
+        return _disk_space(self._fd)
 
     # -- snapshots ------------------------------------------------------------------------
 

@@ -447,6 +447,7 @@ class Matcher:
                 snap_ready = subscribed = False
                 events_from: list[zmq.Socket] = []
                 deadline = clock() + DRAIN_BUDGET_S  # one budget for the batch, whichever routers fill it
+                self.check_disk()  # once a turn, whichever routers have requests
                 for sock, _ in ready:
                     if sock in dealers:
                         self.drain_requests(sock, records, replies, published, deadline)
@@ -517,8 +518,7 @@ class Matcher:
         commands = _COMMANDS
         clock = time.perf_counter
         handled = 0
-        self.check_disk()
-        cancels_only = self.cancels_only
+        cancels_only = self.cancels_only  # (check_disk: at the start of the turn)
         while handled < BATCH and not (handled and clock() >= deadline):
             try:
                 frame = recv(dealer, _NOBLOCK, False)
