@@ -38,12 +38,14 @@ def _git(*args: str) -> str | None:
 
 
 def git_commit() -> str:
-    """``HEAD``'s hash, with ``-dirty`` when tracked files have changes; ``unknown`` outside a
-    repository or before its first commit."""
+    """``HEAD``'s hash, with ``-dirty`` when tracked files have changes (other than the results
+    files: a benchmark run after another one finds the first one's results changed, and its
+    code is still ``HEAD``'s); ``unknown`` outside a repository or before its first commit."""
     head = _git("rev-parse", "--verify", "--quiet", "HEAD")
     if not head:
         return "unknown"
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  f":(exclude){RESULTS_DIR.relative_to(ROOT).as_posix()}")
     return head + "-dirty" if status else head
 
 
