@@ -43,6 +43,10 @@ Rounds of a cell (the same for every target):
    (``bench_orders.paced``), lowered where it would make more than ``--moderate-cap``
    deliveries/s (``moderate_rate``: at N = 5,000 and 15,000 the full rate would keep even the
    raw servers' walks busy most of the time, and the round would measure their backlogs).
+   ``--moderate-rounds`` (3) such rounds, one after the other, and the one with the median
+   p99 counts (``moderate``; every round is in ``moderate_rounds``): the p99 ratio between
+   servers is a target, and one disturbance of the machine inside a single round moved it
+   4x (a cell at 4.17x gave 1.0x rerun at once).
 2. **max**: a burst of orders sent as fast as the driver goes (256 in flight); the count is
    chosen so that about ``--max-delivered`` messages are delivered (at most 20,000 orders). The
    gateway takes them as fast as it can: delivered/s and CPU per message at saturation; the
@@ -79,9 +83,10 @@ connection (RSS once all N subscribed and idle, minus RSS with one anchor connec
 channel, / N). Targets: ``TARGETS``.
 
 Cells are measured one after the other, the three targets of a cell in turn (gateway first:
-the ceilings replay its feed rates); one round of each kind, no best-of, but for the max
-round: ``--max-rounds`` (3) bursts for the gateway and for each ceiling, and the one with the
-median delivered messages per CPU-second counts (``max``; every burst is in ``max_rounds``).
+the ceilings replay its feed rates); no best-of: one high round, ``--moderate-rounds`` (3)
+moderate rounds of which the one with the median p99 counts (above), and ``--max-rounds`` (3)
+bursts for the gateway and for each ceiling, of which the one with the median delivered
+messages per CPU-second counts (``max``; every burst is in ``max_rounds``).
 One burst is a second or two, and how many publications each write carries in it moves
 from burst to burst: the CPU ratio of one cell moved between 0.49 and 0.88 over three runs
 of the same code with a single burst.
@@ -1294,6 +1299,19 @@ def quiesce(clients: Clients, max_seconds: float = 60.0) -> bool:
     return False
 
 
+def median_p99(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The moderate round with the median latency p99 (the lower middle of an even count; a
+    round without latency samples ranks last), and each round's figures in the order they ran."""
+    def p99(r: dict[str, Any]) -> float:
+        value = r["latency_ms"]["p99"]
+        return float("inf") if value is None else value
+    ranked = sorted(rounds, key=p99)
+    listed = [{"latency_ms": r["latency_ms"], "read_latency_ms": r["read_latency_ms"],
+               **{key: r[key] for key in ("delivered", "seconds", "delivered_per_s", "server_cpu_s",
+                                          "delivered_per_server_cpu_s")}} for r in rounds]
+    return ranked[(len(ranked) - 1) // 2], listed
+
+
 def median_burst(bursts: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The burst with the median delivered messages per server CPU-second (the lower middle
     of an even count), and each burst's figures in the order they ran."""
@@ -1427,9 +1445,11 @@ class Bench:
             clients, memory = self.connect(port, n, k, procs, pids)
             result: dict[str, Any] = {"memory": memory}
             rate = moderate_rate(args, n, k)
-            drive = self.drive(f"paced {rate:.3f} {args.moderate_seconds} {k}", args.moderate_seconds + 90)
-            moderate = measure_round(run, clients, pids(), drive, self.named())
-            result["moderate"] = moderate
+            paced = f"paced {rate:.3f} {args.moderate_seconds} {k}"
+            moderates = [measure_round(run, clients, pids(), self.drive(paced, args.moderate_seconds + 90),
+                                       self.named()) for _ in range(args.moderate_rounds)]
+            result["moderate"], result["moderate_rounds"] = median_p99(moderates)
+            moderate = result["moderate"]
             per_order = (moderate["feed_messages"] / moderate["driver"]["orders"]) if moderate["feed_messages"] \
                 else 1.3
             subscribers = (n + k) / k
@@ -1442,7 +1462,7 @@ class Bench:
             high = min(MAX_PACED, max(1.0, args.high * best / subscribers * k / max(per_order, 0.5)))
             result["high"] = measure_round(run, clients, pids(), self.drive(f"paced {high:.3f} {args.seconds} {k}",
                                                                             args.seconds + 90), self.named())
-            for r in (moderate, *bursts, result["high"]):
+            for r in (*moderates, *bursts, result["high"]):
                 for kind, example in r.pop("_examples").items():
                     self.examples.setdefault(kind, example)
             if self.examples:
@@ -1504,12 +1524,14 @@ class Bench:
                 return go
 
             named = {"feeder": [feeder.proc.pid]}
-            result["moderate"] = measure_round(run, clients, pids(), emit(m_rate, m_total), named)
+            moderates = [measure_round(run, clients, pids(), emit(m_rate, m_total), named)
+                         for _ in range(args.moderate_rounds)]
+            result["moderate"], result["moderate_rounds"] = median_p99(moderates)
             bursts = [measure_round(run, clients, pids(), emit(x_rate, x_total), named)
                       for _ in range(args.max_rounds)]
             result["max"], result["max_rounds"] = median_burst(bursts)
             result["high"] = measure_round(run, clients, pids(), emit(h_rate, h_total), named)
-            for r in (result["moderate"], *bursts, result["high"]):
+            for r in (*moderates, *bursts, result["high"]):
                 r.pop("_examples", None)
                 r["prev_seq_breaks"] = None  # the ceilings' frames carry no real sequence
             progress(mode, result)
@@ -1563,9 +1585,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="orders/s per channel in the moderate round (20)")
     parser.add_argument("--moderate-cap", type=above_zero, default=30_000.0,
                         help="at most this many deliveries/s in the moderate round (30000)")
-    parser.add_argument("--moderate-seconds", type=above_zero, default=12.0,
-                        help="length of the moderate round (12 s: the p99 of one round is compared between servers, "
-                             "and at large N a 5 s round held only about 30 walks)")
+    parser.add_argument("--moderate-seconds", type=above_zero, default=6.0,
+                        help="length of a moderate round (6 s; at large N a 5 s round held only about 30 walks)")
+    parser.add_argument("--moderate-rounds", type=at_least_one, default=None,
+                        help="moderate rounds per target and cell; the one with the median p99 counts (3; 1 with "
+                             "--quick)")
     parser.add_argument("--seconds", type=above_zero, default=5.0, help="length of the high round (5 s)")
     parser.add_argument("--high", type=above_zero, default=0.5,
                         help="the high round's rate, as a share of the gateway's max delivered/s (0.5)")
@@ -1592,6 +1616,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.seconds, args.moderate_seconds, args.max_delivered = args.n or [200], 2.0, 2.0, 100_000
     args.n = args.n or FULL_N
     args.max_rounds = args.max_rounds or (1 if args.quick else 3)
+    args.moderate_rounds = args.moderate_rounds or (1 if args.quick else 3)
     if "gateway" in args.targets and not gateway_available():
         warn("zmx/node/gateway.py is missing: measuring the ceilings only")
         args.targets = [t for t in args.targets if t != "gateway"]
@@ -1604,7 +1629,7 @@ def main(argv: list[str] | None = None) -> int:
         warn(note)
     print(f"cells: N {', '.join(map(str, args.n))} x K {', '.join(map(str, args.k))}; targets "
           f"{', '.join(args.targets)}; moderate {args.moderate:g} orders/s per channel for "
-          f"{args.moderate_seconds:g} s; "
+          f"{args.moderate_seconds:g} s x {args.moderate_rounds} (the median p99 counts); "
           f"max: about {args.max_delivered:,} deliveries; matcher fsync: never; gateway workers {args.workers}")
     directory = Path(tempfile.mkdtemp(prefix="zmx-bench-fanout-"))
     run = Run(directory)
@@ -1706,7 +1731,8 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
     figures = {
         "config": {"n": args.n, "k": args.k, "workers": args.workers, "moderate_orders_per_s_per_channel":
                    args.moderate, "moderate_deliveries_per_s_cap": args.moderate_cap,
-                   "moderate_seconds": args.moderate_seconds, "paced_seconds": args.seconds,
+                   "moderate_seconds": args.moderate_seconds, "moderate_rounds": args.moderate_rounds,
+                   "paced_seconds": args.seconds,
                    "high_share_of_max": args.high, "max_rounds": args.max_rounds,
                    "write_ceiling_max_share": 1 / WRITE_MAX_SHARE, "max_delivered": args.max_delivered,
                    "ceiling_feed": "zeromq",  # the ceilings read their feed from a feeder process's PUB
