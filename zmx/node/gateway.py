@@ -72,7 +72,7 @@ from zmx import codec
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
-from zmx.handshake import PAGE_METHODS, refused_method, upgrade_response
+from zmx.handshake import MAX_REQUEST_LINE_BYTES, PAGE_METHODS, refused_method, upgrade_response
 from zmx.node.client import HWM, Reply, encode_header, parse_reply
 from zmx.node.runtime import (
     PING_IVL_MS,
@@ -216,7 +216,7 @@ class Connection(asyncio.Protocol):
     """One WebSocket client: the transport, the websockets state machine and the session."""
 
     __slots__ = ("account_subscribed", "behind", "behind_since", "closing", "fragments", "gateway", "missed",
-                 "out", "ping_sent", "ping_slot", "session", "transport", "ws")
+                 "out", "ping_sent", "ping_slot", "request_start", "session", "transport", "ws")
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -227,6 +227,8 @@ class Connection(asyncio.Protocol):
         # message, a closing handshake); see _open_ws.
         self.ws: ServerProtocol | None = None
         self.session: Session | None = None  # set once the handshake is done
+        # What came of a plain HTTP request whose request line has not all come (see _refused)
+        self.request_start: bytes | None = None
         # Bytes to write together at the end of the callback that makes them: a fan-out turn's
         # channel frames, a tick's heartbeats, or what one read answers (a handshake's response,
         # a subscription's ack and snapshots, errors, pongs). None outside such a callback:
@@ -258,10 +260,7 @@ class Connection(asyncio.Protocol):
                     accepted = upgrade_response(data, self.gateway.http_date())
                     if accepted is None:  # anything but a plain upgrade request in one read
                         ws = self.ws = ServerProtocol(max_size=self.gateway.limits.max_message_bytes)
-                        method = refused_method(data)
-                        if method is not None:  # answered before websockets parses it: it may have a body
-                            ws.send_response(http_response("/", method))
-                            self._flush_ws(ws)
+                        if self._refused(ws, data):
                             return
                     else:
                         response, end = accepted
@@ -273,6 +272,8 @@ class Connection(asyncio.Protocol):
                         ws = self._open_ws()
                 else:
                     ws = self._open_ws()
+            elif self.request_start is not None and self._refused(ws, self.request_start + data):
+                return
             ws.receive_data(data)
             answered = False
             for event in ws.events_received():
@@ -290,6 +291,21 @@ class Connection(asyncio.Protocol):
             self._flush_ws(ws)
         finally:
             self._write_out()
+
+    def _refused(self, ws: ServerProtocol, start: bytes) -> bool:
+        """Answer 405 to a request whose method is neither GET nor HEAD (``start``: what came of
+        it so far), before websockets parses it: its parser refuses a request with a body, as a
+        POST usually has, which would make it a 400. While the request line has not all come,
+        ``start`` is kept and looked at again with the next read."""
+        method = refused_method(start)
+        if method is not None:
+            self.request_start = None
+            ws.send_response(http_response("/", method))
+            self._flush_ws(ws)
+            return True
+        whole = b"\r\n" in start or len(start) >= MAX_REQUEST_LINE_BYTES  # (too long: websockets refuses it)
+        self.request_start = None if whole else start
+        return False
 
     def eof_received(self) -> bool | None:
         ws = self.ws
