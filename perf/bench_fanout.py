@@ -77,7 +77,9 @@ Figures per round: delivered messages/s (every message every client counted, ove
 from the first to the last feed message a sampler received), server CPU
 (utime + stime from ``/proc``, every gateway worker) per million delivered messages and
 delivered per CPU-second, latency p50 / p99 / p99.9 to arrival (``latency_ms``; the targets) and
-to the read (``read_latency_ms``) from the samplers, the CPU of the
+to the read (``read_latency_ms``) from the samplers, in the gateway's moderate rounds the
+latency of the feed alone (``feed_latency_ms``: a bare SUB on the matcher's PUB, ``role_feedprobe``;
+the gateway's latency starts at the matcher's ``ts``, the ceilings' as their feeder sends), the CPU of the
 clients, driver, matcher and router, and per cell the server's RSS delta per idle subscribed
 connection (RSS once all N subscribed and idle, minus RSS with one anchor connection per
 channel, / N). Targets: ``TARGETS``.
@@ -976,6 +978,86 @@ def role_feeder(examples_path: str) -> None:
         ctx.term()
 
 
+# -- the feed alone (--role feedprobe) -------------------------------------------------------------------
+
+
+def role_feedprobe(pub: str) -> None:
+    """A bare SUB on the matcher's PUB, beside the gateway in its moderate rounds: what the feed
+    alone takes, from the matcher's ``ts`` to this process, one sample a publication (its
+    first depth change or trade). ``start K`` subscribes channels 0..K-1 and answers once
+    each one's first message came (the matcher answers a new subscription with a heartbeat);
+    ``stop`` unsubscribes them (nothing comes to it in the bursts) and answers the
+    histogram."""
+    import zmq
+
+    from zmx.codec import decode_publication
+    from zmx.events import BookChanged, TradeOccurred
+    from zmx.topics import topic
+
+    timed = (BookChanged, TradeOccurred)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(pub)
+    poller = zmq.Poller()
+    poller.register(sub, zmq.POLLIN)
+    stdin = sys.stdin.fileno()
+    poller.register(stdin, zmq.POLLIN)
+    announce_ready("feedprobe", "feedprobe")
+    hist: Counter[int] = Counter()
+    names: list[str] = []
+    heard: set[str] = set()
+    waiting_since = 0.0  # when start subscribed, until every channel was heard (0: not waiting)
+    pending = b""
+    try:
+        while True:
+            events = dict(poller.poll(200))
+            if sub in events:
+                while True:
+                    try:
+                        frame = sub.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    now = time.time_ns()
+                    name, published = decode_publication(frame)
+                    heard.add(name)
+                    for event in published:
+                        if type(event) in timed:
+                            hist[bucket_us((now - event.ts_ns) // 1000)] += 1  # type: ignore[union-attr]
+                            break
+            if waiting_since and heard >= set(names):
+                waiting_since = 0.0
+                print(json.dumps({"started": len(names)}), flush=True)
+            elif waiting_since and time.monotonic() - waiting_since > 10.0:
+                print(json.dumps({"error": f"feedprobe: heard {len(heard)} of {len(names)} channels in 10 s"}),
+                      flush=True)
+                return
+            if stdin in events:
+                chunk = os.read(stdin, 4096)
+                if not chunk:
+                    return
+                pending += chunk
+                while b"\n" in pending:
+                    line, _, pending = pending.partition(b"\n")
+                    words = line.decode().split()
+                    if not words or words[0] == "quit":
+                        return
+                    if words[0] == "start":
+                        names = list(SYMBOLS[:int(words[1])])
+                        heard.clear()
+                        for name in names:
+                            sub.subscribe(topic(name))
+                        hist.clear()
+                        waiting_since = time.monotonic()
+                    elif words[0] == "stop":
+                        for name in names:
+                            sub.unsubscribe(topic(name))
+                        print(json.dumps({"hist": hist}), flush=True)
+    finally:
+        sub.close(0)
+        ctx.term()
+
+
 # -- order driver (--role driver) ----------------------------------------------------------------------
 
 
@@ -1016,7 +1098,7 @@ def driver_report(commands: Sequence[Command], r: Any) -> str:
 
 def role_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench_fanout.py --role")
-    parser.add_argument("role", choices=("clients", "ceiling", "driver", "feeder"))
+    parser.add_argument("role", choices=("clients", "ceiling", "driver", "feeder", "feedprobe"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--count", type=int, default=0)
@@ -1038,6 +1120,9 @@ def role_main(argv: list[str]) -> int:
         return 0
     if args.role == "feeder":
         role_feeder(args.examples)
+        return 0
+    if args.role == "feedprobe":
+        role_feedprobe(args.feed)
         return 0
     import uvloop
 
@@ -1306,9 +1391,9 @@ def median_p99(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[
         value = r["latency_ms"]["p99"]
         return float("inf") if value is None else value
     ranked = sorted(rounds, key=p99)
-    listed = [{"latency_ms": r["latency_ms"], "read_latency_ms": r["read_latency_ms"],
-               **{key: r[key] for key in ("delivered", "seconds", "delivered_per_s", "server_cpu_s",
-                                          "delivered_per_server_cpu_s")}} for r in rounds]
+    listed = [{key: r[key] for key in ("latency_ms", "read_latency_ms", "feed_latency_ms", "delivered", "seconds",
+                                       "delivered_per_s", "server_cpu_s", "delivered_per_server_cpu_s") if key in r}
+              for r in rounds]
     return ranked[(len(ranked) - 1) // 2], listed
 
 
@@ -1395,10 +1480,27 @@ class Bench:
         self.router = self.run.node(base, "r1")
         self.driver, _ = self.run.helper("driver", "driver", "--front", f"tcp://127.0.0.1:{ports['front']}",
                                          "--seed", str(self.args.seed), ready_timeout=60.0)
+        self.feedprobe, _ = self.run.helper("feedprobe", "feedprobe", "--feed", f"tcp://127.0.0.1:{ports['pub']}")
 
     def named(self) -> dict[str, list[int]]:
         return {"driver": [self.driver.proc.pid], "matcher": [self.matcher.proc.pid],
-                "router": [self.router.proc.pid]}
+                "router": [self.router.proc.pid], "feedprobe": [self.feedprobe.proc.pid]}
+
+    def moderate_round(self, clients: Clients, server_pids: list[int], paced: str, k: int) -> dict[str, Any]:
+        """A moderate round of the gateway, and beside it the feed alone: ``feed_latency_ms``,
+        the matcher's ``ts`` to a bare SUB on its PUB (``role_feedprobe``), which the gateway's
+        latency includes and the ceilings' feeder, stamping as it sends, does not."""
+        probe = self.feedprobe
+        probe.write(f"start {k}")
+        started = json.loads(probe.line(30.0))
+        if "error" in started:
+            raise RuntimeError(f"{probe.name}: {started}\n{probe.log()}")
+        r = measure_round(self.run, clients, server_pids, self.drive(paced, self.args.moderate_seconds + 90),
+                          self.named())
+        probe.write("stop")
+        got = json.loads(probe.line(30.0))
+        r["feed_latency_ms"] = hist_percentiles({int(b): n for b, n in got["hist"].items()})
+        return r
 
     def drive(self, command: str, timeout: float) -> Callable[[], dict[str, Any]]:
         def go() -> dict[str, Any]:
@@ -1446,8 +1548,7 @@ class Bench:
             result: dict[str, Any] = {"memory": memory}
             rate = moderate_rate(args, n, k)
             paced = f"paced {rate:.3f} {args.moderate_seconds} {k}"
-            moderates = [measure_round(run, clients, pids(), self.drive(paced, args.moderate_seconds + 90),
-                                       self.named()) for _ in range(args.moderate_rounds)]
+            moderates = [self.moderate_round(clients, pids(), paced, k) for _ in range(args.moderate_rounds)]
             result["moderate"], result["moderate_rounds"] = median_p99(moderates)
             moderate = result["moderate"]
             per_order = (moderate["feed_messages"] / moderate["driver"]["orders"]) if moderate["feed_messages"] \
@@ -1546,7 +1647,8 @@ class Bench:
 def progress(name: str, result: dict[str, Any]) -> None:
     m, x, h = result["moderate"], result["max"], result["high"]
     print(f"    {name:8} {result['memory']['kb_per_connection']:5.2f} KB/conn | moderate {fmt(m['delivered_per_s'])}/s "
-          f"p99 {fmt(m['latency_ms']['p99'], '.2f')} ms (read {fmt(m['read_latency_ms']['p99'], '.1f')}) | "
+          f"p99 {fmt(m['latency_ms']['p99'], '.2f')} ms (read {fmt(m['read_latency_ms']['p99'], '.1f')}"
+          + (f", feed alone {fmt(m['feed_latency_ms']['p99'], '.1f')}" if "feed_latency_ms" in m else "") + ") | "
           f"max {fmt(x['delivered_per_s'])}/s, "
           f"{fmt(x['server_cpu_s_per_million'], '.2f')} CPU s/M{burst_spread(result)} | "
           f"high {fmt(h['delivered_per_s'])}/s "
@@ -1684,6 +1786,7 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                           "moderate_p50_ms": gw["moderate"]["latency_ms"]["p50"],
                           "moderate_p99_ms": gw["moderate"]["latency_ms"]["p99"],
                           "moderate_read_p99_ms": gw["moderate"]["read_latency_ms"]["p99"],
+                          "moderate_feed_p99_ms": gw["moderate"].get("feed_latency_ms", {}).get("p99"),
                           "high_delivered_per_s": gw["high"]["delivered_per_s"],
                           "high_p50_ms": gw["high"]["latency_ms"]["p50"],
                           "high_p99_ms": gw["high"]["latency_ms"]["p99"],
@@ -1705,6 +1808,8 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                     g99, w99 = gw[rnd]["latency_ms"]["p99"], wr[rnd]["latency_ms"]["p99"]
                     if g99 is not None and w99:
                         entry[f"p99_vs_raw_{rnd}"] = round(g99 / w99, 3)
+                # beside it, not in it: how much of the gateway's p99 the matcher's feed already had
+                entry["moderate_feed_p99_ms"] = gw["moderate"].get("feed_latency_ms", {}).get("p99")
                 # "At the same N and rate": the high round counts only where the one-write-per-
                 # message server kept the gateway's rate (it rarely can: it waits rather than
                 # queue, so its latency there is that of a lower rate).
