@@ -96,10 +96,12 @@ from bench_fanout import (
     HZ,
     Run,
     StampedSocket,
+    StdinLines,
     bucket_us,
     client_frame,
     hist_percentiles,
     jiffies,
+    received_publications,
     rss_kb,
     server_frame,
     server_frames,
@@ -468,7 +470,6 @@ class ClientRunner:
 def role_probe(pub: str, k: int) -> None:
     import zmq
 
-    from zmx.codec import decode_publication
     from zmx.events import BookChanged
     from zmx.topics import topic
 
@@ -482,25 +483,18 @@ def role_probe(pub: str, k: int) -> None:
         sub.subscribe(topic(name))
     poller = zmq.Poller()
     poller.register(sub, zmq.POLLIN)
-    stdin = sys.stdin.fileno()
-    poller.register(stdin, zmq.POLLIN)
+    stdin = StdinLines()
+    poller.register(stdin.fd, zmq.POLLIN)
     seen: set[str] = set()
     ready = False
     window = False
     counts: Counter[str] = Counter()
     hist: Counter[int] = Counter()
-    pending = b""
     deadline = time.monotonic() + 30.0
     while True:
         events = dict(poller.poll(500))
         if sub in events:
-            while True:
-                try:
-                    frame = sub.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                now = time.time_ns()
-                name, published = decode_publication(frame)
+            for now, name, published in received_publications(sub):
                 seen.add(name)
                 if window:
                     for event in published:
@@ -514,14 +508,9 @@ def role_probe(pub: str, k: int) -> None:
             elif time.monotonic() > deadline:
                 print(json.dumps({"error": f"probe: heard {len(seen)} of {len(names)} symbols in 30 s"}), flush=True)
                 return
-        if stdin in events:
-            chunk = os.read(stdin, 4096)
-            if not chunk:
-                return
-            pending += chunk
-            while b"\n" in pending:
-                line, _, pending = pending.partition(b"\n")
-                word = line.decode().strip()
+        if stdin.fd in events:
+            lines = stdin.read()
+            for word in ["quit"] if lines is None else lines:
                 if word == "quit":
                     return
                 if word == "start":

@@ -981,6 +981,40 @@ def role_feeder(examples_path: str) -> None:
 # -- the feed alone (--role feedprobe) -------------------------------------------------------------------
 
 
+def received_publications(sub: Any) -> Iterator[tuple[int, str, tuple[Any, ...]]]:
+    """What the SUB socket ``sub`` has waiting, without blocking: ``(arrival ns, name,
+    events)`` a publication (``zmx.codec.decode_publication``)."""
+    import zmq
+
+    from zmx.codec import decode_publication
+
+    while True:
+        try:
+            frame = sub.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        now = time.time_ns()
+        name, events = decode_publication(frame)
+        yield now, name, events
+
+
+class StdinLines:
+    """The command lines a helper reads from its standard input, polled with its sockets (the
+    descriptor ``fd``): ``read`` after a poll said it is readable gives the whole lines that
+    came, None once the input ended."""
+
+    def __init__(self) -> None:
+        self.fd = sys.stdin.fileno()
+        self.pending = b""
+
+    def read(self) -> list[str] | None:
+        chunk = os.read(self.fd, 4096)
+        if not chunk:
+            return None
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        return [line.decode().strip() for line in lines]
+
+
 def role_feedprobe(pub: str) -> None:
     """A bare SUB on the matcher's PUB, beside the gateway in its moderate rounds: what the feed
     alone takes, from the matcher's ``ts`` to this process, one sample a publication (its
@@ -990,7 +1024,6 @@ def role_feedprobe(pub: str) -> None:
     histogram."""
     import zmq
 
-    from zmx.codec import decode_publication
     from zmx.events import BookChanged, TradeOccurred
     from zmx.topics import topic
 
@@ -1001,29 +1034,22 @@ def role_feedprobe(pub: str) -> None:
     sub.connect(pub)
     poller = zmq.Poller()
     poller.register(sub, zmq.POLLIN)
-    stdin = sys.stdin.fileno()
-    poller.register(stdin, zmq.POLLIN)
+    stdin = StdinLines()
+    poller.register(stdin.fd, zmq.POLLIN)
     announce_ready("feedprobe", "feedprobe")
     hist: Counter[int] = Counter()
     names: list[str] = []
     heard: set[str] = set()
     waiting_since = 0.0  # when start subscribed, until every channel was heard (0: not waiting)
-    pending = b""
     try:
         while True:
             events = dict(poller.poll(200))
             if sub in events:
-                while True:
-                    try:
-                        frame = sub.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    now = time.time_ns()
-                    name, published = decode_publication(frame)
+                for now, name, published in received_publications(sub):
                     heard.add(name)
                     for event in published:
                         if type(event) in timed:
-                            hist[bucket_us((now - event.ts_ns) // 1000)] += 1  # type: ignore[union-attr]
+                            hist[bucket_us((now - event.ts_ns) // 1000)] += 1
                             break
             if waiting_since and heard >= set(names):
                 waiting_since = 0.0
@@ -1032,15 +1058,13 @@ def role_feedprobe(pub: str) -> None:
                 print(json.dumps({"error": f"feedprobe: heard {len(heard)} of {len(names)} channels in 10 s"}),
                       flush=True)
                 return
-            if stdin in events:
-                chunk = os.read(stdin, 4096)
-                if not chunk:
-                    return
-                pending += chunk
-                while b"\n" in pending:
-                    line, _, pending = pending.partition(b"\n")
-                    words = line.decode().split()
-                    if not words or words[0] == "quit":
+            if stdin.fd in events:
+                lines = stdin.read()
+                for line in ["quit"] if lines is None else lines:
+                    words = line.split()
+                    if not words:
+                        continue
+                    if words[0] == "quit":
                         return
                     if words[0] == "start":
                         names = list(SYMBOLS[:int(words[1])])
