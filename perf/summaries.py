@@ -198,8 +198,19 @@ def fanout(f: dict[str, Any]) -> list[Row]:
             f"raw asyncio server at the same N and rate{fed}", "", f"<= {want['p99_vs_raw']}x", p99_met),
         row("same, push latency p99 with 500 connections per gateway process",
             ", ".join(f"{v['p99_ms_at_500_per_process']:g} ms ({v['k']} channel{'s' * (v['k'] > 1)})" for v in at500),
-            "", "", f"<= {want['p99_ms_at_500_per_process']:g} ms", all(v["p99_500_met"] for v in at500)),
+            feed_alone(at500), "", f"<= {want['p99_ms_at_500_per_process']:g} ms",
+            all(v["p99_500_met"] for v in at500)),
     ]
+
+
+def feed_alone(verdicts: list[dict[str, Any]]) -> str:
+    """What the matcher's feed alone had of those p99s (a bare SUB beside the gateway; results
+    files since 772fc67), or nothing."""
+    got = [v for v in verdicts if v.get("moderate_feed_p99_ms") is not None]
+    if not got:
+        return ""
+    return "the matcher's feed alone, at a bare SUB in the same rounds: " + ", ".join(
+        f"p99 {v['moderate_feed_p99_ms']:g} ms ({v['k']} channel{'s' * (v['k'] > 1)})" for v in got)
 
 
 def connections(f: dict[str, Any]) -> list[Row]:
