@@ -219,6 +219,14 @@ def _valid_record_after(data: bytes, offset: int, used: int) -> int | None:
     return None
 
 
+def _lost_after_clean_stop(problem: str, accept: str) -> JournalError:
+    """The refusal of a start whose journal lost records that a clean stop left (``STOPPED``):
+    ``problem`` says what is wrong, ``accept`` what removing that file lets a start do."""
+    return JournalError(
+        f"{problem} (the file {STOPPED!r} says so), and the commands lost were answered, so the matcher does not "
+        f"start. Restore the data directory from a backup; to {accept} and accept losing them, remove {STOPPED!r}")
+
+
 def _disk_space(fd: int) -> tuple[int, int]:
     """``(free, size)`` in bytes of the file system ``fd`` is on (free: what this process may
     still use)."""
@@ -393,12 +401,9 @@ class Journal:
         while offset < end:
             found = _record_at(data, offset)
             if isinstance(found, str) and clean_end is not None and offset < clean_end:
-                raise JournalError(
+                raise _lost_after_clean_stop(
                     f"journal segment {str(path)!r} is damaged at offset {offset}: {found}, although the matcher "
-                    f"stopped cleanly with {clean_end} bytes of records in it (the file {STOPPED!r} says so); "
-                    "the commands after that offset were answered, so the matcher does not start. Restore the "
-                    "data directory from a backup; to cut the segment there and accept losing them, remove "
-                    f"{STOPPED!r}")
+                    f"stopped cleanly with {clean_end} bytes of records in it", "cut the segment there")
             if isinstance(found, str):
                 used = len(data.rstrip(b"\0"))
                 if used <= offset and last:  # an earlier segment that ends in zeros is damaged (see Recovery)
@@ -426,11 +431,9 @@ class Journal:
             records.append((ts_ns, cmd))  # type: ignore[arg-type]
             offset = next_offset
         if clean_end is not None and offset < clean_end:
-            raise JournalError(
-                f"journal segment {str(path)!r} ends at offset {offset}, although the matcher stopped cleanly with "
-                f"{clean_end} bytes of records in it (the file {STOPPED!r} says so): the file was cut short, and "
-                "the commands it lost were answered, so the matcher does not start. Restore the data directory "
-                f"from a backup; to start from what is there and accept losing them, remove {STOPPED!r}")
+            raise _lost_after_clean_stop(
+                f"journal segment {str(path)!r} was cut short: it ends at offset {offset}, although the matcher "
+                f"stopped cleanly with {clean_end} bytes of records in it", "start from what is there")
         return records, offset
 
     @staticmethod
@@ -455,11 +458,9 @@ class Journal:
         snapshots = self._numbered(_SNAPSHOT)
         segments = self._numbered(_SEGMENT)
         if stopped is not None and (not segments or stopped[0] > max(segments)):
-            raise JournalError(
+            raise _lost_after_clean_stop(
                 f"journal segment {_segment_name(stopped[0])} is missing from {str(self.directory)!r}: the matcher "
-                f"stopped cleanly with it as its newest segment (the file {STOPPED!r} says so), and the commands "
-                "it held were answered, so the matcher does not start. Restore the data directory from a backup; "
-                f"to start from what is there and accept losing those commands, remove {STOPPED!r}")
+                "stopped cleanly with it as its newest segment", "start from what is there")
         engines: dict[str, bytes] | None = None
         base = 1
         for number in reversed(snapshots):
