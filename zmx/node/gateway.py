@@ -609,8 +609,7 @@ class Gateway:
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
-        self._late_logged_at = -BAD_LOG_S
-        self._no_router_logged_at = -BAD_LOG_S
+        self._logged_at: dict[str, float] = {}  # what _log_due said last, when
         self._dirty: list[ChannelState] = []
         self._ping_turn = 0
         self._opened = 0
@@ -1217,9 +1216,7 @@ class Gateway:
                 continue
         else:
             self.counts["orders_no_router"] += 1
-            now = time.monotonic()
-            if now - self._no_router_logged_at >= BAD_LOG_S:  # one line a second at most
-                self._no_router_logged_at = now
+            if self._log_due("no router"):
                 log.warning("no router is connected: orders are refused unavailable (%d so far)",
                             self.counts["orders_no_router"])
             self._deliver(conn, session.on_reply(command, request_id, "unavailable", (), "no router is connected"))
@@ -1269,13 +1266,20 @@ class Gateway:
             self.counts["bad_reply"] += 1
             return
         self.counts["late_replies"] += 1
-        now = time.monotonic()
-        if now - self._late_logged_at >= BAD_LOG_S:  # one line a second at most: a hung router holds many
-            self._late_logged_at = now
+        if self._log_due("late reply"):  # a hung router holds many
             log.info("the answer (%s) to %s %s on %s came after its client was told the outcome is unknown; "
                      "passed on (late answers so far: %d)", reply.status, type(command).__name__,
                      command.order_id, command.symbol, self.counts["late_replies"])
         self._deliver(conn, session.on_reply(command, None, reply.status, reply.events, reply.message, late=True))
+
+    def _log_due(self, what: str) -> bool:
+        """Whether a line about ``what`` may be logged now: one a ``BAD_LOG_S`` at most (the
+        lines carry counts of what went unsaid)."""
+        now = time.monotonic()
+        if now - self._logged_at.get(what, -BAD_LOG_S) < BAD_LOG_S:
+            return False
+        self._logged_at[what] = now
+        return True
 
     def _deliver(self, conn: Connection, payloads: list[bytes]) -> None:
         """Send a session's answer to the cluster; if its order's own events proved fills
