@@ -1408,26 +1408,29 @@ def quiesce(clients: Clients, max_seconds: float = 60.0) -> bool:
     return False
 
 
+_ROUND_FIGURES = ("delivered", "seconds", "delivered_per_s", "server_cpu_s", "delivered_per_server_cpu_s")
+
+
+def median_round(rounds: list[dict[str, Any]], by: Callable[[dict[str, Any]], float], figures: tuple[str, ...]
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The round with the median ``by`` (the lower middle of an even count), and each round's
+    ``figures`` (those it has) in the order they ran."""
+    ranked = sorted(rounds, key=by)
+    return ranked[(len(ranked) - 1) // 2], [{key: r[key] for key in figures if key in r} for r in rounds]
+
+
 def median_p99(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The moderate round with the median latency p99 (the lower middle of an even count; a
-    round without latency samples ranks last), and each round's figures in the order they ran."""
+    """The moderate round with the median latency p99 (a round without latency samples ranks
+    last)."""
     def p99(r: dict[str, Any]) -> float:
         value = r["latency_ms"]["p99"]
         return float("inf") if value is None else value
-    ranked = sorted(rounds, key=p99)
-    listed = [{key: r[key] for key in ("latency_ms", "read_latency_ms", "feed_latency_ms", "delivered", "seconds",
-                                       "delivered_per_s", "server_cpu_s", "delivered_per_server_cpu_s") if key in r}
-              for r in rounds]
-    return ranked[(len(ranked) - 1) // 2], listed
+    return median_round(rounds, p99, ("latency_ms", "read_latency_ms", "feed_latency_ms", *_ROUND_FIGURES))
 
 
 def median_burst(bursts: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The burst with the median delivered messages per server CPU-second (the lower middle
-    of an even count), and each burst's figures in the order they ran."""
-    ranked = sorted(bursts, key=lambda r: r["delivered_per_server_cpu_s"] or 0)
-    listed = [{key: r[key] for key in ("delivered", "seconds", "delivered_per_s", "server_cpu_s",
-                                       "delivered_per_server_cpu_s")} for r in bursts]
-    return ranked[(len(ranked) - 1) // 2], listed
+    """The burst with the median delivered messages per server CPU-second."""
+    return median_round(bursts, lambda r: r["delivered_per_server_cpu_s"] or 0, _ROUND_FIGURES)
 
 
 def measure_round(run: Run, clients: Clients, server_pids: list[int], drive: Callable[[], dict[str, Any]],
