@@ -74,6 +74,7 @@ from zmx.events import FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import MAX_REQUEST_LINE_BYTES, PAGE_METHODS, refused_method, upgrade_response
 from zmx.node.client import HWM, Reply, encode_header, parse_reply
+from zmx.node.histogram import LatencyHistogram
 from zmx.node.runtime import (
     PING_IVL_MS,
     PING_TIMEOUT_MS,
@@ -137,6 +138,7 @@ SNAPSHOT_MAX_BYTES = 64 * codec.MAX_MESSAGE_BYTES  # a deep book is a big snapsh
 # not the market, went quiet.
 FEED_SILENT_S = 3.0
 BAD_LOG_S = 1.0  # undecodable publications: the first of each second is logged with its reason, the rest counted
+STATS_INTERVAL_S = 10.0  # how often the gateway logs what it carried (StatsWindow), as routers and matchers do
 BACKLOG = 16384
 
 CLOSE_GOING_AWAY = 1001
@@ -525,8 +527,9 @@ def _free(ws: ServerProtocol) -> None:
 class ChannelState:
     """A subscribed channel in this gateway: its protocol ``Channel`` and its subscribers."""
 
-    __slots__ = ("channel", "feed_seq", "first_seq", "frames", "heard_at", "last_sent", "snapshot_asked",
-                 "snapshot_seq", "snapshot_taken_ns", "subscribed_at", "subscribers", "trades", "updates")
+    __slots__ = ("channel", "feed_seq", "first_seq", "frames", "heard_at", "lag_max_ns", "last_sent", "published",
+                 "sent", "snapshot_asked", "snapshot_seq", "snapshot_taken_ns", "subscribed_at", "subscribers",
+                 "trades", "updates")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -554,6 +557,11 @@ class ChannelState:
         self.feed_seq = 0
         self.snapshot_seq = 0
         self.snapshot_taken_ns = 0
+        # this stats window (StatsWindow): publications taken, messages written to connections,
+        # and the oldest a publication was when it was taken
+        self.published = 0
+        self.sent = 0
+        self.lag_max_ns = 0
 
     def take_turn(self, now: float) -> tuple[bytes, int, int, int]:
         """This loop turn's frames joined, with the depth updates and trades among them and
@@ -565,6 +573,43 @@ class ChannelState:
         self.updates = self.trades = 0
         self.last_sent = now
         return blob, *counts
+
+
+class StatsWindow:
+    """What a gateway logs every ``STATS_INTERVAL_S`` (docs/operations.md, "What the nodes log").
+
+    - ``feed_lag``: how old each publication was when this gateway took it from its SUB
+      socket: the wall clock then, minus the ``ts`` the matcher stamped as it ran the command.
+      It holds the rest of the matcher's batch, the way over ZeroMQ (and relays), and the wait
+      in this gateway's queue while it wrote to its connections. Across hosts it holds the
+      clocks' offset too (an age below 0 counts as 0).
+    - ``turns``: how long each fan-out took (a loop turn's writes to every connection that has
+      something). A client waits about the feed lag plus up to one turn.
+
+    Each ``ChannelState`` counts its own publications, messages written and largest lag.
+    """
+
+    __slots__ = ("closed", "counts", "feed_lag", "opened", "published", "sent", "started", "turns")
+
+    def __init__(self, now: float, opened: int, closed: int, counts: dict[str, int]) -> None:
+        self.started = now
+        self.opened = opened  # the gateway's totals as the window began
+        self.closed = closed
+        self.counts = dict(counts)
+        self.published = 0  # publications taken (heartbeats apart)
+        self.sent = 0  # channel messages written, one per connection each
+        self.feed_lag = LatencyHistogram()
+        self.turns = LatencyHistogram()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _ms_figures(histogram: LatencyHistogram) -> str:
+    """``p50 0.4 ms, p99 4.2 ms, max 4.7 ms``"""
+    p50, p99 = histogram.percentile(50) or 0, histogram.percentile(99) or 0
+    return f"p50 {p50 / 1e6:.2f} ms, p99 {p99 / 1e6:.2f} ms, max {histogram.max / 1e6:.2f} ms"
 
 
 class FillsRequest:
@@ -612,7 +657,9 @@ class Gateway:
         self._logged_at: dict[str, float] = {}  # what _log_due said last, when
         self._dirty: list[ChannelState] = []
         self._ping_turn = 0
-        self._opened = 0
+        self._opened = 0  # WebSocket sessions opened and closed, since the start
+        self._closed = 0
+        self.stats = StatsWindow(time.monotonic(), 0, 0, self.counts)
         # connections in ping_interval_s / TICK_S slots; one slot is pinged per tick, and the
         # slot pinged ping_timeout_s ago is checked for pongs that did not come
         slots = max(1, round(self.limits.ping_interval_s / TICK_S))
@@ -720,6 +767,7 @@ class Gateway:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        self._log_stats(time.monotonic())  # the last window, with the connections it had
         if self.server is not None:
             self.server.close()
         for conn in [*self.connections, *self.handshaking]:
@@ -791,7 +839,9 @@ class Gateway:
     def drop(self, conn: Connection) -> None:
         """``conn`` is gone: it leaves its channels; its orders stay on the books."""
         self.handshaking.pop(conn, None)
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.remove(conn)
+            self._closed += 1
         self.behind.discard(conn)
         self.ping_slots[conn.ping_slot].discard(conn)
         session = conn.session
@@ -982,6 +1032,8 @@ class Gateway:
         sub = self.sub
         channels = self.channels
         dirty = self._dirty
+        stats = self.stats
+        feed_lag, time_ns = stats.feed_lag.add, time.time_ns
         now = time.monotonic()
         for _ in range(SUB_BATCH):
             try:
@@ -1019,6 +1071,12 @@ class Gateway:
                 self._ask_snapshot(state)
             if beat or not events:
                 continue  # the matcher's heartbeat (an empty one has no seq)
+            lag = time_ns() - last.ts_ns
+            feed_lag(lag)
+            stats.published += 1
+            state.published += 1
+            if lag > state.lag_max_ns:
+                state.lag_max_ns = lag
             try:
                 messages = state.channel.publish(events)
             except SequenceGap as e:
@@ -1079,25 +1137,39 @@ class Gateway:
             self._bad_unlogged += 1
 
     def _fan_out(self) -> None:
+        """Write this turn's channel bytes (``_write_turn``), timed for the stats."""
+        started = time.perf_counter_ns()
+        self._write_turn()
+        self.stats.turns.add(time.perf_counter_ns() - started)
+
+    def _write_turn(self) -> None:
         """Write this turn's channel bytes: one write per connection."""
         now = time.monotonic()
         dirty = self._dirty
+        stats = self.stats
         if len(dirty) == 1:  # one busy channel (the usual case): no per-connection joining
             state = dirty.pop()
             blob, updates, trades, first = state.take_turn(now)
+            skipped = 0
             for conn in state.subscribers:
-                if conn.behind:
-                    if updates or trades:  # a heartbeat alone is nothing missed
+                if conn.behind or conn.closing:
+                    skipped += 1
+                    if conn.behind and (updates or trades):  # a heartbeat alone is nothing missed
                         self._miss(conn, state.channel.symbol, first, state.channel.seq, updates, trades)
-                elif not conn.closing:
+                else:
                     conn.transport.write(blob)  # type: ignore[union-attr]  # subscribers are connected
+            sent = (updates + trades) * (len(state.subscribers) - skipped)
+            state.sent += sent
+            stats.sent += sent
             return
         touched: list[Connection] = []
         for state in dirty:
             blob, updates, trades, first = state.take_turn(now)
+            skipped = 0
             for conn in state.subscribers:
-                if conn.behind:
-                    if updates or trades:
+                if conn.behind or conn.closing:
+                    skipped += 1
+                    if conn.behind and (updates or trades):
                         self._miss(conn, state.channel.symbol, first, state.channel.seq, updates, trades)
                     continue
                 out = conn.out
@@ -1106,6 +1178,9 @@ class Gateway:
                     touched.append(conn)
                 else:
                     out.append(blob)
+            sent = (updates + trades) * (len(state.subscribers) - skipped)
+            state.sent += sent
+            stats.sent += sent
         dirty.clear()
         for conn in touched:
             out = conn.out
@@ -1453,6 +1528,8 @@ class Gateway:
     def _housekeeping(self, now: float) -> None:
         limits = self.limits
         self._close_retired_snapshot_sockets(now)
+        if now - self.stats.started >= STATS_INTERVAL_S:
+            self._log_stats(now)
         if self.fills_requests:
             self._send_fills_requests(now)
         for endpoint, since in list(self.feed_lost.items()):
@@ -1546,6 +1623,31 @@ class Gateway:
         for conn in list(slots[turn]):
             if not conn.ping_sent:
                 conn.ping(now)
+
+    def _log_stats(self, now: float) -> None:
+        """What this gateway carried since the last time: a line for the whole, then one per
+        channel that had publications; nothing when nothing happened. A new window begins."""
+        w = self.stats
+        opened, closed = self._opened - w.opened, self._closed - w.closed
+        counted = {k: v - w.counts.get(k, 0) for k, v in self.counts.items() if v != w.counts.get(k, 0)}
+        if opened or closed or counted or w.published:
+            parts = [f"last {now - w.started:.0f} s: {_count(len(self.connections), 'connection')} (+{opened} "
+                     f"-{closed}), {_count(len(self.channels), 'channel')}, {w.published} publications in, "
+                     f"{w.sent} messages out"]
+            if w.feed_lag.count:
+                parts.append(f"feed lag {_ms_figures(w.feed_lag)}")
+            if w.turns.count:
+                parts.append(f"{_count(w.turns.count, 'fan-out turn')}, {_ms_figures(w.turns)}")
+            if counted:
+                parts.append(", ".join(f"{k} {v}" for k, v in counted.items()))
+            log.info("%s", "; ".join(parts))
+            for symbol, state in self.channels.items():
+                if state.published:
+                    log.info("%s: %d subscribers, %d publications in, %d messages out, feed lag max %.2f ms",
+                             symbol, len(state.subscribers), state.published, state.sent, state.lag_max_ns / 1e6)
+        for state in self.channels.values():
+            state.published = state.sent = state.lag_max_ns = 0
+        self.stats = StatsWindow(now, self._opened, self._closed, self.counts)
 
     def _log_silence(self, silent: set[str]) -> None:
         """Say when subscribed channels' feed goes silent (its matcher hangs, its host or the way
