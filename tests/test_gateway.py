@@ -25,6 +25,7 @@ import json
 import queue
 import random
 import re
+import signal
 import socket
 import threading
 import time
@@ -825,11 +826,20 @@ def test_the_gateways_subscriptions_follow_its_clients(cluster: Cluster, tmp_pat
         assert [s for s in list(fake.subscriptions.queue) if not s[1].startswith("@")] == []
 
 
+WINDOW_LINE = re.compile(
+    r"last \d+ s: (\d+) connections? \(\+(\d+) -(\d+)\), (\d+) channels?, (\d+) publications? in, (\d+) messages? "
+    r"out; feed lag p50 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms; (\d+) fan-out turns?, p50 [\d.]+ ms, p99 [\d.]+ "
+    r"ms, max [\d.]+ ms")
+CHANNEL_LINE = re.compile(r"(\S+): (\d+) subscribers?, (\d+) publications? in, (\d+) messages? out, "
+                          r"feed lag max ([\d.]+) ms")
+
+
 def test_the_gateway_logs_what_it_carried_and_how_old_the_feed_was(cluster: Cluster, tmp_path: Path) -> None:
-    """Every STATS_INTERVAL_S, and once more as it stops, a gateway logs its connections, the
-    publications it took and the messages it wrote, how old the publications were when it took
-    them (from the matcher's ``ts``) and how long its fan-out turns took; then a line per channel.
-    Publications stamped 80 ms ago show a lag of at least 80 ms."""
+    """Every STATS_INTERVAL_S, on SIGUSR1, and once more as it stops, a gateway logs its
+    connections, the publications it took and the messages it wrote, how old the publications
+    were when it took them (from the matcher's ``ts``) and how long its fan-out turns took; then
+    a line per channel. Each line covers the time since the one before. Publications stamped
+    80 ms ago show a lag of at least 80 ms."""
     with gateway_on_fake_matcher(cluster, tmp_path, {
         "BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]]),
         "SOL-USDT": (3, [], [[15000, 1000]]),
@@ -844,23 +854,25 @@ def test_the_gateway_logs_what_it_carried_and_how_old_the_feed_was(cluster: Clus
             fake.publish("BTC-USDT", BookChanged("BTC-USDT", seq, stamped, ((2999000, 1500 + seq),), ()))
         for client in (a, b):
             client.wait_seq("BTC-USDT", 12)
+        g1.proc.send_signal(signal.SIGUSR1)
+        a.wait_until(lambda: WINDOW_LINE.search(g1.log_path.read_text()), "the line SIGUSR1 asked for")
+        fake.publish("BTC-USDT", BookChanged("BTC-USDT", 13, time.time_ns(), ((2999000, 1600),), ()))
+        a.wait_seq("BTC-USDT", 13)
+        b.wait_seq("BTC-USDT", 13)
         c.close()
         assert fake.next_subscription() == ("-", "SOL-USDT")  # the gateway saw c go
         assert g1.stop() == 0
         log = g1.log_path.read_text()
-    whole = re.findall(r"last \d+ s: (\d+) connections? \(\+(\d+) -(\d+)\), (\d+) channels?, (\d+) publications in, "
-                       r"(\d+) messages out; feed lag p50 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms; "
-                       r"(\d+) fan-out turns?, p50 [\d.]+ ms, p99 [\d.]+ ms, max [\d.]+ ms", log)
-    assert len(whole) == 1, log  # the run is shorter than STATS_INTERVAL_S: only the line at the stop
-    connections, opened_, closed, channels, publications, messages, p50, p99, most, turns = whole[0]
-    assert (connections, opened_, closed, channels) == ("2", "3", "1", "1"), log
-    assert (publications, messages) == ("5", "10"), log  # each to both subscribers
-    assert 80 <= float(p50) <= float(p99) <= float(most), log
-    assert int(turns) >= 1, log
-    channel = re.findall(r"BTC-USDT: (\d+) subscribers, (\d+) publications in, (\d+) messages out, "
-                         r"feed lag max ([\d.]+) ms", log)
-    assert len(channel) == 1 and channel[0][:3] == ("2", "5", "10") and float(channel[0][3]) >= 80, log
-    assert "SOL-USDT: " not in log.split("last ")[-1], log  # it had no publication
+    asked, stopping = WINDOW_LINE.findall(log)  # the run is shorter than STATS_INTERVAL_S: no other line
+    connections, opened_, closed, channels, publications, messages, p50, p99, most, turns = asked
+    assert (connections, opened_, closed, channels, publications, messages) == ("3", "3", "0", "2", "5", "10"), log
+    assert 80 <= float(p50) <= float(p99) <= float(most) and int(turns) >= 1, log
+    connections, opened_, closed, channels, publications, messages, p50, p99, most, turns = stopping
+    assert (connections, opened_, closed, channels, publications, messages) == ("2", "0", "1", "1", "1", "2"), log
+    assert turns == "1", log
+    per_channel = [line[:4] for line in CHANNEL_LINE.findall(log)]
+    assert per_channel == [("BTC-USDT", "2", "5", "10"), ("BTC-USDT", "2", "1", "2")], log  # SOL had no publication
+    assert float(CHANNEL_LINE.findall(log)[0][4]) >= 80, log
 
 
 def test_malformed_publications_are_dropped_counted_and_change_nothing(cluster: Cluster, tmp_path: Path) -> None:

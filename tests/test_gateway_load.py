@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 from decimal import Decimal
@@ -993,6 +994,18 @@ def test_a_gateway_with_two_workers_serves_one_port_from_two_processes(
         owners = serving_processes(node(cluster, "g1").proc.pid, gateway.port, ports)  # type: ignore[union-attr]
         assert set(owners) == set(ports), f"server side not found for {set(ports) - set(owners)}"
         assert len(set(owners.values())) == 2, f"connections per process: {owners}"
+        # SIGUSR1 to the node: each worker logs its stats at once, its connections among them,
+        # and goes on serving
+        g1 = node(cluster, "g1")
+        g1.proc.send_signal(signal.SIGUSR1)
+        lines = re.compile(r"worker (\d): last \d+ s: (\d+) connections?")
+        connections[0].wait_until(lambda: len(set(lines.findall(g1.log()))) == 2, "a stats line of each worker")
+        held = dict(lines.findall(g1.log()))
+        assert sorted(held) == ["0", "1"], g1.log()
+        assert sorted(map(int, held.values())) == sorted(Counter(owners.values()).values()), (held, owners)
+        assert g1.proc.poll() is None
+        for client in connections:
+            assert client.request({"action": "symbols", "id": 2}, "symbols")["id"] == 2
     finally:
         maker.close()
 

@@ -767,7 +767,7 @@ class Gateway:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        self._log_stats(time.monotonic())  # the last window, with the connections it had
+        self.log_stats(time.monotonic())  # the last window, with the connections it had
         if self.server is not None:
             self.server.close()
         for conn in [*self.connections, *self.handshaking]:
@@ -1529,7 +1529,7 @@ class Gateway:
         limits = self.limits
         self._close_retired_snapshot_sockets(now)
         if now - self.stats.started >= STATS_INTERVAL_S:
-            self._log_stats(now)
+            self.log_stats(now)
         if self.fills_requests:
             self._send_fills_requests(now)
         for endpoint, since in list(self.feed_lost.items()):
@@ -1624,16 +1624,18 @@ class Gateway:
             if not conn.ping_sent:
                 conn.ping(now)
 
-    def _log_stats(self, now: float) -> None:
+    def log_stats(self, now: float, asked: bool = False) -> None:
         """What this gateway carried since the last time: a line for the whole, then one per
-        channel that had publications; nothing when nothing happened. A new window begins."""
+        channel that had publications; nothing when nothing happened, unless ``asked`` (SIGUSR1).
+        A new window begins."""
         w = self.stats
         opened, closed = self._opened - w.opened, self._closed - w.closed
         counted = {k: v - w.counts.get(k, 0) for k, v in self.counts.items() if v != w.counts.get(k, 0)}
-        if opened or closed or counted or w.published:
-            parts = [f"last {now - w.started:.0f} s: {_count(len(self.connections), 'connection')} (+{opened} "
-                     f"-{closed}), {_count(len(self.channels), 'channel')}, {w.published} publications in, "
-                     f"{w.sent} messages out"]
+        if asked or opened or closed or counted or w.published:
+            who = f"worker {self.worker}: " if self.node.workers > 1 else ""
+            parts = [f"{who}last {now - w.started:.0f} s: {_count(len(self.connections), 'connection')} (+{opened} "
+                     f"-{closed}), {_count(len(self.channels), 'channel')}, {_count(w.published, 'publication')} in, "
+                     f"{_count(w.sent, 'message')} out"]
             if w.feed_lag.count:
                 parts.append(f"feed lag {_ms_figures(w.feed_lag)}")
             if w.turns.count:
@@ -1643,8 +1645,9 @@ class Gateway:
             log.info("%s", "; ".join(parts))
             for symbol, state in self.channels.items():
                 if state.published:
-                    log.info("%s: %d subscribers, %d publications in, %d messages out, feed lag max %.2f ms",
-                             symbol, len(state.subscribers), state.published, state.sent, state.lag_max_ns / 1e6)
+                    log.info("%s%s: %s, %s in, %s out, feed lag max %.2f ms", who, symbol,
+                             _count(len(state.subscribers), "subscriber"), _count(state.published, "publication"),
+                             _count(state.sent, "message"), state.lag_max_ns / 1e6)
         for state in self.channels.values():
             state.published = state.sent = state.lag_max_ns = 0
         self.stats = StatsWindow(now, self._opened, self._closed, self.counts)
@@ -1712,7 +1715,9 @@ def _serve(topology: Topology, node: GatewayNode, worker: int, ready: Callable[[
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        await Gateway(topology, node, worker).serve(stop, ready)
+        gateway = Gateway(topology, node, worker)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.log_stats(time.monotonic(), asked=True))
+        await gateway.serve(stop, ready)
 
     uvloop.run(main())
 
@@ -1739,6 +1744,9 @@ def _run_workers(topology: Topology, node: GatewayNode, details: dict[str, Any])
     read_end, write_end = os.pipe()
     children: dict[int, int] = {}
     die_with_me = die_with_parent()  # a kill -9 of this process must not leave workers serving the port
+    # SIGUSR1 (log the stats now) is passed on to the workers; until then, and in a worker until
+    # its loop takes it, it is ignored rather than fatal
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     for worker in range(node.workers):
         pid = os.fork()
         if pid == 0:
@@ -1768,8 +1776,14 @@ def _run_workers(topology: Topology, node: GatewayNode, details: dict[str, Any])
             except ProcessLookupError:
                 pass
 
+    def pass_on(signum: int, _frame: Any) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     signal.signal(signal.SIGINT, stop_children)
     signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGUSR1, pass_on)
     ready = 0
     while ready < node.workers:
         try:
