@@ -79,8 +79,10 @@ from the first to the last feed message a sampler received), server CPU
 delivered per CPU-second, latency p50 / p99 / p99.9 to arrival (``latency_ms``; the targets) and
 to the read (``read_latency_ms``) from the samplers, in the gateway's moderate rounds the
 latency of the feed alone (``feed_latency_ms``: a bare SUB on the matcher's PUB at ``SCHED_FIFO``, ``role_feedprobe``;
-the gateway's latency starts at the matcher's ``ts``, the ceilings' as their feeder sends), the CPU of the
-clients, driver, matcher and router, and per cell the server's RSS delta per idle subscribed
+the gateway's latency starts at the matcher's ``ts``, the ceilings' as their feeder sends), in every
+round of the gateway its own figures of it (``gateway_log``: the stats line that SIGUSR1 makes it
+log, asked before and after the round; the feed's lag as it took each publication and its fan-out
+turns, p50 / p99 / max), the CPU of the clients, driver, matcher and router, and per cell the server's RSS delta per idle subscribed
 connection (RSS once all N subscribed and idle, minus RSS with one anchor connection per
 channel, / N). Targets: ``TARGETS``.
 
@@ -110,6 +112,8 @@ import json
 import math
 import os
 import random
+import re
+import signal
 import socket
 import subprocess
 import struct
@@ -1418,7 +1422,8 @@ def quiesce(clients: Clients, max_seconds: float = 60.0) -> bool:
     return False
 
 
-_ROUND_FIGURES = ("delivered", "seconds", "delivered_per_s", "server_cpu_s", "delivered_per_server_cpu_s")
+_ROUND_FIGURES = ("delivered", "seconds", "delivered_per_s", "server_cpu_s", "delivered_per_server_cpu_s",
+                  "gateway_log")
 
 
 def median_round(rounds: list[dict[str, Any]], by: Callable[[dict[str, Any]], float], figures: tuple[str, ...]
@@ -1497,6 +1502,47 @@ def measure_round(run: Run, clients: Clients, server_pids: list[int], drive: Cal
         "driver": driven,
         "_examples": got["examples"],
     }
+
+
+# The gateway's own figures of a round: the stats line (docs/operations.md, "What the nodes say
+# every 10 s") that SIGUSR1 makes it log, asked before the round (a fresh window) and after it.
+GATEWAY_WINDOW = re.compile(
+    r"(?:worker (\d+): )?last \d+ s: \d+ connections? .*?, (\d+) publications? in, (\d+) messages? out"
+    r"(?:; feed lag p50 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms)?"
+    r"(?:; (\d+) fan-out turns?, p50 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms)?")
+
+
+def gateway_window(node: NodeProcess, workers: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """SIGUSR1 to the gateway node, then the window line of each of its ``workers`` that it
+    logged for it: per worker, publications taken, messages written, the feed's lag as it took
+    them and its fan-out turns (``_ms``: p50, p99, max)."""
+    start = node.log_path.stat().st_size
+    node.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(node.log_path, "rb") as f:
+            f.seek(start)
+            found = GATEWAY_WINDOW.findall(f.read().decode(errors="replace"))
+        if len(found) >= workers:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway logged {len(found)} of {workers} stats lines within {timeout} s "
+                               f"of SIGUSR1:\n{node.log()}")
+        time.sleep(0.02)  # polling a log file: nothing to wait on
+
+    def ms(p50: str, p99: str, most: str) -> dict[str, float] | None:
+        return {"p50": float(p50), "p99": float(p99), "max": float(most)} if p50 else None
+    return [{"worker": int(w or 0), "publications": int(pubs), "messages": int(msgs),
+             "feed_lag_ms": ms(l50, l99, lmax), "turns": int(turns or 0), "turn_ms": ms(t50, t99, tmax)}
+            for w, pubs, msgs, l50, l99, lmax, turns, t50, t99, tmax in found[:workers]]
+
+
+def with_gateway_window(node: NodeProcess, workers: int, go: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``go()``, a round, with the gateway's own figures of it in ``gateway_log``."""
+    gateway_window(node, workers)
+    r = go()
+    r["gateway_log"] = gateway_window(node, workers)
+    return r
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -1588,21 +1634,24 @@ class Bench:
             result: dict[str, Any] = {"memory": memory}
             rate = moderate_rate(args, n, k)
             paced = f"paced {rate:.3f} {args.moderate_seconds} {k}"
-            moderates = [self.moderate_round(clients, pids(), paced, k) for _ in range(args.moderate_rounds)]
+            moderates = [with_gateway_window(node, args.workers, lambda: self.moderate_round(clients, pids(), paced, k))
+                         for _ in range(args.moderate_rounds)]
             result["moderate"], result["moderate_rounds"] = median_p99(moderates)
             moderate = result["moderate"]
             per_order = (moderate["feed_messages"] / moderate["driver"]["orders"]) if moderate["feed_messages"] \
                 else 1.3
             subscribers = (n + k) / k
             orders = int(min(20_000, max(100, args.max_delivered / subscribers / max(per_order, 0.5))))
-            bursts = [measure_round(run, clients, pids(), self.drive(f"burst {orders} {k}", 200), self.named())
-                      for _ in range(args.max_rounds)]
+            bursts = [with_gateway_window(node, args.workers, lambda: measure_round(
+                run, clients, pids(), self.drive(f"burst {orders} {k}", 200), self.named()))
+                for _ in range(args.max_rounds)]
             result["max"], result["max_rounds"] = median_burst(bursts)
             # high: paced at --high of the delivered rate the burst reached (at most MAX_PACED orders/s)
             best = result["max"]["delivered_per_s"] or 0
             high = min(MAX_PACED, max(1.0, args.high * best / subscribers * k / max(per_order, 0.5)))
-            result["high"] = measure_round(run, clients, pids(), self.drive(f"paced {high:.3f} {args.seconds} {k}",
-                                                                            args.seconds + 90), self.named())
+            result["high"] = with_gateway_window(node, args.workers, lambda: measure_round(
+                run, clients, pids(), self.drive(f"paced {high:.3f} {args.seconds} {k}", args.seconds + 90),
+                self.named()))
             for r in (*moderates, *bursts, result["high"]):
                 for kind, example in r.pop("_examples").items():
                     self.examples.setdefault(kind, example)
@@ -1688,11 +1737,20 @@ def progress(name: str, result: dict[str, Any]) -> None:
     m, x, h = result["moderate"], result["max"], result["high"]
     print(f"    {name:8} {result['memory']['kb_per_connection']:5.2f} KB/conn | moderate {fmt(m['delivered_per_s'])}/s "
           f"p99 {fmt(m['latency_ms']['p99'], '.2f')} ms (read {fmt(m['read_latency_ms']['p99'], '.1f')}"
-          + (f", feed alone {fmt(m['feed_latency_ms']['p99'], '.1f')}" if "feed_latency_ms" in m else "") + ") | "
+          + (f", feed alone {fmt(m['feed_latency_ms']['p99'], '.1f')}" if "feed_latency_ms" in m else "")
+          + own_figures(m) + ") | "
           f"max {fmt(x['delivered_per_s'])}/s, "
           f"{fmt(x['server_cpu_s_per_million'], '.2f')} CPU s/M{burst_spread(result)} | "
           f"high {fmt(h['delivered_per_s'])}/s "
           f"p99 {fmt(h['latency_ms']['p99'], '.1f')} ms", flush=True)
+
+
+def own_figures(r: dict[str, Any]) -> str:
+    """``, own feed lag 0.9, turns 5.8`` (p99s, ms, of a one-worker gateway's log), or nothing."""
+    own = r.get("gateway_log") or []
+    if len(own) != 1 or not own[0]["feed_lag_ms"] or not own[0]["turn_ms"]:
+        return ""
+    return f", own feed lag {own[0]['feed_lag_ms']['p99']:.1f}, turns {own[0]['turn_ms']['p99']:.1f}"
 
 
 def burst_spread(result: dict[str, Any]) -> str:
@@ -1848,8 +1906,14 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                     g99, w99 = gw[rnd]["latency_ms"]["p99"], wr[rnd]["latency_ms"]["p99"]
                     if g99 is not None and w99:
                         entry[f"p99_vs_raw_{rnd}"] = round(g99 / w99, 3)
-                # beside it, not in it: how much of the gateway's p99 the matcher's feed already had
+                # beside it, not in it: how much of the gateway's p99 the matcher's feed already had,
+                # and the gateway's own figures (its log): the feed's lag as it took each publication,
+                # and its fan-out turns (one write per connection)
                 entry["moderate_feed_p99_ms"] = gw["moderate"].get("feed_latency_ms", {}).get("p99")
+                own = gw["moderate"].get("gateway_log") or []
+                if len(own) == 1:
+                    entry["moderate_gateway_feed_lag_p99_ms"] = (own[0]["feed_lag_ms"] or {}).get("p99")
+                    entry["moderate_gateway_turn_p99_ms"] = (own[0]["turn_ms"] or {}).get("p99")
                 # "At the same N and rate": the high round counts only where the one-write-per-
                 # message server kept the gateway's rate (it rarely can: it waits rather than
                 # queue, so its latency there is that of a lower rate).
