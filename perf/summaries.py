@@ -205,12 +205,21 @@ def fanout(f: dict[str, Any]) -> list[Row]:
 
 def feed_alone(verdicts: list[dict[str, Any]]) -> str:
     """What the matcher's feed alone had of those p99s (a bare SUB beside the gateway; results
-    files since 772fc67), or nothing."""
+    files since 772fc67), then the gateway's own figures of them (its log: the feed's lag as it
+    took each publication, its fan-out turns; since 1d0bd6f), or nothing."""
+    def channels(v: dict[str, Any]) -> str:
+        return f"{v['k']} channel{'s' * (v['k'] > 1)}"
+    parts = []
     got = [v for v in verdicts if v.get("moderate_feed_p99_ms") is not None]
-    if not got:
-        return ""
-    return "the matcher's feed alone, at a bare SUB in the same rounds: " + ", ".join(
-        f"p99 {v['moderate_feed_p99_ms']:g} ms ({v['k']} channel{'s' * (v['k'] > 1)})" for v in got)
+    if got:
+        parts.append("the matcher's feed alone, at a bare SUB in the same rounds: " + ", ".join(
+            f"p99 {v['moderate_feed_p99_ms']:g} ms ({channels(v)})" for v in got))
+    own = [v for v in verdicts if v.get("moderate_gateway_turn_p99_ms") is not None]
+    if own:
+        parts.append("the gateway's own log: " + ", ".join(
+            f"feed lag p99 {v['moderate_gateway_feed_lag_p99_ms']:g} ms, fan-out turn p99 "
+            f"{v['moderate_gateway_turn_p99_ms']:g} ms ({channels(v)})" for v in own))
+    return "; ".join(parts)
 
 
 def connections(f: dict[str, Any]) -> list[Row]:

@@ -530,13 +530,17 @@ def test_summary_rows_read_the_results_files_of_this_checkout(name: str) -> None
     assert "no summary" not in rows[0]["zmx"]
 
 
-def test_the_fanout_summary_shows_the_feed_alone_beside_the_p99_at_500_a_process_when_measured() -> None:
+def test_the_fanout_summary_shows_the_feed_alone_and_the_gateways_own_figures_beside_the_p99_at_500() -> None:
     summaries = load_perf_module("summaries")
     cells = [{"k": 1, "p99_ms_at_500_per_process": 6.1, "p99_500_met": False, "moderate_feed_p99_ms": 4.2},
              {"k": 10, "p99_ms_at_500_per_process": 1.0, "p99_500_met": True, "moderate_feed_p99_ms": 0.93}]
     assert summaries.feed_alone(cells) == ("the matcher's feed alone, at a bare SUB in the same rounds: "
                                            "p99 4.2 ms (1 channel), p99 0.93 ms (10 channels)")
     assert summaries.feed_alone([{k: v for k, v in c.items() if k != "moderate_feed_p99_ms"} for c in cells]) == ""
+    cells[0].update(moderate_gateway_feed_lag_p99_ms=0.9, moderate_gateway_turn_p99_ms=5.8)
+    assert summaries.feed_alone(cells) == ("the matcher's feed alone, at a bare SUB in the same rounds: "
+                                           "p99 4.2 ms (1 channel), p99 0.93 ms (10 channels); the gateway's own log: "
+                                           "feed lag p99 0.9 ms, fan-out turn p99 5.8 ms (1 channel)")
 
 
 def test_summary_of_unreadable_figures_says_so() -> None:
