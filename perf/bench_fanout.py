@@ -73,18 +73,19 @@ Both stop reading the feed while any connection's transport is paused, so they n
 out the ZeroMQ hop that every gateway pays (0.2-0.5 ms at p50 here), which at small N is most
 of the gateway's p99: the ratio would measure the hop, not the server.
 
-Figures per round: delivered messages/s (every message every client counted, over the time
-from the first to the last feed message a sampler received), server CPU
-(utime + stime from ``/proc``, every gateway worker) per million delivered messages and
-delivered per CPU-second, latency p50 / p99 / p99.9 to arrival (``latency_ms``; the targets) and
-to the read (``read_latency_ms``) from the samplers, in the gateway's moderate rounds the
-latency of the feed alone (``feed_latency_ms``: a bare SUB on the matcher's PUB at ``SCHED_FIFO``, ``role_feedprobe``;
-the gateway's latency starts at the matcher's ``ts``, the ceilings' as their feeder sends), in every
-round of the gateway its own figures of it (``gateway_log``: the stats line that SIGUSR1 makes it
-log, asked before and after the round; the feed's lag as it took each publication and its fan-out
-turns, p50 / p99 / max), the CPU of the clients, driver, matcher and router, and per cell the server's RSS delta per idle subscribed
-connection (RSS once all N subscribed and idle, minus RSS with one anchor connection per
-channel, / N). Targets: ``TARGETS``.
+Figures per round: delivered messages/s (every message every client counted, over the time from
+the first to the last feed message a sampler received), server CPU (utime + stime from
+``/proc``, every gateway worker) per million delivered messages and delivered per CPU-second,
+latency p50 / p99 / p99.9 to arrival (``latency_ms``; the targets) and to the read
+(``read_latency_ms``) from the samplers, in the gateway's moderate rounds the latency of the
+feed alone (``feed_latency_ms``: a bare SUB on the matcher's PUB at ``SCHED_FIFO``,
+``role_feedprobe``; the gateway's latency starts at the matcher's ``ts``, the ceilings' as their
+feeder sends), in every round of the gateway its own figures of it (``gateway_log``: the stats
+line that SIGUSR1 makes it log, asked before and after the round; the feed's lag as it took each
+publication and its fan-out turns, p50 / p99 / max; the ceilings' walks over their connections,
+timed the same way, in ``driver.turn_ms``), the CPU of the clients, driver, matcher and router,
+and per cell the server's RSS delta per idle subscribed connection (RSS once all N subscribed
+and idle, minus RSS with one anchor connection per channel, / N). Targets: ``TARGETS``.
 
 Cells are measured one after the other, the three targets of a cell in turn (gateway first:
 the ceilings replay its feed rates); no best-of: one high round, ``--moderate-rounds`` (3)
@@ -149,6 +150,7 @@ from nodes import (  # tests/nodes.py, on the path through bench_orders
 
 from zmx.commands import CancelOrder, Command, SubmitOrder
 from zmx.model import OrderType, Side, TimeInForce
+from zmx.node.histogram import LatencyHistogram
 from zmx.node.runtime import announce_ready
 
 SCRIPT = Path(__file__).resolve()
@@ -778,6 +780,7 @@ class CeilingServer:
         self.stalled = False  # a drain stopped on a paused transport: the next resume drains again
         self.drains = self.stalls = self.written = self.skipped = 0
         self.deadline = math.inf  # of the round: what arrives after it is read and dropped
+        self.turns = LatencyHistogram()  # each walk over the connections (the gateway's fan-out turns)
 
     def start_round(self, rate: float, total: int) -> None:
         """A round of ``total`` messages at ``rate`` begins: a server that cannot keep up stops
@@ -785,6 +788,7 @@ class CeilingServer:
         round ends and its figures (``written`` < the feeder's ``emitted``) say so."""
         self.skip_pending()
         self.drains = self.stalls = self.written = self.skipped = 0
+        self.turns = LatencyHistogram()
         self.deadline = time.perf_counter() + 2 * total / rate + 2.0
 
     def skip_pending(self) -> None:
@@ -816,6 +820,7 @@ class CeilingServer:
         channels, frames, subs = self.channels, self.frames, self.subs
         coalesce = self.mode == "coalesce"
         clock, deadline = time.perf_counter, self.deadline
+        walked, walk_ns = self.turns.add, time.perf_counter_ns
         n = 0
         while n < TURN_CAP:
             if clock() > deadline:
@@ -837,14 +842,18 @@ class CeilingServer:
                     self.dirty.append(ch)
                 frames[ch].append(frame)
             else:
+                started = walk_ns()
                 for write in subs[ch].values():
                     write(frame)
+                walked(walk_ns() - started)
             n += 1
         else:  # more may be waiting, and ZeroMQ's descriptor only signals new arrivals
             asyncio.get_running_loop().call_soon(self.drain)
         self.written += n
         if coalesce and self.dirty:
+            started = walk_ns()
             self.flush()
+            walked(walk_ns() - started)
         self.drains += 1
 
     def request(self, conn: CeilingConn, payload: bytes) -> None:
@@ -885,6 +894,14 @@ def load_examples(examples_path: str) -> dict[str, str]:
     return examples
 
 
+def histogram_ms(h: LatencyHistogram) -> dict[str, float] | None:
+    """``{"p50": ms, "p99": ms, "max": ms}`` of nanosecond samples; None without samples."""
+    if not h.count:
+        return None
+    return {"p50": round((h.percentile(50) or 0) / 1e6, 3), "p99": round((h.percentile(99) or 0) / 1e6, 3),
+            "max": round(h.max / 1e6, 3)}
+
+
 async def _ceiling(mode: str, k: int, examples_path: str, feed: str) -> None:
     import zmq
 
@@ -917,8 +934,8 @@ async def _ceiling(mode: str, k: int, examples_path: str, feed: str) -> None:
                 while sub.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.perf_counter() < server.deadline:
                     await asyncio.sleep(0.01)
                 print(json.dumps({"written": server.written, "skipped": server.skipped, "drains": server.drains,
-                                  "stalls": server.stalls, "connections": sum(map(len, server.subs.values()))}),
-                      flush=True)
+                                  "stalls": server.stalls, "connections": sum(map(len, server.subs.values())),
+                                  "turns": server.turns.count, "turn_ms": histogram_ms(server.turns)}), flush=True)
     finally:
         srv.close()
         loop.remove_reader(sub.getsockopt(zmq.FD))
@@ -1745,12 +1762,23 @@ def progress(name: str, result: dict[str, Any]) -> None:
           f"p99 {fmt(h['latency_ms']['p99'], '.1f')} ms", flush=True)
 
 
+def turn_p99_ms(r: dict[str, Any]) -> float | None:
+    """The p99 of a round's walks over the connections: a one-worker gateway's fan-out turns
+    (its log), a ceiling's walks (its stats); None where not known."""
+    own = r.get("gateway_log")
+    if own is not None:
+        return own[0]["turn_ms"]["p99"] if len(own) == 1 and own[0]["turn_ms"] else None
+    turns = (r.get("driver") or {}).get("turn_ms")
+    return turns["p99"] if turns else None
+
+
 def own_figures(r: dict[str, Any]) -> str:
-    """``, own feed lag 0.9, turns 5.8`` (p99s, ms, of a one-worker gateway's log), or nothing."""
+    """``, own feed lag 0.9, turns 5.8``: p99s (ms) of the gateway's log (a one-worker gateway),
+    or the turns of a ceiling's walks; nothing where not known."""
     own = r.get("gateway_log") or []
-    if len(own) != 1 or not own[0]["feed_lag_ms"] or not own[0]["turn_ms"]:
-        return ""
-    return f", own feed lag {own[0]['feed_lag_ms']['p99']:.1f}, turns {own[0]['turn_ms']['p99']:.1f}"
+    lag = f", own feed lag {own[0]['feed_lag_ms']['p99']:.1f}" if len(own) == 1 and own[0]["feed_lag_ms"] else ""
+    turns = turn_p99_ms(r)
+    return lag + (f", turns {turns:.1f}" if turns is not None else "")
 
 
 def burst_spread(result: dict[str, Any]) -> str:
@@ -1914,6 +1942,7 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                 if len(own) == 1:
                     entry["moderate_gateway_feed_lag_p99_ms"] = (own[0]["feed_lag_ms"] or {}).get("p99")
                     entry["moderate_gateway_turn_p99_ms"] = (own[0]["turn_ms"] or {}).get("p99")
+                entry["moderate_write_turn_p99_ms"] = turn_p99_ms(wr["moderate"])  # one message per walk
                 # "At the same N and rate": the high round counts only where the one-write-per-
                 # message server kept the gateway's rate (it rarely can: it waits rather than
                 # queue, so its latency there is that of a lower rate).
