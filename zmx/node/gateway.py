@@ -576,7 +576,8 @@ class ChannelState:
 
 
 class StatsWindow:
-    """What a gateway logs every ``STATS_INTERVAL_S`` (docs/operations.md, "What the nodes log").
+    """What a gateway logs every ``STATS_INTERVAL_S`` (docs/operations.md, "What the nodes say
+    every 10 s"), on SIGUSR1, and as it stops.
 
     - ``feed_lag``: how old each publication was when this gateway took it from its SUB
       socket: the wall clock then, minus the ``ts`` the matcher stamped as it ran the command.
@@ -1728,6 +1729,9 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
     if not isinstance(node, GatewayNode):
         raise TypeError(f"node {name!r} is a {node.role}, not a gateway")
     details: dict[str, Any] = {"url": node.url, "listen": node.listen, "workers": node.workers}
+    # SIGUSR1 logs the stats at once (Gateway.log_stats; with workers, this process passes it on
+    # to them): until a loop takes it, it is ignored rather than fatal, here and in the workers
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if node.workers == 1:
         def ready() -> None:  # once the port is bound
             log.info("serving %s, upstream %s%s", node.url, ", ".join(node.upstream), _standby_text(node))
@@ -1744,9 +1748,6 @@ def _run_workers(topology: Topology, node: GatewayNode, details: dict[str, Any])
     read_end, write_end = os.pipe()
     children: dict[int, int] = {}
     die_with_me = die_with_parent()  # a kill -9 of this process must not leave workers serving the port
-    # SIGUSR1 (log the stats now) is passed on to the workers; until then, and in a worker until
-    # its loop takes it, it is ignored rather than fatal
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     for worker in range(node.workers):
         pid = os.fork()
         if pid == 0:
