@@ -869,7 +869,7 @@ def test_the_gateway_logs_what_it_carried_and_how_old_the_feed_was(cluster: Clus
     assert 80 <= float(p50) <= float(p99) <= float(most) and int(turns) >= 1, log
     connections, opened_, closed, channels, publications, messages, p50, p99, most, turns = stopping
     assert (connections, opened_, closed, channels, publications, messages) == ("2", "0", "1", "1", "1", "2"), log
-    assert turns == "1", log
+    assert int(turns) >= 1, log  # and the turns of the channels' heartbeats, if one was due
     per_channel = [line[:4] for line in CHANNEL_LINE.findall(log)]
     assert per_channel == [("BTC-USDT", "2", "5", "10"), ("BTC-USDT", "2", "1", "2")], log  # SOL had no publication
     assert float(CHANNEL_LINE.findall(log)[0][4]) >= 80, log
