@@ -839,11 +839,12 @@ def test_the_gateway_logs_what_it_carried_and_how_old_the_feed_was(cluster: Clus
     connections, the publications it took and the messages it wrote, how old the publications
     were when it took them (from the matcher's ``ts``) and how long its fan-out turns took; then
     a line per channel. Each line covers the time since the one before. Publications stamped
-    80 ms ago show a lag of at least 80 ms."""
+    80 ms ago show a lag of at least 80 ms. (Heartbeats every second: ``wait_until`` looks at the
+    log after each message.)"""
     with gateway_on_fake_matcher(cluster, tmp_path, {
         "BTC-USDT": (7, [[2999000, 1500]], [[3001000, 2000]]),
         "SOL-USDT": (3, [], [[15000, 1000]]),
-    }) as (fake, opened, g1):
+    }, extra_gateway=", limits: {heartbeat_s: 1}") as (fake, opened, g1):
         a, b, c = opened("a"), opened("b"), opened("c")
         for client in (a, b):
             client.subscribe("BTC-USDT")

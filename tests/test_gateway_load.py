@@ -976,7 +976,8 @@ def serving_processes(gateway_pid: int, port: int, client_ports: list[int]) -> d
 
 def test_a_gateway_with_two_workers_serves_one_port_from_two_processes(
         cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
-    topology = start(cluster, {"m1": ["BTC-USDT"]}, workers=2)
+    # heartbeats every second: the wait for the workers' stats lines looks at the log after each message
+    topology = start(cluster, {"m1": ["BTC-USDT"]}, limits="heartbeat_s: 1", workers=2)
     gateway = topology.nodes["g1"]
     clients.url = gateway.url  # type: ignore[union-attr]
     maker = RouterMaker(topology, context)
