@@ -47,7 +47,7 @@ from zmx.codec import encode_publication
 from zmx.events import BookChanged, FeedHeartbeat, TradeOccurred
 from zmx.model import Side
 from zmx.node.client import Client, Reply, RequestTimeout
-from zmx.node.gateway import PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, text_frame
+from zmx.node.gateway import PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, text_frame
 from zmx.node.runtime import load_topology
 from zmx.topology import Topology
 
@@ -874,6 +874,29 @@ def test_the_gateway_logs_what_it_carried_and_how_old_the_feed_was(cluster: Clus
     per_channel = [line[:4] for line in CHANNEL_LINE.findall(log)]
     assert per_channel == [("BTC-USDT", "2", "5", "10"), ("BTC-USDT", "2", "1", "2")], log  # SOL had no publication
     assert float(CHANNEL_LINE.findall(log)[0][4]) >= 80, log
+
+
+def test_a_stats_window_names_the_busiest_channels_and_sums_up_the_rest(cluster: Cluster, tmp_path: Path) -> None:
+    """With more busy channels than STATS_CHANNEL_LINES, the window names the busiest ones (by
+    publications, most first) and sums the others up in one line."""
+    symbols = [f"C{i:02}-USDT" for i in range(STATS_CHANNEL_LINES + 3)]
+    with gateway_on_fake_matcher(cluster, tmp_path, {symbol: (1, [], []) for symbol in symbols},
+                                 extra_gateway=", limits: {heartbeat_s: 1}") as (fake, opened, g1):
+        a = opened("a")
+        a.subscribe(*symbols)
+        stamped = time.time_ns()
+        for i, symbol in enumerate(symbols):  # C00 one publication, C01 two, ...
+            for seq in range(2, i + 3):
+                fake.publish(symbol, BookChanged(symbol, seq, stamped, ((10000 + seq, 1000),), ()))
+        for i, symbol in enumerate(symbols):
+            a.wait_seq(symbol, i + 2)
+        assert g1.stop() == 0
+        log = g1.log_path.read_text()
+    named = [(symbol, int(publications)) for symbol, _, publications, _, _ in CHANNEL_LINE.findall(log)]
+    busiest = sorted(((symbol, i + 1) for i, symbol in enumerate(symbols)), key=lambda x: -x[1])
+    assert named == busiest[:STATS_CHANNEL_LINES], log
+    rest = re.findall(r"(\d+) more channels: (\d+) publications in, (\d+) messages out", log)
+    assert rest == [("3", "6", "6")], log  # C00, C01 and C02: 1 + 2 + 3 publications, one subscriber
 
 
 def test_malformed_publications_are_dropped_counted_and_change_nothing(cluster: Cluster, tmp_path: Path) -> None:

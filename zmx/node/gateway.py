@@ -139,6 +139,7 @@ SNAPSHOT_MAX_BYTES = 64 * codec.MAX_MESSAGE_BYTES  # a deep book is a big snapsh
 FEED_SILENT_S = 3.0
 BAD_LOG_S = 1.0  # undecodable publications: the first of each second is logged with its reason, the rest counted
 STATS_INTERVAL_S = 10.0  # how often the gateway logs what it carried (StatsWindow), as routers and matchers do
+STATS_CHANNEL_LINES = 20  # channel lines of a stats window at most (the busiest; one line sums up the rest)
 BACKLOG = 16384
 
 CLOSE_GOING_AWAY = 1001
@@ -1644,11 +1645,18 @@ class Gateway:
             if counted:
                 parts.append(", ".join(f"{k} {v}" for k, v in counted.items()))
             log.info("%s", "; ".join(parts))
-            for symbol, state in self.channels.items():
-                if state.published:
-                    log.info("%s%s: %s, %s in, %s out, feed lag max %.2f ms", who, symbol,
-                             _count(len(state.subscribers), "subscriber"), _count(state.published, "publication"),
-                             _count(state.sent, "message"), state.lag_max_ns / 1e6)
+            busy = sorted((state for state in self.channels.values() if state.published),
+                          key=lambda state: state.published, reverse=True)
+            for state in busy[:STATS_CHANNEL_LINES]:
+                log.info("%s%s: %s, %s in, %s out, feed lag max %.2f ms", who, state.channel.symbol,
+                         _count(len(state.subscribers), "subscriber"), _count(state.published, "publication"),
+                         _count(state.sent, "message"), state.lag_max_ns / 1e6)
+            rest = busy[STATS_CHANNEL_LINES:]
+            if rest:
+                log.info("%s%s: %s in, %s out, feed lag max %.2f ms", who, _count(len(rest), "more channel"),
+                         _count(sum(state.published for state in rest), "publication"),
+                         _count(sum(state.sent for state in rest), "message"),
+                         max(state.lag_max_ns for state in rest) / 1e6)
         for state in self.channels.values():
             state.published = state.sent = state.lag_max_ns = 0
         self.stats = StatsWindow(now, self._opened, self._closed, self.counts)
