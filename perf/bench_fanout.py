@@ -1053,7 +1053,7 @@ def role_feedprobe(pub: str) -> None:
     # Its own wait for a core is not the feed's: at SCHED_FIFO (root only), which ZeroMQ's I/O
     # thread, made below, inherits, it takes a publication as soon as it comes. At the normal
     # policy, beside a gateway writing to 500 connections, its p99 was 2.4-3.9 ms while the
-    # gateway's own log had the feed's lag at 0.8-1.5 ms. It takes about 100 messages a second.
+    # gateway's own log had the feed's lag at 0.8-1.8 ms. It takes about 100 messages a second.
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(FEEDPROBE_PRIORITY))
         policy = "fifo"
