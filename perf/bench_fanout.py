@@ -1762,12 +1762,18 @@ def progress(name: str, result: dict[str, Any]) -> None:
           f"p99 {fmt(h['latency_ms']['p99'], '.1f')} ms", flush=True)
 
 
+def own_p99(r: dict[str, Any], figure: str) -> float | None:
+    """The p99 (ms) of ``figure`` (``feed_lag_ms``, ``turn_ms``) in a one-worker gateway's log
+    of round ``r``; None where not known."""
+    own = r.get("gateway_log") or []
+    return own[0][figure]["p99"] if len(own) == 1 and own[0][figure] else None
+
+
 def turn_p99_ms(r: dict[str, Any]) -> float | None:
     """The p99 of a round's walks over the connections: a one-worker gateway's fan-out turns
     (its log), a ceiling's walks (its stats); None where not known."""
-    own = r.get("gateway_log")
-    if own is not None:
-        return own[0]["turn_ms"]["p99"] if len(own) == 1 and own[0]["turn_ms"] else None
+    if "gateway_log" in r:
+        return own_p99(r, "turn_ms")
     turns = (r.get("driver") or {}).get("turn_ms")
     return turns["p99"] if turns else None
 
@@ -1775,10 +1781,10 @@ def turn_p99_ms(r: dict[str, Any]) -> float | None:
 def own_figures(r: dict[str, Any]) -> str:
     """``, own feed lag 0.9, turns 5.8``: p99s (ms) of the gateway's log (a one-worker gateway),
     or the turns of a ceiling's walks; nothing where not known."""
-    own = r.get("gateway_log") or []
-    lag = f", own feed lag {own[0]['feed_lag_ms']['p99']:.1f}" if len(own) == 1 and own[0]["feed_lag_ms"] else ""
+    lag = own_p99(r, "feed_lag_ms")
     turns = turn_p99_ms(r)
-    return lag + (f", turns {turns:.1f}" if turns is not None else "")
+    return ((f", own feed lag {lag:.1f}" if lag is not None else "")
+            + (f", turns {turns:.1f}" if turns is not None else ""))
 
 
 def burst_spread(result: dict[str, Any]) -> str:
@@ -1938,10 +1944,9 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                 # and the gateway's own figures (its log): the feed's lag as it took each publication,
                 # and its fan-out turns (one write per connection)
                 entry["moderate_feed_p99_ms"] = gw["moderate"].get("feed_latency_ms", {}).get("p99")
-                own = gw["moderate"].get("gateway_log") or []
-                if len(own) == 1:
-                    entry["moderate_gateway_feed_lag_p99_ms"] = (own[0]["feed_lag_ms"] or {}).get("p99")
-                    entry["moderate_gateway_turn_p99_ms"] = (own[0]["turn_ms"] or {}).get("p99")
+                if len(gw["moderate"].get("gateway_log") or []) == 1:
+                    entry["moderate_gateway_feed_lag_p99_ms"] = own_p99(gw["moderate"], "feed_lag_ms")
+                    entry["moderate_gateway_turn_p99_ms"] = own_p99(gw["moderate"], "turn_ms")
                 entry["moderate_write_turn_p99_ms"] = turn_p99_ms(wr["moderate"])  # one message per walk
                 # "At the same N and rate": the high round counts only where the one-write-per-
                 # message server kept the gateway's rate (it rarely can: it waits rather than
