@@ -564,6 +564,13 @@ class ChannelState:
         self.sent = 0
         self.lag_max_ns = 0
 
+    def wrote(self, stats: StatsWindow, messages: int, connections: int) -> None:
+        """A turn wrote ``messages`` of this channel to each of ``connections``: counted here and
+        in the gateway's stats window."""
+        sent = messages * connections
+        self.sent += sent
+        stats.sent += sent
+
     def take_turn(self, now: float) -> tuple[bytes, int, int, int]:
         """This loop turn's frames joined, with the depth updates and trades among them and
         the seq of its first depth update; the channel starts the next turn empty."""
@@ -1160,9 +1167,7 @@ class Gateway:
                         self._miss(conn, state.channel.symbol, first, state.channel.seq, updates, trades)
                 else:
                     conn.transport.write(blob)  # type: ignore[union-attr]  # subscribers are connected
-            sent = (updates + trades) * (len(state.subscribers) - skipped)
-            state.sent += sent
-            stats.sent += sent
+            state.wrote(stats, updates + trades, len(state.subscribers) - skipped)
             return
         touched: list[Connection] = []
         for state in dirty:
@@ -1180,9 +1185,7 @@ class Gateway:
                     touched.append(conn)
                 else:
                     out.append(blob)
-            sent = (updates + trades) * (len(state.subscribers) - skipped)
-            state.sent += sent
-            stats.sent += sent
+            state.wrote(stats, updates + trades, len(state.subscribers) - skipped)
         dirty.clear()
         for conn in touched:
             out = conn.out
