@@ -724,8 +724,10 @@ def test_a_router_that_hung_past_the_gateways_pings_answers_late_over_the_new_co
     orders then get ``no router is connected``). The router goes on, passes the order to the
     matcher and answers new orders over the gateway's connection made again; then the matcher
     goes on, and the order's answer reaches the client, late and without an ``id``: the
-    gateway's DEALER has a name of its own, which the router hands over to the new connection
-    (the answer went to the dropped connection's old name, and was lost)."""
+    gateway's DEALER has a name of its own, which the router hands over to the new connection,
+    and its requests name it as their ``reply_to`` (without it, the answer went to the dropped
+    connection's old name, and was lost; and ZeroMQ gives a request it reads from the old
+    connection after the new one took the name over a name of its own making)."""
     topology = start(cluster, {"m1": ["BTC-USDT"]}, limits="order_timeout_s: 1")
     clients.url = topology.nodes["g1"].url  # type: ignore[union-attr]
     client = clients("a")

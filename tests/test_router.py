@@ -115,10 +115,12 @@ class Setup:
         self.closeables.append(c)
         return c
 
-    def raw(self) -> zmq.Socket[bytes]:
-        """A bare DEALER on the router's front, to send anything at all."""
+    def raw(self, name: bytes | None = None) -> zmq.Socket[bytes]:
+        """A bare DEALER on the router's front, to send anything at all; ``name``: its routing id."""
         s = self.context.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        if name is not None:
+            s.setsockopt(zmq.ROUTING_ID, name)
         s.connect(self.front)
         self.closeables.append(s)
         return s
@@ -387,7 +389,10 @@ def test_malformed_requests_get_bad_request_and_good_ones_still_work(setup: Setu
         ([junk], junk[:MAX_HEADER_BYTES], "2 frames"),
         ([b""], b"", "2 frames"),
         ([header], header, "2 frames"),
-        ([header, body, b"more"], header, "2 frames"),
+        ([header, body, b"gw", b"more"], header, "2 frames"),
+        ([header, body, b""], header, "reply_to"),
+        ([header, body, b"\x00\x80\x00\x00\x01"], header, "reply_to"),  # ZeroMQ's kind of name
+        ([header, body, b"g" * 256], header, "reply_to"),
         ([b"\x02" + header[1:], body], b"\x02" + header[1:], "version"),
         ([b"\x01\x00\x00", body], b"\x01\x00\x00", "header"),
         ([header[:9], body], header[:9], "header"),
@@ -416,6 +421,28 @@ def test_malformed_requests_get_bad_request_and_good_ones_still_work(setup: Setu
     assert all(r.request_id != 999_999 for r in iter(lambda: client.recv(0.1), None))  # no answer to it
     totals = setup.totals()
     assert re.search(rf"malformed: client {len(cases)} \(", totals), totals
+
+
+def test_a_reply_goes_to_the_dealer_its_request_names(setup: Setup) -> None:
+    """A request's third frame, ``reply_to``, names the DEALER its reply goes to: the
+    matcher's answer, and the router's own refusals."""
+    m1 = setup.matcher("m1")
+    m1.hello()
+    client = setup.client()
+    wait_routed(client, m1, "BTC-USDT")
+    named, sender = setup.raw(b"gw.0.7"), setup.raw()
+    body = codec.encode(order("BTC-USDT"))
+    header = encode_header(1, "BTC-USDT")
+    sender.send_multipart([header, body, b"gw.0.7"])
+    req = m1.recv(5.0)
+    assert req is not None and req == [b"gw.0.7", header, body]
+    m1.answer(req)
+    assert recv_raw(named) == [header, b"ok", codec.encode_batch([accepted(order("BTC-USDT"))])]
+    unknown = encode_header(2, "XRP-USDT")
+    sender.send_multipart([unknown, body, b"gw.0.7"])
+    reply = recv_raw(named)
+    assert reply is not None and reply[:2] == [unknown, b"unknown_symbol"]
+    assert recv_raw(sender, 0.05) is None
 
 
 def test_malformed_matcher_messages_are_dropped_and_counted(setup: Setup) -> None:

@@ -723,6 +723,7 @@ class Gateway:
         # up: a connection's requests reach the matcher, and its replies come back, in the order
         # it sent them (over several routers, a cancel could overtake the amend sent before it).
         self.dealers: list[zmq.Socket[bytes]] = []
+        self.reply_to = f"{node.name}.{worker}.{os.getpid()}".encode()
         for router in topology.nodes_by_role("router"):
             assert isinstance(router, RouterNode)
             dealer = self.context.socket(zmq.DEALER)
@@ -731,10 +732,11 @@ class Gateway:
             dealer.sndhwm = dealer.rcvhwm = HWM
             # ZeroMQ's pings: a router that hangs loses its connection, and its orders go to the next
             watch_peer(dealer)
-            # A name of its own, which the router hands over to a new connection (ROUTER_HANDOVER):
-            # a router that hung past the pings answers what it held once it goes on, over the
-            # connection made again, instead of to the one the pings dropped.
-            dealer.routing_id = f"{node.name}.{worker}.{os.getpid()}".encode()
+            # A name of its own, which the router hands over to a new connection (ROUTER_HANDOVER),
+            # and which every request names as its reply_to (``order``): a router that hung past
+            # the pings answers what it held once it goes on, over the connection made again,
+            # instead of to the one the pings dropped.
+            dealer.routing_id = self.reply_to
             dealer.connect(connect_endpoint(router.front))
             self.dealers.append(dealer)
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
@@ -1284,7 +1286,7 @@ class Gateway:
             self.sub.subscribe(account_topic(session.account))
         self._request_ids += 1
         rid = self._request_ids
-        frames = (encode_header(rid, command.symbol), codec.encode(command))
+        frames = (encode_header(rid, command.symbol), codec.encode(command), self.reply_to)
         dealers = self.dealers
         first = hash(session.account) % len(dealers)  # this connection's router, while it is up
         for n in range(len(dealers)):

@@ -4,7 +4,8 @@ Stateless: it keeps no request (a reply whose client is not connected at that mo
 kept ``REPLY_RETRY_S`` at most). Its front ROUTER takes requests from clients and gateways,
 its back ROUTER is where every matcher connects with its node name as routing id. The
 frames are those of ``docs/wire.md``; the router reads the symbol from the request header
-(``header[9:]``) and never decodes the order itself.
+(``header[9:]``) and never decodes the order itself. A reply goes to the DEALER that the
+request's ``reply_to`` frame names (a gateway's), else to the connection it came on.
 
 What it knows about matchers comes from their ``HELLO`` / ``HB`` / ``BYE`` and from
 ZeroMQ: a send to a routing id whose connection is gone fails at once (``ROUTER_MANDATORY``
@@ -40,7 +41,7 @@ from zmx.node.wire import BATCH_BYTES, REPS, REQS, REQUEST_HEAD, unpack_replies
 from zmx.node.wire import show as _show
 from zmx.topology import RouterNode, Topology
 
-__all__ = ["BATCH", "MAX_HEADER_BYTES", "Malformed", "MatcherTable", "run"]
+__all__ = ["BATCH", "MAX_HEADER_BYTES", "MAX_REPLY_TO", "Malformed", "MatcherTable", "run"]
 
 log = logging.getLogger("zmx.router")
 _backend_send = zmq.backend.Socket.send  # type: ignore[attr-defined]  # the Cython send, without sugar
@@ -48,6 +49,11 @@ _backend_recv = zmq.backend.Socket.recv  # type: ignore[attr-defined]  # the Cyt
 
 HEADER_PREFIX = 9  # version byte + 8-byte request id; the symbol follows
 MAX_HEADER_BYTES = HEADER_PREFIX + MAX_ID_LENGTH
+# A request's optional third frame names the DEALER its reply goes to (a ZeroMQ routing id).
+# Why not the id ZeroMQ gives the request: with ROUTER_HANDOVER, a client's new connection
+# takes its name over, and what the router reads afterwards from the old one comes under a
+# name ZeroMQ made up (a zero byte and four more), which nobody holds once that one is closed.
+MAX_REPLY_TO = 255
 # ZeroMQ drops a connection that sends a frame above MAXMSGSIZE (before Python sees it).
 # A request body is at most the codec's 1 MiB, which is also the matchers' own limit: no
 # frame the router forwards can make a matcher drop its connection. A reply carries every
@@ -262,14 +268,24 @@ class MatcherTable:
                          for m in self.matchers.values())
 
 
+def _reply_to_ok(name: bytes) -> bool:
+    """Whether a request's ``reply_to`` frame can name a DEALER: 1 to 255 bytes, and not the
+    kind of routing id that ZeroMQ makes up for a peer (a zero byte first)."""
+    return 0 < len(name) <= MAX_REPLY_TO and name[0] != 0
+
+
 def _front_problem(msg: list[bytes]) -> tuple[bytes, str, str]:
     """Why a request from a client is not forwardable: (header to echo, kind, message).
 
-    Only called for requests that are not a routable ``header, body``; returns kind ""
-    for a well-formed request (whose symbol is then unknown or unavailable)."""
+    Only called for requests that are not a routable ``header, body[, reply_to]``; returns
+    kind "" for a well-formed request (whose symbol is then unknown or unavailable)."""
     echo = msg[1][:MAX_HEADER_BYTES] if len(msg) > 1 else b""
-    if len(msg) != 3:
-        return echo, "wrong frame count", f"a request is 2 frames (header, body), got {len(msg) - 1}"
+    if len(msg) not in (3, 4):
+        return echo, "wrong frame count", ("a request is 2 frames (header, body) or 3 (header, body, reply_to), "
+                                           f"got {len(msg) - 1}")
+    if len(msg) == 4 and not _reply_to_ok(msg[3]):
+        return echo, "bad reply_to", (f"reply_to is a routing id of 1 to {MAX_REPLY_TO} bytes that does not start "
+                                      f"with a zero byte, got {len(msg[3])} bytes {_show(msg[3][:16])}")
     header = msg[1]
     if not header:
         return echo, "short header", "empty header frame"
@@ -419,11 +435,11 @@ class _Router:
             self.internal_error("client", e)
 
     def _from_client(self, msg: list[bytes]) -> None:
-        if len(msg) == 3 and msg[1][:1] == b"\x01" and HEADER_PREFIX < len(msg[1]) <= MAX_HEADER_BYTES:
-            status, message = self.table.refusal(msg[1][HEADER_PREFIX:], time.monotonic())
-            self.refuse(msg[0], msg[1], status, message)
-            return
         echo, kind, message = _front_problem(msg)
+        if not kind:  # well-formed: its symbol is unknown, or its owner unavailable
+            status, message_bytes = self.table.refusal(msg[1][HEADER_PREFIX:], time.monotonic())
+            self.refuse(msg[3] if len(msg) == 4 else msg[0], msg[1], status, message_bytes)
+            return
         self.malformed("client", kind, message)
         self.refuse(msg[0], echo, BAD_REQUEST, message.encode())
 
@@ -570,7 +586,7 @@ class _Router:
         noblock, more = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
         again, zmq_error, monotonic = zmq.Again, zmq.ZMQError, time.monotonic
         reps, req_head, req_size = REPS, REQUEST_HEAD.pack, REQUEST_HEAD.size
-        batch_bytes, bad_batch = BATCH_BYTES, self.bad_batch
+        batch_bytes, bad_batch, max_reply_to = BATCH_BYTES, self.bad_batch, MAX_REPLY_TO
         outbox: dict[bytes, list[bytes]] = {}  # matcher -> this drain's requests for it, as REQS parts
         outsize: dict[bytes, int] = {}
 
@@ -663,12 +679,14 @@ class _Router:
                     while frame.more:
                         frame = frecv(0, False)
                         msg.append(frame.bytes)
-                    if len(msg) == 3:
+                    n = len(msg)
+                    if n == 3 or (n == 4 and 0 < len(msg[3]) <= max_reply_to and msg[3][0] != 0):
                         header = msg[1]
                         symbol = header[9:]
                         ident = route.get(symbol)
                         if ident is not None and header[0] == 1:
-                            client, body = msg[0], msg[2]
+                            client = msg[3] if n == 4 else msg[0]
+                            body = msg[2]
                             size = req_size + len(client) + len(header) + len(body)
                             parts = outbox.get(ident)
                             if parts is None:
