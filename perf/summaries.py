@@ -133,8 +133,8 @@ def hosts(f: dict[str, Any]) -> list[Row]:
     rows.append(row("same, (2) matcher CPU per published message: vs gateways and clients behind one relay; "
                     "its ZeroMQ I/O thread vs the subscribers it feeds (relays, or gateways straight on it)",
                     f"whole matcher {span(m_g)} over G, {span(m_n)} over clients per gateway; I/O thread "
-                    f"{subscribers}", f"spread over G {_x(c2['spread_over_gateways'])}, over clients "
-                    f"{_x(c2['spread_over_clients'])}", f"I/O 2 relays / 1: {_x(c2['io_two_relays_over_one'])}",
+                    f"{subscribers}", f"largest / first over G {_x(c2.get('growth_over_gateways'))}, over clients "
+                    f"{_x(c2.get('growth_over_clients'))}", f"I/O 2 relays / 1: {_x(c2['io_two_relays_over_one'])}",
                     "grows with the relays, not with the gateways or clients", c2["met"]))
     steps = c3["steps"]
     rates = ", ".join(f"{round(s['delivered_per_s']):,} (G={s['gateways']}, {s['machine_cores_busy']} cores busy)"

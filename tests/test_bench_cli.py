@@ -602,3 +602,29 @@ def test_scaling_claim_counts_a_fall_past_the_cores_against_it(hosts: ModuleType
     assert "G=3->4 with the cores used up: 0.57x (FELL)" in c3["verdict"]
     assert "G=4->5 with the cores used up: 1.31x (still GREW)" in c3["verdict"]
     assert "G=4 delivered 800,000/s" in c3["verdict"] and "8.0 s after the last order" in c3["verdict"]
+
+
+def relay_round(run: str, g: int, matcher_us: float, io_us: float, clients: int = 10) -> dict:
+    """One moderate round of bench_hosts' runs 1-3, with what ``relay_claim`` reads."""
+    return {"run": run, "round": "moderate", "gateways": g, "clients_per_gateway": clients,
+            "matcher_cpu_us_per_published": matcher_us, "router_cpu_us_per_order": matcher_us / 2,
+            "matcher_threads_us_per_published": {"python": matcher_us - io_us, "zmq_io": io_us}}
+
+
+def test_relay_claim_wants_no_growth_over_gateways_and_more_cost_per_direct_subscriber(hosts: ModuleType) -> None:
+    """Claim (2): a matcher that got cheaper as gateways were added (the machine busier) meets
+    it; one that got dearer by more than ``FLAT`` does not, nor one whose I/O thread cost less
+    with the gateways straight on it than with two relays at the same gateway count."""
+    def claim(over_g: list[float], direct_io: float) -> dict:
+        gw = [relay_round(f"g{g}", g, m, 50.0 - 3 * g) for g, m in enumerate(over_g, 1)]
+        clients = [gw[0], relay_round("g1-clients20", 1, over_g[0] * 0.95, 45.0, 20)]
+        relays2 = [relay_round("r2-g2", 2, 230.0, 60.0), relay_round("r2-g4", 4, 180.0, 41.0)]
+        return hosts.relay_claim(gw, clients, relays2, [relay_round("direct-g4", 4, 200.0, direct_io)])
+
+    falling = claim([250.0, 228.0, 198.0, 181.0], 62.0)
+    assert falling["met"] and falling["growth_over_gateways"] == 1.0
+    assert falling["spread_over_gateways"] > hosts.FLAT  # two-sided, it would have failed
+    assert not claim([180.0, 200.0, 230.0, 250.0], 62.0)["met"]  # 1.39x up
+    # 4 gateways straight on it against two relays at G = 4 (41 us), not their mean over G (50.5)
+    assert claim([250.0, 228.0, 198.0, 181.0], 45.0)["met"]
+    assert not claim([250.0, 228.0, 198.0, 181.0], 40.0)["met"]
