@@ -43,8 +43,10 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 from ws import Clients, WsClient, as_decimal_levels, checksum, matcher_book, same_book
 
+from zmx import codec
 from zmx.codec import encode_publication
-from zmx.events import BookChanged, FeedHeartbeat, TradeOccurred
+from zmx.commands import SubmitOrder
+from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted, TradeOccurred
 from zmx.model import Side
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.gateway import PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, text_frame
@@ -780,6 +782,41 @@ def gateway_on_fake_matcher(cluster: Cluster, tmp_path: Path, books: dict[str, t
             cluster.stop_all()
     finally:
         fake.close()
+
+
+def test_the_gateways_orders_name_its_dealer_as_their_reply_to(cluster: Cluster, tmp_path: Path) -> None:
+    """The router is played by the test: an order from a WebSocket client arrives as ``header,
+    body, reply_to`` (docs/wire.md), the reply_to being the routing id of the gateway's DEALER,
+    and an answer sent to that name reaches the client."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (0, [], [])}) as (_, opened, _):
+        context: zmq.Context = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.linger = 0
+        try:
+            router.bind(load_topology(cluster.topology).nodes["r1"].front)  # type: ignore[union-attr]
+            client = opened("a")
+            request = {"action": "submit_order", "symbol": "BTC-USDT", "side": "buy", "price": "30000",
+                       "quantity": "0.5"}
+            for n in itertools.count():  # refused "no router is connected" until its DEALER is
+                client.send({**request, "order_id": f"o{n}", "id": n})
+                if router.poll(1000):
+                    break
+                client.expect({"type": "order_update", "id": n})
+                assert n < 10, "the gateway never connected to the router"
+            ident, header, body, reply_to = router.recv_multipart()
+            assert reply_to == ident and reply_to.startswith(b"g1.")
+            command = codec.decode(body)
+            assert isinstance(command, SubmitOrder) and command.symbol == "BTC-USDT"
+            n = int(command.order_id[1:])  # the try that got through
+            accepted = OrderAccepted(command.symbol, 1, time.time_ns(), command.order_id, command.account,
+                                     command.side, command.type, command.time_in_force, command.price,
+                                     command.quantity)
+            router.send_multipart([reply_to, header, b"ok", codec.encode_batch([accepted])])
+            update = client.expect({"type": "order_update", "id": n})
+            assert update["data"]["order_id"] == f"o{n}" and update["data"]["status"] == "accepted", update
+        finally:
+            router.close()
+            context.term()
 
 
 def test_the_gateways_subscriptions_follow_its_clients(cluster: Cluster, tmp_path: Path) -> None:
