@@ -16,7 +16,9 @@ matchers' ``data_dir`` in it too, ``fsync: batch``):
   client itself can do, which bounds every other figure.
 
 Every target is driven the same way, through a ``zmx.node.client.Client``'s DEALER with the
-same wire frames (a 17-byte header and the ``codec.encode``d command): each round's commands
+same wire frames (a 17-byte header and the ``codec.encode``d command; not the ``reply_to``
+frame that ``Client.send`` adds, which the bare loop would not read: the router reads one
+frame more for a client's request, about 1 us of its CPU): each round's commands
 are encoded before its timing starts (``Requests``), the timed loop only hands frames to
 ZeroMQ and takes replies (header, status, payload), and the payloads are decoded and checked
 after the round. (The loop used to call ``Client.send`` / ``Client.recv``, which encode each
@@ -527,13 +529,24 @@ def fsync_probe(directory: Path, n: int = 2000) -> dict[str, float | None]:
     return percentiles_us(took)
 
 
+ROUTE_CHECK_IDS = 1 << 62  # request ids of await_route's checks, apart from the rounds' (``Requests``)
+
+
 def await_route(client: Client, symbols: Sequence[str], timeout: float = 20.0) -> None:
     """Wait until each symbol's requests are answered ``ok`` (the matchers' HELLOs may still
-    be on their way to the router: ``unavailable`` until then)."""
+    be on their way to the router: ``unavailable`` until then). Sent as the rounds send theirs
+    (``header, body``: the ceilings read no ``reply_to``), with request ids of their own."""
     deadline = time.monotonic() + timeout
-    for symbol in symbols:
+    for n, symbol in enumerate(symbols):
         while True:
-            reply = client.request(CancelOrder("route-check", ACCOUNTS[0], symbol), timeout=2.0)
+            request_id = ROUTE_CHECK_IDS + n
+            client.send_frames((encode_header(request_id, symbol),
+                                codec.encode(CancelOrder("route-check", ACCOUNTS[0], symbol))), timeout=2.0)
+            reply = client.recv(2.0)
+            while reply is not None and reply.request_id != request_id:  # a late answer to an earlier check
+                reply = client.recv(2.0)
+            if reply is None:
+                raise RuntimeError(f"{symbol}: no answer to a route check within 2 s")
             if reply.ok:
                 break
             if time.monotonic() > deadline:

@@ -280,6 +280,36 @@ def test_a_router_that_did_not_run_holds_its_own_silence_against_no_matcher(
     assert "this router did not run for" in log and "m1 down" not in log, log
 
 
+def test_a_router_that_hung_past_the_clients_pings_answers_late_over_the_new_connection(
+        cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """The matcher and then r1 hang (``SIGSTOP``) with an order in r1, long enough for the
+    client's ZeroMQ pings to drop its connection (its socket monitor says so; the matcher is
+    stopped too so that its own pings keep its connection to r1). Both go on: the client's
+    DEALER connects again under its own name, which r1 hands over to the new connection, and
+    the held order's answer, sent to the request's ``reply_to``, comes out of ``recv``. (A
+    client without a name of its own lost it: it went to the id ZeroMQ had made up for the
+    dropped connection.)"""
+    topology = start(cluster, m1=["BTC-USDT"])
+    client = Client.from_topology(topology, context=context)
+    until_ok(client, btc("warm", "alice", "buy", "1000"))
+    monitor = client.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    m1, r1 = node(cluster, "m1"), node(cluster, "r1")
+    m1.proc.send_signal(signal.SIGSTOP)
+    r1.proc.send_signal(signal.SIGSTOP)
+    try:
+        held = client.send(client.submit_command(**btc("held", "alice", "buy", "1000")))
+        assert monitor.poll(15_000), "the client's pings never dropped the hung router's connection"
+    finally:
+        r1.proc.send_signal(signal.SIGCONT)
+        m1.proc.send_signal(signal.SIGCONT)
+        client.socket.disable_monitor()
+        monitor.close(linger=0)
+    late = client.recv(10.0)
+    assert late is not None and late.request_id == held, late
+    assert late.ok and isinstance(late.events[0], OrderAccepted) and late.events[0].order_id == "held", late
+    client.close()
+
+
 def test_a_restarted_router_takes_orders_once_it_knows_its_matcher(
         cluster: Cluster, context: zmq.Context[zmq.Socket[bytes]]) -> None:
     """r1 killed and started again while m1 runs: it binds its front only once m1 has said

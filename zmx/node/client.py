@@ -29,7 +29,11 @@ keeps its connection open, so ZeroMQ's pings find it: its connection is dropped 
 not answered for ``runtime.PING_TIMEOUT_MS``, about 4 s after it hung (until then it takes its share
 of the requests, which time out). A request that was already on its way to the dead router,
 or waiting there for its matcher's reply, is lost with it: no reply comes, and ``request``
-raises ``RequestTimeout``. The caller may send the same command again (it then goes
+raises ``RequestTimeout``. One that hung and goes on answers what it held over the
+connection made again (the DEALER has a name of its own, ``name``, which the router hands
+over to the new connection and which every request names as its ``reply_to``): such a late
+reply comes out of ``recv`` like any other, with the ``request_id`` of the request that
+timed out. The caller may send the same command again (it then goes
 through a router that is up). A command that did reach its matcher is answered the second
 time as a duplicate (a ``SubmitOrder`` with ``OrderRejected(reason="duplicate_order_id")``, a
 ``CancelOrder`` with ``CancelRejected(reason="unknown_order")``), so a resend never places an
@@ -39,6 +43,8 @@ order twice; the first answer was the one that counted.
 from __future__ import annotations
 
 import itertools
+import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -149,6 +155,10 @@ class Client:
         # ZeroMQ's pings: a router that hangs loses its connection (without them it went on
         # taking every other request, each lost until it went on)
         watch_peer(sock)
+        # A name of its own, which every request names as its reply_to (docs/wire.md): a router
+        # that hung past the pings answers what it held over the connection made again.
+        self.name = f"client.{os.getpid()}.{secrets.token_hex(6)}".encode()
+        sock.setsockopt(zmq.ROUTING_ID, self.name)
         for endpoint in front_endpoints:
             try:
                 sock.connect(connect_endpoint(endpoint))
@@ -190,7 +200,7 @@ class Client:
         ``NoRouter``) only while no router is connected -- just after the client is made, or
         when every router is down -- or while every queue is full."""
         request_id = next(self._ids)
-        frames = (encode_header(request_id, command.symbol), codec.encode(command))
+        frames = (encode_header(request_id, command.symbol), codec.encode(command), self.name)
         self.send_frames(frames, timeout=timeout)
         return request_id
 

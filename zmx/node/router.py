@@ -5,7 +5,8 @@ kept ``REPLY_RETRY_S`` at most). Its front ROUTER takes requests from clients an
 its back ROUTER is where every matcher connects with its node name as routing id. The
 frames are those of ``docs/wire.md``; the router reads the symbol from the request header
 (``header[9:]``) and never decodes the order itself. A reply goes to the DEALER that the
-request's ``reply_to`` frame names (a gateway's), else to the connection it came on.
+request's ``reply_to`` frame names (gateways and Python clients send one), else to the
+connection it came on.
 
 What it knows about matchers comes from their ``HELLO`` / ``HB`` / ``BYE`` and from
 ZeroMQ: a send to a routing id whose connection is gone fails at once (``ROUTER_MANDATORY``
