@@ -587,7 +587,7 @@ class _Router:
         noblock, more = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
         again, zmq_error, monotonic = zmq.Again, zmq.ZMQError, time.monotonic
         reps, req_head, req_size = REPS, REQUEST_HEAD.pack, REQUEST_HEAD.size
-        batch_bytes, bad_batch, max_reply_to = BATCH_BYTES, self.bad_batch, MAX_REPLY_TO
+        batch_bytes, bad_batch, reply_to_ok = BATCH_BYTES, self.bad_batch, _reply_to_ok
         outbox: dict[bytes, list[bytes]] = {}  # matcher -> this drain's requests for it, as REQS parts
         outsize: dict[bytes, int] = {}
 
@@ -681,7 +681,7 @@ class _Router:
                         frame = frecv(0, False)
                         msg.append(frame.bytes)
                     n = len(msg)
-                    if n == 3 or (n == 4 and 0 < len(msg[3]) <= max_reply_to and msg[3][0] != 0):
+                    if n == 3 or (n == 4 and reply_to_ok(msg[3])):
                         header = msg[1]
                         symbol = header[9:]
                         ident = route.get(symbol)
