@@ -57,12 +57,22 @@ Rounds of a cell (the same for every target):
 The ceilings (``--role ceiling``, this file): a bare asyncio (uvloop) WebSocket server that
 accepts the same clients (handshake, ``subscription_ack``, a snapshot) and sends frames of the
 gateway's shape and size (captured from the gateway's own feed by the samplers; a made-up
-feed of the same shape when there is no gateway). Its feed comes the way the gateway's comes:
-over ZeroMQ, a SUB on loopback TCP, from a feeder process (``--role feeder``) that sends the
-ready-made frames at the feed rate and with the message count the gateway's round had (the
-write ceiling's max round: a fifth of the count, same rate: at about 5 µs a delivery it would
-take minutes), K channels in turn, ``ts`` written into each frame as it is sent. The ceiling
-reads up to 4,096 messages a loop turn (the gateway's ``SUB_BATCH``) and then:
+feed of the same shape when there is no gateway). Its feed is the gateway's own
+(``--ceiling-feed matcher``, the default since the results files with that
+``config.ceiling_feed``): a SUB on the matcher's PUB, subscribed to the cell's K symbols, and
+the driver sends the orders of the gateway's round of the same kind (``Bench.commands``; the
+write ceiling's max round: a fifth of the burst, as at about 5 µs a delivery it would take
+minutes). Of each publication the ceiling makes the frames the gateway makes of it, a
+``trade`` per trade and a ``depth_update`` per book change, from ready-made templates with the
+event's ``ts`` written in (the records unpacked with ``msgpack``, nothing checked, no book
+kept): so its latency starts at the matcher's ``ts``, as the gateway's does, and the order
+path's share of a round (the matcher's batch, its publication, the machine it shares) is in
+both. ``--ceiling-feed zeromq`` (the files before) feeds them from a feeder process
+(``--role feeder``) instead, over ZeroMQ too, which sends the ready-made frames at the feed
+rate and with the message count the gateway's round had, ``ts`` written as it sends: then the
+gateway's latency holds the matcher's part and the ceilings' does not (the matcher adds about
+0.3 ms at p50 before a publication reaches a bare SUB, and at p99 up to 16 ms in a busy cell).
+The ceiling reads up to 4,096 publications a loop turn (the gateway's ``SUB_BATCH``) and then:
 
 - **write**: one ``transport.write`` per message per connection;
 - **coalesce**: the frames of a loop turn joined per channel, each connection one write per
@@ -77,18 +87,18 @@ Figures per round: delivered messages/s (every message every client counted, ove
 the first to the last feed message a sampler received), server CPU (utime + stime from
 ``/proc``, every gateway worker) per million delivered messages and delivered per CPU-second,
 latency p50 / p99 / p99.9 to arrival (``latency_ms``; the targets) and to the read
-(``read_latency_ms``) from the samplers, in the gateway's moderate rounds the latency of the
-feed alone (``feed_latency_ms``: a bare SUB on the matcher's PUB at ``SCHED_FIFO``,
-``role_feedprobe``; the gateway's latency starts at the matcher's ``ts``, the ceilings' as their
-feeder sends), in every round of the gateway its own figures of it (``gateway_log``: the stats
-line that SIGUSR1 makes it log, asked before and after the round; the feed's lag as it took each
+(``read_latency_ms``) from the samplers, in the moderate rounds of every server fed by the
+matcher the latency of the feed alone (``feed_latency_ms``: a bare SUB on the matcher's PUB at
+``SCHED_FIFO``, ``role_feedprobe``: its share of the gateway's latency, and of a matcher-fed
+ceiling's), in every round of the gateway its own figures of it (``gateway_log``: the stats line
+that SIGUSR1 makes it log, asked before and after the round; the feed's lag as it took each
 publication and its fan-out turns, p50 / p99 / max; the ceilings' walks over their connections,
 timed the same way, in ``driver.turn_ms``), the CPU of the clients, driver, matcher and router,
 and per cell the server's RSS delta per idle subscribed connection (RSS once all N subscribed
 and idle, minus RSS with one anchor connection per channel, / N). Targets: ``TARGETS``.
 
 Cells are measured one after the other, the three targets of a cell in turn (gateway first:
-the ceilings replay its feed rates); no best-of: one high round, ``--moderate-rounds`` (3)
+the ceilings get the orders or the feed rates of its rounds); no best-of: one high round, ``--moderate-rounds`` (3)
 moderate rounds of which the one with the median p99 counts (above), and ``--max-rounds`` (3)
 bursts for the gateway and for each ceiling, of which the one with the median delivered
 messages per CPU-second counts (``max``; every burst is in ``max_rounds``).
@@ -126,6 +136,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import orjson
 from _common import (ROOT, _cpu_jiffies, above_zero, arguments, at_least_one, machine_busy, noise_note,
                      remove_directory, shielded, warn, write_results)
@@ -148,10 +159,13 @@ from nodes import (  # tests/nodes.py, on the path through bench_orders
     free_ports,
 )
 
+from zmx.codec import TYPE_CODES
 from zmx.commands import CancelOrder, Command, SubmitOrder
+from zmx.events import BookChanged, TradeOccurred
 from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.histogram import LatencyHistogram
 from zmx.node.runtime import announce_ready
+from zmx.topics import topic
 
 SCRIPT = Path(__file__).resolve()
 SYMBOLS = tuple(f"S{i:03d}-USDT" for i in range(10))
@@ -168,6 +182,10 @@ HELPER_MAX_S = 3600  # a helper ends by itself after this long (or as soon as th
 MAX_PACED = 3_000.0  # orders/s the driver is asked for at most in a paced round
 WRITE_MAX_SHARE = 5  # the write ceiling's max round emits 1/5 of the gateway's burst (same rate)
 FEEDPROBE_PRIORITY = 10  # its SCHED_FIFO priority (role_feedprobe)
+TRADE_CODE, BOOK_CODE = TYPE_CODES[TradeOccurred], TYPE_CODES[BookChanged]  # a matcher-fed ceiling's records
+# What feeds the ceilings: the matcher's PUB, as the gateway is fed (``matcher``), or a feeder
+# process that replays the gateway round's rate with frames stamped as it sends them (``zeromq``).
+CEILING_FEEDS = ("matcher", "zeromq")
 TURN_CAP = 4096  # messages a ceiling emits per loop turn when behind (the gateway's SUB_BATCH)
 FULL_N = [500, 1_000, 5_000, 15_000]  # the whole matrix: only its runs go to perf/results/fanout.json
 FULL_K = [1, 10]
@@ -183,7 +201,7 @@ TARGETS = {
     "p99_ms_at_500_per_process": 5.0,
 }
 FEED_PER_ORDER = 1.2  # feed messages an order of the flow makes, about (measured: 1.2-1.3)
-SAME_RATE = 0.9  # a round's p99 is compared with the raw server's only if it delivered this share of the rate
+SAME_RATE = 0.9  # a round's p99 is compared with the raw server's only if it kept this share of the rate
 
 # order flow
 CROSS_SHARE, CANCEL_SHARE = 0.15, 0.30
@@ -762,9 +780,13 @@ class CeilingConn(asyncio.Protocol):
 
 
 class CeilingServer:
-    def __init__(self, mode: str, k: int, examples: dict[str, str]) -> None:
+    def __init__(self, mode: str, k: int, examples: dict[str, str], matcher_feed: bool = False) -> None:
         self.mode = mode
         self.channels = SYMBOLS[:k]
+        # The matcher's own PUB (``--ceiling-feed matcher``): each publication becomes the frames
+        # the gateway would make of it, from ready-made templates with its events' ``ts``.
+        self.matcher_feed = matcher_feed
+        self.topics = {topic(ch): ch for ch in self.channels}
         self.subs: dict[str, dict[CeilingConn, Callable[[bytes], None]]] = {ch: {} for ch in self.channels}
         self.paused = 0
         self.resumed = asyncio.Event()
@@ -818,7 +840,7 @@ class CeilingServer:
 
         recv, again, noblock = self.sub.recv, zmq.Again, zmq.NOBLOCK
         channels, frames, subs = self.channels, self.frames, self.subs
-        coalesce = self.mode == "coalesce"
+        coalesce, matcher_feed = self.mode == "coalesce", self.matcher_feed
         clock, deadline = time.perf_counter, self.deadline
         walked, walk_ns = self.turns.add, time.perf_counter_ns
         n = 0
@@ -835,17 +857,22 @@ class CeilingServer:
                 msg = recv(noblock)
             except again:
                 break
-            ch = channels[msg[0]]
-            frame = msg[1:]
+            if matcher_feed:
+                ch, made = self.publication_frames(msg)
+                if not made:
+                    continue  # a heartbeat of an idle symbol, or a topic of no channel here
+            else:
+                ch, made = channels[msg[0]], (msg[1:],)
             if coalesce:
                 if not frames[ch]:
                     self.dirty.append(ch)
-                frames[ch].append(frame)
+                frames[ch].extend(made)
             else:
-                started = walk_ns()
-                for write in subs[ch].values():
-                    write(frame)
-                walked(walk_ns() - started)
+                for frame in made:
+                    started = walk_ns()
+                    for write in subs[ch].values():
+                        write(frame)
+                    walked(walk_ns() - started)
             n += 1
         else:  # more may be waiting, and ZeroMQ's descriptor only signals new arrivals
             asyncio.get_running_loop().call_soon(self.drain)
@@ -855,6 +882,23 @@ class CeilingServer:
             self.flush()
             walked(walk_ns() - started)
         self.drains += 1
+
+    def publication_frames(self, msg: bytes) -> tuple[str, list[bytes]]:
+        """A matcher's publication -> (its channel, the frames the gateway makes of it): a
+        ``trade`` for each trade, a ``depth_update`` for each book change, each with its event's
+        ``ts``. The least a server fed by the matcher does: find the channel, unpack the records
+        (msgpack, no checks), write each one's ``ts`` into a ready-made frame."""
+        end = msg.find(b"\x00") + 1
+        ch = self.topics.get(msg[:end])
+        if ch is None:
+            return "", []
+        trade, depth = self.templates[ch]["trade"], self.templates[ch]["depth_update"]
+        made = []
+        for record in msgpack.unpackb(memoryview(msg)[end + 1:], use_list=False):  # past the version byte
+            head, tail = trade if record[0] == TRADE_CODE else depth if record[0] == BOOK_CODE else (None, None)
+            if head is not None:
+                made.append(head + b"%d" % record[3] + tail)  # [code, symbol, seq, ts_ns, ...]
+        return ch, made
 
     def request(self, conn: CeilingConn, payload: bytes) -> None:
         msg = json.loads(payload)
@@ -902,16 +946,17 @@ def histogram_ms(h: LatencyHistogram) -> dict[str, float] | None:
             "max": round(h.max / 1e6, 3)}
 
 
-async def _ceiling(mode: str, k: int, examples_path: str, feed: str) -> None:
+async def _ceiling(mode: str, k: int, examples_path: str, feed: str, feed_kind: str) -> None:
     import zmq
 
     loop = asyncio.get_running_loop()
-    server = CeilingServer(mode, k, load_examples(examples_path))
+    server = CeilingServer(mode, k, load_examples(examples_path), matcher_feed=feed_kind == "matcher")
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 0)  # as the feeder's PUB: a round's feed is bounded, none of it dropped
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    for name in server.topics if server.matcher_feed else (b"",):
+        sub.setsockopt(zmq.SUBSCRIBE, name)
     sub.connect(feed)
     server.sub = sub
     loop.add_reader(sub.getsockopt(zmq.FD), server.drain)
@@ -1046,9 +1091,6 @@ def role_feedprobe(pub: str) -> None:
     histogram."""
     import zmq
 
-    from zmx.events import BookChanged, TradeOccurred
-    from zmx.topics import topic
-
     timed = (BookChanged, TradeOccurred)
     # Its own wait for a core is not the feed's: at SCHED_FIFO (root only), which ZeroMQ's I/O
     # thread, made below, inherits, it takes a publication as soon as it comes. At the normal
@@ -1165,6 +1207,7 @@ def role_main(argv: list[str]) -> int:
     parser.add_argument("--mode", default="write")
     parser.add_argument("--examples", default="")
     parser.add_argument("--feed", default="")
+    parser.add_argument("--feed-kind", choices=CEILING_FEEDS, default="zeromq")
     parser.add_argument("--front", default="")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=1200.0)
@@ -1186,7 +1229,7 @@ def role_main(argv: list[str]) -> int:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         uvloop.run(_clients(args.host, args.port, args.count, args.first, args.channels, args.sources, args.timeout))
     else:
-        uvloop.run(_ceiling(args.mode, args.channels, args.examples, args.feed))
+        uvloop.run(_ceiling(args.mode, args.channels, args.examples, args.feed, args.feed_kind))
     return 0
 
 
@@ -1571,6 +1614,8 @@ class Bench:
         self.run = run
         self.examples: dict[str, str] = {}
         self.examples_path = run.directory / "examples.json"
+        self.per_order: dict[tuple[int, int], float] = {}  # (n, k) -> feed messages an order (gateway rounds)
+        self.best: dict[tuple[int, int], float] = {}  # (n, k) -> delivered/s of the gateway's median burst
 
     def start_cluster(self) -> None:
         ports = dict(zip(("front", "back", "pub", "snapshot"), free_ports(4), strict=True))
@@ -1589,21 +1634,37 @@ class Bench:
         return {"driver": [self.driver.proc.pid], "matcher": [self.matcher.proc.pid],
                 "router": [self.router.proc.pid], "feedprobe": [self.feedprobe.proc.pid]}
 
-    def moderate_round(self, clients: Clients, server_pids: list[int], paced: str, k: int) -> dict[str, Any]:
-        """A moderate round of the gateway, and beside it the feed alone: ``feed_latency_ms``,
-        the matcher's ``ts`` to a bare SUB on its PUB (``role_feedprobe``), which the gateway's
-        latency includes and the ceilings' feeder, stamping as it sends, does not."""
+    def moderate_round(self, clients: Clients, server_pids: list[int], drive: Callable[[], dict[str, Any]],
+                       k: int) -> dict[str, Any]:
+        """A moderate round of a server fed by the matcher, and beside it the feed alone:
+        ``feed_latency_ms``, the matcher's ``ts`` to a bare SUB on its PUB (``role_feedprobe``),
+        which that server's latency includes (a feeder's, stamping as it sends, does not)."""
         probe = self.feedprobe
         probe.write(f"start {k}")
         started = json.loads(probe.line(30.0))
         if "error" in started:
             raise RuntimeError(f"{probe.name}: {started}\n{probe.log()}")
-        r = measure_round(self.run, clients, server_pids, self.drive(paced, self.args.moderate_seconds + 90),
-                          self.named())
+        r = measure_round(self.run, clients, server_pids, drive, self.named())
         probe.write("stop")
         got = json.loads(probe.line(30.0))
         r["feed_latency_ms"] = hist_percentiles({int(b): n for b, n in got["hist"].items()})
         return r
+
+    def commands(self, n: int, k: int) -> dict[str, str]:
+        """What the driver is asked in a cell's rounds: ``moderate`` (paced at ``moderate_rate``),
+        ``max`` (a burst of about ``--max-delivered`` deliveries) and ``high`` (paced at ``--high``
+        of what the gateway's burst delivered, at most ``MAX_PACED`` orders/s). The bursts and the
+        high rate follow from the gateway's rounds (messages a publication, its burst's rate) once
+        it has had them; a matcher-fed ceiling is driven the same way."""
+        args = self.args
+        per_order = max(self.per_order.get((n, k), 1.3), 0.5)
+        subscribers = (n + k) / k
+        orders = int(min(20_000, max(100, args.max_delivered / subscribers / per_order)))
+        best = self.best.get((n, k))
+        high = (min(MAX_PACED, max(1.0, args.high * best / subscribers * k / per_order)) if best is not None
+                else moderate_rate(args, n, k) * 5)
+        return {"moderate": f"paced {moderate_rate(args, n, k):.3f} {args.moderate_seconds} {k}",
+                "max": f"burst {orders} {k}", "high": f"paced {high:.3f} {args.seconds} {k}"}
 
     def drive(self, command: str, timeout: float) -> Callable[[], dict[str, Any]]:
         def go() -> dict[str, Any]:
@@ -1649,26 +1710,24 @@ class Bench:
                 return tree(node.proc.pid)
             clients, memory = self.connect(port, n, k, procs, pids)
             result: dict[str, Any] = {"memory": memory}
-            rate = moderate_rate(args, n, k)
-            paced = f"paced {rate:.3f} {args.moderate_seconds} {k}"
-            moderates = [with_gateway_window(node, args.workers, lambda: self.moderate_round(clients, pids(), paced, k))
-                         for _ in range(args.moderate_rounds)]
+            paced = self.commands(n, k)["moderate"]
+            moderates = [with_gateway_window(node, args.workers, lambda: self.moderate_round(
+                clients, pids(), self.drive(paced, args.moderate_seconds + 90), k))
+                for _ in range(args.moderate_rounds)]
             result["moderate"], result["moderate_rounds"] = median_p99(moderates)
             moderate = result["moderate"]
-            per_order = (moderate["feed_messages"] / moderate["driver"]["orders"]) if moderate["feed_messages"] \
-                else 1.3
-            subscribers = (n + k) / k
-            orders = int(min(20_000, max(100, args.max_delivered / subscribers / max(per_order, 0.5))))
+            if moderate["feed_messages"]:
+                self.per_order[(n, k)] = moderate["feed_messages"] / moderate["driver"]["orders"]
+            burst = self.commands(n, k)["max"]
             bursts = [with_gateway_window(node, args.workers, lambda: measure_round(
-                run, clients, pids(), self.drive(f"burst {orders} {k}", 200), self.named()))
+                run, clients, pids(), self.drive(burst, 200), self.named()))
                 for _ in range(args.max_rounds)]
             result["max"], result["max_rounds"] = median_burst(bursts)
-            # high: paced at --high of the delivered rate the burst reached (at most MAX_PACED orders/s)
-            best = result["max"]["delivered_per_s"] or 0
-            high = min(MAX_PACED, max(1.0, args.high * best / subscribers * k / max(per_order, 0.5)))
+            self.best[(n, k)] = result["max"]["delivered_per_s"] or 0
+            high = self.commands(n, k)["high"]
             result["high"] = with_gateway_window(node, args.workers, lambda: measure_round(
-                run, clients, pids(), self.drive(f"paced {high:.3f} {args.seconds} {k}", args.seconds + 90),
-                self.named()))
+                run, clients, pids(), self.drive(high, args.seconds + 90), self.named()))
+            result["driven"] = self.commands(n, k)
             for r in (*moderates, *bursts, result["high"]):
                 for kind, example in r.pop("_examples").items():
                     self.examples.setdefault(kind, example)
@@ -1684,9 +1743,15 @@ class Bench:
     def target_ceiling(self, mode: str, n: int, k: int, procs: int, gw: dict[str, Any] | None) -> dict[str, Any]:
         args, run = self.args, self.run
         examples = ["--examples", str(self.examples_path)] if self.examples_path.exists() else []
-        feeder, fed = run.helper(f"feeder-{mode}", "feeder", *examples)
+        matcher_fed = args.ceiling_feed == "matcher"
+        feeder = None
+        if matcher_fed:
+            feed = f"tcp://127.0.0.1:{self.ports['pub']}"
+        else:
+            feeder, fed = run.helper(f"feeder-{mode}", "feeder", *examples)
+            feed = fed["endpoint"]
         server, ready = run.helper(f"ceiling-{mode}", "ceiling", "--mode", mode, "--channels", str(k),
-                                   "--feed", fed["endpoint"], *examples)
+                                   "--feed", feed, "--feed-kind", args.ceiling_feed, *examples)
         clients = None
         try:
             def pids() -> list[int]:
@@ -1730,14 +1795,44 @@ class Bench:
                     return {**fed, "planned": planned, **json.loads(server.line(2 * planned / rate + 60.0))}
                 return go
 
-            named = {"feeder": [feeder.proc.pid]}
-            moderates = [measure_round(run, clients, pids(), emit(m_rate, m_total), named)
-                         for _ in range(args.moderate_rounds)]
-            result["moderate"], result["moderate_rounds"] = median_p99(moderates)
-            bursts = [measure_round(run, clients, pids(), emit(x_rate, x_total), named)
-                      for _ in range(args.max_rounds)]
-            result["max"], result["max_rounds"] = median_burst(bursts)
-            result["high"] = measure_round(run, clients, pids(), emit(h_rate, h_total), named)
+            def driven(command: str, timeout: float, rate: float, total: int) -> Callable[[], dict[str, Any]]:
+                """A round of the matcher's feed: the driver sends what it sent in the gateway's
+                round of the same kind; ``rate`` and ``total`` (the gateway's feed) only set when
+                the server gives up (``start_round``)."""
+                def go() -> dict[str, Any]:
+                    planned = max(1, total)
+                    server.write(f"round {rate:.3f} {planned}")
+                    server.line(30.0)
+                    got = self.drive(command, timeout)()
+                    server.write("stats")
+                    return {**got, "planned": planned, **json.loads(server.line(2 * planned / rate + 60.0))}
+                return go
+
+            if matcher_fed:
+                plan = self.commands(n, k)
+                burst = plan["max"]
+                if mode == "write":
+                    orders = int(burst.split()[1])
+                    burst = f"burst {max(k, orders // WRITE_MAX_SHARE)} {k}"
+                moderates = [self.moderate_round(clients, pids(), driven(plan["moderate"], args.moderate_seconds + 90,
+                                                                         m_rate, m_total), k)
+                             for _ in range(args.moderate_rounds)]
+                result["moderate"], result["moderate_rounds"] = median_p99(moderates)
+                bursts = [measure_round(run, clients, pids(), driven(burst, 200, x_rate, x_total), self.named())
+                          for _ in range(args.max_rounds)]
+                result["max"], result["max_rounds"] = median_burst(bursts)
+                result["high"] = measure_round(run, clients, pids(), driven(plan["high"], args.seconds + 90, h_rate,
+                                                                            h_total), self.named())
+                result["driven"] = {**plan, "max": burst}
+            else:
+                named = {"feeder": [feeder.proc.pid]}  # type: ignore[union-attr]
+                moderates = [measure_round(run, clients, pids(), emit(m_rate, m_total), named)
+                             for _ in range(args.moderate_rounds)]
+                result["moderate"], result["moderate_rounds"] = median_p99(moderates)
+                bursts = [measure_round(run, clients, pids(), emit(x_rate, x_total), named)
+                          for _ in range(args.max_rounds)]
+                result["max"], result["max_rounds"] = median_burst(bursts)
+                result["high"] = measure_round(run, clients, pids(), emit(h_rate, h_total), named)
             for r in (*moderates, *bursts, result["high"]):
                 r.pop("_examples", None)
                 r["prev_seq_breaks"] = None  # the ceilings' frames carry no real sequence
@@ -1747,7 +1842,8 @@ class Bench:
             if clients is not None:
                 clients.close()
             run.end(server)
-            run.end(feeder)
+            if feeder is not None:
+                run.end(feeder)
 
 
 def progress(name: str, result: dict[str, Any]) -> None:
@@ -1841,6 +1937,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=FULL_TARGETS, choices=FULL_TARGETS,
                         help="the servers measured in each cell: the gateway and the two raw asyncio ceilings "
                              "(gateway write coalesce)")
+    parser.add_argument("--ceiling-feed", choices=CEILING_FEEDS, default="matcher",
+                        help="what feeds the two ceilings: the matcher's PUB, driven as in the gateway's rounds, so "
+                             "that their latency starts at the matcher's ts as the gateway's does (matcher), or a "
+                             "feeder process replaying the gateway round's rate, stamping ts as it sends (zeromq; "
+                             "the results files before it) (matcher)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the order flow (1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 200, 2 s rounds, no results file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
@@ -1950,9 +2051,12 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                 entry["moderate_write_turn_p99_ms"] = turn_p99_ms(wr["moderate"])  # one message per walk
                 # "At the same N and rate": the high round counts only where the one-write-per-
                 # message server kept the gateway's rate (it rarely can: it waits rather than
-                # queue, so its latency there is that of a lower rate).
+                # queue, so its latency there is that of a lower rate). Compared by how long each
+                # took to deliver its round, first message to last: a matcher-fed round has the
+                # gateway's orders at the gateway's rate, but its own trades, so its own count.
                 compared = [rnd for rnd in ("moderate", "high")
-                            if (wr[rnd]["delivered_per_s"] or 0) >= SAME_RATE * (gw[rnd]["delivered_per_s"] or 0)]
+                            if wr[rnd]["seconds"] and gw[rnd]["seconds"]
+                            and SAME_RATE * wr[rnd]["seconds"] <= gw[rnd]["seconds"]]
                 entry["raw_kept_high_rate"] = "high" in compared
                 entry["raw_kept_moderate_rate"] = "moderate" in compared
                 entry["p99_met"] = bool(compared) and max(
@@ -1979,7 +2083,7 @@ def report(args: argparse.Namespace, cells: list[dict[str, Any]], before: Any, e
                    "paced_seconds": args.seconds,
                    "high_share_of_max": args.high, "max_rounds": args.max_rounds,
                    "write_ceiling_max_share": 1 / WRITE_MAX_SHARE, "max_delivered": args.max_delivered,
-                   "ceiling_feed": "zeromq",  # the ceilings read their feed from a feeder process's PUB
+                   "ceiling_feed": args.ceiling_feed,  # CEILING_FEEDS
                    "client_procs": args.client_procs, "clients_sched": args.clients_sched,
                    "sources": args.sources, "sample_every": SAMPLE_EVERY,
                    "seed": args.seed, "matcher_fsync": "never", "targets": args.targets, "elapsed_s": round(elapsed)},

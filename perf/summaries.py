@@ -183,8 +183,9 @@ def fanout(f: dict[str, Any]) -> list[Row]:
         return f"{rnd} rate {spread} ({_plural(len(got), 'cell')})"
 
     what = f"N {', '.join(f'{n:,}' for n in f['config']['n'])} x {'/'.join(map(str, f['config']['k']))} channels"
-    fed = (", fed over ZeroMQ as the gateway is" if f["config"].get("ceiling_feed") == "zeromq"
-           else ", its feed made in its own loop")
+    feeds = {"matcher": ", fed by the matcher's PUB as the gateway is, with the gateway's orders",
+             "zeromq": ", fed over ZeroMQ as the gateway is"}
+    fed = feeds.get(f["config"].get("ceiling_feed"), ", its feed made in its own loop")
     return [
         row(f"`perf/bench_fanout.py` (`fanout.json`): gateway fan-out, {what}, delivered messages/s at N = 5,000",
             rate, f"coalescing raw server: {ceiling}", "", f">= {want['delivered_per_s_at_5000']:,}/s", rate_met),

@@ -628,3 +628,43 @@ def test_relay_claim_wants_no_growth_over_gateways_and_more_cost_per_direct_subs
     # 4 gateways straight on it against two relays at G = 4 (41 us), not their mean over G (50.5)
     assert claim([250.0, 228.0, 198.0, 181.0], 45.0)["met"]
     assert not claim([250.0, 228.0, 198.0, 181.0], 40.0)["met"]
+
+
+@pytest.fixture
+def fanout(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(PERF))
+    return load_perf_module("bench_fanout")
+
+
+def test_a_matcher_fed_ceiling_makes_of_a_publication_the_frames_the_gateway_makes(fanout: ModuleType) -> None:
+    """The ceilings fed by the matcher (``--ceiling-feed matcher``) write, for each publication,
+    what the gateway writes: a ``trade`` per trade, then a ``depth_update``, each with its event's
+    ``ts``; nothing for a heartbeat or a symbol it does not serve."""
+    from zmx.codec import encode_publication
+    from zmx.events import BookChanged, FeedHeartbeat, TradeOccurred
+    from zmx.model import Side, SymbolSpec
+    from zmx.protocol import Channel
+
+    symbol = fanout.SYMBOLS[1]
+    ts = 1_764_000_000_123_456_789
+    trades = [TradeOccurred(symbol, 8, ts + i, 40 + i, 2_999_990 + i, 5, Side.BUY) for i in range(2)]
+    publication = [*trades, BookChanged(symbol, 8, ts + 7, (), ((2_999_991, 0), (2_999_995, 20)))]
+    gateway = Channel(SymbolSpec(symbol, "0.01", "0.001"))
+    gateway.load_snapshot(7, [(2_999_000, 10)], [(2_999_991, 5), (2_999_995, 25)])
+    wanted = [(m["type"], m["data"]["ts"]) for m in map(json.loads, gateway.publish(publication))]
+    assert wanted == [("trade", ts), ("trade", ts + 1), ("depth_update", ts + 7)]
+
+    server = fanout.CeilingServer("coalesce", 2, fanout.default_examples(), matcher_feed=True)
+    channel, frames = server.publication_frames(encode_publication(symbol, publication))
+    assert channel == symbol
+    made = []
+    for frame in frames:
+        (opcode, start, end), = fanout.server_frames(frame)
+        assert opcode == 1 and end == len(frame)
+        message = json.loads(frame[start:end])
+        assert message["channel"] == symbol
+        made.append((message["type"], message["data"]["ts"]))
+    assert made == wanted
+    assert server.publication_frames(encode_publication(symbol, [FeedHeartbeat(symbol, 8, ts)])) == (symbol, [])
+    other = fanout.SYMBOLS[2]  # not among the 2 channels it serves
+    assert server.publication_frames(encode_publication(other, [BookChanged(other, 1, ts, ((5, 1),), ())]))[1] == []
