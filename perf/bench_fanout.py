@@ -97,11 +97,11 @@ timed the same way, in ``driver.turn_ms``), the CPU of the clients, driver, matc
 and per cell the server's RSS delta per idle subscribed connection (RSS once all N subscribed
 and idle, minus RSS with one anchor connection per channel, / N). Targets: ``TARGETS``.
 
-Cells are measured one after the other, the three targets of a cell in turn (gateway first:
-the ceilings get the orders or the feed rates of its rounds); no best-of: one high round, ``--moderate-rounds`` (3)
-moderate rounds of which the one with the median p99 counts (above), and ``--max-rounds`` (3)
-bursts for the gateway and for each ceiling, of which the one with the median delivered
-messages per CPU-second counts (``max``; every burst is in ``max_rounds``).
+Cells are measured one after the other, the three targets of a cell in turn (gateway first: the
+ceilings get the orders or the feed rates of its rounds); no best-of: one high round,
+``--moderate-rounds`` (3) moderate rounds of which the one with the median p99 counts (above),
+and ``--max-rounds`` (3) bursts for the gateway and for each ceiling, of which the one with the
+median delivered messages per CPU-second counts (``max``; every burst is in ``max_rounds``).
 One burst is a second or two, and how many publications each write carries in it moves
 from burst to burst: the CPU ratio of one cell moved between 0.49 and 0.88 over three runs
 of the same code with a single burst.
