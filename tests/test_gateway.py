@@ -784,6 +784,25 @@ def gateway_on_fake_matcher(cluster: Cluster, tmp_path: Path, books: dict[str, t
         fake.close()
 
 
+def test_the_connections_websockets_fails_are_counted_by_cause(cluster: Cluster, tmp_path: Path) -> None:
+    """A frame over ``max_message_bytes`` (1009) and a frame that breaks the protocol (1002: a
+    client frame without a mask) are refused by websockets itself, not by the session; the
+    gateway counts them all the same (``too_big_closed``, ``protocol_error_closed``), as it
+    counts its own closes, and goes on serving."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (0, [], [])}) as (_, opened, g1):
+        big = opened("big")
+        send_10_mb(big)
+        assert big.expect_close() == 1009
+        unmasked = opened("unmasked")
+        unmasked.ws.socket.sendall(b"\x81\x11" + b'{"action":"ping"}')
+        assert unmasked.expect_close() == 1002
+        other = opened("other")
+        assert other.request({"action": "ping", "id": 1}, "pong") == {"type": "pong", "id": 1}
+        assert g1.stop() == 0
+        counts = re.findall(r"stopped; counts: (.*)", g1.log_path.read_text())
+    assert counts and "too_big_closed=1" in counts[0] and "protocol_error_closed=1" in counts[0], counts
+
+
 def test_the_gateways_orders_name_its_dealer_as_their_reply_to(cluster: Cluster, tmp_path: Path) -> None:
     """The router is played by the test: an order from a WebSocket client arrives as ``header,
     body, reply_to`` (docs/wire.md), the reply_to being the routing id of the gateway's DEALER,

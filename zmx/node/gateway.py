@@ -61,7 +61,7 @@ import msgpack
 import uvloop
 import zmq
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidMessage, InvalidState
+from websockets.exceptions import InvalidMessage, InvalidState, PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -277,7 +277,10 @@ class Connection(asyncio.Protocol):
                     ws = self._open_ws()
             elif self.request_start is not None and self._refused(ws, self.request_start + data):
                 return
+            failed = ws.parser_exc
             ws.receive_data(data)
+            if ws.parser_exc is not failed:
+                self._count_failure(ws.parser_exc)
             answered = False
             for event in ws.events_received():
                 if type(event) is Frame:
@@ -294,6 +297,15 @@ class Connection(asyncio.Protocol):
             self._flush_ws(ws)
         finally:
             self._write_out()
+
+    def _count_failure(self, exc: Exception | None) -> None:
+        """websockets failed the connection on what the client sent, and closes it: a frame over
+        ``max_message_bytes`` (1009), or one that breaks the protocol (1002; 1007 for a close
+        frame's reason that is not UTF-8). Counted as the gateway's own closes are."""
+        if isinstance(exc, PayloadTooBig):
+            self.gateway.counts["too_big_closed"] += 1
+        elif isinstance(exc, (ProtocolError, UnicodeDecodeError)):
+            self.gateway.counts["protocol_error_closed"] += 1
 
     def _refused(self, ws: ServerProtocol, start: bytes) -> bool:
         """Answer 405 to a request whose method is neither GET nor HEAD (``start``: what came of
@@ -657,9 +669,9 @@ class Gateway:
         self.timed_out: OrderedDict[int, tuple[Connection, OrderCommand, float]] = OrderedDict()
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed", "bad_utf8_closed",
-            "handshake_timeout_closed", "bad_publication", "bad_reply", "gaps", "feed_went_back", "feed_failovers",
-            "resyncs", "fills_replayed", "fills_incomplete", "internal_errors", "orders_timed_out", "late_replies",
-            "late_replies_dropped", "orders_no_router")}
+            "too_big_closed", "protocol_error_closed", "handshake_timeout_closed", "bad_publication", "bad_reply",
+            "gaps", "feed_went_back", "feed_failovers", "resyncs", "fills_replayed", "fills_incomplete",
+            "internal_errors", "orders_timed_out", "late_replies", "late_replies_dropped", "orders_no_router")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
