@@ -1197,7 +1197,54 @@ def test_a_snapshot_reply_over_the_size_limit_is_asked_again_on_a_new_connection
         fake.publish("BTC-USDT", BookChanged("BTC-USDT", 8, time.time_ns(), ((2999000, 0),), ()))
         assert same_book(a.wait_seq("BTC-USDT", 8), [], [["30010", "2"]])
         assert "asking on a new connection" in gateway.log()
+        assert re.search(r"m1 answered a snapshot request again, after [\d.]+ s and 1 new connection", gateway.log())
         assert fake.oversized_replies == 0
+
+
+def test_a_channel_whose_matcher_is_down_is_logged_as_silent_once_and_served_when_it_comes(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A client subscribes a channel whose matcher (m2) is not running. The gateway's log says
+    once that its feed is silent and once that its book request goes unanswered, not every
+    ``SNAPSHOT_RETRY_S`` for as long as the matcher stays down (the gateway's heartbeats on
+    BTC-USDT, once a second, time the wait: five of them span two more retries). When m2 comes,
+    the log says it answered, and the client gets the book."""
+    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"], "m2": ["ETH-USDT"]}, gateways=1,
+                                      extra_gateway=", limits: {heartbeat_s: 1}")
+    topology = load_topology(cluster.topology)
+    m1, m2 = topology.nodes["m1"], topology.nodes["m2"]
+    fake = FakeMatcher(m1.pub, m1.snapshot, {"BTC-USDT": (3, [], [[15000, 1000]])})  # type: ignore[union-attr]
+    fake.muted.add("ETH-USDT")  # it would beat every topic subscribed to it, m2's too
+    late = None
+    try:
+        opened = Clients(topology.nodes["g1"].url)  # type: ignore[union-attr]
+        try:
+            gateway = cluster.start("g1")
+            a = opened("a")
+            a.subscribe("BTC-USDT")
+            a.send({"action": "subscribe", "channel": "ETH-USDT"})
+            a.expect({"type": "subscription_ack", "channel": "ETH-USDT"})
+            a.wait_until(lambda: "no message from the feed of ETH-USDT for 3 s (matcher m2)" in gateway.log(),
+                         "the gateway's word that ETH-USDT's feed is silent", timeout=10.0)
+            a.wait_until(lambda: "snapshot request to m2 unanswered" in gateway.log(), "the first retry")
+            mark = len(a.received)
+            a.wait_until(lambda: len(a.since(mark, {"type": "heartbeat", "channel": "BTC-USDT"})) >= 5,
+                         "five more heartbeats of BTC-USDT", timeout=10.0)
+            assert gateway.log().count("snapshot request to m2 unanswered") == 1, gateway.log()
+            assert gateway.log().count("no message from the feed") == 1, gateway.log()
+            late = FakeMatcher(m2.pub, m2.snapshot,  # type: ignore[union-attr]
+                               {"ETH-USDT": (5, [[2999000, 1500]], [])})
+            message = a.expect({"type": "depth_snapshot", "channel": "ETH-USDT"}, timeout=10.0)
+            assert message["data"]["seq"] == 5
+            answered = re.findall(r"m2 answered a snapshot request again, after [\d.]+ s and (\d+) new connection",
+                                  gateway.log())
+            assert len(answered) == 1 and int(answered[0]) >= 2, gateway.log()  # the retries went on, unsaid
+        finally:
+            opened.close_all()
+            cluster.stop_all()
+    finally:
+        fake.close()
+        if late is not None:
+            late.close()
 
 
 def test_a_matcher_slower_than_the_retry_to_answer_a_book_request_is_still_heard(

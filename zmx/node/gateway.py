@@ -753,6 +753,8 @@ class Gateway:
             self.dealers.append(dealer)
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
         self.snapshot_renewed: dict[str, float] = {}  # matcher name -> when its DEALER was last made anew
+        # matcher name -> (since when, new connections made) while its snapshot requests go unanswered
+        self.snapshot_outages: dict[str, tuple[float, int]] = {}
         self.snapshot_monitors: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> its DEALER's monitor
         # old snapshot DEALERs still read: (socket, when to close it, matcher name), oldest first
         self.retired_snapshot_sockets: list[tuple[zmq.Socket[bytes], float, str]] = []
@@ -935,9 +937,21 @@ class Gateway:
         one is still read for ``SNAPSHOT_RETIRE_S`` (the last ``SNAPSHOT_RETIRED_MAX`` of a matcher
         only), so that a matcher slower than ``SNAPSHOT_RETRY_S`` to answer is still heard."""
         now = time.monotonic()
-        if now - self.snapshot_renewed.get(name, 0.0) < SNAPSHOT_RETRY_S:
+        last = self.snapshot_renewed.get(name)
+        if last is not None and now - last < SNAPSHOT_RETRY_S:
             return
         self.snapshot_renewed[name] = now
+        # Said once an outage: a matcher that stays down would otherwise put a line in the log
+        # every SNAPSHOT_RETRY_S for as long as a client holds one of its channels. An outage
+        # is a run of renewals that follow on (the tick renews at most every SNAPSHOT_RETRY_S);
+        # the answer that ends it is said too (_snapshot_reply).
+        outage = self.snapshot_outages.get(name)
+        if outage is None or last is None or now - last > 2 * SNAPSHOT_RETRY_S + 1.0:
+            self.snapshot_outages[name] = (now - SNAPSHOT_RETRY_S, 1)
+            log.info("snapshot request to %s unanswered for %g s: asking on a new connection, and again every %g s "
+                     "until it answers", name, SNAPSHOT_RETRY_S, SNAPSHOT_RETRY_S)
+        else:
+            self.snapshot_outages[name] = (outage[0], outage[1] + 1)
         retired = self.retired_snapshot_sockets
         self._unmonitor_snapshot_socket(name)
         retired.append((self.snapshot_sockets[name], now + SNAPSHOT_RETIRE_S, name))
@@ -950,7 +964,6 @@ class Gateway:
         sock = self.snapshot_sockets[name] = self._snapshot_socket(matcher)
         self._watch(sock, lambda: self._read_snapshots(sock))
         self._monitor_snapshot_socket(name, sock)
-        log.info("snapshot request to %s unanswered for %g s: asking on a new connection", name, SNAPSHOT_RETRY_S)
 
     def _monitor_snapshot_socket(self, name: str, sock: zmq.Socket[bytes]) -> None:
         """Watch the connection of matcher ``name``'s snapshot DEALER: it is the gateway's own
@@ -1007,6 +1020,11 @@ class Gateway:
         if state is None or not state.snapshot_asked:
             return  # nobody holds the channel any more, or it is synced already
         symbol = state.channel.symbol
+        owner = self.topology.owner_of(symbol)
+        outage = self.snapshot_outages.pop(owner, None)
+        if outage is not None:
+            log.info("%s answered a snapshot request again, after %.1f s and %d new connection(s)", owner,
+                     time.monotonic() - outage[0], outage[1])
         if kind != b"SNAP":
             log.warning("%s: snapshot refused: %s", symbol, body.decode("utf-8", errors="replace"))
             return  # asked again by the tick
@@ -1616,13 +1634,12 @@ class Gateway:
         # a channel whose feed went silent gets no heartbeat: its clients see the feed is gone
         live = []
         silent = set()
-        was = self.silent
         for symbol, state in self.channels.items():
             if now - state.heard_at <= FEED_SILENT_S:
                 if state.channel.synced:
                     live.append(state)
-            elif state.channel.synced or symbol in was:
-                silent.add(symbol)
+            else:
+                silent.add(symbol)  # synced or not: a feed that never came (its matcher down) is as silent
         self._log_silence(silent)
         if any(now - state.last_sent >= heartbeat_s for state in live):
             # The channels idle for half the interval beat along with the ones due, so that the
@@ -1682,7 +1699,7 @@ class Gateway:
         """Say when subscribed channels' feed goes silent (its matcher hangs, its host or the way
         to it is cut: a relay in between stays connected, so only the silence tells) and when
         it is heard again. ``silent``: the channels not heard for ``FEED_SILENT_S`` now, each
-        counted from its first snapshot on (``_housekeeping``)."""
+        counted from its subscription on (``_housekeeping``)."""
         was = self.silent
         if silent == was:
             return
