@@ -418,6 +418,30 @@ def test_snapshot_service_is_consistent_with_the_stream(cluster: Cluster, tmp_pa
     assert (kind, name) == (b"ERR", b"ETH-USDT") and b"does not own" in message
 
 
+def test_a_subscription_longer_than_any_topic_drops_its_sender(cluster: Cluster, tmp_path: Path,
+                                                               zctx: zmq.Context) -> None:
+    """The matcher's PUB refuses a subscription of 100 KiB (no topic is over 128 bytes): the
+    connection that sent it is dropped (ZMQ_MAXMSGSIZE) before the socket builds a trie of it,
+    and the next subscriber gets the symbol's heartbeat as usual."""
+    node, _ = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"])
+    bad = zctx.socket(zmq.XSUB)
+    bad.setsockopt(zmq.LINGER, 0)
+    monitor = bad.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        bad.connect(node.ready["pub"])  # type: ignore[index]
+        bad.send(b"\x01" + b"A" * 100_000)
+        assert monitor.poll(TIMEOUT_MS), "the sender of a 100 KiB subscription was not dropped"
+    finally:
+        bad.disable_monitor()
+        monitor.close(0)
+        bad.close(0)
+    sub = subscriber(zctx, node.ready["pub"], topic("BTC-USDT"))  # type: ignore[index]
+    assert sub.poll(TIMEOUT_MS), "no heartbeat for the next subscriber"
+    name, events = codec.decode_publication(sub.recv())
+    assert name == "BTC-USDT" and heartbeat(events)
+    assert node.proc.poll() is None
+
+
 def test_malformed_frames_to_the_matcher_are_refused_or_dropped(cluster: Cluster, tmp_path: Path,
                                                                 zctx: zmq.Context) -> None:
     node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT", "SOL-USDT"], fsync="always")

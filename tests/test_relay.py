@@ -257,3 +257,38 @@ def test_a_relay_drops_an_upstream_connection_that_went_silent_and_reaches_the_r
         m1.close()
     finally:
         link.close()
+
+
+def disconnected(sock: zmq.Socket, what: str) -> None:
+    """Wait for ``sock``'s peer to drop its connection (the socket's monitor says so)."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        assert monitor.poll(TIMEOUT_MS), f"not disconnected: {what}"
+        assert int.from_bytes(monitor.recv_multipart()[0][:2], "little") == zmq.EVENT_DISCONNECTED
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+
+
+def test_a_subscription_longer_than_any_topic_drops_its_sender_and_the_relay_keeps_serving(
+        cluster: Cluster, tmp_path: Path, context: zmq.Context) -> None:
+    """A subscription of 100 KiB (no topic is over 128 bytes) is refused: the relay drops the
+    connection that sent it (ZMQ_MAXMSGSIZE), nothing of it goes upstream, and a subscriber that
+    comes next is served. (Taken in, such a subscription cost the relay a deep trie: it crashed,
+    or, at 30 MiB, spun with 4.5 GB and forwarded nothing.)"""
+    cluster.topology = write_topology(tmp_path, relay=True)
+    topology = load_topology(cluster.topology)
+    m1, _ = upstream_publishers(context, topology).values()
+    relay = cluster.start("x1")
+    relay_pub = connect_endpoint(topology.nodes["x1"].pub)  # type: ignore[union-attr]
+    bad = context.socket(zmq.XSUB)
+    bad.linger = 0
+    bad.connect(relay_pub)
+    bad.send(b"\x01" + b"A" * 100_000)
+    disconnected(bad, "the sender of a 100 KiB subscription")
+    sub = subscriber(context, relay_pub, "BTC-USDT")
+    assert recv(m1, "the next subscriber's subscription") == b"\x01" + topic("BTC-USDT")
+    m1.send(book("BTC-USDT", 1))
+    assert recv(sub, "BTC-USDT 1") == book("BTC-USDT", 1)
+    assert relay.proc.poll() is None
+    bad.close(0)

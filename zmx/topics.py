@@ -24,6 +24,11 @@ PRIVATE_PREFIX = "@"
 # scans a large body for it; a name is therefore at most MAX_TOPIC_BYTES - 1 bytes long.
 MAX_TOPIC_BYTES = 128
 _MAX_NAME_BYTES = MAX_TOPIC_BYTES - 1
+# The most a subscription message to a PUB side of the cluster (a matcher's, a relay's) can
+# hold: its 0/1 byte and a topic. Those sockets refuse longer ones (ZMQ_MAXMSGSIZE: the peer is
+# disconnected), which a peer could otherwise use to make the socket build a deep subscription
+# trie, with a lot of memory and CPU, and crash it when the trie is walked.
+SUBSCRIPTION_MAX_BYTES = 1 + MAX_TOPIC_BYTES
 
 
 def topic(symbol: str) -> bytes:

@@ -74,6 +74,7 @@ from zmx.node.runtime import (
 from zmx.node.usedids import ArchiveMismatch, UsedIds
 from zmx.node.usedids import store as store_used_ids
 from zmx.node.wire import BATCH_BYTES, REPLY_HEAD, REPS, REQS, show, unpack_requests
+from zmx.topics import SUBSCRIPTION_MAX_BYTES
 from zmx.topology import MatcherNode, RouterNode, Topology, connect_endpoint
 
 __all__ = ["BATCH", "MAX_FRAME_BYTES", "run"]
@@ -305,7 +306,8 @@ class Matcher:
         self.ctx = zmq.Context()
         # An XPUB, to hear each new subscription to a symbol (XPUB_VERBOSE: every subscriber's,
         # not only the first) and answer it with the symbol's heartbeat at once; see welcome().
-        self.pub = self._bind(zmq.XPUB, node.pub, "pub", {zmq.SNDHWM: PUB_HWM, zmq.XPUB_VERBOSE: 1})
+        self.pub = self._bind(zmq.XPUB, node.pub, "pub", {zmq.SNDHWM: PUB_HWM, zmq.XPUB_VERBOSE: 1,
+                                                          zmq.MAXMSGSIZE: SUBSCRIPTION_MAX_BYTES})
         self.snap = self._bind(zmq.ROUTER, node.snapshot, "snapshot")
         try:
             self.journal = Journal(node.data_dir, fsync=node.fsync)

@@ -20,6 +20,7 @@ import time
 import zmq
 
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind, watch_peer
+from zmx.topics import SUBSCRIPTION_MAX_BYTES
 from zmx.topology import RelayNode, Topology
 
 log = logging.getLogger("zmx.relay")
@@ -52,6 +53,7 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         # unsubscription on when the count is back to zero, so the two must come in pairs.
         xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)  # before bind: see zmx.topics
         control_in.bind(control_address)
         control_out.connect(control_address)
         # A matcher that restarted while cut off, or whose host is gone, would otherwise keep a
