@@ -28,7 +28,7 @@ from zmx.commands import SubmitOrder
 from zmx.events import OrderAccepted
 from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.client import Client, Reply, encode_header
-from zmx.node.router import MAX_HEADER_BYTES, REPLY_RETRY_S, Malformed, MatcherTable, _Router
+from zmx.node.router import MAX_HEADER_BYTES, REPLY_RETRY_S, UNSENT_CLIENTS_MAX, Malformed, MatcherTable, _Router
 from zmx.node.runtime import load_topology
 from zmx.node.wire import pack_replies, unpack_requests
 from zmx.topology import Topology, parse_topology
@@ -642,6 +642,31 @@ def test_a_reply_whose_client_is_not_connected_is_sent_once_it_is_in_order_or_dr
         assert not router.unsent and router.window.dropped_replies == 1
     finally:
         client.close(0)
+        router.close()
+        context.term()
+
+
+def test_replies_are_kept_for_a_bounded_number_of_clients() -> None:
+    """Requests naming DEALERs that do not exist (``reply_to``) must not fill the router with
+    replies to try again every sweep: past ``UNSENT_CLIENTS_MAX`` clients, a reply to one more
+    is dropped at once (counted), while a client already waiting keeps getting its replies kept,
+    in order."""
+    topology = parse_topology(TABLE_YAML)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = _Router(topology, topology.node("r1"), context)  # type: ignore[arg-type]
+    try:
+        router.front.bind("inproc://front-bounded")
+        now = time.monotonic()
+        for i in range(UNSENT_CLIENTS_MAX + 500):
+            router.reply((b"ghost%d" % i, b"h", b"unknown_symbol", b""), now)
+        assert len(router.unsent_clients) == UNSENT_CLIENTS_MAX
+        assert len(router.unsent) == UNSENT_CLIENTS_MAX and router.window.dropped_replies == 500
+        router.reply((b"ghost0", b"h2", b"ok", b"later"), now)  # waiting already: kept behind its first
+        assert [f for _, c, f in router.unsent if c == b"ghost0"] == [
+            (b"ghost0", b"h", b"unknown_symbol", b""), (b"ghost0", b"h2", b"ok", b"later")]
+        assert router.retry_unsent(now + REPLY_RETRY_S + 0.1) == 0 and not router.unsent_clients
+        assert not router.reply((b"ghost-next", b"h", b"ok", b""), now) and router.unsent_clients == {b"ghost-next"}
+    finally:
         router.close()
         context.term()
 
