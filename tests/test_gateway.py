@@ -823,7 +823,7 @@ def test_the_gateways_orders_name_its_dealer_as_their_reply_to(cluster: Cluster,
                 client.expect({"type": "order_update", "id": n})
                 assert n < 10, "the gateway never connected to the router"
             ident, header, body, reply_to = router.recv_multipart()
-            assert reply_to == ident and reply_to.startswith(b"g1.")
+            assert reply_to == ident and re.fullmatch(rb"g1\.0\.\d+\.[0-9a-f]{12}", reply_to), reply_to
             command = codec.decode(body)
             assert isinstance(command, SubmitOrder) and command.symbol == "BTC-USDT"
             n = int(command.order_id[1:])  # the try that got through

@@ -735,7 +735,10 @@ class Gateway:
         # up: a connection's requests reach the matcher, and its replies come back, in the order
         # it sent them (over several routers, a cancel could overtake the amend sent before it).
         self.dealers: list[zmq.Socket[bytes]] = []
-        self.reply_to = f"{node.name}.{worker}.{os.getpid()}".encode()
+        # NAME.WORKER.PID for the logs, and 48 random bits: a router's client that does not know
+        # the name cannot make the router answer a request of its own to this DEALER (reply_to),
+        # as its refusals of a made-up request with a guessed request id (a review did that)
+        self.reply_to = f"{node.name}.{worker}.{os.getpid()}.{secrets.token_hex(6)}".encode()
         for router in topology.nodes_by_role("router"):
             assert isinstance(router, RouterNode)
             dealer = self.context.socket(zmq.DEALER)
