@@ -473,6 +473,7 @@ def test_malformed_matcher_messages_are_dropped_and_counted(setup: Setup) -> Non
         [b"REP", b"\x00nobody", encode_header(1, "BTC-USDT"), b"ok", b"\x01\x90"],  # not batched: unknown
         [b"REPS", b"\x00\x01"],  # a record head cut short
         [b"REPS", nobody[:-1]],  # a record that runs past the end of the frame
+        [b"REPS", bytes(7 * 100_000)],  # zeros: as many empty records as heads fit, no client id
         [random.Random(5).randbytes(100)],
     ]
     for frames in bad:

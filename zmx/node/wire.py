@@ -64,6 +64,8 @@ def unpack_requests(blob: bytes) -> tuple[list[tuple[bytes, bytes, bytes]], str]
         if end - i < size:
             return out, f"{end - i} byte(s) after record {len(out)}, too few for a record head"
         c, h, b = unpack(blob, i)
+        if not c:
+            return out, f"record {len(out)} has an empty client id"
         j = i + size + c
         k = j + h
         m = k + b
@@ -84,6 +86,8 @@ def unpack_replies(blob: bytes) -> tuple[list[tuple[bytes, bytes, bytes, bytes]]
         if end - i < size:
             return out, f"{end - i} byte(s) after record {len(out)}, too few for a record head"
         c, h, s, p = unpack(blob, i)
+        if not c:  # (a frame of zeros would be a million empty records)
+            return out, f"record {len(out)} has an empty client id"
         j = i + size + c
         k = j + h
         m = k + s
