@@ -228,6 +228,8 @@ def test_bad_lot_size_and_bounds() -> None:
 def test_invalid_symbol_name() -> None:
     text = replace_line(3, '  btc usdt: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
     assert_error(text, 3, ":3: symbol 'btc usdt' is not a valid name")
+    text = replace_line(3, '  ABCDEFGHIJKLMNOPQRST: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
+    assert_error(text, 3, "is not a valid name (1 to 3 parts of 1 to 15 upper-case letters and digits")
     text = replace_line(3, '  123: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
     assert_error(text, 3, "symbol name 123 must be a string")
 
@@ -446,6 +448,8 @@ def test_wrong_type_of_an_integer(value: str, got: str) -> None:
 def test_integers_must_be_positive() -> None:
     text = replace_line(9, '  g1: {role: gateway, listen: "127.0.0.1:8765", workers: 0}')
     assert_error(text, 9, "node 'g1': workers must be at least 1, got 0")
+    text = replace_line(9, '  g1: {role: gateway, listen: "127.0.0.1:8765", workers: 1000}')
+    assert_error(text, 9, "node 'g1': workers must be at most 256, got 1,000")
     text = replace_line(9, '  g1: {role: gateway, listen: "127.0.0.1:8765", limits: {rate_limit_per_s: -5}}')
     assert_error(text, 9, "node 'g1': limits: rate_limit_per_s must be at least 1, got -5")
     text = replace_line(7, '  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", '

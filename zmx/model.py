@@ -98,8 +98,8 @@ class SymbolSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.symbol, str) or _SYMBOL.fullmatch(self.symbol) is None:
             raise InvalidNumber(
-                f"symbol {self.symbol!r} is not a valid name (upper-case letters and digits, "
-                "parts joined by '-', like BTC-USDT)", "unknown_symbol")
+                f"symbol {self.symbol!r} is not a valid name (1 to 3 parts of 1 to 15 upper-case letters and "
+                "digits, joined by '-', '_' or '/', like BTC-USDT)", "unknown_symbol")
         for name, prefix in (("tick_size", "_tick"), ("lot_size", "_lot")):
             units, scale = parse_decimal(getattr(self, name), name)
             if units == 0:

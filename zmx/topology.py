@@ -59,6 +59,7 @@ __all__ = [
 ROLES = ("gateway", "matcher", "relay", "router")
 FSYNC_MODES = ("batch", "always", "never")
 SNAPSHOT_EVERY = 100_000  # a matcher's default: a snapshot every this many journaled commands
+MAX_WORKERS = 256  # gateway processes of one node, at most (a process each: one per core is the idea)
 
 
 # -- nodes ----------------------------------------------------------------------------------
@@ -197,7 +198,8 @@ class GatewayNode:
 
     - ``listen``: ``host:port`` its WebSocket server listens on (``0.0.0.0:8765`` for every
       interface; an IPv6 host goes in brackets, ``[::1]:8765``).
-    - ``workers``: number of gateway processes sharing the port (default 1).
+    - ``workers``: number of gateway processes sharing the port (default 1, at most
+      ``MAX_WORKERS``).
     - ``upstream``: names of the matchers or relays whose PUB its SUB connects to; in the
       file it defaults to every relay if there is one, else every matcher. Here it is always
       the resolved list. It never reaches a matcher twice (directly and through a relay), and
@@ -744,7 +746,7 @@ class _Parser:
     def _gateway(self, name: str, line: int, entry: _Map, where: str, roles: dict[str, str],
                  matchers: tuple[str, ...], relays: tuple[str, ...]) -> GatewayNode:
         listen = self._listen(entry, "listen", where)
-        workers = self._int(entry, "workers", where, 1)
+        workers = self._int(entry, "workers", where, 1, maximum=MAX_WORKERS)
         upstream = self._upstream(entry, where, roles, ("matcher", "relay"), relays or matchers)
         standby = self._upstream(entry, where, roles, ("matcher", "relay"), (), key="standby")
         limits = GatewayLimits()

@@ -85,6 +85,7 @@ from zmx.node.runtime import (
     settle_collector,
     watch_peer,
 )
+from zmx.node.supervisor import describe_status
 from zmx.protocol import (
     CLOSE_INVALID_DATA,
     CLOSE_POLICY,
@@ -1855,7 +1856,7 @@ def _run_workers(topology: Topology, node: GatewayNode, details: dict[str, Any])
         worker = children.pop(pid, None)
         code = os.waitstatus_to_exitcode(status)
         if not stopping:
-            failed.append(f"worker {worker} exited with status {code}")
+            failed.append(f"worker {worker} stopped: {describe_status(code)}")
             stop_children(signal.SIGTERM, None)
     if failed:
         raise ZmxError("; ".join(failed))
