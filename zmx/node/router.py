@@ -368,7 +368,7 @@ class _Router:
         while not stopper.stopped and not all(m.up for m in table.matchers.values()):
             left = deadline - time.monotonic()
             if left <= 0:
-                log.info("no word from %s yet: serving the other symbols (theirs are unavailable until then)",
+                log.info("no word from %s yet: their symbols will be unavailable until then",
                          ", ".join(m.name for m in table.matchers.values() if not m.up))
                 return
             if back.poll(max(1, int(min(left * 1000, POLL_MS)))):
