@@ -223,6 +223,9 @@ def test_bad_lot_size_and_bounds() -> None:
     text = replace_line(3, "  BTC-USDT:\n    matcher: m1\n    tick_size: 0.01\n    lot_size: 0.1\n"
                            "    min_quantity: 5\n    max_quantity: 1")
     assert_error(text, 7, "min_quantity 5 is above max_quantity 1")
+    # a step so small that a price of 1 would be more than 2^63 - 1 ticks: nothing could trade
+    text = replace_line(3, '  BTC-USDT: {matcher: m1, tick_size: "0.000000000000000000000000000001", lot_size: "0.1"}')
+    assert_error(text, 3, "tick_size 0.000000000000000000000000000001 is too small")
 
 
 def test_invalid_symbol_name() -> None:

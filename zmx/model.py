@@ -104,6 +104,9 @@ class SymbolSpec:
             units, scale = parse_decimal(getattr(self, name), name)
             if units == 0:
                 raise InvalidNumber(f"{name} must be greater than zero")
+            if 10**scale // units > MAX_UNITS:  # then no price (or quantity) of 1 or more would fit
+                raise InvalidNumber(f"{name} {getattr(self, name)} is too small: 1 would be more than 2^63 - 1 "
+                                    f"steps of it")
             object.__setattr__(self, prefix + "_units", units)
             object.__setattr__(self, prefix + "_scale", scale)
         min_lots = 1 if self.min_quantity is None else self._lots(self.min_quantity, "min_quantity")
