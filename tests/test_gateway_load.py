@@ -1054,6 +1054,8 @@ def test_a_gateway_whose_worker_dies_stops_whole_and_says_which(cluster: Cluster
     os.kill(min(workers), signal.SIGKILL)
     assert gateway.proc.wait(timeout=15) != 0
     assert re.search(r"worker \d stopped: killed by signal SIGKILL \(9\)", gateway.log()), gateway.log()
+    lasts = re.findall(r"(worker \d: )?stopped; counts", gateway.log())
+    assert lasts and all(lasts), gateway.log()  # the other worker's last line says whose it is
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its gateway"
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", topology.nodes["g1"].port)) != 0  # type: ignore[union-attr]

@@ -819,7 +819,8 @@ class Gateway:
                      *(old for old, _, _ in self.retired_snapshot_sockets)):
             sock.close(linger=0)
         self.context.term()
-        log.info("stopped; counts: %s", ", ".join(f"{k}={v}" for k, v in self.counts.items() if v) or "none")
+        who = f"worker {self.worker}: " if self.node.workers > 1 else ""
+        log.info("%sstopped; counts: %s", who, ", ".join(f"{k}={v}" for k, v in self.counts.items() if v) or "none")
 
     def _watch(self, sock: zmq.Socket[bytes], read: Callable[[], None]) -> None:
         """Call ``read`` whenever ``sock`` may have messages (ZeroMQ's FD is edge-triggered:
