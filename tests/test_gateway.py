@@ -1201,13 +1201,14 @@ def test_a_snapshot_reply_over_the_size_limit_is_asked_again_on_a_new_connection
         assert fake.oversized_replies == 0
 
 
-def test_a_channel_whose_matcher_is_down_is_logged_as_silent_once_and_served_when_it_comes(
+def test_a_channel_whose_matcher_is_down_is_told_and_logged_once_and_served_when_it_comes(
         cluster: Cluster, tmp_path: Path) -> None:
-    """A client subscribes a channel whose matcher (m2) is not running. The gateway's log says
-    once that its feed is silent and once that its book request goes unanswered, not every
-    ``SNAPSHOT_RETRY_S`` for as long as the matcher stays down (the gateway's heartbeats on
-    BTC-USDT, once a second, time the wait: five of them span two more retries). When m2 comes,
-    the log says it answered, and the client gets the book."""
+    """A client subscribes a channel whose matcher (m2) is not running. After 3 s it is told
+    (``unavailable`` with the channel), and so is a client that subscribes then. The gateway's
+    log says once that the feed is silent and once that its book request goes unanswered, not
+    every ``SNAPSHOT_RETRY_S`` for as long as the matcher stays down (the gateway's heartbeats
+    on BTC-USDT, once a second, time the wait: five of them span two more retries). When m2
+    comes, the log says it answered, and both clients get the book."""
     cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"], "m2": ["ETH-USDT"]}, gateways=1,
                                       extra_gateway=", limits: {heartbeat_s: 1}")
     topology = load_topology(cluster.topology)
@@ -1223,8 +1224,14 @@ def test_a_channel_whose_matcher_is_down_is_logged_as_silent_once_and_served_whe
             a.subscribe("BTC-USDT")
             a.send({"action": "subscribe", "channel": "ETH-USDT"})
             a.expect({"type": "subscription_ack", "channel": "ETH-USDT"})
+            told = a.expect({"type": "error", "code": "unavailable", "channel": "ETH-USDT"}, timeout=10.0)
+            assert "no message from the feed of ETH-USDT for 3 s" in told["message"], told
             a.wait_until(lambda: "no message from the feed of ETH-USDT for 3 s (matcher m2)" in gateway.log(),
                          "the gateway's word that ETH-USDT's feed is silent", timeout=10.0)
+            b = opened("b")  # joins the silent channel: told at once, after its ack
+            b.send({"action": "subscribe", "channel": "ETH-USDT"})
+            b.expect({"type": "subscription_ack", "channel": "ETH-USDT"})
+            assert b.next()["code"] == "unavailable"
             a.wait_until(lambda: "snapshot request to m2 unanswered" in gateway.log(), "the first retry")
             mark = len(a.received)
             a.wait_until(lambda: len(a.since(mark, {"type": "heartbeat", "channel": "BTC-USDT"})) >= 5,
@@ -1235,6 +1242,8 @@ def test_a_channel_whose_matcher_is_down_is_logged_as_silent_once_and_served_whe
                                {"ETH-USDT": (5, [[2999000, 1500]], [])})
             message = a.expect({"type": "depth_snapshot", "channel": "ETH-USDT"}, timeout=10.0)
             assert message["data"]["seq"] == 5
+            assert b.expect({"type": "depth_snapshot", "channel": "ETH-USDT"})["data"]["seq"] == 5
+            assert len(a.since(0, {"type": "error", "channel": "ETH-USDT"})) == 1  # told once
             answered = re.findall(r"m2 answered a snapshot request again, after [\d.]+ s and (\d+) new connection",
                                   gateway.log())
             assert len(answered) == 1 and int(answered[0]) >= 2, gateway.log()  # the retries went on, unsaid

@@ -908,7 +908,8 @@ def test_a_gateway_says_when_a_feed_behind_its_relay_goes_silent_and_when_it_is_
         cluster: Cluster, clients: Clients, context: zmq.Context) -> None:
     """m1 hangs (``SIGSTOP``) behind relay x1: the gateway's connection to x1 stays up, so only
     the silence of BTC-USDT's feed tells; the gateway's log says so, naming the matcher, and
-    says when the feed is heard again (``SIGCONT``). (The client also holds ETH-USDT, m2's,
+    says when the feed is heard again (``SIGCONT``); the channel's client is told too
+    (``unavailable``). (The client also holds ETH-USDT, m2's,
     whose heartbeat each second wakes it up to look at the log.)"""
     topology = start(cluster, {"m1": ["BTC-USDT"], "m2": ["ETH-USDT"]}, limits="heartbeat_s: 1", relay=True)
     maker = RouterMaker(topology, context)
@@ -920,6 +921,7 @@ def test_a_gateway_says_when_a_feed_behind_its_relay_goes_silent_and_when_it_is_
         client.wait_until(lambda: "no message from the feed of BTC-USDT for 3 s (matcher m1, or relay x1 on the way)"
                           in g1.log(),
                           "the gateway's word that the feed went silent", timeout=15.0)
+        client.expect({"type": "error", "code": "unavailable", "channel": "BTC-USDT"})  # and the client's
         m1.proc.send_signal(signal.SIGCONT)
         client.wait_until(lambda: "the feed of BTC-USDT is heard again" in g1.log(),
                           "the gateway's word that the feed is back", timeout=15.0)

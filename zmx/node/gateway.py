@@ -898,6 +898,8 @@ class Gateway:
             state = self.channels[symbol] = ChannelState(Channel(self.symbols[symbol]))
             self.sub.subscribe(topic(symbol))
             self._rearm(self.sub, self._read_sub)
+        elif symbol in self.silent:
+            conn.send(_silence_error(symbol))  # after its ack: the feed it joins is silent (_log_silence)
         state.subscribers[conn] = None
         if state.channel.synced:
             conn.send(state.channel.snapshot_message())
@@ -1713,6 +1715,10 @@ class Gateway:
         if gone:
             log.warning("no message from the feed of %s for %.0f s (%s): their clients get no heartbeats until it "
                         "is back", ", ".join(gone), FEED_SILENT_S, self._blame(gone))
+            for symbol in gone:  # and each of their clients is told, once
+                message = _silence_error(symbol)
+                for conn in self.channels[symbol].subscribers:
+                    conn.send(message)
         if back:
             log.info("the feed of %s is heard again", ", ".join(back))
         self.silent = silent
@@ -1746,6 +1752,13 @@ class Gateway:
 
 
 # -- process --------------------------------------------------------------------------------------------------
+
+def _silence_error(symbol: str) -> bytes:
+    """What a channel's clients are told when its feed has been silent for ``FEED_SILENT_S``
+    (its matcher down, hung or cut off): once, and to each client that subscribes meanwhile."""
+    return error("unavailable", f"no message from the feed of {symbol} for {FEED_SILENT_S:.0f} s: no heartbeats "
+                 "until it is back, then its updates, or a fresh depth_snapshot", channel=symbol)
+
 
 def _standby_text(node: GatewayNode) -> str:
     return f", standby {', '.join(node.standby)}" if node.standby else ""
