@@ -1650,16 +1650,19 @@ class Bench:
         r["feed_latency_ms"] = hist_percentiles({int(b): n for b, n in got["hist"].items()})
         return r
 
-    def commands(self, n: int, k: int) -> dict[str, str]:
+    def commands(self, n: int, k: int, burst_share: int = 1) -> dict[str, str]:
         """What the driver is asked in a cell's rounds: ``moderate`` (paced at ``moderate_rate``),
         ``max`` (a burst of about ``--max-delivered`` deliveries) and ``high`` (paced at ``--high``
         of what the gateway's burst delivered, at most ``MAX_PACED`` orders/s). The bursts and the
         high rate follow from the gateway's rounds (messages a publication, its burst's rate) once
-        it has had them; a matcher-fed ceiling is driven the same way."""
+        it has had them; a matcher-fed ceiling is driven the same way (the ``write`` one with
+        ``1 / burst_share`` of the burst: ``WRITE_MAX_SHARE``)."""
         args = self.args
         per_order = max(self.per_order.get((n, k), 1.3), 0.5)
         subscribers = (n + k) / k
         orders = int(min(20_000, max(100, args.max_delivered / subscribers / per_order)))
+        if burst_share > 1:
+            orders = max(k, orders // burst_share)
         best = self.best.get((n, k))
         high = (min(MAX_PACED, max(1.0, args.high * best / subscribers * k / per_order)) if best is not None
                 else moderate_rate(args, n, k) * 5)
@@ -1784,36 +1787,34 @@ class Bench:
                 x_total = max(k, x_total // WRITE_MAX_SHARE)
             result["share_trades"] = round(share, 3)
 
-            def emit(rate: float, total: int) -> Callable[[], dict[str, Any]]:
+            def fed_round(rate: float, total: int, feed: Callable[[int], dict[str, Any]]
+                          ) -> Callable[[], dict[str, Any]]:
+                """A round of the server: ``feed(planned)`` brings its feed (the feeder, or the
+                driver's orders through the matcher), between the server's ``round`` and its
+                ``stats``; ``rate`` and ``total`` (the gateway's feed) set when the server gives
+                up (``start_round``)."""
                 def go() -> dict[str, Any]:
                     planned = max(1, total)
                     server.write(f"round {rate:.3f} {planned}")
                     server.line(30.0)
-                    feeder.write(f"emit {rate:.3f} {planned} {share:.4f} {k}")
-                    fed = json.loads(feeder.line(300.0))
+                    got = feed(planned)
                     server.write("stats")  # answered once the server has written what came, or given up
-                    return {**fed, "planned": planned, **json.loads(server.line(2 * planned / rate + 60.0))}
-                return go
-
-            def driven(command: str, timeout: float, rate: float, total: int) -> Callable[[], dict[str, Any]]:
-                """A round of the matcher's feed: the driver sends what it sent in the gateway's
-                round of the same kind; ``rate`` and ``total`` (the gateway's feed) only set when
-                the server gives up (``start_round``)."""
-                def go() -> dict[str, Any]:
-                    planned = max(1, total)
-                    server.write(f"round {rate:.3f} {planned}")
-                    server.line(30.0)
-                    got = self.drive(command, timeout)()
-                    server.write("stats")
                     return {**got, "planned": planned, **json.loads(server.line(2 * planned / rate + 60.0))}
                 return go
 
+            def emit(rate: float, total: int) -> Callable[[], dict[str, Any]]:
+                def feed(planned: int) -> dict[str, Any]:
+                    feeder.write(f"emit {rate:.3f} {planned} {share:.4f} {k}")  # type: ignore[union-attr]
+                    return json.loads(feeder.line(300.0))  # type: ignore[union-attr,no-any-return]
+                return fed_round(rate, total, feed)
+
+            def driven(command: str, timeout: float, rate: float, total: int) -> Callable[[], dict[str, Any]]:
+                """The driver sends what it sent in the gateway's round of the same kind."""
+                return fed_round(rate, total, lambda _: self.drive(command, timeout)())
+
             if matcher_fed:
-                plan = self.commands(n, k)
+                plan = self.commands(n, k, WRITE_MAX_SHARE if mode == "write" else 1)
                 burst = plan["max"]
-                if mode == "write":
-                    orders = int(burst.split()[1])
-                    burst = f"burst {max(k, orders // WRITE_MAX_SHARE)} {k}"
                 moderates = [self.moderate_round(clients, pids(), driven(plan["moderate"], args.moderate_seconds + 90,
                                                                          m_rate, m_total), k)
                              for _ in range(args.moderate_rounds)]
@@ -1823,7 +1824,7 @@ class Bench:
                 result["max"], result["max_rounds"] = median_burst(bursts)
                 result["high"] = measure_round(run, clients, pids(), driven(plan["high"], args.seconds + 90, h_rate,
                                                                             h_total), self.named())
-                result["driven"] = {**plan, "max": burst}
+                result["driven"] = plan
             else:
                 named = {"feeder": [feeder.proc.pid]}  # type: ignore[union-attr]
                 moderates = [measure_round(run, clients, pids(), emit(m_rate, m_total), named)
