@@ -8,6 +8,7 @@ ports under a test's temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -16,7 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
+
+import zmq
 
 from zmx.node.runtime import parse_ready
 
@@ -35,6 +39,20 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+@contextlib.contextmanager
+def dropped(sock: zmq.Socket, what: str, timeout_ms: int = 10_000) -> Iterator[None]:
+    """What the block does makes ``sock``'s connection drop: its socket monitor, watching from
+    before the block, must say so within ``timeout_ms`` of the block's end."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        yield
+        assert monitor.poll(timeout_ms), f"not dropped: {what}"
+        assert int.from_bytes(monitor.recv_multipart()[0][:2], "little") == zmq.EVENT_DISCONNECTED
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
 
 
 def write_topology(directory: Path, *, matchers: dict[str, list[str]] | None = None, routers: int = 1,
