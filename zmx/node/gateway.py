@@ -1704,8 +1704,9 @@ class Gateway:
 
     def _log_silence(self, silent: set[str]) -> None:
         """Say when subscribed channels' feed goes silent (its matcher hangs, its host or the way
-        to it is cut: a relay in between stays connected, so only the silence tells) and when
-        it is heard again. ``silent``: the channels not heard for ``FEED_SILENT_S`` now, each
+        to it is cut: a relay in between stays connected, so only the silence tells), in the
+        log and to each channel's clients (``_silence_error``), and when it is heard again (in
+        the log: the clients see heartbeats again). ``silent``: the channels not heard for ``FEED_SILENT_S`` now, each
         counted from its subscription on (``_housekeeping``)."""
         was = self.silent
         if silent == was:
