@@ -19,7 +19,7 @@ import pytest
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.depth import book_checksum, checksum
 from zmx.engine import MatchingEngine
-from zmx.events import PUBLIC_EVENT_TYPES, BookChanged, OrderFilled, TradeOccurred
+from zmx.events import PUBLIC_EVENT_TYPES, BookChanged, OrderAccepted, OrderCanceled, OrderFilled, TradeOccurred
 from zmx.exceptions import SequenceGap
 from zmx.node.runtime import load_topology
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
@@ -773,6 +773,208 @@ def test_a_makers_fill_that_races_its_amend_comes_in_the_books_order(fill_first)
     statuses = [(m["data"]["status"], m["data"]["remaining"]) for m in got]
     assert statuses == ([("partially_filled", "0.6"), ("amended", "0.1")] if fill_first
                         else [("amended", "0.5"), ("partially_filled", "0.1")]), got
+
+
+def amend(s: Session, order_id: str, request_id: Any = None, **fields: str) -> Amend:
+    message = {"action": "amend_order", "symbol": "BTC-USDT", "order_id": order_id, **fields}
+    if request_id is not None:
+        message["id"] = request_id
+    (action,) = receive(s, message)
+    assert type(action) is Amend, action
+    return action
+
+
+def statuses(payloads: list[bytes]) -> list[tuple[str, str, str]]:
+    """(order_id, status or error code, filled) of each message."""
+    return [(m["data"]["order_id"], m["data"]["status"], m["data"]["filled"]) if m["type"] == "order_update"
+            else (m["order_id"], m["code"], "") for m in updates(payloads)]
+
+
+def test_a_fill_made_after_an_amend_sent_before_the_orders_reply_waits_for_the_amends_reply():
+    """A submit and an amend of the order in flight; a fill the book made after the amend goes
+    out after the ``amended``, not after the ``accepted``: the ``amended`` shows the book's
+    state before that fill, and ``filled`` never goes back."""
+    ex = Exchange()
+    alice = session(ALICE)
+    a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="0.4")
+    m1 = amend(alice, "a1", "m", quantity="0.5")
+    accepted, amended = ex.run(a1), ex.run(m1)
+    fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.3")[1])
+    got = alice.on_reply(a1.command, a1.request_id, "ok", accepted)
+    got += alice.on_private(fill)
+    got += alice.on_reply(m1.command, m1.request_id, "ok", amended)
+    assert statuses(got) == [("a1", "accepted", "0"), ("a1", "amended", "0"), ("a1", "partially_filled", "0.3")]
+
+
+def test_a_fill_held_for_an_amend_comes_before_the_cancel_the_book_made_after_it():
+    """A fill of a resting order, then the client's cancel and amend of it: the fill arrives
+    while the amend is in flight (held for it), and must still come before the ``canceled``."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.4")
+    fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])
+    (cancel,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})
+    m1 = amend(alice, "a1", "m", quantity="0.3")
+    canceled, refused = ex.run(cancel), ex.run(m1)
+    got = alice.on_private(fill)
+    got += alice.on_reply(cancel.command, cancel.request_id, "ok", canceled)
+    got += alice.on_reply(m1.command, m1.request_id, "ok", refused)
+    assert statuses(got) == [("a1", "partially_filled", "0.1"), ("a1", "canceled", "0.1"),
+                             ("a1", "unknown_order", "")]
+
+
+def test_a_fill_held_for_an_amend_comes_before_a_self_trade_cancel_in_another_orders_reply():
+    """The book made a fill of a1, an amend of a1, then a new order of the same account that
+    canceled a1 (self-trade prevention). The new order's reply overtakes the amend's (another
+    router, after a failover): the fill held for the amend still comes before the cancel."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.4")
+    fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])
+    m1 = amend(alice, "a1", "m", quantity="0.35")
+    a2 = submit(alice, "t", order_id="a2", side="buy", price="30000", quantity="0.1")  # meets a1: a1 canceled
+    amended, crossed = ex.run(m1), ex.run(a2)
+    got = alice.on_private(fill)
+    got += alice.on_reply(a2.command, a2.request_id, "ok", crossed)
+    got += alice.on_reply(m1.command, m1.request_id, "ok", amended)
+    first_two = [s for s in statuses(got) if s[0] == "a1"][:2]
+    assert first_two == [("a1", "partially_filled", "0.1"), ("a1", "canceled", "0.1")]
+
+
+def test_a_fill_asked_again_while_an_amend_is_in_flight_is_not_passed_on_twice():
+    """a2 filled (passed on); the client amends a2 and cancels a1, whose fill is still on the
+    feed when the cancel's answer shows it: the matcher is asked for the fills after the one
+    a1 was placed behind, and its answer holds a2's fill again while a2's amend is in flight.
+    The amend's reply does not let that fill out a second time."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30001", quantity="0.4")
+    ex.order(alice, order_id="a2", side="sell", price="30000", quantity="0.4")
+    first = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.4")[1])
+    assert statuses(alice.on_private(first)) == [("a2", "filled", "0.4")]
+    second = maker_fills(ex.order(session(BOB), order_id="b2", price="30001", quantity="0.1")[1])  # a1, on the feed
+    (cancel,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})
+    m2 = amend(alice, "a2", "m", quantity="0.5")
+    canceled, refused = ex.run(cancel), ex.run(m2)
+    assert alice.on_reply(cancel.command, cancel.request_id, "ok", canceled) == []  # shows a1's fill missing
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 0}  # a1 was placed before any fill: everything after trade 0
+    answer = [f for f in first + second if f.trade_id > asked["BTC-USDT"]]
+    got = alice.end_fill_replay(asked, answer)
+    got += alice.on_reply(m2.command, m2.request_id, "ok", refused)
+    got += alice.on_private(second)  # the feed's copy, late
+    assert statuses(got) == [("a1", "partially_filled", "0.1"), ("a1", "canceled", "0.1"),
+                             ("a2", "unknown_order", "")]
+
+
+def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dict[str, tuple[int, bool]]]:
+    """Alice submits, amends and cancels (of live and ended orders alike) while Bob trades
+    against her; her replies (one router: in the order sent) and the feed's fills of her
+    resting orders reach her session interleaved at random. When her session asks for fills
+    again, the matcher answers with what it holds when the answer arrives. Her messages, and
+    for each of her orders the engine's (lots filled, ended)."""
+    rnd = random.Random(seed)
+    engine = MatchingEngine(BTC)
+    alice = session(ALICE)
+    to_book: list[Any] = []  # her requests on their way to the book
+    replies: list[tuple[Any, list]] = []
+    feed: list[list[OrderFilled]] = []
+    made: list[OrderFilled] = []  # every fill of her resting orders, for the fills asked again
+    truth: dict[str, tuple[int, bool]] = {}
+    out: list[bytes] = []
+    asked: dict[str, int] | None = None
+    ts = iter(range(TS, TS + 10 * steps))
+
+    def run(command: Any) -> list:
+        events = engine.handle(command, ts_ns=next(ts))
+        for e in events:
+            if getattr(e, "account", None) == ALICE and type(e) in (OrderAccepted, OrderFilled, OrderCanceled):
+                truth[e.order_id] = (getattr(e, "filled", 0), type(e) is OrderCanceled or (
+                    type(e) is OrderFilled and not e.remaining))
+        fills = [e for e in events if type(e) is OrderFilled and e.maker and e.account == ALICE]
+        made.extend(fills)
+        if fills:
+            feed.append(fills)
+        return events
+
+    def deliver(payloads: list[bytes]) -> None:
+        nonlocal asked
+        out.extend(payloads)
+        if alice.fills_wanted and asked is None:
+            asked = alice.begin_fill_replay(["BTC-USDT"])
+
+    ids = 0
+    for step in range(steps + 10_000):
+        draining = step >= steps
+        if draining and not (to_book or replies or feed or asked):
+            break
+        r = rnd.random()
+        if not draining and r < 0.25:
+            kind = rnd.random()
+            if kind < 0.5 or not ids:
+                ids += 1
+                message = {**submit_msg(order_id=f"a{ids}", side=rnd.choice(["buy", "sell"]),
+                                        price=f"{rnd.randint(30000, 30004)}", quantity=f"0.{rnd.randint(1, 5)}",
+                                        time_in_force=rnd.choice(["gtc", "gtc", "gtc", "ioc", "post_only"]))}
+            else:
+                message = {"action": "amend_order" if kind < 0.75 else "cancel_order", "symbol": "BTC-USDT",
+                           "order_id": f"a{rnd.randint(max(1, ids - 4), ids)}"}
+                if kind < 0.75:
+                    message["quantity"] = f"0.{rnd.randint(1, 8)}"
+                    if rnd.random() < 0.6:
+                        message["price"] = f"{rnd.randint(30000, 30004)}"
+            message["id"] = step
+            for action in receive(alice, message):
+                if type(action) is Send:
+                    out.append(action.payload)
+                else:
+                    to_book.append(action)
+        elif r < 0.45 and to_book:
+            action = to_book.pop(0)
+            replies.append((action, run(action.command)))
+        elif not draining and r < 0.6:
+            run(SubmitOrder(f"b{step}", BOB, "BTC-USDT", rnd.choice([Side.BUY, Side.SELL]), OrderType.LIMIT,
+                            rnd.choice([TimeInForce.GTC, TimeInForce.IOC]), 3_000_000 + rnd.randint(0, 4) * 100,
+                            rnd.randint(1, 6) * 10_000))
+        elif r < 0.75 and replies:
+            action, events = replies.pop(0)
+            deliver(alice.on_reply(action.command, action.request_id, "ok", events))
+        elif r < 0.85 and asked is not None:
+            answer = [f for f in made if f.trade_id > asked["BTC-USDT"]]
+            asked = None
+            deliver(alice.end_fill_replay(["BTC-USDT"], answer))
+        elif feed:
+            deliver(alice.on_private(feed.pop(0)))
+    assert not (to_book or replies or feed or asked), "the flow did not drain"
+    return updates(out), truth
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(seed):
+    """Every order's updates: ``accepted`` (or ``rejected``) first, each fill once, ``filled``
+    never going back, nothing after ``filled`` or ``canceled``, the order's type on each, and
+    at the end what the engine holds; nothing left held."""
+    for n in range(seed * 25, seed * 25 + 25):
+        messages, truth = interleaved_order_flow(n)
+        orders: dict[str, dict[str, Any]] = {}
+        for m in messages:
+            if m["type"] != "order_update" or m["data"]["status"] == "rejected":
+                continue
+            d = m["data"]
+            seen = orders.setdefault(d["order_id"], {"filled": Decimal(0), "trades": set(), "status": None})
+            where = f"seed {n}: {d['order_id']} {d['status']} after {seen['status']}"
+            assert seen["status"] is not None or d["status"] == "accepted", where
+            assert seen["status"] not in ("filled", "canceled"), where
+            assert Decimal(d["filled"]) >= seen["filled"], where
+            assert d.get("trade_id") not in seen["trades"], where
+            assert "type" in d and "time_in_force" in d, where
+            seen.update(filled=Decimal(d["filled"]), status=d["status"])
+            if "trade_id" in d:
+                seen["trades"].add(d["trade_id"])
+        for order_id, (lots, ended) in truth.items():
+            seen = orders.get(order_id, {"filled": Decimal(0), "status": None})
+            assert seen["filled"] == Decimal(lots) / 100_000, (n, order_id, seen, lots)
+            assert (seen["status"] in ("filled", "canceled")) == ended, (n, order_id, seen, ended)
 
 
 @pytest.mark.parametrize("fields, code", [

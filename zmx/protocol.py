@@ -277,8 +277,9 @@ class Session:
         self.channels: list[str] = []  # held channels; a list, as a set costs 216 bytes per connection
         self._window = -1  # the whole second the rate count is for
         self._window_count = 0
-        # (symbol, order_id) -> maker fills that arrived before the order's own reply
-        self._inflight: dict[tuple[str, str], list[OrderFilled]] | None = None
+        # (symbol, order_id) -> the order's submits and amends in flight, and its fills as a maker
+        # that wait for their replies
+        self._inflight: dict[tuple[str, str], _Hold] | None = None
         # symbol -> the trade id of the last fill of a resting order passed on (0: none yet), for
         # each symbol this account placed orders on
         self._maker_high: dict[str, int] | None = None
@@ -440,9 +441,7 @@ class Session:
         if self._maker_high is None:
             self._maker_high = {}
         self._maker_high.setdefault(symbol, 0)
-        if self._inflight is None:
-            self._inflight = {}
-        self._inflight.setdefault((symbol, order_id), [])
+        self._hold(symbol, order_id, submit=True)
         return [Submit(command, request_id)]
 
     def _cancel(self, message: dict[str, Any], request_id: object) -> list[Action]:
@@ -475,10 +474,18 @@ class Session:
             quantity = None if texts["quantity"] is None else spec.to_lots(texts["quantity"])
         except InvalidNumber as e:
             return [Send(error(e.reason, str(e), request_id, order_id=order_id, symbol=symbol))]
+        self._hold(symbol, order_id, submit=False)
+        return [Amend(AmendOrder(order_id, self.account, symbol, price, quantity), request_id)]
+
+    def _hold(self, symbol: str, order_id: str, *, submit: bool) -> None:
+        """A submit or amend of the order is on its way: its fills as a maker wait for the reply."""
         if self._inflight is None:
             self._inflight = {}
-        self._inflight.setdefault((symbol, order_id), [])
-        return [Amend(AmendOrder(order_id, self.account, symbol, price, quantity), request_id)]
+        hold = self._inflight.get((symbol, order_id))
+        if hold is None:
+            hold = self._inflight[(symbol, order_id)] = _Hold()
+        hold.requests += 1
+        hold.submits += submit
 
     # -- answers from the cluster -------------------------------------------------------------------
 
@@ -509,16 +516,14 @@ class Session:
                 return []
         spec = self.symbols[symbol]
         is_submit = type(command) is SubmitOrder
-        held: list[OrderFilled] = []
-        if type(command) is not CancelOrder and self._inflight is not None:
-            held = self._inflight.pop((symbol, order_id), [])
+        holds = self._inflight
+        hold = None
+        if type(command) is not CancelOrder and not late and holds is not None:
+            hold = holds.get((symbol, order_id))
+            if hold is not None:  # this request is answered (a late answer was counted at its timeout)
+                hold.requests -= 1
+                hold.submits -= is_submit
         out = []
-        if held and events and type(command) is AmendOrder:
-            # An amend's reply and the order's fills as a maker race each other: each goes where
-            # the book put it (the fills made before the amend first), by seq.
-            amend_seq = events[0].seq
-            out.extend(self._maker_updates(spec, [fill for fill in held if fill.seq <= amend_seq], held=True))
-            held = [fill for fill in held if fill.seq > amend_seq]
         if status != "ok":
             if late:
                 if is_submit and self._filled:
@@ -542,6 +547,11 @@ class Session:
         for event in events:
             if getattr(event, "account", None) != self.account:
                 continue  # public events and other accounts' fills are not this client's business
+            if holds:
+                # A fill of an order with a submit or amend in flight waited for its reply; those
+                # the book made before this event go first (a cancel's, an amend's, a self-trade
+                # cancel in another order's reply).
+                out.extend(self._release(spec, (event.symbol, event.order_id), event.seq))  # type: ignore[attr-defined]
             if stale and type(event) is OrderAccepted:
                 continue  # its fills came first (through the feed): an accepted, filled 0, would undo them
             update = order_update(spec, event, request_id, command if type(command) is not CancelOrder else None,
@@ -549,10 +559,28 @@ class Session:
             if update is not None:
                 out.append(update)
                 self._passed(event)
-        # Fills held for this order: after an error status too, since a fill proves that an
-        # order whose reply was lost (or timed out) is live.
-        out.extend(self._maker_updates(spec, held, held=True))
+        if hold is not None and not hold.requests:
+            # The order's last request in flight is answered: the rest of its held fills follow
+            # (after an error status too, since a fill proves that an order whose reply was lost,
+            # or timed out, is live).
+            out.extend(self._release(spec, (symbol, order_id), None))
+            del holds[(symbol, order_id)]  # type: ignore[index]
         return out
+
+    def _release(self, spec: SymbolSpec, key: tuple[str, str], upto: int | None) -> list[bytes]:
+        """The held fills of order ``key`` that the book made up to seq ``upto`` (all: None), as
+        order_updates, unless a submit of the order is in flight (its ``accepted`` comes first)."""
+        hold = self._inflight.get(key) if self._inflight else None
+        if hold is None or hold.submits or not hold.fills:
+            return []
+        if upto is None:
+            fills, hold.fills = hold.fills, []
+        else:
+            fills = [fill for fill in hold.fills if fill.seq <= upto]
+            if not fills:
+                return []
+            hold.fills = [fill for fill in hold.fills if fill.seq > upto]
+        return self._maker_updates(spec, fills, held=True)
 
     def on_private(self, events: Iterable[Event], *, settle: bool = False) -> list[bytes]:
         """Messages for this account's private events published by a matcher.
@@ -574,11 +602,12 @@ class Session:
             if replaying is not None and symbol in replaying:
                 replaying[symbol].append(event)
                 continue
-            key = (symbol, event.order_id)
-            inflight = self._inflight
-            if inflight is not None and key in inflight:
-                if event not in inflight[key]:  # a fill asked again may be held already
-                    inflight[key].append(event)
+            hold = self._inflight.get((symbol, event.order_id)) if self._inflight else None
+            if hold is not None:
+                # held until the reply; once (a fill asked again may be held already), and not at
+                # all if it was passed on before the amend it would wait for was sent
+                if event not in hold.fills and (hold.submits or not self._repeat(event, held=False)):
+                    hold.fills.append(event)
                 continue
             if not settle:
                 after = self._shows_missing((event,))
@@ -596,21 +625,26 @@ class Session:
         live), and so did one of another order (ended here) whose trade id is not above the last
         passed on; unless ``held`` (it waited for its order's reply: never passed on)."""
         out = []
-        high, tracked = self._maker_high or {}, self._filled
+        high = self._maker_high or {}
         for fill in fills:
-            known = tracked.get((fill.symbol, fill.order_id)) if tracked else None
-            last = high.get(fill.symbol)
-            if known is not None:
-                if fill.filled <= known[0]:
-                    continue
-            elif not held and last is not None and fill.trade_id <= last:
+            if self._repeat(fill, held):
                 continue
+            last = high.get(fill.symbol)
             if last is not None and fill.trade_id > last:
                 high[fill.symbol] = fill.trade_id
             update = order_update(spec, fill, order_kind=self._kind(fill))  # before _passed ends the order
             self._passed(fill)
             out.append(update)  # type: ignore[arg-type]
         return out
+
+    def _repeat(self, fill: OrderFilled, held: bool) -> bool:
+        """Whether ``fill`` was passed on already (``_maker_updates``)."""
+        tracked = self._filled
+        known = tracked.get((fill.symbol, fill.order_id)) if tracked else None
+        if known is not None:
+            return fill.filled <= known[0]
+        last = (self._maker_high or {}).get(fill.symbol)
+        return not held and last is not None and fill.trade_id <= last
 
     def _kind(self, event: Event) -> tuple[str, str] | None:
         """The type and time in force of the live order of this connection that ``event`` is of."""
@@ -679,8 +713,9 @@ class Session:
             if state is None:
                 continue  # not a live order of this connection (yet)
             known = seen.get(key, state[0])
-            if inflight is not None:
-                known = max((fill.filled for fill in inflight.get(key, ())), default=known)
+            hold = inflight.get(key) if inflight is not None else None
+            if hold is not None:
+                known = max((fill.filled for fill in hold.fills), default=known)
             if before > known or before < 0:
                 return state[1]
             seen[key] = after
@@ -766,6 +801,19 @@ class Session:
         if self._filled:
             for key in [key for key in self._filled if key[0] == symbol]:
                 del self._filled[key]  # its orders went with its history
+
+
+class _Hold:
+    """An order's submits and amends in flight (``requests``, ``submits`` of them) and its fills
+    as a maker that arrived meanwhile, each to go out where the book put it among the replies'
+    updates (by ``seq``), never before the order's ``accepted``."""
+
+    __slots__ = ("fills", "requests", "submits")
+
+    def __init__(self) -> None:
+        self.fills: list[OrderFilled] = []
+        self.requests = 0
+        self.submits = 0
 
 
 class _HeldReply(NamedTuple):
