@@ -1127,6 +1127,38 @@ def test_a_matchers_heartbeat_tells_the_gateway_what_its_feed_lost(cluster: Clus
         assert "the matcher's heartbeat is at seq 7, the book here at 6: a publication was lost" in gateway.log()
 
 
+def test_a_book_asked_for_a_channel_left_meanwhile_is_not_given_to_the_next_one(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The only client of BTC-USDT leaves while the gateway's book request is on its way (the
+    matcher answers 3 s late); another client comes, and the feed says the book is at seq 9
+    before that old answer (seq 7) arrives. The new client's first ``depth_snapshot`` is the
+    book at seq 9, not the old answer: that would miss what came between, until the next
+    update showed a gap."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (7, [[2999000, 1500]], [], time.time_ns())}) as (
+            fake, opened, gateway):
+        fake.reply_delay_s = 3.0
+        a = opened("a")
+        a.send({"action": "subscribe", "channel": "BTC-USDT"})
+        a.expect({"type": "subscription_ack", "channel": "BTC-USDT"})
+        assert fake.next_subscription() == ("+", "BTC-USDT")
+        assert fake.requests.get(timeout=5.0) == "BTC-USDT"  # the book at seq 7 is on its way
+        a.send({"action": "unsubscribe", "channel": "BTC-USDT"})
+        a.expect({"type": "unsubscription_ack", "channel": "BTC-USDT"})
+        assert fake.next_subscription() == ("-", "BTC-USDT")
+        fake.books["BTC-USDT"] = (9, [[2999000, 1500], [2998000, 10]], [[3001000, 4]], time.time_ns())
+        b = opened("b")
+        b.send({"action": "subscribe", "channel": "BTC-USDT"})
+        b.expect({"type": "subscription_ack", "channel": "BTC-USDT"})
+        assert fake.next_subscription() == ("+", "BTC-USDT")
+        fake.publish("BTC-USDT", FeedHeartbeat("BTC-USDT", 9, time.time_ns()))  # two updates went by meanwhile
+        b.wait_until(lambda: "BTC-USDT: a book at seq 7 came after the feed here showed seq 9" in gateway.log(),
+                     "the gateway's word that the old answer came")
+        snapshot = b.expect({"type": "depth_snapshot", "channel": "BTC-USDT"}, timeout=10.0)
+        assert snapshot["data"]["seq"] == 9
+        assert same_book(b.books["BTC-USDT"], [["29990", "1.5"], ["29980", "0.01"]], [["30010", "0.004"]])
+        assert "a publication was lost" not in gateway.log()
+
+
 def test_a_channel_whose_feed_goes_silent_gets_no_more_heartbeats(cluster: Cluster, tmp_path: Path) -> None:
     """``heartbeat_s: 1``. The matcher stops its idle heartbeats of BTC-USDT (its feed goes
     silent) and goes on with SOL-USDT's: the client's SOL-USDT heartbeats go on, its BTC-USDT

@@ -1056,6 +1056,15 @@ class Gateway:
                      seq, e)
             self._ask_snapshot(state)
             return
+        if state.channel.seq is not None and state.channel.seq < state.feed_seq:
+            # Older than what the feed showed since the channel was opened: the answer to a
+            # request of the channel held before (its last client left and another came while
+            # the book was on its way). Loaded, it would be a book that misses what came between.
+            log.info("%s: a book at seq %d came after the feed here showed seq %d: the answer to an earlier "
+                     "request; asking again", symbol, seq, state.feed_seq)
+            state.channel.reset()
+            self._ask_snapshot(state)
+            return
         state.snapshot_asked = 0.0
         state.snapshot_seq, state.snapshot_taken_ns = (seq, when[0]) if when else (0, 0)
         frame = text_frame(message)
