@@ -79,6 +79,17 @@ def test_check_bad_topology_exits_2_with_the_line(runner: CliRunner, tmp_path: P
     assert "Traceback" not in result.output
 
 
+def test_check_warns_of_a_matcher_that_owns_no_symbol(runner: CliRunner, tmp_path: Path) -> None:
+    """Valid (a spare matcher), but more often a slip: both symbols of m2 given to m1."""
+    path = tmp_path / "idle.yaml"
+    path.write_text(LOCAL.read_text(encoding="utf-8").replace("matcher: m2", "matcher: m1"), encoding="utf-8")
+    result = runner.invoke(main, ["check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("warning: matcher 'm2' owns no symbol and would run idle (a symbol names its owner "
+                             "with `matcher: m2`)\n")
+    assert runner.invoke(main, ["check", str(LOCAL)]).stderr == ""
+
+
 def test_check_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(main, ["check", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2

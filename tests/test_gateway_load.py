@@ -1045,6 +1045,34 @@ def test_a_gateway_stopped_under_a_subscriber_that_never_closes_logs_no_error(cl
     assert "stopped; counts" in log and "Traceback" not in log and "ZMQError" not in log, log
 
 
+def test_every_line_a_worker_logs_says_which_worker_it_is() -> None:
+    """A gateway's workers share its log: each line of a worker process (its events, not only
+    its stats) starts with ``worker N:``, once, whatever the handlers."""
+    import io
+    import logging
+
+    from zmx.node.runtime import log_as_worker
+
+    root = logging.getLogger()
+    streams = [io.StringIO(), io.StringIO()]
+    handlers = [logging.StreamHandler(stream) for stream in streams]
+    saved = {handler: list(handler.filters) for handler in root.handlers}
+    for handler in handlers:
+        root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        log_as_worker(1)
+        logging.getLogger("zmx.gateway").warning("lost the feed from %s", "tcp://127.0.0.1:5560")
+    finally:
+        root.setLevel(old_level)
+        for handler in handlers:
+            root.removeHandler(handler)
+        for handler, filters in saved.items():
+            handler.filters[:] = filters
+    assert [stream.getvalue() for stream in streams] == ["worker 1: lost the feed from tcp://127.0.0.1:5560\n"] * 2
+
+
 def test_a_gateway_whose_worker_dies_stops_whole_and_says_which(cluster: Cluster) -> None:
     """A worker killed: the gateway node stops its other workers, reaps them and exits
     non-zero, naming the worker, so that its supervisor (``zmx up --restart``) starts all of

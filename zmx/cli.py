@@ -138,6 +138,10 @@ def _print_layout(console: Console, topology: Topology) -> None:
     console.print(_symbols_table(topology))
     if topology.nodes_by_role("gateway"):
         console.print(_limits_table(topology))
+    for matcher in topology.nodes_by_role("matcher"):
+        if not topology.symbols_of(matcher.name):  # valid (a spare), but more often a slip in an owner's name
+            click.echo(f"warning: matcher {matcher.name!r} owns no symbol and would run idle (a symbol names its "
+                       f"owner with `matcher: {matcher.name}`)", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -82,6 +82,7 @@ from zmx.node.runtime import (
     announce_ready,
     cannot_bind,
     die_with_parent,
+    log_as_worker,
     settle_collector,
     watch_peer,
 )
@@ -819,8 +820,7 @@ class Gateway:
                      *(old for old, _, _ in self.retired_snapshot_sockets)):
             sock.close(linger=0)
         self.context.term()
-        who = f"worker {self.worker}: " if self.node.workers > 1 else ""
-        log.info("%sstopped; counts: %s", who, ", ".join(f"{k}={v}" for k, v in self.counts.items() if v) or "none")
+        log.info("stopped; counts: %s", ", ".join(f"{k}={v}" for k, v in self.counts.items() if v) or "none")
 
     def _watch(self, sock: zmq.Socket[bytes], read: Callable[[], None]) -> None:
         """Call ``read`` whenever ``sock`` may have messages (ZeroMQ's FD is edge-triggered:
@@ -1684,8 +1684,7 @@ class Gateway:
         opened, closed = self._opened - w.opened, self._closed - w.closed
         counted = {k: v - w.counts.get(k, 0) for k, v in self.counts.items() if v != w.counts.get(k, 0)}
         if asked or opened or closed or counted or w.published:
-            who = f"worker {self.worker}: " if self.node.workers > 1 else ""
-            parts = [f"{who}last {now - w.started:.0f} s: {_count(len(self.connections), 'connection')} (+{opened} "
+            parts = [f"last {now - w.started:.0f} s: {_count(len(self.connections), 'connection')} (+{opened} "
                      f"-{closed}), {_count(len(self.channels), 'channel')}, {_count(w.published, 'publication')} in, "
                      f"{_count(w.sent, 'message')} out"]
             if w.feed_lag.count:
@@ -1698,12 +1697,12 @@ class Gateway:
             busy = sorted((state for state in self.channels.values() if state.published),
                           key=lambda state: state.published, reverse=True)
             for state in busy[:STATS_CHANNEL_LINES]:
-                log.info("%s%s: %s, %s in, %s out, feed lag max %.2f ms", who, state.channel.symbol,
+                log.info("%s: %s, %s in, %s out, feed lag max %.2f ms", state.channel.symbol,
                          _count(len(state.subscribers), "subscriber"), _count(state.published, "publication"),
                          _count(state.sent, "message"), state.lag_max_ns / 1e6)
             rest = busy[STATS_CHANNEL_LINES:]
             if rest:
-                log.info("%s%s: %s in, %s out, feed lag max %.2f ms", who, _count(len(rest), "more channel"),
+                log.info("%s: %s in, %s out, feed lag max %.2f ms", _count(len(rest), "more channel"),
                          _count(sum(state.published for state in rest), "publication"),
                          _count(sum(state.sent for state in rest), "message"),
                          max(state.lag_max_ns for state in rest) / 1e6)
@@ -1828,9 +1827,10 @@ def _run_workers(topology: Topology, node: GatewayNode, details: dict[str, Any])
                     die_with_me()
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                log_as_worker(worker)
                 _serve(topology, node, worker, lambda w=worker: os.write(write_end, bytes((w,))))
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
-                log.exception("worker %d failed", worker)
+                log.exception("failed")
                 code = 1
             finally:
                 os._exit(code)

@@ -152,6 +152,19 @@ def setup_logging(node: str, level: int = logging.INFO) -> None:
     )
 
 
+def log_as_worker(worker: int) -> None:
+    """In one of a node's worker processes: each of its log lines starts with ``worker N:``."""
+    prefix = f"worker {worker}: "
+
+    def name_it(record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(prefix):  # a record goes through each handler
+            record.msg = prefix + str(record.msg)
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(name_it)
+
+
 def announce_ready(node: str, role: str, **details: Any) -> None:
     """Tell whoever started this process that it is serving (one line on stdout)."""
     sys.stdout.write(READY_PREFIX + json.dumps({"node": node, "role": role, **details}) + "\n")
