@@ -184,6 +184,22 @@ def test_tables_show_rates_symbols_and_gaps() -> None:
     assert "…" not in text, text
     assert "BTC-USDT" in text
     assert "summary" in text
+    assert "(private)" not in text
+
+
+def test_tables_count_the_private_publications_in_a_row_of_their_own() -> None:
+    """The messages column adds up to the total: the accounts' publications (fills of
+    resting orders) are a row, not missing."""
+    stats = ProbeStats()
+    stats.feed(book("BTC-USDT", 1, ts_ns=0), 3000)
+    for n in range(2):
+        event = OrderCanceled("BTC-USDT", 3, 1, f"o{n}", "alice", Side.BUY, 100, 0, 1, "user")
+        stats.feed(encode_account_publication("alice", [event]), 3000)
+    console = Console(record=True, width=80)
+    console.print(interval_table("m1", stats.interval(1.0), stats, 1.0))
+    console.print(summary_table("m1", stats.summary(1.0)))
+    rows = [line.split("│") for line in console.export_text().splitlines() if "(private)" in line]
+    assert [row[2].strip() for row in rows] == ["2", "2"], console.export_text()
 
 
 # -- zmx probe as a process ------------------------------------------------------------------

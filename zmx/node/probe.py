@@ -26,8 +26,9 @@ What counts (docs/wire.md: one frame per command per symbol):
 - **latency** is the receive time minus the ``ts_ns`` of the publication's events (all events
   of one command share one ``ts_ns``), one sample per publication but heartbeats. Both are wall
   clocks; across machines the figure includes their offset, so a negative one is taken as 0.
-- private publications (``@account`` topics) are counted as messages, under ``private``, with
-  no ``seq`` to follow: an account's events do not advance by exactly one.
+- private publications (``@account`` topics) are counted as messages, under ``private`` (a
+  row ``(private)`` of the tables), with no ``seq`` to follow: an account's events do not
+  advance by exactly one.
 """
 
 from __future__ import annotations
@@ -269,10 +270,15 @@ def _bytes(value: float) -> str:
     return f"{value:,.1f} GiB"
 
 
+PRIVATE_ROW = "(private)"  # the row of the accounts' publications (fills of resting orders): no seq of their own
+
+
 def _symbol_rows(table: Table, stats: ProbeStats) -> None:
     for name, s in sorted(stats.symbols.items()):
         table.add_row(name, f"{s.messages:,}", "-" if s.last_seq is None else str(s.last_seq),
                       f"{s.gaps:,}", f"{s.heartbeats:,}")
+    if stats.private:
+        table.add_row(PRIVATE_ROW, f"{stats.private:,}", "-", "-", "-")
 
 
 def _symbols_table(stats: ProbeStats, title: str) -> Table:
@@ -319,5 +325,7 @@ def summary_table(target: str, summary: dict[str, Any]) -> Table:
     for name, s in summary["symbols"].items():
         symbols.add_row(name, f"{s['messages']:,}", "-" if s["last_seq"] is None else str(s["last_seq"]),
                         f"{s['gaps']:,}", f"{s['heartbeats']:,}")
+    if summary["private"]:
+        symbols.add_row(PRIVATE_ROW, f"{summary['private']:,}", "-", "-", "-")
     grid.add_row(symbols)
     return grid
