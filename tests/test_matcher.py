@@ -574,14 +574,18 @@ def _stream(n: int, seed: int) -> list[Any]:
     return commands
 
 
-def fills_of(sock: zmq.Socket, account: str, after: dict[str, int]) -> tuple[str, int, list[OrderFilled]]:
+def fills_of(sock: zmq.Socket, account: str, after: dict[str, int],
+             seqs: dict[str, int] | None = None) -> tuple[str, int, list[OrderFilled]]:
     """A gateway's ``FILLS`` request (docs/wire.md): the matcher's name, how far back its
-    answer is whole, and ``account``'s fills of resting orders after the trade ids ``after``."""
+    answer is whole, and ``account``'s fills of resting orders after the trade ids ``after``;
+    ``seqs``, if given, gets how far forward (each symbol's seq when it answered)."""
     sock.send_multipart([b"FILLS", account.encode(), msgpack.packb(after)])
     assert sock.poll(TIMEOUT_MS), "no answer to a fills request"
     kind, name, body = sock.recv_multipart()
     assert (kind, name) == (b"FILLS", account.encode()), body
-    matcher, complete_since_ns, publication = msgpack.unpackb(body)
+    matcher, complete_since_ns, publication, upto = msgpack.unpackb(body)
+    if seqs is not None:
+        seqs.update(upto)
     topic_name, events = codec.decode_publication(publication)
     assert topic_name == "@" + account
     return matcher, complete_since_ns, list(events)
@@ -600,19 +604,25 @@ def test_a_gateway_asks_an_accounts_fills_of_resting_orders_and_gets_them_again_
     commands = _stream(400, seed=5)
     heads = [router.request(i, cmd.symbol, cmd) for i, cmd in enumerate(commands)]
     made: list[OrderFilled] = []  # every maker fill, from the replies (they hold every event of a command)
+    last_seq: dict[str, int] = {}
     for head in heads:
         status, payload = router.reply(head)
         assert status == b"ok"
-        made.extend(e for e in codec.decode_batch(payload) if type(e) is OrderFilled and e.maker)
+        events = codec.decode_batch(payload)
+        made.extend(e for e in events if type(e) is OrderFilled and e.maker)
+        for e in events:
+            last_seq[e.symbol] = max(last_seq.get(e.symbol, 0), e.seq)
     mine = [f for f in made if f.account == "a1"]
     assert len({f.symbol for f in mine}) == 2 and len(mine) > 20, "the stream gives a1 fills on both symbols"
     btc = [f for f in mine if f.symbol == "BTC-USDT"]
     middle = btc[len(btc) // 2].trade_id
 
     sock = snapshot_socket(zctx, node)
-    name, complete_since_ns, got = fills_of(sock, "a1", {"BTC-USDT": 0, "SOL-USDT": 0})
+    seqs: dict[str, int] = {}
+    name, complete_since_ns, got = fills_of(sock, "a1", {"BTC-USDT": 0, "SOL-USDT": 0, "ETH-USDT": 0}, seqs)
     assert name == "m1" and complete_since_ns <= min(f.ts_ns for f in made)  # all it ever made
     assert got == mine
+    assert seqs == last_seq  # whole up to each symbol's last command (ETH-USDT is not m1's)
     assert fills_of(sock, "a1", {"BTC-USDT": middle})[2] == [f for f in btc if f.trade_id > middle]
     assert fills_of(sock, "a1", {"ETH-USDT": 0})[2] == []  # not this matcher's: nothing, not an error
     assert fills_of(sock, "nobody", {"BTC-USDT": 0})[2] == []

@@ -867,12 +867,38 @@ def test_a_fill_asked_again_while_an_amend_is_in_flight_is_not_passed_on_twice()
                              ("a2", "unknown_order", "")]
 
 
+def test_a_reply_for_a_command_run_after_the_matchers_answer_waits_for_a_second_answer():
+    """The matcher answers the fills asked again at seq S; a cancel it ran after that, whose
+    reply overtook the answer, shows a fill that neither the answer nor the feed (slow) has
+    brought yet. It waits for a second answer instead of going out before that fill."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.4")
+    first = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])  # lost
+    asked = alice.begin_fill_replay(["BTC-USDT"])  # the feed was lost for a while
+    assert asked == {"BTC-USDT": 0}
+    answer, upto = first, {"BTC-USDT": ex.engine.seq}  # made now; on its way
+    second = maker_fills(ex.order(session(BOB), order_id="b2", price="30000", quantity="0.1")[1])  # on the feed
+    (cancel,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})
+    assert alice.on_reply(cancel.command, cancel.request_id, "ok", ex.run(cancel)) == []  # held: fills asked
+    got = alice.end_fill_replay(asked, answer, upto)
+    assert statuses(got) == [("a1", "partially_filled", "0.1")]  # the canceled shows 0.2 filled: it waits
+    assert alice.fills_wanted == {"BTC-USDT": 1}
+    got = alice.on_private(second)  # the feed's fill comes: held behind the cancel
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    assert again == {"BTC-USDT": 1}
+    got += alice.end_fill_replay(again, second, {"BTC-USDT": ex.engine.seq})
+    assert statuses(got) == [("a1", "partially_filled", "0.2"), ("a1", "canceled", "0.2")]
+
+
 def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dict[str, tuple[int, bool]]]:
     """Alice submits, amends and cancels (of live and ended orders alike) while Bob trades
     against her; her replies (one router: in the order sent) and the feed's fills of her
     resting orders reach her session interleaved at random. When her session asks for fills
-    again, the matcher answers with what it holds when the answer arrives. Her messages, and
-    for each of her orders the engine's (lots filled, ended)."""
+    again, the matcher makes its answer (the fills it holds, and its seq) at some later step,
+    and the answer arrives at some step after that: commands may run in between, and their
+    replies overtake it. Her messages, and for each of her orders the engine's (lots filled,
+    ended)."""
     rnd = random.Random(seed)
     engine = MatchingEngine(BTC)
     alice = session(ALICE)
@@ -883,6 +909,7 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
     truth: dict[str, tuple[int, bool]] = {}
     out: list[bytes] = []
     asked: dict[str, int] | None = None
+    answer: tuple[list[OrderFilled], dict[str, int]] | None = None  # made, on its way
     ts = iter(range(TS, TS + 10 * steps))
 
     def run(command: Any) -> list:
@@ -939,10 +966,12 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
         elif r < 0.75 and replies:
             action, events = replies.pop(0)
             deliver(alice.on_reply(action.command, action.request_id, "ok", events))
-        elif r < 0.85 and asked is not None:
-            answer = [f for f in made if f.trade_id > asked["BTC-USDT"]]
-            asked = None
-            deliver(alice.end_fill_replay(["BTC-USDT"], answer))
+        elif r < 0.8 and asked is not None and answer is None:
+            answer = [f for f in made if f.trade_id > asked["BTC-USDT"]], {"BTC-USDT": engine.seq}
+        elif r < 0.85 and answer is not None:
+            fills, upto = answer
+            asked = answer = None
+            deliver(alice.end_fill_replay(["BTC-USDT"], fills, upto))
         elif feed:
             deliver(alice.on_private(feed.pop(0)))
     assert not (to_book or replies or feed or asked), "the flow did not drain"

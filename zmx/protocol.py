@@ -759,11 +759,15 @@ class Session:
             self._replaying.setdefault(symbol, [])
         return asked
 
-    def end_fill_replay(self, symbols: Iterable[str], fills: Iterable[Event]) -> list[bytes]:
+    def end_fill_replay(self, symbols: Iterable[str], fills: Iterable[Event],
+                        upto: Mapping[str, int] | None = None) -> list[bytes]:
         """The matcher's answer to ``begin_fill_replay(symbols)``: its fills of this account's
-        resting orders (``()`` when the gateway gave up asking). With the live fills and the
-        replies held meanwhile, each fill not passed on yet is passed on once, and each reply,
-        in the book's order (by ``seq``)."""
+        resting orders (``()`` when the gateway gave up asking), whole up to each symbol's seq
+        in ``upto`` (None: not said). With the live fills and the replies held meanwhile, each
+        fill not passed on yet is passed on once, and each reply, in the book's order (by
+        ``seq``). A reply past ``upto`` (the matcher ran its command after it answered) is
+        checked as if it came now: if it shows fills missing, it and what follows it wait for
+        another answer (``fills_wanted``)."""
         merged: dict[tuple[str, int], OrderFilled] = {}
         replies: list[_HeldReply] = []
         replaying = self._replaying or {}
@@ -787,11 +791,18 @@ class Session:
             or trade_id > high.get(fill.symbol, 0)]
         order += [(reply.command.symbol, reply.events[0].seq, 1, n, reply) for n, reply in enumerate(replies)]
         out = []
-        for *_, item in sorted(order, key=lambda entry: entry[:4]):
-            if type(item) is _HeldReply:
+        waiting: set[str] = set()  # symbols where a reply past the answer waits for another one
+        for symbol, seq, *_, item in sorted(order, key=lambda entry: entry[:4]):
+            if symbol in waiting:
+                self._replaying[symbol].append(item)  # type: ignore[index]  # behind that reply
+            elif type(item) is not _HeldReply:
+                out += self.on_private((item,), settle=True)
+            elif upto is None or seq <= upto.get(symbol, seq):
                 out += self.on_reply(*item, settle=True)
             else:
-                out += self.on_private((item,), settle=True)
+                out += self.on_reply(*item)
+                if self._replaying is not None and symbol in self._replaying:
+                    waiting.add(symbol)
         return out
 
     def forget_fills(self, symbol: str) -> None:

@@ -1485,20 +1485,25 @@ class Gateway:
     def _fills_reply(self, account_bytes: bytes, body: bytes) -> None:
         account = account_bytes.decode("utf-8", errors="replace")
         try:
-            matcher, complete_since_ns, publication = msgpack.unpackb(body)
+            # the seqs the answer is whole up to: left out by older matchers (docs/wire.md)
+            matcher, complete_since_ns, publication, *seqs = msgpack.unpackb(body)
             request = self.fills_requests.get((matcher, account))
             if request is None:
                 return  # answered already (asked twice), or the connection is gone
             name, events = codec.decode_publication(publication, SNAPSHOT_MAX_BYTES)
             if name != "@" + account or type(complete_since_ns) is not int:
                 raise ValueError(f"an answer about {name}, complete since {complete_since_ns!r}")
+            upto = seqs[0] if seqs else None
+            if len(seqs) > 1 or upto is not None and (type(upto) is not dict or not all(
+                    type(s) is str and type(q) is int for s, q in upto.items())):
+                raise ValueError(f"after the fills, a map of symbol to seq, got {seqs!r}"[:200])
         except (ValueError, TypeError, DecodeError, msgpack.UnpackException) as e:
             log.warning("undecodable answer about the fills of %s: %s", account, e)
             self.counts["bad_reply"] += 1
             return
         del self.fills_requests[(matcher, account)]
         fills = [e for e in events if type(e) is OrderFilled and e.symbol in request.after]
-        self._end_fills_request(request, fills)
+        self._end_fills_request(request, fills, upto)
         if fills:  # counted, not logged at info: on a busy gateway a cancel often overtakes its order's fill
             self.counts["fills_replayed"] += len(fills)
             log.debug("%s: %s sent %d fill(s) of resting orders that its feed lost", account, matcher, len(fills))
@@ -1523,11 +1528,13 @@ class Gateway:
             self._end_fills_request(request, ())
         return bool(refused)
 
-    def _end_fills_request(self, request: FillsRequest, fills: list[OrderFilled] | tuple[()]) -> None:
-        """Pass on ``fills`` (the matcher's answer, or nothing) with what was held for ``request``."""
+    def _end_fills_request(self, request: FillsRequest, fills: list[OrderFilled] | tuple[()],
+                           upto: dict[str, int] | None = None) -> None:
+        """Pass on ``fills`` (the matcher's answer, whole up to the seqs ``upto``; or nothing)
+        with what was held for ``request``."""
         conn = request.conn
         if conn.session is not None and conn.transport is not None:
-            self._deliver(conn, conn.session.end_fill_replay(request.after, fills))
+            self._deliver(conn, conn.session.end_fill_replay(request.after, fills, upto))
 
     # -- housekeeping -------------------------------------------------------------------------------------
 

@@ -784,7 +784,9 @@ class Matcher:
             publication = join_account_publication(account, self.fills.of(account, after))  # checks the account
         except ValueError as e:  # UnicodeDecodeError is one
             return [ERR, account_bytes[:FILLS_ACCOUNT_MAX], self.refuse("fills: malformed request", str(e))]
-        return [FILLS, account_bytes, msgpack.packb([self.name, self.fills.complete_since_ns, publication])]
+        # each symbol's seq now: the answer holds every fill up to it (served between batches)
+        seqs = {symbol: self.engines[symbol].seq for symbol in after if symbol in self.engines}
+        return [FILLS, account_bytes, msgpack.packb([self.name, self.fills.complete_since_ns, publication, seqs])]
 
     def connection_events(self, monitor: zmq.Socket, now: float) -> None:
         """HELLO on every new connection to a router; a new DEALER for a lost one.
