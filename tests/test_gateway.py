@@ -674,6 +674,7 @@ class FakeMatcher:
         self.books = dict(books)
         self.muted: set[str] = set()  # symbols whose idle heartbeats are not sent
         self.oversized_replies = 0  # answer this many book requests with a frame over the gateway's limit
+        self._rebind = threading.Event()  # restart_snapshot_service
         self.reply_delay_s = 0.0  # answer book requests this late
         self.subscriptions: queue.Queue[tuple[str, str]] = queue.Queue()
         self.requests: queue.Queue[str] = queue.Queue()
@@ -699,6 +700,22 @@ class FakeMatcher:
         late: list[tuple[float, list[bytes]]] = []  # (when, reply) of book requests answered late
         next_heartbeat = time.monotonic()
         while not self._stop.is_set():
+            if self._rebind.is_set():  # its connections drop; the gateway's come back to the new socket
+                poller.unregister(self.router)
+                endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+                self.router.close(linger=0)
+                self.router = self.context.socket(zmq.ROUTER)
+                self.router.linger = 0
+                for _ in range(500):  # the old socket's port is let go by ZeroMQ's own thread, soon after
+                    try:
+                        self.router.bind(endpoint)
+                        break
+                    except zmq.ZMQError:
+                        self._stop.wait(0.01)
+                else:
+                    raise RuntimeError(f"the fake matcher cannot bind {endpoint} again")
+                poller.register(self.router, zmq.POLLIN)
+                self._rebind.clear()
             while late and late[0][0] <= time.monotonic():
                 self.router.send_multipart(late.pop(0)[1])
             for sock, _ in poller.poll(20):
@@ -739,6 +756,11 @@ class FakeMatcher:
 
     def publish(self, symbol: str, *events: BookChanged | FeedHeartbeat) -> None:
         self._outbox.put(encode_publication(symbol, events))
+
+    def restart_snapshot_service(self) -> None:
+        """Close the snapshot ROUTER and bind a new one, the feed left as it is: a matcher that
+        restarted behind a relay, as the gateway sees it."""
+        self._rebind.set()
 
     def publish_raw(self, frame: bytes) -> None:
         """Any bytes as a published message (its subscribers get it if it starts with their topic)."""
@@ -1157,6 +1179,24 @@ def test_a_book_asked_for_a_channel_left_meanwhile_is_not_given_to_the_next_one(
         assert snapshot["data"]["seq"] == 9
         assert same_book(b.books["BTC-USDT"], [["29990", "1.5"], ["29980", "0.01"]], [["30010", "0.004"]])
         assert "a publication was lost" not in gateway.log()
+
+
+def test_a_matcher_back_behind_a_feed_that_never_broke_is_synced_again(cluster: Cluster, tmp_path: Path) -> None:
+    """The matcher restarted without its history and came back at the seq it was at, with
+    another book; the feed (through a relay, say) never broke, so nothing in it shows the
+    change. The gateway's own connection to the matcher's snapshot service broke and came
+    back: its clients get a fresh ``depth_snapshot`` of the book the matcher has now."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (7, [[2999000, 1500]], [], time.time_ns())}) as (
+            fake, opened, gateway):
+        a = opened("a")
+        a.subscribe("BTC-USDT")
+        assert same_book(a.books["BTC-USDT"], [["29990", "1.5"]], [])
+        fake.books["BTC-USDT"] = (7, [[2998000, 10]], [[3001000, 4]], time.time_ns())
+        fake.restart_snapshot_service()
+        snapshot = a.expect({"type": "depth_snapshot", "channel": "BTC-USDT"}, timeout=10.0)
+        assert snapshot["data"]["seq"] == 7
+        assert same_book(a.books["BTC-USDT"], [["29980", "0.01"]], [["30010", "0.004"]])
+        assert "connected to m1's snapshot service again; resyncing its channels" in gateway.log()
 
 
 def test_a_channel_whose_feed_goes_silent_gets_no_more_heartbeats(cluster: Cluster, tmp_path: Path) -> None:

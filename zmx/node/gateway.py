@@ -993,13 +993,21 @@ class Gateway:
     def _snapshot_service_event(self, name: str, event: int) -> None:
         """A matcher whose snapshot service was lost and is back may have restarted: the fills
         of resting orders it published before the relays' subscriptions reached it again are
-        lost to their owners, and asked of it (``_ask_fills``)."""
+        lost to their owners, and asked of it (``_ask_fills``); and its channels are synced
+        again, as a feed straight from it does when it comes back (``_feed_event``). Behind a
+        relay whose feed never broke, a matcher that came back without its history is seen by
+        its seq going back, but not if it was at the same seq again by the time the relay's
+        subscription reached it: its book is another one all the same."""
         now = time.monotonic()
         if event == zmq.EVENT_DISCONNECTED:
             log.info("lost the connection to %s's snapshot service", name)
             self.matcher_lost.setdefault(name, now)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and name in self.matcher_lost:
-            log.info("connected to %s's snapshot service again", name)
+            log.info("connected to %s's snapshot service again; resyncing its channels", name)
+            for symbol in self.topology.symbols_of(name):
+                state = self.channels.get(symbol)
+                if state is not None:
+                    self._resync(state, f"{name}'s snapshot service is back: the matcher may have restarted")
             self._ask_fills(name, self.matcher_lost.pop(name), now)
 
     def _read_snapshots(self, sock: zmq.Socket[bytes]) -> None:
