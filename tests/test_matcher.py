@@ -1039,8 +1039,16 @@ def test_order_ids_stay_used_once_archived_and_after_a_kill_9(
     # no used ids of before it, and the journal after it has no a0.
     restarted = cluster.start("m1")
     router.wait_for(b"HELLO", epoch=restarted.ready["epoch"])
-    assert f"{len(archived)} archived order id(s); this matcher's order-id filters hold 131072 bytes" \
+    # ready before its filters hold them (a scan of millions took longer than a supervisor waits),
+    # which fill as it serves
+    assert f"{len(archived)} archived order id(s): their filters fill while the matcher serves" \
         in restarted.log_path.read_text()
+    filled = (f"order-id filters filled with the {len(archived)} archived id(s) in ",
+              "s; this matcher's order-id filters hold 131072 bytes")
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not re.search(re.escape(filled[0]) + r"[\d.]+ " + re.escape(filled[1]), restarted.log_path.read_text()):
+        assert time.monotonic() < deadline, f"never logged: {filled}"
+        router.wait_for(b"HB", epoch=restarted.ready["epoch"])  # a heartbeat paces the wait: a loop turn went by
     assert [refused(200 + j, oid) for j, oid in enumerate(["a0", "a25", "a59", "new-1"])] == [True] * 4
 
     restarted.proc.send_signal(signal.SIGKILL)

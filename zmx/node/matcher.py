@@ -107,6 +107,8 @@ PROBLEM_LOG_S = 1.0
 # matcher absorbs a generation quickly and a request that arrives meanwhile waits for one
 # slice at most (a slice of 2,000 after an idle poll used to hold new requests 5-7 ms).
 ABSORB_SLICE = 200
+# while the filters fill after a start: ids a query, and how long a loop turn puts them in
+LOAD_SLICE, LOAD_BUDGET_S = 500, 0.002
 STOP_LINGER_MS = 500  # BYE and the last batch's replies and events may take this long to leave
 # Room kept free on the data directory's file system: below it, new orders and amends are
 # refused ``unavailable`` and cancels go on (each a journal record of a few dozen bytes), so
@@ -250,8 +252,11 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     base = "no snapshot" if states is None else f"the snapshot before segment {journal.snapshot_segment}"
     log.info("recovered from %s + %d journaled command(s) in %.0f ms: %s", base, len(replay), took_ms,
              seqs or "no symbols")
-    log.info("%d archived order id(s); %s", sum(ids.count for ids in used_ids.symbols.values()),
-             filters_text(used_ids))
+    if used_ids.loading:
+        log.info("%d archived order id(s): their filters fill while the matcher serves (about 3 s a million); "
+                 "until then each new order id is looked up in the archive", used_ids.total)
+    else:
+        log.info("%d archived order id(s); %s", used_ids.total, filters_text(used_ids))
     return engines, states is None or bool(gone), used_ids
 
 
@@ -285,6 +290,8 @@ class Matcher:
         self.snapshot_child: tuple[int, int, float] | None = None  # pid, snapshot number, start time
         self.used_ids: UsedIds | None = None
         self.absorbing = False  # engines hold a handed generation of used ids that the archive has stored
+        self.loading_ids = False  # the archive's filters are filling with the ids stored before this start
+        self.started_at = time.monotonic()
         # statistics
         self.commands: Counter[str] = Counter()
         self._reported: Counter[str] = Counter()
@@ -314,6 +321,7 @@ class Matcher:
             self.epoch = self.journal.bump_epoch()
             self.engines, snapshot_now, self.used_ids = _restore(self.topology, self.name, self.journal,
                                                                  self.fills, self.epoch)
+            self.loading_ids = self.used_ids.loading
             if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
                 self.snapshot_at_start()
         except (JournalError, OSError) as e:
@@ -437,7 +445,8 @@ class Matcher:
         published: list[tuple[str, list, list[bytes]]] = []
 
         while not stopper.stopped:
-            timeout = 0 if self.absorbing else max(0, min(POLL_MS, int((next_hb - now) * 1000) + 1))
+            busy = self.absorbing or self.loading_ids  # work of its own between batches: no wait
+            timeout = 0 if busy else max(0, min(POLL_MS, int((next_hb - now) * 1000) + 1))
             try:
                 ready = poll(timeout)
             except zmq.ZMQError as e:
@@ -487,6 +496,8 @@ class Matcher:
                 self.reap_snapshot(os.WNOHANG)
             elif self.absorbing:
                 self.absorb_used_ids(ABSORB_SLICE)
+            if self.loading_ids:
+                self.load_used_ids(LOAD_BUDGET_S)
             if now >= next_hb:
                 self.broadcast(HB, self.hb)
                 next_hb += hb_interval
@@ -925,6 +936,18 @@ class Matcher:
                 engine.keep_handed()  # the next snapshot's child stores them
             log.error("the process writing snapshot %d ended with status %#x; the journal goes on without it, "
                       "a later snapshot replaces it", number, status)
+
+    def load_used_ids(self, budget_s: float) -> None:
+        """Fill the archive's filters with more of the ids stored before this start, for about
+        ``budget_s`` (a slice per loop turn, as ``absorb_used_ids``); say when they are whole."""
+        assert self.used_ids is not None
+        deadline = time.perf_counter() + budget_s
+        while self.used_ids.load(LOAD_SLICE) and time.perf_counter() < deadline:
+            pass
+        if not self.used_ids.loading:
+            self.loading_ids = False
+            log.info("order-id filters filled with the %d archived id(s) in %.1f s; %s", self.used_ids.total,
+                     time.monotonic() - self.started_at, filters_text(self.used_ids))
 
     def absorb_used_ids(self, limit: int) -> None:
         """Move up to ``limit`` ids of the stored generation from the engines' memory into the

@@ -26,8 +26,11 @@ segment existed and was lost). Only the first start of a data directory creates 
 A lookup (``key in ids``) asks a Bloom filter first: in memory, 16 bits an id (2 bytes
 instead of 110), no false "absent", about 1 false "present" in 400. Only a "present" goes to
 the table, so a new id (nearly every lookup) never touches the disk and the answer is
-exact. The filters grow in tiers, each four times the last, so none is ever rebuilt; at
-start they are filled from the table (a scan: about a second per million ids here).
+exact. The filters grow in tiers, each four times the last, so none is ever rebuilt. At
+start they are filled from the table while the matcher serves (``UsedIds.load``, 2 ms a
+loop turn: 12 million ids took 35 s beside a stream of orders here; a matcher that scanned
+them first was not ready for 24 s, and its supervisor, which waits 20 s, killed it); until a
+symbol's filters are whole, each of its lookups asks the table (exact, a few microseconds).
 """
 
 from __future__ import annotations
@@ -128,17 +131,41 @@ class SymbolIds:
     filters: salted per process, which is fine, since the filters are rebuilt at start.
     """
 
-    __slots__ = ("db", "symbol", "tiers", "lookups", "false_hits")
+    __slots__ = ("db", "symbol", "tiers", "lookups", "false_hits", "_after", "_gen")
 
-    def __init__(self, db: sqlite3.Connection, symbol: str) -> None:
+    def __init__(self, db: sqlite3.Connection, symbol: str, stored_up_to: int | None = None) -> None:
         self.db = db
         self.symbol = symbol
         self.tiers: list[_Tier] = []
-        self.lookups = 0  # filter "present" answers that went to the table
-        self.false_hits = 0  # ... and found nothing there
+        self.lookups = 0  # answers that went to the table: filter "present"s, and all while loading
+        self.false_hits = 0  # filter "present"s that found nothing there
+        # Loading (``load``): the stored ids of generations up to ``_gen`` go into the filters
+        # in key order, the last one loaded is ``_after``; None: the filters are whole.
+        self._after: str | None = None if stored_up_to is None else ""
+        self._gen = stored_up_to
+
+    @property
+    def loading(self) -> bool:
+        return self._after is not None
+
+    def load(self, limit: int) -> int:
+        """Put up to ``limit`` more of the stored ids into the filters; how many."""
+        if self._after is None:
+            return 0
+        rows = self.db.execute("SELECT key FROM used_ids WHERE symbol = ? AND key > ? AND gen <= ? ORDER BY key "
+                               "LIMIT ?", (self.symbol, self._after, self._gen, limit)).fetchall()
+        self.absorb(key for (key,) in rows)
+        self._after = rows[-1][0] if len(rows) == limit else None
+        return len(rows)
 
     def __contains__(self, key: object) -> bool:
-        if not self.tiers or type(key) is not str:
+        if type(key) is not str:
+            return False
+        if self._after is not None:  # the filters are not whole yet: the table answers
+            self.lookups += 1
+            return self.db.execute("SELECT 1 FROM used_ids WHERE symbol = ? AND key = ?",
+                                   (self.symbol, key)).fetchone() is not None
+        if not self.tiers:
             return False
         h = hash(key)
         h1, h2 = h & _MASK32, ((h >> 32) & _MASK32) | 1
@@ -238,15 +265,33 @@ class UsedIds:
             writer.execute("COMMIT")
             self.total = rows
             self.db = _connect_reader(path)
+            # A read opens the write-ahead log's files for the reader before the writer closes:
+            # the writer, closing last, would delete them, and a later start on a nearly full
+            # disk could not make them again (its -shm is 32 KiB: "disk I/O error").
+            self.db.execute("SELECT 1 FROM used_ids LIMIT 1").fetchone()
         finally:
             if writer.in_transaction:
                 writer.execute("ROLLBACK")
             writer.close()
-        self.symbols = {symbol: SymbolIds(self.db, symbol) for symbol in symbols}
-        for symbol, ids in self.symbols.items():
-            cursor = self.db.execute("SELECT key FROM used_ids WHERE symbol = ?", (symbol,))
-            while rows := cursor.fetchmany(10_000):
-                ids.absorb(key for (key,) in rows)
+        # the stored ids go into the filters later, a slice at a time (load), while the matcher serves
+        self.symbols = {symbol: SymbolIds(self.db, symbol, below if rows else None) for symbol in symbols}
+
+    @property
+    def loading(self) -> bool:
+        """Whether some symbol's filters are not whole yet (``load``)."""
+        return any(ids.loading for ids in self.symbols.values())
+
+    def load(self, limit: int) -> int:
+        """Put up to ``limit`` more stored ids into the filters (of the first symbol whose
+        filters are not whole); how many. Lookups are exact all along."""
+        for ids in self.symbols.values():
+            if ids.loading:
+                return ids.load(limit)
+        return 0
+
+    def load_all(self) -> None:
+        while self.loading:
+            self.load(10_000)
 
     @property
     def filter_bytes(self) -> int:
