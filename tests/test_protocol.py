@@ -786,7 +786,7 @@ def amend(s: Session, order_id: str, request_id: Any = None, **fields: str) -> A
 
 def statuses(payloads: list[bytes]) -> list[tuple[str, str, str]]:
     """(order_id, status or error code, filled) of each message."""
-    return [(m["data"]["order_id"], m["data"]["status"], m["data"]["filled"]) if m["type"] == "order_update"
+    return [(m["data"]["order_id"], m["data"]["status"], m["data"].get("filled", "")) if m["type"] == "order_update"
             else (m["order_id"], m["code"], "") for m in updates(payloads)]
 
 
@@ -891,14 +891,63 @@ def test_a_reply_for_a_command_run_after_the_matchers_answer_waits_for_a_second_
     assert statuses(got) == [("a1", "partially_filled", "0.2"), ("a1", "canceled", "0.2")]
 
 
-def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dict[str, tuple[int, bool]]]:
-    """Alice submits, amends and cancels (of live and ended orders alike) while Bob trades
-    against her; her replies (one router: in the order sent) and the feed's fills of her
-    resting orders reach her session interleaved at random. When her session asks for fills
-    again, the matcher makes its answer (the fills it holds, and its seq) at some later step,
-    and the answer arrives at some step after that: commands may run in between, and their
-    replies overtake it. Her messages, and for each of her orders the engine's (lots filled,
-    ended)."""
+def test_a_late_answer_held_while_fills_are_asked_again_does_not_count_its_request_twice():
+    """A submit and an amend of a1 in flight, a fill of a1 held for them; the submit times out
+    (its request counted answered then), the feed is lost, and the submit's late answer waits
+    for the fills asked again. Settled, it is still a late answer: the hold waits for the
+    amend, and the fill goes out after the ``amended`` (on the old code it was dropped with
+    the hold)."""
+    ex = Exchange()
+    alice = session(ALICE)
+    a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="0.4")
+    m1 = amend(alice, "a1", "m", quantity="0.5")
+    accepted, amended = ex.run(a1), ex.run(m1)
+    fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.3")[1])
+    got = alice.on_reply(a1.command, a1.request_id, "unknown_outcome", (), "no answer within 5 s")
+    got += alice.on_private(fill)  # held for the amend
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    got += alice.on_reply(a1.command, None, "ok", accepted, late=True)  # held for the answer
+    got += alice.end_fill_replay(asked, [], {"BTC-USDT": ex.engine.seq})
+    got += alice.on_reply(m1.command, m1.request_id, "ok", amended)
+    assert statuses(got) == [("a1", "rejected", ""), ("a1", "accepted", "0"), ("a1", "amended", "0"),
+                             ("a1", "partially_filled", "0.3")], statuses(got)
+    assert not alice._inflight  # nothing left held
+
+
+def test_a_fill_of_an_ended_order_asked_again_while_its_id_is_sent_again_is_not_passed_on_twice():
+    """a1 filled and ended (passed on); the client sends a1 again (the book refuses it,
+    duplicate_order_id) while the matcher is asked for fills after trade 0 (a2's cancel
+    showed a fill missing). The answer's copy of a1's fill, held for the new submit, is not
+    passed on a second time."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a2", side="sell", price="30001", quantity="0.4")
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.1")
+    first = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])
+    assert statuses(alice.on_private(first)) == [("a1", "filled", "0.1")]
+    second = maker_fills(ex.order(session(BOB), order_id="b2", price="30001", quantity="0.1")[1])  # on the feed
+    (cancel,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a2", "id": "c"})
+    assert alice.on_reply(cancel.command, cancel.request_id, "ok", ex.run(cancel)) == []  # a2's fill is missing
+    again = submit(alice, "again", order_id="a1", side="sell", price="30000", quantity="0.1")
+    refused = ex.run(again)
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 0}
+    got = alice.end_fill_replay(asked, first + second, {"BTC-USDT": ex.engine.seq})
+    got += alice.on_reply(again.command, again.request_id, "ok", refused)
+    assert statuses(got) == [("a2", "partially_filled", "0.1"), ("a2", "canceled", "0.1"),
+                             ("a1", "rejected", "")], statuses(got)
+
+
+def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dict[str, tuple[int, bool]], set[str]]:
+    """Alice submits, amends and cancels (of live and ended orders alike, ids sent again too)
+    while Bob trades against her; her replies (one router: in the order sent) and the feed's
+    fills of her resting orders reach her session interleaved at random. When her session
+    asks for fills again, the matcher makes its answer (the fills it holds, and its seq) at
+    some later step, and the answer arrives at some step after that: commands may run in
+    between, and their replies overtake it. Now and then a request times out (answered
+    ``unknown_outcome``) and its answer comes late. Her messages; for each of her orders the
+    engine's (lots filled, ended); the orders that had a request time out. Nothing is left
+    held at the end."""
     rnd = random.Random(seed)
     engine = MatchingEngine(BTC)
     alice = session(ALICE)
@@ -910,6 +959,8 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
     out: list[bytes] = []
     asked: dict[str, int] | None = None
     answer: tuple[list[OrderFilled], dict[str, int]] | None = None  # made, on its way
+    timed_out: set[int] = set()  # request ids answered unknown_outcome
+    uncertain: set[str] = set()  # their orders
     ts = iter(range(TS, TS + 10 * steps))
 
     def run(command: Any) -> list:
@@ -946,7 +997,10 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
             else:
                 message = {"action": "amend_order" if kind < 0.75 else "cancel_order", "symbol": "BTC-USDT",
                            "order_id": f"a{rnd.randint(max(1, ids - 4), ids)}"}
-                if kind < 0.75:
+                if rnd.random() < 0.05:  # an id sent again, which the book refuses
+                    message = {**submit_msg(order_id=f"a{rnd.randint(1, ids)}", side="sell", price="30004",
+                                            quantity="0.1")}
+                elif kind < 0.75:
                     message["quantity"] = f"0.{rnd.randint(1, 8)}"
                     if rnd.random() < 0.6:
                         message["price"] = f"{rnd.randint(30000, 30004)}"
@@ -965,7 +1019,16 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
                             rnd.randint(1, 6) * 10_000))
         elif r < 0.75 and replies:
             action, events = replies.pop(0)
-            deliver(alice.on_reply(action.command, action.request_id, "ok", events))
+            if action.request_id in timed_out:  # its late answer
+                deliver(alice.on_reply(action.command, None, "ok", events, late=True))
+            else:
+                deliver(alice.on_reply(action.command, action.request_id, "ok", events))
+        elif r < 0.77 and (to_book or replies):  # the oldest request not answered yet times out
+            waiting = [a for a in to_book + [a for a, _ in replies] if a.request_id not in timed_out]
+            if waiting:
+                timed_out.add(waiting[0].request_id)
+                uncertain.add(waiting[0].command.order_id)
+                deliver(alice.on_reply(waiting[0].command, waiting[0].request_id, "unknown_outcome", (), "no answer"))
         elif r < 0.8 and asked is not None and answer is None:
             answer = [f for f in made if f.trade_id > asked["BTC-USDT"]], {"BTC-USDT": engine.seq}
         elif r < 0.85 and answer is not None:
@@ -975,16 +1038,20 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
         elif feed:
             deliver(alice.on_private(feed.pop(0)))
     assert not (to_book or replies or feed or asked), "the flow did not drain"
-    return updates(out), truth
+    assert not alice._inflight and not alice._replaying and not alice.fills_wanted, "left held"
+    return updates(out), truth, uncertain
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(seed):
     """Every order's updates: ``accepted`` (or ``rejected``) first, each fill once, ``filled``
     never going back, nothing after ``filled`` or ``canceled``, the order's type on each, and
-    at the end what the engine holds; nothing left held."""
+    at the end what the engine holds. An order with a request that timed out is left the
+    orders its late answer may break (docs/protocol.md: a late answer goes out when it comes,
+    an ``accepted`` behind fills is left out): each fill once, and the engine's fills at the
+    end."""
     for n in range(seed * 25, seed * 25 + 25):
-        messages, truth = interleaved_order_flow(n)
+        messages, truth, uncertain = interleaved_order_flow(n)
         orders: dict[str, dict[str, Any]] = {}
         for m in messages:
             if m["type"] != "order_update" or m["data"]["status"] == "rejected":
@@ -992,18 +1059,20 @@ def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(
             d = m["data"]
             seen = orders.setdefault(d["order_id"], {"filled": Decimal(0), "trades": set(), "status": None})
             where = f"seed {n}: {d['order_id']} {d['status']} after {seen['status']}"
-            assert seen["status"] is not None or d["status"] == "accepted", where
-            assert seen["status"] not in ("filled", "canceled"), where
-            assert Decimal(d["filled"]) >= seen["filled"], where
             assert d.get("trade_id") not in seen["trades"], where
-            assert "type" in d and "time_in_force" in d, where
-            seen.update(filled=Decimal(d["filled"]), status=d["status"])
+            if d["order_id"] not in uncertain:
+                assert seen["status"] is not None or d["status"] == "accepted", where
+                assert seen["status"] not in ("filled", "canceled"), where
+                assert Decimal(d["filled"]) >= seen["filled"], where
+                assert "type" in d and "time_in_force" in d, where
+            seen.update(filled=max(seen["filled"], Decimal(d["filled"])), status=d["status"])
             if "trade_id" in d:
                 seen["trades"].add(d["trade_id"])
         for order_id, (lots, ended) in truth.items():
             seen = orders.get(order_id, {"filled": Decimal(0), "status": None})
             assert seen["filled"] == Decimal(lots) / 100_000, (n, order_id, seen, lots)
-            assert (seen["status"] in ("filled", "canceled")) == ended, (n, order_id, seen, ended)
+            if order_id not in uncertain:
+                assert (seen["status"] in ("filled", "canceled")) == ended, (n, order_id, seen, ended)
 
 
 @pytest.mark.parametrize("fields, code", [

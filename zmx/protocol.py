@@ -260,6 +260,9 @@ def _show(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+PASSED_TRADES = 256  # trade ids of a connection's fills as a maker remembered per symbol, to pass each on once
+
+
 class Session:
     """One WebSocket client: its channels, its account, its rate limit, its orders in flight.
 
@@ -267,7 +270,8 @@ class Session:
     authentication arrives). ``symbols`` are the cluster's symbols (channel names = symbols).
     """
 
-    __slots__ = ("_filled", "_inflight", "_maker_high", "_replaying", "_window", "_window_count", "account",
+    __slots__ = ("_filled", "_inflight", "_maker_high", "_passed_trades", "_replaying", "_window", "_window_count",
+                 "account",
                  "channels", "fills_wanted", "rate_limit", "symbols")
 
     def __init__(self, account: str, symbols: Mapping[str, SymbolSpec], *, rate_limit_per_s: int = 100) -> None:
@@ -283,6 +287,10 @@ class Session:
         # symbol -> the trade id of the last fill of a resting order passed on (0: none yet), for
         # each symbol this account placed orders on
         self._maker_high: dict[str, int] | None = None
+        # symbol -> the trade ids of the last PASSED_TRADES fills of resting orders passed on:
+        # a fill among them is a repeat, whatever the order's state here says (a late answer,
+        # an id sent again, can make an ended order look live, filled 0)
+        self._passed_trades: dict[str, dict[int, None]] | None = None
         # symbol -> its resting orders' fills, and the replies to its orders, that arrived while
         # the gateway asks the matcher for the fills its feed lost (begin_fill_replay)
         self._replaying: dict[str, list[OrderFilled | _HeldReply]] | None = None
@@ -512,7 +520,7 @@ class Session:
                 # The matcher is being asked for fills of this symbol that the feed lost: the reply
                 # waits for them, and goes where the book put it (end_fill_replay), so that a fill
                 # never comes after the order's cancel or amend that the book made later.
-                replaying[symbol].append(_HeldReply(command, request_id, status, events, message))
+                replaying[symbol].append(_HeldReply(command, request_id, status, events, message, late))
                 return []
         spec = self.symbols[symbol]
         is_submit = type(command) is SubmitOrder
@@ -543,7 +551,10 @@ class Session:
             else:
                 out.append(error(reason, text, request_id, order_id=order_id, symbol=symbol, **unknown))
             events = ()
-        stale = late and self._filled is not None and self._filled.get((symbol, order_id), (0,))[0] > 0
+        # A late accepted shows nothing filled: left out if fills of the order went out first, or
+        # it ended here meanwhile (its timeout made it live here, filled 0: see above)
+        known = self._filled.get((symbol, order_id)) if self._filled else None
+        stale = late and (known is None or known[0] > 0)
         for event in events:
             if getattr(event, "account", None) != self.account:
                 continue  # public events and other accounts' fills are not this client's business
@@ -569,9 +580,10 @@ class Session:
 
     def _release(self, spec: SymbolSpec, key: tuple[str, str], upto: int | None) -> list[bytes]:
         """The held fills of order ``key`` that the book made up to seq ``upto`` (all: None), as
-        order_updates, unless a submit of the order is in flight (its ``accepted`` comes first)."""
+        order_updates, unless a submit of the order is in flight and it is not live here (its
+        ``accepted`` comes first; a submit of the id of a live order is one the book refuses)."""
         hold = self._inflight.get(key) if self._inflight else None
-        if hold is None or hold.submits or not hold.fills:
+        if hold is None or not hold.fills or hold.submits and key not in (self._filled or ()):
             return []
         if upto is None:
             fills, hold.fills = hold.fills, []
@@ -580,6 +592,9 @@ class Session:
             if not fills:
                 return []
             hold.fills = [fill for fill in hold.fills if fill.seq > upto]
+        # Not checked again (on_private checked each as it was held, and a fill passed on since
+        # then would have been held too): the order may have ended meanwhile, and trade ids
+        # passed on since may be above a fill that waited.
         return self._maker_updates(spec, fills, held=True)
 
     def on_private(self, events: Iterable[Event], *, settle: bool = False) -> list[bytes]:
@@ -605,8 +620,9 @@ class Session:
             hold = self._inflight.get((symbol, event.order_id)) if self._inflight else None
             if hold is not None:
                 # held until the reply; once (a fill asked again may be held already), and not at
-                # all if it was passed on before the amend it would wait for was sent
-                if event not in hold.fills and (hold.submits or not self._repeat(event, held=False)):
+                # all if it was passed on before (a fill of an order that ended, asked again while
+                # an amend of it, or a submit of its id again, is in flight)
+                if event not in hold.fills and not self._repeat(event):
                     hold.fills.append(event)
                 continue
             if not settle:
@@ -620,10 +636,8 @@ class Session:
         return out
 
     def _maker_updates(self, spec: SymbolSpec, fills: Iterable[OrderFilled], *, held: bool = False) -> list[bytes]:
-        """The order_updates of resting orders' fills, each passed on once: a fill of a live
-        order here that shows no more filled than was passed on came already (asked again, then
-        live), and so did one of another order (ended here) whose trade id is not above the last
-        passed on; unless ``held`` (it waited for its order's reply: never passed on)."""
+        """The order_updates of resting orders' fills, each passed on once (``_repeat``;
+        ``held``: fills that waited for their order's replies, checked as they were held)."""
         out = []
         high = self._maker_high or {}
         for fill in fills:
@@ -632,13 +646,25 @@ class Session:
             last = high.get(fill.symbol)
             if last is not None and fill.trade_id > last:
                 high[fill.symbol] = fill.trade_id
+            if self._passed_trades is None:
+                self._passed_trades = {}
+            recent = self._passed_trades.setdefault(fill.symbol, {})
+            recent[fill.trade_id] = None
+            if len(recent) > PASSED_TRADES:
+                del recent[next(iter(recent))]  # the oldest passed on
             update = order_update(spec, fill, order_kind=self._kind(fill))  # before _passed ends the order
             self._passed(fill)
             out.append(update)  # type: ignore[arg-type]
         return out
 
-    def _repeat(self, fill: OrderFilled, held: bool) -> bool:
-        """Whether ``fill`` was passed on already (``_maker_updates``)."""
+    def _repeat(self, fill: OrderFilled, held: bool = False) -> bool:
+        """Whether ``fill`` was passed on already: a fill of a live order here that shows no
+        more filled than was passed on came already (asked again, then live), and so did one of
+        another order (ended here) whose trade id is not above the last passed on, unless
+        ``held`` (it waited for its order's replies: checked when it began to wait)."""
+        recent = self._passed_trades.get(fill.symbol) if self._passed_trades else None
+        if recent is not None and fill.trade_id in recent:
+            return True
         tracked = self._filled
         known = tracked.get((fill.symbol, fill.order_id)) if tracked else None
         if known is not None:
@@ -679,8 +705,9 @@ class Session:
         elif kind is OrderCanceled or (kind is CancelRejected or kind is AmendRejected) and \
                 event.reason == "unknown_order":  # type: ignore[union-attr]
             del tracked[key]  # type: ignore[union-attr]  # it ended (an unknown_order: unseen, or never placed)
-        elif kind is OrderAmended:
-            tracked[key] = (event.quantity - event.remaining, known[1], known[2], known[3])  # type: ignore[union-attr]
+        elif kind is OrderAmended:  # a late one may show less filled than fills passed on before it
+            filled = max(known[0], event.quantity - event.remaining)  # type: ignore[union-attr]
+            tracked[key] = (filled, known[1], known[2], known[3])  # type: ignore[union-attr]
 
     def _shows_missing(self, events: Iterable[Event]) -> int | None:
         """If one of ``events`` (a reply's, in order, or one fill), of a live order of this
@@ -798,9 +825,9 @@ class Session:
             elif type(item) is not _HeldReply:
                 out += self.on_private((item,), settle=True)
             elif upto is None or seq <= upto.get(symbol, seq):
-                out += self.on_reply(*item, settle=True)
+                out += self.on_reply(*item[:5], settle=True, late=item.late)
             else:
-                out += self.on_reply(*item)
+                out += self.on_reply(*item[:5], late=item.late)
                 if self._replaying is not None and symbol in self._replaying:
                     waiting.add(symbol)
         return out
@@ -835,6 +862,7 @@ class _HeldReply(NamedTuple):
     status: str
     events: tuple[Event, ...]
     message: str
+    late: bool  # the answer to a request told unknown_outcome already (counted out of its hold then)
 
 
 def _is_utf8(data: bytes) -> bool:
