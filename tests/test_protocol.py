@@ -790,16 +790,23 @@ def statuses(payloads: list[bytes]) -> list[tuple[str, str, str]]:
             else (m["order_id"], m["code"], "") for m in updates(payloads)]
 
 
-def test_a_fill_made_after_an_amend_sent_before_the_orders_reply_waits_for_the_amends_reply():
-    """A submit and an amend of the order in flight; a fill the book made after the amend goes
-    out after the ``amended``, not after the ``accepted``: the ``amended`` shows the book's
-    state before that fill, and ``filled`` never goes back."""
+def submitted_amended_and_filled() -> tuple[Session, Submit, Amend, list, list, list[OrderFilled]]:
+    """Alice's a1 submitted and amended before any answer, then filled in part by Bob: her
+    session, the two requests, the book's events of each, and the fill (on its way)."""
     ex = Exchange()
     alice = session(ALICE)
     a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="0.4")
     m1 = amend(alice, "a1", "m", quantity="0.5")
     accepted, amended = ex.run(a1), ex.run(m1)
     fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.3")[1])
+    return alice, a1, m1, accepted, amended, fill
+
+
+def test_a_fill_made_after_an_amend_sent_before_the_orders_reply_waits_for_the_amends_reply():
+    """A submit and an amend of the order in flight; a fill the book made after the amend goes
+    out after the ``amended``, not after the ``accepted``: the ``amended`` shows the book's
+    state before that fill, and ``filled`` never goes back."""
+    alice, a1, m1, accepted, amended, fill = submitted_amended_and_filled()
     got = alice.on_reply(a1.command, a1.request_id, "ok", accepted)
     got += alice.on_private(fill)
     got += alice.on_reply(m1.command, m1.request_id, "ok", amended)
@@ -897,17 +904,12 @@ def test_a_late_answer_held_while_fills_are_asked_again_does_not_count_its_reque
     for the fills asked again. Settled, it is still a late answer: the hold waits for the
     amend, and the fill goes out after the ``amended`` (on the old code it was dropped with
     the hold)."""
-    ex = Exchange()
-    alice = session(ALICE)
-    a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="0.4")
-    m1 = amend(alice, "a1", "m", quantity="0.5")
-    accepted, amended = ex.run(a1), ex.run(m1)
-    fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.3")[1])
+    alice, a1, m1, accepted, amended, fill = submitted_amended_and_filled()
     got = alice.on_reply(a1.command, a1.request_id, "unknown_outcome", (), "no answer within 5 s")
     got += alice.on_private(fill)  # held for the amend
     asked = alice.begin_fill_replay(["BTC-USDT"])
     got += alice.on_reply(a1.command, None, "ok", accepted, late=True)  # held for the answer
-    got += alice.end_fill_replay(asked, [], {"BTC-USDT": ex.engine.seq})
+    got += alice.end_fill_replay(asked, [], {"BTC-USDT": fill[-1].seq})  # whole up to the book as it is now
     got += alice.on_reply(m1.command, m1.request_id, "ok", amended)
     assert statuses(got) == [("a1", "rejected", ""), ("a1", "accepted", "0"), ("a1", "amended", "0"),
                              ("a1", "partially_filled", "0.3")], statuses(got)
