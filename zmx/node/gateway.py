@@ -1519,7 +1519,9 @@ class Gateway:
             self.counts["fills_incomplete"] += 1
             log.warning("%s: %s holds fills since %.1f s after its feed was lost only; older ones may be missing",
                         account, matcher, (complete_since_ns - request.lost_ns) / 1e9)
-        if request.again:
+        if request.again and (matcher, account) not in self.fills_requests:
+            # (a request made while the answer was passed on, for fills it showed missing, asks
+            # from lower trade ids already: it covers this one)
             self._ask_account_fills(matcher, account, request.conn, time.time_ns(), time.monotonic())
 
     def _fills_refused(self, account_bytes: bytes, message: bytes) -> bool:
