@@ -940,6 +940,42 @@ def test_a_fill_of_an_ended_order_asked_again_while_its_id_is_sent_again_is_not_
                              ("a1", "rejected", "")], statuses(got)
 
 
+def test_fills_held_for_a_submit_go_out_in_the_books_order_whatever_way_they_came():
+    """a1's reply is on its way; its second fill comes live and is held, its first (lost on
+    the feed) comes later in the matcher's answer to fills asked again: the client gets them
+    in the book's order, ``filled`` growing, once a1's ``accepted`` is out."""
+    ex = Exchange()
+    alice = session(ALICE)
+    a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="0.2")
+    accepted = ex.run(a1)
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    upto = {"BTC-USDT": ex.engine.seq}  # the answer, made now: nothing
+    first = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])  # lost
+    second = maker_fills(ex.order(session(BOB), order_id="b2", price="30000", quantity="0.1")[1])
+    got = alice.on_private(second)
+    got += alice.end_fill_replay(asked, [], upto)  # the second fill waits for a1's accepted
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    got += alice.end_fill_replay(again, first + second, {"BTC-USDT": ex.engine.seq})  # the first joins it
+    got += alice.on_reply(a1.command, a1.request_id, "ok", accepted)
+    assert statuses(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"), ("a1", "filled", "0.2")]
+
+
+def test_after_a_matcher_came_back_without_its_history_its_trade_ids_are_new_again():
+    """Trade ids start again at the restarted matcher: a fill with the id of one passed on
+    before the restart is a new fill, not a repeat."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.1")
+    assert statuses(alice.on_private(maker_fills(ex.order(session(BOB), order_id="b1", price="30000",
+                                                          quantity="0.1")[1]))) == [("a1", "filled", "0.1")]
+    ex.engine = MatchingEngine(BTC)  # no data directory: seq and trade ids from the start
+    alice.forget_fills("BTC-USDT")  # the gateway saw the feed's seq go back
+    ex.order(alice, order_id="a2", side="sell", price="30000", quantity="0.1")
+    fill = maker_fills(ex.order(session(BOB), order_id="b2", price="30000", quantity="0.1")[1])
+    assert fill[0].trade_id == 1
+    assert statuses(alice.on_private(fill)) == [("a2", "filled", "0.1")]
+
+
 def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dict[str, tuple[int, bool]], set[str]]:
     """Alice submits, amends and cancels (of live and ended orders alike, ids sent again too)
     while Bob trades against her; her replies (one router: in the order sent) and the feed's

@@ -585,6 +585,7 @@ class Session:
         hold = self._inflight.get(key) if self._inflight else None
         if hold is None or not hold.fills or hold.submits and key not in (self._filled or ()):
             return []
+        hold.fills.sort(key=_by_seq)  # they came by several ways (the feed, answers to fills asked again)
         if upto is None:
             fills, hold.fills = hold.fills, []
         else:
@@ -823,7 +824,10 @@ class Session:
             if symbol in waiting:
                 self._replaying[symbol].append(item)  # type: ignore[index]  # behind that reply
             elif type(item) is not _HeldReply:
-                out += self.on_private((item,), settle=True)
+                # a fill past the answer (it came live) may show one lost after the answer was made
+                out += self.on_private((item,), settle=upto is None or seq <= upto.get(symbol, seq))
+                if self._replaying is not None and symbol in self._replaying:
+                    waiting.add(symbol)
             elif upto is None or seq <= upto.get(symbol, seq):
                 out += self.on_reply(*item[:5], settle=True, late=item.late)
             else:
@@ -836,9 +840,15 @@ class Session:
         """The matcher of ``symbol`` came back without its history: its trade ids start again."""
         if self._maker_high is not None and symbol in self._maker_high:
             self._maker_high[symbol] = 0
+        if self._passed_trades:
+            self._passed_trades.pop(symbol, None)
         if self._filled:
             for key in [key for key in self._filled if key[0] == symbol]:
                 del self._filled[key]  # its orders went with its history
+
+
+def _by_seq(fill: OrderFilled) -> int:
+    return fill.seq
 
 
 class _Hold:
