@@ -798,7 +798,7 @@ def submitted_amended_and_filled() -> tuple[Session, Submit, Amend, list, list, 
     a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="0.4")
     m1 = amend(alice, "a1", "m", quantity="0.5")
     accepted, amended = ex.run(a1), ex.run(m1)
-    fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.3")[1])
+    fill = bob_buys(ex, "b1", "30000", "0.3")
     return alice, a1, m1, accepted, amended, fill
 
 
@@ -819,7 +819,7 @@ def test_a_fill_held_for_an_amend_comes_before_the_cancel_the_book_made_after_it
     ex = Exchange()
     alice = session(ALICE)
     ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.4")
-    fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])
+    fill = bob_buys(ex, "b1", "30000", "0.1")
     (cancel,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})
     m1 = amend(alice, "a1", "m", quantity="0.3")
     canceled, refused = ex.run(cancel), ex.run(m1)
@@ -837,7 +837,7 @@ def test_a_fill_held_for_an_amend_comes_before_a_self_trade_cancel_in_another_or
     ex = Exchange()
     alice = session(ALICE)
     ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.4")
-    fill = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])
+    fill = bob_buys(ex, "b1", "30000", "0.1")
     m1 = amend(alice, "a1", "m", quantity="0.35")
     a2 = submit(alice, "t", order_id="a2", side="buy", price="30000", quantity="0.1")  # meets a1: a1 canceled
     amended, crossed = ex.run(m1), ex.run(a2)
@@ -857,9 +857,9 @@ def test_a_fill_asked_again_while_an_amend_is_in_flight_is_not_passed_on_twice()
     alice = session(ALICE)
     ex.order(alice, order_id="a1", side="sell", price="30001", quantity="0.4")
     ex.order(alice, order_id="a2", side="sell", price="30000", quantity="0.4")
-    first = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.4")[1])
+    first = bob_buys(ex, "b1", "30000", "0.4")
     assert statuses(alice.on_private(first)) == [("a2", "filled", "0.4")]
-    second = maker_fills(ex.order(session(BOB), order_id="b2", price="30001", quantity="0.1")[1])  # a1, on the feed
+    second = bob_buys(ex, "b2", "30001", "0.1")  # a1, on the feed
     (cancel,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})
     m2 = amend(alice, "a2", "m", quantity="0.5")
     canceled, refused = ex.run(cancel), ex.run(m2)
@@ -881,11 +881,11 @@ def test_a_reply_for_a_command_run_after_the_matchers_answer_waits_for_a_second_
     ex = Exchange()
     alice = session(ALICE)
     ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.4")
-    first = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])  # lost
+    first = bob_buys(ex, "b1", "30000", "0.1")  # lost
     asked = alice.begin_fill_replay(["BTC-USDT"])  # the feed was lost for a while
     assert asked == {"BTC-USDT": 0}
     answer, upto = first, {"BTC-USDT": ex.engine.seq}  # made now; on its way
-    second = maker_fills(ex.order(session(BOB), order_id="b2", price="30000", quantity="0.1")[1])  # on the feed
+    second = bob_buys(ex, "b2", "30000", "0.1")  # on the feed
     (cancel,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})
     assert alice.on_reply(cancel.command, cancel.request_id, "ok", ex.run(cancel)) == []  # held: fills asked
     got = alice.end_fill_replay(asked, answer, upto)
@@ -925,9 +925,9 @@ def test_a_fill_of_an_ended_order_asked_again_while_its_id_is_sent_again_is_not_
     alice = session(ALICE)
     ex.order(alice, order_id="a2", side="sell", price="30001", quantity="0.4")
     ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.1")
-    first = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])
+    first = bob_buys(ex, "b1", "30000", "0.1")
     assert statuses(alice.on_private(first)) == [("a1", "filled", "0.1")]
-    second = maker_fills(ex.order(session(BOB), order_id="b2", price="30001", quantity="0.1")[1])  # on the feed
+    second = bob_buys(ex, "b2", "30001", "0.1")  # on the feed
     (cancel,) = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a2", "id": "c"})
     assert alice.on_reply(cancel.command, cancel.request_id, "ok", ex.run(cancel)) == []  # a2's fill is missing
     again = submit(alice, "again", order_id="a1", side="sell", price="30000", quantity="0.1")
@@ -950,8 +950,8 @@ def test_fills_held_for_a_submit_go_out_in_the_books_order_whatever_way_they_cam
     accepted = ex.run(a1)
     asked = alice.begin_fill_replay(["BTC-USDT"])
     upto = {"BTC-USDT": ex.engine.seq}  # the answer, made now: nothing
-    first = maker_fills(ex.order(session(BOB), order_id="b1", price="30000", quantity="0.1")[1])  # lost
-    second = maker_fills(ex.order(session(BOB), order_id="b2", price="30000", quantity="0.1")[1])
+    first = bob_buys(ex, "b1", "30000", "0.1")  # lost
+    second = bob_buys(ex, "b2", "30000", "0.1")
     got = alice.on_private(second)
     got += alice.end_fill_replay(asked, [], upto)  # the second fill waits for a1's accepted
     again = alice.begin_fill_replay(["BTC-USDT"])
@@ -966,12 +966,11 @@ def test_after_a_matcher_came_back_without_its_history_its_trade_ids_are_new_aga
     ex = Exchange()
     alice = session(ALICE)
     ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.1")
-    assert statuses(alice.on_private(maker_fills(ex.order(session(BOB), order_id="b1", price="30000",
-                                                          quantity="0.1")[1]))) == [("a1", "filled", "0.1")]
+    assert statuses(alice.on_private(bob_buys(ex, "b1", "30000", "0.1"))) == [("a1", "filled", "0.1")]
     ex.engine = MatchingEngine(BTC)  # no data directory: seq and trade ids from the start
     alice.forget_fills("BTC-USDT")  # the gateway saw the feed's seq go back
     ex.order(alice, order_id="a2", side="sell", price="30000", quantity="0.1")
-    fill = maker_fills(ex.order(session(BOB), order_id="b2", price="30000", quantity="0.1")[1])
+    fill = bob_buys(ex, "b2", "30000", "0.1")
     assert fill[0].trade_id == 1
     assert statuses(alice.on_private(fill)) == [("a2", "filled", "0.1")]
 
@@ -1308,6 +1307,11 @@ def test_on_reply_of_a_cancel_does_not_release_a_submits_hold():
 
 def maker_fills(events: list) -> list[OrderFilled]:
     return [e for e in events if type(e) is OrderFilled and e.maker]
+
+
+def bob_buys(ex: Exchange, order_id: str, price: str, quantity: str) -> list[OrderFilled]:
+    """Bob's buy order on ``ex``: the fills of resting orders it made, on their way to their owners."""
+    return maker_fills(ex.order(session(BOB), order_id=order_id, price=price, quantity=quantity)[1])
 
 
 def fill_states(payloads: list[bytes]) -> list[tuple[str, int, str]]:

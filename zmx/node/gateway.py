@@ -52,7 +52,7 @@ import struct
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Union
 from urllib.parse import urlsplit
@@ -1004,10 +1004,8 @@ class Gateway:
             self.matcher_lost.setdefault(name, now)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and name in self.matcher_lost:
             log.info("connected to %s's snapshot service again; resyncing its channels", name)
-            for symbol in self.topology.symbols_of(name):
-                state = self.channels.get(symbol)
-                if state is not None:
-                    self._resync(state, f"{name}'s snapshot service is back: the matcher may have restarted")
+            self._resync_held(self.topology.symbols_of(name),
+                              f"{name}'s snapshot service is back: the matcher may have restarted")
             self._ask_fills(name, self.matcher_lost.pop(name), now)
 
     def _read_snapshots(self, sock: zmq.Socket[bytes]) -> None:
@@ -1082,6 +1080,13 @@ class Gateway:
             else:
                 conn.send_frames(frame)
         state.last_sent = time.monotonic()
+
+    def _resync_held(self, symbols: Iterable[str], why: str) -> None:
+        """Resync the channels of ``symbols`` that this gateway holds."""
+        for symbol in symbols:
+            state = self.channels.get(symbol)
+            if state is not None:
+                self._resync(state, why)
 
     def _resync(self, state: ChannelState, why: str) -> None:
         self.counts["resyncs"] += 1
@@ -1321,10 +1326,7 @@ class Gateway:
             if endpoint in self.connected_once:
                 # Reconnected: the publisher may have restarted, what it sent meanwhile is lost.
                 log.info("feed from %s is back; resyncing its channels", endpoint)
-                for symbol in self.upstream_symbols.get(endpoint, ()):
-                    state = self.channels.get(symbol)
-                    if state is not None:
-                        self._resync(state, f"reconnected to {endpoint}")
+                self._resync_held(self.upstream_symbols.get(endpoint, ()), f"reconnected to {endpoint}")
                 for matcher in self.upstream_matchers.get(endpoint, ()):
                     self._ask_fills(matcher, self.matcher_lost.pop(matcher, now), now)
             self.connected_once.add(endpoint)
