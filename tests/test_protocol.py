@@ -975,16 +975,21 @@ def test_after_a_matcher_came_back_without_its_history_its_trade_ids_are_new_aga
     assert statuses(alice.on_private(fill)) == [("a2", "filled", "0.1")]
 
 
-def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dict[str, tuple[int, bool]], set[str]]:
+def interleaved_order_flow(seed: int, steps: int = 300
+                           ) -> tuple[list[dict], dict[str, tuple[int, bool]], set[str], set[str]]:
     """Alice submits, amends and cancels (of live and ended orders alike, ids sent again too)
     while Bob trades against her; her replies (one router: in the order sent) and the feed's
     fills of her resting orders reach her session interleaved at random. When her session
     asks for fills again, the matcher makes its answer (the fills it holds, and its seq) at
     some later step, and the answer arrives at some step after that: commands may run in
     between, and their replies overtake it. Now and then a request times out (answered
-    ``unknown_outcome``) and its answer comes late. Her messages; for each of her orders the
-    engine's (lots filled, ended); the orders that had a request time out. Nothing is left
-    held at the end."""
+    ``unknown_outcome``) and its answer comes late; a publication of fills is lost (the gateway
+    asks for them some steps later, or, if it is asking already, again once that answer is
+    in); the matcher's answer never comes (the gateway gives up, lets go what it held, and asks
+    again some steps later), as the gateway does it. Her messages; for each of her orders the
+    engine's (lots filled, ended); the orders that had a request time out; those that had a
+    fill not passed on yet when an answer was given up (their fills may come after their
+    end). Nothing is left held at the end."""
     rnd = random.Random(seed)
     engine = MatchingEngine(BTC)
     alice = session(ALICE)
@@ -996,8 +1001,11 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
     out: list[bytes] = []
     asked: dict[str, int] | None = None
     answer: tuple[list[OrderFilled], dict[str, int]] | None = None  # made, on its way
+    again = False  # a publication was lost while the matcher was asked: ask again after its answer
+    reask = False  # a publication was lost, or an answer never came: the gateway asks some steps later
     timed_out: set[int] = set()  # request ids answered unknown_outcome
     uncertain: set[str] = set()  # their orders
+    given_up: set[str] = set()  # orders with fills not passed on when an answer was given up
     ts = iter(range(TS, TS + 10 * steps))
 
     def run(command: Any) -> list:
@@ -1012,16 +1020,19 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
             feed.append(fills)
         return events
 
+    def ask() -> None:
+        nonlocal asked, reask
+        asked, reask = alice.begin_fill_replay(["BTC-USDT"]), False  # it covers every loss so far
+
     def deliver(payloads: list[bytes]) -> None:
-        nonlocal asked
         out.extend(payloads)
         if alice.fills_wanted and asked is None:
-            asked = alice.begin_fill_replay(["BTC-USDT"])
+            ask()
 
     ids = 0
     for step in range(steps + 10_000):
         draining = step >= steps
-        if draining and not (to_book or replies or feed or asked):
+        if draining and not (to_book or replies or feed or asked or reask):
             break
         r = rnd.random()
         if not draining and r < 0.25:
@@ -1070,13 +1081,35 @@ def interleaved_order_flow(seed: int, steps: int = 300) -> tuple[list[dict], dic
             answer = [f for f in made if f.trade_id > asked["BTC-USDT"]], {"BTC-USDT": engine.seq}
         elif r < 0.85 and answer is not None:
             fills, upto = answer
-            asked = answer = None
-            deliver(alice.end_fill_replay(["BTC-USDT"], fills, upto))
+            answer = None
+            if rnd.random() < 0.1:  # it never comes: given up, asked again later (the matcher is back)
+                passed = {u["data"].get("trade_id") for u in updates(out) if u["type"] == "order_update"}
+                given_up.update(f.order_id for f in made if f.trade_id not in passed)
+                alice.fills_lost(["BTC-USDT"])
+                asked, again, reask = None, False, True
+                deliver(alice.end_fill_replay(["BTC-USDT"], ()))
+            else:
+                asked = None
+                deliver(alice.end_fill_replay(["BTC-USDT"], fills, upto))
+                if again and asked is None:
+                    ask()
+                again = False
+        elif r < 0.87 and reask and asked is None:
+            ask()
         elif feed:
-            deliver(alice.on_private(feed.pop(0)))
-    assert not (to_book or replies or feed or asked), "the flow did not drain"
+            fills = feed.pop(0)
+            if rnd.random() < 0.04:  # lost on the way; the gateway finds its feed lost (and asks once it is back)
+                alice.fills_lost(["BTC-USDT"])
+                if asked is None:
+                    reask = True
+                else:
+                    again = True
+            else:
+                deliver(alice.on_private(fills))
+    assert not (to_book or replies or feed or asked or reask), "the flow did not drain"
     assert not alice._inflight and not alice._replaying and not alice.fills_wanted, "left held"
-    return updates(out), truth, uncertain
+    assert not alice._ask_floor, "a floor left for no request"
+    return updates(out), truth, uncertain, given_up
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -1086,9 +1119,10 @@ def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(
     at the end what the engine holds. An order with a request that timed out is left the
     orders its late answer may break (docs/protocol.md: a late answer goes out when it comes,
     an ``accepted`` behind fills is left out): each fill once, and the engine's fills at the
-    end."""
+    end; so is one with fills not passed on when an answer was given up (docs/protocol.md: they
+    may come after updates of their order that went out meanwhile)."""
     for n in range(seed * 25, seed * 25 + 25):
-        messages, truth, uncertain = interleaved_order_flow(n)
+        messages, truth, uncertain, given_up = interleaved_order_flow(n)
         orders: dict[str, dict[str, Any]] = {}
         for m in messages:
             if m["type"] != "order_update" or m["data"]["status"] == "rejected":
@@ -1097,7 +1131,7 @@ def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(
             seen = orders.setdefault(d["order_id"], {"filled": Decimal(0), "trades": set(), "status": None})
             where = f"seed {n}: {d['order_id']} {d['status']} after {seen['status']}"
             assert d.get("trade_id") not in seen["trades"], where
-            if d["order_id"] not in uncertain:
+            if d["order_id"] not in uncertain and d["order_id"] not in given_up:
                 assert seen["status"] is not None or d["status"] == "accepted", where
                 assert seen["status"] not in ("filled", "canceled"), where
                 assert Decimal(d["filled"]) >= seen["filled"], where
@@ -1108,7 +1142,7 @@ def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(
         for order_id, (lots, ended) in truth.items():
             seen = orders.get(order_id, {"filled": Decimal(0), "status": None})
             assert seen["filled"] == Decimal(lots) / 100_000, (n, order_id, seen, lots)
-            if order_id not in uncertain:
+            if order_id not in uncertain and order_id not in given_up:
                 assert (seen["status"] in ("filled", "canceled")) == ended, (n, order_id, seen, ended)
 
 
@@ -1340,6 +1374,149 @@ def test_fills_the_feed_lost_come_from_the_matchers_answer_once_each_before_the_
     assert fill_states(alice.on_private(after)) == [("a2", 6, "0.5")]
     assert alice.begin_fill_replay(["BTC-USDT"]) == {"BTC-USDT": 6}
     assert alice.end_fill_replay(["BTC-USDT"], answer + maker_fills(after)) == []
+
+
+def test_a_fill_lost_while_the_matcher_is_asked_is_asked_for_from_below_the_live_fills_passed_on_since():
+    """The feed lost a fill of a1 and the matcher is asked. It answers; the feed is lost again
+    while its answer is on its way (a fill of a1 that completes it is lost then), and once the
+    feed is back a fill of a2 comes live. The answer goes out with the live fill (trade 3), and
+    the gateway asks again: from below the fill lost after the answer was made (trade 2), not
+    from the live fill's trade id, which would leave a1 live at the client for ever."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.3")
+    ex.order(alice, order_id="a2", side="sell", price="30001", quantity="1")
+    lost = bob_buys(ex, "b1", "30000", "0.1")
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 0}
+    answer, upto = list(lost), {"BTC-USDT": ex.engine.seq}  # made now; on its way
+    lost_again = bob_buys(ex, "b2", "30000", "0.2")  # the feed is lost again: the gateway says so
+    alice.fills_lost(["BTC-USDT"])
+    live = bob_buys(ex, "b3", "30001", "0.2")
+    assert alice.on_private(live) == []  # held for the answer
+    got = fill_states(alice.end_fill_replay(asked, answer, upto))
+    assert got == [("a1", 1, "0.1"), ("a2", 3, "0.2")]
+    again = alice.begin_fill_replay(["BTC-USDT"])  # the answer came: asked again
+    assert again == {"BTC-USDT": 0}
+    got = updates(alice.end_fill_replay(again, lost + lost_again + live, {"BTC-USDT": ex.engine.seq}))
+    assert [(u["data"]["order_id"], u["data"]["status"], u["data"]["filled"]) for u in got] == [
+        ("a1", "filled", "0.3")]
+    assert alice.begin_fill_replay(["BTC-USDT"]) == {"BTC-USDT": 3}  # asked from the top again
+
+
+def test_after_an_answer_that_never_came_the_next_ask_starts_below_the_fills_let_go_meanwhile():
+    """The feed lost a fill of a1; the matcher, asked for it, gives no answer, and the gateway
+    lets go what it held, a live fill of a2 among it, and tells the client. When it asks
+    again (the matcher is connected again), it asks from below the lost fill, and a1's fill
+    comes, once; a2's does not come twice."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.3")
+    ex.order(alice, order_id="a2", side="sell", price="30001", quantity="1")
+    assert fill_states(alice.on_private(bob_buys(ex, "b0", "30000", "0.1"))) == [("a1", 1, "0.1")]
+    lost = bob_buys(ex, "b1", "30000", "0.2")
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 1}
+    live = bob_buys(ex, "b2", "30001", "0.5")
+    assert alice.on_private(live) == []
+    alice.fills_lost(["BTC-USDT"])  # no answer in time: given up
+    assert fill_states(alice.end_fill_replay(asked, ())) == [("a2", 3, "0.5")]
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    assert again == {"BTC-USDT": 1}
+    got = updates(alice.end_fill_replay(again, lost + live, {"BTC-USDT": ex.engine.seq}))
+    assert [(u["data"]["order_id"], u["data"]["status"], u["data"]["filled"]) for u in got] == [
+        ("a1", "filled", "0.3")]
+    # a matcher back without its history starts its trade ids again: nothing of its old life is kept
+    alice.fills_lost(["BTC-USDT"])
+    alice.forget_fills("BTC-USDT")
+    assert alice.begin_fill_replay(["BTC-USDT"]) == {"BTC-USDT": 0}
+
+
+def statuses_filled(payloads: list[bytes]) -> list[tuple[str, str, str]]:
+    return [(u["data"]["order_id"], u["data"]["status"], u["data"]["filled"]) for u in updates(payloads)]
+
+
+def test_a_fill_held_for_its_orders_accepted_that_shows_an_earlier_one_missing_makes_the_accepted_wait():
+    """a1's submit is on its way back when the feed loses a1's first fill; its second fill comes
+    live and waits for the ``accepted``. That fill shows 0.1 filled before it: the ``accepted``
+    waits too, the matcher is asked, and the three go out in the book's order."""
+    ex = Exchange()
+    alice = session(ALICE)
+    a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="0.3")
+    a1_events = ex.run(a1)
+    alice.fills_lost(["BTC-USDT"])  # the feed is cut
+    lost = bob_buys(ex, "b1", "30000", "0.1")
+    live = bob_buys(ex, "b2", "30000", "0.1")
+    assert alice.on_private(live) == []
+    assert alice.on_reply(a1.command, "s", "ok", a1_events) == []
+    assert alice.fills_wanted == {"BTC-USDT": 0}
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    got = alice.end_fill_replay(asked, lost + live, {"BTC-USDT": ex.engine.seq})
+    assert statuses_filled(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
+                                    ("a1", "partially_filled", "0.2")]
+
+
+def test_a_refused_amend_that_would_let_go_a_fill_showing_an_earlier_one_missing_waits():
+    """An amend of a1 is on its way when the feed loses a1's first fill; the second comes live
+    and waits for the amend's reply, a refusal that says nothing of fills. The refusal would let
+    it go: it waits, the matcher is asked, and the fills go out in the book's order before it."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.3")
+    amend = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.2",
+                            "id": "m"})[0]
+    alice.fills_lost(["BTC-USDT"])
+    lost = bob_buys(ex, "b1", "30000", "0.1")
+    live = bob_buys(ex, "b2", "30000", "0.1")
+    refused = ex.run(amend)  # 0.2 is filled already
+    assert alice.on_private(live) == []
+    assert alice.on_reply(amend.command, "m", "ok", refused) == []
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    got = updates(alice.end_fill_replay(asked, lost + live, {"BTC-USDT": ex.engine.seq}))
+    assert [(u["type"], u.get("code") or u["data"]["filled"]) for u in got] == [
+        ("order_update", "0.1"), ("order_update", "0.2"), ("error", "invalid_quantity")]
+
+
+def test_a_fill_held_for_a_new_orders_reply_after_its_own_taker_fill_goes_out_with_it():
+    """a1 buys 0.1 of its 0.3 at once (a taker fill in its reply) and rests; Bob's sell fills it
+    again before the reply is in. The held fill shows the taker fill before it: nothing is
+    missing, and all goes out with the reply, in the book's order."""
+    ex = Exchange()
+    alice, bob = session(ALICE), session(BOB)
+    ex.order(bob, order_id="b1", side="sell", price="30000", quantity="0.1")
+    a1 = submit(alice, "s", order_id="a1", side="buy", price="30000", quantity="0.3")
+    a1_events = ex.run(a1)
+    _, sold = ex.order(bob, order_id="b2", side="sell", price="30000", quantity="0.1")
+    assert alice.on_private(maker_fills(sold)) == []
+    got = alice.on_reply(a1.command, "s", "ok", a1_events)
+    assert statuses_filled(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
+                                    ("a1", "partially_filled", "0.2")]
+    assert alice.fills_wanted is None
+
+
+def test_a_reply_inside_the_answer_that_lets_go_a_fill_made_past_it_is_checked_as_if_it_came_now():
+    """The matcher answers (nothing) after a1's submit ran; then the feed loses a1's first fill,
+    and the second comes live, held with a1's ``accepted``. The ``accepted`` is inside the
+    answer, the fill it would let go is past it: they wait for a second answer, which has the
+    lost fill, and all three go out in the book's order."""
+    ex = Exchange()
+    alice = session(ALICE)
+    a1 = submit(alice, "s", order_id="a1", side="sell", price="30000", quantity="0.3")
+    a1_events = ex.run(a1)
+    alice.fills_lost(["BTC-USDT"])
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    upto = {"BTC-USDT": ex.engine.seq}  # the answer, made now: nothing
+    alice.fills_lost(["BTC-USDT"])  # cut again while it is on its way
+    lost = bob_buys(ex, "b1", "30000", "0.1")
+    live = bob_buys(ex, "b2", "30000", "0.1")
+    assert alice.on_private(live) == []
+    assert alice.on_reply(a1.command, "s", "ok", a1_events) == []
+    assert alice.end_fill_replay(asked, [], upto) == []
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    assert again == {"BTC-USDT": 0}
+    got = alice.end_fill_replay(again, lost + live, {"BTC-USDT": ex.engine.seq})
+    assert statuses_filled(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
+                                    ("a1", "partially_filled", "0.2")]
 
 
 @pytest.mark.parametrize("then", ["cancel", "amend"])

@@ -270,8 +270,8 @@ class Session:
     authentication arrives). ``symbols`` are the cluster's symbols (channel names = symbols).
     """
 
-    __slots__ = ("_filled", "_inflight", "_maker_high", "_passed_trades", "_replaying", "_window", "_window_count",
-                 "account",
+    __slots__ = ("_ask_floor", "_asking", "_filled", "_inflight", "_maker_high", "_passed_trades", "_replaying",
+                 "_window", "_window_count", "account",
                  "channels", "fills_wanted", "rate_limit", "symbols")
 
     def __init__(self, account: str, symbols: Mapping[str, SymbolSpec], *, rate_limit_per_s: int = 100) -> None:
@@ -304,6 +304,13 @@ class Session:
         # symbol -> the trade id to ask the matcher for fills after: symbols where an order's own
         # events proved fills missing; the gateway asks (begin_fill_replay), which empties it
         self.fills_wanted: dict[str, int] | None = None
+        # symbol -> a trade id after which fills may still be missing although the fills passed on
+        # since went higher: the feed lost publications, or an answer never came (fills_lost); the
+        # next begin_fill_replay asks from no higher, and empties it
+        self._ask_floor: dict[str, int] | None = None
+        # symbol -> the trade id the matcher is asked for fills after (begin_fill_replay), until
+        # its answer is in (end_fill_replay)
+        self._asking: dict[str, int] | None = None
 
     # -- client messages -------------------------------------------------------------------------
 
@@ -670,8 +677,19 @@ class Session:
         known = tracked.get((fill.symbol, fill.order_id)) if tracked else None
         if known is not None:
             return fill.filled <= known[0]
-        last = (self._maker_high or {}).get(fill.symbol)
+        last = self._sure(fill.symbol)
         return not held and last is not None and fill.trade_id <= last
+
+    def _sure(self, symbol: str) -> int | None:
+        """The trade id up to which every fill of this account's resting orders on ``symbol``
+        was passed on: the last one passed on, or below it a trade id after which fills may
+        still be missing, asked for or to be asked for (``None``: no order placed there)."""
+        last = (self._maker_high or {}).get(symbol)
+        if last is not None:
+            for doubt in (self._ask_floor, self._asking):
+                if doubt and symbol in doubt:
+                    last = min(last, doubt[symbol])
+        return last
 
     def _kind(self, event: Event) -> tuple[str, str] | None:
         """The type and time in force of the live order of this connection that ``event`` is of."""
@@ -690,8 +708,9 @@ class Session:
                 # The late reply of an order whose request timed out (it was taken as live then),
                 # behind fills of the order that came first: what they showed stands.
                 return
-            # every fill of the order comes after the last one of the symbol passed on so far
-            tracked[key] = (0, (self._maker_high or {}).get(event.symbol, 0),  # type: ignore[union-attr]
+            # every fill of the order comes after the last one of the symbol passed on so far (or
+            # after fills that may still be missing)
+            tracked[key] = (0, self._sure(event.symbol) or 0,  # type: ignore[union-attr]
                             event.type.value, event.time_in_force.value)  # type: ignore[union-attr]
             return
         known = tracked.get(key) if tracked is not None else None
@@ -712,15 +731,18 @@ class Session:
 
     def _shows_missing(self, events: Iterable[Event]) -> int | None:
         """If one of ``events`` (a reply's, in order, or one fill), of a live order of this
-        connection, shows more filled before it than the messages passed on (or held, waiting
-        for the order's reply) and the events before it did, or refuses a cancel or amend as
-        ``unknown_order`` (it ended, so fills made it end): the trade id after which its missing
-        fills are. Else None."""
-        tracked = self._filled
-        if not tracked:
+        connection, shows more filled before it than the messages passed on and the events and
+        held fills before it in the book's order did, or refuses a cancel or amend as
+        ``unknown_order`` (it ended, so fills made it end); or if a fill held for the order's
+        reply (the ``accepted`` of a new order among ``events``) does so: the trade id after
+        which its missing fills are. Else None."""
+        tracked = self._filled or {}
+        inflight = self._inflight or {}
+        if not tracked and not inflight:
             return None
-        inflight = self._inflight
-        seen: dict[tuple[str, str], int] = {}  # what the events before showed
+        # (symbol, order_id) -> its steps in the book's order: (seq, an event after a held fill at
+        # the same seq, filled before, filled after); before -1: it ended
+        steps: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
         for event in events:
             kind = type(event)
             if kind is OrderFilled:
@@ -732,21 +754,32 @@ class Session:
                 before = after = event.quantity - event.remaining  # type: ignore[union-attr]
             elif (kind is CancelRejected or kind is AmendRejected) and event.reason == "unknown_order":
                 before = after = -1  # ended: shown below as missing, if the order is live here
+            elif kind is OrderAccepted:
+                before = after = 0  # a new order: its held fills start from nothing
             else:
-                continue
-            if event.account != self.account:  # type: ignore[union-attr]
+                before = after = None  # says nothing of fills, but lets go held ones (on_reply)
+            if getattr(event, "account", None) != self.account:
                 continue
             key = (event.symbol, event.order_id)  # type: ignore[union-attr]
+            if key in tracked:
+                if kind is OrderAccepted:
+                    before = None  # a late one: the order is live here already, at what it shows
+            elif key not in steps and (kind is not OrderAccepted or key not in inflight):
+                continue  # not a live order of this connection (yet; a new one from its accepted on)
+            chain = steps.setdefault(key, [])
+            if before is not None:
+                chain.append((event.seq, 1, before, after))  # type: ignore[union-attr,arg-type]
+        for key, chain in steps.items():
+            hold = inflight.get(key)
+            if hold is not None and hold.fills:
+                chain += [(fill.seq, 0, fill.filled - fill.quantity, fill.filled) for fill in hold.fills]
+                chain.sort(key=_first_two)  # stable: a reply's events keep their order
             state = tracked.get(key)
-            if state is None:
-                continue  # not a live order of this connection (yet)
-            known = seen.get(key, state[0])
-            hold = inflight.get(key) if inflight is not None else None
-            if hold is not None:
-                known = max((fill.filled for fill in hold.fills), default=known)
-            if before > known or before < 0:
-                return state[1]
-            seen[key] = after
+            known = state[0] if state is not None else 0
+            for _, _, before, after in chain:
+                if before > known or before < 0:
+                    return state[1] if state is not None else self._sure(key[0]) or 0
+                known = after
         return None
 
     def _want_fills(self, symbol: str, after: int) -> dict[str, list[OrderFilled | _HeldReply]]:
@@ -775,17 +808,36 @@ class Session:
         if not high:
             return None
         wanted = self.fills_wanted or {}
-        asked = {symbol: min(high[symbol], wanted.pop(symbol)) if symbol in wanted else high[symbol]
+        floor = self._ask_floor or {}
+        asked = {symbol: min(high[symbol], wanted.pop(symbol, high[symbol]), floor.pop(symbol, high[symbol]))
                  for symbol in symbols if symbol in high}
         if not wanted:
             self.fills_wanted = None
+        if not floor:
+            self._ask_floor = None
         if not asked:
             return None
         if self._replaying is None:
             self._replaying = {}
-        for symbol in asked:
+        if self._asking is None:
+            self._asking = {}
+        for symbol, after in asked.items():
             self._replaying.setdefault(symbol, [])
+            self._asking[symbol] = min(after, self._asking.get(symbol, after))
         return asked
+
+    def fills_lost(self, symbols: Iterable[str]) -> None:
+        """The gateway's feed of ``symbols`` lost publications (it was cut, or a gap showed), or
+        the matcher did not answer a request for fills in time: fills after those passed on
+        until now may be missing. The next ``begin_fill_replay`` asks from no higher than now
+        (nor than a request in flight asked), whatever fills pass on before it, and until its
+        answer is in a fill above that is checked as new (``_repeat``)."""
+        for symbol in symbols:
+            sure = self._sure(symbol)
+            if sure is not None:
+                if self._ask_floor is None:
+                    self._ask_floor = {}
+                self._ask_floor[symbol] = min(sure, self._ask_floor.get(symbol, sure))
 
     def end_fill_replay(self, symbols: Iterable[str], fills: Iterable[Event],
                         upto: Mapping[str, int] | None = None) -> list[bytes]:
@@ -806,19 +858,24 @@ class Session:
                 merged[(item.symbol, item.trade_id)] = item
         if not replaying:
             self._replaying = None
-        high, tracked, inflight = self._maker_high or {}, self._filled or {}, self._inflight or {}
-        # A fill is new if its order is live here and it shows more filled than was passed on
-        # (_maker_updates), or it waits for its order's reply (on_private holds it once), or its
-        # trade id is above the last one passed on (the order ended here, or its reply timed out).
+        tracked, inflight, sure = self._filled or {}, self._inflight or {}, self._sure
+        out = []
+        # A fill of an order with a submit or amend in flight joins the fills held for its
+        # replies first (on_private holds it once), so that they go out together in the book's
+        # order, whichever of the replies below lets them go. Else a fill is new if its order is
+        # live here and it shows more filled than was passed on (_maker_updates), or its trade id
+        # is above the last one passed on (the order ended here, or its reply timed out).
         # (symbol, seq, a fill before a reply, then trade id or arrival): unique, so the items are
         # never compared. A reply at the seq of a fill is a refusal (it moved nothing), which
         # came after the command that made that seq.
-        order: list[tuple[str, int, int, int, Any]] = [
-            (fill.symbol, fill.seq, 0, trade_id, fill) for (_, trade_id), fill in merged.items()
-            if (fill.symbol, fill.order_id) in tracked or (fill.symbol, fill.order_id) in inflight
-            or trade_id > high.get(fill.symbol, 0)]
+        order: list[tuple[str, int, int, int, Any]] = []
+        for (_, trade_id), fill in merged.items():
+            key = (fill.symbol, fill.order_id)
+            if key in inflight:
+                out += self.on_private((fill,), settle=True)
+            elif key in tracked or trade_id > (sure(fill.symbol) or 0):
+                order.append((fill.symbol, fill.seq, 0, trade_id, fill))
         order += [(reply.command.symbol, reply.events[0].seq, 1, n, reply) for n, reply in enumerate(replies)]
-        out = []
         waiting: set[str] = set()  # symbols where a reply past the answer waits for another one
         for symbol, seq, *_, item in sorted(order, key=lambda entry: entry[:4]):
             if symbol in waiting:
@@ -828,13 +885,25 @@ class Session:
                 out += self.on_private((item,), settle=upto is None or seq <= upto.get(symbol, seq))
                 if self._replaying is not None and symbol in self._replaying:
                     waiting.add(symbol)
-            elif upto is None or seq <= upto.get(symbol, seq):
+            elif upto is None or seq <= upto.get(symbol, seq) and not self._holds_past(item.command, upto):
                 out += self.on_reply(*item[:5], settle=True, late=item.late)
-            else:
+            else:  # past the answer, or it lets go held fills past it: checked as if it came now
                 out += self.on_reply(*item[:5], late=item.late)
                 if self._replaying is not None and symbol in self._replaying:
                     waiting.add(symbol)
+        if self._asking:
+            for symbol in symbols:
+                self._asking.pop(symbol, None)
+            if not self._asking:
+                self._asking = None
         return out
+
+    def _holds_past(self, command: SubmitOrder | CancelOrder | AmendOrder, upto: Mapping[str, int]) -> bool:
+        """Whether fills held for ``command``'s order were made past ``upto`` (a fill lost
+        before them would not be in the answer)."""
+        hold = self._inflight.get((command.symbol, command.order_id)) if self._inflight else None
+        last = upto.get(command.symbol)
+        return hold is not None and last is not None and any(fill.seq > last for fill in hold.fills)
 
     def forget_fills(self, symbol: str) -> None:
         """The matcher of ``symbol`` came back without its history: its trade ids start again."""
@@ -842,9 +911,16 @@ class Session:
             self._maker_high[symbol] = 0
         if self._passed_trades:
             self._passed_trades.pop(symbol, None)
+        for doubt in (self._ask_floor, self._asking):
+            if doubt:
+                doubt.pop(symbol, None)  # trade ids of its old life
         if self._filled:
             for key in [key for key in self._filled if key[0] == symbol]:
                 del self._filled[key]  # its orders went with its history
+
+
+def _first_two(step: tuple[int, int, int, int]) -> tuple[int, int]:
+    return step[0], step[1]
 
 
 def _by_seq(fill: OrderFilled) -> int:

@@ -1002,6 +1002,7 @@ class Gateway:
         if event == zmq.EVENT_DISCONNECTED:
             log.info("lost the connection to %s's snapshot service", name)
             self.matcher_lost.setdefault(name, now)
+            self._feed_lost(name)  # it may be restarting: what it publishes before the feed reaches it is lost
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and name in self.matcher_lost:
             log.info("connected to %s's snapshot service again; resyncing its channels", name)
             self._resync_held(self.topology.symbols_of(name),
@@ -1317,6 +1318,7 @@ class Gateway:
             self.feed_lost[endpoint] = now
             for matcher in self.upstream_matchers.get(endpoint, ()):
                 self.matcher_lost.setdefault(matcher, now)
+                self._feed_lost(matcher)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             since = self.feed_lost.pop(endpoint, None)
             warned = self.feed_retry.pop(endpoint, None) is not None
@@ -1434,10 +1436,15 @@ class Gateway:
                 self._ask_account_fills(matcher, session.account, conn, time.time_ns(), now, wait=0.0)
             elif old.sent:
                 old.again = True  # asked again once it is answered, from the trade id wanted
-            else:  # not sent yet: it asks from the lower trade ids (begin_fill_replay takes the wanted ones)
-                for symbol, after in (session.begin_fill_replay(self.topology.symbols_of(matcher)) or {}).items():
-                    old.after[symbol] = min(after, old.after.get(symbol, after))
+            else:
+                self._ask_lower(old, session, matcher)
         self._send_fills_requests(now)
+
+    def _ask_lower(self, request: FillsRequest, session: Session, matcher: str) -> None:
+        """``request`` is not sent yet: it asks from the lower trade ids that ``session`` wants
+        now (``begin_fill_replay`` takes them)."""
+        for symbol, after in (session.begin_fill_replay(self.topology.symbols_of(matcher)) or {}).items():
+            request.after[symbol] = min(after, request.after.get(symbol, after))
 
     # -- fills a lost feed did not bring (docs/protocol.md, "Orders") -------------------------------------
 
@@ -1453,7 +1460,24 @@ class Gateway:
                 self._ask_account_fills(matcher, account, conn, lost_ns, now)
             else:  # one is on its way: it covers this loss, or (sent already) another one follows its answer
                 old.lost_ns = min(old.lost_ns, lost_ns)
-                old.again = old.again or bool(old.sent)
+                if conn.session is None:
+                    continue
+                if old.sent:
+                    # from no higher than that one asked: its answer may have been made before this
+                    # loss, and live fills passed on with it would raise the trade ids above it
+                    old.again = True
+                    conn.session.fills_lost(self.topology.symbols_of(matcher))
+                else:
+                    self._ask_lower(old, conn.session, matcher)  # what the loss wants asked (_feed_lost)
+
+    def _feed_lost(self, matcher: str) -> None:
+        """The feed of ``matcher`` was cut: the fills it publishes now do not come. Once it is
+        back, every connection asks for them (``_ask_fills``) from no higher than what it has
+        passed on now, whichever live fills come before it asks."""
+        symbols = self.topology.symbols_of(matcher)
+        for conn in self.accounts.values():
+            if conn.session is not None:
+                conn.session.fills_lost(symbols)
 
     def _ask_account_fills(self, matcher: str, account: str, conn: Connection, lost_ns: int, now: float,
                            wait: float = FILLS_WAIT_S) -> None:
@@ -1480,6 +1504,8 @@ class Gateway:
                     "unavailable", f"fills of this connection's resting orders on {', '.join(symbols)} that the "
                     f"gateway's feed lost could not be asked of their matcher (no answer in {FILLS_GIVE_UP_S:g} s); "
                     "they come once it answers", symbols=symbols))
+                if request.conn.session is not None:
+                    request.conn.session.fills_lost(request.after)  # asked again from no higher than now
                 self._end_fills_request(request, ())
             elif now >= request.due and (not request.sent or now - request.sent >= SNAPSHOT_RETRY_S):
                 if request.sent:
