@@ -261,6 +261,9 @@ def _show(value: object) -> str:
 
 
 PASSED_TRADES = 256  # trade ids of a connection's fills as a maker remembered per symbol, to pass each on once
+# ... and while fills of the symbol may be missing (Session.fills_lost), every one passed on since,
+# up to this many (the matcher keeps 100,000 fills of all its accounts)
+PASSED_TRADES_IN_DOUBT = 100_000
 
 
 class Session:
@@ -500,7 +503,11 @@ class Session:
         if hold is None:
             hold = self._inflight[(symbol, order_id)] = _Hold()
         hold.requests += 1
-        hold.submits += submit
+        if submit:
+            hold.submits += 1
+            # a new order's fills come after every fill passed on now (or missing now)
+            floor = self._sure(symbol) or 0
+            hold.floor = floor if hold.floor is None else min(hold.floor, floor)
 
     # -- answers from the cluster -------------------------------------------------------------------
 
@@ -658,7 +665,7 @@ class Session:
                 self._passed_trades = {}
             recent = self._passed_trades.setdefault(fill.symbol, {})
             recent[fill.trade_id] = None
-            if len(recent) > PASSED_TRADES:
+            if len(recent) > (PASSED_TRADES_IN_DOUBT if self._in_doubt(fill.symbol) else PASSED_TRADES):
                 del recent[next(iter(recent))]  # the oldest passed on
             update = order_update(spec, fill, order_kind=self._kind(fill))  # before _passed ends the order
             self._passed(fill)
@@ -666,19 +673,43 @@ class Session:
         return out
 
     def _repeat(self, fill: OrderFilled, held: bool = False) -> bool:
-        """Whether ``fill`` was passed on already: a fill of a live order here that shows no
-        more filled than was passed on came already (asked again, then live), and so did one of
-        another order (ended here) whose trade id is not above the last passed on, unless
-        ``held`` (it waited for its order's replies: checked when it began to wait)."""
-        recent = self._passed_trades.get(fill.symbol) if self._passed_trades else None
+        """Whether ``fill`` was passed on already. While fills of its symbol may be missing
+        (``fills_lost``), every fill passed on above the trade id they may be missing after is
+        remembered: one above it is a repeat if and only if it was. Else a fill of a live order
+        here that shows no more filled than was passed on came already (asked again, then
+        live), and so did one of another order (ended here) whose trade id is not above the
+        last passed on (for a new order whose submit is in flight: not above the last passed on
+        when it was sent), unless ``held`` (it waited for its order's replies: checked when it
+        began to wait)."""
+        symbol = fill.symbol
+        recent = self._passed_trades.get(symbol) if self._passed_trades else None
         if recent is not None and fill.trade_id in recent:
             return True
+        sure = self._sure(symbol)
+        if sure is not None and fill.trade_id > sure and self._in_doubt(symbol):
+            return False  # remembered above it: never passed on
+        key = (symbol, fill.order_id)
         tracked = self._filled
-        known = tracked.get((fill.symbol, fill.order_id)) if tracked else None
+        known = tracked.get(key) if tracked else None
         if known is not None:
             return fill.filled <= known[0]
-        last = self._sure(fill.symbol)
-        return not held and last is not None and fill.trade_id <= last
+        if held or sure is None:
+            return False
+        hold = self._inflight.get(key) if self._inflight else None
+        if hold is not None and hold.floor is not None:
+            sure = min(sure, hold.floor)  # a new order's fills: above the last passed on when it was sent
+        return fill.trade_id <= sure
+
+    def _new_order_floor(self, key: tuple[str, str]) -> int:
+        """A trade id below every fill of new order ``key`` (its submit's reply is here)."""
+        hold = self._inflight.get(key) if self._inflight else None
+        sure = self._sure(key[0]) or 0
+        return sure if hold is None or hold.floor is None else min(sure, hold.floor)
+
+    def _in_doubt(self, symbol: str) -> bool:
+        """Whether fills of ``symbol`` may be missing since a trade id (``fills_lost``), to be
+        asked for or asked for now."""
+        return bool(self._ask_floor and symbol in self._ask_floor or self._asking and symbol in self._asking)
 
     def _sure(self, symbol: str) -> int | None:
         """The trade id up to which every fill of this account's resting orders on ``symbol``
@@ -708,9 +739,9 @@ class Session:
                 # The late reply of an order whose request timed out (it was taken as live then),
                 # behind fills of the order that came first: what they showed stands.
                 return
-            # every fill of the order comes after the last one of the symbol passed on so far (or
-            # after fills that may still be missing)
-            tracked[key] = (0, self._sure(event.symbol) or 0,  # type: ignore[union-attr]
+            # every fill of the order comes after the last one of the symbol passed on when it
+            # was sent (or after fills that may still be missing)
+            tracked[key] = (0, self._new_order_floor(key),
                             event.type.value, event.time_in_force.value)  # type: ignore[union-attr]
             return
         known = tracked.get(key) if tracked is not None else None
@@ -718,7 +749,8 @@ class Session:
             return
         if kind is OrderFilled:
             if event.remaining:  # type: ignore[union-attr]
-                tracked[key] = (event.filled, max(known[1], event.trade_id),  # type: ignore[union-attr]
+                # (a fill that was missing may come after later ones: it lowers nothing)
+                tracked[key] = (max(known[0], event.filled), max(known[1], event.trade_id),  # type: ignore[union-attr]
                                 known[2], known[3])
             else:
                 del tracked[key]  # type: ignore[union-attr]
@@ -778,7 +810,7 @@ class Session:
             known = state[0] if state is not None else 0
             for _, _, before, after in chain:
                 if before > known or before < 0:
-                    return state[1] if state is not None else self._sure(key[0]) or 0
+                    return state[1] if state is not None else self._new_order_floor(key)
                 known = after
         return None
 
@@ -809,7 +841,8 @@ class Session:
             return None
         wanted = self.fills_wanted or {}
         floor = self._ask_floor or {}
-        asked = {symbol: min(high[symbol], wanted.pop(symbol, high[symbol]), floor.pop(symbol, high[symbol]))
+        lost = {symbol: floor.pop(symbol) for symbol in symbols if symbol in floor}
+        asked = {symbol: min(high[symbol], wanted.pop(symbol, high[symbol]), lost.get(symbol, high[symbol]))
                  for symbol in symbols if symbol in high}
         if not wanted:
             self.fills_wanted = None
@@ -819,11 +852,12 @@ class Session:
             return None
         if self._replaying is None:
             self._replaying = {}
-        if self._asking is None:
-            self._asking = {}
-        for symbol, after in asked.items():
+        for symbol in asked:
             self._replaying.setdefault(symbol, [])
-            self._asking[symbol] = min(after, self._asking.get(symbol, after))
+            if symbol in lost:  # in doubt until the answer is in (fills only wanted are not: _repeat)
+                if self._asking is None:
+                    self._asking = {}
+                self._asking[symbol] = min(lost[symbol], self._asking.get(symbol, lost[symbol]))
         return asked
 
     def fills_lost(self, symbols: Iterable[str]) -> None:
@@ -896,6 +930,11 @@ class Session:
                 self._asking.pop(symbol, None)
             if not self._asking:
                 self._asking = None
+        for symbol in symbols:
+            recent = self._passed_trades.get(symbol) if self._passed_trades else None
+            if recent is not None and len(recent) > PASSED_TRADES and not self._in_doubt(symbol):
+                for trade_id in list(recent)[:len(recent) - PASSED_TRADES]:
+                    del recent[trade_id]  # the doubt is over: back to the last PASSED_TRADES
         return out
 
     def _holds_past(self, command: SubmitOrder | CancelOrder | AmendOrder, upto: Mapping[str, int]) -> bool:
@@ -932,12 +971,13 @@ class _Hold:
     as a maker that arrived meanwhile, each to go out where the book put it among the replies'
     updates (by ``seq``), never before the order's ``accepted``."""
 
-    __slots__ = ("fills", "requests", "submits")
+    __slots__ = ("fills", "floor", "requests", "submits")
 
     def __init__(self) -> None:
         self.fills: list[OrderFilled] = []
         self.requests = 0
         self.submits = 0
+        self.floor: int | None = None  # a trade id below every fill of the order, if a submit was sent
 
 
 class _HeldReply(NamedTuple):
