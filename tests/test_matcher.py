@@ -583,7 +583,8 @@ def fills_of(sock: zmq.Socket, account: str, after: dict[str, int],
     assert sock.poll(TIMEOUT_MS), "no answer to a fills request"
     kind, name, body = sock.recv_multipart()
     assert (kind, name) == (b"FILLS", account.encode()), body
-    matcher, complete_since_ns, publication, upto = msgpack.unpackb(body)
+    matcher, complete_since_ns, publication, upto, asked = msgpack.unpackb(body)
+    assert asked == after  # what it answers (docs/wire.md)
     if seqs is not None:
         seqs.update(upto)
     topic_name, events = codec.decode_publication(publication)

@@ -1521,21 +1521,29 @@ class Gateway:
     def _fills_reply(self, account_bytes: bytes, body: bytes) -> None:
         account = account_bytes.decode("utf-8", errors="replace")
         try:
-            # the seqs the answer is whole up to: left out by older matchers (docs/wire.md)
-            matcher, complete_since_ns, publication, *seqs = msgpack.unpackb(body)
+            # then the seqs the answer is whole up to and the trade ids it answers, each left out
+            # by older matchers, and whatever a later matcher adds (docs/wire.md)
+            matcher, complete_since_ns, publication, *more = msgpack.unpackb(body)
             request = self.fills_requests.get((matcher, account))
             if request is None:
                 return  # answered already (asked twice), or the connection is gone
             name, events = codec.decode_publication(publication, SNAPSHOT_MAX_BYTES)
             if name != "@" + account or type(complete_since_ns) is not int:
                 raise ValueError(f"an answer about {name}, complete since {complete_since_ns!r}")
-            upto = seqs[0] if seqs else None
-            if len(seqs) > 1 or upto is not None and (type(upto) is not dict or not all(
+            upto = more[0] if more else None
+            if upto is not None and (type(upto) is not dict or not all(
                     type(s) is str and type(q) is int for s, q in upto.items())):
-                raise ValueError(f"after the fills, a map of symbol to seq, got {seqs!r}"[:200])
+                raise ValueError(f"after the fills, a map of symbol to seq, got {upto!r}"[:200])
+            asked = more[1] if len(more) > 1 else None
         except (ValueError, TypeError, DecodeError, msgpack.UnpackException) as e:
             log.warning("undecodable answer about the fills of %s: %s", account, e)
             self.counts["bad_reply"] += 1
+            return
+        if asked is not None and asked != request.after:
+            # the late answer to an earlier request (sent again on a connection since retired):
+            # its fills start after other trade ids; this request waits for its own answer
+            log.info("%s: a late answer from %s to an earlier request for its fills (after %s, now %s): dropped",
+                     account, matcher, asked, request.after)
             return
         del self.fills_requests[(matcher, account)]
         fills = [e for e in events if type(e) is OrderFilled and e.symbol in request.after]

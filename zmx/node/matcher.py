@@ -797,7 +797,9 @@ class Matcher:
             return [ERR, account_bytes[:FILLS_ACCOUNT_MAX], self.refuse("fills: malformed request", str(e))]
         # each symbol's seq now: the answer holds every fill up to it (served between batches)
         seqs = {symbol: self.engines[symbol].seq for symbol in after if symbol in self.engines}
-        return [FILLS, account_bytes, msgpack.packb([self.name, self.fills.complete_since_ns, publication, seqs])]
+        # and the trade ids asked, so that a gateway tells this answer from one to an earlier request
+        answer = [self.name, self.fills.complete_since_ns, publication, seqs, after]
+        return [FILLS, account_bytes, msgpack.packb(answer)]
 
     def connection_events(self, monitor: zmq.Socket, now: float) -> None:
         """HELLO on every new connection to a router; a new DEALER for a lost one.
