@@ -41,16 +41,21 @@ from nodes import Cluster, NodeProcess, write_topology
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
+from test_gateway_memory import Transport
 from ws import Clients, WsClient, as_decimal_levels, checksum, matcher_book, same_book
 
 from zmx import codec
 from zmx.codec import encode_publication
 from zmx.commands import SubmitOrder
+from zmx.engine import MatchingEngine
 from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted, TradeOccurred
 from zmx.model import Side
 from zmx.node.client import Client, Reply, RequestTimeout
-from zmx.node.gateway import PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, text_frame
+from zmx.node.gateway import (
+    PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, Connection, FillsRequest, Gateway, text_frame,
+)
 from zmx.node.runtime import load_topology
+from zmx.protocol import Session, Submit
 from zmx.topology import Topology
 
 RATE = 20  # rate_limit_per_s of the shared gateway
@@ -1340,3 +1345,47 @@ def test_a_matcher_slower_than_the_retry_to_answer_a_book_request_is_still_heard
         a.subscribe("BTC-USDT", timeout=15.0)
         assert same_book(a.books["BTC-USDT"], [["29990", "1.5"]], [["30010", "2"]])
         assert "asking on a new connection" in gateway.log()
+
+
+# -- answers about fills a lost feed missed (docs/wire.md, "Fills a gateway missed") ------------------------
+
+
+def test_a_late_answer_to_an_earlier_fills_request_is_not_taken_for_the_one_on_its_way(tmp_path: Path) -> None:
+    """A fills request sent again on a new connection can be answered twice, and the second
+    answer can come once the gateway asks again from lower trade ids. The answer says which
+    trade ids it answers: one to other trade ids is dropped, and the request waits for its own,
+    whose fill goes out. (No node runs: the gateway's methods are called as its readers would.)"""
+    topology = load_topology(write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}, gateways=1))
+    gateway = Gateway(topology, topology.node("g1"), 0)  # type: ignore[arg-type]
+    try:
+        conn = Connection(gateway)
+        conn.transport = Transport()  # type: ignore[assignment]
+        alice = conn.session = Session("g1.alice", topology.symbols)
+        engine = MatchingEngine(topology.symbols["BTC-USDT"])
+        submit = next(a for a in alice.receive(json.dumps({
+            "action": "submit_order", "order_id": "a1", "symbol": "BTC-USDT", "side": "sell", "price": "30000",
+            "quantity": "0.3"}), 0.0) if type(a) is Submit)
+        alice.on_reply(submit.command, None, "ok", engine.handle(submit.command, ts_ns=1))
+        fill = [e for e in engine.handle(SubmitOrder("b1", "bob", "BTC-USDT", Side.BUY, submit.command.type,
+                                                     submit.command.time_in_force, submit.command.price, 100),
+                                         ts_ns=2) if getattr(e, "account", None) == "g1.alice"]
+        alice.fills_lost(["BTC-USDT"])  # the feed was cut; it lost the fill
+        after = alice.begin_fill_replay(["BTC-USDT"])
+        assert after == {"BTC-USDT": 0}
+        request = gateway.fills_requests[("m1", "g1.alice")] = FillsRequest(conn, after, 0.0, time.time_ns())
+        request.sent = time.monotonic()
+
+        def answer(asked: dict[str, int], fills: list) -> bytes:
+            return msgpack.packb(["m1", 0, codec.encode_account_publication("g1.alice", fills),
+                                  {"BTC-USDT": engine.seq}, asked])
+
+        gateway._fills_reply(b"g1.alice", answer({"BTC-USDT": 1}, []))  # to an earlier request, after trade 1
+        assert gateway.fills_requests[("m1", "g1.alice")] is request and not conn.transport.written
+        gateway._fills_reply(b"g1.alice", answer({"BTC-USDT": 0}, fill))
+        assert ("m1", "g1.alice") not in gateway.fills_requests
+        written = bytes(conn.transport.written)  # one unmasked text frame
+        update = json.loads(written[written.index(b"{"):])
+        assert (update["data"]["order_id"], update["data"]["status"], update["data"]["filled"]) == (
+            "a1", "partially_filled", "0.1")
+    finally:
+        gateway.context.destroy(linger=0)
