@@ -1131,11 +1131,12 @@ def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(
             seen = orders.setdefault(d["order_id"], {"filled": Decimal(0), "trades": set(), "status": None})
             where = f"seed {n}: {d['order_id']} {d['status']} after {seen['status']}"
             assert d.get("trade_id") not in seen["trades"], where
+            if d["order_id"] not in uncertain:
+                assert "type" in d and "time_in_force" in d, where
             if d["order_id"] not in uncertain and d["order_id"] not in given_up:
                 assert seen["status"] is not None or d["status"] == "accepted", where
                 assert seen["status"] not in ("filled", "canceled"), where
                 assert Decimal(d["filled"]) >= seen["filled"], where
-                assert "type" in d and "time_in_force" in d, where
             seen.update(filled=max(seen["filled"], Decimal(d["filled"])), status=d["status"])
             if "trade_id" in d:
                 seen["trades"].add(d["trade_id"])
@@ -1557,6 +1558,30 @@ def test_a_fill_lost_before_a_give_up_comes_once_asked_again_though_a_later_fill
     assert fill_states(alice.end_fill_replay(again, lost + live, {"BTC-USDT": ex.engine.seq})) == [("a1", 1, "0.1")]
     cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})[0]
     assert statuses_filled(alice.on_reply(cancel.command, None, "ok", ex.run(cancel))) == [("a1", "canceled", "0.2")]
+
+
+def test_a_fill_that_comes_after_a_give_up_and_its_orders_end_carries_the_orders_type():
+    """(A cluster review, relays killed then the matcher hung.) a1 fills in full while the feed
+    is down; alice's amend of it is refused ``unknown_order`` and waits for the fill, which is
+    asked for. No answer comes: the refusal goes out (a1 ended here). When the matcher answers
+    again, the fill comes late, as a give-up allows, but with a1's type and time in force, as
+    every update of an order."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.3", time_in_force="post_only")
+    alice.fills_lost(["BTC-USDT"])
+    lost = bob_buys(ex, "b1", "30000", "0.3")
+    amend = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.2",
+                            "id": "m"})[0]
+    assert alice.on_reply(amend.command, "m", "ok", ex.run(amend)) == []
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    alice.fills_lost(["BTC-USDT"])  # no answer in time: given up
+    (refused,) = updates(alice.end_fill_replay(asked, ()))
+    assert (refused["type"], refused["code"]) == ("error", "unknown_order")
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    (late,) = updates(alice.end_fill_replay(again, lost, {"BTC-USDT": ex.engine.seq}))
+    assert (late["data"]["status"], late["data"]["filled"]) == ("filled", "0.3")
+    assert (late["data"]["type"], late["data"]["time_in_force"]) == ("limit", "post_only")
 
 
 def test_a_new_orders_fill_lost_unseen_is_asked_for_from_below_its_submit():

@@ -273,8 +273,8 @@ class Session:
     authentication arrives). ``symbols`` are the cluster's symbols (channel names = symbols).
     """
 
-    __slots__ = ("_ask_floor", "_asking", "_filled", "_inflight", "_maker_high", "_passed_trades", "_replaying",
-                 "_window", "_window_count", "account",
+    __slots__ = ("_ask_floor", "_asking", "_ended", "_filled", "_inflight", "_maker_high", "_passed_trades",
+                 "_replaying", "_window", "_window_count", "account",
                  "channels", "fills_wanted", "rate_limit", "symbols")
 
     def __init__(self, account: str, symbols: Mapping[str, SymbolSpec], *, rate_limit_per_s: int = 100) -> None:
@@ -314,6 +314,9 @@ class Session:
         # symbol -> the trade id the matcher is asked for fills after (begin_fill_replay), until
         # its answer is in (end_fill_replay)
         self._asking: dict[str, int] | None = None
+        # (symbol, order_id) -> the type and time in force of an order that ended here while
+        # fills of its symbol may have been missing: one may come after its end (a give-up)
+        self._ended: dict[tuple[str, str], tuple[str, str]] | None = None
 
     # -- client messages -------------------------------------------------------------------------
 
@@ -724,8 +727,21 @@ class Session:
 
     def _kind(self, event: Event) -> tuple[str, str] | None:
         """The type and time in force of the live order of this connection that ``event`` is of."""
-        state = self._filled.get((event.symbol, event.order_id)) if self._filled else None  # type: ignore[union-attr]
-        return None if state is None else state[2:]  # type: ignore[return-value]
+        key = (event.symbol, event.order_id)  # type: ignore[union-attr]
+        state = self._filled.get(key) if self._filled else None
+        if state is None:
+            return self._ended.get(key) if self._ended else None  # (a fill that was missing, after its end)
+        return state[2:]  # type: ignore[return-value]
+
+    def _end(self, key: tuple[str, str], known: tuple[int, int, str, str]) -> None:
+        """Order ``key`` ended here."""
+        del self._filled[key]  # type: ignore[union-attr]
+        if self._in_doubt(key[0]):  # (the last PASSED_TRADES of them: a late fill comes soon after)
+            if self._ended is None:
+                self._ended = {}
+            self._ended[key] = known[2:]  # type: ignore[assignment]
+            if len(self._ended) > PASSED_TRADES:
+                del self._ended[next(iter(self._ended))]
 
     def _passed(self, event: Event) -> None:
         """What an event passed on to the client says of its order's fills (``_filled``)."""
@@ -753,10 +769,10 @@ class Session:
                 tracked[key] = (max(known[0], event.filled), max(known[1], event.trade_id),  # type: ignore[union-attr]
                                 known[2], known[3])
             else:
-                del tracked[key]  # type: ignore[union-attr]
+                self._end(key, known)
         elif kind is OrderCanceled or (kind is CancelRejected or kind is AmendRejected) and \
                 event.reason == "unknown_order":  # type: ignore[union-attr]
-            del tracked[key]  # type: ignore[union-attr]  # it ended (an unknown_order: unseen, or never placed)
+            self._end(key, known)  # (an unknown_order: it ended unseen, or was never placed)
         elif kind is OrderAmended:  # a late one may show less filled than fills passed on before it
             filled = max(known[0], event.quantity - event.remaining)  # type: ignore[union-attr]
             tracked[key] = (filled, known[1], known[2], known[3])  # type: ignore[union-attr]
@@ -931,11 +947,20 @@ class Session:
             if not self._asking:
                 self._asking = None
         for symbol in symbols:
+            if self._in_doubt(symbol):
+                continue
             recent = self._passed_trades.get(symbol) if self._passed_trades else None
-            if recent is not None and len(recent) > PASSED_TRADES and not self._in_doubt(symbol):
+            if recent is not None and len(recent) > PASSED_TRADES:
                 for trade_id in list(recent)[:len(recent) - PASSED_TRADES]:
                     del recent[trade_id]  # the doubt is over: back to the last PASSED_TRADES
         return out
+
+    def _forget_ended(self, symbol: str) -> None:
+        if self._ended:
+            for key in [key for key in self._ended if key[0] == symbol]:
+                del self._ended[key]
+            if not self._ended:
+                self._ended = None
 
     def _holds_past(self, command: SubmitOrder | CancelOrder | AmendOrder, upto: Mapping[str, int]) -> bool:
         """Whether fills held for ``command``'s order were made past ``upto`` (a fill lost
@@ -953,6 +978,7 @@ class Session:
         for doubt in (self._ask_floor, self._asking):
             if doubt:
                 doubt.pop(symbol, None)  # trade ids of its old life
+        self._forget_ended(symbol)
         if self._filled:
             for key in [key for key in self._filled if key[0] == symbol]:
                 del self._filled[key]  # its orders went with its history
