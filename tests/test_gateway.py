@@ -49,7 +49,7 @@ from zmx.codec import encode_publication
 from zmx.commands import SubmitOrder
 from zmx.engine import MatchingEngine
 from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted, TradeOccurred
-from zmx.model import Side
+from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.gateway import (
     PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, Connection, FillsRequest, Gateway, text_frame,
@@ -1350,25 +1350,37 @@ def test_a_matcher_slower_than_the_retry_to_answer_a_book_request_is_still_heard
 # -- answers about fills a lost feed missed (docs/wire.md, "Fills a gateway missed") ------------------------
 
 
-def test_a_late_answer_to_an_earlier_fills_request_is_not_taken_for_the_one_on_its_way(tmp_path: Path) -> None:
-    """A fills request sent again on a new connection can be answered twice, and the second
-    answer can come once the gateway asks again from lower trade ids. The answer says which
-    trade ids it answers: one to other trade ids is dropped, and the request waits for its own,
-    whose fill goes out. (No node runs: the gateway's methods are called as its readers would.)"""
+@contextlib.contextmanager
+def gateway_with_a_resting_order(tmp_path: Path) -> Iterator[tuple[Gateway, Connection, Session, MatchingEngine]]:
+    """Gateway g1 of a topology whose matcher m1 owns BTC-USDT, with no node running (its
+    methods are called as its readers would), and a connection of account g1.alice (its
+    session) whose sell a1 (0.3 at 30000) rests on ``engine``, accepted."""
     topology = load_topology(write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}, gateways=1))
     gateway = Gateway(topology, topology.node("g1"), 0)  # type: ignore[arg-type]
     try:
         conn = Connection(gateway)
         conn.transport = Transport()  # type: ignore[assignment]
         alice = conn.session = Session("g1.alice", topology.symbols)
+        gateway.accounts["g1.alice"] = conn
         engine = MatchingEngine(topology.symbols["BTC-USDT"])
         submit = next(a for a in alice.receive(json.dumps({
             "action": "submit_order", "order_id": "a1", "symbol": "BTC-USDT", "side": "sell", "price": "30000",
             "quantity": "0.3"}), 0.0) if type(a) is Submit)
         alice.on_reply(submit.command, None, "ok", engine.handle(submit.command, ts_ns=1))
-        fill = [e for e in engine.handle(SubmitOrder("b1", "bob", "BTC-USDT", Side.BUY, submit.command.type,
-                                                     submit.command.time_in_force, submit.command.price, 100),
-                                         ts_ns=2) if getattr(e, "account", None) == "g1.alice"]
+        yield gateway, conn, alice, engine
+    finally:
+        gateway.context.destroy(linger=0)
+
+
+def test_a_late_answer_to_an_earlier_fills_request_is_not_taken_for_the_one_on_its_way(tmp_path: Path) -> None:
+    """A fills request sent again on a new connection can be answered twice, and the second
+    answer can come once the gateway asks again from lower trade ids. The answer says which
+    trade ids it answers: one to other trade ids is dropped, and the request waits for its own,
+    whose fill goes out. (No node runs: the gateway's methods are called as its readers would.)"""
+    with gateway_with_a_resting_order(tmp_path) as (gateway, conn, alice, engine):
+        fill = [e for e in engine.handle(SubmitOrder("b1", "bob", "BTC-USDT", Side.BUY, OrderType.LIMIT,
+                                                     TimeInForce.GTC, 3_000_000, 100), ts_ns=2)
+                if getattr(e, "account", None) == "g1.alice"]
         alice.fills_lost(["BTC-USDT"])  # the feed was cut; it lost the fill
         after = alice.begin_fill_replay(["BTC-USDT"])
         assert after == {"BTC-USDT": 0}
@@ -1387,5 +1399,29 @@ def test_a_late_answer_to_an_earlier_fills_request_is_not_taken_for_the_one_on_i
         update = json.loads(written[written.index(b"{"):])
         assert (update["data"]["order_id"], update["data"]["status"], update["data"]["filled"]) == (
             "a1", "partially_filled", "0.1")
-    finally:
-        gateway.context.destroy(linger=0)
+
+
+@pytest.mark.parametrize("connected", [True, False], ids=["service-connected", "service-lost"])
+def test_fills_a_give_up_let_go_are_asked_again_later_if_the_matchers_snapshot_service_stayed_connected(
+        tmp_path: Path, connected: bool) -> None:
+    """The matcher gave no answer about a lost fill in 10 s, and the gateway let go what it held.
+    With its snapshot service lost, the handshake that comes when it is back asks again. With
+    the service connected all along (the matcher busy, or its answer lost), no handshake comes:
+    a timer asks again 10 s later, from below the lost fill. (No node runs.)"""
+    with gateway_with_a_resting_order(tmp_path) as (gateway, conn, alice, _):
+        if connected:
+            gateway._snapshot_service_event("m1", zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        alice.fills_lost(["BTC-USDT"])
+        now = time.monotonic()
+        request = FillsRequest(conn, alice.begin_fill_replay(["BTC-USDT"]), now - 11, time.time_ns())
+        request.sent, request.give_up = now - 11, now - 1
+        gateway.fills_requests[("m1", "g1.alice")] = request
+        gateway._send_fills_requests(now)  # given up: the client is told
+        assert b'"symbols":["BTC-USDT"]' in conn.transport.written and not gateway.fills_requests
+        gateway._send_fills_requests(now + 9)
+        assert not gateway.fills_requests
+        gateway._send_fills_requests(now + 10)
+        if connected:
+            assert gateway.fills_requests[("m1", "g1.alice")].after == {"BTC-USDT": 0}
+        else:
+            assert not gateway.fills_requests and "m1" in gateway.matcher_lost  # the handshake will ask

@@ -733,6 +733,10 @@ class Gateway:
         # matcher name -> when its feed, or the connection to its snapshot service, was lost (until it is back)
         self.matcher_lost: dict[str, float] = {}
         self.fills_requests: dict[tuple[str, str], FillsRequest] = {}  # (matcher name, account) -> request
+        self.snapshot_up: set[str] = set()  # matchers whose snapshot service this gateway is connected to now
+        # matcher name -> when to ask again for the fills that a give-up let go, its snapshot
+        # service connected all along (no handshake to come, which would ask: _snapshot_service_event)
+        self.fills_reask: dict[str, float] = {}
         # One DEALER per router, and each connection's orders through one of them while it is
         # up: a connection's requests reach the matcher, and its replies come back, in the order
         # it sent them (over several routers, a cancel could overtake the amend sent before it).
@@ -961,6 +965,7 @@ class Gateway:
             self.snapshot_outages[name] = (outage[0], outage[1] + 1)
         retired = self.retired_snapshot_sockets
         self._unmonitor_snapshot_socket(name)
+        self.snapshot_up.discard(name)  # until the new connection's handshake
         retired.append((self.snapshot_sockets[name], now + SNAPSHOT_RETIRE_S, name))
         own = [entry for entry in retired if entry[2] == name]
         for entry in own[:-SNAPSHOT_RETIRED_MAX]:
@@ -1000,10 +1005,14 @@ class Gateway:
         subscription reached it: its book is another one all the same."""
         now = time.monotonic()
         if event == zmq.EVENT_DISCONNECTED:
+            self.snapshot_up.discard(name)
             log.info("lost the connection to %s's snapshot service", name)
             self.matcher_lost.setdefault(name, now)
             self._feed_lost(name)  # it may be restarting: what it publishes before the feed reaches it is lost
-        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and name in self.matcher_lost:
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.snapshot_up.add(name)
+            if name not in self.matcher_lost:
+                return
             log.info("connected to %s's snapshot service again; resyncing its channels", name)
             self._resync_held(self.topology.symbols_of(name),
                               f"{name}'s snapshot service is back: the matcher may have restarted")
@@ -1487,6 +1496,13 @@ class Gateway:
             self.fills_requests[(matcher, account)] = FillsRequest(conn, after, now + wait, lost_ns)
 
     def _send_fills_requests(self, now: float) -> None:
+        for matcher, due in list(self.fills_reask.items()):
+            if now >= due:
+                del self.fills_reask[matcher]
+                if matcher in self.matcher_lost:  # no handshake has asked since
+                    log.info("asking %s again for the fills it did not give (its snapshot service stayed connected)",
+                             matcher)
+                    self._ask_fills(matcher, self.matcher_lost.pop(matcher), now)
         for (matcher, account), request in list(self.fills_requests.items()):
             if request.conn.session is None or request.conn.transport is None:
                 del self.fills_requests[(matcher, account)]  # the connection is gone
@@ -1494,11 +1510,15 @@ class Gateway:
                 del self.fills_requests[(matcher, account)]
                 self.counts["fills_incomplete"] += 1
                 log.warning("%s: no answer from %s about the fills its feed lost, in %g s; asked again once its "
-                            "snapshot service is connected again", account, matcher, FILLS_GIVE_UP_S)
+                            "snapshot service is connected again, or in %g s if it is", account, matcher,
+                            FILLS_GIVE_UP_S, FILLS_GIVE_UP_S)
                 # The matcher may be cut off from this gateway alone (its feed comes through a relay):
                 # the next handshake with its snapshot service asks every connection's fills again
-                # (_snapshot_service_event), and the client is told meanwhile.
+                # (_snapshot_service_event), and the client is told meanwhile. If it is connected
+                # (the matcher is busy, or its answer was lost), a timer asks (fills_reask).
                 self.matcher_lost.setdefault(matcher, now - (time.time_ns() - request.lost_ns) / 1e9)
+                if matcher in self.snapshot_up:
+                    self.fills_reask.setdefault(matcher, now + FILLS_GIVE_UP_S)
                 symbols = sorted(request.after)
                 request.conn.send(error(
                     "unavailable", f"fills of this connection's resting orders on {', '.join(symbols)} that the "
@@ -1636,7 +1656,7 @@ class Gateway:
         self._close_retired_snapshot_sockets(now)
         if now - self.stats.started >= STATS_INTERVAL_S:
             self.log_stats(now)
-        if self.fills_requests:
+        if self.fills_requests or self.fills_reask:
             self._send_fills_requests(now)
         for endpoint, since in list(self.feed_lost.items()):
             way = self.feed_paths.get(endpoint)
