@@ -877,8 +877,9 @@ class Session:
         return asked
 
     def fills_lost(self, symbols: Iterable[str]) -> None:
-        """The gateway's feed of ``symbols`` lost publications (it was cut, or a gap showed), or
-        the matcher did not answer a request for fills in time: fills after those passed on
+        """The gateway's feed of ``symbols`` lost publications (its connection was cut, or it was
+        lost again while the matcher was asked), or the matcher did not answer a request for
+        fills in time (the gateway gave up): fills after those passed on
         until now may be missing. The next ``begin_fill_replay`` asks from no higher than now
         (nor than a request in flight asked), whatever fills pass on before it, and until its
         answer is in a fill above that is checked as new (``_repeat``)."""
