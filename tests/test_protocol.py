@@ -1112,7 +1112,9 @@ def interleaved_order_flow(seed: int, steps: int = 300
     return updates(out), truth, uncertain, given_up
 
 
-@pytest.mark.parametrize("seed", range(12))
+# (and a group a scratch run of 30,000 flows found failing: a reply inside the answer let go a
+# fill of its order before another order's fill with a lower trade id, taken for a repeat then)
+@pytest.mark.parametrize("seed", [*range(12), 1959])
 def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(seed):
     """Every order's updates: ``accepted`` (or ``rejected``) first, each fill once, ``filled``
     never going back, nothing after ``filled`` or ``canceled``, the order's type on each, and

@@ -274,7 +274,7 @@ class Session:
     """
 
     __slots__ = ("_ask_floor", "_asking", "_ended", "_filled", "_inflight", "_maker_high", "_passed_trades",
-                 "_replaying", "_window", "_window_count", "account",
+                 "_replay_sure", "_replaying", "_window", "_window_count", "account",
                  "channels", "fills_wanted", "rate_limit", "symbols")
 
     def __init__(self, account: str, symbols: Mapping[str, SymbolSpec], *, rate_limit_per_s: int = 100) -> None:
@@ -317,6 +317,10 @@ class Session:
         # (symbol, order_id) -> the type and time in force of an order that ended here while
         # fills of its symbol may have been missing: one may come after its end (a give-up)
         self._ended: dict[tuple[str, str], tuple[str, str]] | None = None
+        # symbol -> _sure() when end_fill_replay began, while it runs: what it passes on in the
+        # book's order is checked against that (the fills a reply lets go may come before fills
+        # of other orders with lower trade ids, which are not repeats for it)
+        self._replay_sure: dict[str, int] | None = None
 
     # -- client messages -------------------------------------------------------------------------
 
@@ -720,7 +724,7 @@ class Session:
         still be missing, asked for or to be asked for (``None``: no order placed there)."""
         last = (self._maker_high or {}).get(symbol)
         if last is not None:
-            for doubt in (self._ask_floor, self._asking):
+            for doubt in (self._ask_floor, self._asking, self._replay_sure):
                 if doubt and symbol in doubt:
                     last = min(last, doubt[symbol])
         return last
@@ -899,6 +903,15 @@ class Session:
         ``seq``). A reply past ``upto`` (the matcher ran its command after it answered) is
         checked as if it came now: if it shows fills missing, it and what follows it wait for
         another answer (``fills_wanted``)."""
+        symbols = list(symbols)
+        self._replay_sure = {symbol: sure for symbol in symbols if (sure := self._sure(symbol)) is not None}
+        try:
+            return self._end_fill_replay(symbols, fills, upto)
+        finally:
+            self._replay_sure = None
+
+    def _end_fill_replay(self, symbols: list[str], fills: Iterable[Event], upto: Mapping[str, int] | None
+                         ) -> list[bytes]:
         merged: dict[tuple[str, int], OrderFilled] = {}
         replies: list[_HeldReply] = []
         replaying = self._replaying or {}
