@@ -1435,10 +1435,6 @@ def test_after_an_answer_that_never_came_the_next_ask_starts_below_the_fills_let
     assert alice.begin_fill_replay(["BTC-USDT"]) == {"BTC-USDT": 0}
 
 
-def statuses_filled(payloads: list[bytes]) -> list[tuple[str, str, str]]:
-    return [(u["data"]["order_id"], u["data"]["status"], u["data"]["filled"]) for u in updates(payloads)]
-
-
 def test_a_fill_held_for_its_orders_accepted_that_shows_an_earlier_one_missing_makes_the_accepted_wait():
     """a1's submit is on its way back when the feed loses a1's first fill; its second fill comes
     live and waits for the ``accepted``. That fill shows 0.1 filled before it: the ``accepted``
@@ -1455,7 +1451,7 @@ def test_a_fill_held_for_its_orders_accepted_that_shows_an_earlier_one_missing_m
     assert alice.fills_wanted == {"BTC-USDT": 0}
     asked = alice.begin_fill_replay(["BTC-USDT"])
     got = alice.end_fill_replay(asked, lost + live, {"BTC-USDT": ex.engine.seq})
-    assert statuses_filled(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
+    assert statuses(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
                                     ("a1", "partially_filled", "0.2")]
 
 
@@ -1492,7 +1488,7 @@ def test_a_fill_held_for_a_new_orders_reply_after_its_own_taker_fill_goes_out_wi
     _, sold = ex.order(bob, order_id="b2", side="sell", price="30000", quantity="0.1")
     assert alice.on_private(maker_fills(sold)) == []
     got = alice.on_reply(a1.command, "s", "ok", a1_events)
-    assert statuses_filled(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
+    assert statuses(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
                                     ("a1", "partially_filled", "0.2")]
     assert alice.fills_wanted is None
 
@@ -1521,7 +1517,7 @@ def test_fills_of_ended_orders_do_not_come_twice_when_a_cancel_overtakes_a_fill_
     assert alice.on_reply(cancel.command, "c", "ok", ex.run(cancel)) == []
     asked = alice.begin_fill_replay(["BTC-USDT"])
     assert asked == {"BTC-USDT": 0}
-    got = statuses_filled(alice.end_fill_replay(asked, made + late, {"BTC-USDT": ex.engine.seq}))
+    got = statuses(alice.end_fill_replay(asked, made + late, {"BTC-USDT": ex.engine.seq}))
     assert got == [("a0", "partially_filled", "0.1"), ("a0", "canceled", "0.1")]
 
 
@@ -1559,7 +1555,7 @@ def test_a_fill_lost_before_a_give_up_comes_once_asked_again_though_a_later_fill
     assert again == {"BTC-USDT": 0}
     assert fill_states(alice.end_fill_replay(again, lost + live, {"BTC-USDT": ex.engine.seq})) == [("a1", 1, "0.1")]
     cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1"})[0]
-    assert statuses_filled(alice.on_reply(cancel.command, None, "ok", ex.run(cancel))) == [("a1", "canceled", "0.2")]
+    assert statuses(alice.on_reply(cancel.command, None, "ok", ex.run(cancel))) == [("a1", "canceled", "0.2")]
 
 
 def test_a_fill_that_comes_after_a_give_up_and_its_orders_end_carries_the_orders_type():
@@ -1604,7 +1600,7 @@ def test_a_new_orders_fill_lost_unseen_is_asked_for_from_below_its_submit():
     asked = alice.begin_fill_replay(["BTC-USDT"])
     assert asked == {"BTC-USDT": 0}
     answer = [f for f in lost + other + live if f.trade_id > asked["BTC-USDT"]]
-    got = statuses_filled(alice.end_fill_replay(asked, answer, {"BTC-USDT": ex.engine.seq}))
+    got = statuses(alice.end_fill_replay(asked, answer, {"BTC-USDT": ex.engine.seq}))
     assert got == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"), ("a1", "partially_filled", "0.2")]
 
 
@@ -1629,7 +1625,7 @@ def test_a_reply_inside_the_answer_that_lets_go_a_fill_made_past_it_is_checked_a
     again = alice.begin_fill_replay(["BTC-USDT"])
     assert again == {"BTC-USDT": 0}
     got = alice.end_fill_replay(again, lost + live, {"BTC-USDT": ex.engine.seq})
-    assert statuses_filled(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
+    assert statuses(got) == [("a1", "accepted", "0"), ("a1", "partially_filled", "0.1"),
                                     ("a1", "partially_filled", "0.2")]
 
 
