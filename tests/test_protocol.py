@@ -975,7 +975,7 @@ def test_after_a_matcher_came_back_without_its_history_its_trade_ids_are_new_aga
     assert statuses(alice.on_private(fill)) == [("a2", "filled", "0.1")]
 
 
-def interleaved_order_flow(seed: int, steps: int = 300
+def interleaved_order_flow(seed: int, steps: int = 300, *, gaps: bool = False
                            ) -> tuple[list[dict], dict[str, tuple[int, bool]], set[str], set[str]]:
     """Alice submits, amends and cancels (of live and ended orders alike, ids sent again too)
     while Bob trades against her; her replies (one router: in the order sent) and the feed's
@@ -986,10 +986,12 @@ def interleaved_order_flow(seed: int, steps: int = 300
     ``unknown_outcome``) and its answer comes late; a publication of fills is lost (the gateway
     asks for them some steps later, or, if it is asking already, again once that answer is
     in); the matcher's answer never comes (the gateway gives up, lets go what it held, and asks
-    again some steps later), as the gateway does it. Her messages; for each of her orders the
-    engine's (lots filled, ended); the orders that had a request time out; those that had a
-    fill not passed on yet when an answer was given up (their fills may come after their
-    end). Nothing is left held at the end."""
+    again some steps later), as the gateway does it. With ``gaps``, some publications are
+    dropped at a high-water mark instead: later ones pass on, and the loss shows at some
+    later step (a public message after the gap; ``fills_lost_after``). Her messages; for each
+    of her orders the engine's (lots filled, ended); the orders that had a request time out;
+    those that had a fill not passed on yet when an answer was given up (their fills may come
+    after their end). Nothing is left held at the end."""
     rnd = random.Random(seed)
     engine = MatchingEngine(BTC)
     alice = session(ALICE)
@@ -1003,6 +1005,7 @@ def interleaved_order_flow(seed: int, steps: int = 300
     answer: tuple[list[OrderFilled], dict[str, int]] | None = None  # made, on its way
     again = False  # a publication was lost while the matcher was asked: ask again after its answer
     reask = False  # a publication was lost, or an answer never came: the gateway asks some steps later
+    gap: int | None = None  # publications after this seq were dropped, and no public message showed it yet
     timed_out: set[int] = set()  # request ids answered unknown_outcome
     uncertain: set[str] = set()  # their orders
     given_up: set[str] = set()  # orders with fills not passed on when an answer was given up
@@ -1032,7 +1035,7 @@ def interleaved_order_flow(seed: int, steps: int = 300
     ids = 0
     for step in range(steps + 10_000):
         draining = step >= steps
-        if draining and not (to_book or replies or feed or asked or reask):
+        if draining and not (to_book or replies or feed or asked or reask or gap is not None):
             break
         r = rnd.random()
         if not draining and r < 0.25:
@@ -1096,9 +1099,18 @@ def interleaved_order_flow(seed: int, steps: int = 300
                 again = False
         elif r < 0.87 and reask and asked is None:
             ask()
+        elif gaps and r < 0.88 and gap is not None:  # a public message shows the gap
+            alice.fills_lost_after("BTC-USDT", gap)
+            gap = None
+            if asked is None:
+                reask = True
+            else:
+                again = True
         elif feed:
             fills = feed.pop(0)
-            if rnd.random() < 0.04:  # lost on the way; the gateway finds its feed lost (and asks once it is back)
+            if gaps and rnd.random() < 0.03:
+                gap = fills[0].seq - 1 if gap is None else gap
+            elif rnd.random() < 0.04:  # lost on the way; the gateway finds its feed lost (and asks once it is back)
                 alice.fills_lost(["BTC-USDT"])
                 if asked is None:
                     reask = True
@@ -1106,7 +1118,7 @@ def interleaved_order_flow(seed: int, steps: int = 300
                     again = True
             else:
                 deliver(alice.on_private(fills))
-    assert not (to_book or replies or feed or asked or reask), "the flow did not drain"
+    assert not (to_book or replies or feed or asked or reask or gap is not None), "the flow did not drain"
     assert not alice._inflight and not alice._replaying and not alice.fills_wanted, "left held"
     assert not alice._ask_floor, "a floor left for no request"
     return updates(out), truth, uncertain, given_up
@@ -1114,8 +1126,9 @@ def interleaved_order_flow(seed: int, steps: int = 300
 
 # (and a group a scratch run of 30,000 flows found failing: a reply inside the answer let go a
 # fill of its order before another order's fill with a lower trade id, taken for a repeat then)
+@pytest.mark.parametrize("gaps", [False, True], ids=["feed-cut", "feed-gaps"])
 @pytest.mark.parametrize("seed", [*range(12), 1959])
-def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(seed):
+def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(seed, gaps):
     """Every order's updates: ``accepted`` (or ``rejected``) first, each fill once, ``filled``
     never going back, nothing after ``filled`` or ``canceled``, the order's type on each, and
     at the end what the engine holds. An order with a request that timed out is left the
@@ -1124,7 +1137,7 @@ def test_order_updates_keep_the_books_order_however_replies_and_feed_interleave(
     end; so is one with fills not passed on when an answer was given up (docs/protocol.md: they
     may come after updates of their order that went out meanwhile)."""
     for n in range(seed * 25, seed * 25 + 25):
-        messages, truth, uncertain, given_up = interleaved_order_flow(n)
+        messages, truth, uncertain, given_up = interleaved_order_flow(n, gaps=gaps)
         orders: dict[str, dict[str, Any]] = {}
         for m in messages:
             if m["type"] != "order_update" or m["data"]["status"] == "rejected":
@@ -1580,6 +1593,83 @@ def test_a_fill_that_comes_after_a_give_up_and_its_orders_end_carries_the_orders
     (late,) = updates(alice.end_fill_replay(again, lost, {"BTC-USDT": ex.engine.seq}))
     assert (late["data"]["status"], late["data"]["filled"]) == ("filled", "0.3")
     assert (late["data"]["type"], late["data"]["time_in_force"]) == ("limit", "post_only")
+
+
+def test_a_fill_lost_in_a_gap_is_asked_for_from_below_a_later_fill_that_came_past_the_gap():
+    """A high-water mark drops some of the feed's messages: the public part of b2's command and
+    a1's fill that completes it are lost; b3's public part is lost too, but a2's fill of it gets
+    through and is passed on. b4's public part then shows the gap (after the seq of b1's). The
+    matcher is asked from below a1's lost fill, not from a2's, and a1's fill comes, once."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.3")
+    ex.order(alice, order_id="a2", side="sell", price="30001", quantity="1")
+    assert fill_states(alice.on_private(bob_buys(ex, "b1", "30000", "0.1"))) == [("a1", 1, "0.1")]
+    shown = ex.engine.seq  # the last seq the channel applied
+    lost = bob_buys(ex, "b2", "30000", "0.2")
+    past = bob_buys(ex, "b3", "30001", "0.4")
+    assert fill_states(alice.on_private(past)) == [("a2", 3, "0.4")]
+    bob_buys(ex, "b4", "29000", "0.1")  # its public part shows the gap: b4 rests, nothing of alice's
+    alice.fills_lost_after("BTC-USDT", shown)
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 1}
+    got = statuses(alice.end_fill_replay(asked, lost + past, {"BTC-USDT": ex.engine.seq}))
+    assert got == [("a1", "filled", "0.3")]
+    assert alice.begin_fill_replay(["BTC-USDT"]) == {"BTC-USDT": 3}  # from the top again
+
+
+def test_a_gap_shown_while_the_matcher_is_asked_from_above_it_settles_nothing_with_that_answer():
+    """The matcher is asked for fills after trade 4 (a feed cut) when a gap shows that a fill
+    after trade 1 was dropped before: a1's (trade 2). a1's last fill (trade 3) waits for the
+    reply to an amend of a1, which comes while the matcher is asked (``unknown_order``). The
+    answer, from trade 4, does not reach down to the dropped fill: the reply and the fill it
+    lets go are checked as if they came now, wait for the next answer, from trade 1, and come
+    after a1's dropped fill."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.3")
+    ex.order(alice, order_id="a2", side="sell", price="30001", quantity="1")
+    assert fill_states(alice.on_private(bob_buys(ex, "b1", "30000", "0.1"))) == [("a1", 1, "0.1")]
+    shown = ex.engine.seq
+    dropped = bob_buys(ex, "b2", "30000", "0.1")
+    amend = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.5",
+                            "id": "m"})[0]
+    last = bob_buys(ex, "b3", "30000", "0.1")
+    assert alice.on_private(last) == []  # held for the amend's reply
+    past = bob_buys(ex, "b4", "30001", "0.2")
+    assert fill_states(alice.on_private(past)) == [("a2", 4, "0.2")]
+    alice.fills_lost(["BTC-USDT"])  # the feed was cut
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 4}
+    alice.fills_lost_after("BTC-USDT", shown)  # the gap shows, the request on its way
+    assert alice.on_reply(amend.command, "m", "ok", ex.run(amend)) == []  # held: the matcher is asked
+    upto = {"BTC-USDT": ex.engine.seq}
+    assert alice.end_fill_replay(asked, [], upto) == []
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    assert again == {"BTC-USDT": 1}
+    got = statuses(alice.end_fill_replay(again, dropped + last + past, upto))
+    assert got == [("a1", "partially_filled", "0.2"), ("a1", "filled", "0.3"), ("a1", "unknown_order", "")]
+
+
+@pytest.mark.parametrize("remembered", ["some", "PASSED_TRADES"])
+def test_when_every_fill_remembered_came_past_a_gap_the_ask_starts_at_the_oldest_remembered(remembered):
+    """Fills of a symbol that all came after the gap's seq: with fewer than PASSED_TRADES ever
+    passed on, none was forgotten and the matcher is asked for them all (from 0); with more,
+    from the oldest remembered, as every fill above it was (none comes twice)."""
+    ex = Exchange()
+    alice = session(ALICE, rate_limit_per_s=10**6)
+    ex.order(alice, order_id="a0", side="sell", price="30004", quantity="1")
+    if remembered == "some":
+        made = bob_buys(ex, "b1", "30004", "0.1")
+        assert len(alice.on_private(made)) == 1
+        oldest = 0
+    else:
+        made = many_fills_passed_on(ex, alice)
+        oldest = made[-PASSED_TRADES].trade_id
+    alice.fills_lost_after("BTC-USDT", 0)
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": oldest}
+    assert alice.end_fill_replay(asked, [f for f in made if f.trade_id > oldest], {"BTC-USDT": ex.engine.seq}) == []
 
 
 def test_a_new_orders_fill_lost_unseen_is_asked_for_from_below_its_submit():

@@ -290,10 +290,11 @@ class Session:
         # symbol -> the trade id of the last fill of a resting order passed on (0: none yet), for
         # each symbol this account placed orders on
         self._maker_high: dict[str, int] | None = None
-        # symbol -> the trade ids of the last PASSED_TRADES fills of resting orders passed on:
-        # a fill among them is a repeat, whatever the order's state here says (a late answer,
-        # an id sent again, can make an ended order look live, filled 0)
-        self._passed_trades: dict[str, dict[int, None]] | None = None
+        # symbol -> the trade ids of the last PASSED_TRADES fills of resting orders passed on, in
+        # the order they were, each with its seq: a fill among them is a repeat, whatever the
+        # order's state here says (a late answer, an id sent again, can make an ended order look
+        # live, filled 0); the seqs tell which came past a gap in the feed (fills_lost_after)
+        self._passed_trades: dict[str, dict[int, int]] | None = None
         # symbol -> its resting orders' fills, and the replies to its orders, that arrived while
         # the gateway asks the matcher for the fills its feed lost (begin_fill_replay)
         self._replaying: dict[str, list[OrderFilled | _HeldReply]] | None = None
@@ -671,7 +672,7 @@ class Session:
             if self._passed_trades is None:
                 self._passed_trades = {}
             recent = self._passed_trades.setdefault(fill.symbol, {})
-            recent[fill.trade_id] = None
+            recent[fill.trade_id] = fill.seq
             if len(recent) > (PASSED_TRADES_IN_DOUBT if self._in_doubt(fill.symbol) else PASSED_TRADES):
                 del recent[next(iter(recent))]  # the oldest passed on
             update = order_update(spec, fill, order_kind=self._kind(fill))  # before _passed ends the order
@@ -894,6 +895,29 @@ class Session:
                     self._ask_floor = {}
                 self._ask_floor[symbol] = min(sure, self._ask_floor.get(symbol, sure))
 
+    def fills_lost_after(self, symbol: str, seq: int) -> None:
+        """The feed of ``symbol`` lost publications after ``seq`` (a gap the next one showed):
+        ``fills_lost``, from below the fills passed on since that were made after ``seq``. Those
+        came past the gap: a high-water mark drops messages, not a stretch of them, and an
+        account's fills go out after their command's public part, so some may get through
+        before a public message shows the gap. The floor is the last fill passed on that was
+        made up to ``seq``; if every one remembered came after it, the oldest remembered (or 0,
+        if none was ever forgotten)."""
+        sure = self._sure(symbol)
+        if sure is None:
+            return
+        recent = self._passed_trades.get(symbol) if self._passed_trades else None
+        if recent:
+            for trade_id, made in reversed(recent.items()):  # the newest first: few came past a gap
+                if made <= seq:
+                    sure = min(sure, trade_id)
+                    break
+            else:
+                sure = min(sure, next(iter(recent)) if len(recent) >= PASSED_TRADES else 0)
+        if self._ask_floor is None:
+            self._ask_floor = {}
+        self._ask_floor[symbol] = min(sure, self._ask_floor.get(symbol, sure))
+
     def end_fill_replay(self, symbols: Iterable[str], fills: Iterable[Event],
                         upto: Mapping[str, int] | None = None) -> list[bytes]:
         """The matcher's answer to ``begin_fill_replay(symbols)``: its fills of this account's
@@ -902,7 +926,9 @@ class Session:
         fill not passed on yet is passed on once, and each reply, in the book's order (by
         ``seq``). A reply past ``upto`` (the matcher ran its command after it answered) is
         checked as if it came now: if it shows fills missing, it and what follows it wait for
-        another answer (``fills_wanted``)."""
+        another answer (``fills_wanted``). So is everything of a symbol where a gap lowered the
+        floor below what was asked while the request was on its way (``fills_lost_after``): the
+        answer does not reach down there."""
         symbols = list(symbols)
         self._replay_sure = {symbol: sure for symbol in symbols if (sure := self._sure(symbol)) is not None}
         try:
@@ -922,6 +948,14 @@ class Session:
                 merged[(item.symbol, item.trade_id)] = item
         if not replaying:
             self._replaying = None
+        floor, asking = self._ask_floor, self._asking
+        if floor and asking:
+            # A gap (fills_lost_after) lowered the floor below what was asked, the request on its
+            # way: the answer does not reach down there, and settles nothing of those symbols.
+            below = {symbol: -1 for symbol in symbols
+                     if symbol in floor and symbol in asking and floor[symbol] < asking[symbol]}
+            if below:
+                upto = {**(upto or {}), **below}
         tracked, inflight, sure = self._filled or {}, self._inflight or {}, self._sure
         out = []
         # A fill of an order with a submit or amend in flight joins the fills held for its
