@@ -52,10 +52,11 @@ from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted, TradeOccurred
 from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.gateway import (
-    PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, Connection, FillsRequest, Gateway, text_frame,
+    PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, ChannelState, Connection, FillsRequest, Gateway,
+    text_frame,
 )
 from zmx.node.runtime import load_topology
-from zmx.protocol import Session, Submit
+from zmx.protocol import Channel, Session, Submit
 from zmx.topology import Topology
 
 RATE = 20  # rate_limit_per_s of the shared gateway
@@ -1399,6 +1400,72 @@ def test_a_late_answer_to_an_earlier_fills_request_is_not_taken_for_the_one_on_i
         update = json.loads(written[written.index(b"{"):])
         assert (update["data"]["order_id"], update["data"]["status"], update["data"]["filled"]) == (
             "a1", "partially_filled", "0.1")
+
+
+@pytest.mark.parametrize("shown_by", ["update", "update-resyncing", "heartbeat"])
+def test_a_gap_in_a_channels_feed_asks_for_fills_from_below_one_that_came_past_the_gap(
+        tmp_path: Path, shown_by: str) -> None:
+    """A high-water mark dropped the public part of two commands and a1's fill that completes
+    it, but a2's fill of the second command got through and went out. The next update (while
+    the channel is synced, or while it waits for a snapshot after an earlier gap), or the
+    matcher's heartbeat, shows the loss: the gateway asks for a1's fills from below the lost
+    one, not from a2's, and a1's fill comes. (No node runs: the gateway reads its SUB, fed by a
+    PUB in the test, as its reader would.)"""
+    with gateway_with_a_resting_order(tmp_path) as (gateway, conn, alice, engine):
+        gateway._rearm = lambda sock, read: None  # type: ignore[method-assign]  # (no event loop)
+        a2 = next(a for a in alice.receive(json.dumps({
+            "action": "submit_order", "order_id": "a2", "symbol": "BTC-USDT", "side": "sell", "price": "30001",
+            "quantity": "1"}), 0.0) if type(a) is Submit)
+        alice.on_reply(a2.command, None, "ok", engine.handle(a2.command, ts_ns=2))
+        bob = (SubmitOrder(f"b{n}", "bob", "BTC-USDT", Side.BUY, OrderType.LIMIT, TimeInForce.GTC, price, lots)
+               for n, (price, lots) in enumerate([(3_000_000, 100), (3_000_000, 200), (3_000_100, 400),
+                                                  (2_900_000, 100)]))
+
+        def alices(events: list) -> list:
+            return [e for e in events if getattr(e, "account", None) == "g1.alice"]
+
+        assert len(alice.on_private(alices(engine.handle(next(bob), ts_ns=3)))) == 1
+        state = gateway.channels["BTC-USDT"] = ChannelState(Channel(gateway.symbols["BTC-USDT"]))
+        state.subscribed_at, state.feed_seq = 0.0, engine.seq  # the feed's last publication here
+        if shown_by != "update-resyncing":
+            state.channel.load_snapshot(engine.seq, [], [])
+        lost = alices(engine.handle(next(bob), ts_ns=4))
+        past = alices(engine.handle(next(bob), ts_ns=5))
+        shows = [e for e in engine.handle(next(bob), ts_ns=6) if type(e) is BookChanged]
+        pub = gateway.context.socket(zmq.XPUB)
+        try:
+            pub.bind("inproc://feed")
+            gateway.sub.connect("inproc://feed")
+            for name in ("BTC-USDT", "@g1.alice"):
+                gateway.sub.subscribe(name.encode() + b"\0")
+                assert pub.poll(5000) and pub.recv()[0] == 1  # the subscription is in
+            pub.send(codec.encode_account_publication("g1.alice", past))
+            pub.send(encode_publication("BTC-USDT", [FeedHeartbeat("BTC-USDT", engine.seq, 7)]
+                                        if shown_by == "heartbeat" else shows))
+            conn.transport.written.clear()
+            for _ in range(2):
+                assert gateway.sub.poll(5000)
+                gateway._read_sub()
+                if gateway.counts["gaps"]:
+                    break
+        finally:
+            pub.close(linger=0)
+        written = bytes(conn.transport.written)
+        update = json.loads(written[written.index(b"{"):])
+        assert (update["data"]["order_id"], update["data"]["filled"]) == ("a2", "0.4")  # a2's went out
+        assert gateway.counts["gaps"] == 1
+        request = gateway.fills_requests[("m1", "g1.alice")]
+        assert request.after == {"BTC-USDT": 1}
+        request.sent = time.monotonic()
+        conn.transport.written.clear()
+        gateway._fills_reply(b"g1.alice", msgpack.packb([
+            "m1", 0, codec.encode_account_publication("g1.alice", lost + past), {"BTC-USDT": engine.seq},
+            request.after]))
+        written = bytes(conn.transport.written)
+        update = json.loads(written[written.index(b"{"):])
+        assert (update["data"]["order_id"], update["data"]["status"], update["data"]["filled"]) == (
+            "a1", "filled", "0.3")
+        assert written.count(b"order_update") == 1  # a2's fill does not come twice
 
 
 @pytest.mark.parametrize("connected", [True, False], ids=["service-connected", "service-lost"])

@@ -1144,6 +1144,8 @@ class Gateway:
                     self._went_back(state, last.seq)  # see ChannelState.feed_seq
                 elif beat:
                     self._heartbeat_ahead(state, last.seq)
+                elif seq > state.feed_seq + 1 and state.feed_seq and not state.channel.synced:
+                    self._gap_while_unsynced(state, seq)  # (synced: the mirror sees it)
                 state.feed_seq = last.seq
             state.heard_at = now
             if state.subscribed_at:
@@ -1164,7 +1166,7 @@ class Gateway:
                 log.warning("%s: %s", name, e)
                 state.channel.reset()
                 self._ask_snapshot(state)
-                self._ask_fills(self.topology.owner_of(name), now - FEED_SILENT_S, now)  # lost with the updates?
+                self._fills_lost_in_gap(name, e.expected - 1, now)
                 continue
             if messages:
                 if not state.frames:
@@ -1182,15 +1184,36 @@ class Gateway:
     def _heartbeat_ahead(self, state: ChannelState, seq: int) -> None:
         """The matcher's heartbeat of an idle symbol says it is at ``seq``. Above the channel's
         book, a publication was lost on its way here, and nothing else would tell until the
-        market moves again: a resync."""
+        market moves again: a resync. (Above the feed's last publication while the channel
+        waits for a snapshot: a loss that the snapshot will cover, but fills went with it.)"""
         book = state.channel.seq
         if book is not None and seq > book:
             self.counts["gaps"] += 1
             log.warning("%s: the matcher's heartbeat is at seq %d, the book here at %d: a publication was lost",
                         state.channel.symbol, seq, book)
             self._resync(state, f"missed the publications up to seq {seq}")
-            now = time.monotonic()
-            self._ask_fills(self.topology.owner_of(state.channel.symbol), now - FEED_SILENT_S, now)
+            self._fills_lost_in_gap(state.channel.symbol, book, time.monotonic())
+        elif book is None and seq > state.feed_seq > 0:
+            self._gap_while_unsynced(state, seq + 1)
+
+    def _gap_while_unsynced(self, state: ChannelState, seq: int) -> None:
+        """Publication ``seq`` came after ``state.feed_seq``, with the channel waiting for a
+        snapshot (after a gap, a restart): the ones between were lost. The snapshot will hold
+        what they did to the book, but not the fills that went with them."""
+        self.counts["gaps"] += 1
+        log.warning("%s: publications %d to %d were lost while the book here waits for a snapshot",
+                    state.channel.symbol, state.feed_seq + 1, seq - 1)
+        self._fills_lost_in_gap(state.channel.symbol, state.feed_seq, time.monotonic())
+
+    def _fills_lost_in_gap(self, symbol: str, seq: int, now: float) -> None:
+        """The feed of ``symbol`` lost publications after ``seq``: fills of resting orders may
+        have been lost with them, and some made after them may have come (an account's fills
+        follow their command's public part): every connection asks the matcher from below
+        those (``Session.fills_lost_after``)."""
+        for conn in self.accounts.values():
+            if conn.session is not None:
+                conn.session.fills_lost_after(symbol, seq)
+        self._ask_fills(self.topology.owner_of(symbol), now - FEED_SILENT_S, now)
 
     def _went_back(self, state: ChannelState, seq: int) -> None:
         """The feed of ``state``'s symbol went back to ``seq``: its matcher lost its history, and
