@@ -255,7 +255,7 @@ def test_seeded_order_flow_from_several_connections_leaves_every_book_equal_to_t
     # only when its own feed from the matcher has a gap, and this cluster is local and healthy.
     resynced = {s: early.books[s].snapshots - 1 for s in symbols if early.books[s].snapshots > 1}
     why = [line for line in node(cluster, "g1").log().splitlines()
-           if "resync" in line or "behind" in line or "expected seq" in line]
+           if "resync" in line or "behind" in line or "expected seq" in line or "way here" in line]
     assert not resynced, f"the gateway resynced {resynced}: {why}"
 
 

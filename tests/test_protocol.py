@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from zmx import protocol
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.depth import book_checksum, checksum
 from zmx.engine import MatchingEngine
@@ -1649,6 +1650,123 @@ def test_a_gap_shown_while_the_matcher_is_asked_from_above_it_settles_nothing_wi
     assert again == {"BTC-USDT": 1}
     got = statuses(alice.end_fill_replay(again, dropped + last + past, upto))
     assert got == [("a1", "partially_filled", "0.2"), ("a1", "filled", "0.3"), ("a1", "unknown_order", "")]
+
+
+def test_a_give_up_after_a_gap_lowered_the_floor_lets_go_what_was_held():
+    """As above, but the matcher never answers: at the give-up, the amend's reply and the fill
+    it held go out (docs/protocol.md: without the missing fill, which comes once the matcher
+    answers again)."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.3")
+    ex.order(alice, order_id="a2", side="sell", price="30001", quantity="1")
+    assert fill_states(alice.on_private(bob_buys(ex, "b1", "30000", "0.1"))) == [("a1", 1, "0.1")]
+    shown = ex.engine.seq
+    dropped = bob_buys(ex, "b2", "30000", "0.1")
+    amend = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.5",
+                            "id": "m"})[0]
+    last = bob_buys(ex, "b3", "30000", "0.1")
+    assert alice.on_private(last) == []
+    past = bob_buys(ex, "b4", "30001", "0.2")
+    assert fill_states(alice.on_private(past)) == [("a2", 4, "0.2")]
+    alice.fills_lost(["BTC-USDT"])
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 4}
+    alice.fills_lost_after("BTC-USDT", shown)
+    assert alice.on_reply(amend.command, "m", "ok", ex.run(amend)) == []
+    alice.fills_lost(asked)  # given up
+    assert statuses(alice.end_fill_replay(asked, ())) == [("a1", "filled", "0.3"), ("a1", "unknown_order", "")]
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    assert again == {"BTC-USDT": 1}
+    assert statuses(alice.end_fill_replay(again, dropped + last + past, {"BTC-USDT": ex.engine.seq})) == [
+        ("a1", "partially_filled", "0.2")]  # late, as a give-up allows
+
+
+def test_a_gap_shown_while_a_request_for_fills_an_order_showed_missing_is_on_its_way_settles_nothing():
+    """(A review of the first version.) a2's fill t5 shows t4 missing, and the matcher is asked
+    from trade 3 (the request made for fills an order showed missing; no loss floor). A gap
+    then shows that a1's t2 was dropped too. The answer, from trade 3, does not reach down to
+    it: a cancel of a1 answered meanwhile waits for the next answer, and comes after t2."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30001", quantity="0.3")
+    ex.order(alice, order_id="a2", side="buy", price="29999", quantity="1")
+    assert fill_states(alice.on_private(bob_buys(ex, "b1", "30001", "0.1"))) == [("a1", 1, "0.1")]
+    shown = ex.engine.seq
+
+    def bob_sells(order_id: str, price: str) -> list[OrderFilled]:
+        return maker_fills(ex.order(session(BOB), order_id=order_id, side="sell", price=price, quantity="0.1")[1])
+
+    dropped = bob_buys(ex, "b2", "30001", "0.1")  # a1's t2: both frames dropped
+    past = bob_sells("b3", "29999")  # a2's t3 came past the gap
+    assert fill_states(alice.on_private(past)) == [("a2", 3, "0.1")]
+    dropped2 = bob_sells("b4", "29999")
+    shows = bob_sells("b5", "29999")
+    assert alice.on_private(shows) == []  # shows t4 missing: the matcher is asked at once
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 3}
+    bob_sells("b6", "29000")  # its public frame shows the gap
+    alice.fills_lost_after("BTC-USDT", shown)
+    alice.fills_lost(["BTC-USDT"])  # (the gateway's _ask_fills, a request on its way: asked again after it)
+    cancel = receive(alice, {"action": "cancel_order", "symbol": "BTC-USDT", "order_id": "a1", "id": "c"})[0]
+    assert alice.on_reply(cancel.command, "c", "ok", ex.run(cancel)) == []
+    upto = {"BTC-USDT": ex.engine.seq}
+    first = statuses(alice.end_fill_replay(asked, dropped2 + shows, upto))
+    assert first == [("a2", "partially_filled", "0.2"), ("a2", "partially_filled", "0.3")]
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    assert again == {"BTC-USDT": 1}
+    second = statuses(alice.end_fill_replay(again, dropped + past + dropped2 + shows, upto))
+    assert second == [("a1", "partially_filled", "0.2"), ("a1", "canceled", "0.2")]
+
+
+def test_the_floor_after_a_gap_is_the_highest_trade_id_made_before_it_whichever_went_out_last():
+    """(A review of the first version.) a1's fill t1 waits for the reply to an amend of a1
+    while PASSED_TRADES + 1 fills of a0 pass on; then the reply lets t1 go, the last fill
+    passed on. A gap after all of them: the ask starts after the highest trade id made before
+    it, not after t1, and no fill of a0 comes twice."""
+    ex = Exchange()
+    alice = session(ALICE, rate_limit_per_s=10**6)
+    ex.order(alice, order_id="a0", side="sell", price="30002", quantity="1")
+    ex.order(alice, order_id="a1", side="buy", price="29998", quantity="0.2")
+    amend = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.3"})[0]
+    held = maker_fills(ex.order(session(BOB), order_id="b0", side="sell", price="29998", quantity="0.1")[1])
+    assert alice.on_private(held) == []
+    later = []
+    for n in range(PASSED_TRADES + 1):
+        later += bob_buys(ex, f"b{n + 1}", "30002", "0.00001")
+        assert len(alice.on_private(later[-1:])) == 1
+    assert statuses(alice.on_reply(amend.command, None, "ok", ex.run(amend))) == [
+        ("a1", "partially_filled", "0.1"), ("a1", "amended", "0.1")]
+    bob_buys(ex, "bx", "29000", "0.01")  # its public frame dropped, nothing of alice's with it
+    alice.fills_lost_after("BTC-USDT", ex.engine.seq - 1)
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": later[-1].trade_id}
+    answer = [f for f in held + later if f.trade_id > 1]  # (an answer from lower down: none comes twice)
+    assert alice.end_fill_replay(asked, answer, {"BTC-USDT": ex.engine.seq}) == []
+
+
+def test_the_fills_kept_to_tell_repeats_are_the_highest_trade_ids_not_the_last_passed_on(monkeypatch):
+    """(PASSED_TRADES lowered to 2.) a1's fills t1-t4 wait for the reply to an amend of a1,
+    while a0's t5 passes on; then the reply lets t1-t4 go. A gap after all of them: the ask
+    starts after t5, and t5 does not come twice, as it would if t3 and t4, passed on last,
+    were the ones kept."""
+    monkeypatch.setattr(protocol, "PASSED_TRADES", 2)
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a0", side="sell", price="30002", quantity="1")
+    ex.order(alice, order_id="a1", side="buy", price="29998", quantity="1")
+    amend = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "2"})[0]
+    held = [f for n in range(1, 5) for f in maker_fills(
+        ex.order(session(BOB), order_id=f"b{n}", side="sell", price="29998", quantity="0.1")[1])]
+    assert alice.on_private(held) == []
+    live = bob_buys(ex, "b5", "30002", "0.1")
+    assert fill_states(alice.on_private(live)) == [("a0", 5, "0.1")]
+    assert len(alice.on_reply(amend.command, None, "ok", ex.run(amend))) == 5  # t1-t4, then amended
+    bob_buys(ex, "bx", "29000", "0.01")  # its public frame dropped
+    alice.fills_lost_after("BTC-USDT", ex.engine.seq - 1)
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert asked == {"BTC-USDT": 5}
+    assert alice.end_fill_replay(asked, held + live, {"BTC-USDT": ex.engine.seq}) == []
 
 
 @pytest.mark.parametrize("remembered", ["some", "PASSED_TRADES"])

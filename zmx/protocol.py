@@ -15,6 +15,7 @@ frame them once and write the same bytes to every subscriber.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from heapq import heappop, heappush
 from typing import Any, NamedTuple, Union
 
 import orjson
@@ -290,11 +291,11 @@ class Session:
         # symbol -> the trade id of the last fill of a resting order passed on (0: none yet), for
         # each symbol this account placed orders on
         self._maker_high: dict[str, int] | None = None
-        # symbol -> the trade ids of the last PASSED_TRADES fills of resting orders passed on, in
-        # the order they were, each with its seq: a fill among them is a repeat, whatever the
-        # order's state here says (a late answer, an id sent again, can make an ended order look
-        # live, filled 0); the seqs tell which came past a gap in the feed (fills_lost_after)
-        self._passed_trades: dict[str, dict[int, int]] | None = None
+        # symbol -> the trade ids of the highest PASSED_TRADES fills of resting orders passed on,
+        # each with its seq: a fill among them is a repeat, whatever the order's state here says
+        # (a late answer, an id sent again, can make an ended order look live, filled 0); the
+        # seqs tell which came past a gap in the feed (fills_lost_after)
+        self._passed_trades: dict[str, _Passed] | None = None
         # symbol -> its resting orders' fills, and the replies to its orders, that arrived while
         # the gateway asks the matcher for the fills its feed lost (begin_fill_replay)
         self._replaying: dict[str, list[OrderFilled | _HeldReply]] | None = None
@@ -671,10 +672,11 @@ class Session:
                 high[fill.symbol] = fill.trade_id
             if self._passed_trades is None:
                 self._passed_trades = {}
-            recent = self._passed_trades.setdefault(fill.symbol, {})
-            recent[fill.trade_id] = fill.seq
-            if len(recent) > (PASSED_TRADES_IN_DOUBT if self._in_doubt(fill.symbol) else PASSED_TRADES):
-                del recent[next(iter(recent))]  # the oldest passed on
+            recent = self._passed_trades.get(fill.symbol)
+            if recent is None:
+                recent = self._passed_trades[fill.symbol] = _Passed()
+            recent.add(fill.trade_id, fill.seq,
+                       PASSED_TRADES_IN_DOUBT if self._in_doubt(fill.symbol) else PASSED_TRADES)
             update = order_update(spec, fill, order_kind=self._kind(fill))  # before _passed ends the order
             self._passed(fill)
             out.append(update)  # type: ignore[arg-type]
@@ -900,20 +902,20 @@ class Session:
         ``fills_lost``, from below the fills passed on since that were made after ``seq``. Those
         came past the gap: a high-water mark drops messages, not a stretch of them, and an
         account's fills go out after their command's public part, so some may get through
-        before a public message shows the gap. The floor is the last fill passed on that was
-        made up to ``seq``; if every one remembered came after it, the oldest remembered (or 0,
-        if none was ever forgotten)."""
+        before a public message shows the gap. The floor is the highest trade id passed on that
+        was made up to ``seq``; if every one kept was made after it, the lowest kept (or 0, if
+        none was ever forgotten). Every fill passed on above the floor is kept (``_Passed``),
+        so none of them comes twice."""
         sure = self._sure(symbol)
         if sure is None:
             return
         recent = self._passed_trades.get(symbol) if self._passed_trades else None
         if recent:
-            for trade_id, made in reversed(recent.items()):  # the newest first: few came past a gap
-                if made <= seq:
-                    sure = min(sure, trade_id)
-                    break
+            made_before = [trade_id for trade_id, made in recent.seqs.items() if made <= seq]
+            if made_before:
+                sure = min(sure, max(made_before))
             else:
-                sure = min(sure, next(iter(recent)) if len(recent) >= PASSED_TRADES else 0)
+                sure = min(sure, recent.ids[0] if len(recent) >= PASSED_TRADES else 0)
         if self._ask_floor is None:
             self._ask_floor = {}
         self._ask_floor[symbol] = min(sure, self._ask_floor.get(symbol, sure))
@@ -928,16 +930,18 @@ class Session:
         checked as if it came now: if it shows fills missing, it and what follows it wait for
         another answer (``fills_wanted``). So is everything of a symbol where a gap lowered the
         floor below what was asked while the request was on its way (``fills_lost_after``): the
-        answer does not reach down there."""
+        answer does not reach down there. ``symbols``: what ``begin_fill_replay`` returned (the
+        trade ids asked after), or only the symbols (then the floors of losses asked for count)."""
+        asked = symbols if isinstance(symbols, Mapping) else dict(self._asking or {})
         symbols = list(symbols)
         self._replay_sure = {symbol: sure for symbol in symbols if (sure := self._sure(symbol)) is not None}
         try:
-            return self._end_fill_replay(symbols, fills, upto)
+            return self._end_fill_replay(symbols, fills, upto, asked)
         finally:
             self._replay_sure = None
 
-    def _end_fill_replay(self, symbols: list[str], fills: Iterable[Event], upto: Mapping[str, int] | None
-                         ) -> list[bytes]:
+    def _end_fill_replay(self, symbols: list[str], fills: Iterable[Event], upto: Mapping[str, int] | None,
+                         asked: Mapping[str, int]) -> list[bytes]:
         merged: dict[tuple[str, int], OrderFilled] = {}
         replies: list[_HeldReply] = []
         replaying = self._replaying or {}
@@ -948,12 +952,13 @@ class Session:
                 merged[(item.symbol, item.trade_id)] = item
         if not replaying:
             self._replaying = None
-        floor, asking = self._ask_floor, self._asking
-        if floor and asking:
+        floor = self._ask_floor
+        if floor and upto is not None:
             # A gap (fills_lost_after) lowered the floor below what was asked, the request on its
             # way: the answer does not reach down there, and settles nothing of those symbols.
+            # (Not a give-up, upto None: what was held goes out then, as docs/protocol.md says.)
             below = {symbol: -1 for symbol in symbols
-                     if symbol in floor and symbol in asking and floor[symbol] < asking[symbol]}
+                     if symbol in floor and symbol in asked and floor[symbol] < asked[symbol]}
             if below:
                 upto = {**(upto or {}), **below}
         tracked, inflight, sure = self._filled or {}, self._inflight or {}, self._sure
@@ -998,9 +1003,8 @@ class Session:
             if self._in_doubt(symbol):
                 continue
             recent = self._passed_trades.get(symbol) if self._passed_trades else None
-            if recent is not None and len(recent) > PASSED_TRADES:
-                for trade_id in list(recent)[:len(recent) - PASSED_TRADES]:
-                    del recent[trade_id]  # the doubt is over: back to the last PASSED_TRADES
+            if recent is not None:
+                recent.keep(PASSED_TRADES)  # the doubt is over: back to the highest PASSED_TRADES
         return out
 
     def _forget_ended(self, symbol: str) -> None:
@@ -1038,6 +1042,35 @@ def _first_two(step: tuple[int, int, int, int]) -> tuple[int, int]:
 
 def _by_seq(fill: OrderFilled) -> int:
     return fill.seq
+
+
+class _Passed:
+    """The trade ids of one symbol's fills passed on to a connection, each with its seq: the
+    highest ``bound`` of them, so that every fill passed on above the lowest one kept is kept
+    (fills are passed on out of trade id order at times: held ones, answers)."""
+
+    __slots__ = ("ids", "seqs")
+
+    def __init__(self) -> None:
+        self.seqs: dict[int, int] = {}  # trade id -> seq
+        self.ids: list[int] = []  # the same trade ids, a heap: the lowest first
+
+    def __contains__(self, trade_id: int) -> bool:
+        return trade_id in self.seqs
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, trade_id: int, seq: int, bound: int) -> None:
+        self.seqs[trade_id] = seq
+        heappush(self.ids, trade_id)
+        self.keep(bound)
+
+    def keep(self, bound: int) -> None:
+        """Forget the lowest trade ids past ``bound``."""
+        seqs, ids = self.seqs, self.ids
+        while len(ids) > bound:
+            del seqs[heappop(ids)]
 
 
 class _Hold:

@@ -562,14 +562,15 @@ class ChannelState:
         # How the gateway sees that the matcher came back without the history it had published
         # (a wiped or new data directory) when nothing else tells it: behind a relay, whose
         # connection to the gateway never broke. Its seq starts again from 1.
-        # - ``feed_seq``: the seq of the feed's last publication (0: none since the subscription
-        #   or a resync). It only grows: one path from a matcher to here (``zmx.topology`` refuses
-        #   two), in order. A seq at or below it went back.
+        # - ``feed_seq``: the seq of the feed's last publication (-1: none since the subscription
+        #   or a resync; a quiet symbol's heartbeat says 0). It only grows: one path from a
+        #   matcher to here (``zmx.topology`` refuses two), in order. A seq at or below it went
+        #   back; one more than a step above it shows publications lost (``_feed_gap``).
         # - ``snapshot_seq`` and ``snapshot_taken_ns``: the last snapshot's seq and when the
         #   matcher took it (its clock; 0: not said). Updates at or below that seq that come after
         #   the snapshot are expected (they were on their way), but they were stamped before it
         #   was taken; one stamped after it went back.
-        self.feed_seq = 0
+        self.feed_seq = -1
         self.snapshot_seq = 0
         self.snapshot_taken_ns = 0
         # this stats window (StatsWindow): publications taken, messages written to connections,
@@ -1104,7 +1105,7 @@ class Gateway:
         state.channel.reset()
         state.snapshot_asked = 0.0
         state.subscribed_at = time.monotonic()  # the subscription is sent again on reconnection
-        state.feed_seq = state.snapshot_seq = 0  # a restarted publisher may go on from any seq
+        state.feed_seq, state.snapshot_seq = -1, 0  # a restarted publisher may go on from any seq
 
     # -- market data --------------------------------------------------------------------------------------
 
@@ -1142,10 +1143,11 @@ class Gateway:
                 seq = last.seq + 1 if beat else last.seq
                 if seq <= state.feed_seq or seq <= state.snapshot_seq and last.ts_ns > state.snapshot_taken_ns:
                     self._went_back(state, last.seq)  # see ChannelState.feed_seq
-                elif beat:
-                    self._heartbeat_ahead(state, last.seq)
-                elif seq > state.feed_seq + 1 and state.feed_seq and not state.channel.synced:
-                    self._gap_while_unsynced(state, seq)  # (synced: the mirror sees it)
+                else:
+                    if seq > state.feed_seq + 1 and state.feed_seq >= 0:
+                        self._feed_gap(state, seq)
+                    if beat:
+                        self._heartbeat_ahead(state, last.seq)
                 state.feed_seq = last.seq
             state.heard_at = now
             if state.subscribed_at:
@@ -1161,12 +1163,10 @@ class Gateway:
                 state.lag_max_ns = lag
             try:
                 messages = state.channel.publish(events)
-            except SequenceGap as e:
-                self.counts["gaps"] += 1
-                log.warning("%s: %s", name, e)
+            except SequenceGap as e:  # (counted, and its fills asked for, by _feed_gap)
+                log.info("%s: the book here needs a snapshot: %s", name, e)
                 state.channel.reset()
                 self._ask_snapshot(state)
-                self._fills_lost_in_gap(name, e.expected - 1, now)
                 continue
             if messages:
                 if not state.frames:
@@ -1183,26 +1183,22 @@ class Gateway:
 
     def _heartbeat_ahead(self, state: ChannelState, seq: int) -> None:
         """The matcher's heartbeat of an idle symbol says it is at ``seq``. Above the channel's
-        book, a publication was lost on its way here, and nothing else would tell until the
-        market moves again: a resync. (Above the feed's last publication while the channel
-        waits for a snapshot: a loss that the snapshot will cover, but fills went with it.)"""
+        book, a publication was lost on its way here (``_feed_gap`` counted it), and nothing
+        else would tell until the market moves again: a resync."""
         book = state.channel.seq
         if book is not None and seq > book:
-            self.counts["gaps"] += 1
-            log.warning("%s: the matcher's heartbeat is at seq %d, the book here at %d: a publication was lost",
-                        state.channel.symbol, seq, book)
-            self._resync(state, f"missed the publications up to seq {seq}")
-            self._fills_lost_in_gap(state.channel.symbol, book, time.monotonic())
-        elif book is None and seq > state.feed_seq > 0:
-            self._gap_while_unsynced(state, seq + 1)
+            self._resync(state, f"the book is at seq {book}, the matcher's heartbeat at {seq}")
 
-    def _gap_while_unsynced(self, state: ChannelState, seq: int) -> None:
-        """Publication ``seq`` came after ``state.feed_seq``, with the channel waiting for a
-        snapshot (after a gap, a restart): the ones between were lost. The snapshot will hold
-        what they did to the book, but not the fills that went with them."""
+    def _feed_gap(self, state: ChannelState, seq: int) -> None:
+        """Publication ``seq`` (a heartbeat: one past its seq) came after ``state.feed_seq``: the
+        ones between were lost (a high-water mark), whatever the book here: a snapshot taken
+        ahead of the feed holds what they did to the book, but not the fills that went with
+        them. The book resyncs if it needs to (``SequenceGap``, ``_heartbeat_ahead``)."""
         self.counts["gaps"] += 1
-        log.warning("%s: publications %d to %d were lost while the book here waits for a snapshot",
-                    state.channel.symbol, state.feed_seq + 1, seq - 1)
+        first, last = state.feed_seq + 1, seq - 1
+        log.warning("%s: %s lost on %s way here", state.channel.symbol,
+                    f"publication {first} was" if first == last else f"publications {first} to {last} were",
+                    "its" if first == last else "their")
         self._fills_lost_in_gap(state.channel.symbol, state.feed_seq, time.monotonic())
 
     def _fills_lost_in_gap(self, symbol: str, seq: int, now: float) -> None:
