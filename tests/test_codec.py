@@ -18,6 +18,7 @@ from zmx.codec import (
     VERSION,
     decode,
     decode_batch,
+    decode_counted_publication,
     decode_publication,
     encode,
     encode_account_publication,
@@ -254,6 +255,40 @@ def test_account_publication_round_trip(data: st.DataObject, account: str) -> No
     assert name == "@" + account
     for got, want in zip(decoded, events, strict=True):
         assert_identical(got, want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data(), ids, st.integers(0, 2**63 - 1), st.integers(1, 2**63 - 1))
+def test_a_counted_account_publication_round_trip(data: st.DataObject, account: str, epoch: int, n: int) -> None:
+    events = data.draw(st.lists(private_events(account), max_size=6))
+    frame = encode_account_publication(account, events, (epoch, n))
+    assert frame == join_account_publication(account, pack_records(events), (epoch, n))
+    assert frame == account_topic(account) + b"\x01" + msgpack.packb(
+        [epoch, n, [[codec.TYPE_CODES[type(e)], *e] for e in events]])
+    name, decoded, counted = decode_counted_publication(frame)
+    assert (name, counted) == ("@" + account, (epoch, n))
+    for got, want in zip(decoded, events, strict=True):
+        assert_identical(got, want)
+    assert decode_publication(frame) == (name, decoded)  # (the count left out)
+    assert decode_counted_publication(encode_account_publication(account, events))[2] is None
+
+
+@pytest.mark.parametrize("counted, expected", [
+    ((-1, 1), "an epoch and a number from 1, got integer -1, integer 1"),
+    ((1, 0), "got integer 1, integer 0"),
+    ((1, "2"), "got integer 1, string '2'"),
+    ((2**63, 1), "got integer 9223372036854775808, integer 1"),
+])
+def test_a_counted_account_publication_with_a_bad_count_is_refused(counted: tuple, expected: str) -> None:
+    frame = b"@alice\x00\x01" + msgpack.packb([*counted, [[codec.TYPE_CODES[type(FILLED)], *FILLED]]])
+    with pytest.raises(DecodeError, match=re.escape(expected)):
+        decode_counted_publication(frame)
+
+
+def test_only_an_account_publication_is_counted() -> None:
+    frame = b"BTC-USDT\x00\x01" + msgpack.packb([1, 2, [[codec.TYPE_CODES[type(TRADE)], *TRADE]]])
+    with pytest.raises(DecodeError, match="a batch is an array of messages|message 0"):
+        decode_counted_publication(frame)
 
 
 @settings(max_examples=100, deadline=None)

@@ -1426,6 +1426,65 @@ def feed_gateway(gateway: Gateway, topics: list[str], frames: list[bytes], until
         pub.close(linger=0)
 
 
+@contextlib.contextmanager
+def gateway_with_two_resting_orders(tmp_path: Path) -> Iterator[tuple[Gateway, Connection, Session, MatchingEngine]]:
+    """``gateway_with_a_resting_order``, and alice's sell a2 (1 at 30001) resting too; the
+    gateway runs no event loop (its readers are called by the test)."""
+    with gateway_with_a_resting_order(tmp_path) as (gateway, conn, alice, engine):
+        gateway._rearm = lambda sock, read: None  # type: ignore[method-assign]
+        a2 = next(a for a in alice.receive(json.dumps({
+            "action": "submit_order", "order_id": "a2", "symbol": "BTC-USDT", "side": "sell", "price": "30001",
+            "quantity": "1"}), 0.0) if type(a) is Submit)
+        alice.on_reply(a2.command, None, "ok", engine.handle(a2.command, ts_ns=2))
+        yield gateway, conn, alice, engine
+
+
+def test_a_lost_frame_of_an_account_is_seen_in_the_count_of_its_next_one(tmp_path: Path) -> None:
+    """The matcher counts each account's frames. One of alice's is lost (a1's last fill, and its
+    command's public frame came: no gap in any channel, and nothing else of a1 will tell); the
+    next one, a2's fill, skips a number. The gateway asks for alice's fills from what it had
+    passed on before it, holds a2's fill, and a1's comes first. (No node runs.)"""
+    with gateway_with_two_resting_orders(tmp_path) as (gateway, conn, alice, engine):
+
+        def alices(price: int, lots: int, ts_ns: int) -> list:
+            return [e for e in engine.handle(SubmitOrder(f"b{ts_ns}", "bob", "BTC-USDT", Side.BUY, OrderType.LIMIT,
+                                                         TimeInForce.GTC, price, lots), ts_ns=ts_ns)
+                    if getattr(e, "account", None) == "g1.alice"]
+
+        first, lost, past = alices(3_000_000, 100, 3), alices(3_000_000, 200, 4), alices(3_000_100, 400, 5)
+        conn.transport.written.clear()
+        feed_gateway(gateway, ["@g1.alice"], [codec.encode_account_publication("g1.alice", first, (4, 5)),
+                                              codec.encode_account_publication("g1.alice", past, (4, 7))],
+                     until=lambda: gateway.counts["account_frames_lost"] > 0)
+        assert gateway.counts["account_frames_lost"] == 1
+        assert fill_updates(conn) == [("a1", 1, "0.1")]  # a2's waits
+        request = gateway.fills_requests[("m1", "g1.alice")]
+        assert request.after == {"BTC-USDT": 1}
+        request.sent = time.monotonic()
+        gateway._fills_reply(b"g1.alice", msgpack.packb([
+            "m1", 0, codec.encode_account_publication("g1.alice", lost + past), {"BTC-USDT": engine.seq},
+            request.after]))
+        assert fill_updates(conn) == [("a1", 2, "0.3"), ("a2", 3, "0.4")]
+
+
+def fill_updates(conn: Connection) -> list[tuple[str, int, str]]:
+    """(order_id, trade_id, filled) of the order_updates written to ``conn`` (the gateway's own
+    unmasked text frames) since the last call."""
+    data = bytes(conn.transport.written)  # type: ignore[union-attr]
+    conn.transport.written.clear()  # type: ignore[union-attr]
+    out, at = [], 0
+    while at < len(data):
+        size, at = data[at + 1] & 0x7F, at + 2
+        if size == 126:
+            size, at = int.from_bytes(data[at:at + 2], "big"), at + 2
+        elif size == 127:
+            size, at = int.from_bytes(data[at:at + 8], "big"), at + 8
+        update = json.loads(data[at:at + size])
+        at += size
+        out.append((update["data"]["order_id"], update["data"]["trade_id"], update["data"]["filled"]))
+    return out
+
+
 def test_a_publication_lost_after_a_quiet_symbols_heartbeat_at_seq_0_is_a_gap(tmp_path: Path) -> None:
     """A symbol that never moved: its heartbeat says seq 0, then publication 1 is lost and 2
     comes, while the channel waits for its snapshot. The gateway counts the gap and asks for
@@ -1451,12 +1510,7 @@ def test_a_gap_in_a_channels_feed_asks_for_fills_from_below_one_that_came_past_t
     and the lost ones too); or the matcher's heartbeat does. The gateway asks for a1's fills
     from below the lost one, not from a2's, and a1's fill comes. (No node runs: the gateway
     reads its SUB, fed by a PUB in the test, as its reader would.)"""
-    with gateway_with_a_resting_order(tmp_path) as (gateway, conn, alice, engine):
-        gateway._rearm = lambda sock, read: None  # type: ignore[method-assign]  # (no event loop)
-        a2 = next(a for a in alice.receive(json.dumps({
-            "action": "submit_order", "order_id": "a2", "symbol": "BTC-USDT", "side": "sell", "price": "30001",
-            "quantity": "1"}), 0.0) if type(a) is Submit)
-        alice.on_reply(a2.command, None, "ok", engine.handle(a2.command, ts_ns=2))
+    with gateway_with_two_resting_orders(tmp_path) as (gateway, conn, alice, engine):
         bob = (SubmitOrder(f"b{n}", "bob", "BTC-USDT", Side.BUY, OrderType.LIMIT, TimeInForce.GTC, price, lots)
                for n, (price, lots) in enumerate([(3_000_000, 100), (3_000_000, 200), (3_000_100, 400),
                                                   (2_900_000, 100)]))

@@ -186,18 +186,21 @@ def heartbeat(events: tuple) -> bool:
     return not events or type(events[0]) is FeedHeartbeat
 
 
-def read_until_probe(sub: zmq.Socket, marker: str) -> list[tuple[str, tuple]]:
+def read_until_probe(sub: zmq.Socket, marker: str, counts: dict[str, list] | None = None
+                     ) -> list[tuple[str, tuple]]:
     """Every publication (``(topic name, events)``) up to the probe ``marker``; probes and
-    heartbeats left out."""
+    heartbeats left out. ``counts``: filled with each account's frames' (epoch, n)."""
     got = []
     deadline = _Deadline(TIMEOUT_MS)
     while True:
         assert sub.poll(deadline.left()), f"probe {marker} never arrived"
-        name, events = codec.decode_publication(sub.recv())
+        name, events, counted = codec.decode_counted_publication(sub.recv())
         if name == "@probe":
             if events[0].order_id == marker:
                 return got
             continue
+        if counts is not None and counted is not None:
+            counts.setdefault(name, []).append(counted)
         if not heartbeat(events):
             got.append((name, events))
 
@@ -301,7 +304,10 @@ def test_orders_on_several_symbols_get_replies_and_publications(cluster: Cluster
     assert [events[-1].seq for _, events in only_btc] == [1, 2, 3, 4]
     assert [[type(e) for e in events] for _, events in only_btc][1] == [TradeOccurred, BookChanged]
 
-    published = read_until_probe(everything, "end")
+    counts: dict[str, list] = {}
+    published = read_until_probe(everything, "end", counts)
+    # each account's frames are counted, from 1, under the matcher's epoch: a subscriber sees a lost one
+    assert counts == {"@alice": [(1, n) for n in range(1, 7)], "@bob": [(1, n) for n in range(1, 10)]}
     for symbol in symbols:
         seqs = [events[-1].seq for name, events in published if name == symbol]
         assert seqs == [1, 2, 3, 4], symbol

@@ -26,6 +26,11 @@ and a published frame (what a matcher's PUB socket sends, one frame per command)
     b"BTC-USDT\\x00" VERSION [[...], ...]   # public events of a symbol: TradeOccurred, BookChanged
     b"@alice\\x00"   VERSION [[...], ...]   # private events of an account: fills, cancels, ...
 
+A matcher's PUB counts each account's frames: ``VERSION [epoch, n, [[...], ...]]``, where
+``epoch`` is the matcher's (it grows with every start) and ``n`` the frame's number among that
+account's frames from this matcher since it started (1, 2, ...), so that a subscriber sees a
+lost one (``decode_counted_publication``).
+
 Type codes
 ----------
 
@@ -98,9 +103,9 @@ from zmx.topics import account_topic, is_private, split_topic, topic
 
 __all__ = [
     "MAX_ID_LENGTH", "MAX_INT", "MAX_MESSAGE_BYTES", "TYPE_CODES", "VERSION", "Message",
-    "decode", "decode_batch", "decode_publication", "encode", "encode_account_publication",
-    "encode_batch", "encode_publication", "is_valid_id", "join_account_publication", "join_batch",
-    "join_publication", "pack_records",
+    "decode", "decode_batch", "decode_counted_publication", "decode_publication", "encode",
+    "encode_account_publication", "encode_batch", "encode_publication", "is_valid_id", "join_account_publication",
+    "join_batch", "join_publication", "pack_records",
 ]
 
 VERSION = 1
@@ -364,9 +369,14 @@ def join_publication(symbol: str, records: Sequence[bytes]) -> bytes:
     return _symbol_topic(symbol) + _batch_head(len(records)) + b"".join(records)
 
 
-def join_account_publication(account: str, records: Sequence[bytes]) -> bytes:
+def join_account_publication(account: str, records: Sequence[bytes], counted: tuple[int, int] | None = None
+                             ) -> bytes:
     """``encode_account_publication`` of the events ``records`` came from (``pack_records``)."""
-    return _account_topic(account) + _batch_head(len(records)) + b"".join(records)
+    n = len(records)
+    if counted is None:
+        return _account_topic(account) + _batch_head(n) + b"".join(records)
+    return (_account_topic(account) + _counted_head(counted[0]) + _pack(counted[1])
+            + (_ARRAY_HEADS[n] if n < 16 else _batch_head(n)[1:]) + b"".join(records))
 
 
 def encode_publication(symbol: str, events: Iterable[Event]) -> bytes:
@@ -375,9 +385,23 @@ def encode_publication(symbol: str, events: Iterable[Event]) -> bytes:
     return _symbol_topic(symbol) + _VERSION_BYTE + _pack_batch(events)
 
 
-def encode_account_publication(account: str, events: Iterable[Event]) -> bytes:
-    """An account's private events as one PUB frame: ``account_topic(account) + encode_batch(events)``."""
-    return _account_topic(account) + _VERSION_BYTE + _pack_batch(events)
+def encode_account_publication(account: str, events: Iterable[Event], counted: tuple[int, int] | None = None
+                               ) -> bytes:
+    """An account's private events as one PUB frame: ``account_topic(account) + encode_batch(events)``;
+    ``counted``: the matcher's epoch and the frame's number among the account's frames
+    (``VERSION [epoch, n, [...]]``)."""
+    if counted is None:
+        return _account_topic(account) + _VERSION_BYTE + _pack_batch(events)
+    return _account_topic(account) + _VERSION_BYTE + _pack((*counted, [(TYPE_CODES[type(m)], *m) for m in events]))
+
+
+@lru_cache(maxsize=16)
+def _counted_head(epoch: int) -> bytes:
+    """The version byte, the header of ``[epoch, n, events]`` and the packed epoch."""
+    return _VERSION_BYTE + b"\x93" + _pack(epoch)
+
+
+_ARRAY_HEADS = [bytes((0x90 | n,)) for n in range(16)]
 
 
 # -- decoding ----------------------------------------------------------------------------
@@ -499,13 +523,28 @@ def decode_publication(
 
     ``name`` is the topic's name as ``zmx.topics.split_topic`` gives it: a symbol
     (``"BTC-USDT"``), whose frame may only hold that symbol's public events, or ``"@"`` and
-    an account (``"@alice"``), whose frame may only hold that account's private events.
-    Anything else raises ``DecodeError``.
+    an account (``"@alice"``), whose frame may only hold that account's private events (and
+    may be counted: ``decode_counted_publication``). Anything else raises ``DecodeError``.
     """
+    return decode_counted_publication(frame, max_bytes)[:2]  # type: ignore[return-value]
+
+
+def decode_counted_publication(
+    frame: bytes | bytearray | memoryview, max_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[str, tuple[Event, ...], tuple[int, int] | None]:
+    """``decode_publication``, and an account frame's ``(epoch, n)`` if it is counted (else None)."""
     if len(frame) > max_bytes:
         raise DecodeError(f"publication is {len(frame)} bytes, above the limit of {max_bytes}")
     name, rest = split_topic(frame)
-    events = _build_all(_unpack(_body(rest, max_bytes, "publication body")))
+    body = _unpack(_body(rest, max_bytes, "publication body"))
+    counted = None
+    if type(body) is tuple and len(body) == 3 and type(body[0]) is int and is_private(name):
+        epoch, n, body = body
+        if not (0 <= epoch <= MAX_INT and type(n) is int and 1 <= n <= MAX_INT):
+            raise DecodeError(f"a counted account frame starts with an epoch and a number from 1, got "
+                              f"{_show(epoch)}, {_show(n)}")
+        counted = (epoch, n)
+    events = _build_all(body)
     if is_private(name):
         account = name[1:]
         for event in events:
@@ -515,4 +554,4 @@ def decode_publication(
         for event in events:
             if type(event) not in _PUBLIC or event.symbol != name:  # type: ignore[union-attr]
                 raise _misplaced(events, name, None)
-    return name, events  # type: ignore[return-value]
+    return name, events, counted  # type: ignore[return-value]

@@ -220,8 +220,8 @@ def text_frame(payload: bytes) -> bytes:
 class Connection(asyncio.Protocol):
     """One WebSocket client: the transport, the websockets state machine and the session."""
 
-    __slots__ = ("account_subscribed", "behind", "behind_since", "closing", "fragments", "gateway", "missed",
-                 "out", "ping_sent", "ping_slot", "request_start", "session", "transport", "ws")
+    __slots__ = ("account_subscribed", "behind", "behind_since", "closing", "fragments", "frames_from", "gateway",
+                 "missed", "out", "ping_sent", "ping_slot", "request_start", "session", "transport", "ws")
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -247,6 +247,9 @@ class Connection(asyncio.Protocol):
         self.ping_slot = 0
         self.closing = False
         self.account_subscribed = False
+        # matcher -> (epoch, n) of the last counted frame of this connection's account from it
+        # (Gateway._account_frame); None until the first
+        self.frames_from: dict[str, tuple[int, int]] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------
 
@@ -673,8 +676,9 @@ class Gateway:
         self.counts: dict[str, int] = {key: 0 for key in (
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed", "bad_utf8_closed",
             "too_big_closed", "protocol_error_closed", "handshake_timeout_closed", "bad_publication", "bad_reply",
-            "gaps", "feed_went_back", "feed_failovers", "resyncs", "fills_replayed", "fills_incomplete",
-            "internal_errors", "orders_timed_out", "late_replies", "late_replies_dropped", "orders_no_router")}
+            "gaps", "account_frames_lost", "feed_went_back", "feed_failovers", "resyncs", "fills_replayed",
+            "fills_incomplete", "internal_errors", "orders_timed_out", "late_replies", "late_replies_dropped",
+            "orders_no_router")}
         self._request_ids = 0
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
@@ -1122,13 +1126,15 @@ class Gateway:
             except zmq.Again:
                 break
             try:
-                name, events = codec.decode_publication(frame, PUBLICATION_MAX_BYTES)
+                name, events, counted = codec.decode_counted_publication(frame, PUBLICATION_MAX_BYTES)
             except DecodeError as e:
                 self._bad_publication(e)
                 continue
             if is_private(name):
                 conn = self.accounts.get(name[1:])
                 if conn is not None and conn.session is not None:
+                    if counted is not None and events:
+                        self._account_frame(conn, conn.session, events[0].symbol, counted)  # type: ignore[union-attr]
                     self._deliver(conn, conn.session.on_private(events))
                 continue
             state = channels.get(name)
@@ -1459,14 +1465,40 @@ class Gateway:
             return
         now = time.monotonic()
         for matcher in {self.topology.owner_of(symbol) for symbol in session.fills_wanted}:
-            old = self.fills_requests.get((matcher, session.account))
-            if old is None:
-                self._ask_account_fills(matcher, session.account, conn, time.time_ns(), now, wait=0.0)
-            elif old.sent:
-                old.again = True  # asked again once it is answered, from the trade id wanted
-            else:
-                self._ask_lower(old, session, matcher)
+            self._ask_now(conn, session, matcher, now)
         self._send_fills_requests(now)
+
+    def _ask_now(self, conn: Connection, session: Session, matcher: str, now: float) -> None:
+        """Ask ``matcher`` at once for the fills ``session`` wants (``begin_fill_replay``)."""
+        old = self.fills_requests.get((matcher, session.account))
+        if old is None:
+            self._ask_account_fills(matcher, session.account, conn, time.time_ns(), now, wait=0.0)
+        elif old.sent:
+            old.again = True  # asked again once it is answered, from the trade id wanted
+        else:
+            self._ask_lower(old, session, matcher)
+
+    def _account_frame(self, conn: Connection, session: Session, symbol: str, counted: tuple[int, int]) -> None:
+        """A counted frame of the connection's account (``codec.decode_counted_publication``)
+        from the matcher of ``symbol``, before its events are taken: if the account's frames
+        from that matcher skip a number, the feed lost one (a high-water mark drops single
+        messages, a private frame too while its command's public one came), and the fills it
+        held are asked for from what was passed on before this frame. A number that did not
+        go up is a new start (a new epoch, or a count the matcher let go): nothing lost."""
+        matcher = self.topology.owners.get(symbol)
+        if matcher is None:
+            return
+        seen = conn.frames_from
+        if seen is None:
+            seen = conn.frames_from = {}
+        last = seen.get(matcher)
+        seen[matcher] = counted
+        if last is not None and last[0] == counted[0] and counted[1] > last[1] + 1:
+            self.counts["account_frames_lost"] += counted[1] - last[1] - 1
+            session.fills_lost(self.topology.symbols_of(matcher))
+            now = time.monotonic()
+            self._ask_now(conn, session, matcher, now)
+            self._send_fills_requests(now)
 
     def _ask_lower(self, request: FillsRequest, session: Session, matcher: str) -> None:
         """``request`` is not sent yet: it asks from the lower trade ids that ``session`` wants

@@ -96,6 +96,10 @@ MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # ZMQ_MAXMSGSIZE: a bigger frame makes Zero
 # is at most MAX_MESSAGE_BYTES, plus its record head, client id (< 256) and header (< 256).
 MAX_BATCH_FRAME_BYTES = MAX_MESSAGE_BYTES + 1024
 PUB_HWM = 100_000  # messages queued per subscriber before ZeroMQ drops (the subscriber sees a seq gap)
+# Accounts whose private frames are counted (codec: a counted account frame), the ones that
+# had frames the latest; one that falls out and has frames again is counted from 1 (a gateway
+# takes a count that went back for a new start), about 100 bytes each
+ACCOUNTS_COUNTED = 100_000
 DEALER_HWM = 100_000
 HELLO_INTERVAL_S = 5.0
 IDLE_HEARTBEAT_S = 1.0  # a symbol with no public event for this long gets an empty publication
@@ -278,6 +282,9 @@ class Matcher:
         self.header_symbols: dict[bytes, str] = {}  # the symbol as a request header holds it -> symbol
         self.journal: Journal | None = None
         self.fills = RecentFills(time.time_ns())  # resting orders' fills, for gateways that lost their feed
+        # account -> its private frames published since the start, the latest used last, so
+        # that a gateway sees one that its feed lost (docs/wire.md)
+        self.account_frames: dict[str, int] = {}
         self.ctx: zmq.Context | None = None
         self.pub: zmq.Socket | None = None
         self.snap: zmq.Socket | None = None
@@ -666,6 +673,7 @@ class Matcher:
         pub = self.pub
         public_types = _PUBLIC
         hold = self.fills.add
+        counts, epoch = self.account_frames, self.epoch
         for symbol, events, records in published:
             public = []
             private: dict[str, list[bytes]] = {}
@@ -685,7 +693,11 @@ class Matcher:
                 _send(pub, join_publication(symbol, public), _NOBLOCK)
                 last_public[symbol] = now
             for account, own in private.items():
-                _send(pub, join_account_publication(account, own), _NOBLOCK)
+                n = counts.pop(account, 0) + 1  # (popped and put back: the latest used last)
+                counts[account] = n
+                _send(pub, join_account_publication(account, own, (epoch, n)), _NOBLOCK)
+            while len(counts) > ACCOUNTS_COUNTED:
+                del counts[next(iter(counts))]
 
     def heartbeat(self, symbol: str, last_public: dict[str, float], now: float) -> None:
         """Publish ``symbol``'s heartbeat: the ``seq`` it is at, and when."""
