@@ -987,12 +987,14 @@ def interleaved_order_flow(seed: int, steps: int = 300, *, gaps: bool = False
     ``unknown_outcome``) and its answer comes late; a publication of fills is lost (the gateway
     asks for them some steps later, or, if it is asking already, again once that answer is
     in); the matcher's answer never comes (the gateway gives up, lets go what it held, and asks
-    again some steps later), as the gateway does it. With ``gaps``, some publications are
-    dropped at a high-water mark instead: later ones pass on, and the loss shows at some
-    later step (a public message after the gap; ``fills_lost_after``). Her messages; for each
-    of her orders the engine's (lots filled, ended); the orders that had a request time out;
-    those that had a fill not passed on yet when an answer was given up (their fills may come
-    after their end). Nothing is left held at the end."""
+    again some steps later), as the gateway does it. With ``gaps``, some of her frames are
+    dropped at a high-water mark instead, most with their commands' public frames: later ones
+    pass on, and the loss shows at some later step (a public message after the gap;
+    ``fills_lost_after``), or when her next frame comes (its count skips one: ``fills_lost``,
+    asked at once). Her messages; for each of her orders the engine's (lots filled, ended);
+    the orders that had a request time out; those that had a fill not passed on yet when an
+    answer was given up (their fills may come after their end). Nothing is left held at the
+    end."""
     rnd = random.Random(seed)
     engine = MatchingEngine(BTC)
     alice = session(ALICE)
@@ -1007,6 +1009,7 @@ def interleaved_order_flow(seed: int, steps: int = 300, *, gaps: bool = False
     again = False  # a publication was lost while the matcher was asked: ask again after its answer
     reask = False  # a publication was lost, or an answer never came: the gateway asks some steps later
     gap: int | None = None  # publications after this seq were dropped, and no public message showed it yet
+    skipped = False  # a frame of hers was dropped, and her next one has not come yet (its count shows it)
     timed_out: set[int] = set()  # request ids answered unknown_outcome
     uncertain: set[str] = set()  # their orders
     given_up: set[str] = set()  # orders with fills not passed on when an answer was given up
@@ -1036,7 +1039,7 @@ def interleaved_order_flow(seed: int, steps: int = 300, *, gaps: bool = False
     ids = 0
     for step in range(steps + 10_000):
         draining = step >= steps
-        if draining and not (to_book or replies or feed or asked or reask or gap is not None):
+        if draining and not (to_book or replies or feed or asked or reask or gap is not None or skipped):
             break
         r = rnd.random()
         if not draining and r < 0.25:
@@ -1107,10 +1110,22 @@ def interleaved_order_flow(seed: int, steps: int = 300, *, gaps: bool = False
                 reask = True
             else:
                 again = True
+        elif skipped and (feed or draining):
+            # her next frame (of fills, or of anything else: at the end) skips a number: asked at once
+            skipped = False
+            alice.fills_lost(["BTC-USDT"])
+            if asked is None:
+                ask()
+            else:
+                again = True
+            if feed:
+                deliver(alice.on_private(feed.pop(0)))
         elif feed:
             fills = feed.pop(0)
-            if gaps and rnd.random() < 0.03:
-                gap = fills[0].seq - 1 if gap is None else gap
+            if gaps and rnd.random() < 0.05:  # dropped at a high-water mark
+                skipped = True
+                if rnd.random() < 0.6:  # with its command's public frame: a public one shows it later
+                    gap = fills[0].seq - 1 if gap is None else gap
             elif rnd.random() < 0.04:  # lost on the way; the gateway finds its feed lost (and asks once it is back)
                 alice.fills_lost(["BTC-USDT"])
                 if asked is None:
@@ -1119,7 +1134,7 @@ def interleaved_order_flow(seed: int, steps: int = 300, *, gaps: bool = False
                     again = True
             else:
                 deliver(alice.on_private(fills))
-    assert not (to_book or replies or feed or asked or reask or gap is not None), "the flow did not drain"
+    assert not (to_book or replies or feed or asked or reask or gap is not None or skipped), "the flow did not drain"
     assert not alice._inflight and not alice._replaying and not alice.fills_wanted, "left held"
     assert not alice._ask_floor, "a floor left for no request"
     return updates(out), truth, uncertain, given_up
@@ -1788,6 +1803,31 @@ def test_when_every_fill_remembered_came_past_a_gap_the_ask_starts_at_the_oldest
     asked = alice.begin_fill_replay(["BTC-USDT"])
     assert asked == {"BTC-USDT": oldest}
     assert alice.end_fill_replay(asked, [f for f in made if f.trade_id > oldest], {"BTC-USDT": ex.engine.seq}) == []
+
+
+def test_a_fill_given_up_on_comes_once_asked_again_though_an_amended_let_go_at_the_give_up_showed_it():
+    """(A review's model.) a1's fill is lost while an amend of a1 is on its way; the matcher
+    is asked, gives no answer, and the amend's ``amended`` goes out at the give-up, showing
+    the fill in its ``filled``. Asked again while a second amend is on its way, the matcher
+    sends the fill: it waits for that amend's reply and then comes, late as a give-up allows,
+    but it comes (it was taken for a repeat of what the ``amended`` showed)."""
+    ex = Exchange()
+    alice = session(ALICE)
+    ex.order(alice, order_id="a1", side="sell", price="30000", quantity="0.5")
+    alice.fills_lost(["BTC-USDT"])  # the feed is cut
+    first = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.4",
+                            "id": "m1"})[0]
+    lost = bob_buys(ex, "b1", "30000", "0.1")
+    asked = alice.begin_fill_replay(["BTC-USDT"])
+    assert alice.on_reply(first.command, "m1", "ok", ex.run(first)) == []
+    alice.fills_lost(asked)  # given up
+    assert statuses(alice.end_fill_replay(asked, ())) == [("a1", "amended", "0.1")]
+    second = receive(alice, {"action": "amend_order", "symbol": "BTC-USDT", "order_id": "a1", "quantity": "0.35",
+                             "id": "m2"})[0]
+    again = alice.begin_fill_replay(["BTC-USDT"])
+    assert alice.end_fill_replay(again, lost, {"BTC-USDT": ex.engine.seq}) == []  # held for m2's reply
+    assert statuses(alice.on_reply(second.command, "m2", "ok", ex.run(second))) == [
+        ("a1", "partially_filled", "0.1"), ("a1", "amended", "0.1")]
 
 
 def test_a_new_orders_fill_lost_unseen_is_asked_for_from_below_its_submit():

@@ -689,8 +689,9 @@ class Session:
         here that shows no more filled than was passed on came already (asked again, then
         live), and so did one of another order (ended here) whose trade id is not above the
         last passed on (for a new order whose submit is in flight: not above the last passed on
-        when it was sent), unless ``held`` (it waited for its order's replies: checked when it
-        began to wait)."""
+        when it was sent). A ``held`` fill (it waited for its order's replies) was checked when
+        it began to wait: only its trade id passed on since makes it a repeat (what its order's
+        replies let go meanwhile at a give-up, an ``amended`` that shows it filled, does not)."""
         symbol = fill.symbol
         recent = self._passed_trades.get(symbol) if self._passed_trades else None
         if recent is not None and fill.trade_id in recent:
@@ -701,9 +702,11 @@ class Session:
         key = (symbol, fill.order_id)
         tracked = self._filled
         known = tracked.get(key) if tracked else None
+        if held:
+            return False
         if known is not None:
             return fill.filled <= known[0]
-        if held or sure is None:
+        if sure is None:
             return False
         hold = self._inflight.get(key) if self._inflight else None
         if hold is not None and hold.floor is not None:
