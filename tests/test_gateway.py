@@ -1439,11 +1439,14 @@ def gateway_with_two_resting_orders(tmp_path: Path) -> Iterator[tuple[Gateway, C
         yield gateway, conn, alice, engine
 
 
-def test_a_lost_frame_of_an_account_is_seen_in_the_count_of_its_next_one(tmp_path: Path) -> None:
-    """The matcher counts each account's frames. One of alice's is lost (a1's last fill, and its
-    command's public frame came: no gap in any channel, and nothing else of a1 will tell); the
-    next one, a2's fill, skips a number. The gateway asks for alice's fills from what it had
-    passed on before it, holds a2's fill, and a1's comes first. (No node runs.)"""
+@pytest.mark.parametrize("missed", ["on-the-way", "before-the-first-seen"])
+def test_a_lost_frame_of_an_account_is_seen_in_the_count_of_its_next_one(tmp_path: Path, missed: str) -> None:
+    """The matcher counts each account's frames. Some of alice's never come: a1's last fill
+    (its command's public frame came: no gap in any channel, and nothing else of a1 will tell),
+    lost on the way; or her first two frames, published before her account's subscription
+    reached the matcher. The next one, a2's fill, shows it in its number: the gateway asks for
+    alice's fills from what it had passed on before, holds a2's fill, and a1's come first. (No
+    node runs.)"""
     with gateway_with_two_resting_orders(tmp_path) as (gateway, conn, alice, engine):
 
         def alices(price: int, lots: int, ts_ns: int) -> list:
@@ -1452,19 +1455,21 @@ def test_a_lost_frame_of_an_account_is_seen_in_the_count_of_its_next_one(tmp_pat
                     if getattr(e, "account", None) == "g1.alice"]
 
         first, lost, past = alices(3_000_000, 100, 3), alices(3_000_000, 200, 4), alices(3_000_100, 400, 5)
+        shown = [(first, 1), (past, 3)] if missed == "on-the-way" else [(past, 3)]
         conn.transport.written.clear()
-        feed_gateway(gateway, ["@g1.alice"], [codec.encode_account_publication("g1.alice", first, (4, 5)),
-                                              codec.encode_account_publication("g1.alice", past, (4, 7))],
+        feed_gateway(gateway, ["@g1.alice"], [codec.encode_account_publication("g1.alice", events, (4, n))
+                                              for events, n in shown],
                      until=lambda: gateway.counts["account_frames_lost"] > 0)
-        assert gateway.counts["account_frames_lost"] == 1
-        assert fill_updates(conn) == [("a1", 1, "0.1")]  # a2's waits
+        passed = [("a1", 1, "0.1")] if missed == "on-the-way" else []
+        assert fill_updates(conn) == passed  # a2's waits
+        assert gateway.counts["account_frames_lost"] == 3 - len(shown)
         request = gateway.fills_requests[("m1", "g1.alice")]
-        assert request.after == {"BTC-USDT": 1}
+        assert request.after == {"BTC-USDT": len(passed)}
         request.sent = time.monotonic()
         gateway._fills_reply(b"g1.alice", msgpack.packb([
-            "m1", 0, codec.encode_account_publication("g1.alice", lost + past), {"BTC-USDT": engine.seq},
+            "m1", 0, codec.encode_account_publication("g1.alice", first + lost + past), {"BTC-USDT": engine.seq},
             request.after]))
-        assert fill_updates(conn) == [("a1", 2, "0.3"), ("a2", 3, "0.4")]
+        assert passed + fill_updates(conn) == [("a1", 1, "0.1"), ("a1", 2, "0.3"), ("a2", 3, "0.4")]
 
 
 def fill_updates(conn: Connection) -> list[tuple[str, int, str]]:

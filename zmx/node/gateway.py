@@ -1484,7 +1484,11 @@ class Gateway:
         from that matcher skip a number, the feed lost one (a high-water mark drops single
         messages, a private frame too while its command's public one came), and the fills it
         held are asked for from what was passed on before this frame. A number that did not
-        go up is a new start (a new epoch, or a count the matcher let go): nothing lost."""
+        go up is a new start (a new epoch, or a count the matcher let go), from 1. So is the
+        first frame here: an account is new with its connection, and frames before the first
+        one seen went out before its subscription reached the matcher (it is sent with the
+        first order, which can be faster) or were lost; a resting order's fill among them
+        would never come."""
         matcher = self.topology.owners.get(symbol)
         if matcher is None:
             return
@@ -1493,8 +1497,10 @@ class Gateway:
             seen = conn.frames_from = {}
         last = seen.get(matcher)
         seen[matcher] = counted
-        if last is not None and last[0] == counted[0] and counted[1] > last[1] + 1:
-            self.counts["account_frames_lost"] += counted[1] - last[1] - 1
+        n = counted[1]
+        lost = n - last[1] - 1 if last is not None and last[0] == counted[0] and n > last[1] else n - 1
+        if lost:
+            self.counts["account_frames_lost"] += lost
             session.fills_lost(self.topology.symbols_of(matcher))
             now = time.monotonic()
             self._ask_now(conn, session, matcher, now)
