@@ -699,11 +699,11 @@ class Session:
         sure = self._sure(symbol)
         if sure is not None and fill.trade_id > sure and self._in_doubt(symbol):
             return False  # remembered above it: never passed on
+        if held:
+            return False
         key = (symbol, fill.order_id)
         tracked = self._filled
         known = tracked.get(key) if tracked else None
-        if held:
-            return False
         if known is not None:
             return fill.filled <= known[0]
         if sure is None:
@@ -963,7 +963,7 @@ class Session:
             below = {symbol: -1 for symbol in symbols
                      if symbol in floor and symbol in asked and floor[symbol] < asked[symbol]}
             if below:
-                upto = {**(upto or {}), **below}
+                upto = {**upto, **below}
         tracked, inflight, sure = self._filled or {}, self._inflight or {}, self._sure
         out = []
         # A fill of an order with a submit or amend in flight joins the fills held for its
@@ -1065,6 +1065,7 @@ class _Passed:
         return len(self.seqs)
 
     def add(self, trade_id: int, seq: int, bound: int) -> None:
+        """Keep ``trade_id`` (not kept yet: ``Session._repeat`` is asked first)."""
         self.seqs[trade_id] = seq
         heappush(self.ids, trade_id)
         self.keep(bound)
@@ -1073,7 +1074,7 @@ class _Passed:
         """Forget the lowest trade ids past ``bound``."""
         seqs, ids = self.seqs, self.ids
         while len(ids) > bound:
-            del seqs[heappop(ids)]
+            seqs.pop(heappop(ids), None)
 
 
 class _Hold:
