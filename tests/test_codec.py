@@ -258,15 +258,18 @@ def test_account_publication_round_trip(data: st.DataObject, account: str) -> No
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.data(), ids, st.integers(0, 2**63 - 1), st.integers(1, 2**63 - 1))
-def test_a_counted_account_publication_round_trip(data: st.DataObject, account: str, epoch: int, n: int) -> None:
-    events = data.draw(st.lists(private_events(account), max_size=6))
-    frame = encode_account_publication(account, events, (epoch, n))
-    assert frame == join_account_publication(account, pack_records(events), (epoch, n))
+@given(st.data(), ids, st.integers(0, 2**63 - 1), st.integers(1, 2**63 - 1), st.integers(1, 2**63 - 1),
+       st.sampled_from([0, 1, 6, 15, 16, 17]))
+def test_a_counted_account_publication_round_trip(data: st.DataObject, account: str, epoch: int, start: int, n: int,
+                                                  size: int) -> None:
+    events = data.draw(st.lists(private_events(account), min_size=size, max_size=size))
+    frame = encode_account_publication(account, events, (epoch, start, n))
+    assert frame == join_account_publication(account, pack_records(events), (epoch, start, n))
     assert frame == account_topic(account) + b"\x01" + msgpack.packb(
-        [epoch, n, [[codec.TYPE_CODES[type(e)], *e] for e in events]])
+        [epoch, start, n, [[codec.TYPE_CODES[type(e)], *e] for e in events]])
     name, decoded, counted = decode_counted_publication(frame)
-    assert (name, counted) == ("@" + account, (epoch, n))
+    assert (name, counted) == ("@" + account, (epoch, start, n))
+    assert len(decoded) == size
     for got, want in zip(decoded, events, strict=True):
         assert_identical(got, want)
     assert decode_publication(frame) == (name, decoded)  # (the count left out)
@@ -274,19 +277,21 @@ def test_a_counted_account_publication_round_trip(data: st.DataObject, account: 
 
 
 @pytest.mark.parametrize("counted, expected", [
-    ((-1, 1), "an epoch and a number from 1, got integer -1, integer 1"),
-    ((1, 0), "got integer 1, integer 0"),
-    ((1, "2"), "got integer 1, string '2'"),
-    ((2**63, 1), "got integer 9223372036854775808, integer 1"),
+    ((-1, 1, 1), "got integer -1, integer 1, integer 1"),
+    ((1, 0, 1), "got integer 1, integer 0, integer 1"),
+    ((1, 1, 0), "got integer 1, integer 1, integer 0"),
+    ((1, 1, "2"), "got integer 1, integer 1, string '2'"),
+    ((2**63, 1, 1), "got integer 9223372036854775808, integer 1, integer 1"),
 ])
 def test_a_counted_account_publication_with_a_bad_count_is_refused(counted: tuple, expected: str) -> None:
     frame = b"@alice\x00\x01" + msgpack.packb([*counted, [[codec.TYPE_CODES[type(FILLED)], *FILLED]]])
-    with pytest.raises(DecodeError, match=re.escape(expected)):
+    with pytest.raises(DecodeError, match=re.escape("a counted account frame starts with an epoch, a count and a "
+                                                    "number, the last two from 1, " + expected)):
         decode_counted_publication(frame)
 
 
 def test_only_an_account_publication_is_counted() -> None:
-    frame = b"BTC-USDT\x00\x01" + msgpack.packb([1, 2, [[codec.TYPE_CODES[type(TRADE)], *TRADE]]])
+    frame = b"BTC-USDT\x00\x01" + msgpack.packb([1, 2, 3, [[codec.TYPE_CODES[type(TRADE)], *TRADE]]])
     with pytest.raises(DecodeError, match="a batch is an array of messages|message 0"):
         decode_counted_publication(frame)
 

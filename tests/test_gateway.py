@@ -46,7 +46,7 @@ from ws import Clients, WsClient, as_decimal_levels, checksum, matcher_book, sam
 
 from zmx import codec
 from zmx.codec import encode_publication
-from zmx.commands import SubmitOrder
+from zmx.commands import CancelOrder, SubmitOrder
 from zmx.engine import MatchingEngine
 from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted, TradeOccurred
 from zmx.model import OrderType, Side, TimeInForce
@@ -1402,9 +1402,11 @@ def test_a_late_answer_to_an_earlier_fills_request_is_not_taken_for_the_one_on_i
             "a1", "partially_filled", "0.1")
 
 
-def feed_gateway(gateway: Gateway, topics: list[str], frames: list[bytes], until: Callable[[], bool]) -> None:
+def feed_gateway(gateway: Gateway, topics: list[str], frames: list[bytes],
+                 until: Callable[[], bool] | None = None) -> None:
     """Subscribe ``gateway``'s SUB to ``topics``, publish ``frames`` to it, and let it read them
-    as its reader would (no event loop runs) until ``until()``."""
+    as its reader would (no event loop runs) until ``until()`` (None: once; over inproc every
+    frame is there as soon as it is sent)."""
     pub = gateway.context.socket(zmq.XPUB)
     try:
         pub.bind("inproc://feed")
@@ -1414,6 +1416,10 @@ def feed_gateway(gateway: Gateway, topics: list[str], frames: list[bytes], until
             assert pub.poll(5000) and pub.recv()[0] == 1  # the subscription is in
         for frame in frames:
             pub.send(frame)
+        if until is None:
+            assert gateway.sub.poll(5000)
+            gateway._read_sub()
+            return
         for _ in frames:
             if not gateway.sub.poll(5000):
                 break  # all read
@@ -1457,7 +1463,7 @@ def test_a_lost_frame_of_an_account_is_seen_in_the_count_of_its_next_one(tmp_pat
         first, lost, past = alices(3_000_000, 100, 3), alices(3_000_000, 200, 4), alices(3_000_100, 400, 5)
         shown = [(first, 1), (past, 3)] if missed == "on-the-way" else [(past, 3)]
         conn.transport.written.clear()
-        feed_gateway(gateway, ["@g1.alice"], [codec.encode_account_publication("g1.alice", events, (4, n))
+        feed_gateway(gateway, ["@g1.alice"], [codec.encode_account_publication("g1.alice", events, (4, 1, n))
                                               for events, n in shown],
                      until=lambda: gateway.counts["account_frames_lost"] > 0)
         passed = [("a1", 1, "0.1")] if missed == "on-the-way" else []
@@ -1470,6 +1476,26 @@ def test_a_lost_frame_of_an_account_is_seen_in_the_count_of_its_next_one(tmp_pat
             "m1", 0, codec.encode_account_publication("g1.alice", first + lost + past), {"BTC-USDT": engine.seq},
             request.after]))
         assert passed + fill_updates(conn) == [("a1", 1, "0.1"), ("a1", 2, "0.3"), ("a2", 3, "0.4")]
+
+
+@pytest.mark.parametrize("counts, lost", [
+    ([(4, 1, 1), (4, 1, 2)], 0),
+    ([(4, 1, 2)], 1),  # the first one seen is not number 1
+    ([(4, 1, 1), (4, 1, 3)], 1),
+    ([(4, 1, 1), (5, 1, 1)], 0),  # a new epoch (the matcher restarted)
+    ([(4, 1, 1), (4, 2, 1)], 0),  # a new count (the matcher let the old one go)
+    ([(4, 1, 1), (4, 2, 2)], 1),  # ... whose first frame was lost
+    ([(4, 1, 5), (4, 1, 3), (4, 1, 6)], 4),  # one came late (a relay left for its standby): not a new count
+], ids=["in-order", "first-not-1", "skipped", "new-epoch", "new-count", "new-count-skipped", "late"])
+def test_which_counts_of_an_accounts_frames_show_frames_lost(tmp_path: Path, counts: list, lost: int) -> None:
+    """The gateway's decision on each count of a connection's frames: the frames it counts as
+    lost, and whether it asks the matcher for the connection's fills. (No node runs.)"""
+    with gateway_with_two_resting_orders(tmp_path) as (gateway, conn, alice, engine):
+        refused = engine.handle(CancelOrder("x", "g1.alice", "BTC-USDT"), ts_ns=3)  # a private event of alice's
+        feed_gateway(gateway, ["@g1.alice"], [codec.encode_account_publication("g1.alice", refused, count)
+                                              for count in counts])
+        assert gateway.counts["account_frames_lost"] == lost
+        assert (("m1", "g1.alice") in gateway.fills_requests) == (lost > 0)
 
 
 def fill_updates(conn: Connection) -> list[tuple[str, int, str]]:

@@ -40,6 +40,7 @@ from zmx.events import (
     TradeOccurred,
 )
 from zmx.model import OrderType, Side, TimeInForce
+from zmx.node import matcher as matcher_module
 from zmx.node.runtime import load_topology
 from zmx.node.wire import pack_requests, unpack_replies
 from zmx.topics import topic
@@ -306,8 +307,9 @@ def test_orders_on_several_symbols_get_replies_and_publications(cluster: Cluster
 
     counts: dict[str, list] = {}
     published = read_until_probe(everything, "end", counts)
-    # each account's frames are counted, from 1, under the matcher's epoch: a subscriber sees a lost one
-    assert counts == {"@alice": [(1, n) for n in range(1, 7)], "@bob": [(1, n) for n in range(1, 10)]}
+    # each account's frames are counted, from 1, under the matcher's epoch and a count of its
+    # own (the probe account's came first): a subscriber sees a lost one
+    assert counts == {"@alice": [(1, 2, n) for n in range(1, 7)], "@bob": [(1, 3, n) for n in range(1, 10)]}
     for symbol in symbols:
         seqs = [events[-1].seq for name, events in published if name == symbol]
         assert seqs == [1, 2, 3, 4], symbol
@@ -328,6 +330,38 @@ def test_orders_on_several_symbols_get_replies_and_publications(cluster: Cluster
     (beat,) = events
     assert (beat.symbol, beat.seq) == ("BTC-USDT", 4)
     assert time.time_ns() - 3_000_000_000 < beat.ts_ns <= time.time_ns()
+
+
+def test_past_the_accounts_it_counts_a_matcher_lets_all_counts_go_and_starts_new_ones(
+        tmp_path: Path, zctx: zmq.Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(``ACCOUNTS_COUNTED`` lowered to 2; ``publish`` called as the loop calls it, on a PUB of
+    the test.) A third account lets the counts go; an account counted before gets a new count
+    (a new ``start``, from 1): a gateway takes it for a new count, never for its old one going
+    on, so a frame lost at the change still shows."""
+    monkeypatch.setattr(matcher_module, "ACCOUNTS_COUNTED", 2)
+    topology = load_topology(write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]}))
+    node = matcher_module.Matcher(topology, "m1")
+    node.epoch = 7
+    node.pub = zctx.socket(zmq.XPUB)  # (as the matcher's: it reads each subscription)
+    sub = zctx.socket(zmq.SUB)
+    try:
+        node.pub.bind("inproc://counts")
+        sub.connect("inproc://counts")
+        sub.subscribe(b"@")
+        assert node.pub.poll(5000) and node.pub.recv() == b"\x01@"  # the subscription is in
+        engine = MatchingEngine(topology.symbols["BTC-USDT"])
+        frames = []
+        for n, account in enumerate(["a", "b", "a", "c", "a", "a"]):
+            events = engine.handle(CancelOrder(f"o{n}", account, "BTC-USDT"), ts_ns=n + 1)  # unknown_order: private
+            node.publish([("BTC-USDT", events, codec.pack_records(events))], {}, 0.0)
+            assert sub.poll(5000)
+            name, _, counted = codec.decode_counted_publication(sub.recv())
+            frames.append((name[1:], counted))
+    finally:
+        sub.close(linger=0)
+        node.pub.close(linger=0)
+    assert frames == [("a", (7, 1, 1)), ("b", (7, 2, 1)), ("a", (7, 1, 2)), ("c", (7, 3, 1)), ("a", (7, 4, 1)),
+                      ("a", (7, 4, 2))]
 
 
 def test_a_subscriber_that_lags_loses_no_publication_below_the_queue_bound(cluster: Cluster, tmp_path: Path,

@@ -26,10 +26,10 @@ and a published frame (what a matcher's PUB socket sends, one frame per command)
     b"BTC-USDT\\x00" VERSION [[...], ...]   # public events of a symbol: TradeOccurred, BookChanged
     b"@alice\\x00"   VERSION [[...], ...]   # private events of an account: fills, cancels, ...
 
-A matcher's PUB counts each account's frames: ``VERSION [epoch, n, [[...], ...]]``, where
-``epoch`` is the matcher's (it grows with every start) and ``n`` the frame's number among that
-account's frames from this matcher since it started (1, 2, ...), so that a subscriber sees a
-lost one (``decode_counted_publication``).
+A matcher's PUB counts each account's frames: ``VERSION [epoch, start, n, [[...], ...]]``,
+where ``epoch`` is the matcher's (it grows with every start), ``start`` names the count (a
+matcher starts a new one for an account it had let go) and ``n`` is the frame's number in it
+(1, 2, ...), so that a subscriber sees a lost one (``decode_counted_publication``).
 
 Type codes
 ----------
@@ -369,13 +369,13 @@ def join_publication(symbol: str, records: Sequence[bytes]) -> bytes:
     return _symbol_topic(symbol) + _batch_head(len(records)) + b"".join(records)
 
 
-def join_account_publication(account: str, records: Sequence[bytes], counted: tuple[int, int] | None = None
-                             ) -> bytes:
+def join_account_publication(account: str, records: Sequence[bytes],
+                             counted: tuple[int, int, int] | None = None) -> bytes:
     """``encode_account_publication`` of the events ``records`` came from (``pack_records``)."""
     n = len(records)
     if counted is None:
         return _account_topic(account) + _batch_head(n) + b"".join(records)
-    return (_account_topic(account) + _counted_head(counted[0]) + _pack(counted[1])
+    return (_account_topic(account) + _counted_head(counted[0]) + _pack(counted[1]) + _pack(counted[2])
             + (_ARRAY_HEADS[n] if n < 16 else _batch_head(n)[1:]) + b"".join(records))
 
 
@@ -385,11 +385,11 @@ def encode_publication(symbol: str, events: Iterable[Event]) -> bytes:
     return _symbol_topic(symbol) + _VERSION_BYTE + _pack_batch(events)
 
 
-def encode_account_publication(account: str, events: Iterable[Event], counted: tuple[int, int] | None = None
-                               ) -> bytes:
+def encode_account_publication(account: str, events: Iterable[Event],
+                               counted: tuple[int, int, int] | None = None) -> bytes:
     """An account's private events as one PUB frame: ``account_topic(account) + encode_batch(events)``;
-    ``counted``: the matcher's epoch and the frame's number among the account's frames
-    (``VERSION [epoch, n, [...]]``)."""
+    ``counted``: the matcher's epoch, the account's count and the frame's number in it
+    (``VERSION [epoch, start, n, [...]]``)."""
     if counted is None:
         return _account_topic(account) + _VERSION_BYTE + _pack_batch(events)
     return _account_topic(account) + _VERSION_BYTE + _pack((*counted, [(TYPE_CODES[type(m)], *m) for m in events]))
@@ -397,8 +397,8 @@ def encode_account_publication(account: str, events: Iterable[Event], counted: t
 
 @lru_cache(maxsize=16)
 def _counted_head(epoch: int) -> bytes:
-    """The version byte, the header of ``[epoch, n, events]`` and the packed epoch."""
-    return _VERSION_BYTE + b"\x93" + _pack(epoch)
+    """The version byte, the header of ``[epoch, start, n, events]`` and the packed epoch."""
+    return _VERSION_BYTE + b"\x94" + _pack(epoch)
 
 
 _ARRAY_HEADS = [bytes((0x90 | n,)) for n in range(16)]
@@ -531,19 +531,20 @@ def decode_publication(
 
 def decode_counted_publication(
     frame: bytes | bytearray | memoryview, max_bytes: int = MAX_MESSAGE_BYTES,
-) -> tuple[str, tuple[Event, ...], tuple[int, int] | None]:
-    """``decode_publication``, and an account frame's ``(epoch, n)`` if it is counted (else None)."""
+) -> tuple[str, tuple[Event, ...], tuple[int, int, int] | None]:
+    """``decode_publication``, and an account frame's ``(epoch, start, n)`` if it is counted (else None)."""
     if len(frame) > max_bytes:
         raise DecodeError(f"publication is {len(frame)} bytes, above the limit of {max_bytes}")
     name, rest = split_topic(frame)
     body = _unpack(_body(rest, max_bytes, "publication body"))
     counted = None
-    if type(body) is tuple and len(body) == 3 and type(body[0]) is int and is_private(name):
-        epoch, n, body = body
-        if not (0 <= epoch <= MAX_INT and type(n) is int and 1 <= n <= MAX_INT):
-            raise DecodeError(f"a counted account frame starts with an epoch and a number from 1, got "
-                              f"{_show(epoch)}, {_show(n)}")
-        counted = (epoch, n)
+    if type(body) is tuple and len(body) == 4 and type(body[0]) is int and is_private(name):
+        epoch, start, n, body = body
+        if not (0 <= epoch <= MAX_INT and type(start) is int and 1 <= start <= MAX_INT
+                and type(n) is int and 1 <= n <= MAX_INT):
+            raise DecodeError(f"a counted account frame starts with an epoch, a count and a number, the last two "
+                              f"from 1, got {_show(epoch)}, {_show(start)}, {_show(n)}")
+        counted = (epoch, start, n)
     events = _build_all(body)
     if is_private(name):
         account = name[1:]

@@ -247,9 +247,9 @@ class Connection(asyncio.Protocol):
         self.ping_slot = 0
         self.closing = False
         self.account_subscribed = False
-        # matcher -> (epoch, n) of the last counted frame of this connection's account from it
-        # (Gateway._account_frame); None until the first
-        self.frames_from: dict[str, tuple[int, int]] | None = None
+        # matcher -> (epoch, start, n) of the last counted frame of this connection's account
+        # from it (Gateway._account_frame); None until the first
+        self.frames_from: dict[str, tuple[int, int, int]] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------
 
@@ -680,6 +680,7 @@ class Gateway:
             "fills_incomplete", "internal_errors", "orders_timed_out", "late_replies", "late_replies_dropped",
             "orders_no_router")}
         self._request_ids = 0
+        self._fills_due = False  # a fills request made while the SUB is read, to send after its batch
         self._bad_unlogged = 0  # undecodable publications since the last one logged
         self._bad_logged_at = -BAD_LOG_S
         self._logged_at: dict[str, float] = {}  # what _log_due said last, when
@@ -1184,6 +1185,9 @@ class Gateway:
                 state.trades += len(messages) - 1
         else:
             self._rearm(sub, self._read_sub)
+        if self._fills_due:
+            self._fills_due = False
+            self._send_fills_requests(time.monotonic())
         if dirty:
             self._fan_out()
 
@@ -1478,17 +1482,17 @@ class Gateway:
         else:
             self._ask_lower(old, session, matcher)
 
-    def _account_frame(self, conn: Connection, session: Session, symbol: str, counted: tuple[int, int]) -> None:
-        """A counted frame of the connection's account (``codec.decode_counted_publication``)
-        from the matcher of ``symbol``, before its events are taken: if the account's frames
-        from that matcher skip a number, the feed lost one (a high-water mark drops single
-        messages, a private frame too while its command's public one came), and the fills it
-        held are asked for from what was passed on before this frame. A number that did not
-        go up is a new start (a new epoch, or a count the matcher let go), from 1. So is the
-        first frame here: an account is new with its connection, and frames before the first
-        one seen went out before its subscription reached the matcher (it is sent with the
-        first order, which can be faster) or were lost; a resting order's fill among them
-        would never come."""
+    def _account_frame(self, conn: Connection, session: Session, symbol: str,
+                       counted: tuple[int, int, int]) -> None:
+        """A counted frame ``(epoch, start, n)`` of the connection's account
+        (``codec.decode_counted_publication``) from the matcher of ``symbol``, before its events
+        are taken: if the account's frames from that matcher skip a number, the feed lost one (a
+        high-water mark drops single messages, a private frame too while its command's public
+        one came), and the fills it held are asked for from what was passed on before this
+        frame. A new count (another epoch or start) goes from 1: frames of it before the first
+        one seen here were lost, or went out before the account's subscription reached the
+        matcher (an account is new with its connection, and is subscribed with its first
+        order, which can be faster); a resting order's fill among them would never come."""
         matcher = self.topology.owners.get(symbol)
         if matcher is None:
             return
@@ -1496,15 +1500,19 @@ class Gateway:
         if seen is None:
             seen = conn.frames_from = {}
         last = seen.get(matcher)
+        n = counted[2]
+        if last is not None and last[:2] == counted[:2]:
+            if n <= last[2]:
+                return  # one that came late or again (from a relay the feed left for its standby)
+            lost = n - last[2] - 1
+        else:
+            lost = n - 1  # a new count: the account's first frames here, a new epoch, a count let go
         seen[matcher] = counted
-        n = counted[1]
-        lost = n - last[1] - 1 if last is not None and last[0] == counted[0] and n > last[1] else n - 1
         if lost:
             self.counts["account_frames_lost"] += lost
             session.fills_lost(self.topology.symbols_of(matcher))
-            now = time.monotonic()
-            self._ask_now(conn, session, matcher, now)
-            self._send_fills_requests(now)
+            self._ask_now(conn, session, matcher, time.monotonic())
+            self._fills_due = True  # sent once the SUB's batch is read (_read_sub)
 
     def _ask_lower(self, request: FillsRequest, session: Session, matcher: str) -> None:
         """``request`` is not sent yet: it asks from the lower trade ids that ``session`` wants

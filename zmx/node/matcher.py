@@ -96,9 +96,9 @@ MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # ZMQ_MAXMSGSIZE: a bigger frame makes Zero
 # is at most MAX_MESSAGE_BYTES, plus its record head, client id (< 256) and header (< 256).
 MAX_BATCH_FRAME_BYTES = MAX_MESSAGE_BYTES + 1024
 PUB_HWM = 100_000  # messages queued per subscriber before ZeroMQ drops (the subscriber sees a seq gap)
-# Accounts whose private frames are counted (codec: a counted account frame), the ones that
-# had frames the latest; one that falls out and has frames again is counted from 1 (a gateway
-# takes a count that went back for a new start), about 100 bytes each
+# Accounts whose private frames are counted (codec: a counted account frame), about 150 bytes
+# each; past it all counts are let go at once, and an account with frames again gets a new one
+# (a new ``start``: a gateway takes its frames before the first one it sees as lost)
 ACCOUNTS_COUNTED = 100_000
 DEALER_HWM = 100_000
 HELLO_INTERVAL_S = 5.0
@@ -282,9 +282,10 @@ class Matcher:
         self.header_symbols: dict[bytes, str] = {}  # the symbol as a request header holds it -> symbol
         self.journal: Journal | None = None
         self.fills = RecentFills(time.time_ns())  # resting orders' fills, for gateways that lost their feed
-        # account -> its private frames published since the start, the latest used last, so
-        # that a gateway sees one that its feed lost (docs/wire.md)
-        self.account_frames: dict[str, int] = {}
+        # account -> (its count's start, its frames published in it), so that a gateway sees one
+        # that its feed lost (docs/wire.md); the starts are numbered from 1 in each epoch
+        self.account_frames: dict[str, tuple[int, int]] = {}
+        self.account_starts = 0
         self.ctx: zmq.Context | None = None
         self.pub: zmq.Socket | None = None
         self.snap: zmq.Socket | None = None
@@ -693,11 +694,16 @@ class Matcher:
                 _send(pub, join_publication(symbol, public), _NOBLOCK)
                 last_public[symbol] = now
             for account, own in private.items():
-                n = counts.pop(account, 0) + 1  # (popped and put back: the latest used last)
-                counts[account] = n
-                _send(pub, join_account_publication(account, own, (epoch, n)), _NOBLOCK)
-            while len(counts) > ACCOUNTS_COUNTED:
-                del counts[next(iter(counts))]
+                count = counts.get(account)
+                if count is None:
+                    if len(counts) >= ACCOUNTS_COUNTED:
+                        counts.clear()  # (cheaper than letting go one at a time: a new start is safe)
+                    self.account_starts += 1
+                    count = (self.account_starts, 1)
+                else:
+                    count = (count[0], count[1] + 1)
+                counts[account] = count
+                _send(pub, join_account_publication(account, own, (epoch, *count)), _NOBLOCK)
 
     def heartbeat(self, symbol: str, last_public: dict[str, float], now: float) -> None:
         """Publish ``symbol``'s heartbeat: the ``seq`` it is at, and when."""
