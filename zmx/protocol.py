@@ -706,15 +706,12 @@ class Session:
         known = tracked.get(key) if tracked else None
         if known is not None:
             return fill.filled <= known[0]
-        if sure is None:
-            return False
-        hold = self._inflight.get(key) if self._inflight else None
-        if hold is not None and hold.floor is not None:
-            sure = min(sure, hold.floor)  # a new order's fills: above the last passed on when it was sent
-        return fill.trade_id <= sure
+        # (a new order's fills, its submit in flight: above the last passed on when it was sent)
+        return sure is not None and fill.trade_id <= self._new_order_floor(key)
 
     def _new_order_floor(self, key: tuple[str, str]) -> int:
-        """A trade id below every fill of new order ``key`` (its submit's reply is here)."""
+        """A trade id below every fill of new order ``key``: the last passed on, or the one when
+        its submit was sent, if lower (whether its reply is here or still on its way)."""
         hold = self._inflight.get(key) if self._inflight else None
         sure = self._sure(key[0]) or 0
         return sure if hold is None or hold.floor is None else min(sure, hold.floor)
@@ -896,9 +893,13 @@ class Session:
         for symbol in symbols:
             sure = self._sure(symbol)
             if sure is not None:
-                if self._ask_floor is None:
-                    self._ask_floor = {}
-                self._ask_floor[symbol] = min(sure, self._ask_floor.get(symbol, sure))
+                self._lower_floor(symbol, sure)
+
+    def _lower_floor(self, symbol: str, floor: int) -> None:
+        """Fills of ``symbol`` after trade id ``floor`` may be missing (``_ask_floor``)."""
+        if self._ask_floor is None:
+            self._ask_floor = {}
+        self._ask_floor[symbol] = min(floor, self._ask_floor.get(symbol, floor))
 
     def fills_lost_after(self, symbol: str, seq: int) -> None:
         """The feed of ``symbol`` lost publications after ``seq`` (a gap the next one showed):
@@ -919,9 +920,7 @@ class Session:
                 sure = min(sure, max(made_before))
             else:
                 sure = min(sure, recent.ids[0] if len(recent) >= PASSED_TRADES else 0)
-        if self._ask_floor is None:
-            self._ask_floor = {}
-        self._ask_floor[symbol] = min(sure, self._ask_floor.get(symbol, sure))
+        self._lower_floor(symbol, sure)
 
     def end_fill_replay(self, symbols: Iterable[str], fills: Iterable[Event],
                         upto: Mapping[str, int] | None = None) -> list[bytes]:
