@@ -51,10 +51,12 @@ Runs (each a fresh set of relays, gateways and clients; the matcher, router and 
 2. **clients**: at G = 1, more connections per gateway (``--more-clients``), moderate rounds -> (2);
 3. **relays**: R = 2 with G = 2 and 4 (gateways split over them), and gateways straight on the
    matcher (``direct``, no relay), moderate rounds -> (2), against R = 1 of run 1;
-4. **scaling** G = 1-6 (``--scale-gateways``) behind one relay, one round each (``--scale-seconds``,
-   4 s) at a low order rate (``--scale-rate``, 200 orders/s: the matcher, router and driver take
-   about a tenth of the cores) with many connections per gateway (``--scale-clients``, 2000,
-   split over ``--scale-client-procs`` client processes, 2, so one client process does not cap a
+4. **scaling** G = 1-6 (``--scale-gateways``) behind one relay, ``--scale-repeat`` (3) rounds each
+   (``--scale-seconds``, 4 s; the one with the median delivered/s counts: with one round each,
+   the steps past the cores read 0.93-1.26x over the last six committed runs) at a low order
+   rate (``--scale-rate``, 200 orders/s: the matcher, router and driver take about a tenth of
+   the cores) with many connections per gateway (``--scale-clients``, 2000, split over
+   ``--scale-client-procs`` client processes, 2, so one client process does not cap a
    gateway), each on all ten channels, each gateway host capped at ``--scale-gateway-cpu`` (0.15)
    of a core: about 470,000 messages/s offered per gateway, more than one capped gateway
    delivers (about 375,000), and more than the machine delivers from G = 4 on -> claim (3).
@@ -141,7 +143,7 @@ from typing import Any, NamedTuple
 
 from _common import (ROOT, Progress, _cpu_jiffies, above_zero, arguments, at_least_one, machine_busy, metadata,
                      noise_note, proc_stat_cpu, remove_directory, shielded, warn, write_results)
-from bench_fanout import HZ, client_frame, fmt
+from bench_fanout import HZ, client_frame, fmt, median_round
 from bench_orders import (
     ACCOUNTS,
     MAX_DISTANCE,
@@ -659,12 +661,18 @@ class Run(NamedTuple):
     relays: int  # 0 with ``direct``
     gateways: int
     direct: bool  # the gateways straight on the matcher
-    rounds: list[tuple[str, float]]  # (label, orders/s); "moderate" ones are repeated ``--repeat`` times
+    rounds: list[tuple[str, float]]  # (label, orders/s); repeated as ``rounds_of`` says
     more_clients: list[int]  # then rounds at these connections per gateway (one client process each more)
     clients: int  # connections per gateway
     client_procs: int  # client processes per gateway they are split over
     seconds: float  # length of a round
     gateway_cpu: float = 0.0  # each gateway host's CPU cap, in cores (0: none, it shares the machine)
+
+
+def rounds_of(args: argparse.Namespace, label: str) -> int:
+    """How many rounds of a run's ``label`` rounds are measured: ``--repeat`` moderate ones,
+    ``--scale-repeat`` scaling ones."""
+    return args.repeat if label == "moderate" else args.scale_repeat if label == "scaling" else 1
 
 
 class Bench:
@@ -791,7 +799,7 @@ class Bench:
             info = {"relays": 0 if direct else relays, "direct": direct, "gateways": gateways,
                     "channels_per_client": args.channels}
             for label, rate in plan.rounds:
-                for repeat in range(args.repeat if label == "moderate" else 1):
+                for repeat in range(rounds_of(args, label)):
                     r = self.measure(xs, gws, clients, rate, plan.seconds)
                     r.update({"run": name, "round": label, "repeat": repeat + 1, **info,
                               "clients_per_gateway": clients_per_gateway,
@@ -966,14 +974,15 @@ def show(r: dict[str, Any]) -> None:
 
 def print_scaling(c3: dict[str, Any]) -> None:
     """Claim (3) step by step: delivered/s and where the cores went."""
-    rows = [[str(s["gateways"]), fmt(s["delivered_per_s"]), fmt(s["offered_per_s"]), fmt(s["keep_up"], ".3f"),
+    rows = [[str(s["gateways"]), fmt(s["delivered_per_s"]), " ".join(fmt(x) for x in s["rounds_delivered_per_s"]),
+             fmt(s["offered_per_s"]), fmt(s["keep_up"], ".3f"),
              fmt(s["lag_s"], ".2f"), "+".join(f"{x:.2f}" for x in s["gateway_cores"]), f"{s['clients_cores']:.2f}",
              f"{s['order_path_cores']:.2f}", f"{s['relay_cores']:.2f}", fmt(s["others_cores"], ".2f"),
              fmt(s["machine_cores_busy"], ".2f"), fmt(s["irq_cores"], ".2f"),
              fmt(s["gateway_cpu_us_per_delivered"], ".2f"), fmt(s["clients_cpu_us_per_delivered"], ".2f")]
             for s in c3["steps"]]
     print_rows(f"claim (3): delivered messages/s vs gateway processes; cores busy while driven (of {c3['cores']})",
-               ["G", "deliv/s", "offered/s", "all got all", "lag s", "gateways", "clients", "orders", "relay",
+               ["G", "deliv/s", "rounds", "offered/s", "all got all", "lag s", "gateways", "clients", "orders", "relay",
                 "others", "machine", "of it irq", "gw us/msg", "cl us/msg"], rows)
     print(f"  claim (3) verdict: {c3['verdict']}", flush=True)
 
@@ -1008,20 +1017,27 @@ def points(rounds: list[dict[str, Any]], run_prefix: str, label: str, key: str, 
 
 
 def scaling_claim(rounds: list[dict[str, Any]], cores: int, cap: float) -> dict[str, Any]:
-    """Claim (3) from the scaling rounds (one per gateway count): each step to one more gateway
+    """Claim (3) from the scaling rounds (per gateway count, the round with the median
+    delivered/s; ``rounds_delivered_per_s`` lists them all): each step to one more gateway
     must grow (>= ``GROWS``) while the cores had room at the smaller count, and stay flat (below
     ``GROWS``) once they were used up; and the gateway of the first step must have been busy
     (``GATEWAY_BUSY`` of what it may use: its host's CPU cap ``cap``, or one core without a cap),
     else the gateways were not what limited delivery and nothing is shown. ``verdict`` says in
     words what was and was not shown."""
-    by_g = {r["gateways"]: r for r in rounds if r.get("delivered_per_s")}
+    repeats: dict[int, list[dict[str, Any]]] = {}
+    for r in rounds:
+        if r.get("delivered_per_s"):
+            repeats.setdefault(r["gateways"], []).append(r)
+    # per G the round with the median delivered/s (the lower middle of an even count), all of its figures
+    by_g = {g: median_round(rs, lambda r: r["delivered_per_s"], ())[0] for g, rs in repeats.items()}
     steps = []
     for g in sorted(by_g):
         r = by_g[g]
         w = r["cores_while_driven"]
         machine = w.get("machine")
         steps.append({
-            "gateways": g, "delivered_per_s": r["delivered_per_s"], "offered_per_s": r["offered_per_s"],
+            "gateways": g, "delivered_per_s": r["delivered_per_s"],
+            "rounds_delivered_per_s": [x["delivered_per_s"] for x in repeats[g]], "offered_per_s": r["offered_per_s"],
             "keep_up": r["keep_up"], "lag_s": r["lag_s"],
             "gateway_cores": w["gateways"], "clients_cores": w["clients"], "order_path_cores": w["order_path"],
             "relay_cores": w["relays"], "ours_cores": w["ours"], "irq_cores": w.get("irq"),
@@ -1264,6 +1280,10 @@ def draw(results: Path) -> list[Path]:
     if steps:
         gs = [s["gateways"] for s in steps]
         a1.plot(gs, [s["delivered_per_s"] for s in steps], marker="o", label="delivered messages/s")
+        if any(len(s.get("rounds_delivered_per_s", ())) > 1 for s in steps):  # files before the repeats had one
+            a1.plot([s["gateways"] for s in steps for _ in s["rounds_delivered_per_s"]],
+                    [x for s in steps for x in s["rounds_delivered_per_s"]], marker=".", linestyle="none",
+                    color="C0", alpha=0.5, label="each round (the line joins the median of each count)")
         a1.plot(gs, [s["offered_per_s"] or 0 for s in steps], marker="x", linestyle=":", color="C2",
                 label="offered (every message to every connection, per second of orders)")
         one = steps[0]["delivered_per_s"] / steps[0]["gateways"]
@@ -1334,6 +1354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-gateway-cpu", type=float, default=0.15,
                         help="CPU cap of each gateway host in the scaling run, in cores (0.15; 0: no cap, the "
                              "gateways share the machine's cores)")
+    parser.add_argument("--scale-repeat", type=at_least_one, default=3,
+                        help="rounds per gateway count of the scaling run; the one with the median delivered/s "
+                             "counts (3)")
     parser.add_argument("--repeat", type=at_least_one, default=2, help="moderate rounds per run, averaged (2)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the order flow (1)")
     parser.add_argument("--quick", action="store_true", help="smoke run (under a minute), no results file")
@@ -1344,6 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
         args.gateways, args.relay_gateways, args.direct_gateways = [1, 2], [2], [2]
         args.clients, args.more_clients, args.seconds, args.repeat = 20, [40], 2.0, 1
         args.scale_gateways, args.scale_clients, args.scale_client_procs, args.scale_seconds = [1, 2], 300, 1, 2.0
+        args.scale_repeat = 1
     counts = [*args.gateways, *args.relay_gateways, *args.direct_gateways, *args.scale_gateways]
     if max(counts) > MAX_GATEWAYS:
         parser.error(f"at most {MAX_GATEWAYS} gateways")
@@ -1387,7 +1411,7 @@ def main(argv: list[str] | None = None) -> int:
     plan += [Run(f"scale-g{g}", 1, g, False, [("scaling", args.scale_rate)], [], args.scale_clients,
                  args.scale_client_procs, args.scale_seconds, args.scale_gateway_cpu) for g in args.scale_gateways]
     bench = Bench(args, directory, hosts)
-    bench.progress = Progress(1 + sum(1 + sum(args.repeat if label == "moderate" else 1 for label, _ in run.rounds)
+    bench.progress = Progress(1 + sum(1 + sum(rounds_of(args, label) for label, _ in run.rounds)
                                       + len(run.more_clients) * args.repeat for run in plan))
     rounds: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -1438,7 +1462,8 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], idle: dict[st
                    "scale_client_procs_per_gateway": args.scale_client_procs,
                    "scale_rate_orders_per_s": args.scale_rate, "scale_round_seconds": args.scale_seconds,
                    "scale_gateway_cpu_cap": args.scale_gateway_cpu or None, "cpu_cap_period_us": CAP_PERIOD_US,
-                   "repeat": args.repeat, "seed": args.seed, "matcher_fsync": "never",
+                   "repeat": args.repeat, "scale_repeat": args.scale_repeat, "seed": args.seed,
+                   "matcher_fsync": "never",
                    "symbols": len(SYMBOLS), "subnet": f"{SUBNET}.0/24", "namespaces_prefix": PREFIX,
                    "gateway_limits": "ping_interval_s 3600, ping_timeout_s 3600, slow_consumer_ms 600000",
                    "elapsed_s": round(elapsed)},

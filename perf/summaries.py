@@ -144,7 +144,8 @@ def hosts(f: dict[str, Any]) -> list[Row]:
     rows.append(row(f"same, (3) delivered messages/s vs gateway processes: {cfg['scale_clients_per_gateway']:,} "
                     f"connections x {cfg['channels_per_client']} channels per gateway, "
                     f"{cfg['scale_rate_orders_per_s']:g} orders/s"
-                    + (f", each gateway host capped at {cap:g} core (a cgroup)" if cap else ""),
+                    + (f", each gateway host capped at {cap:g} core (a cgroup)" if cap else "")
+                    + (f"; the median of {cfg['scale_repeat']} rounds per G" if cfg.get("scale_repeat", 1) > 1 else ""),
                     f"{rates}; {c3['verdict'].split(' | ')[0]}" if steps else "-", "the step before",
                     ", ".join(f"{m['ratio']:.2f}x (G={m['from']}->{m['to']})" for m in c3["moves"]),
                     f"grows while cores are idle, flat once the {c3['cores']} cores are used up"

@@ -591,6 +591,19 @@ def test_scaling_claim_met_by_growth_then_a_plateau(hosts: ModuleType) -> None:
     assert [m["owed"] for m in c3["moves"]] == ["grow", "grow", "flat"]
 
 
+def test_scaling_claim_takes_the_median_round_of_each_gateway_count(hosts: ModuleType) -> None:
+    """One disturbed round of a count (here a fast one at G=4, and a slow one at G=2) does not
+    decide a step: the round with the median delivered/s does, with its own cores."""
+    rounds = [scaling_round(1, 500_000, 0.95), scaling_round(2, 600_000, 1.5), scaling_round(2, 950_000, 1.6),
+              scaling_round(2, 980_000, 1.7), scaling_round(3, 1_400_000, 1.95), scaling_round(4, 1_900_000, 1.99),
+              scaling_round(4, 1_450_000, 1.97), scaling_round(4, 1_420_000, 1.96)]
+    c3 = hosts.scaling_claim(rounds, 2, 0.25)
+    assert [s["delivered_per_s"] for s in c3["steps"]] == [500_000, 950_000, 1_400_000, 1_450_000]
+    assert c3["steps"][1]["machine_cores_busy"] == 1.6
+    assert c3["steps"][3]["rounds_delivered_per_s"] == [1_900_000, 1_450_000, 1_420_000]
+    assert c3["met"], c3["verdict"]
+
+
 def test_scaling_claim_counts_a_fall_past_the_cores_against_it(hosts: ModuleType) -> None:
     """A round that broke down after the cores were used up is no plateau, and the idle cores
     of that broken round do not make the next step owe growth."""
