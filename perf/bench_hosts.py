@@ -1354,9 +1354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-gateway-cpu", type=float, default=0.15,
                         help="CPU cap of each gateway host in the scaling run, in cores (0.15; 0: no cap, the "
                              "gateways share the machine's cores)")
-    parser.add_argument("--scale-repeat", type=at_least_one, default=3,
+    parser.add_argument("--scale-repeat", type=at_least_one, default=None,
                         help="rounds per gateway count of the scaling run; the one with the median delivered/s "
-                             "counts (3)")
+                             "counts (3; 1 with --quick)")
     parser.add_argument("--repeat", type=at_least_one, default=2, help="moderate rounds per run, averaged (2)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the order flow (1)")
     parser.add_argument("--quick", action="store_true", help="smoke run (under a minute), no results file")
@@ -1367,7 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
         args.gateways, args.relay_gateways, args.direct_gateways = [1, 2], [2], [2]
         args.clients, args.more_clients, args.seconds, args.repeat = 20, [40], 2.0, 1
         args.scale_gateways, args.scale_clients, args.scale_client_procs, args.scale_seconds = [1, 2], 300, 1, 2.0
-        args.scale_repeat = 1
+    args.scale_repeat = args.scale_repeat or (1 if args.quick else 3)
     counts = [*args.gateways, *args.relay_gateways, *args.direct_gateways, *args.scale_gateways]
     if max(counts) > MAX_GATEWAYS:
         parser.error(f"at most {MAX_GATEWAYS} gateways")
