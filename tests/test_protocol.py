@@ -1194,6 +1194,17 @@ def test_amend_order_errors_at_the_gateway(fields, code):
         assert (message["order_id"], message["symbol"]) == ("a1", fields.get("symbol", "BTC-USDT")), message
 
 
+@pytest.mark.parametrize("action", ["submit_order", "amend_order"])
+def test_a_number_for_a_price_or_quantity_is_told_with_an_example_of_its_own(action):
+    base = {"action": action, "symbol": "BTC-USDT", "order_id": "a1", "side": "buy", "id": 6}
+    price = reply(session(), {**base, "price": 30000, "quantity": "1"})
+    quantity = reply(session(), {**base, "price": "30000", "quantity": 1})
+    assert_error(price, "invalid_field", 6)
+    assert_error(quantity, "invalid_field", 6)
+    assert "'price' must be a decimal string such as \"30000.5\", got a number" in price["message"], price
+    assert "'quantity' must be a decimal string such as \"0.5\", got a number" in quantity["message"], quantity
+
+
 @pytest.mark.parametrize("status, reason", [("unavailable", "unavailable"), ("unknown_symbol", "unknown_symbol"),
                                             ("bad_request", "unavailable")])
 def test_router_error_status_for_a_submit_is_rejected(status, reason):

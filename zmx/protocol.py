@@ -483,10 +483,10 @@ class Session:
         order_id = self._order_id(message)
         symbol = self._symbol(message)
         texts = {}
-        for name in ("price", "quantity"):
+        for name, example in (("price", "30000.5"), ("quantity", "0.5")):
             value = message.get(name)
             if value is not None and type(value) is not str:
-                raise ClientError("invalid_field", f"{name!r} must be a decimal string such as \"0.5\", "
+                raise ClientError("invalid_field", f"{name!r} must be a decimal string such as \"{example}\", "
                                   f"got {_json_kind(value)}")
             texts[name] = value
         if texts["price"] is None and texts["quantity"] is None:
