@@ -62,8 +62,8 @@ def test_check_shows_every_gateways_limits_and_which_are_not_the_default(runner:
     cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│ ")]
     rows = {row[0]: row[1:] for row in cells if "_" in row[0]}  # the limits table's: limit, g1, g2
     assert set(rows) == {f.name for f in dataclasses.fields(GatewayLimits)}, rows
-    # sharded.yaml sets g2's max_message_bytes: 65536 and rate_limit_per_s: 200
-    assert rows["max_message_bytes"] == ["1 MiB", "64 KiB *"]
+    # sharded.yaml sets g2's max_message_bytes: 16384 and rate_limit_per_s: 200
+    assert rows["max_message_bytes"] == ["64 KiB", "16 KiB *"]
     assert rows["rate_limit_per_s"] == ["100/s", "200/s *"]
     assert rows["heartbeat_s"] == ["5 s", "5 s"]
 

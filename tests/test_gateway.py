@@ -66,7 +66,7 @@ SYMBOLS = {
     # m2: ETH isolation, LTC many, TRX warm-up, AVAX abuse, LINK order validation
     "m2": ["ETH-USDT", "LTC-USDT", "TRX-USDT", "AVAX-USDT", "LINK-USDT"],
 }
-MAX_MESSAGE_BYTES = 1_048_576  # the default limit
+MAX_MESSAGE_BYTES = 65_536  # the default limit
 
 
 def dec(text: str) -> Decimal:
@@ -608,9 +608,35 @@ def send_10_mb(client: WsClient) -> None:
         pass  # closed while it was still sending
 
 
+def test_pings_and_big_messages_count_toward_the_rate_limit(clients: Clients) -> None:
+    """Reading is what the limit bounds: a ping storm is closed as a message flood is (each ping
+    counts once, though websockets answers it by itself), and a message counts once per 4 KiB
+    begun, so a few big ones reach twice the limit (40 here) as many small ones do."""
+    pinger = clients("pinger")
+    try:
+        for _ in range(20 * RATE):
+            pinger.ws.ping()
+    except (ConnectionClosed, OSError):
+        pass  # closed while it was still sending
+    code = pinger.expect_close()
+    assert code == 1008, f"closed with {code} {pinger.close_reason!r}"
+    big = clients("big")
+    pad = "x" * (15 * 4096 - 100)  # 15 units a message: the third within a second closes
+    try:
+        for n in range(5):  # (a window boundary among them leaves three or more on one side)
+            big.send({"action": "ping", "id": n, "pad": pad})
+    except (ConnectionClosed, OSError):
+        pass
+    code = big.expect_close()
+    assert code == 1008, f"closed with {code} {big.close_reason!r}"
+    assert len(big.since(0, "pong")) < 5
+    other = clients("other")
+    assert other.request({"action": "ping", "id": 1}, "pong") == {"type": "pong", "id": 1}
+
+
 def test_a_frame_over_the_size_limit_closes_the_connection_with_1009(clients: Clients) -> None:
     client = clients("big")
-    pad = "x" * (MAX_MESSAGE_BYTES - 1000)  # just under the limit (1 MiB by default): served
+    pad = "x" * (MAX_MESSAGE_BYTES - 1000)  # just under the limit (64 KiB by default): served
     assert client.request({"action": "ping", "id": 1, "pad": pad}, "pong") == {"type": "pong", "id": 1}
     send_10_mb(client)
     code = client.expect_close()

@@ -25,8 +25,8 @@ from zmx.exceptions import SequenceGap
 from zmx.node.runtime import load_topology
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 from zmx.protocol import (
-    CLOSE_POLICY, MAX_CHANNELS_PER_REQUEST, PASSED_TRADES, Amend, Cancel, Channel, Close, Send, Session, Submit,
-    Subscribe, Unsubscribe,
+    CLOSE_POLICY, MAX_CHANNELS_PER_REQUEST, PASSED_TRADES, RATE_UNIT_BYTES, Amend, Cancel, Channel, Close, Send,
+    Session, Submit, Subscribe, Unsubscribe,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -578,6 +578,22 @@ def test_a_text_message_that_is_not_utf8_asks_for_close_1007(data):
     s = session()
     assert receive(s, data) == [Close(1007, "a text message that is not UTF-8")]
     assert reply(s, b'{"action":"ping","x":"\xc3\xa9"}') == {"type": "pong"}  # UTF-8 outside ASCII: fine
+
+
+def test_a_message_counts_once_per_4_kib_begun_and_other_frames_once_each():
+    s = session(rate_limit_per_s=10)
+    pad = "x" * (3 * RATE_UNIT_BYTES)  # with the rest of the message: 4 units
+    assert reply(s, {"action": "ping", "pad": pad}, now=7.0) == {"type": "pong"}  # 4
+    assert reply(s, {"action": "ping", "pad": pad}, now=7.1) == {"type": "pong"}  # 8
+    assert s.frame_received(7.2, 125) == []  # a ping: 9
+    assert s.frame_received(7.3, 0) == []  # a fragment: 10
+    assert_error(reply(s, {"action": "ping", "id": 1}, now=7.4), "rate_limited", 1)  # 11
+    assert_error(reply(s, {"action": "ping", "pad": pad}, now=7.5), "rate_limited")  # 15
+    assert s.frame_received(7.6, 5 * RATE_UNIT_BYTES) == [Close(1008, "message rate limit exceeded")]  # 20
+    s = session(rate_limit_per_s=10)
+    assert s.frame_received(8.0, 4 * RATE_UNIT_BYTES) == []  # 4 units
+    assert receive(s, "x" * (15 * RATE_UNIT_BYTES + 1), now=8.5) == [Close(1008, "message rate limit exceeded")]
+
 
 
 def test_default_rate_limit_is_100_per_second():

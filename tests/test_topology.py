@@ -86,7 +86,7 @@ def test_base_topology_loads_with_defaults() -> None:
     assert g1.role == "gateway"
     assert g1.workers == 1
     assert g1.upstream == ("m1", "m2")  # no relay: every matcher
-    assert g1.limits == GatewayLimits(max_message_bytes=1_048_576, send_queue_bytes=1_048_576,
+    assert g1.limits == GatewayLimits(max_message_bytes=65_536, send_queue_bytes=1_048_576,
                                       slow_consumer_ms=5000, rate_limit_per_s=100, ping_interval_s=20,
                                       ping_timeout_s=20, heartbeat_s=5)
     assert (g1.host, g1.port, g1.url) == ("127.0.0.1", 8765, "ws://127.0.0.1:8765")

@@ -148,13 +148,15 @@ class GatewayLimits:
     hour for the times, 64 MiB for a message, 1 GiB for a queue, 10^6 messages a second).
 
     - ``max_message_bytes``: largest frame accepted from a client; a larger one closes the
-      connection with code 1009. Default 1 MiB.
+      connection with code 1009. Default 64 KiB (the largest request, a subscription to 100
+      channels, is under 8 KiB).
     - ``send_queue_bytes``: bytes queued for one client before its depth is conflated into a
       fresh snapshot. Default 1 MiB.
     - ``slow_consumer_ms``: a client that stays behind this long is disconnected (1013).
       Default 5000.
     - ``rate_limit_per_s``: messages per second a client may send before it gets
-      ``rate_limited``. Default 100.
+      ``rate_limited`` (a message counts once per ``protocol.RATE_UNIT_BYTES`` begun; pings,
+      pongs, binary frames and a message's fragments count too). Default 100.
     - ``ping_interval_s``: seconds between the server's WebSocket pings. Default 20.
     - ``ping_timeout_s``: seconds a client has to answer a ping before it is closed. Default 20.
     - ``heartbeat_s``: an idle channel gets a ``heartbeat`` message this often. Default 5.
@@ -165,7 +167,7 @@ class GatewayLimits:
       comes later is still passed on, without the request's ``id``. Default 5.
     """
 
-    max_message_bytes: int = 1_048_576  # (the largest each may be: LIMIT_MAXIMA)
+    max_message_bytes: int = 65_536  # (the largest each may be: LIMIT_MAXIMA)
     send_queue_bytes: int = 1_048_576
     slow_consumer_ms: int = 5000
     rate_limit_per_s: int = 100

@@ -396,16 +396,20 @@ class Connection(asyncio.Protocol):
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if not frame.fin:
-                self.fragments = [frame.data] if opcode is Opcode.TEXT else None
-                if opcode is Opcode.BINARY:
-                    self.send(error("bad_json", "binary frames are not accepted; send JSON text"))
-                return
-            if opcode is Opcode.BINARY:
-                self.send(error("bad_json", "binary frames are not accepted; send JSON text"))
-                return
-            self._message(frame.data)
+        if opcode is Opcode.TEXT and frame.fin:
+            self._message(frame.data)  # the usual frame: a whole message, counted by the session
+            return
+        # Every other frame counts toward the rate limit too (websockets has answered a ping with
+        # its pong already): a ping storm, binary frames or a message cut in tiny fragments cost
+        # as much reading as messages do. A fragment counts once, and its message once it is whole.
+        fragment = opcode is Opcode.CONT or opcode is Opcode.TEXT
+        if self._flooding(0 if fragment else len(frame.data)):
+            return
+        if opcode is Opcode.TEXT:  # the first fragment of a message
+            self.fragments = [frame.data]
+        elif opcode is Opcode.BINARY:
+            self.fragments = None  # (its fragments are dropped as they come)
+            self.send(error("bad_json", "binary frames are not accepted; send JSON text"))
         elif opcode is Opcode.CONT:
             if self.fragments is None:
                 return  # the rest of a refused binary message
@@ -415,6 +419,28 @@ class Connection(asyncio.Protocol):
                 self._message(data)
         elif opcode is Opcode.PONG:
             self.ping_sent = 0.0
+
+    def _flooding(self, size: int) -> bool:
+        """Count a frame of ``size`` bytes that is not a whole message toward the rate limit;
+        whether the connection is closing (for it, or already)."""
+        session = self.session
+        if session is None or self.closing:
+            return True
+        for action in session.frame_received(time.monotonic(), size):
+            assert type(action) is Close
+            self._close_for(action)
+            return True
+        return False
+
+    def _close_for(self, action: Close) -> None:
+        """Close as the session asks (counted). A flood's connection reads nothing more: what it
+        sends after the close would still be read and its pings answered until the connection
+        is cut, ``CLOSE_GRACE_S`` later."""
+        self.gateway.counts[_CLOSE_COUNTS[action.code]] += 1
+        self.close(action.code, action.reason)
+        transport = self.transport
+        if action.code == CLOSE_POLICY and transport is not None and transport.is_reading():
+            transport.pause_reading()
 
     def _message(self, data: bytes) -> None:
         session = self.session
@@ -432,8 +458,7 @@ class Connection(asyncio.Protocol):
             elif kind is Submit or kind is Cancel or kind is Amend:
                 gateway.order(self, action.command, action.request_id)
             elif kind is Close:
-                gateway.counts[_CLOSE_COUNTS[action.code]] += 1
-                self.close(action.code, action.reason)
+                self._close_for(action)  # type: ignore[arg-type]
                 return
 
     # -- outgoing ----------------------------------------------------------------------------------------
