@@ -7,11 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from zmx import codec
 from zmx.cli import builtin_topology_path
-from zmx.commands import CancelOrder
+from zmx.commands import CancelOrder, SubmitOrder
+from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted
 from zmx.exceptions import InvalidNumber, InvalidOrder, ZmxError
-from zmx.model import SymbolSpec
-from zmx.node.client import Client, ClientClosed
+from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
+from zmx.node.client import BAD_REPLY, Client, ClientClosed, encode_header, parse_reply
 from zmx.node.runtime import load_topology
 
 FREE = "tcp://127.0.0.1:9"  # nothing is asked of it: no request in these tests is ever sent
@@ -72,3 +74,34 @@ def test_a_closed_client_says_so(client: Client) -> None:
 def test_a_front_endpoint_that_is_not_one_is_refused_when_the_client_is_made(endpoint: str) -> None:
     with pytest.raises(ZmxError, match=f"cannot connect to the router front '{endpoint}'"):
         Client([endpoint])
+
+
+# -- a router's reply, as the client and the gateway read it ---------------------------------------------
+
+ACCEPTED = OrderAccepted("BTC-USDT", 4, 9, "o1", "alice", Side.BUY, OrderType.LIMIT, TimeInForce.GTC, 100, 5)
+
+
+def ok_reply(*messages: object, symbol: str = "BTC-USDT") -> list[bytes]:
+    return [encode_header(7, symbol), b"ok", codec.encode_batch(messages)]  # type: ignore[arg-type]
+
+
+def test_an_ok_reply_holding_the_events_of_its_symbol_is_read() -> None:
+    reply = parse_reply(ok_reply(ACCEPTED, BookChanged("BTC-USDT", 4, 9, ((100, 5),), ())))
+    assert reply is not None and (reply.request_id, reply.status) == (7, "ok")
+    assert reply.events == (ACCEPTED, BookChanged("BTC-USDT", 4, 9, ((100, 5),), ()))
+
+
+@pytest.mark.parametrize(("frames", "problem"), [
+    (ok_reply(), "ok reply with no event"),
+    (ok_reply(SubmitOrder("o1", "alice", "BTC-USDT", Side.BUY, OrderType.LIMIT, TimeInForce.GTC, 100, 5)),
+     "ok reply holding a SubmitOrder, which no command makes"),
+    (ok_reply(ACCEPTED, FeedHeartbeat("BTC-USDT", 4, 9)), "ok reply holding a FeedHeartbeat"),
+    (ok_reply(ACCEPTED, symbol="ETH-USDT"), "ok reply with an event of 'BTC-USDT' to a request of 'ETH-USDT'"),
+    ([encode_header(7, "BTC-USDT"), b"ok", b"\x01\xc1"], "ok reply with an undecodable payload"),
+])
+def test_an_ok_reply_that_no_command_makes_is_a_bad_reply(frames: list[bytes], problem: str) -> None:
+    """A matcher's reply is what its command made; anything else is not passed on as the
+    order's outcome (the gateway tells its client the outcome is unknown)."""
+    reply = parse_reply(frames)
+    assert reply is not None and (reply.request_id, reply.status, reply.events) == (7, BAD_REPLY, ())
+    assert problem in reply.message, reply.message

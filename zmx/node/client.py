@@ -56,7 +56,7 @@ import zmq
 
 from zmx import codec
 from zmx.commands import AmendOrder, CancelOrder, Command, SubmitOrder
-from zmx.events import Event
+from zmx.events import EVENT_TYPES, Event, FeedHeartbeat
 from zmx.exceptions import DecodeError, InvalidOrder, TopologyError, ZmxError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 from zmx.node.runtime import watch_peer
@@ -111,10 +111,15 @@ def encode_header(request_id: int, symbol: str) -> bytes:
     return VERSION_BYTE + request_id.to_bytes(8, "big") + symbol.encode("ascii")
 
 
+# What an ok reply may hold: the events a command made (a heartbeat is only ever published)
+_REPLY_EVENTS = frozenset(EVENT_TYPES) - {FeedHeartbeat}
+
+
 def parse_reply(frames: Sequence[bytes]) -> Reply | None:
     """A router's reply frames (``header, status, payload``) -> ``Reply``; None when there is
-    no header to tell which request it answers. A payload that does not decode gives a
-    ``BAD_REPLY`` reply."""
+    no header to tell which request it answers. An ok payload that is not what a command
+    makes (it does not decode, it holds no event, or something other than events of the
+    request's symbol, which the header names) gives a ``BAD_REPLY`` reply."""
     if len(frames) != 3 or len(frames[0]) < 9:
         return None
     header, status, payload = frames
@@ -128,6 +133,17 @@ def parse_reply(frames: Sequence[bytes]) -> Reply | None:
             events = codec.decode_batch(payload)
         except DecodeError as e:
             return Reply(request_id, BAD_REPLY, (), f"ok reply with an undecodable payload: {e}")
+        if not events:
+            return Reply(request_id, BAD_REPLY, (), "ok reply with no event (a command makes at least one)")
+        symbol = bytes(header[9:]).decode("utf-8", errors="replace")
+        for event in events:
+            if type(event) not in _REPLY_EVENTS:
+                return Reply(request_id, BAD_REPLY, (), f"ok reply holding a {type(event).__name__}, which no "
+                                                        "command makes")
+            named = event.symbol  # type: ignore[union-attr]
+            if named != symbol:
+                return Reply(request_id, BAD_REPLY, (), f"ok reply with an event of {named!r} to a request of "
+                                                        f"{symbol!r}")
         return Reply(request_id, "ok", events, "")  # type: ignore[arg-type]
     return Reply(request_id, status_text, (), bytes(payload).decode("utf-8", errors="replace"))
 
