@@ -53,7 +53,7 @@ from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.gateway import (
     PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, ChannelState, Connection, FillsRequest, Gateway,
-    text_frame,
+    read_snapshot, text_frame,
 )
 from zmx.node.runtime import load_topology
 from zmx.protocol import Channel, Session, Submit
@@ -1211,6 +1211,67 @@ def test_a_book_asked_for_a_channel_left_meanwhile_is_not_given_to_the_next_one(
         assert snapshot["data"]["seq"] == 9
         assert same_book(b.books["BTC-USDT"], [["29990", "1.5"], ["29980", "0.01"]], [["30010", "0.004"]])
         assert " way here" not in gateway.log()  # (no publication lost: "... lost on its way here")
+
+
+def test_a_matcher_that_answers_an_old_book_every_time_is_not_asked_in_a_loop(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The feed says seq 9 and the matcher's book says 7 (a bug of its own, or a peer that is
+    no matcher): the gateway waits for the next answer, then asks again after
+    ``SNAPSHOT_RETRY_S`` (2 s), not at once (a loop of thousands of requests a second)."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (7, [[2999000, 1500]], [], time.time_ns())}) as (
+            fake, opened, gateway):
+        fake.muted.add("BTC-USDT")  # the first message of the feed is the heartbeat at seq 9
+        a = opened("a")
+        a.send({"action": "subscribe", "channel": "BTC-USDT"})
+        a.expect({"type": "subscription_ack", "channel": "BTC-USDT"})
+        assert fake.next_subscription() == ("+", "BTC-USDT")
+        fake.publish("BTC-USDT", FeedHeartbeat("BTC-USDT", 9, time.time_ns()))
+        assert fake.requests.get(timeout=5.0) == "BTC-USDT"
+        a.wait_until(lambda: "BTC-USDT: a book at seq 7 came after the feed here showed seq 9" in gateway.log(),
+                     "the gateway's word that the old book came")
+        deadline, again = time.monotonic() + 1.0, 0
+        while deadline > time.monotonic():
+            try:
+                fake.requests.get(timeout=deadline - time.monotonic())
+            except queue.Empty:
+                break
+            again += 1
+        assert again <= 1, f"asked {again} more times within a second"  # (the tick's retry may fall within)
+        fake.books["BTC-USDT"] = (9, [[2999000, 1500], [2998000, 10]], [], time.time_ns())
+        snapshot = a.expect({"type": "depth_snapshot", "channel": "BTC-USDT"}, timeout=10.0)
+        assert snapshot["data"]["seq"] == 9
+
+
+@pytest.mark.parametrize(("book", "problem"), [
+    ([0, [[float("inf"), 1]], []], "a level of the bids is not two integers from 1 to 2^63 - 1: (inf, 1)"),
+    ([1, [[-5, 1]], []], "a level of the bids is not two integers"),
+    ([1, [], [[100.5, 2]]], "a level of the asks is not two integers"),
+    ([1, [[True, True]], []], "a level of the bids is not two integers"),
+    ([1, [[100, 0]], []], "a level of the bids is not two integers"),
+    ([1, [[2**63, 1]], []], "a level of the bids is not two integers"),
+    ([1, [["100", "2"]], []], "a level of the bids is not two integers"),
+    ([1, [[100, 1, 3]], []], "a level of the bids is not [price, quantity]"),
+    ([1, [[100, 1], [300, 1]], []], "the bids are not in order, best first"),
+    ([1, [], [[100, 1], [100, 2]]], "the asks are not in order, best first"),
+    ([1, [[100, 1]], [[100, 1]]], "the book is crossed"),
+    ([-7, [], []], "seq is not an integer from 0 to 2^63 - 1: -7"),
+    ([2**64 - 1, [], []], "seq is not an integer from 0 to 2^63 - 1"),
+    ([1, [], [], 0], "only the time the snapshot was taken (a positive integer)"),
+    ([1, []], "a book is [seq, bids, asks, taken_ns, changed_ns]"),
+    (5, "a book is [seq, bids, asks, taken_ns, changed_ns]"),
+])
+def test_a_snapshot_that_is_no_book_is_refused_saying_why(book: object, problem: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        read_snapshot(msgpack.packb(book))
+    assert problem in str(refused.value), refused.value
+
+
+def test_a_snapshot_is_read_with_its_times() -> None:
+    assert read_snapshot(msgpack.packb([3, [[10, 1], [9, 2]], [[11, 1]], 5, 0])) == (
+        3, ([(10, 1), (9, 2)], [(11, 1)]), (5, 0))
+    assert read_snapshot(msgpack.packb([0, [], []])) == (0, ([], []), ())
+    with pytest.raises(ValueError, match="not one msgpack value: FormatError"):
+        read_snapshot(b"\xc1\xc1")
 
 
 def test_a_matcher_back_behind_a_feed_that_never_broke_is_synced_again(cluster: Cluster, tmp_path: Path) -> None:

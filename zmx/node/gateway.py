@@ -70,7 +70,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zmx import codec
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
-from zmx.events import FeedHeartbeat, OrderFilled
+from zmx.events import FeedHeartbeat, Level, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
 from zmx.handshake import MAX_REQUEST_LINE_BYTES, PAGE_METHODS, refused_method, upgrade_response
 from zmx.node.client import HWM, Reply, encode_header, parse_reply
@@ -1083,17 +1083,9 @@ class Gateway:
             log.warning("%s: snapshot refused: %s", symbol, body.decode("utf-8", errors="replace"))
             return  # asked again by the tick
         try:
-            # when: [taken_ns, changed_ns], either or both left out by older matchers (docs/wire.md)
-            seq, bids, asks, *when = msgpack.unpackb(body, use_list=False)
-            levels = [(int(p), int(q)) for p, q in bids], [(int(p), int(q)) for p, q in asks]
-            if type(seq) is not int:
-                raise ValueError("seq is not an integer")
-            if (len(when) > 2 or when and (type(when[0]) is not int or when[0] <= 0)
-                    or len(when) == 2 and (type(when[1]) is not int or when[1] < 0)):
-                raise ValueError("after the levels, only the time the snapshot was taken (a positive integer) "
-                                 "and the time of the book's last change (an integer, 0 if none)")
+            seq, levels, when = read_snapshot(body)
         except (ValueError, TypeError, msgpack.UnpackException) as e:
-            log.warning("%s: undecodable snapshot: %s", symbol, e)
+            log.warning("%s: undecodable snapshot: %s", symbol, str(e) or type(e).__name__)
             self.counts["bad_reply"] += 1
             return
         try:
@@ -1107,10 +1099,12 @@ class Gateway:
             # Older than what the feed showed since the channel was opened: the answer to a
             # request of the channel held before (its last client left and another came while
             # the book was on its way). Loaded, it would be a book that misses what came between.
+            # The request of this channel is still on its way (its answer is loaded as it comes);
+            # the tick asks again if none comes (not at once: a matcher that answers with an old
+            # book every time would be asked in a loop).
             log.info("%s: a book at seq %d came after the feed here showed seq %d: the answer to an earlier "
-                     "request; asking again", symbol, seq, state.feed_seq)
+                     "request; waiting for the answer to the last one", symbol, seq, state.feed_seq)
             state.channel.reset()
-            self._ask_snapshot(state)
             return
         state.snapshot_asked = 0.0
         state.snapshot_seq, state.snapshot_taken_ns = (seq, when[0]) if when else (0, 0)
@@ -1924,6 +1918,50 @@ class Gateway:
 
 
 # -- process --------------------------------------------------------------------------------------------------
+
+def _levels(side: object, sign: int, what: str) -> list[Level]:
+    """One side of a snapshot's book: ``(ticks, lots)`` pairs of integers in [1, 2^63 - 1],
+    best first (``sign`` -1: prices falling, bids; 1: rising, asks)."""
+    if type(side) is not tuple:
+        raise ValueError(f"{what} are not an array")
+    out: list[Level] = []
+    last = None
+    top = codec.MAX_INT
+    for level in side:
+        if type(level) is not tuple or len(level) != 2:
+            raise ValueError(f"a level of the {what} is not [price, quantity]")
+        price, lots = level
+        if type(price) is not int or type(lots) is not int or not (0 < price <= top and 0 < lots <= top):
+            raise ValueError(f"a level of the {what} is not two integers from 1 to 2^63 - 1: {repr(level)[:60]}")
+        if last is not None and (price - last) * sign <= 0:
+            raise ValueError(f"the {what} are not in order, best first")
+        last = price
+        out.append((price, lots))
+    return out
+
+
+def read_snapshot(body: bytes) -> tuple[int, tuple[list[Level], list[Level]], tuple[int, ...]]:
+    """A matcher's ``SNAP`` answer (docs/wire.md, "Snapshots") -> ``(seq, (bids, asks), when)``,
+    ``when`` the times it was taken and the book last changed, either or both left out by older
+    matchers. Anything else raises ``ValueError`` (or msgpack's errors) saying what is wrong."""
+    try:
+        book = msgpack.unpackb(body, use_list=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ValueError(f"not one msgpack value: {str(e) or type(e).__name__}") from None
+    if type(book) is not tuple or not 3 <= len(book) <= 5:
+        raise ValueError("a book is [seq, bids, asks, taken_ns, changed_ns]")
+    seq, bids, asks, *when = book
+    if type(seq) is not int or not 0 <= seq <= codec.MAX_INT:
+        raise ValueError(f"seq is not an integer from 0 to 2^63 - 1: {repr(seq)[:40]}")
+    levels = _levels(bids, -1, "bids"), _levels(asks, 1, "asks")
+    if levels[0] and levels[1] and levels[0][0][0] >= levels[1][0][0]:
+        raise ValueError("the book is crossed: its best bid is not below its best ask")
+    if (when and (type(when[0]) is not int or not 0 < when[0] <= codec.MAX_INT)
+            or len(when) == 2 and (type(when[1]) is not int or not 0 <= when[1] <= codec.MAX_INT)):
+        raise ValueError("after the levels, only the time the snapshot was taken (a positive integer) "
+                         "and the time of the book's last change (an integer, 0 if none)")
+    return seq, levels, tuple(when)
+
 
 def _silence_error(symbol: str) -> bytes:
     """What a channel's clients are told when its feed has been silent for ``FEED_SILENT_S``
