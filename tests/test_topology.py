@@ -820,5 +820,23 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
         load_topology(binary)
 
 
+def test_a_file_too_big_to_be_a_topology_is_refused_before_it_is_read_whole(tmp_path: Path) -> None:
+    """A device such as /dev/zero, or the wrong file: refused once it is past 1 MiB, not read
+    until the memory runs out."""
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (1 << 20) + "\n", encoding="utf-8")
+    with pytest.raises(TopologyError, match=r"huge\.yaml: more than 1,048,576 characters: not a topology"):
+        load_topology(huge)
+    with pytest.raises(TopologyError, match="more than 1,048,576 characters"):
+        load_topology("/dev/zero")
+
+
+@pytest.mark.parametrize("nested", ["cluster: " + "[" * 2000 + "]" * 2000, "cluster: " + "{a: " * 2000 + "}" * 2000])
+def test_yaml_nested_too_deeply_is_refused_with_a_message(nested: str) -> None:
+    """PyYAML builds nested collections recursively: past the interpreter's recursion limit
+    the topology gets an error of its own, not a traceback."""
+    assert error_of(nested) == f"{SOURCE}: YAML nested too deeply to be a topology"
+
+
 def test_topology_error_is_a_zmx_error() -> None:
     assert issubclass(TopologyError, ZmxError)

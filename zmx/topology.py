@@ -953,6 +953,8 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
                             f"{column} is not allowed in YAML ({e.reason})") from None
     except yaml.YAMLError as e:
         raise TopologyError(f"{source}: YAML syntax error: {e}") from None
+    except RecursionError:  # collections nested hundreds deep: PyYAML builds them recursively
+        raise TopologyError(f"{source}: YAML nested too deeply to be a topology") from None
     if not isinstance(data, _Map):
         what = "empty" if data is None else f"{_kind(data)}, not a mapping"
         raise TopologyError(f"{source}:1: the topology is {what}; expected a mapping with keys "

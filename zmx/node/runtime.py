@@ -105,12 +105,20 @@ def settle_collector() -> None:
     gc.freeze()
 
 
+# A topology is a page or two of YAML; past this it is not one (a device such as /dev/zero,
+# or the wrong file), and it is refused before it is read whole
+MAX_TOPOLOGY_BYTES = 1 << 20
+
+
 def load_topology(path: str | PathLike[str]) -> Topology:
     """Read and validate the topology file at ``path``; messages name it as given."""
     source = str(path)
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_TOPOLOGY_BYTES + 1)
+        if len(text) > MAX_TOPOLOGY_BYTES:
+            raise TopologyError(f"{source}: more than {MAX_TOPOLOGY_BYTES:,} characters: not a topology "
+                                "(a topology is a page or two of YAML)")
     except OSError as e:
         raise TopologyError(f"{source}: cannot read the topology: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
