@@ -18,7 +18,7 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 from websockets.utils import accept_key
 
-from zmx.handshake import MAX_REQUEST_BYTES, refused_method, upgrade_response
+from zmx.handshake import MAX_REQUEST_BYTES, cannot_be_http, refused_method, upgrade_response
 
 DATE = "Sat, 28 Nov 2026 02:00:00 GMT"
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455, 1.3: its accept value is s3pPLMBiTxaQ9kYGzzhZRbK+xOo=
@@ -175,3 +175,13 @@ def test_a_method_other_than_get_or_head_is_found_once_its_request_line_has_come
                  b"POST / HTTP/1.1",  # the line has not all come: websockets reads the rest
                  b"POST /\r\n", b"hello world\r\n", b"P\x00ST / HTTP/1.1\r\n", b"\r\n"):
         assert refused_method(data) is None, data
+
+
+@pytest.mark.parametrize(("start", "cannot"), [
+    (b"", False), (b"G", False), (b"GET", False), (b"GET ", False), (b"GET /chat?x=1", False), (b"GET / ", False),
+    (b"GET / HT", False), (b"GET / HTTP/1.1", False), (b"hello there", False),  # a method and a target so far
+    (bytes(200), True), (b" GET", True), (b"GET  /", True), (b"GET /\xff", True), (b"GET / XTTP", True),
+    (b"GET / HTTP/1.1\x00", True), (b"G\x00", True), (bytes.fromhex("160301020001"), True),
+])
+def test_bytes_that_cannot_start_a_request_line_are_told_before_a_line_ends(start: bytes, cannot: bool) -> None:
+    assert cannot_be_http(start) is cannot

@@ -176,7 +176,12 @@ def test_a_request_the_gateway_cannot_read_gets_400_and_one_after_an_answer_is_n
              b"unsupported request body"),
             ("a header line without a colon", b"GET / HTTP/1.1\r\nHost zmx\r\n\r\n", b"invalid HTTP header line"),
             ("a TLS hello (wss:// or https:// on this plain port)", bytes.fromhex("160301020001") + bytes(60) + b"\r\n",
-             b"invalid HTTP request line")):
+             b"invalid HTTP request line"),
+            # no line end: answered at once, not at the handshake timeout (10 s; ``ask`` gives up at 10 s)
+            ("NUL bytes, no line", bytes(200), b"these bytes cannot start an HTTP request line"),
+            ("a TLS hello without CR LF", bytes.fromhex("160301020001") + bytes(60),
+             b"these bytes cannot start an HTTP request line"),
+            ("text, then a NUL", b"GET / HTTP/1.1\x00", b"these bytes cannot start an HTTP request line")):
         status, headers, body = ask(gateway, data)
         assert status == 400 and headers["connection"] == "close", name
         assert body.startswith(b"Bad request: ") and reason in body and int(headers["content-length"]) == len(body), \

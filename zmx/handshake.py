@@ -24,7 +24,7 @@ import binascii
 import hashlib
 import re
 
-__all__ = ["MAX_REQUEST_BYTES", "PAGE_METHODS", "refused_method", "upgrade_response"]
+__all__ = ["MAX_REQUEST_BYTES", "PAGE_METHODS", "cannot_be_http", "refused_method", "upgrade_response"]
 
 MAX_REQUEST_BYTES = 4096  # a longer request goes to websockets (its limits: 8 KiB a line, 128 headers)
 MAX_HEADERS = 64
@@ -102,6 +102,29 @@ def upgrade_response(data: bytes, date: str) -> tuple[bytes, int] | None:
     response = (b"HTTP/1.1 101 Switching Protocols\r\nDate: " + date.encode() + b"\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
     return response, end + 4
+
+
+_METHOD_SO_FAR = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]*")
+_TARGET_SO_FAR = re.compile(rb"[\x21-\x7e]*")
+_VERSION_SO_FAR = re.compile(rb"(H(T(T(P(/([0-9](\.([0-9](\r)?)?)?)?)?)?)?)?)?")  # what HTTP/1.1 CR LF is, so far
+
+
+def cannot_be_http(start: bytes) -> bool:
+    """Whether ``start``, the first bytes of a connection and no whole line yet, cannot begin an
+    HTTP request line (``METHOD SP TARGET SP HTTP/``): a NUL, a byte outside ASCII in the method
+    or the target, a line that starts with a space. The gateway answers those at once, instead
+    of waiting for a line that will never come (websockets reads lines only)."""
+    method = _METHOD_SO_FAR.match(start).end()  # type: ignore[union-attr]  # (matches the empty string)
+    if method == len(start):
+        return False  # a method so far
+    if method == 0 or start[method] != 0x20:
+        return True
+    target = _TARGET_SO_FAR.match(start, method + 1).end()  # type: ignore[union-attr]
+    if target == len(start):
+        return False
+    if target == method + 1 or start[target] != 0x20:
+        return True
+    return not _VERSION_SO_FAR.fullmatch(start, target + 1)
 
 
 def refused_method(data: bytes) -> str | None:

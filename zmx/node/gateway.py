@@ -72,7 +72,7 @@ from zmx import codec
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.events import FeedHeartbeat, Level, OrderFilled
 from zmx.exceptions import DecodeError, SequenceGap, ZmxError
-from zmx.handshake import MAX_REQUEST_LINE_BYTES, PAGE_METHODS, refused_method, upgrade_response
+from zmx.handshake import MAX_REQUEST_LINE_BYTES, PAGE_METHODS, cannot_be_http, refused_method, upgrade_response
 from zmx.node.client import HWM, Reply, encode_header, parse_reply
 from zmx.node.histogram import LatencyHistogram
 from zmx.node.runtime import (
@@ -173,7 +173,7 @@ def http_response(path: str, method: str = "GET") -> Response:
     return _plain(HTTPStatus.NOT_FOUND, NOT_FOUND, "text/plain; charset=utf-8", head=method == "HEAD")
 
 
-def bad_request(error: Exception) -> bytes:
+def bad_request(error: Exception) -> Response:
     """The answer to a request that websockets could not read (a GET with a body, a malformed
     header, bytes that are not HTTP): websockets itself closes without a word."""
     reason = "".join(c if " " <= c <= "~" else "?" for c in str(error.__cause__ or error))
@@ -181,7 +181,7 @@ def bad_request(error: Exception) -> bytes:
         reason = reason[:117] + "..."
     body = (f"Bad request: {reason}. This port takes HTTP/1.1 GET requests: WebSocket upgrades, "
             "and the page at /.\n").encode()
-    return _plain(HTTPStatus.BAD_REQUEST, body, "text/plain; charset=utf-8").serialize()
+    return _plain(HTTPStatus.BAD_REQUEST, body, "text/plain; charset=utf-8")
 
 
 def _plain(status: HTTPStatus, body: bytes, kind: str, head: bool = False) -> Response:
@@ -298,7 +298,7 @@ class Connection(asyncio.Protocol):
             if type(ws.handshake_exc) is InvalidMessage and not answered and not self.closing:
                 # a request websockets could not read, which it would leave unanswered (too
                 # long a line, too many headers: it answers those itself)
-                self._write(bad_request(ws.handshake_exc))
+                self._write(bad_request(ws.handshake_exc).serialize())
             self._flush_ws(ws)
         finally:
             self._write_out()
@@ -318,12 +318,13 @@ class Connection(asyncio.Protocol):
         POST usually has, which would make it a 400. While the request line has not all come,
         ``start`` is kept and looked at again with the next read."""
         method = refused_method(start)
-        if method is not None:
+        whole = b"\r\n" in start or len(start) >= MAX_REQUEST_LINE_BYTES  # (too long: websockets refuses it)
+        if method is not None or not whole and cannot_be_http(start):
             self.request_start = None
-            ws.send_response(http_response("/", method))
+            ws.send_response(http_response("/", method) if method is not None else
+                             bad_request(ValueError("these bytes cannot start an HTTP request line")))
             self._flush_ws(ws)
             return True
-        whole = b"\r\n" in start or len(start) >= MAX_REQUEST_LINE_BYTES  # (too long: websockets refuses it)
         self.request_start = None if whole else start
         return False
 
