@@ -456,6 +456,9 @@ def test_snapshot_service_is_consistent_with_the_stream(cluster: Cluster, tmp_pa
     assert book_of(req, "SOL-USDT") == (0, [], [])
     kind, name, message = snapshot_request(snapshots, b"ETH-USDT")
     assert (kind, name) == (b"ERR", b"ETH-USDT") and b"does not own" in message
+    kind, name, message = snapshot_request(snapshots, b"X" * 200)  # (the name is not sent back)
+    assert (kind, name, message) == (b"ERR", b"", b"matcher m1 does not own a symbol of 200 bytes (a symbol has at "
+                                                 b"most 127)")
 
 
 def test_a_subscription_longer_than_any_topic_drops_its_sender(cluster: Cluster, tmp_path: Path,
@@ -680,6 +683,8 @@ def test_a_gateway_asks_an_accounts_fills_of_resting_orders_and_gets_them_again_
     for frames, says in (([b"FILLS", b"a1"], b""), ([b"FILLS", b"", msgpack.packb({})], b"the account is empty"),
                          ([b"FILLS", b"a1", b"\xc1"], b"the trade ids are not msgpack"),
                          ([b"FILLS", b"a1", msgpack.packb({"BTC-USDT": -1})], b"the trade ids hold 'BTC-USDT': -1"),
+                         ([b"FILLS", b"a1", msgpack.packb({"BTC-USDT": 2**64 - 1})],
+                          b"the trade ids hold 'BTC-USDT': 18446744073709551615"),
                          ([b"FILLS", b"a1", msgpack.packb([1])], b"the trade ids are not a msgpack map"),
                          ([b"FILLS", b"a\x00b", msgpack.packb({})], b""),
                          ([b"FILLS", b"\xff", msgpack.packb({})], b"")):
@@ -689,7 +694,7 @@ def test_a_gateway_asks_an_accounts_fills_of_resting_orders_and_gets_them_again_
         assert kind == b"ERR" and message and says in message, (frames, message)
     assert fills_of(sock, "a1", {"SOL-USDT": 0})[2] == [f for f in got if f.symbol == "SOL-USDT"]  # still serving
     assert restarted.stop() == 0
-    assert "fills: malformed request 6, snapshot: malformed request 1" in restarted.log()
+    assert "fills: malformed request 7, snapshot: malformed request 1" in restarted.log()
 
 
 def test_kill_9_in_the_middle_of_a_stream_loses_no_acknowledged_order(cluster: Cluster, tmp_path: Path,

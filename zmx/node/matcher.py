@@ -48,6 +48,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zmx.codec import (
+    MAX_INT,
     MAX_MESSAGE_BYTES,
     decode,
     encode_publication,
@@ -767,7 +768,9 @@ class Matcher:
                 name = engines.get(symbol)
                 if name is None:
                     self.problems["snapshot: unknown symbol"] += 1
-                    reply = [ERR, symbol, f"matcher {self.name} does not own symbol {show(symbol, 64)}".encode()]
+                    what = (f"symbol {show(symbol, 64)}" if symbol or not request[1] else
+                            f"a symbol of {len(request[1])} bytes (a symbol has at most 127)")
+                    reply = [ERR, symbol, f"matcher {self.name} does not own {what}".encode()]
                 else:
                     engine = self.engines[name]
                     bids, asks = engine.depth()
@@ -808,7 +811,7 @@ class Matcher:
             if type(after) is not dict:
                 raise ValueError(f"the trade ids are not {wanted}")
             for symbol, trade_id in after.items():
-                if type(symbol) is not str or type(trade_id) is not int or trade_id < 0:
+                if type(symbol) is not str or type(trade_id) is not int or not 0 <= trade_id <= MAX_INT:
                     raise ValueError(f"the trade ids hold {symbol!r}: {trade_id!r}; expected {wanted}")
             publication = join_account_publication(account, self.fills.of(account, after))  # checks the account
         except ValueError as e:  # UnicodeDecodeError is one
