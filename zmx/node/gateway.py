@@ -1100,9 +1100,9 @@ class Gateway:
             # Older than what the feed showed since the channel was opened: the answer to a
             # request of the channel held before (its last client left and another came while
             # the book was on its way). Loaded, it would be a book that misses what came between.
-            # The request of this channel is still on its way (its answer is loaded as it comes);
-            # the tick asks again if none comes (not at once: a matcher that answers with an old
-            # book every time would be asked in a loop).
+            # The channel's own request is usually on its way, and its answer is loaded as it
+            # comes; if none comes, the tick asks again as for an unanswered request (not at once:
+            # a matcher that answers with an old book every time would be asked in a loop).
             log.info("%s: a book at seq %d came after the feed here showed seq %d: the answer to an earlier "
                      "request; waiting for the answer to the last one", symbol, seq, state.feed_seq)
             state.channel.reset()
