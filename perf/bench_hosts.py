@@ -117,7 +117,7 @@ Claims checked (``claims`` in the JSON, rows in ``summary``):
    G = 1, and then the growth part cannot be shown here).
 
 Run as root (it creates namespaces and a cgroup per capped host, and removes them):
-``.venv/bin/python perf/bench_hosts.py`` (about 6.5 minutes) or ``--quick`` (about a minute, no
+``.venv/bin/python perf/bench_hosts.py`` (about 6 minutes) or ``--quick`` (about a minute, no
 results file). Writes ``perf/results/hosts.json``; ``zmx bench hosts`` (or ``zmx bench plot
 hosts`` later) draws the PNGs ``perf/results/hosts_gateway_cpu.png``, ``hosts_matcher_cpu.png``
 and ``hosts_delivered.png`` (``draw`` here).
