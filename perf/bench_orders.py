@@ -181,9 +181,9 @@ class Workload:
         return sum(map(len, self.live.values()))
 
 
-def ack_payload() -> bytes:
+def ack_payload(symbol: str = SYMBOLS[0]) -> bytes:
     """What the echo process answers: the batch a matcher answers a resting order with."""
-    return encode_batch([OrderAccepted(SYMBOLS[0], 123_456, time.time_ns(), "r001o12345", ACCOUNTS[3], BUY,
+    return encode_batch([OrderAccepted(symbol, 123_456, time.time_ns(), "r001o12345", ACCOUNTS[3], BUY,
                                        LIMIT, GTC, MID - 7, 250)])
 
 
@@ -214,13 +214,16 @@ def watchdog(max_seconds: float) -> None:
 
 def role_echo(bind: str, stopper: Stopper) -> None:
     """Answer every request ``client, header, body`` with ``client, header, b"ok", ACK`` (and a
-    request ``header, body`` straight from a client with ``header, b"ok", ACK``)."""
+    request ``header, body`` straight from a client with ``header, b"ok", ACK``); ACK is an
+    ``OrderAccepted`` of the symbol the header names, as a matcher's reply holds its own symbol's
+    events (a client takes any other for a bad reply)."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = _socket(ctx, zmq.DEALER)
     try:
         sock.bind(bind)
         announce_ready("echo", "echo", bind=bind)
-        ack = ack_payload()
+        acks = {symbol.encode(): ack_payload(symbol) for symbol in SYMBOLS}
+        ack_of, other = acks.get, ack_payload()
         recv, send = _backend_recv.__get__(sock), _backend_send.__get__(sock)
         noblock, more, again, ok = _NOBLOCK, _SEND_MORE, zmq.Again, b"ok"
         timeout = 100
@@ -242,11 +245,11 @@ def role_echo(bind: str, stopper: Stopper) -> None:
                     send(msg[0], more)
                     send(msg[1], more)
                     send(ok, more)
-                    send(ack, noblock)
+                    send(ack_of(msg[1][9:], other), noblock)
                 elif len(msg) == 2:  # from the client itself: header, body
                     send(msg[0], more)
                     send(ok, more)
-                    send(ack, noblock)
+                    send(ack_of(msg[0][9:], other), noblock)
             else:
                 timeout = 0
     finally:
