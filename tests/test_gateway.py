@@ -48,12 +48,12 @@ from zmx import codec
 from zmx.codec import encode_publication
 from zmx.commands import CancelOrder, SubmitOrder
 from zmx.engine import MatchingEngine
-from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted, TradeOccurred
+from zmx.events import BookChanged, CancelRejected, FeedHeartbeat, OrderAccepted, TradeOccurred
 from zmx.model import OrderType, Side, TimeInForce
 from zmx.node.client import Client, Reply, RequestTimeout
 from zmx.node.gateway import (
     PUBLICATION_MAX_BYTES, SNAPSHOT_MAX_BYTES, STATS_CHANNEL_LINES, ChannelState, Connection, FillsRequest, Gateway,
-    read_snapshot, text_frame,
+    _of_the_order, read_snapshot, text_frame,
 )
 from zmx.node.runtime import load_topology
 from zmx.protocol import Channel, Session, Submit
@@ -632,6 +632,48 @@ def test_pings_and_big_messages_count_toward_the_rate_limit(clients: Clients) ->
     assert len(big.since(0, "pong")) < 5
     other = clients("other")
     assert other.request({"action": "ping", "id": 1}, "pong") == {"type": "pong", "id": 1}
+
+
+def frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    """A client frame (masked), to send on a connection's socket as it is."""
+    return Frame(opcode, data, fin=fin).serialize(mask=True, extensions=[])
+
+
+def test_a_message_in_fragments_is_read_whole_whatever_other_connections_send_meanwhile(clients: Clients) -> None:
+    """A connection whose message is cut in fragments keeps its half-read message between reads;
+    another connection's message meanwhile is read on its own (idle connections share one
+    websockets machine, which once went back to the others while still holding a fragment:
+    both connections were closed with 1002). A client that sends every message in a few pieces
+    is not rate-limited for them."""
+    cutter, other = clients("cutter"), clients("other")
+    cutter.ws.socket.sendall(frame(Opcode.TEXT, b'{"action": "ping", ', fin=False))
+    assert cutter.ws.ping().wait(5.0), "no pong"  # (a control frame may come between fragments) read so far
+    assert other.request({"action": "ping", "id": 1}, "pong") == {"type": "pong", "id": 1}
+    cutter.ws.socket.sendall(frame(Opcode.CONT, b'"id": "a"}'))
+    assert cutter.expect("pong") == {"type": "pong", "id": "a"}
+    burst = RATE // 2  # in three pieces each: at 4 units a message (each piece and the whole) this closed at 40
+    for n in range(burst):
+        cutter.ws.socket.sendall(frame(Opcode.TEXT, b'{"action": ', fin=False)
+                                 + frame(Opcode.CONT, b'"ping", ', fin=False) + frame(Opcode.CONT, b'"id": %d}' % n))
+    answers = [cutter.expect(lambda m: m["type"] in ("pong", "error")) for _ in range(burst)]
+    assert answers == [{"type": "pong", "id": n} for n in range(burst)], [a for a in answers if a["type"] != "pong"]
+
+
+def test_of_the_order_tells_a_reply_that_holds_the_orders_own_event() -> None:
+    """A matcher's reply always holds an event of the command's own order; one that does not (a
+    book change alone, another order's or account's accepted) cannot answer it."""
+    command = SubmitOrder("o1", "alice", "BTC-USDT", Side.BUY, OrderType.LIMIT, TimeInForce.GTC, 100, 5)
+
+    def accepted(order_id: str, account: str) -> OrderAccepted:
+        return OrderAccepted("BTC-USDT", 4, 9, order_id, account, Side.BUY, OrderType.LIMIT, TimeInForce.GTC, 100, 5)
+    book = BookChanged("BTC-USDT", 4, 9, ((100, 5),), ())
+    assert _of_the_order((accepted("o1", "alice"), book), command)
+    assert _of_the_order((book, accepted("o2", "alice"), accepted("o1", "alice")), command)
+    assert not _of_the_order((book,), command)
+    assert not _of_the_order((accepted("o2", "alice"),), command)
+    assert not _of_the_order((accepted("o1", "bob"),), command)
+    assert _of_the_order((CancelRejected("BTC-USDT", 4, 9, "o1", "alice", "unknown_order"),),
+                         CancelOrder("o1", "alice", "BTC-USDT"))
 
 
 def test_a_frame_over_the_size_limit_closes_the_connection_with_1009(clients: Clients) -> None:

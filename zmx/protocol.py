@@ -343,9 +343,10 @@ class Session:
         return None if count >= 2 * self.rate_limit else True
 
     def frame_received(self, now: float, size: int) -> list[Action]:
-        """Count a frame that is not a whole text message (a ping, a pong, a binary frame, a
-        fragment of a message: ``size`` 0 for those, the message counts when ``receive`` gets
-        it whole) toward the rate limit: a ``Close`` when it reaches twice the limit."""
+        """Count a frame that is not a whole text message (a ping, an unasked pong, a binary
+        frame; a run of fragments of a message, ``size`` 0, the message counting when
+        ``receive`` gets it whole) toward the rate limit: a ``Close`` when it reaches twice the
+        limit."""
         if self._count(now, size) is None:
             return [Close(CLOSE_POLICY, "message rate limit exceeded")]
         return []

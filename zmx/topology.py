@@ -156,7 +156,7 @@ class GatewayLimits:
       Default 5000.
     - ``rate_limit_per_s``: messages per second a client may send before it gets
       ``rate_limited`` (a message counts once per ``protocol.RATE_UNIT_BYTES`` begun; pings,
-      pongs, binary frames and a message's fragments count too). Default 100.
+      unasked pongs, binary frames and one in 8 of a message's fragments count too). Default 100.
     - ``ping_interval_s``: seconds between the server's WebSocket pings. Default 20.
     - ``ping_timeout_s``: seconds a client has to answer a ping before it is closed. Default 20.
     - ``heartbeat_s``: an idle channel gets a ``heartbeat`` message this often. Default 5.

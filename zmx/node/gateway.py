@@ -108,6 +108,7 @@ log = logging.getLogger("zmx.gateway")
 OrderCommand = Union[SubmitOrder, CancelOrder, AmendOrder]  # what a client may send to the routers
 
 _CLOSE_COUNTS = {CLOSE_POLICY: "rate_limit_closed", CLOSE_INVALID_DATA: "bad_utf8_closed"}  # a session's Close
+FRAGMENTS_PER_UNIT = 8  # a fragmented text message's fragments count toward the rate limit one in this many
 # A request answered ``unknown_outcome`` (no reply within the limit ``order_timeout_s``) is
 # remembered this long: a router or matcher that hung may still run it and answer, and what the
 # answer shows (the order's own fills, the self-trade cancels of the connection's other orders,
@@ -277,9 +278,11 @@ class Connection(asyncio.Protocol):
                         if end == len(data):
                             return
                         data = data[end:]  # frames sent right after the request
-                        ws = self._open_ws()
+                        ws = self.ws = self._open_ws()
                 else:
-                    ws = self._open_ws()
+                    # (held while this read is handled: a close it makes goes through this
+                    # machine, not a second one; _flush_ws below keeps it or lets it go)
+                    ws = self.ws = self._open_ws()
             elif self.request_start is not None and self._refused(ws, self.request_start + data):
                 return
             failed = ws.parser_exc
@@ -400,26 +403,35 @@ class Connection(asyncio.Protocol):
         if opcode is Opcode.TEXT and frame.fin:
             self._message(frame.data)  # the usual frame: a whole message, counted by the session
             return
-        # Every other frame counts toward the rate limit too (websockets has answered a ping with
-        # its pong already): a ping storm, binary frames or a message cut in tiny fragments cost
-        # as much reading as messages do. A fragment counts once, and its message once it is whole.
-        fragment = opcode is Opcode.CONT or opcode is Opcode.TEXT
-        if self._flooding(0 if fragment else len(frame.data)):
-            return
+        # Other frames count toward the rate limit too, so that reading them is bounded as
+        # reading messages is (websockets has answered a ping with its pong already): each ping,
+        # binary frame, and pong that answers no ping of ours, once; a text message's fragments
+        # one in FRAGMENTS_PER_UNIT (a message counts once it is whole: a client that sends its
+        # messages in a few pieces pays nothing more, one that cuts them in tiny ones does).
         if opcode is Opcode.TEXT:  # the first fragment of a message
             self.fragments = [frame.data]
+        elif opcode is Opcode.CONT:
+            fragments = self.fragments
+            if fragments is None:  # the rest of a refused binary message
+                self._flooding(len(frame.data))
+                return
+            fragments.append(frame.data)
+            if not len(fragments) % FRAGMENTS_PER_UNIT and self._flooding(0):
+                return
+            if frame.fin:
+                data, self.fragments = b"".join(fragments), None
+                self._message(data)
         elif opcode is Opcode.BINARY:
             self.fragments = None  # (its fragments are dropped as they come)
-            self.send(error("bad_json", "binary frames are not accepted; send JSON text"))
-        elif opcode is Opcode.CONT:
-            if self.fragments is None:
-                return  # the rest of a refused binary message
-            self.fragments.append(frame.data)
-            if frame.fin:
-                data, self.fragments = b"".join(self.fragments), None
-                self._message(data)
+            if not self._flooding(len(frame.data)):
+                self.send(error("bad_json", "binary frames are not accepted; send JSON text"))
         elif opcode is Opcode.PONG:
-            self.ping_sent = 0.0
+            if self.ping_sent:
+                self.ping_sent = 0.0
+            else:
+                self._flooding(len(frame.data))
+        elif opcode is Opcode.PING:
+            self._flooding(len(frame.data))
 
     def _flooding(self, size: int) -> bool:
         """Count a frame of ``size`` bytes that is not a whole message toward the rate limit;
@@ -515,8 +527,8 @@ class Connection(asyncio.Protocol):
             if not self.closing:
                 self.closing = True
                 asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._cut)
-        elif ws.reader.buffer or ws.expect_continuation_frame or self.session is None:
-            self.ws = ws  # mid-frame, mid-message, or still in the handshake
+        elif ws.reader.buffer or ws.current_size is not None or ws.expect_continuation_frame or self.session is None:
+            self.ws = ws  # mid-frame, mid-message (received or sent), or still in the handshake
         else:
             self.ws = None
             spare = self.gateway.spare_ws
@@ -1440,7 +1452,7 @@ class Gateway:
             conn, command, request_id, _ = entry
             if conn.session is None or conn.transport is None:
                 continue
-            if reply.status == "bad_reply":
+            if reply.status == "bad_reply" or reply.status == "ok" and not _of_the_order(reply.events, command):
                 self.counts["bad_reply"] += 1
                 payloads = conn.session.on_reply(command, request_id, "unknown_outcome", (),
                                                  "the reply could not be read; the outcome is unknown")
@@ -1460,7 +1472,7 @@ class Gateway:
         conn, command, _ = late
         session = conn.session
         assert session is not None
-        if reply.status == "bad_reply":
+        if reply.status == "bad_reply" or reply.status == "ok" and not _of_the_order(reply.events, command):
             self.counts["bad_reply"] += 1
             return
         self.counts["late_replies"] += 1
@@ -1919,6 +1931,13 @@ class Gateway:
 
 
 # -- process --------------------------------------------------------------------------------------------------
+
+def _of_the_order(events: Iterable[object], command: SubmitOrder | CancelOrder | AmendOrder) -> bool:
+    """Whether a reply holds an event of the command's own order (its account's, its order id's),
+    as every reply a matcher makes does: its accepted, rejected, canceled or amended."""
+    order_id, account = command.order_id, command.account
+    return any(getattr(e, "order_id", None) == order_id and getattr(e, "account", None) == account for e in events)
+
 
 def _levels(side: object, sign: int, what: str) -> list[Level]:
     """One side of a snapshot's book: ``(ticks, lots)`` pairs of integers in [1, 2^63 - 1],
