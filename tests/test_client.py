@@ -10,7 +10,7 @@ import pytest
 from zmx import codec
 from zmx.cli import builtin_topology_path
 from zmx.commands import CancelOrder, SubmitOrder
-from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted
+from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted, OrderFilled
 from zmx.exceptions import InvalidNumber, InvalidOrder, ZmxError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 from zmx.node.client import BAD_REPLY, Client, ClientClosed, encode_header, parse_reply
@@ -89,6 +89,18 @@ def test_an_ok_reply_holding_the_events_of_its_symbol_is_read() -> None:
     reply = parse_reply(ok_reply(ACCEPTED, BookChanged("BTC-USDT", 4, 9, ((100, 5),), ())))
     assert reply is not None and (reply.request_id, reply.status) == (7, "ok")
     assert reply.events == (ACCEPTED, BookChanged("BTC-USDT", 4, 9, ((100, 5),), ()))
+
+
+def test_an_ok_reply_over_1_mib_is_read() -> None:
+    """A market order that sweeps thousands of resting orders gets a reply of megabytes (a fill
+    for each): read whole, up to the 16 MiB the routers take from a matcher. The first client
+    took the codec's 1 MiB limit for it, and told an executed order's client it was refused."""
+    fills = [OrderFilled("BTC-USDT", 4, 9, f"maker{n}", "bob", Side.SELL, n + 1, 100, 1, 1, 0, True)
+             for n in range(40_000)]
+    frames = ok_reply(ACCEPTED, *fills, BookChanged("BTC-USDT", 4, 9, (), ((100, 0),)))
+    assert len(frames[2]) > 1 << 20
+    reply = parse_reply(frames)
+    assert reply is not None and reply.status == "ok" and len(reply.events) == 40_002, reply and reply.message
 
 
 @pytest.mark.parametrize(("frames", "problem"), [
