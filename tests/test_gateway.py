@@ -1607,6 +1607,33 @@ def test_a_lost_frame_of_an_account_is_seen_in_the_count_of_its_next_one(tmp_pat
         assert passed + fill_updates(conn) == [("a1", 1, "0.1"), ("a1", 2, "0.3"), ("a2", 3, "0.4")]
 
 
+def test_an_answer_that_leaves_fills_wanted_is_asked_again_after_a_wait_not_at_once(tmp_path: Path) -> None:
+    """A fills answer whole only up to a seq below a fill the gateway holds (from a matcher that
+    lost its history, or a peer that is no matcher) leaves the fill wanted. The next request goes
+    FILLS_WAIT_S (0.5 s) later: sent at once, it was answered the same way, thousands of times a
+    second. (No node runs.)"""
+    with gateway_with_two_resting_orders(tmp_path) as (gateway, conn, alice, engine):
+
+        def alices(price: int, lots: int, ts_ns: int) -> list:
+            return [e for e in engine.handle(SubmitOrder(f"b{ts_ns}", "bob", "BTC-USDT", Side.BUY, OrderType.LIMIT,
+                                                         TimeInForce.GTC, price, lots), ts_ns=ts_ns)
+                    if getattr(e, "account", None) == "g1.alice"]
+
+        # a1's three fills of 0.1 (seqs 3, 4, 5); the second is lost, the third shows it missing
+        first, _, past = (alices(3_000_000, 100, ts) for ts in (3, 4, 5))
+        feed_gateway(gateway, ["@g1.alice"], [codec.encode_account_publication("g1.alice", events, (4, 1, n))
+                                              for events, n in ((first, 1), (past, 3))],
+                     until=lambda: gateway.counts["account_frames_lost"] > 0)
+        request = gateway.fills_requests[("m1", "g1.alice")]
+        request.sent = time.monotonic()
+        gateway._fills_reply(b"g1.alice", msgpack.packb([
+            "m1", 0, codec.encode_account_publication("g1.alice", []), {"BTC-USDT": 1}, request.after]))
+        again = gateway.fills_requests[("m1", "g1.alice")]  # a1's third fill is still held: asked again ...
+        assert again is not request and not again.sent  # ... but not yet
+        assert again.due >= time.monotonic() + 0.3
+        assert gateway.counts["fills_asked_again"] == 1
+
+
 @pytest.mark.parametrize("counts, lost", [
     ([(4, 1, 1), (4, 1, 2)], 0),
     ([(4, 1, 2)], 1),  # the first one seen is not number 1

@@ -715,8 +715,8 @@ class Gateway:
             "slow_consumer", "slow_consumer_closed", "ping_timeout_closed", "rate_limit_closed", "bad_utf8_closed",
             "too_big_closed", "protocol_error_closed", "handshake_timeout_closed", "bad_publication", "bad_reply",
             "gaps", "account_frames_lost", "feed_went_back", "feed_failovers", "resyncs", "fills_replayed",
-            "fills_incomplete", "internal_errors", "orders_timed_out", "late_replies", "late_replies_dropped",
-            "orders_no_router")}
+            "fills_incomplete", "fills_asked_again", "internal_errors", "orders_timed_out", "late_replies",
+            "late_replies_dropped", "orders_no_router")}
         self._request_ids = 0
         self._fills_due = False  # a fills request made while the SUB is read, to send after its batch
         self._bad_unlogged = 0  # undecodable publications since the last one logged
@@ -777,6 +777,11 @@ class Gateway:
         # matcher name -> when its feed, or the connection to its snapshot service, was lost (until it is back)
         self.matcher_lost: dict[str, float] = {}
         self.fills_requests: dict[tuple[str, str], FillsRequest] = {}  # (matcher name, account) -> request
+        # (matcher name, account) -> when its last answer was taken, for FILLS_WAIT_S: a request
+        # that an answer leaves wanted is sent that long after it, not at once (an answer that
+        # never settles it, from a matcher that lost its history or is no matcher, is not asked
+        # again in a loop)
+        self.fills_answered: dict[tuple[str, str], float] = {}
         self.snapshot_up: set[str] = set()  # matchers whose snapshot service this gateway is connected to now
         # matcher name -> when to ask again for the fills that a give-up let go, its snapshot
         # service connected all along (no handshake to come, which would ask: _snapshot_service_event)
@@ -1508,7 +1513,14 @@ class Gateway:
         """Ask ``matcher`` at once for the fills ``session`` wants (``begin_fill_replay``)."""
         old = self.fills_requests.get((matcher, session.account))
         if old is None:
-            self._ask_account_fills(matcher, session.account, conn, time.time_ns(), now, wait=0.0)
+            answered = self.fills_answered.get((matcher, session.account))
+            wait = 0.0 if answered is None else max(0.0, answered + FILLS_WAIT_S - now)
+            if wait:
+                self.counts["fills_asked_again"] += 1
+                if self._log_due("fills asked again"):
+                    log.info("%s: the answer of %s left fills wanted; asking again in %.1f s (so far: %d)",
+                             session.account, matcher, wait, self.counts["fills_asked_again"])
+            self._ask_account_fills(matcher, session.account, conn, time.time_ns(), now, wait=wait)
         elif old.sent:
             old.again = True  # asked again once it is answered, from the trade id wanted
         else:
@@ -1663,6 +1675,7 @@ class Gateway:
                      account, matcher, asked, request.after)
             return
         del self.fills_requests[(matcher, account)]
+        self.fills_answered[(matcher, account)] = time.monotonic()
         fills = [e for e in events if type(e) is OrderFilled and e.symbol in request.after]
         self._end_fills_request(request, fills, upto)
         if fills:  # counted, not logged at info: on a busy gateway a cancel often overtakes its order's fill
@@ -1755,6 +1768,9 @@ class Gateway:
             self.log_stats(now)
         if self.fills_requests or self.fills_reask:
             self._send_fills_requests(now)
+        for key, answered in list(self.fills_answered.items()):
+            if now - answered >= FILLS_WAIT_S:
+                del self.fills_answered[key]
         for endpoint, since in list(self.feed_lost.items()):
             way = self.feed_paths.get(endpoint)
             if way is not None and len(way) > 1:
