@@ -1033,6 +1033,40 @@ def test_a_matcher_that_cannot_recover_says_why_and_exits_1(cluster: Cluster, tm
     assert restarted.ready["seq"] == {"BTC-USDT": 20}
 
 
+def test_a_matcher_refuses_to_leave_behind_the_orders_of_a_symbol_moved_off_it(
+        cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
+    """The topology moves SOL-USDT from m1 to m2. m1's journal holds its book, with an order
+    resting on it: m1 refuses to start and names it (a review's topology edit, which ``zmx
+    check`` accepts, once lost such orders for good with a warning, when m1 wrote its next
+    snapshot). Back on m1, the book is there; once its order is cancelled, the symbol moves and
+    its empty book is dropped, with a warning."""
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT", "SOL-USDT"])
+    router.wait_for(b"HELLO")
+    assert type(router.order(1, limit("s1", "alice", "SOL-USDT", BUY, 1000, 1))[0]) is OrderAccepted
+    assert type(router.order(2, limit("b1", "alice", "BTC-USDT", BUY, 1000, 1))[0]) is OrderAccepted
+    assert node.stop() == 0
+    assert cluster.topology is not None
+    original = cluster.topology.read_text()
+    moved = original.replace("SOL-USDT: {matcher: m1", "SOL-USDT: {matcher: m2", 1)
+    assert moved != original
+    cluster.topology.write_text(moved)
+    refused = cluster.start("m1", wait=False)
+    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
+    assert "holds books of symbols the topology no longer gives m1 (SOL-USDT: 1 resting order(s))" in refused.log()
+
+    cluster.topology.write_text(original)
+    back = cluster.start("m1")
+    assert book_of(snapshot_socket(zctx, back), "SOL-USDT") == (1, [(1000, 1)], [])
+    router.wait_for(b"HELLO")
+    assert type(router.order(3, CancelOrder("s1", "alice", "SOL-USDT"))[0]) is OrderCanceled
+    assert back.stop() == 0
+    cluster.topology.write_text(moved)
+    again = cluster.start("m1")
+    assert again.ready["seq"] == {"BTC-USDT": 1}
+    assert "SOL-USDT: in the journal but no longer owned by m1; its book, empty, is dropped" in again.log()
+    assert again.stop() == 0
+
+
 def _archived(path: Path) -> set[str]:
     """The keys in a stopped matcher's archive of used order ids."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)

@@ -228,8 +228,14 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     for symbol, engine in engines.items():
         engine.archive = used_ids.symbols[symbol]
     gone = sorted(set(states or ()) - set(engines))
+    # Symbols the journal holds that the topology no longer gives this matcher: replayed on
+    # engines of their own, only to see whether orders rest on them (which would be lost)
+    leaving: dict[str, MatchingEngine] = {}
     for symbol in gone:
-        log.warning("%s: in the journal's snapshot but no longer owned by %s; its book is dropped", symbol, name)
+        try:
+            leaving[symbol] = MatchingEngine.restore(states[symbol])  # type: ignore[index]
+        except Exception:  # noqa: BLE001 - its orders cannot be counted: refused below, as if some rested
+            leaving[symbol] = None  # type: ignore[assignment]
     # Every fill stamped after the snapshot's last book change (a fill changes the book) is
     # replayed below; without a snapshot, every fill ever. A snapshot of format 1 does not say
     # when its books changed: complete from now on only.
@@ -241,6 +247,14 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
         engine = engines.get(cmd.symbol)
         if engine is None:
             skipped[cmd.symbol] += 1
+            engine = leaving.get(cmd.symbol)
+            if engine is None and cmd.symbol in topology.symbols and cmd.symbol not in gone:
+                engine = leaving[cmd.symbol] = MatchingEngine(topology.symbols[cmd.symbol])
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    engine.handle(cmd, ts_ns=ts_ns)
+            elif type(cmd) is not CancelOrder:
+                leaving.setdefault(cmd.symbol, None)  # type: ignore[arg-type]  # its orders cannot be counted
             continue
         try:
             events = engine.handle(cmd, ts_ns=ts_ns)
@@ -248,8 +262,18 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
             failed += 1
             continue
         hold_fills(fills, events)
-    for symbol, count in sorted(skipped.items()):
-        log.warning("%s: %d journaled command(s) skipped: %s no longer owns it", symbol, count, name)
+    resting = {symbol: None if engine is None else engine.resting() for symbol, engine in leaving.items()}
+    kept = {symbol: n for symbol, n in resting.items() if n != 0}
+    if kept:
+        said = "; ".join(f"{symbol}: {'orders it cannot count' if n is None else f'{n} resting order(s)'}"
+                         for symbol, n in sorted(kept.items()))
+        raise _StartFailure(
+            f"the journal in {journal.directory} holds books of symbols the topology no longer gives {name} ({said}): "
+            f"they would be lost. A symbol moves to another matcher only with its book, which zmx does not do: keep "
+            f"it on {name} until its orders are cancelled, or give {name} a new, empty data_dir")
+    for symbol in sorted(set(gone) | set(skipped)):
+        log.warning("%s: in the journal but no longer owned by %s; its book, empty, is dropped%s", symbol, name,
+                    f" ({skipped[symbol]} journaled command(s) skipped)" if skipped[symbol] else "")
     if failed:
         log.warning("%d journaled command(s) failed in the engine again on replay", failed)
     took_ms = (time.perf_counter() - started) * 1000
