@@ -70,10 +70,17 @@ def test_a_closed_client_says_so(client: Client) -> None:
         client.recv(0.01)
 
 
-@pytest.mark.parametrize("endpoint", ["bogus", "tcp://127.0.0.1", "http://127.0.0.1:5550"])
+@pytest.mark.parametrize("endpoint", ["bogus", "tcp://127.0.0.1", "http://127.0.0.1:5550", "tcp://127.0.0.1:85276"])
 def test_a_front_endpoint_that_is_not_one_is_refused_when_the_client_is_made(endpoint: str) -> None:
+    # (ZeroMQ takes port 85276 modulo 65536: 19740, another node's port)
     with pytest.raises(ZmxError, match=f"cannot connect to the router front '{endpoint}'"):
         Client([endpoint])
+
+
+@pytest.mark.parametrize("endpoint", [b"tcp://127.0.0.1:5550", None])
+def test_a_front_endpoint_that_is_no_str_is_refused_as_one_that_is_not_an_endpoint(endpoint: object) -> None:
+    with pytest.raises(ZmxError, match="a router front endpoint is a str"):
+        Client([endpoint])  # type: ignore[list-item]
 
 
 # -- a router's reply, as the client and the gateway read it ---------------------------------------------
@@ -117,3 +124,12 @@ def test_an_ok_reply_that_no_command_makes_is_a_bad_reply(frames: list[bytes], p
     reply = parse_reply(frames)
     assert reply is not None and (reply.request_id, reply.status, reply.events) == (7, BAD_REPLY, ())
     assert problem in reply.message, reply.message
+
+
+def test_a_refusal_keeps_1000_bytes_of_its_text_and_an_empty_status_is_a_bad_reply() -> None:
+    """A peer may send megabytes of text with a refusal: a line of it is kept (a gateway passed
+    5 MB of it on to its client in one order_update)."""
+    reply = parse_reply([encode_header(7, "BTC-USDT"), b"unavailable", b"x" * 5_000_000])
+    assert reply is not None and (reply.status, reply.message) == ("unavailable", "x" * 1000)
+    reply = parse_reply([encode_header(7, "BTC-USDT"), b"", b"why"])
+    assert reply is not None and (reply.status, reply.message) == (BAD_REPLY, "an empty status")

@@ -1502,6 +1502,17 @@ def gateway_with_a_resting_order(tmp_path: Path) -> Iterator[tuple[Gateway, Conn
         gateway.context.destroy(linger=0)
 
 
+def test_a_closing_connection_is_not_pinged(tmp_path: Path) -> None:
+    """A connection half-closed by the gateway (its close frame sent, its side of TCP ended)
+    takes no more writes: its ping, due in the grace before it is cut, is not sent (uvloop
+    raised on the write, and the housekeeping logged an internal error for each)."""
+    with gateway_with_a_resting_order(tmp_path) as (_, conn, _alice, _engine):
+        conn.transport.written.clear()  # type: ignore[union-attr]
+        conn.closing = True
+        conn.ping(time.monotonic())
+        assert not conn.transport.written and not conn.ping_sent  # type: ignore[union-attr]
+
+
 def test_a_late_answer_to_an_earlier_fills_request_is_not_taken_for_the_one_on_its_way(tmp_path: Path) -> None:
     """A fills request sent again on a new connection can be answered twice, and the second
     answer can come once the gateway asks again from lower trade ids. The answer says which

@@ -305,10 +305,13 @@ def test_zmx_probe_a_node_of_a_topology_for_one_symbol(tmp_path: Path, context: 
     (["tcp://127.0.0.1:5999", "--symbol", "@alice"], "must not start with '@'"),
     (["http://127.0.0.1:80"], "is not a ZeroMQ endpoint"),
     (["tcp://bad"], "'tcp://bad': Invalid argument (expected tcp://host:port"),  # was a traceback
+    # ZeroMQ would take the port modulo 65536 (19742): another node's feed
+    (["tcp://127.0.0.1:85278"], "port 85278 of tcp://127.0.0.1:85278 is not one of 1-65535"),
+    (["m1", "--duration", "nan"], "nan is not a number of seconds"),  # (it ran on forever)
 ])
 def test_zmx_probe_refuses_a_bad_target(tmp_path: Path, args: list[str], message: str) -> None:
     path = write_topology(tmp_path)
-    result = CliRunner().invoke(main, ["probe", *args, "-t", str(path), "--duration", "1"])
+    result = CliRunner().invoke(main, ["probe", "-t", str(path), "--duration", "1", *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -212,6 +213,7 @@ def up(topology: Path | None, restart: bool, dry_run: bool) -> None:
 @click.option("--symbol", "-s", "symbols", multiple=True, metavar="SYMBOL",
               help="only this symbol's channel (repeatable; default: everything the target publishes)")
 @click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              callback=lambda _ctx, _param, value: _finite(value),
               help="stop after this many seconds (default: at Ctrl-C)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON summary at the end, no live table")
 def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], duration: float | None,
@@ -275,6 +277,13 @@ def _nothing_arrived(messages: int, endpoint: str, elapsed: float) -> None:
         raise SystemExit(1)
 
 
+def _finite(value: float | None) -> float | None:
+    """A number option's value, refused if it is not finite (``FloatRange`` lets nan through)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds")
+    return value
+
+
 def _probe_endpoint(target: str, topology_path: Path | None, symbols: tuple[str, ...]) -> str:
     """TARGET as an endpoint to connect a SUB to: itself, or the pub of the node it names."""
     if "://" in target:
@@ -287,7 +296,9 @@ def _probe_endpoint(target: str, topology_path: Path | None, symbols: tuple[str,
         try:
             with context.socket(zmq.SUB) as sub:
                 sub.linger = 0
-                sub.connect(target)  # what ZeroMQ makes of it: tcp://bad has no port, for one
+                sub.connect(connect_endpoint(target))  # what ZeroMQ makes of it: tcp://bad has no port, for one
+        except TopologyError as e:
+            raise click.BadParameter(f"{target!r}: {e}", param_hint="'TARGET'") from None
         except zmq.ZMQError as e:
             raise click.BadParameter(f"{target!r}: {zmq.strerror(e.errno)} (expected tcp://host:port or ipc://path)",
                                      param_hint="'TARGET'") from None

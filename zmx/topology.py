@@ -364,11 +364,14 @@ def connect_endpoint(endpoint: str) -> str:
     """The endpoint to ``connect`` to for one that is bound: ``tcp://*:5560`` -> ``tcp://127.0.0.1:5560``.
 
     A wildcard host only makes sense for ``bind``; on this machine the loopback address
-    reaches it. Other endpoints are returned unchanged.
+    reaches it. Other endpoints are returned unchanged. A port outside 1-65535 raises
+    ``TopologyError`` (ZeroMQ would take it modulo 65536: another node's port).
     """
     m = _TCP.fullmatch(endpoint)
     if m is None:
         return endpoint
+    if not 0 < int(m.group(2)) <= 65535:
+        raise TopologyError(f"port {m.group(2)} of {endpoint} is not one of 1-65535")
     return f"tcp://{_connect_host(m.group(1))}:{m.group(2)}"
 
 

@@ -72,6 +72,7 @@ HWM = 100_000  # queue bound per direction; the routers' replies must never be d
 # A reply holds every event of one command (a market order that sweeps the book: a fill for each
 # order it met): the routers take replies this big from the matchers (docs/wire.md)
 REPLY_MAX_BYTES = 16 * codec.MAX_MESSAGE_BYTES
+REPLY_MESSAGE_MAX = 1000  # bytes of a refusal's text that a Reply keeps
 
 
 class NoRouter(ZmxError, TimeoutError):
@@ -131,6 +132,8 @@ def parse_reply(frames: Sequence[bytes]) -> Reply | None:
         status_text = bytes(status).decode("ascii")
     except UnicodeDecodeError:
         return Reply(request_id, BAD_REPLY, (), f"status {bytes(status[:40])!r} is not ASCII")
+    if not status_text:
+        return Reply(request_id, BAD_REPLY, (), "an empty status")
     if status_text == "ok":
         try:
             events = codec.decode_batch(payload, REPLY_MAX_BYTES)
@@ -148,7 +151,8 @@ def parse_reply(frames: Sequence[bytes]) -> Reply | None:
                 return Reply(request_id, BAD_REPLY, (), f"ok reply with an event of {named!r} to a request of "
                                                         f"{symbol!r}")
         return Reply(request_id, "ok", events, "")  # type: ignore[arg-type]
-    return Reply(request_id, status_text, (), bytes(payload).decode("utf-8", errors="replace"))
+    # (a refusal says why in a line: more is not passed on, a peer's megabytes of it included)
+    return Reply(request_id, status_text, (), bytes(payload[:REPLY_MESSAGE_MAX]).decode("utf-8", errors="replace"))
 
 
 def _choice(kind: type[E], value: object, what: str) -> E:
@@ -179,6 +183,10 @@ class Client:
         self.name = f"client.{os.getpid()}.{secrets.token_hex(6)}".encode()
         sock.setsockopt(zmq.ROUTING_ID, self.name)
         for endpoint in front_endpoints:
+            if not isinstance(endpoint, str):
+                sock.close(linger=0)
+                raise ZmxError(f"a router front endpoint is a str (tcp://HOST:PORT or ipc://PATH), got "
+                               f"{type(endpoint).__name__} {endpoint!r:.60}")
             try:
                 sock.connect(connect_endpoint(endpoint))
             except (zmq.ZMQError, TopologyError) as e:

@@ -108,6 +108,7 @@ log = logging.getLogger("zmx.gateway")
 OrderCommand = Union[SubmitOrder, CancelOrder, AmendOrder]  # what a client may send to the routers
 
 _CLOSE_COUNTS = {CLOSE_POLICY: "rate_limit_closed", CLOSE_INVALID_DATA: "bad_utf8_closed"}  # a session's Close
+MESSAGE_SHOWN = 300  # bytes of a peer's refusal text that a log line shows (a peer may send megabytes)
 FRAGMENTS_PER_UNIT = 8  # a fragmented text message's fragments count toward the rate limit one in this many
 # A request answered ``unknown_outcome`` (no reply within the limit ``order_timeout_s``) is
 # remembered this long: a router or matcher that hung may still run it and answer, and what the
@@ -537,6 +538,8 @@ class Connection(asyncio.Protocol):
             self.gateway.spare_ws = ws  # open and idle: any connection's next read may use it
 
     def ping(self, now: float) -> None:
+        if self.closing or self.transport is None:
+            return  # (half-closed: a write would raise)
         ws = self.ws or self._open_ws()
         try:
             ws.send_ping(secrets.token_bytes(4))
@@ -1098,7 +1101,7 @@ class Gateway:
             log.info("%s answered a snapshot request again, after %.1f s and %d new connection(s)", owner,
                      time.monotonic() - outage[0], outage[1])
         if kind != b"SNAP":
-            log.warning("%s: snapshot refused: %s", symbol, body.decode("utf-8", errors="replace"))
+            log.warning("%s: snapshot refused: %s", symbol, body[:MESSAGE_SHOWN].decode("utf-8", errors="replace"))
             return  # asked again by the tick
         try:
             seq, levels, when = read_snapshot(body)
@@ -1700,7 +1703,7 @@ class Gateway:
             request = self.fills_requests.pop(key)
             self.counts["fills_incomplete"] += 1
             log.warning("%s: %s refused the request for the fills its feed lost: %s", account, key[0],
-                        message.decode("utf-8", errors="replace"))
+                        message[:MESSAGE_SHOWN].decode("utf-8", errors="replace"))
             self._end_fills_request(request, ())
         return bool(refused)
 
