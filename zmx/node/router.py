@@ -185,15 +185,16 @@ class MatcherTable:
             log.warning("%s: HELLO with epoch %d after epoch %d: a second process using this name, or a matcher "
                         "whose data directory is new (its books start empty, and old order ids are free again)",
                         m.name, epoch, m.epoch)
-        foreign = [s for s in symbols if s not in m.owned]
+        announced, owned = set(symbols), set(m.owned)  # (sets: a matcher may own thousands of symbols)
+        foreign = [s for s in symbols if s not in owned]
         if foreign:
             log.warning("%s announces %s, which the topology does not give it: not routed there",
                         m.name, ", ".join(foreign))
-        missing = [s for s in m.owned if s not in symbols]
+        missing = [s for s in m.owned if s not in announced]
         if missing:
             log.warning("%s does not announce %s, which the topology gives it: unavailable until it does",
                         m.name, ", ".join(missing))
-        self._up(m, tuple(s for s in m.owned if s in symbols), epoch, now)
+        self._up(m, tuple(s for s in m.owned if s in announced), epoch, now)
 
     def heartbeat(self, ident: bytes, payload: bytes, now: float) -> None:
         m = self._matcher(ident, "HB")
