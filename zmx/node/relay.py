@@ -25,8 +25,11 @@ from zmx.topology import RelayNode, Topology
 
 log = logging.getLogger("zmx.relay")
 
-# Subscribers that fall behind drop messages at this many queued frames, never the relay's
-# memory; the matchers' own PUB sockets keep the same default.
+# Subscribers that fall behind drop messages at this many queued frames; the matchers' own PUB
+# sockets keep the same default. The bound is a count, not bytes (ZeroMQ has no other): with
+# publications of a few hundred bytes, as most of the cluster's are, a stalled subscriber holds
+# tens of MB of the relay's memory; big ones (a sweep of a deep book, or a review's made-up
+# matcher publishing megabyte frames: hundreds of MB) hold more (docs/operations.md).
 HWM = 100_000
 
 
