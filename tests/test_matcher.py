@@ -1034,16 +1034,17 @@ def test_a_matcher_that_cannot_recover_says_why_and_exits_1(cluster: Cluster, tm
 
 
 def test_a_matcher_refuses_to_leave_behind_the_orders_of_a_symbol_moved_off_it(
-        cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
+        cluster: Cluster, tmp_path: Path, zctx: zmq.Context, monkeypatch: pytest.MonkeyPatch) -> None:
     """The topology moves SOL-USDT from m1 to m2. m1's journal holds its book, with an order
     resting on it: m1 refuses to start and names it (a review's topology edit, which ``zmx
     check`` accepts, once lost such orders for good with a warning, when m1 wrote its next
-    snapshot). Back on m1, the book is there; once its order is cancelled, the symbol moves and
-    its empty book is dropped, with a warning."""
-    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT", "SOL-USDT"])
+    snapshot). Back on m1, the book is there. Once its order is cancelled, the symbol moves and
+    its empty book is dropped, with a warning; XRP-USDT's, with an order resting, only when the
+    operator says so (``ZMX_DROP_BOOKS``)."""
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT", "SOL-USDT", "XRP-USDT"])
     router.wait_for(b"HELLO")
     assert type(router.order(1, limit("s1", "alice", "SOL-USDT", BUY, 1000, 1))[0]) is OrderAccepted
-    assert type(router.order(2, limit("b1", "alice", "BTC-USDT", BUY, 1000, 1))[0]) is OrderAccepted
+    assert type(router.order(2, limit("x1", "alice", "XRP-USDT", BUY, 1000, 1))[0]) is OrderAccepted
     assert node.stop() == 0
     assert cluster.topology is not None
     original = cluster.topology.read_text()
@@ -1052,7 +1053,9 @@ def test_a_matcher_refuses_to_leave_behind_the_orders_of_a_symbol_moved_off_it(
     cluster.topology.write_text(moved)
     refused = cluster.start("m1", wait=False)
     assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
-    assert "holds books of symbols the topology no longer gives m1 (SOL-USDT: 1 resting order(s))" in refused.log()
+    assert ("holds books of symbols the topology no longer gives m1 (SOL-USDT: 1 resting order(s)): they would be "
+            "lost") in refused.log()
+    assert "start m1 once with ZMX_DROP_BOOKS=SOL-USDT to drop them" in refused.log()
 
     cluster.topology.write_text(original)
     back = cluster.start("m1")
@@ -1060,10 +1063,14 @@ def test_a_matcher_refuses_to_leave_behind_the_orders_of_a_symbol_moved_off_it(
     router.wait_for(b"HELLO")
     assert type(router.order(3, CancelOrder("s1", "alice", "SOL-USDT"))[0]) is OrderCanceled
     assert back.stop() == 0
-    cluster.topology.write_text(moved)
+    cluster.topology.write_text(moved.replace("XRP-USDT: {matcher: m1", "XRP-USDT: {matcher: m2", 1))
+    monkeypatch.setenv("ZMX_DROP_BOOKS", "XRP-USDT")
     again = cluster.start("m1")
-    assert again.ready["seq"] == {"BTC-USDT": 1}
-    assert "SOL-USDT: in the journal but no longer owned by m1; its book, empty, is dropped" in again.log()
+    assert again.ready["seq"] == {"BTC-USDT": 0}
+    log_text = again.log()
+    assert "SOL-USDT: in the journal but no longer owned by m1; its book, empty, is dropped" in log_text
+    assert ("XRP-USDT: in the journal but no longer owned by m1; its book (1 resting order(s), ZMX_DROP_BOOKS) is "
+            "dropped") in log_text
     assert again.stop() == 0
 
 

@@ -60,7 +60,8 @@ from zmx.codec import (
 from zmx.commands import COMMAND_TYPES, CancelOrder
 from zmx.engine import MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES, FeedHeartbeat, OrderFilled
-from zmx.exceptions import DecodeError
+from zmx.exceptions import DecodeError, ZmxError
+from zmx.model import SymbolSpec
 from zmx.node.journal import Journal, JournalError
 from zmx.node.recentfills import RecentFills
 from zmx.node.runtime import (
@@ -174,6 +175,21 @@ def hold_fills(fills: RecentFills, events: Iterable[object]) -> None:
             fills.add(event.account, event.symbol, event.trade_id, event.ts_ns, pack_records((event,))[0])
 
 
+# Symbols whose books a matcher may drop at start although orders rest on them (a comma-separated
+# list; see _restore): the operator's word that the loss is meant
+DROP_BOOKS_ENV = "ZMX_DROP_BOOKS"
+
+
+def _any_order_engine(symbol: str, topology: Topology) -> MatchingEngine | None:
+    """An engine for ``symbol`` that takes any order (its grid as the topology has it, or one
+    tick and lot of 1; no quantity limits); None if the name cannot be a symbol's."""
+    spec = topology.symbols.get(symbol)
+    try:
+        return MatchingEngine(SymbolSpec(symbol, spec.tick_size if spec else "1", spec.lot_size if spec else "1"))
+    except ZmxError:
+        return None
+
+
 def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills, epoch: int
              ) -> tuple[dict[str, MatchingEngine], bool, UsedIds]:
     """The engines of ``name``'s symbols as the journal left them, whether a snapshot should
@@ -229,13 +245,16 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
         engine.archive = used_ids.symbols[symbol]
     gone = sorted(set(states or ()) - set(engines))
     # Symbols the journal holds that the topology no longer gives this matcher: replayed on
-    # engines of their own, only to see whether orders rest on them (which would be lost)
-    leaving: dict[str, MatchingEngine] = {}
+    # engines of their own, only to count the orders resting on them (which would be lost). A
+    # symbol without a snapshot here gets a spec that takes every order the journal holds (its
+    # limits may have changed meanwhile, or it may be gone from the topology): a journaled order
+    # that was refused then can only be counted as resting, never one that rested missed.
+    leaving: dict[str, MatchingEngine | None] = {}
     for symbol in gone:
         try:
             leaving[symbol] = MatchingEngine.restore(states[symbol])  # type: ignore[index]
         except Exception:  # noqa: BLE001 - its orders cannot be counted: refused below, as if some rested
-            leaving[symbol] = None  # type: ignore[assignment]
+            leaving[symbol] = None
     # Every fill stamped after the snapshot's last book change (a fill changes the book) is
     # replayed below; without a snapshot, every fill ever. A snapshot of format 1 does not say
     # when its books changed: complete from now on only.
@@ -247,14 +266,12 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
         engine = engines.get(cmd.symbol)
         if engine is None:
             skipped[cmd.symbol] += 1
-            engine = leaving.get(cmd.symbol)
-            if engine is None and cmd.symbol in topology.symbols and cmd.symbol not in gone:
-                engine = leaving[cmd.symbol] = MatchingEngine(topology.symbols[cmd.symbol])
-            if engine is not None:
+            if cmd.symbol not in leaving:
+                leaving[cmd.symbol] = _any_order_engine(cmd.symbol, topology)
+            left = leaving[cmd.symbol]
+            if left is not None:
                 with contextlib.suppress(Exception):
-                    engine.handle(cmd, ts_ns=ts_ns)
-            elif type(cmd) is not CancelOrder:
-                leaving.setdefault(cmd.symbol, None)  # type: ignore[arg-type]  # its orders cannot be counted
+                    left.handle(cmd, ts_ns=ts_ns)
             continue
         try:
             events = engine.handle(cmd, ts_ns=ts_ns)
@@ -262,17 +279,22 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
             failed += 1
             continue
         hold_fills(fills, events)
+    dropping = {s.strip() for s in os.environ.get(DROP_BOOKS_ENV, "").split(",") if s.strip()}
     resting = {symbol: None if engine is None else engine.resting() for symbol, engine in leaving.items()}
-    kept = {symbol: n for symbol, n in resting.items() if n != 0}
+    kept = {symbol: n for symbol, n in resting.items() if n != 0 and symbol not in dropping}
     if kept:
         said = "; ".join(f"{symbol}: {'orders it cannot count' if n is None else f'{n} resting order(s)'}"
                          for symbol, n in sorted(kept.items()))
         raise _StartFailure(
             f"the journal in {journal.directory} holds books of symbols the topology no longer gives {name} ({said}): "
             f"they would be lost. A symbol moves to another matcher only with its book, which zmx does not do: keep "
-            f"it on {name} until its orders are cancelled, or give {name} a new, empty data_dir")
-    for symbol in sorted(set(gone) | set(skipped)):
-        log.warning("%s: in the journal but no longer owned by %s; its book, empty, is dropped%s", symbol, name,
+            f"it on {name} until its orders are cancelled, or start {name} once with "
+            f"{DROP_BOOKS_ENV}={','.join(sorted(kept))} to drop them")
+    for symbol in sorted(leaving):
+        n = resting[symbol]
+        book = ("its book, empty," if n == 0 else
+                f"its book ({'orders it cannot count' if n is None else f'{n} resting order(s)'}, {DROP_BOOKS_ENV})")
+        log.warning("%s: in the journal but no longer owned by %s; %s is dropped%s", symbol, name, book,
                     f" ({skipped[symbol]} journaled command(s) skipped)" if skipped[symbol] else "")
     if failed:
         log.warning("%d journaled command(s) failed in the engine again on replay", failed)
