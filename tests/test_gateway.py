@@ -880,6 +880,21 @@ def gateway_on_fake_matcher(cluster: Cluster, tmp_path: Path, books: dict[str, t
         fake.close()
 
 
+def test_a_message_in_more_than_1024_fragments_closes_the_connection_with_1009(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """Empty fragments add nothing to a message's size, and one in 8 of them counts toward the
+    rate limit: a client sending them kept its connection growing without end (12 KiB a
+    second). Past 1,024 fragments the message is too big all the same."""
+    with gateway_on_fake_matcher(cluster, tmp_path, {"BTC-USDT": (0, [], [])}) as (_, opened, g1):
+        cutter = opened("cutter")
+        cutter.ws.socket.sendall(frame(Opcode.TEXT, b'{"action": "ping"', fin=False)
+                                 + frame(Opcode.CONT, b"", fin=False) * 1100)
+        assert cutter.expect_close() == 1009
+        assert cutter.close_reason == "a message in more than 1024 fragments"
+        other = opened("other")
+        assert other.request({"action": "ping", "id": 1}, "pong") == {"type": "pong", "id": 1}
+
+
 def test_the_connections_websockets_fails_are_counted_by_cause(cluster: Cluster, tmp_path: Path) -> None:
     """A frame over ``max_message_bytes`` (1009) and a frame that breaks the protocol (1002: a
     client frame without a mask) are refused by websockets itself, not by the session; the

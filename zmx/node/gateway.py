@@ -110,6 +110,9 @@ OrderCommand = Union[SubmitOrder, CancelOrder, AmendOrder]  # what a client may 
 _CLOSE_COUNTS = {CLOSE_POLICY: "rate_limit_closed", CLOSE_INVALID_DATA: "bad_utf8_closed"}  # a session's Close
 MESSAGE_SHOWN = 300  # bytes of a peer's refusal text that a log line shows (a peer may send megabytes)
 FRAGMENTS_PER_UNIT = 8  # a fragmented text message's fragments count toward the rate limit one in this many
+# The most fragments of one message: empty ones add nothing to its size, and a client sending
+# them under the rate limit grew its connection without end (12 KiB a second); closed with 1009
+MAX_FRAGMENTS = 1024
 # A request answered ``unknown_outcome`` (no reply within the limit ``order_timeout_s``) is
 # remembered this long: a router or matcher that hung may still run it and answer, and what the
 # answer shows (the order's own fills, the self-trade cancels of the connection's other orders,
@@ -149,6 +152,7 @@ BACKLOG = 16384
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN = 1013
 CLOSE_PING_TIMEOUT = 1011
+CLOSE_TOO_BIG = 1009  # (websockets closes a frame over max_message_bytes with it itself)
 
 
 # The one thing served over plain HTTP: a page that uses the gateway from a browser (a book,
@@ -417,6 +421,11 @@ class Connection(asyncio.Protocol):
                 self._flooding(len(frame.data))
                 return
             fragments.append(frame.data)
+            if len(fragments) > MAX_FRAGMENTS:
+                self.fragments = None
+                self.gateway.counts["too_big_closed"] += 1
+                self.close(CLOSE_TOO_BIG, f"a message in more than {MAX_FRAGMENTS} fragments")
+                return
             if not len(fragments) % FRAGMENTS_PER_UNIT and self._flooding(0):
                 return
             if frame.fin:
@@ -780,11 +789,11 @@ class Gateway:
         # matcher name -> when its feed, or the connection to its snapshot service, was lost (until it is back)
         self.matcher_lost: dict[str, float] = {}
         self.fills_requests: dict[tuple[str, str], FillsRequest] = {}  # (matcher name, account) -> request
-        # (matcher name, account) -> when its last answer was taken, for FILLS_WAIT_S: a request
-        # that an answer leaves wanted is sent that long after it, not at once (an answer that
-        # never settles it, from a matcher that lost its history or is no matcher, is not asked
-        # again in a loop)
-        self.fills_answered: dict[tuple[str, str], float] = {}
+        # (matcher name, account) of the fills answer being passed on: a request that the answer
+        # itself leaves wanted is sent FILLS_WAIT_S later, not at once (an answer that never
+        # settles it, from a matcher that lost its history or is no matcher, is not asked again
+        # in a loop); one that later evidence makes goes at once, as ever
+        self._answering: tuple[str, str] | None = None
         self.snapshot_up: set[str] = set()  # matchers whose snapshot service this gateway is connected to now
         # matcher name -> when to ask again for the fills that a give-up let go, its snapshot
         # service connected all along (no handshake to come, which would ask: _snapshot_service_event)
@@ -1516,8 +1525,7 @@ class Gateway:
         """Ask ``matcher`` at once for the fills ``session`` wants (``begin_fill_replay``)."""
         old = self.fills_requests.get((matcher, session.account))
         if old is None:
-            answered = self.fills_answered.get((matcher, session.account))
-            wait = 0.0 if answered is None else max(0.0, answered + FILLS_WAIT_S - now)
+            wait = FILLS_WAIT_S if self._answering == (matcher, session.account) else 0.0
             if wait:
                 self.counts["fills_asked_again"] += 1
                 if self._log_due("fills asked again"):
@@ -1678,9 +1686,12 @@ class Gateway:
                      account, matcher, asked, request.after)
             return
         del self.fills_requests[(matcher, account)]
-        self.fills_answered[(matcher, account)] = time.monotonic()
         fills = [e for e in events if type(e) is OrderFilled and e.symbol in request.after]
-        self._end_fills_request(request, fills, upto)
+        self._answering = (matcher, account)
+        try:
+            self._end_fills_request(request, fills, upto)
+        finally:
+            self._answering = None
         if fills:  # counted, not logged at info: on a busy gateway a cancel often overtakes its order's fill
             self.counts["fills_replayed"] += len(fills)
             log.debug("%s: %s sent %d fill(s) of resting orders that its feed lost", account, matcher, len(fills))
@@ -1771,9 +1782,6 @@ class Gateway:
             self.log_stats(now)
         if self.fills_requests or self.fills_reask:
             self._send_fills_requests(now)
-        for key, answered in list(self.fills_answered.items()):
-            if now - answered >= FILLS_WAIT_S:
-                del self.fills_answered[key]
         for endpoint, since in list(self.feed_lost.items()):
             way = self.feed_paths.get(endpoint)
             if way is not None and len(way) > 1:
