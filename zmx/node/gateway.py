@@ -138,7 +138,7 @@ FILLS_GIVE_UP_S = 10.0
 # The largest publication taken: one command's events, and a market order that sweeps a deep book
 # makes thousands of trades at once (about 35 bytes each). A bigger frame makes the SUB socket drop
 # the connection, and FEED_RECONNECT_S later the feed is connected again and its channels resync.
-PUBLICATION_MAX_BYTES = 64 * codec.MAX_MESSAGE_BYTES
+PUBLICATION_MAX_BYTES = codec.MAX_PUBLICATION_BYTES
 SNAPSHOT_MAX_BYTES = 64 * codec.MAX_MESSAGE_BYTES  # a deep book is a big snapshot (see _renew_snapshot_socket)
 # A channel whose feed said nothing for this long (a matcher sends an idle symbol a heartbeat of
 # its own every 1-1.25 s) gets no heartbeat from the gateway: its clients can tell that the feed,

@@ -41,7 +41,7 @@ from typing import Any
 import zmq
 from rich.table import Table
 
-from zmx.codec import decode_publication
+from zmx.codec import MAX_PUBLICATION_BYTES, decode_publication
 from zmx.events import FeedHeartbeat
 from zmx.exceptions import DecodeError
 from zmx.node.histogram import LatencyHistogram
@@ -114,7 +114,7 @@ class ProbeStats:
         self.bytes += size
         self._bytes += size
         try:
-            name, events = decode_publication(frame)
+            name, events = decode_publication(frame, MAX_PUBLICATION_BYTES)  # as much as a gateway takes
         except DecodeError as e:
             self.decode_errors += 1
             self._decode_errors += 1
