@@ -246,9 +246,10 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     gone = sorted(set(states or ()) - set(engines))
     # Symbols the journal holds that the topology no longer gives this matcher: replayed on
     # engines of their own, only to count the orders resting on them (which would be lost). A
-    # symbol without a snapshot here gets a spec that takes every order the journal holds (its
-    # limits may have changed meanwhile, or it may be gone from the topology): a journaled order
-    # that was refused then can only be counted as resting, never one that rested missed.
+    # symbol without a snapshot here gets a spec without quantity limits (they may have changed
+    # meanwhile, or the symbol may be gone from the topology). Without the archive of used order
+    # ids, an order refused then as a reused id is taken: the count errs toward orders resting
+    # (ZMX_DROP_BOOKS lets the operator drop such a book all the same).
     leaving: dict[str, MatchingEngine | None] = {}
     for symbol in gone:
         try:
