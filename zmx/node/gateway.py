@@ -1522,7 +1522,8 @@ class Gateway:
         self._send_fills_requests(now)
 
     def _ask_now(self, conn: Connection, session: Session, matcher: str, now: float) -> None:
-        """Ask ``matcher`` at once for the fills ``session`` wants (``begin_fill_replay``)."""
+        """Ask ``matcher`` at once for the fills ``session`` wants (``begin_fill_replay``); if the
+        answer being passed on is what left them wanted, FILLS_WAIT_S later."""
         old = self.fills_requests.get((matcher, session.account))
         if old is None:
             wait = FILLS_WAIT_S if self._answering == (matcher, session.account) else 0.0
