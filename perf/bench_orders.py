@@ -101,7 +101,7 @@ from zmx.commands import CancelOrder, Command, SubmitOrder
 from zmx.events import OrderAccepted
 from zmx.model import OrderType, Side, TimeInForce
 from zmx.exceptions import DecodeError
-from zmx.node.client import REPLY_MAX_BYTES, Client, encode_header
+from zmx.node.client import Client, encode_header
 from zmx.node.runtime import Stopper, announce_ready, load_topology, parse_ready
 
 SCRIPT = Path(__file__).resolve()
@@ -588,7 +588,7 @@ class Requests:
                 not_ok[status.decode(errors="replace") or "no reply"] += 1
                 continue
             try:
-                events = codec.decode_batch(payload, REPLY_MAX_BYTES)
+                events = codec.decode_batch(payload, codec.MAX_REPLY_BYTES)
             except DecodeError:
                 not_ok["bad_reply"] += 1
                 continue

@@ -102,7 +102,8 @@ from zmx.model import MAX_UNITS, OrderType, Side, TimeInForce
 from zmx.topics import account_topic, is_private, split_topic, topic
 
 __all__ = [
-    "MAX_ID_LENGTH", "MAX_INT", "MAX_MESSAGE_BYTES", "MAX_PUBLICATION_BYTES", "TYPE_CODES", "VERSION", "Message",
+    "MAX_ID_LENGTH", "MAX_INT", "MAX_MESSAGE_BYTES", "MAX_PUBLICATION_BYTES", "MAX_REPLY_BYTES", "TYPE_CODES",
+    "VERSION", "Message",
     "decode", "decode_batch", "decode_counted_publication", "decode_publication", "encode",
     "encode_account_publication", "encode_batch", "encode_publication", "is_valid_id", "join_account_publication",
     "join_batch", "join_publication", "pack_records",
@@ -113,6 +114,10 @@ MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB, the default limit of every decode function
 # The largest publication a subscriber takes (gateway, probe): one command's events, and a market
 # order that sweeps a deep book makes thousands of trades at once (about 35 bytes each)
 MAX_PUBLICATION_BYTES = 64 * MAX_MESSAGE_BYTES
+# The largest reply batch: every event of one command (a market order that sweeps the book makes a
+# fill for each order it met). The routers take frames this big from the matchers; clients read
+# replies up to it
+MAX_REPLY_BYTES = 16 * MAX_MESSAGE_BYTES
 MAX_ID_LENGTH = 64
 MAX_INT = MAX_UNITS  # 2**63 - 1: integers fit a signed 64-bit word everywhere
 

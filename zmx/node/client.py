@@ -69,9 +69,6 @@ VERSION_BYTE = bytes((codec.VERSION,))
 BAD_REPLY = "bad_reply"
 E = TypeVar("E", bound=Enum)
 HWM = 100_000  # queue bound per direction; the routers' replies must never be dropped for lack of room
-# A reply holds every event of one command (a market order that sweeps the book: a fill for each
-# order it met): the routers take replies this big from the matchers (docs/wire.md)
-REPLY_MAX_BYTES = 16 * codec.MAX_MESSAGE_BYTES
 REPLY_MESSAGE_MAX = 1000  # bytes of a refusal's text that a Reply keeps
 
 
@@ -136,7 +133,7 @@ def parse_reply(frames: Sequence[bytes]) -> Reply | None:
         return Reply(request_id, BAD_REPLY, (), "an empty status")
     if status_text == "ok":
         try:
-            events = codec.decode_batch(payload, REPLY_MAX_BYTES)
+            events = codec.decode_batch(payload, codec.MAX_REPLY_BYTES)
         except DecodeError as e:
             return Reply(request_id, BAD_REPLY, (), f"ok reply with an undecodable payload: {e}")
         if not events:

@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from zmx.codec import MAX_ID_LENGTH, MAX_MESSAGE_BYTES, VERSION
+from zmx.codec import MAX_ID_LENGTH, MAX_MESSAGE_BYTES, MAX_REPLY_BYTES, VERSION
 from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind
 from zmx.node.wire import BATCH_BYTES, REPS, REQS, REQUEST_HEAD, unpack_replies
 from zmx.node.wire import show as _show
@@ -60,7 +60,7 @@ MAX_REPLY_TO = 255
 # frame the router forwards can make a matcher drop its connection. A reply carries every
 # event of one command, which a large sweep can push past 1 MiB, and comes from one of ours.
 FRONT_MAX_FRAME = MAX_MESSAGE_BYTES
-BACK_MAX_FRAME = 16 * MAX_MESSAGE_BYTES  # a reply batch, each reply whole (client.REPLY_MAX_BYTES)
+BACK_MAX_FRAME = MAX_REPLY_BYTES  # a reply batch, each reply whole
 BATCH = 1024  # messages drained from one socket per turn before looking at the other
 HWM = 100_000  # queue bound of each socket direction (messages); a full queue is reported, never waited on
 # At start the front waits this long at most for every matcher's HELLO (ZeroMQ connects a
