@@ -1469,7 +1469,7 @@ class Gateway:
             conn, command, request_id, _ = entry
             if conn.session is None or conn.transport is None:
                 continue
-            if reply.status == "bad_reply" or reply.status == "ok" and not _of_the_order(reply.events, command):
+            if _unreadable(reply, command):
                 self.counts["bad_reply"] += 1
                 payloads = conn.session.on_reply(command, request_id, "unknown_outcome", (),
                                                  "the reply could not be read; the outcome is unknown")
@@ -1489,7 +1489,7 @@ class Gateway:
         conn, command, _ = late
         session = conn.session
         assert session is not None
-        if reply.status == "bad_reply" or reply.status == "ok" and not _of_the_order(reply.events, command):
+        if _unreadable(reply, command):
             self.counts["bad_reply"] += 1
             return
         self.counts["late_replies"] += 1
@@ -1959,6 +1959,12 @@ class Gateway:
 
 
 # -- process --------------------------------------------------------------------------------------------------
+
+def _unreadable(reply: Reply, command: SubmitOrder | CancelOrder | AmendOrder) -> bool:
+    """Whether a reply to ``command`` cannot be what the matcher made of it: one ``parse_reply``
+    refused, or an ok one with no event of the order itself."""
+    return reply.status == "bad_reply" or reply.status == "ok" and not _of_the_order(reply.events, command)
+
 
 def _of_the_order(events: Iterable[object], command: SubmitOrder | CancelOrder | AmendOrder) -> bool:
     """Whether a reply holds an event of the command's own order (its account's, its order id's),
