@@ -33,6 +33,7 @@ from zmx.events import (
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 
 MAX_INT64 = 2**63 - 1
+MAX_MATCHES = 1000  # docs/matching.md "Match limit": the resting orders one command may meet
 PENDING = -1  # the seq of an event until the command knows whether it moved seq
 
 
@@ -208,8 +209,8 @@ class ReferenceBook:
         events: list = [OrderAccepted(sym, PENDING, ts, cmd.order_id, cmd.account, cmd.side, cmd.type,
                                       cmd.time_in_force, cmd.price, cmd.quantity)]
         if cmd.time_in_force is TimeInForce.FOK:
-            available = sum(o.remaining for o in opposite
-                            if o.account != cmd.account and self._within(cmd.side, cmd.price, o.price))
+            within = [o for o in opposite if self._within(cmd.side, cmd.price, o.price)][:MAX_MATCHES]
+            available = sum(o.remaining for o in within if o.account != cmd.account)
             if available < cmd.quantity:
                 events.append(OrderCanceled(sym, PENDING, ts, cmd.order_id, cmd.account, cmd.side, cmd.price,
                                             0, cmd.quantity, "fok"))
@@ -218,7 +219,10 @@ class ReferenceBook:
         filled = self._match(cmd.side, cmd.price, cmd.order_id, cmd.account, cmd.quantity, 0, events, ts)
         left = cmd.quantity - filled
         if left:
-            if cmd.type is OrderType.LIMIT and cmd.time_in_force in (TimeInForce.GTC, TimeInForce.POST_ONLY):
+            if self._crosses(cmd.side, cmd.price, opposite):
+                events.append(OrderCanceled(sym, PENDING, ts, cmd.order_id, cmd.account, cmd.side, cmd.price,
+                                            filled, left, "match_limit"))
+            elif cmd.type is OrderType.LIMIT and cmd.time_in_force in (TimeInForce.GTC, TimeInForce.POST_ONLY):
                 order = RefOrder(cmd.order_id, cmd.account, cmd.side, cmd.price, cmd.quantity, cmd.time_in_force)
                 order.filled = filled
                 self._insert(order)
@@ -234,7 +238,9 @@ class ReferenceBook:
         """Trade an incoming order (``quantity`` total, ``filled`` so far); return its new ``filled``."""
         sym = self.symbol
         opposite = self.side_list(side.opposite)
-        while filled < quantity and opposite and self._within(side, limit, opposite[0].price):
+        met = 0
+        while filled < quantity and opposite and self._within(side, limit, opposite[0].price) and met < MAX_MATCHES:
+            met += 1
             maker = opposite[0]
             if maker.account == account:
                 events.append(OrderCanceled(sym, PENDING, ts, maker.order_id, maker.account, maker.side,
@@ -304,6 +310,9 @@ class ReferenceBook:
         order.quantity = quantity
         order.filled = self._match(order.side, price, order.order_id, order.account, quantity, order.filled,
                                    events, ts)
-        if order.remaining:
+        if order.remaining and self._crosses(order.side, price, opposite):
+            events.append(OrderCanceled(sym, PENDING, ts, order.order_id, order.account, order.side, price,
+                                        order.filled, order.remaining, "match_limit"))
+        elif order.remaining:
             self._insert(order)
         return events

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
-from zmx.engine import MatchingEngine
+from zmx.engine import MAX_MATCHES, MatchingEngine
 from zmx.events import (
     AmendRejected,
     BookChanged,
@@ -698,6 +698,95 @@ def test_amend_that_changes_nothing_is_answered_and_does_not_move_seq(engine, pr
     run(engine, limit("b1", SELL, 100, 10, account="bob"))
     assert run(engine, amend("a1", price=price, quantity=quantity)) == [amended(2, "a1", SELL, 100, 10, 10)]
     assert [o[0] for o in resting(engine, SELL)] == ["a1", "b1"]  # and keeps its place
+
+
+# -- match limit -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wide() -> MatchingEngine:
+    """An engine whose quantity limits let one order meet more than MAX_MATCHES resting orders."""
+    return MatchingEngine(SymbolSpec(SYM, "0.01", "0.001"))
+
+
+def _asks_of_one_lot(engine: MatchingEngine, count: int, price: int = 100, account: str = "bob") -> None:
+    for i in range(count):
+        run(engine, limit(f"s{i}", SELL, price, 1, account=account))
+
+
+def _ends(events: list) -> list:
+    """Every event of ``events`` but the fills and trades."""
+    return [e for e in events if type(e) not in (TradeOccurred, OrderFilled)]
+
+
+@pytest.mark.parametrize("order", ["market", "gtc", "ioc"])
+def test_an_order_that_meets_max_matches_resting_orders_and_still_crosses_ends_with_match_limit(wide, order):
+    _asks_of_one_lot(wide, MAX_MATCHES + 1)
+    seq = wide.seq + 1
+    cmd = {"market": market("t1", BUY, MAX_MATCHES + 5), "gtc": limit("t1", BUY, 100, MAX_MATCHES + 5),
+           "ioc": limit("t1", BUY, 100, MAX_MATCHES + 5, tif=IOC)}[order]
+    events = run(wide, cmd)
+    assert sum(type(e) is TradeOccurred for e in events) == MAX_MATCHES
+    price = None if order == "market" else 100
+    assert _ends(events)[1:] == [canceled(seq, "t1", BUY, price, MAX_MATCHES, 5, "match_limit"),
+                                 book(seq, asks=[(100, 1)])]
+    # Nothing of it rests (a gtc remainder would cross the book); the next resting order waits for the next taker.
+    assert resting(wide, BUY) == []
+    assert resting(wide, SELL) == [(f"s{MAX_MATCHES}", "bob", 100, 1, 0, 1)]
+    assert run(wide, cancel("t1")) == [CancelRejected(SYM, seq, TS, "t1", "alice", "unknown_order")]
+
+
+def test_an_order_whose_max_matches_th_resting_order_is_the_last_it_crosses_rests_as_usual(wide):
+    _asks_of_one_lot(wide, MAX_MATCHES)
+    run(wide, limit("far", SELL, 105, 1, account="bob"))
+    events = run(wide, limit("t1", BUY, 100, MAX_MATCHES + 5))
+    assert not any(type(e) is OrderCanceled for e in events)
+    assert resting(wide, BUY) == [("t1", "alice", 100, MAX_MATCHES + 5, MAX_MATCHES, 5)]
+
+
+def test_self_trade_cancels_count_toward_the_match_limit(wide):
+    _asks_of_one_lot(wide, MAX_MATCHES - 1, account="alice")
+    _asks_of_one_lot(wide, 2, price=101)
+    seq = wide.seq + 1
+    events = run(wide, market("t1", BUY, 2))
+    assert [e.reason for e in events if type(e) is OrderCanceled] == ["self_trade"] * (MAX_MATCHES - 1) + [
+        "match_limit"]
+    assert events[-2] == canceled(seq, "t1", BUY, None, 1, 1, "match_limit")
+    assert resting(wide, SELL) == [("s1", "bob", 101, 1, 0, 1)]
+
+
+def test_a_fok_fills_when_max_matches_resting_orders_are_enough_and_is_canceled_when_they_are_not(wide):
+    _asks_of_one_lot(wide, MAX_MATCHES + 1)
+    seq = wide.seq
+    assert run(wide, limit("f1", BUY, 100, MAX_MATCHES + 1, tif=FOK)) == [
+        accepted(seq, "f1", BUY, 100, MAX_MATCHES + 1, tif=FOK),
+        canceled(seq, "f1", BUY, 100, 0, MAX_MATCHES + 1, "fok"),
+    ]
+    assert len(resting(wide, SELL)) == MAX_MATCHES + 1
+    events = run(wide, limit("f2", BUY, 100, MAX_MATCHES, tif=FOK))
+    assert sum(type(e) is TradeOccurred for e in events) == MAX_MATCHES
+    assert not any(type(e) is OrderCanceled for e in events)
+
+
+def test_a_fok_counts_the_accounts_own_orders_toward_the_match_limit(wide):
+    _asks_of_one_lot(wide, MAX_MATCHES, account="alice")
+    run(wide, limit("big", SELL, 100, 5, account="bob"))
+    seq = wide.seq
+    assert run(wide, limit("f1", BUY, 100, 5, tif=FOK))[-1] == canceled(seq, "f1", BUY, 100, 0, 5, "fok")
+    assert len(resting(wide, SELL)) == MAX_MATCHES + 1
+
+
+def test_an_amend_that_meets_max_matches_resting_orders_and_still_crosses_ends_with_match_limit(wide):
+    run(wide, limit("a1", BUY, 90, MAX_MATCHES + 5))
+    _asks_of_one_lot(wide, MAX_MATCHES + 1)
+    seq = wide.seq + 1
+    events = run(wide, amend("a1", price=100))
+    assert sum(type(e) is TradeOccurred for e in events) == MAX_MATCHES
+    assert _ends(events) == [amended(seq, "a1", BUY, 100, MAX_MATCHES + 5, MAX_MATCHES + 5),
+                             canceled(seq, "a1", BUY, 100, MAX_MATCHES, 5, "match_limit"),
+                             book(seq, bids=[(90, 0)], asks=[(100, 1)])]
+    assert resting(wide, BUY) == []
+    assert run(wide, cancel("a1"))[0].reason == "unknown_order"
 
 
 # -- seq and trade ids -----------------------------------------------------------------------

@@ -27,13 +27,17 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
+import reference_book
 from reference_book import ReferenceBook
+
+import zmx.engine
 
 from zmx.codec import decode, encode, join_batch, pack_records
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.depth import L2Mirror, book_checksum
 from zmx.engine import MatchingEngine
-from zmx.events import BookChanged
+from zmx.events import BookChanged, OrderCanceled
 from zmx.exceptions import DecodeError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
 
@@ -241,7 +245,13 @@ def _explain(i: int, cmd: object, got: list, want: list) -> str:
     return "\n".join(lines)
 
 
-def test_engine_matches_the_reference_model_on_a_random_flow():
+@pytest.mark.parametrize("max_matches, count", [(None, STRESS_COMMANDS), (3, STRESS_COMMANDS // 5)],
+                         ids=["as_shipped", "match_limit_3"])
+def test_engine_matches_the_reference_model_on_a_random_flow(monkeypatch, max_matches, count):
+    """With the match limit as shipped, and with a limit of 3 so that the flow meets it often."""
+    if max_matches is not None:
+        monkeypatch.setattr(zmx.engine, "MAX_MATCHES", max_matches)
+        monkeypatch.setattr(reference_book, "MAX_MATCHES", max_matches)
     engine = MatchingEngine(SPEC)
     ref = ReferenceBook(SPEC)
     mirror = L2Mirror(SYMBOL)
@@ -250,8 +260,9 @@ def test_engine_matches_the_reference_model_on_a_random_flow():
     seq = 0
     depth = engine.depth()
     kinds: dict[str, int] = {}
+    reasons: Counter[str] = Counter()
     max_resting = 0
-    for i in range(STRESS_COMMANDS):
+    for i in range(count):
         cmd, ts = next(flow)
         got = engine.handle(cmd, ts_ns=ts)
         want = ref.handle(cmd, ts_ns=ts)
@@ -269,6 +280,7 @@ def test_engine_matches_the_reference_model_on_a_random_flow():
             assert event.seq == seq and event.ts_ns == ts and event.symbol == SYMBOL, (i, event)
         assert sum(type(e) is BookChanged for e in got) == changed, (i, got)
         kinds[type(got[0]).__name__] = kinds.get(type(got[0]).__name__, 0) + 1
+        reasons.update(e.reason for e in got if type(e) is OrderCanceled)
 
         previous, depth = depth, engine.depth()
         assert depth == ref.depth(), (i, cmd, depth, ref.depth())
@@ -290,12 +302,14 @@ def test_engine_matches_the_reference_model_on_a_random_flow():
         assert engine_orders(engine, side) == reference_orders(ref, side), side
     assert engine.depth() == ref.depth()
     # The flow exercised what it is meant to: a busy book and every kind of answer.
-    assert seq > STRESS_COMMANDS // 3, seq
-    assert ref.next_trade_id > STRESS_COMMANDS // 10, ref.next_trade_id
+    assert seq > count // 3, seq
+    assert ref.next_trade_id > count // 10, ref.next_trade_id
     for name in ("OrderAccepted", "OrderRejected", "OrderCanceled", "CancelRejected", "OrderAmended",
                  "AmendRejected"):
         assert kinds.get(name, 0) > 100, kinds
     assert max_resting < 2_000, max_resting
+    # The shipped limit is far above what this flow's orders meet; a limit of 3 is met often.
+    assert (reasons["match_limit"] > 100) == (max_matches is not None), reasons
 
 
 # -- determinism -----------------------------------------------------------------------------

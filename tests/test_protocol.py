@@ -19,7 +19,7 @@ import pytest
 from zmx import protocol
 from zmx.commands import AmendOrder, CancelOrder, SubmitOrder
 from zmx.depth import book_checksum, checksum
-from zmx.engine import MatchingEngine
+from zmx.engine import MAX_MATCHES, MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES, BookChanged, OrderAccepted, OrderCanceled, OrderFilled, TradeOccurred
 from zmx.exceptions import SequenceGap
 from zmx.node.runtime import load_topology
@@ -595,7 +595,6 @@ def test_a_message_counts_once_per_4_kib_begun_and_other_frames_once_each():
     assert receive(s, "x" * (15 * RATE_UNIT_BYTES + 1), now=8.5) == [Close(1008, "message rate limit exceeded")]
 
 
-
 def test_default_rate_limit_is_100_per_second():
     s = session()
     for i in range(100):
@@ -681,6 +680,21 @@ def test_ioc_rest_is_canceled_with_reason():
         "order_id": "b1", "symbol": "BTC-USDT", "status": "canceled", "reason": "ioc", "side": "buy",
         "price": "30000", "quantity": "0.5", "filled": "0.2", "remaining": "0", "ts": 0,
         "type": "limit", "time_in_force": "ioc"}
+
+
+def test_an_order_stopped_by_the_match_limit_sees_its_fills_then_canceled_match_limit():
+    ex = Exchange()
+    for i in range(MAX_MATCHES + 1):  # more resting orders than one session may send in a second
+        ex.engine.handle(SubmitOrder(f"a{i}", ALICE, "BTC-USDT", Side.SELL, OrderType.LIMIT, TimeInForce.GTC,
+                                     3_000_000, 1), ts_ns=TS)
+    got, _ = ex.order(session(BOB), "big", order_id="m1", type="market", price=None, quantity="1")
+    statuses = [u["data"]["status"] for u in got]
+    assert statuses == ["accepted"] + ["partially_filled"] * MAX_MATCHES + ["canceled"]
+    assert got[-1]["id"] == "big"
+    assert got[-1]["data"] | {"ts": 0} == {
+        "order_id": "m1", "symbol": "BTC-USDT", "status": "canceled", "reason": "match_limit", "side": "buy",
+        "price": None, "quantity": "1", "filled": "0.01", "remaining": "0", "ts": 0,
+        "type": "market", "time_in_force": "gtc"}
 
 
 @pytest.mark.parametrize("fields, reason", [

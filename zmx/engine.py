@@ -41,6 +41,12 @@ _NO_LIMIT = 1 << 64  # a limit key beyond every price (market orders), below boo
 
 SNAPSHOT_VERSION = 2  # 2 added ``changed_ns``; restore() still reads 1
 
+# The most resting orders one command may meet (each fill and each self-trade cancel counts):
+# it bounds the work of one command, which every other command of the matcher waits for. An
+# order that reaches it while it still crosses ends there; what is left is canceled with
+# reason ``match_limit`` (docs/matching.md "Match limit").
+MAX_MATCHES = 1000
+
 
 class MatchingEngine:
     """Price-time priority matching for one symbol (see docs/matching.md)."""
@@ -174,26 +180,34 @@ class MatchingEngine:
                                         events, touched_opposite, seq, ts_ns)
         touched_own: dict[int, int] = {}
         if remaining:
-            if otype is LIMIT and (tif is GTC or tif is POST_ONLY):
+            if otype is LIMIT and (tif is GTC or tif is POST_ONLY) and opposite.best > limit_key:
                 order = Order(order_id, account, side, price, quantity, filled, remaining, tif)
                 self._index[(account, order_id)] = order
                 level = own.append(order)
                 touched_own[level.key] = level.price
             else:
-                reason = "no_liquidity" if otype is MARKET else "ioc"  # a FOK that got here filled in full
+                if opposite.best <= limit_key:  # stopped by MAX_MATCHES with more to trade with
+                    reason = "match_limit"
+                else:
+                    reason = "no_liquidity" if otype is MARKET else "ioc"  # a FOK that got here filled in full
                 events.append(_new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, price, filled,
                                                    remaining, reason)))
         events.append(self._book_changed(seq, ts_ns, side, touched_own, touched_opposite))
         return events
 
     def _available(self, opposite: BookSide, limit_key: int, account: str, wanted: int) -> bool:
-        """Whether ``opposite`` holds ``wanted`` lots within ``limit_key`` from other accounts."""
+        """Whether ``opposite`` holds ``wanted`` lots within ``limit_key`` from other accounts,
+        in its first ``MAX_MATCHES`` orders (the account's own count: matching cancels them)."""
         levels = opposite.levels
         found = 0
+        met = 0
         for key in opposite.keys:  # best first
             if key > limit_key:
                 return False
             for order in levels[key].live():
+                met += 1
+                if met > MAX_MATCHES:
+                    return False
                 if order.account != account:
                     found += order.remaining
                     if found >= wanted:
@@ -203,12 +217,15 @@ class MatchingEngine:
     def _match(self, opposite: BookSide, limit_key: int, side: Side, order_id: str, account: str,
                remaining: int, filled: int, events: list[Event], touched: dict[int, int],
                seq: int, ts_ns: int) -> tuple[int, int]:
-        """Trade an incoming order against ``opposite`` while it crosses; return what is left."""
+        """Trade an incoming order against ``opposite`` while it crosses, meeting at most
+        ``MAX_MATCHES`` resting orders; return what is left (the caller tells "stopped by the
+        limit" from "nothing more to trade with" by whether ``opposite`` still crosses)."""
         symbol = self.symbol
         levels = opposite.levels
         index = self._index
         append = events.append
-        while remaining:
+        met = 0
+        while remaining and met < MAX_MATCHES:
             key = opposite.best
             if key > limit_key:
                 break
@@ -223,6 +240,7 @@ class MatchingEngine:
                     queue.popleft()
                     level.dead -= 1
                     continue
+                met += 1
                 if maker.account == account:
                     # Self-trade prevention: cancel the resting order, keep matching.
                     append(_new(OrderCanceled, (symbol, seq, ts_ns, maker.order_id, account, maker.side,
@@ -249,7 +267,7 @@ class MatchingEngine:
                 # The maker is done (filled, or canceled by self-trade prevention).
                 queue.popleft()
                 del index[(maker.account, maker.order_id)]
-                if not remaining or not level.total:
+                if not remaining or not level.total or met >= MAX_MATCHES:
                     break
             if not level.total:
                 opposite.drop(level)
@@ -360,6 +378,10 @@ class MatchingEngine:
             if crosses:
                 remaining, filled = self._match(opposite, limit_key, side, order_id, account, remaining, filled,
                                                 events, touched_opposite, seq, ts_ns)
+                if remaining and opposite.best <= limit_key:  # stopped by MAX_MATCHES: it must not rest crossed
+                    events.append(_new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, price, filled,
+                                                       remaining, "match_limit")))
+                    remaining = 0
             if remaining:
                 level = book.add(Order(order_id, account, side, price, quantity, filled, remaining,
                                        order.time_in_force))

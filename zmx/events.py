@@ -70,8 +70,8 @@ class OrderFilled(NamedTuple):
 @typed_equality
 class OrderCanceled(NamedTuple):
     """An order left the book (or never rested) unfilled in part. ``canceled`` is the open
-    quantity that was removed; ``reason`` is ``user``, ``ioc``, ``fok``, ``no_liquidity``
-    or ``self_trade``."""
+    quantity that was removed; ``reason`` is ``user``, ``ioc``, ``fok``, ``no_liquidity``,
+    ``self_trade`` or ``match_limit``."""
 
     symbol: str
     seq: int
