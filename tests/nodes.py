@@ -88,6 +88,30 @@ def write_topology(directory: Path, *, matchers: dict[str, list[str]] | None = N
     return path
 
 
+def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
+    """Wait until every one of ``pids`` has exited (a pidfd becomes readable then); the ones
+    still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as waiting:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            waiting.register(fd, selectors.EVENT_READ, pid)
+        try:
+            while waiting.get_map() and (remaining := deadline - time.monotonic()) > 0:
+                for key, _ in waiting.select(remaining):
+                    waiting.unregister(key.fd)
+                    os.close(key.fd)
+        finally:
+            left = [key.data for key in waiting.get_map().values()]
+            for fd in list(waiting.get_map()):
+                waiting.unregister(fd)
+                os.close(fd)
+    return left
+
+
 class NodeProcess:
     """One node process; its stderr goes to ``<cwd>/<name>.log``."""
 

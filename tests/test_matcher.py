@@ -16,6 +16,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from nodes import Cluster, NodeProcess, dropped, write_topology
+from nodes import Cluster, NodeProcess, dropped, wait_gone, write_topology
 
 from zmx import codec
 from zmx.commands import CancelOrder, SubmitOrder
@@ -1072,6 +1073,104 @@ def test_a_matcher_refuses_to_leave_behind_the_orders_of_a_symbol_moved_off_it(
     assert ("XRP-USDT: in the journal but no longer owned by m1; its book (1 resting order(s), ZMX_DROP_BOOKS) is "
             "dropped") in log_text
     assert again.stop() == 0
+
+
+def test_a_symbol_new_to_a_matcher_has_its_spec_recorded_before_its_first_order(
+        cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
+    """SOL-USDT comes to m1 after m1's first start. An ask rests on it; then a topology gives
+    SOL-USDT another tick: m1 refuses, as for a symbol it had from the start (a review found the
+    acknowledged ask at 2000.00 replayed at 20000, and under a new lot size gone)."""
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"])
+    router.wait_for(b"HELLO")
+    assert node.stop() == 0
+    assert cluster.topology is not None
+    cluster.topology.write_text(cluster.topology.read_text().replace(
+        'BTC-USDT: {matcher: m1, tick_size: "0.01", lot_size: "0.001"}',
+        'BTC-USDT: {matcher: m1, tick_size: "0.01", lot_size: "0.001"}\n'
+        '  SOL-USDT: {matcher: m1, tick_size: "0.01", lot_size: "0.001"}', 1))
+    added = cluster.start("m1")
+    router.wait_for(b"HELLO")
+    assert type(router.order(1, limit("s1", "alice", "SOL-USDT", SELL, 200_000, 5))[0]) is OrderAccepted
+    assert added.stop() == 0
+    with_sol = cluster.topology.read_text()
+    cluster.topology.write_text(with_sol.replace('SOL-USDT: {matcher: m1, tick_size: "0.01"',
+                                                 'SOL-USDT: {matcher: m1, tick_size: "0.1"', 1))
+    refused = cluster.start("m1", wait=False)
+    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
+    assert "SOL-USDT: the topology changes the symbol's spec (tick_size 0.01 -> 0.1)" in refused.log()
+    cluster.topology.write_text(with_sol)
+    back = cluster.start("m1")
+    assert book_of(snapshot_socket(zctx, back), "SOL-USDT") == (1, [], [(200_000, 5)])
+    assert back.stop() == 0
+
+
+def test_a_book_dropped_with_zmx_drop_books_stays_dropped(
+        cluster: Cluster, tmp_path: Path, zctx: zmq.Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SOL-USDT, added to m1 after its first start, holds a resting order when the topology
+    moves it to m2; m1 starts once with ZMX_DROP_BOOKS=SOL-USDT. The next plain start is not
+    refused again, and SOL-USDT given back to m1 starts empty (a review saw both: the book was
+    only in the journal, which that start left as it was)."""
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"])
+    router.wait_for(b"HELLO")
+    assert node.stop() == 0
+    assert cluster.topology is not None
+    original = cluster.topology.read_text()
+    on_m1 = original.replace('BTC-USDT: {matcher: m1, tick_size: "0.01", lot_size: "0.001"}',
+                             'BTC-USDT: {matcher: m1, tick_size: "0.01", lot_size: "0.001"}\n'
+                             '  SOL-USDT: {matcher: m1, tick_size: "0.01", lot_size: "0.001"}', 1)
+    cluster.topology.write_text(on_m1)
+    added = cluster.start("m1")
+    router.wait_for(b"HELLO")
+    assert type(router.order(1, limit("s1", "alice", "SOL-USDT", SELL, 200_000, 5))[0]) is OrderAccepted
+    assert added.stop() == 0
+    cluster.topology.write_text(on_m1.replace("SOL-USDT: {matcher: m1", "SOL-USDT: {matcher: m2", 1))
+    monkeypatch.setenv("ZMX_DROP_BOOKS", "SOL-USDT")
+    dropping = cluster.start("m1")
+    assert "SOL-USDT: in the journal but no longer owned by m1; its book (1 resting order(s)" in dropping.log()
+    assert dropping.stop() == 0
+    monkeypatch.delenv("ZMX_DROP_BOOKS")
+    plain = cluster.start("m1")
+    assert plain.stop() == 0
+    cluster.topology.write_text(on_m1)
+    back = cluster.start("m1")
+    assert back.ready["seq"] == {"BTC-USDT": 0, "SOL-USDT": 0}
+    assert book_of(snapshot_socket(zctx, back), "SOL-USDT") == (0, [], [])
+    assert back.stop() == 0
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of ``pid``'s living child processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{entry}/status").read_text()
+                if f"\nPPid:\t{pid}\n" in status and "\nState:\tZ" not in status:
+                    found.append(int(entry))
+    return found
+
+
+def test_a_snapshot_process_dies_with_its_killed_matcher(cluster: Cluster, tmp_path: Path,
+                                                         zctx: zmq.Context) -> None:
+    """kill -9 of a matcher whose snapshot child is still at work: the child goes too. (A review
+    saw one live on in a data directory that the restarted matcher owned: it held the archive's
+    lock, and the restart failed with "database is locked".) The test holds the archive's write
+    lock, so the child waits in it: 5 s, SQLite's wait, before it would give up by itself."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    node, router = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"], snapshot_every=10, fsync="never")
+    router.wait_for(b"HELLO")
+    archive = sqlite3.connect(tmp_path / "var" / "m1" / "used-ids.sqlite3", isolation_level=None)
+    try:
+        archive.execute("BEGIN IMMEDIATE")
+        for i in range(11):  # the 10th command's turn forks the child; the 11th is answered after it
+            assert type(router.order(i, limit(f"a{i}", "alice", "BTC-USDT", BUY, 1000 + i, 1))[0]) is OrderAccepted
+        children = _children(node.proc.pid)
+        assert len(children) == 1, children
+        node.kill()
+        assert wait_gone(children, timeout=2.0) == []
+    finally:
+        archive.close()
 
 
 def _archived(path: Path) -> set[str]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nodes import write_topology
+from nodes import wait_gone, write_topology
 
 from zmx.cli import builtin_topology_path
 from zmx.node.runtime import READY_PREFIX, load_topology
@@ -67,30 +67,6 @@ def node_processes(cwd: Path) -> dict[str, int]:
         if alive(pid):
             found[argv[argv.index(b"node") + 1].decode()] = pid
     return found
-
-
-def wait_gone(pids: list[int], timeout: float = EXIT_TIMEOUT) -> list[int]:
-    """Wait until every one of ``pids`` has exited (a pidfd becomes readable then); the ones
-    still alive after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as waiting:
-        for pid in pids:
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            waiting.register(fd, selectors.EVENT_READ, pid)
-        try:
-            while waiting.get_map() and (remaining := deadline - time.monotonic()) > 0:
-                for key, _ in waiting.select(remaining):
-                    waiting.unregister(key.fd)
-                    os.close(key.fd)
-        finally:
-            left = [key.data for key in waiting.get_map().values()]
-            for fd in list(waiting.get_map()):
-                waiting.unregister(fd)
-                os.close(fd)
-    return left
 
 
 class Up:

@@ -38,6 +38,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import sqlite3
 import time
 from collections import Counter
@@ -69,6 +70,7 @@ from zmx.node.runtime import (
     Stopper,
     announce_ready,
     cannot_bind,
+    die_with_parent,
     keep_mmap_threshold,
     settle_collector,
     watch_peer,
@@ -191,17 +193,22 @@ def _any_order_engine(symbol: str, topology: Topology) -> MatchingEngine | None:
 
 
 def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills, epoch: int
-             ) -> tuple[dict[str, MatchingEngine], bool, UsedIds]:
-    """The engines of ``name``'s symbols as the journal left them, whether a snapshot should
-    be written at once (there is none yet, or a symbol left this matcher), and the archive of
-    their old order ids (``zmx.node.usedids``), attached to them before the replay: a command
-    is replayed against the ids it was first checked against. The replayed commands' fills of
-    resting orders go into ``fills``.
+             ) -> tuple[dict[str, MatchingEngine], str, UsedIds]:
+    """The engines of ``name``'s symbols as the journal left them, the snapshot to write at
+    once, and the archive of their old order ids (``zmx.node.usedids``), attached to them
+    before the replay: a command is replayed against the ids it was first checked against.
+    The replayed commands' fills of resting orders go into ``fills``.
 
-    A snapshot records each symbol's spec, and a matcher writes one at its first start, so
-    the journal always says which spec its commands were handled with. A topology that
-    gives a symbol another spec (tick, lot, or quantity limits) is refused: replaying the
-    journal under it could answer differently than the matcher did.
+    The snapshot to write at once: ``"must"`` when there is none yet or a symbol is new here
+    (it must land before anything is handled: it records the new symbols' specs), ``"may"``
+    when a symbol left this matcher (its book is out of the journal's replay from then on,
+    once it lands), else ``""``.
+
+    A snapshot records each symbol's spec, and a matcher writes one at its first start and
+    at the first start that gives it a new symbol, so the journal always says which spec its
+    commands were handled with. A topology that gives a symbol another spec (tick, lot, or
+    quantity limits) is refused: replaying the journal under it could answer differently than
+    the matcher did.
     """
     symbols = topology.symbols_of(name)
     started = time.perf_counter()
@@ -309,7 +316,12 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
                  "until then each new order id is looked up in the archive", used_ids.total)
     else:
         log.info("%d archived order id(s); %s", used_ids.total, filters_text(used_ids))
-    return engines, states is None or bool(gone), used_ids
+    # A symbol new here (in no snapshot): without one that records its spec now, its commands
+    # would be replayed under whatever spec a later topology gives it.
+    new = states is None or any(symbol not in states for symbol in engines)
+    # A symbol that left (``leaving`` holds those only the journal had, too): a snapshot takes
+    # its book out of the replay, so that what was dropped stays dropped.
+    return engines, "must" if new else "may" if leaving else "", used_ids
 
 
 class Matcher:
@@ -379,7 +391,7 @@ class Matcher:
                                                                  self.fills, self.epoch)
             self.loading_ids = self.used_ids.loading
             if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
-                self.snapshot_at_start()
+                self.snapshot_at_start(required=snapshot_now == "must")
         except (JournalError, OSError) as e:
             raise _StartFailure(f"cannot recover from data_dir {node.data_dir!r}: {e}") from None
         self.header_symbols = {symbol.encode(): symbol for symbol in self.engines}
@@ -390,23 +402,23 @@ class Matcher:
         self.poller.register(self.snap, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
 
-    def snapshot_at_start(self) -> None:
+    def snapshot_at_start(self, *, required: bool) -> None:
         """A snapshot of the recovered engines, written here, before serving: the first one of a
-        data directory, which records each symbol's spec so that a later replay uses the right
-        one, and then one whenever the replay was long or a symbol left this matcher.
+        data directory, and the first after a symbol came to this matcher, which record each
+        symbol's spec so that a later replay uses the right one (``required``); then one
+        whenever the replay was long or a symbol left this matcher.
 
-        Only the first one must land. Any later one may fail (a nearly full disk: a start that
+        Only a required one must land. Any other may fail (a nearly full disk: a start that
         failed for want of room for it would leave the matcher down although its journal had
         room for more orders): the journal goes on in the new segment, and the next snapshot
         is due after ``snapshot_every`` commands, as after one that failed while serving."""
         journal, used_ids = self.journal, self.used_ids
         assert journal is not None and used_ids is not None
-        first = journal.snapshot_segment is None
         number = journal.rotate()
         try:
             journal.store_snapshot(number, {s: e.snapshot() for s, e in self.engines.items()}, used_ids.total)
         except OSError as e:
-            if first:
+            if required:
                 raise
             log.error("cannot write snapshot %d at start (%s); serving on without it, the journal replays from "
                       "snapshot %d", number, e, journal.snapshot_segment)
@@ -945,6 +957,11 @@ class Matcher:
         # reference cycle among them would never be collected, and the order path makes none
         # (tests/test_engine_stress.py checks).
         gc.freeze()
+        # Killed with its parent: a child left writing into a data directory that a restarted
+        # matcher owns by then would hold the archive's lock (that start failed with "database
+        # is locked") and could write a snapshot older than the new one's. A snapshot killed
+        # half-way leaves nothing that counts (a temporary file, a rolled-back transaction).
+        orphaned = die_with_parent(signal.SIGKILL)
         try:
             pid = os.fork()
         except OSError as e:
@@ -954,6 +971,8 @@ class Matcher:
         if pid == 0:  # the child: no sockets, no cleanup, only the files (and its error, if any)
             status = 1
             try:
+                if orphaned is not None:
+                    orphaned()
                 gc.disable()  # a short-lived process: no collection (which would copy pages) in it
                 os.closerange(3, _MAX_FD)  # not its sockets, nor the data directory's lock
                 os.nice(19)  # the serving process comes first

@@ -200,9 +200,9 @@ def run_node(topology: Topology, name: str) -> int:
     return 0
 
 
-def die_with_parent() -> Callable[[], None] | None:
+def die_with_parent(signal_number: int = signal.SIGTERM) -> Callable[[], None] | None:
     """A function for a child process to run first thing after its fork: Linux then sends it
-    SIGTERM when the process that forked it dies (``prctl(PR_SET_PDEATHSIG)``), so that a
+    ``signal_number`` when the process that forked it dies (``prctl(PR_SET_PDEATHSIG)``), so that a
     ``kill -9`` of a parent leaves no child behind. Made in the parent (it notes the parent's
     pid: a child whose parent died before the call took effect exits at once). The signal is
     tied to the thread that forked the child: fork from the main thread. None where there is
@@ -218,7 +218,7 @@ def die_with_parent() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def in_child() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        prctl(pr_set_pdeathsig, signal_number, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
