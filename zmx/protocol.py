@@ -163,8 +163,9 @@ def order_update(spec: SymbolSpec, event: Event, request_id: object = None,
                 "ts": event.ts_ns}
     elif kind is CancelRejected or kind is AmendRejected:
         what = {"unknown_order": f"order {event.order_id!r} is not on the {event.symbol} book of this connection",
-                "invalid_quantity": "the new quantity must be above what has filled already, and within the "
-                                    "symbol's quantity limits",
+                "invalid_quantity": "the new quantity must be above what has filled already and within the "
+                                    "symbol's quantity limits, and must not take the total of its price level "
+                                    "above 2^63 - 1 lots",
                 "would_cross": "the new price would cross the book, and the order is post_only"}
         doing = "cancel" if kind is CancelRejected else "amend"
         return error(event.reason, what.get(event.reason, f"{doing} refused: {event.reason}"), request_id,
