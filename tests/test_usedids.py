@@ -70,6 +70,18 @@ def test_the_serving_connection_only_reads_and_a_store_leaves_no_log_for_it_to_c
     ids.close()
 
 
+def test_a_store_after_a_fork_leaves_the_write_ahead_log_files_in_place(tmp_path: Path) -> None:
+    # The child's writer, closing as the last connection that had them open, would delete the
+    # -wal and -shm files; making them again takes 32 KiB or more, and on a nearly full disk a
+    # review saw the next start fail ("disk I/O error") and a matcher in cancels-only mode stop.
+    ids = UsedIds(tmp_path, ["BTC-USDT"], snapshot=None)
+    ids.release()  # the fork
+    ids.reopen()  # the parent, before the child's store
+    store(tmp_path, 1, [("BTC-USDT", ["a\x001"])])
+    assert {p.name for p in tmp_path.iterdir()} >= {usedids.FILE_NAME + "-wal", usedids.FILE_NAME + "-shm"}
+    ids.close()
+
+
 def test_rows_of_a_snapshot_that_did_not_land_are_dropped(tmp_path: Path) -> None:
     new_archive(tmp_path)
     store(tmp_path, 2, [("BTC-USDT", ["a\x00old"])])

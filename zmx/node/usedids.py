@@ -306,6 +306,10 @@ class UsedIds:
 
     def reopen(self) -> None:
         self.db = _connect_reader(self.directory / FILE_NAME)
+        # As at the start: a read opens the write-ahead log's files for this connection, before
+        # the child's writer closes (last, it would delete them: a later start on a nearly full
+        # disk, or the next snapshot's child, could not make them again; a review saw both).
+        self.db.execute("SELECT 1 FROM used_ids LIMIT 1").fetchone()
         for ids in self.symbols.values():
             ids.db = self.db
 
