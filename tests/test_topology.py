@@ -121,7 +121,7 @@ def test_all_keys_of_every_role() -> None:
         symbols:
           BTC-USDT: {matcher: m1, tick_size: "0.5", lot_size: "0.001", min_quantity: "0.01", max_quantity: "100"}
         nodes:
-          r1: {role: router, front: "ipc://@zmx-front", back: "inproc://back", heartbeat_timeout_ms: 3000}
+          r1: {role: router, front: "ipc://@zmx-front", back: "ipc:///tmp/zmx-back", heartbeat_timeout_ms: 3000}
           m1:
             role: matcher
             pub: "tcp://*:5560"
@@ -138,7 +138,7 @@ def test_all_keys_of_every_role() -> None:
             limits: {max_message_bytes: 4096, send_queue_bytes: 65536, slow_consumer_ms: 1000,
                      rate_limit_per_s: 10, ping_interval_s: 5, ping_timeout_s: 6, heartbeat_s: 1}
         """)
-    assert topology.node("r1") == RouterNode(name="r1", front="ipc://@zmx-front", back="inproc://back",
+    assert topology.node("r1") == RouterNode(name="r1", front="ipc://@zmx-front", back="ipc:///tmp/zmx-back",
                                              heartbeat_timeout_ms=3000)
     assert topology.node("m1") == MatcherNode(name="m1", pub="tcp://*:5560", snapshot="tcp://[::1]:5561",
                                               data_dir="data/m1", fsync="always", snapshot_every=5000,
@@ -234,7 +234,10 @@ def test_invalid_symbol_name() -> None:
     text = replace_line(3, '  ABCDEFGHIJKLMNOPQRST: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
     assert_error(text, 3, "is not a valid name (1 to 3 parts of 1 to 15 upper-case letters and digits")
     text = replace_line(3, '  123: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
-    assert_error(text, 3, "symbol name 123 must be a string")
+    assert_error(text, 3, "a symbol name must be text like BTC-USDT; YAML reads it as an integer (123), not as text",
+                 "put the name in quotes")
+    text = replace_line(3, '  ON: {matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
+    assert_error(text, 3, "YAML reads it as a boolean (true), not as text", "put the name in quotes")
 
 
 # -- symbols and owners ---------------------------------------------------------------------
@@ -473,6 +476,26 @@ def test_limits_have_a_largest_value(limit: str, value: str, maximum: str) -> No
     assert getattr(parse(text).node("g1").limits, limit) == largest  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("line, entry, key, maximum", [
+    (6, '  r1: {role: router, front: "tcp://127.0.0.1:5550", back: "tcp://127.0.0.1:5551", KEY: VALUE}',
+     "heartbeat_timeout_ms", 3_600_000),
+    (7, '  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", data_dir: "var/m1", '
+        'KEY: VALUE}', "heartbeat_ms", 60_000),
+    (7, '  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", data_dir: "var/m1", '
+        'KEY: VALUE}', "snapshot_every", 100_000_000),
+])
+def test_heartbeats_and_snapshot_interval_have_a_largest_value(line: int, entry: str, key: str, maximum: int) -> None:
+    # A review's router with heartbeat_timeout_ms 10^23 passed zmx check: it would never have
+    # declared a silent matcher down.
+    text = replace_line(line, entry.replace("KEY", key).replace("VALUE", str(10**23)))
+    assert_error(text, line, f"{key} must be at most {maximum:,}, got {10**23:,}")
+    # (the router's timeout must be above the matchers' heartbeat)
+    text = replace_line(6, '  r1: {role: router, front: "tcp://127.0.0.1:5550", back: "tcp://127.0.0.1:5551", '
+                           'heartbeat_timeout_ms: 3600000}')
+    topology = parse(replace_line(line, entry.replace("KEY", key).replace("VALUE", str(maximum)), text))
+    assert getattr(topology.node(entry.split(":")[0].strip()), key) == maximum
+
+
 def test_limits_not_a_mapping() -> None:
     text = replace_line(9, '  g1: {role: gateway, listen: "127.0.0.1:8765", limits: 5}')
     assert_error(text, 9, "node 'g1': limits must be a mapping", "got an integer (5)")
@@ -485,6 +508,16 @@ def test_node_not_a_mapping() -> None:
 def test_bad_node_name() -> None:
     assert_error(replace_line(9, '  "g 1": {role: gateway, listen: "127.0.0.1:8765"}'), 9,
                  "node name 'g 1' is not valid")
+
+
+@pytest.mark.parametrize("name, read_as", [("off", "a boolean (false)"), ("2", "an integer (2)"),
+                                           ("null", "nothing (null)")])
+def test_a_node_name_that_yaml_does_not_read_as_text_is_refused_with_the_cure(name: str, read_as: str) -> None:
+    assert_error(replace_line(9, f'  {name}: {{role: gateway, listen: "127.0.0.1:8765"}}'), 9,
+                 f"a node name must be text like m1; YAML reads it as {read_as}, not as text",
+                 "put the name in quotes")
+    quoted = parse(replace_line(9, f'  "{name}": {{role: gateway, listen: "127.0.0.1:8765"}}'))
+    assert quoted.node(name).role == "gateway"
 
 
 def test_nodes_not_a_mapping() -> None:
@@ -558,13 +591,21 @@ def test_bad_zmq_endpoint(endpoint: str) -> None:
     assert "is not a ZeroMQ endpoint" in message or "is not in 1-65535" in message, message
 
 
+def test_an_inproc_endpoint_is_refused_every_node_being_a_process_of_its_own() -> None:
+    # A review's cluster with a matcher on inproc:// passed zmx check and started; its gateway
+    # then waited for the feed forever.
+    text = replace_line(7, '  m1: {role: matcher, pub: "inproc://m1pub", snapshot: "tcp://127.0.0.1:5561", '
+                           'data_dir: "var/m1"}')
+    assert_error(text, 7, "node 'm1': pub 'inproc://m1pub': inproc:// reaches only sockets of the same process")
+
+
 def test_endpoint_wrong_type() -> None:
     text = replace_line(6, '  r1: {role: router, front: 5550, back: "tcp://127.0.0.1:5551"}')
     assert_error(text, 6, "node 'r1': front must be a string like 'tcp://127.0.0.1:5550', got an integer (5550)")
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://localhost:5550", "tcp://eth0:5550", "tcp://[::1]:5550",
-                                      "ipc:///tmp/zmx-front", "inproc://front", "tcp://*:65535"])
+                                      "ipc:///tmp/zmx-front", "tcp://*:65535"])
 def test_good_zmq_endpoints(endpoint: str) -> None:
     text = replace_line(6, f'  r1: {{role: router, front: "{endpoint}", back: "tcp://127.0.0.1:5551"}}')
     assert parse(text).node("r1").front == endpoint  # type: ignore[union-attr]

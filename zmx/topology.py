@@ -72,7 +72,7 @@ class RouterNode:
     - ``front``: ZeroMQ endpoint of the ROUTER socket that gateways and SDK clients connect to.
     - ``back``: ZeroMQ endpoint of the ROUTER socket that matchers connect to.
     - ``heartbeat_timeout_ms``: a matcher silent for this long is considered down, and its
-      symbols' orders get an ``unavailable`` reply at once (default 1000).
+      symbols' orders get an ``unavailable`` reply at once (default 1000, at most an hour).
     """
 
     name: str
@@ -101,8 +101,8 @@ class MatcherNode:
       before the batch is answered; the default), ``always`` (after every command) or
       ``never`` (left to the operating system).
     - ``snapshot_every``: write a book snapshot every this many journaled commands, so a
-      restart replays at most that many (default 100000).
-    - ``heartbeat_ms``: interval of its heartbeats to the routers (default 200).
+      restart replays at most that many (default 100000, at most ``SNAPSHOT_EVERY_MAX``).
+    - ``heartbeat_ms``: interval of its heartbeats to the routers (default 200, at most a minute).
     """
 
     name: str
@@ -177,6 +177,13 @@ class GatewayLimits:
     handshake_timeout_s: int = 10
     order_timeout_s: int = 5
 
+
+# The largest heartbeat interval and timeout, and snapshot interval: far above any use, low enough
+# that a typo is refused by ``zmx check`` (a router that never declares a silent matcher down; a
+# matcher whose memory and restart time grow without end).
+HEARTBEAT_MAX_MS = 3_600_000  # a router's heartbeat_timeout_ms
+MATCHER_HEARTBEAT_MAX_MS = 60_000  # a matcher's heartbeat_ms (a router's timeout must be above it)
+SNAPSHOT_EVERY_MAX = 100_000_000
 
 # The largest value of each gateway limit: far above any use, and low enough that a typo (a
 # ping interval of 10^11 s would make the gateway build a ping slot per quarter second of it)
@@ -341,7 +348,7 @@ class Topology:
 _HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+)"
 _TCP = re.compile(rf"tcp://({_HOST}):([0-9]{{1,5}})")
 _HOST_PORT = re.compile(rf"({_HOST}):([0-9]{{1,5}})")
-_IPC = re.compile(r"(ipc|inproc)://(\S+)")
+_IPC = re.compile(r"(ipc)://(\S+)")
 _WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "[::]", "::"})
 _CONNECTED_TO = {"router": ("front", "back"), "matcher": ("pub", "snapshot"), "relay": ("pub",)}  # by other nodes
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -484,6 +491,12 @@ class _Problem(Exception):
         self.message = message
 
 
+def _not_text(value: object) -> str:
+    """Why a name that YAML did not read as text is refused: what it read, and the cure."""
+    return (f"YAML reads it as {_kind(value)}, not as text (so it does with yes, no, on, off, null, ~ and "
+            "numbers): put the name in quotes")
+
+
 def _kind(value: object) -> str:
     if value is None:
         return "nothing (null)"
@@ -503,7 +516,7 @@ def _kind(value: object) -> str:
 _TOP_KEYS = ("cluster", "symbols", "nodes")
 _SYMBOL_KEYS = ("matcher", "tick_size", "lot_size", "min_quantity", "max_quantity")
 _DECIMAL_KEYS = ("tick_size", "lot_size", "min_quantity", "max_quantity")
-_ZMQ_ENDPOINT_HELP = "expected tcp://host:port with a port 1-65535, ipc://path or inproc://name"
+_ZMQ_ENDPOINT_HELP = "expected tcp://host:port with a port 1-65535 or ipc://path"
 _LIMIT_KEYS = tuple(GatewayLimits.__dataclass_fields__)
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\d+[eE][+-]?\d+")  # 2.5, 2.0, 1e3
 
@@ -576,6 +589,10 @@ class _Parser:
             self._bind(_Address("tcp", _normal_host(tcp.group(1)), port), f"{where}{key} {text!r}", line)
             return text
         other = _IPC.fullmatch(text)
+        if other is None and text.startswith("inproc://"):
+            raise _Problem(line, f"{where}{key} {text!r}: inproc:// reaches only sockets of the same process, and "
+                                 "every node is a process of its own; use tcp://host:port, or ipc://path on one "
+                                 "machine")
         if other is None:
             raise _Problem(line, f"{where}{key} {text!r} is not a ZeroMQ endpoint ({_ZMQ_ENDPOINT_HELP}, "
                                  f"like {example!r})")
@@ -635,7 +652,7 @@ class _Parser:
         for symbol, entry in entries.items():
             line = entries.key_lines[symbol]
             if not isinstance(symbol, str):
-                raise _Problem(line, f"symbol name {symbol!r} must be a string like BTC-USDT, got {_kind(symbol)}")
+                raise _Problem(line, f"a symbol name must be text like BTC-USDT; {_not_text(symbol)}")
             where = f"symbol {symbol!r}: "
             entry = self._mapping(entry, line, f"symbol {symbol!r}",
                                   '{matcher: m1, tick_size: "0.01", lot_size: "0.00001"}')
@@ -680,7 +697,9 @@ class _Parser:
         raw: list[tuple[str, int, _Map, str]] = []
         for name, entry in entries.items():
             line = entries.key_lines[name]
-            if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+            if not isinstance(name, str):
+                raise _Problem(line, f"a node name must be text like m1; {_not_text(name)}")
+            if _NAME.fullmatch(name) is None:
                 raise _Problem(line, f"node name {name!r} is not valid "
                                      "(letters, digits, '_', '-' and '.', starting with a letter or digit)")
             entry = self._mapping(entry, line, f"node {name!r}", "{role: matcher, ...}")
@@ -720,7 +739,7 @@ class _Parser:
             name=name,
             front=self._zmq_endpoint(entry, "front", where, "tcp://127.0.0.1:5550"),
             back=self._zmq_endpoint(entry, "back", where, "tcp://127.0.0.1:5551"),
-            heartbeat_timeout_ms=self._int(entry, "heartbeat_timeout_ms", where, 1000),
+            heartbeat_timeout_ms=self._int(entry, "heartbeat_timeout_ms", where, 1000, maximum=HEARTBEAT_MAX_MS),
         )
 
     def _matcher(self, name: str, line: int, entry: _Map, where: str, *_: object) -> MatcherNode:
@@ -738,8 +757,8 @@ class _Parser:
                            f"{where}fsync {shown} is not one of: {', '.join(FSYNC_MODES)}")
         return MatcherNode(
             name=name, pub=pub, snapshot=snapshot, data_dir=data_dir, fsync=fsync,
-            snapshot_every=self._int(entry, "snapshot_every", where, SNAPSHOT_EVERY),
-            heartbeat_ms=self._int(entry, "heartbeat_ms", where, 200),
+            snapshot_every=self._int(entry, "snapshot_every", where, SNAPSHOT_EVERY, maximum=SNAPSHOT_EVERY_MAX),
+            heartbeat_ms=self._int(entry, "heartbeat_ms", where, 200, maximum=MATCHER_HEARTBEAT_MAX_MS),
         )
 
     def _relay(self, name: str, line: int, entry: _Map, where: str, roles: dict[str, str],
@@ -929,7 +948,7 @@ class _Parser:
 
 def _endpoint_host(endpoint: str) -> str | None:
     """The host of ``tcp://HOST:PORT`` or a ``listen`` address ``HOST:PORT`` as written (None for
-    ``ipc://`` and ``inproc://``)."""
+    ``ipc://``)."""
     m = _TCP.fullmatch(endpoint) or _HOST_PORT.fullmatch(endpoint)
     return m.group(1) if m is not None else None
 
