@@ -8,6 +8,7 @@ left, and kills any that would be, even when it fails.
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import signal
@@ -16,13 +17,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import IO
 from pathlib import Path
 
 import pytest
 from nodes import wait_gone, write_topology
 
 from zmx.cli import builtin_topology_path
-from zmx.node.runtime import READY_PREFIX, load_topology
+from zmx.node.gateway import _cannot_listen
+from zmx.node.runtime import READY_PREFIX, cannot_bind, load_topology
 from zmx.node.supervisor import (
     BACKOFF_FIRST,
     BoundPort,
@@ -31,6 +34,7 @@ from zmx.node.supervisor import (
     port_problem,
     restart_delay,
 )
+from zmx.topology import parse_topology
 
 UP_TIMEOUT = 30.0  # seconds for a whole cluster to come up, or for `zmx up` to give up
 EXIT_TIMEOUT = 20.0
@@ -242,6 +246,21 @@ def test_zmx_node_on_an_address_of_another_host_says_so_in_one_line(tmp_path: Pa
     assert len(said) == 1 and said[0].count("10.255.255.1") == 1, done.stderr  # said once, and nothing else
 
 
+def test_a_bind_host_that_does_not_resolve_is_said_in_words() -> None:
+    """(Without a lookup, which would leave this machine.) A review's gateway on an unknown host
+    said "Unknown error -2"; a matcher, "No such device"."""
+    gateway = parse_topology('cluster: c\nsymbols: {BTC-USDT: {matcher: m1, tick_size: "1", lot_size: "1"}}\n'
+                             'nodes:\n  r1: {role: router, front: "tcp://127.0.0.1:3", back: "tcp://127.0.0.1:4"}\n'
+                             '  m1: {role: matcher, pub: "tcp://127.0.0.1:1", snapshot: "tcp://127.0.0.1:2", '
+                             'data_dir: d}\n  g1: {role: gateway, listen: "nosuch.invalid:8765"}\n').node("g1")
+    said = _cannot_listen(gateway, socket.gaierror(-2, "Name or service not known"))  # type: ignore[arg-type]
+    assert said == "cannot bind the listening socket to nosuch.invalid:8765: Name or service not known"
+    said = cannot_bind("the pub socket", "tcp://nosuch.invalid:5560", errno.ENODEV,
+                       "No such device (addr='tcp://nosuch.invalid:5560')")
+    assert said.startswith("cannot bind the pub socket to tcp://nosuch.invalid:5560: No such device (the host is "
+                           "neither a name that resolves here nor an interface"), said
+
+
 def test_a_kill_9_of_a_gateway_with_workers_leaves_no_worker_serving(tmp_path: Path) -> None:
     """The workers a gateway forks die with it, even by ``kill -9``: orphans would keep its
     port, unseen by ``zmx up``, which would then fail to start it again."""
@@ -314,6 +333,81 @@ def test_restart_brings_a_dead_node_back(tmp_path: Path, up: Callable[..., Up]) 
     sup.proc.send_signal(signal.SIGINT)
     assert sup.finish() == 0, sup.err
     assert not wait_gone(list(after.values()))
+
+
+def _topology_argument(pid: int) -> Path:
+    """The ``-t`` argument of a node process."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return Path(argv[argv.index("-t") + 1])
+
+
+def test_a_restarted_node_runs_the_topology_zmx_up_started_with(tmp_path: Path, up: Callable[..., Up]) -> None:
+    """The file is broken after the start: r1 restarts all the same, from the copy that zmx up
+    checked, which is gone once zmx up ends. (A review saw a restart read the edited file: a
+    matcher on another port than its gateway knew, and a broken file retried forever.)"""
+    path = write_topology(tmp_path)
+    sup = up(path.name, "--restart")
+    sup.wait_for("is up")
+    before = node_processes(tmp_path)
+    copy = _topology_argument(before["r1"])
+    assert copy != path and copy.read_text() == path.read_text()
+    path.write_text(path.read_text() + "nodes: {\n")
+    os.kill(before["r1"], signal.SIGKILL)
+    sup.wait_for("node r1 restarted (pid")
+    after = node_processes(tmp_path)
+    assert after["r1"] != before["r1"] and _topology_argument(after["r1"]) == copy
+    sup.proc.send_signal(signal.SIGINT)
+    assert sup.finish() == 0, sup.err
+    assert not copy.parent.exists()
+
+
+def test_zmx_up_goes_on_when_its_standard_output_is_closed(tmp_path: Path) -> None:
+    """zmx up --restart | head: once head has gone, the next line to stdout (here: that r1 was
+    restarted) used to stop the whole cluster without a word. It goes on, says so once on
+    stderr, and stops as usual on SIGINT."""
+    path = write_topology(tmp_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    proc = subprocess.Popen([sys.executable, "-m", "zmx.cli", "up", path.name, "--restart"], cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = b"", b""
+
+    def read_until(stream: IO[bytes], text: bytes, seen: bytes) -> bytes:
+        deadline = time.monotonic() + UP_TIMEOUT
+        with selectors.DefaultSelector() as waiting:
+            waiting.register(stream, selectors.EVENT_READ)
+            while text not in seen:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0 and proc.poll() is None, (text, seen, proc.poll())
+                if waiting.select(remaining):
+                    chunk = os.read(stream.fileno(), 65536)
+                    assert chunk, (text, seen)
+                    seen += chunk
+        return seen
+
+    try:
+        out = read_until(proc.stdout, b"is up", out)
+        proc.stdout.close()  # the reader of stdout is gone
+        r1 = node_processes(tmp_path)["r1"]
+        os.kill(r1, signal.SIGKILL)
+        err = read_until(proc.stderr, b"zmx up: standard output is closed; the cluster goes on", err)
+        assert proc.poll() is None
+        nodes = node_processes(tmp_path)
+        assert set(nodes) == {"r1", "m1", "m2"} and nodes["r1"] != r1
+        proc.send_signal(signal.SIGINT)
+        err += proc.stderr.read()
+        assert proc.wait(EXIT_TIMEOUT) == 0, err
+        assert err.count(b"standard output is closed") == 1 and b"Traceback" not in err, err
+        assert not wait_gone(list(nodes.values()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        left = node_processes(tmp_path)
+        for pid in left.values():
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(list(left.values()))
 
 
 def test_nodes_die_with_a_killed_supervisor(tmp_path: Path, up: Callable[..., Up]) -> None:

@@ -29,7 +29,7 @@ from rich.table import Table
 
 import zmx
 from zmx.exceptions import TopologyError, ZmxError
-from zmx.node.runtime import load_topology
+from zmx.node.runtime import load_topology, read_topology_text
 from zmx.topology import (
     GatewayLimits,
     GatewayNode,
@@ -38,6 +38,7 @@ from zmx.topology import (
     RouterNode,
     Topology,
     connect_endpoint,
+    parse_topology,
 )
 
 EXIT_BAD_TOPOLOGY = 2
@@ -185,14 +186,20 @@ def up(topology: Path | None, restart: bool, dry_run: bool) -> None:
 
     Each node is a child process, started matchers first, then routers, relays and gateways;
     each one is up once it says it is serving. Ctrl-C or SIGTERM stops them all (exit 0). A node
-    that fails to start, or dies, is reported and the cluster stopped (exit 1), unless --restart.
+    that fails to start, or dies, is reported and the cluster stopped (exit 1); once the whole
+    cluster is up, --restart restarts a node that dies instead. Restarted nodes run the topology
+    as it was when zmx up started.
     Relative data_dirs are resolved against the current directory.
     """
     from zmx.node.supervisor import Supervisor, where_to_connect
 
     topology = _topology_or_builtin(topology)
-    loaded = _load(topology)
-    supervisor = Supervisor(loaded, topology, restart=restart)
+    try:
+        text = read_topology_text(topology)
+        loaded = parse_topology(text, str(topology))
+    except TopologyError as e:
+        raise TopologyFailure(str(e)) from None
+    supervisor = Supervisor(loaded, topology, topology_text=text, restart=restart)
     if dry_run:
         console = Console(highlight=False)
         console.print(f"cluster {loaded.cluster!r} from {topology}", soft_wrap=True)
@@ -287,7 +294,7 @@ def _finite(value: float | None) -> float | None:
 def _probe_endpoint(target: str, topology_path: Path | None, symbols: tuple[str, ...]) -> str:
     """TARGET as an endpoint to connect a SUB to: itself, or the pub of the node it names."""
     if "://" in target:
-        if not target.startswith(("tcp://", "ipc://", "inproc://")):
+        if not target.startswith(("tcp://", "ipc://")):
             raise click.BadParameter(f"{target!r} is not a ZeroMQ endpoint (tcp://host:port or ipc://path) "
                                      "nor a node name", param_hint="'TARGET'")
         import zmq

@@ -2157,7 +2157,10 @@ def _check_port(node: GatewayNode) -> None:
 def _cannot_listen(node: GatewayNode, error: OSError) -> str:
     """(``zmx node`` puts the node's name before it.) The reason as the system names its error
     number: asyncio's own text repeats the address."""
-    reason = os.strerror(error.errno) if error.errno else str(error)
+    if isinstance(error, socket.gaierror):  # a host that does not resolve: its errno is no errno code
+        reason = error.strerror or str(error)
+    else:
+        reason = os.strerror(error.errno) if error.errno else str(error)
     return cannot_bind("the listening socket", node.listen, error.errno, reason)
 
 

@@ -81,6 +81,9 @@ def cannot_bind(what: str, address: str, error_number: int | None, reason: str |
     if error_number == errno.EADDRNOTAVAIL:
         text += (" (no interface of this host has that address: start the node on the host the topology "
                  "gives it, or change the address)")
+    elif error_number == errno.ENODEV:  # ZeroMQ's answer to a bind host it cannot resolve
+        text += (" (the host is neither a name that resolves here nor an interface, such as eth0: check it, "
+                 "or give an address)")
     return text
 
 
@@ -112,6 +115,11 @@ MAX_TOPOLOGY_BYTES = 1 << 20
 
 def load_topology(path: str | PathLike[str]) -> Topology:
     """Read and validate the topology file at ``path``; messages name it as given."""
+    return parse_topology(read_topology_text(path), str(path))
+
+
+def read_topology_text(path: str | PathLike[str]) -> str:
+    """The text of the topology file at ``path`` (``TopologyError`` if it cannot be a topology's)."""
     source = str(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -123,7 +131,7 @@ def load_topology(path: str | PathLike[str]) -> Topology:
         raise TopologyError(f"{source}: cannot read the topology: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise TopologyError(f"{source}: the topology is not UTF-8 text ({e.reason})") from None
-    return parse_topology(text, source)
+    return text
 
 
 class Stopper:

@@ -15,7 +15,11 @@ Lifetimes, in order:
 3. **Supervise** -- a child that dies is reported with its name and exit status. Without
    ``--restart`` the cluster is stopped and ``zmx up`` exits 1; with it the node is started
    again after a backoff (0.5 s, doubled at each death up to 10 s, back to 0.5 s once the node
-   had run for 30 s).
+   had run for 30 s). ``FILE`` is a private copy of the topology text that ``zmx up`` checked
+   (in a temporary directory, removed when ``zmx up`` ends), so a restarted node runs the
+   cluster's topology whatever became of the file meanwhile (a review's edited file gave a
+   restarted matcher another port than its gateway knew, and a broken one was retried
+   forever). Edits take effect at the next ``zmx up``.
 4. **Stop** -- SIGINT or SIGTERM stops every child (SIGTERM, then SIGKILL for those still
    running after ``stop_timeout``), prints a summary and exits 0.
 
@@ -30,13 +34,16 @@ is started from the main thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -146,26 +153,60 @@ def describe_status(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
+class _Console(Console):
+    """rich's console, but a closed stream does not end the program: rich's own answer to a
+    broken pipe is ``SystemExit(1)``, which would stop every node. The error goes to ``_Output``."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of this stream is gone")
+
+
 class _Output:
-    """Serialises the lines that reader threads and the main thread write."""
+    """Serialises the lines that reader threads and the main thread write. Output that cannot be
+    written (a pager quit, ``| head`` done) is dropped: the cluster goes on. (Before, the first
+    line after ``| head`` had closed the pipe stopped every node, with no word why.)"""
 
     def __init__(self, out: Console, err: Console) -> None:
         self.out = out
         self.err = err
         self.lock = threading.Lock()
+        self.gone: set[bool] = set()  # err (True) and/or out (False), once a write to it failed
 
     def print(self, *items: Any, err: bool = False) -> None:
         with self.lock:
-            (self.err if err else self.out).print(*items, soft_wrap=True)
+            if err in self.gone:
+                return
+            try:
+                (self.err if err else self.out).print(*items, soft_wrap=True)
+            except (OSError, ValueError):
+                self._lost(err)
 
     def raw(self, text: str, err: bool = True) -> None:
         stream = sys.stderr if err else sys.stdout
         with self.lock:
+            if err in self.gone:
+                return
             try:
                 stream.write(text)
                 stream.flush()
             except (OSError, ValueError):
-                pass  # our own output is gone; keep supervising
+                self._lost(err)
+
+    def _lost(self, err: bool) -> None:
+        """Its stream is gone: nothing more is written to it, and its file descriptor now leads
+        to /dev/null (the interpreter flushes it at exit, and would complain there). The other
+        stream is told once, if it is still there."""
+        self.gone.add(err)
+        stream = sys.stderr if err else sys.stdout
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        if not err and True not in self.gone:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write("zmx up: standard output is closed; the cluster goes on, its lines are dropped\n")
+                sys.stderr.flush()
 
 
 @dataclass(eq=False)
@@ -207,16 +248,21 @@ def where_to_connect(gateway: GatewayNode) -> str:
 class Supervisor:
     """Starts, watches and stops the nodes of one topology; ``run()`` is ``zmx up``."""
 
-    def __init__(self, topology: Topology, topology_path: Path, *, restart: bool = False,
+    def __init__(self, topology: Topology, topology_path: Path, *, topology_text: str | None = None,
+                 restart: bool = False,
                  console: Console | None = None, err_console: Console | None = None,
                  ready_timeout: float = READY_TIMEOUT, stop_timeout: float = STOP_TIMEOUT) -> None:
         self.topology = topology
         self.topology_path = topology_path
+        # The text the nodes run (see "Supervise"): written to a private file by run(); None:
+        # they read topology_path itself.
+        self.topology_text = topology_text
+        self.node_topology = topology_path
         self.restart = restart
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
-        self.output = _Output(console or Console(highlight=False),
-                              err_console or Console(stderr=True, highlight=False))
+        self.output = _Output(console or _Console(highlight=False),
+                              err_console or _Console(stderr=True, highlight=False))
         self.events: queue.Queue[tuple[str, Run, Any]] = queue.Queue()
         self.children: dict[str, Child] = {}
         self.stopper = Stopper()
@@ -238,12 +284,19 @@ class Supervisor:
         """Check, start, supervise until SIGINT/SIGTERM or a death, stop. The exit status."""
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         self.stopper.install()
+        private = None
         try:
+            if self.topology_text is not None:
+                private = Path(tempfile.mkdtemp(prefix=f"zmx-up-{self.topology.cluster}-"))
+                self.node_topology = private / self.topology_path.name
+                self.node_topology.write_text(self.topology_text, encoding="utf-8")
             return self._run()
         finally:
             self.stop_all()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
 
     def _run(self) -> int:
         nodes = self.plan()
@@ -278,7 +331,7 @@ class Supervisor:
     # -- starting ------------------------------------------------------------------------
 
     def _command(self, node: Node) -> list[str]:
-        return [sys.executable, "-m", "zmx.cli", "node", node.name, "-t", str(self.topology_path)]
+        return [sys.executable, "-m", "zmx.cli", "node", node.name, "-t", str(self.node_topology)]
 
     def _spawn(self, node: Node) -> Run:
         """Start ``node``'s process (from the main thread: see PR_SET_PDEATHSIG above)."""
@@ -346,7 +399,10 @@ class Supervisor:
                 waiting.discard(run.node.name)
             else:
                 run.returncode = value
-                self._report_failure(run, f"failed before it was ready: {describe_status(value)}")
+                # (a node of an earlier role, ready, that died while this one started: not a
+                # failure to start, but the start fails all the same, --restart or not)
+                what = "died while the cluster was starting" if run.ready is not None else "failed before it was ready"
+                self._report_failure(run, f"{what}: {describe_status(value)}")
                 return False
         return True
 
