@@ -921,9 +921,26 @@ def test_changed_ns_is_the_time_of_the_command_that_made_the_seq_and_survives_a_
 
 def test_a_version_1_snapshot_still_restores_without_the_time_of_the_last_change(engine):
     run(engine, limit("a1", SELL, 101, 10))
-    version, *fields, changed_ns = msgpack.unpackb(engine.snapshot())
-    assert (version, changed_ns) == (2, TS)
+    version, *fields, changed_ns, max_matches = msgpack.unpackb(engine.snapshot())
+    assert (version, changed_ns, max_matches) == (3, TS, MAX_MATCHES)
     old = MatchingEngine.restore(msgpack.packb([1, *fields]))  # as zmx wrote them before
     assert (old.seq, old.depth(), old.changed_ns) == (engine.seq, engine.depth(), 0)
     with pytest.raises(ValueError, match="version 1 is not supported"):
         MatchingEngine.restore(msgpack.packb([1, *fields, changed_ns]))  # a field too many for version 1
+
+
+def test_an_engine_restored_from_a_snapshot_older_than_the_match_limit_matches_without_one(wide):
+    """A journal handled before the limit existed is replayed as it was handled: an order of it
+    that met more resting orders than the limit must meet them again (a review's replay of an
+    old journal under the limit put a filled maker back on the book and reused trade ids)."""
+    _asks_of_one_lot(wide, MAX_MATCHES + 1)
+    version, *fields, changed_ns, max_matches = msgpack.unpackb(wide.snapshot())
+    assert (version, max_matches) == (3, MAX_MATCHES)
+    old = MatchingEngine.restore(msgpack.packb([2, *fields, changed_ns]))  # as zmx wrote them before the limit
+    assert old.max_matches > 10**18
+    events = old.handle(market("t1", BUY, MAX_MATCHES + 1), ts_ns=TS)
+    assert sum(type(e) is TradeOccurred for e in events) == MAX_MATCHES + 1 and old.depth() == ([], [])
+    assert MatchingEngine.restore(old.snapshot()).max_matches == old.max_matches  # kept until the matcher changes it
+    limited = MatchingEngine.restore(wide.snapshot())
+    assert limited.max_matches == MAX_MATCHES
+    assert run(limited, market("t1", BUY, MAX_MATCHES + 1))[-2].reason == "match_limit"

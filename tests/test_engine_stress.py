@@ -309,7 +309,7 @@ def test_engine_matches_the_reference_model_on_a_random_flow(monkeypatch, max_ma
         assert kinds.get(name, 0) > 100, kinds
     assert max_resting < 2_000, max_resting
     # The shipped limit is far above what this flow's orders meet; a limit of 3 is met often.
-    assert (reasons["match_limit"] > 100) == (max_matches is not None), reasons
+    assert reasons["match_limit"] > 100 if max_matches is not None else reasons["match_limit"] == 0, reasons
 
 
 # -- determinism -----------------------------------------------------------------------------

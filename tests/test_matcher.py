@@ -30,7 +30,7 @@ from nodes import Cluster, NodeProcess, dropped, wait_gone, write_topology
 from zmx import codec
 from zmx.commands import CancelOrder, SubmitOrder
 from zmx.depth import L2Mirror
-from zmx.engine import MatchingEngine
+from zmx.engine import MAX_MATCHES, MatchingEngine
 from zmx.events import (
     BookChanged,
     FeedHeartbeat,
@@ -42,6 +42,7 @@ from zmx.events import (
 )
 from zmx.model import OrderType, Side, TimeInForce
 from zmx.node import matcher as matcher_module
+from zmx.node.journal import Journal
 from zmx.node.runtime import load_topology
 from zmx.node.wire import pack_requests, unpack_replies
 from zmx.topics import topic
@@ -1136,6 +1137,36 @@ def test_a_book_dropped_with_zmx_drop_books_stays_dropped(
     assert back.ready["seq"] == {"BTC-USDT": 0, "SOL-USDT": 0}
     assert book_of(snapshot_socket(zctx, back), "SOL-USDT") == (0, [], [])
     assert back.stop() == 0
+
+
+def test_a_journal_of_a_zmx_older_than_the_match_limit_is_replayed_without_it(
+        cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
+    """A data directory as a zmx before the match limit left it: a snapshot of version 2, then
+    1,001 one-lot asks and a market buy that took them all. The replay takes them all again
+    (under the limit the last ask would come back to the book, a trade that clients were told
+    of undone); the limit applies from the snapshot that start writes, so the next start
+    replays the same."""
+    cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"], "m2": ["ETH-USDT"]}, fsync="never")
+    spec = load_topology(cluster.topology).symbols["BTC-USDT"]
+    version, *fields, changed_ns, _limit = msgpack.unpackb(MatchingEngine(spec).snapshot())
+    assert version == 3
+    commands = [limit(f"s{i}", "bob", "BTC-USDT", SELL, 1000, 1) for i in range(MAX_MATCHES + 1)]
+    commands.append(SubmitOrder("t1", "alice", "BTC-USDT", BUY, OrderType.MARKET, TimeInForce.IOC, None,
+                                MAX_MATCHES + 1))
+    with Journal(tmp_path / "var" / "m1") as journal:
+        assert journal.recover() == (None, [])
+        journal.write_snapshot({"BTC-USDT": msgpack.packb([2, *fields, changed_ns])})
+        journal.append_batch([(1_764_218_885_000_000_000 + i, codec.encode(cmd)) for i, cmd in enumerate(commands)])
+    node = cluster.start("m1")
+    assert node.ready["seq"] == {"BTC-USDT": MAX_MATCHES + 2}
+    assert book_of(snapshot_socket(zctx, node), "BTC-USDT") == (MAX_MATCHES + 2, [], [])
+    assert ("BTC-USDT: handled without a match limit until now (a snapshot of an older zmx); one command meets at "
+            f"most {MAX_MATCHES} resting orders from the snapshot written now on") in node.log()
+    assert node.stop() == 0
+    again = cluster.start("m1")
+    assert "handled without a match limit" not in again.log().split("stopped after")[-1]
+    assert book_of(snapshot_socket(zctx, again), "BTC-USDT") == (MAX_MATCHES + 2, [], [])
+    assert again.stop() == 0
 
 
 def _children(pid: int) -> list[int]:

@@ -39,22 +39,28 @@ LIMIT, MARKET = OrderType.LIMIT, OrderType.MARKET
 GTC, IOC, FOK, POST_ONLY = TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.POST_ONLY
 _NO_LIMIT = 1 << 64  # a limit key beyond every price (market orders), below book.EMPTY
 
-SNAPSHOT_VERSION = 2  # 2 added ``changed_ns``; restore() still reads 1
+SNAPSHOT_VERSION = 3  # 2 added ``changed_ns``, 3 ``max_matches``; restore() still reads 1 and 2
 
 # The most resting orders one command may meet (each fill and each self-trade cancel counts):
 # it bounds the work of one command, which every other command of the matcher waits for. An
 # order that reaches it while it still crosses ends there; what is left is canceled with
 # reason ``match_limit`` (docs/matching.md "Match limit").
 MAX_MATCHES = 1000
+# The limit of an engine restored from a snapshot older than the limit (version 1 or 2): none.
+# Its journal was handled without one, and a replay must answer exactly as the engine did then.
+NO_MATCH_LIMIT = 1 << 62
 
 
 class MatchingEngine:
     """Price-time priority matching for one symbol (see docs/matching.md)."""
 
     __slots__ = ("spec", "symbol", "seq", "changed_ns", "next_trade_id", "book", "archive", "_used_ids", "_handed",
-                 "_bids", "_asks", "_index", "_min_lots", "_max_lots")
+                 "_bids", "_asks", "_index", "_min_lots", "_max_lots", "max_matches")
 
-    def __init__(self, spec: SymbolSpec) -> None:
+    def __init__(self, spec: SymbolSpec, *, max_matches: int | None = None) -> None:
+        """``max_matches``: the match limit (default ``MAX_MATCHES``); part of the engine's state,
+        kept in its snapshot, so that a replay meets the limit the commands first met."""
+        self.max_matches = MAX_MATCHES if max_matches is None else max_matches
         self.spec = spec
         self.symbol = spec.symbol
         self.seq = 0
@@ -186,7 +192,7 @@ class MatchingEngine:
                 level = own.append(order)
                 touched_own[level.key] = level.price
             else:
-                if opposite.best <= limit_key:  # stopped by MAX_MATCHES with more to trade with
+                if opposite.best <= limit_key:  # stopped by the match limit with more to trade with
                     reason = "match_limit"
                 else:
                     reason = "no_liquidity" if otype is MARKET else "ioc"  # a FOK that got here filled in full
@@ -197,16 +203,17 @@ class MatchingEngine:
 
     def _available(self, opposite: BookSide, limit_key: int, account: str, wanted: int) -> bool:
         """Whether ``opposite`` holds ``wanted`` lots within ``limit_key`` from other accounts,
-        in its first ``MAX_MATCHES`` orders (the account's own count: matching cancels them)."""
+        in its first ``max_matches`` orders (the account's own count: matching cancels them)."""
         levels = opposite.levels
         found = 0
         met = 0
+        most = self.max_matches
         for key in opposite.keys:  # best first
             if key > limit_key:
                 return False
             for order in levels[key].live():
                 met += 1
-                if met > MAX_MATCHES:
+                if met > most:
                     return False
                 if order.account != account:
                     found += order.remaining
@@ -218,14 +225,15 @@ class MatchingEngine:
                remaining: int, filled: int, events: list[Event], touched: dict[int, int],
                seq: int, ts_ns: int) -> tuple[int, int]:
         """Trade an incoming order against ``opposite`` while it crosses, meeting at most
-        ``MAX_MATCHES`` resting orders; return what is left (the caller tells "stopped by the
+        ``max_matches`` resting orders; return what is left (the caller tells "stopped by the
         limit" from "nothing more to trade with" by whether ``opposite`` still crosses)."""
         symbol = self.symbol
         levels = opposite.levels
         index = self._index
         append = events.append
         met = 0
-        while remaining and met < MAX_MATCHES:
+        most = self.max_matches
+        while remaining and met < most:
             key = opposite.best
             if key > limit_key:
                 break
@@ -267,7 +275,7 @@ class MatchingEngine:
                 # The maker is done (filled, or canceled by self-trade prevention).
                 queue.popleft()
                 del index[(maker.account, maker.order_id)]
-                if not remaining or not level.total or met >= MAX_MATCHES:
+                if not remaining or not level.total or met >= most:
                     break
             if not level.total:
                 opposite.drop(level)
@@ -378,7 +386,7 @@ class MatchingEngine:
             if crosses:
                 remaining, filled = self._match(opposite, limit_key, side, order_id, account, remaining, filled,
                                                 events, touched_opposite, seq, ts_ns)
-                if remaining and opposite.best <= limit_key:  # stopped by MAX_MATCHES: it must not rest crossed
+                if remaining and opposite.best <= limit_key:  # stopped by the match limit: it must not rest crossed
                     events.append(_new(OrderCanceled, (symbol, seq, ts_ns, order_id, account, side, price, filled,
                                                        remaining, "match_limit")))
                     remaining = 0
@@ -443,6 +451,7 @@ class MatchingEngine:
             sorted(tuple(key.split("\x00", 1)) for key in self._used_ids | self._handed),
             orders,
             self.changed_ns,
+            self.max_matches,
         ]
         return msgpack.packb(state)
 
@@ -450,9 +459,9 @@ class MatchingEngine:
     def restore(cls, data: bytes) -> MatchingEngine:
         """An engine in exactly the state that ``snapshot()`` recorded."""
         version, spec_fields, seq, next_trade_id, used_ids, orders, *rest = msgpack.unpackb(data)
-        if version not in (1, SNAPSHOT_VERSION) or len(rest) != version - 1:
+        if version not in (1, 2, SNAPSHOT_VERSION) or len(rest) != version - 1:
             raise ValueError(f"engine snapshot version {version} is not supported (expected {SNAPSHOT_VERSION})")
-        engine = cls(SymbolSpec(*spec_fields))
+        engine = cls(SymbolSpec(*spec_fields), max_matches=rest[1] if version >= 3 else NO_MATCH_LIMIT)
         engine.seq = seq
         engine.changed_ns = rest[0] if rest else 0  # version 1 did not keep it: unknown until the next change
         engine.next_trade_id = next_trade_id

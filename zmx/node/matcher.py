@@ -59,7 +59,7 @@ from zmx.codec import (
     pack_records,
 )
 from zmx.commands import COMMAND_TYPES, CancelOrder
-from zmx.engine import MatchingEngine
+from zmx.engine import MAX_MATCHES, NO_MATCH_LIMIT, MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES, FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, ZmxError
 from zmx.model import SymbolSpec
@@ -187,7 +187,8 @@ def _any_order_engine(symbol: str, topology: Topology) -> MatchingEngine | None:
     tick and lot of 1; no quantity limits); None if the name cannot be a symbol's."""
     spec = topology.symbols.get(symbol)
     try:
-        return MatchingEngine(SymbolSpec(symbol, spec.tick_size if spec else "1", spec.lot_size if spec else "1"))
+        return MatchingEngine(SymbolSpec(symbol, spec.tick_size if spec else "1", spec.lot_size if spec else "1"),
+                              max_matches=NO_MATCH_LIMIT)  # (only the journal has it: an older zmx handled it)
     except ZmxError:
         return None
 
@@ -199,8 +200,9 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     before the replay: a command is replayed against the ids it was first checked against.
     The replayed commands' fills of resting orders go into ``fills``.
 
-    The snapshot to write at once: ``"must"`` when there is none yet or a symbol is new here
-    (it must land before anything is handled: it records the new symbols' specs), ``"may"``
+    The snapshot to write at once: ``"must"`` when there is none yet, a symbol is new here
+    (it must land before anything is handled: it records the new symbols' specs), or an
+    engine's match limit changes (its snapshot is older than the limit), ``"may"``
     when a symbol left this matcher (its book is out of the journal's replay from then on,
     once it lands), else ``""``.
 
@@ -234,7 +236,9 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
         spec = topology.symbols[symbol]
         state = states.get(symbol) if states else None
         if state is None:
-            engines[symbol] = MatchingEngine(spec)
+            # Any command of it in the journal was handled before a snapshot recorded the match
+            # limit (by an older zmx): it is replayed without one, as it was handled.
+            engines[symbol] = MatchingEngine(spec, max_matches=NO_MATCH_LIMIT)
             continue
         try:
             engine = MatchingEngine.restore(state)
@@ -319,9 +323,18 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     # A symbol new here (in no snapshot): without one that records its spec now, its commands
     # would be replayed under whatever spec a later topology gives it.
     new = states is None or any(symbol not in states for symbol in engines)
+    # An engine replayed under another match limit than this zmx's (its snapshot is older than
+    # the limit): the limit changes now, at a snapshot that must land, so that every command
+    # is replayed later under the limit it was handled with.
+    older = sorted(symbol for symbol, engine in engines.items() if engine.max_matches != MAX_MATCHES)
+    for symbol in older:
+        engines[symbol].max_matches = MAX_MATCHES
+    if older and states is not None and any(symbol in states for symbol in older):
+        log.info("%s: handled without a match limit until now (a snapshot of an older zmx); one command meets "
+                 "at most %d resting orders from the snapshot written now on", ", ".join(older), MAX_MATCHES)
     # A symbol that left (``leaving`` holds those only the journal had, too): a snapshot takes
     # its book out of the replay, so that what was dropped stays dropped.
-    return engines, "must" if new else "may" if leaving else "", used_ids
+    return engines, "must" if new or older else "may" if leaving else "", used_ids
 
 
 class Matcher:
@@ -373,6 +386,12 @@ class Matcher:
         self.cancels_only = b""  # while the disk is nearly full: why new orders and amends are refused
         self._last_conn_log: dict[str, float] = {}
         self._last_engine_log = -1e9
+        # What a snapshot's child runs first: it is killed with this process. A child left
+        # writing into a data directory that a restarted matcher owns by then would hold the
+        # archive's lock (that start failed with "database is locked") and could write a
+        # snapshot older than the new one's. A snapshot killed half-way leaves nothing that
+        # counts (a temporary file, a rolled-back transaction). Made once: it costs milliseconds.
+        self.orphaned = die_with_parent(signal.SIGKILL)
 
     # -- start ------------------------------------------------------------------------------
 
@@ -784,8 +803,10 @@ class Matcher:
         subscription reached the publisher (docs/wire.md, "Snapshots"); without this, a quiet
         symbol's first subscriber waited for the next idle heartbeat, up to 1.25 s. Relays pass
         their subscribers' subscriptions on (XPUB_VERBOSE) for the same reason. The heartbeat
-        goes to every subscriber of the symbol, and says nothing new to the others. Unsubscribe
-        messages, other topics (accounts) and anything else a peer sends are read and dropped;
+        goes to every subscriber of the symbol, and says nothing new to the others. A prefix
+        subscription gets the heartbeat of each symbol it covers (the empty one, of every
+        symbol: ``zmx probe`` without ``--symbol``). Unsubscribe messages, other topics
+        (accounts) and anything else a peer sends are read and dropped;
         at most one heartbeat per symbol goes out per call, so a peer that sends subscriptions
         in a loop costs the matcher a read each, and its subscribers little.
         """
@@ -800,10 +821,15 @@ class Matcher:
                 message = pub.recv(_NOBLOCK)
             except zmq.Again:
                 break
-            if message[:1] == b"\x01" and message[-1:] == b"\x00":
+            if message[:1] != b"\x01":
+                continue
+            if message[-1:] == b"\x00":
                 symbol = symbols.get(message[1:-1])
                 if symbol is not None:
                     welcomed.add(symbol)
+            else:  # a prefix (b"" for everything, as zmx probe without --symbol): each symbol it covers
+                prefix = message[1:]
+                welcomed.update(symbol for topic, symbol in symbols.items() if (topic + b"\x00").startswith(prefix))
         for symbol in welcomed:
             self.heartbeat(symbol, last_public, now)
 
@@ -957,11 +983,7 @@ class Matcher:
         # reference cycle among them would never be collected, and the order path makes none
         # (tests/test_engine_stress.py checks).
         gc.freeze()
-        # Killed with its parent: a child left writing into a data directory that a restarted
-        # matcher owns by then would hold the archive's lock (that start failed with "database
-        # is locked") and could write a snapshot older than the new one's. A snapshot killed
-        # half-way leaves nothing that counts (a temporary file, a rolled-back transaction).
-        orphaned = die_with_parent(signal.SIGKILL)
+        orphaned = self.orphaned
         try:
             pid = os.fork()
         except OSError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import gc
 import importlib
 import json
@@ -208,6 +209,18 @@ def run_node(topology: Topology, name: str) -> int:
     return 0
 
 
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """The C library's ``prctl``, looked up once (``find_library`` runs ``ldconfig``: 2-4 ms, which
+    a matcher's loop paid at each snapshot's fork); None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def die_with_parent(signal_number: int = signal.SIGTERM) -> Callable[[], None] | None:
     """A function for a child process to run first thing after its fork: Linux then sends it
     ``signal_number`` when the process that forked it dies (``prctl(PR_SET_PDEATHSIG)``), so that a
@@ -215,12 +228,8 @@ def die_with_parent(signal_number: int = signal.SIGTERM) -> Callable[[], None] |
     pid: a child whose parent died before the call took effect exits at once). The signal is
     tied to the thread that forked the child: fork from the main thread. None where there is
     no such call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None:
         return None
     pr_set_pdeathsig = 1
     parent = os.getpid()

@@ -94,8 +94,23 @@ def store(directory: str | Path, gen: int, generations: Iterable[tuple[str, Iter
     """Write ``(symbol, keys)`` into the directory's table as snapshot ``gen``'s and commit
     durably; how many ids the table holds now (snapshot ``gen`` records it). Opens its own
     connection: a snapshot's child calls this, and an SQLite connection must not cross a
-    fork. The file must exist (``UsedIds`` made it): ``sqlite3.OperationalError`` if not."""
-    db = _connect(Path(directory) / FILE_NAME)
+    fork. The file must exist (``UsedIds`` made it): ``sqlite3.OperationalError`` if not.
+
+    A reader of its own holds the write-ahead log's files open around the writer, which then
+    does not close last and does not delete them (a reader's close never does). Deleted, they
+    must be made again (32 KiB or more): on a nearly full disk a review saw the next start fail
+    ("disk I/O error") and a matcher in cancels-only mode stop. (The serving process's reader,
+    opened again after the fork, may not have read yet when this ends.)"""
+    path = Path(directory) / FILE_NAME
+    keeper = _connect_reader(path)
+    try:
+        keeper.execute("SELECT 1 FROM used_ids LIMIT 1").fetchone()
+        return _store(_connect(path), gen, generations)
+    finally:
+        keeper.close()
+
+
+def _store(db: sqlite3.Connection, gen: int, generations: Iterable[tuple[str, Iterable[str]]]) -> int:
     try:
         added = 0
         db.execute("BEGIN")
@@ -306,10 +321,6 @@ class UsedIds:
 
     def reopen(self) -> None:
         self.db = _connect_reader(self.directory / FILE_NAME)
-        # As at the start: a read opens the write-ahead log's files for this connection, before
-        # the child's writer closes (last, it would delete them: a later start on a nearly full
-        # disk, or the next snapshot's child, could not make them again; a review saw both).
-        self.db.execute("SELECT 1 FROM used_ids LIMIT 1").fetchone()
         for ids in self.symbols.values():
             ids.db = self.db
 
