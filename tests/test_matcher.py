@@ -366,6 +366,38 @@ def test_past_the_accounts_it_counts_a_matcher_lets_all_counts_go_and_starts_new
                       ("a", (7, 4, 2))]
 
 
+@pytest.mark.parametrize("prefix, welcomed", [(b"", {"BTC-USDT", "BTC-USDTX", "SOL-USDT"}),
+                                               (b"BTC-USDT", {"BTC-USDT", "BTC-USDTX"}),
+                                               (b"BTC-USDT\x00", {"BTC-USDT"}), (b"@", set())])
+def test_a_subscription_to_a_prefix_gets_the_heartbeat_of_each_symbol_it_covers(
+        tmp_path: Path, zctx: zmq.Context, prefix: bytes, welcomed: set[str]) -> None:
+    """(``welcome`` called as the loop calls it, on an XPUB of the test.) A subscriber to
+    everything (``zmx probe`` without ``--symbol``) learns at once that the feed is live: a
+    review's probe of one second said "nothing arrived" from an idle matcher in 3 runs of 10."""
+    symbols = ["BTC-USDT", "BTC-USDTX", "SOL-USDT"]
+    topology = load_topology(write_topology(tmp_path, matchers={"m1": symbols}))
+    node = matcher_module.Matcher(topology, "m1")
+    node.engines = {s: MatchingEngine(topology.symbols[s]) for s in symbols}
+    node.header_symbols = {s.encode(): s for s in symbols}
+    node.pub = zctx.socket(zmq.XPUB)
+    sub = zctx.socket(zmq.SUB)
+    try:
+        node.pub.bind("inproc://welcome")
+        sub.connect("inproc://welcome")
+        sub.subscribe(prefix)
+        assert node.pub.poll(5000)
+        node.welcome({}, 0.0)
+        got = set()
+        while sub.poll(0 if got == welcomed else 200):  # (every heartbeat is sent by welcome() before this)
+            name, events = codec.decode_publication(sub.recv())
+            assert heartbeat(events)
+            got.add(name)
+    finally:
+        sub.close(linger=0)
+        node.pub.close(linger=0)
+    assert got == welcomed
+
+
 def test_a_subscriber_that_lags_loses_no_publication_below_the_queue_bound(cluster: Cluster, tmp_path: Path,
                                                                            zctx: zmq.Context) -> None:
     # The connections a bound ZeroMQ socket accepts take the options it had when it was bound. The
