@@ -1176,8 +1176,8 @@ def test_a_journal_of_a_zmx_older_than_the_match_limit_is_replayed_without_it(
     """A data directory as a zmx before the match limit left it: a snapshot of version 2, then
     1,001 one-lot asks and a market buy that took them all. The replay takes them all again
     (under the limit the last ask would come back to the book, a trade that clients were told
-    of undone); the limit applies from the snapshot that start writes, so the next start
-    replays the same."""
+    of undone); the limit applies from the snapshot that start writes: the same flow then
+    ends with match_limit, and the next start replays both as they were handled."""
     cluster.topology = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"], "m2": ["ETH-USDT"]}, fsync="never")
     spec = load_topology(cluster.topology).symbols["BTC-USDT"]
     version, *fields, changed_ns, _limit = msgpack.unpackb(MatchingEngine(spec).snapshot())
@@ -1185,6 +1185,7 @@ def test_a_journal_of_a_zmx_older_than_the_match_limit_is_replayed_without_it(
     commands = [limit(f"s{i}", "bob", "BTC-USDT", SELL, 1000, 1) for i in range(MAX_MATCHES + 1)]
     commands.append(SubmitOrder("t1", "alice", "BTC-USDT", BUY, OrderType.MARKET, TimeInForce.IOC, None,
                                 MAX_MATCHES + 1))
+    router = FakeRouter(zctx, cluster.topology)
     with Journal(tmp_path / "var" / "m1") as journal:
         assert journal.recover() == (None, [])
         journal.write_snapshot({"BTC-USDT": msgpack.packb([2, *fields, changed_ns])})
@@ -1194,10 +1195,17 @@ def test_a_journal_of_a_zmx_older_than_the_match_limit_is_replayed_without_it(
     assert book_of(snapshot_socket(zctx, node), "BTC-USDT") == (MAX_MATCHES + 2, [], [])
     assert ("BTC-USDT: handled without a match limit until now (a snapshot of an older zmx); one command meets at "
             f"most {MAX_MATCHES} resting orders from the snapshot written now on") in node.log()
+    router.wait_for(b"HELLO")
+    for i, cmd in enumerate(commands):
+        events = router.order(i, cmd._replace(order_id=f"new-{cmd.order_id}"))
+    assert events[-2] == OrderCanceled("BTC-USDT", 2 * MAX_MATCHES + 4, events[-2].ts_ns, "new-t1", "alice", BUY,
+                                       None, MAX_MATCHES, 1, "match_limit")
+    after = (2 * MAX_MATCHES + 4, [], [(1000, 1)])
+    assert book_of(snapshot_socket(zctx, node), "BTC-USDT") == after
     assert node.stop() == 0
     again = cluster.start("m1")
     assert "handled without a match limit" not in again.log().split("stopped after")[-1]
-    assert book_of(snapshot_socket(zctx, again), "BTC-USDT") == (MAX_MATCHES + 2, [], [])
+    assert book_of(snapshot_socket(zctx, again), "BTC-USDT") == after
     assert again.stop() == 0
 
 

@@ -756,8 +756,8 @@ def test_a_gateways_standby_takes_the_place_of_the_upstream_node_with_the_same_m
     ("upstream: [x1], standby: [x2]", "standby 'x2' carries m1, m2, the matchers of none of its upstream nodes"),
     ("upstream: [x1], standby: [r1]", "standby 'r1' is a router, not a matcher or relay"),
     ("upstream: [x1], standby: []", "standby is empty"),
-    ("upstream: [x1], standby: [5]", "standby must be a list of matcher or relay names like [m1, m2], got a list "
-                                     "holding an integer (5)"),
+    ("upstream: [x1], standby: [5]", "standby must be a list of matcher or relay names like [m1, m2]; one of them: "
+                                     "YAML reads it as an integer (5), not as text"),
     ("upstream: x1", "upstream must be a list of matcher or relay names like [m1, m2], got a string ('x1')"),
 ])
 def test_a_standby_that_cannot_take_an_upstream_nodes_place_is_refused(gateway: str, problem: str) -> None:

@@ -335,11 +335,19 @@ def _probe_endpoint(target: str, topology_path: Path | None, symbols: tuple[str,
 @click.argument("name")
 @click.option("-t", "--topology", "topology_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="the cluster's topology file")
-def node(name: str, topology_path: Path) -> None:
+@click.option("--topology-on-stdin", is_flag=True, hidden=True,
+              help="read the topology's text on standard input; -t names it in messages (zmx up's nodes)")
+def node(name: str, topology_path: Path, topology_on_stdin: bool) -> None:
     """Run node NAME of a topology in this process (for a cluster across machines)."""
-    from zmx.node.runtime import run_node
+    from zmx.node.runtime import MAX_TOPOLOGY_BYTES, run_node
 
-    topology = _load(topology_path)
+    if topology_on_stdin:
+        try:
+            topology = parse_topology(sys.stdin.read(MAX_TOPOLOGY_BYTES + 1), str(topology_path))
+        except TopologyError as e:
+            raise TopologyFailure(str(e)) from None
+    else:
+        topology = _load(topology_path)
     try:
         topology.node(name)
     except TopologyError as e:

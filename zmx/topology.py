@@ -663,7 +663,7 @@ class _Parser:
             owner = entry["matcher"]
             owner_line = entry.key_lines["matcher"]
             if not isinstance(owner, str):
-                raise _Problem(owner_line, f"{where}matcher must be a node name, got {_kind(owner)}")
+                raise _Problem(owner_line, f"{where}matcher must be a node name; {_not_text(owner)}")
             if owner not in nodes:
                 raise _Problem(owner_line, f"{where}owner {owner!r} is not a node "
                                            f"(matchers: {', '.join(matchers) or 'none'})")
@@ -793,9 +793,12 @@ class _Parser:
         line = entry.key_lines[key]
         wanted = " or ".join(allowed)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            got = _kind(value) if not isinstance(value, list) else \
-                f"a list holding {_kind(next(v for v in value if not isinstance(v, str)))}"
-            raise _Problem(line, f"{where}{key} must be a list of {wanted} names like [m1, m2], got {got}")
+            if not isinstance(value, list):
+                raise _Problem(line, f"{where}{key} must be a list of {wanted} names like [m1, m2], "
+                                     f"got {_kind(value)}")
+            name = next(v for v in value if not isinstance(v, str))
+            raise _Problem(line, f"{where}{key} must be a list of {wanted} names like [m1, m2]; one of them: "
+                                 f"{_not_text(name)}")
         if not value:
             raise _Problem(line, f"{where}{key} is empty; leave it out to use the default")
         candidates = [n for n, r in roles.items() if r in allowed]

@@ -86,6 +86,7 @@ __all__ = ["BATCH", "MAX_FRAME_BYTES", "run"]
 log = logging.getLogger("zmx.matcher")
 
 BATCH = 512  # requests (or book requests) drained from one socket before the batch is committed
+WELCOMED_PREFIXES = 16  # distinct prefix subscriptions answered per loop turn (see Matcher.welcome)
 # A batch also ends once its requests have taken this long to read and run: its replies wait
 # for the whole batch, and requests that keep arriving while one is read would otherwise keep
 # it open. Measured through a router with one matcher on the two-core machine: with requests
@@ -194,17 +195,18 @@ def _any_order_engine(symbol: str, topology: Topology) -> MatchingEngine | None:
 
 
 def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills, epoch: int
-             ) -> tuple[dict[str, MatchingEngine], str, UsedIds]:
+             ) -> tuple[dict[str, MatchingEngine], str, UsedIds, list[str]]:
     """The engines of ``name``'s symbols as the journal left them, the snapshot to write at
     once, and the archive of their old order ids (``zmx.node.usedids``), attached to them
     before the replay: a command is replayed against the ids it was first checked against.
     The replayed commands' fills of resting orders go into ``fills``.
 
-    The snapshot to write at once: ``"must"`` when there is none yet, a symbol is new here
-    (it must land before anything is handled: it records the new symbols' specs), or an
-    engine's match limit changes (its snapshot is older than the limit), ``"may"``
+    The snapshot to write at once: ``"must"`` when there is none yet or a symbol is new here
+    (it must land before anything is handled: it records the new symbols' specs), ``"may"``
     when a symbol left this matcher (its book is out of the journal's replay from then on,
-    once it lands), else ``""``.
+    once it lands) or an engine's match limit changes (the symbols of the last value: their
+    snapshot is older than the limit; if the snapshot does not land, they must go back to
+    ``NO_MATCH_LIMIT``), else ``""``.
 
     A snapshot records each symbol's spec, and a matcher writes one at its first start and
     at the first start that gives it a new symbol, so the journal always says which spec its
@@ -324,8 +326,8 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     # would be replayed under whatever spec a later topology gives it.
     new = states is None or any(symbol not in states for symbol in engines)
     # An engine replayed under another match limit than this zmx's (its snapshot is older than
-    # the limit): the limit changes now, at a snapshot that must land, so that every command
-    # is replayed later under the limit it was handled with.
+    # the limit): the limit changes now, if the snapshot written now lands, so that every
+    # command is replayed later under the limit it was handled with.
     older = sorted(symbol for symbol, engine in engines.items() if engine.max_matches != MAX_MATCHES)
     for symbol in older:
         engines[symbol].max_matches = MAX_MATCHES
@@ -334,7 +336,7 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
                  "at most %d resting orders from the snapshot written now on", ", ".join(older), MAX_MATCHES)
     # A symbol that left (``leaving`` holds those only the journal had, too): a snapshot takes
     # its book out of the replay, so that what was dropped stays dropped.
-    return engines, "must" if new or older else "may" if leaving else "", used_ids
+    return engines, "must" if new else "may" if leaving or older else "", used_ids, older
 
 
 class Matcher:
@@ -406,11 +408,16 @@ class Matcher:
         try:
             self.journal = Journal(node.data_dir, fsync=node.fsync)
             self.epoch = self.journal.bump_epoch()
-            self.engines, snapshot_now, self.used_ids = _restore(self.topology, self.name, self.journal,
-                                                                 self.fills, self.epoch)
+            self.engines, snapshot_now, self.used_ids, older = _restore(self.topology, self.name, self.journal,
+                                                                        self.fills, self.epoch)
             self.loading_ids = self.used_ids.loading
+            landed = True
             if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
-                self.snapshot_at_start(required=snapshot_now == "must")
+                landed = self.snapshot_at_start(required=snapshot_now == "must")
+            if not landed and older:  # replayed next time from the older snapshot: as it was handled
+                for symbol in older:
+                    self.engines[symbol].max_matches = NO_MATCH_LIMIT
+                log.warning("%s: no match limit until a start writes its snapshot", ", ".join(older))
         except (JournalError, OSError) as e:
             raise _StartFailure(f"cannot recover from data_dir {node.data_dir!r}: {e}") from None
         self.header_symbols = {symbol.encode(): symbol for symbol in self.engines}
@@ -421,7 +428,7 @@ class Matcher:
         self.poller.register(self.snap, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
 
-    def snapshot_at_start(self, *, required: bool) -> None:
+    def snapshot_at_start(self, *, required: bool) -> bool:
         """A snapshot of the recovered engines, written here, before serving: the first one of a
         data directory, and the first after a symbol came to this matcher, which record each
         symbol's spec so that a later replay uses the right one (``required``); then one
@@ -430,7 +437,8 @@ class Matcher:
         Only a required one must land. Any other may fail (a nearly full disk: a start that
         failed for want of room for it would leave the matcher down although its journal had
         room for more orders): the journal goes on in the new segment, and the next snapshot
-        is due after ``snapshot_every`` commands, as after one that failed while serving."""
+        is due after ``snapshot_every`` commands, as after one that failed while serving.
+        Whether it landed."""
         journal, used_ids = self.journal, self.used_ids
         assert journal is not None and used_ids is not None
         number = journal.rotate()
@@ -441,9 +449,10 @@ class Matcher:
                 raise
             log.error("cannot write snapshot %d at start (%s); serving on without it, the journal replays from "
                       "snapshot %d", number, e, journal.snapshot_segment)
-            return
+            return False
         journal.remove_obsolete()
         journal.snapshot_stored(number)
+        return True
 
     def _link(self, router: str, endpoint: str) -> _Link:
         """A new DEALER connected to a router's back, registered with the poller."""
@@ -805,7 +814,9 @@ class Matcher:
         their subscribers' subscriptions on (XPUB_VERBOSE) for the same reason. The heartbeat
         goes to every subscriber of the symbol, and says nothing new to the others. A prefix
         subscription gets the heartbeat of each symbol it covers (the empty one, of every
-        symbol: ``zmx probe`` without ``--symbol``). Unsubscribe messages, other topics
+        symbol: ``zmx probe`` without ``--symbol``): up to ``WELCOMED_PREFIXES`` distinct
+        prefixes a call, so that a peer sending them in a loop costs a scan of the symbols for
+        each of 16, not of 512. Unsubscribe messages, other topics
         (accounts) and anything else a peer sends are read and dropped;
         at most one heartbeat per symbol goes out per call, so a peer that sends subscriptions
         in a loop costs the matcher a read each, and its subscribers little.
@@ -816,6 +827,7 @@ class Matcher:
         # One heartbeat per symbol however many subscriptions came: each of them is in the
         # XPUB's filter once read, so one heartbeat sent after reading reaches them all.
         welcomed: set[str] = set()
+        prefixes: set[bytes] = set()
         for _ in range(BATCH):
             try:
                 message = pub.recv(_NOBLOCK)
@@ -827,9 +839,13 @@ class Matcher:
                 symbol = symbols.get(message[1:-1])
                 if symbol is not None:
                     welcomed.add(symbol)
-            else:  # a prefix (b"" for everything, as zmx probe without --symbol): each symbol it covers
-                prefix = message[1:]
-                welcomed.update(symbol for topic, symbol in symbols.items() if (topic + b"\x00").startswith(prefix))
+            elif len(prefixes) < WELCOMED_PREFIXES:  # a prefix (b"": everything, as zmx probe without --symbol)
+                prefixes.add(message[1:])
+        if b"" in prefixes:
+            welcomed.update(symbols.values())
+        elif prefixes:  # each symbol a prefix covers (the others get their idle heartbeat within a second)
+            welcomed.update(symbol for topic, symbol in symbols.items()
+                            if any((topic + b"\x00").startswith(prefix) for prefix in prefixes))
         for symbol in welcomed:
             self.heartbeat(symbol, last_public, now)
 

@@ -15,11 +15,11 @@ Lifetimes, in order:
 3. **Supervise** -- a child that dies is reported with its name and exit status. Without
    ``--restart`` the cluster is stopped and ``zmx up`` exits 1; with it the node is started
    again after a backoff (0.5 s, doubled at each death up to 10 s, back to 0.5 s once the node
-   had run for 30 s). ``FILE`` is a private copy of the topology text that ``zmx up`` checked
-   (in a temporary directory, removed when ``zmx up`` ends), so a restarted node runs the
-   cluster's topology whatever became of the file meanwhile (a review's edited file gave a
-   restarted matcher another port than its gateway knew, and a broken one was retried
-   forever). Edits take effect at the next ``zmx up``.
+   had run for 30 s). Each node gets the topology's text as ``zmx up`` read and checked it,
+   on its standard input (``--topology-on-stdin``; ``FILE`` names it in messages), so a
+   restarted node runs the cluster's topology whatever became of the file meanwhile (a
+   review's edited file gave a restarted matcher another port than its gateway knew, and a
+   broken one was retried forever). Edits take effect at the next ``zmx up``.
 4. **Stop** -- SIGINT or SIGTERM stops every child (SIGTERM, then SIGKILL for those still
    running after ``stop_timeout``), prints a summary and exits 0.
 
@@ -38,12 +38,10 @@ import contextlib
 import errno
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -254,10 +252,8 @@ class Supervisor:
                  ready_timeout: float = READY_TIMEOUT, stop_timeout: float = STOP_TIMEOUT) -> None:
         self.topology = topology
         self.topology_path = topology_path
-        # The text the nodes run (see "Supervise"): written to a private file by run(); None:
-        # they read topology_path itself.
+        # The text the nodes run (see "Supervise"), given on their stdin; None: they read the file.
         self.topology_text = topology_text
-        self.node_topology = topology_path
         self.restart = restart
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
@@ -284,19 +280,12 @@ class Supervisor:
         """Check, start, supervise until SIGINT/SIGTERM or a death, stop. The exit status."""
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         self.stopper.install()
-        private = None
         try:
-            if self.topology_text is not None:
-                private = Path(tempfile.mkdtemp(prefix=f"zmx-up-{self.topology.cluster}-"))
-                self.node_topology = private / self.topology_path.name
-                self.node_topology.write_text(self.topology_text, encoding="utf-8")
             return self._run()
         finally:
             self.stop_all()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            if private is not None:
-                shutil.rmtree(private, ignore_errors=True)
 
     def _run(self) -> int:
         nodes = self.plan()
@@ -331,7 +320,8 @@ class Supervisor:
     # -- starting ------------------------------------------------------------------------
 
     def _command(self, node: Node) -> list[str]:
-        return [sys.executable, "-m", "zmx.cli", "node", node.name, "-t", str(self.node_topology)]
+        command = [sys.executable, "-m", "zmx.cli", "node", node.name, "-t", str(self.topology_path)]
+        return command if self.topology_text is None else [*command, "--topology-on-stdin"]
 
     def _spawn(self, node: Node) -> Run:
         """Start ``node``'s process (from the main thread: see PR_SET_PDEATHSIG above)."""
@@ -340,10 +330,17 @@ class Supervisor:
         source_root = str(Path(zmx.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
         popen = subprocess.Popen(
-            self._command(node), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            self._command(node), stdin=subprocess.DEVNULL if self.topology_text is None else subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, errors="replace", bufsize=1, env=env, process_group=0,
             preexec_fn=self._preexec,  # noqa: PLW1509 - only prctl and getppid run between fork and exec
         )
+        if popen.stdin is not None:
+            # A node reads it all first thing; one that died before is reported by its exit.
+            with contextlib.suppress(OSError):
+                popen.stdin.write(self.topology_text)  # type: ignore[arg-type]
+            with contextlib.suppress(OSError):
+                popen.stdin.close()
         run = Run(node=node, popen=popen, started=time.monotonic())
         err = threading.Thread(target=self._read_stderr, args=(run,), name=f"{node.name}-stderr", daemon=True)
         out = threading.Thread(target=self._read_stdout, args=(run, err), name=f"{node.name}-stdout", daemon=True)
