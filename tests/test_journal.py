@@ -556,6 +556,33 @@ def test_a_damaged_newest_snapshot_falls_back_to_the_previous_one(tmp_path: Path
     assert newest.with_name(newest.name + ".corrupt").exists()
 
 
+def test_a_refused_recovery_names_the_unusable_snapshots_and_leaves_them_where_they_are(tmp_path: Path) -> None:
+    """Both snapshots damaged: recovery would need the segments before them, long deleted. The
+    refusal says why (a review saw only "journal-0000000001.log is missing", and both snapshots
+    already renamed by the start that was refused)."""
+    engine = MatchingEngine(SPEC)
+    with fresh(tmp_path) as journal:
+        for start in (0, 5, 10):
+            journal.append_batch(records(start, 5))
+            journal.sync()
+            for ts, cmd in commands(start, 5):
+                engine.handle(cmd, ts_ns=ts)
+            journal.write_snapshot({SYM: engine.snapshot()})
+    damaged = snapshots(tmp_path)
+    assert len(damaged) == 2
+    for path in damaged:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with Journal(tmp_path) as journal, pytest.raises(JournalError) as refused:
+        journal.recover()
+    assert "journal-0000000001.log is missing" in str(refused.value)
+    assert f"not usable, so not recovered from: {damaged[1].name}: " in str(refused.value)
+    assert f"; {damaged[0].name}: " in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_missing_segment_is_refused(tmp_path: Path) -> None:
     with fresh(tmp_path) as journal:
         journal.append_batch(records(0, 1))

@@ -58,7 +58,9 @@ of the segment that follows it and how many ids the archive of used order ids he
 msgpack {version, segment, engines, archived}``: written to a temporary file (removed if the
 write fails: a full disk must not keep it), fsynced, renamed over, the directory fsynced. Then
 a new segment starts. The previous snapshot and the segments after it are kept (if the
-newest snapshot is ever unreadable, recovery falls back to it and replays more); anything
+newest snapshot is ever unreadable, recovery falls back to it and replays more, and moves the
+unreadable one aside as ``*.corrupt`` once it has recovered; a recovery refused leaves every
+file as it was and names the snapshots it could not use); anything
 older is deleted.
 
 Recovery
@@ -463,16 +465,39 @@ class Journal:
                 "stopped cleanly with it as its newest segment", "start from what is there")
         engines: dict[str, bytes] | None = None
         base = 1
+        unusable: list[tuple[Path, str]] = []  # moved aside only once the recovery succeeds
         for number in reversed(snapshots):
             found = self._read_snapshot(number, snapshots[number])
             if isinstance(found, str):
-                bad = snapshots[number].with_name(snapshots[number].name + ".corrupt")
-                log.error("%s is not usable (%s); moved to %s, recovering from an older state",
-                          snapshots[number].name, found, bad.name)
-                os.replace(snapshots[number], bad)
+                unusable.append((snapshots[number], found))
                 continue
             (engines, self.snapshot_archived), base = found, number
             break
+        try:
+            replay, end = self._replay(stopped, segments, engines, base)
+        except JournalError as e:
+            if unusable:  # the cause: say so (the files are left as they were)
+                said = "; ".join(f"{path.name}: {problem}" for path, problem in unusable)
+                raise JournalError(f"{e} (not usable, so not recovered from: {said})") from None
+            raise
+        for path, problem in unusable:
+            bad = path.with_name(path.name + ".corrupt")
+            log.error("%s is not usable (%s); moved to %s, recovered from an older state", path.name, problem,
+                      bad.name)
+            os.replace(path, bad)
+        self.snapshot_segment = base if engines is not None else None
+        self.since_snapshot = len(replay)
+        if stopped is not None:  # from now on the journal may grow, or end in a crash
+            os.unlink(self.directory / STOPPED)
+            _fsync_dir(self.directory)
+        self._open_segment(self.segment, end)
+        self.remove_obsolete()  # a crash may have come between a snapshot and its clean-up
+        return engines, replay
+
+    def _replay(self, stopped: tuple[int, int] | None, segments: dict[int, Path], engines: dict[str, bytes] | None,
+                base: int) -> tuple[list[tuple[int, Command]], int]:
+        """The commands after snapshot ``base`` (``engines``; None: no snapshot) and where the
+        last segment's records end; sets ``segment``. ``JournalError`` if they cannot all be read."""
         needed = [n for n in segments if n >= base]
         if engines is not None and base not in segments:
             # rotate() creates the segment before the snapshot named after it is written, so
@@ -497,14 +522,7 @@ class Journal:
             records, end = self._read_segment(segments[number], last, clean_end)
             replay.extend(records)
         self.segment = needed[-1] if needed else base
-        self.snapshot_segment = base if engines is not None else None
-        self.since_snapshot = len(replay)
-        if stopped is not None:  # from now on the journal may grow, or end in a crash
-            os.unlink(self.directory / STOPPED)
-            _fsync_dir(self.directory)
-        self._open_segment(self.segment, end)
-        self.remove_obsolete()  # a crash may have come between a snapshot and its clean-up
-        return engines, replay
+        return replay, end
 
     def _read_stopped(self) -> tuple[int, int] | None:
         """``(segment, offset)`` of ``STOPPED``, where the last clean stop left the journal;
