@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,7 @@ from zmx.commands import CancelOrder, SubmitOrder
 from zmx.events import BookChanged, FeedHeartbeat, OrderAccepted, OrderFilled
 from zmx.exceptions import InvalidNumber, InvalidOrder, ZmxError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
-from zmx.node.client import BAD_REPLY, Client, ClientClosed, encode_header, parse_reply
+from zmx.node.client import BAD_REPLY, Client, ClientClosed, _poll_ms, encode_header, parse_reply
 from zmx.node.runtime import load_topology
 
 FREE = "tcp://127.0.0.1:9"  # nothing is asked of it: no request in these tests is ever sent
@@ -60,6 +61,72 @@ def test_a_request_needs_a_timeout_above_zero(client: Client, timeout: float) ->
     with pytest.raises(ValueError, match="timeout must be above 0 seconds"):
         client.submit("o1", "alice", "BTC-USDT", "buy", "30000", "0.5", timeout=timeout)
     assert client.recv(0) is None  # a poll of what is already here is still fine
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 65, "ordré", "a\tb", 5, None, b"o1"])
+@pytest.mark.parametrize("field", ["order_id", "account"])
+def test_an_id_that_is_not_one_is_refused_before_anything_is_sent(client: Client, field: str, bad: object) -> None:
+    """A review's 2 MB order_id made the router cut the client's connection, and the replies of
+    the orders pipelined on it were lost; a bad id of another kind took a round trip for a
+    bad_request."""
+    ids = {"order_id": "o1", "account": "alice", field: bad}
+    with pytest.raises(InvalidOrder, match=f"{field} must be 1 to 64 printable ASCII characters"):
+        client.submit(ids["order_id"], ids["account"], "BTC-USDT", "buy", "30000", "0.5")  # type: ignore[arg-type]
+    with pytest.raises(InvalidOrder, match=f"{field} must be 1 to 64"):
+        client.cancel(ids["order_id"], ids["account"], "BTC-USDT")  # type: ignore[arg-type]
+    with pytest.raises(InvalidOrder, match=f"{field} must be 1 to 64"):
+        client.amend(ids["order_id"], ids["account"], "BTC-USDT", price="30000")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("symbol", ["DOGE-USDT", "BTC-USDTÉ", None, 7])
+def test_a_cancel_or_amend_of_a_symbol_the_client_does_not_know_is_an_invalid_order(client: Client,
+                                                                                     symbol: object) -> None:
+    """As a submit's: it raised UnicodeEncodeError, AttributeError, or went out for a refusal."""
+    with pytest.raises(InvalidOrder, match="unknown symbol"):
+        client.cancel("o1", "alice", symbol)  # type: ignore[arg-type]
+    with pytest.raises(InvalidOrder, match="unknown symbol"):
+        client.amend("o1", "alice", symbol, quantity="1")  # type: ignore[arg-type]
+
+
+def test_a_spec_of_another_symbol_is_refused(client: Client) -> None:
+    """A review's ETH-USDT order with BTC-USDT's spec became ten times the quantity asked."""
+    btc = client.symbols["BTC-USDT"]
+    with pytest.raises(InvalidOrder, match="spec is the one of 'BTC-USDT', not of 'ETH-USDT'"):
+        client.submit_command("o1", "alice", "ETH-USDT", "buy", "1", "0.00001", spec=btc)
+
+
+def test_a_command_over_what_a_router_takes_is_refused_before_it_is_sent(client: Client) -> None:
+    huge = SubmitOrder("o" * (codec.MAX_MESSAGE_BYTES + 1), "alice", "BTC-USDT", Side.BUY, OrderType.LIMIT,
+                       TimeInForce.GTC, 100, 1)
+    with pytest.raises(InvalidOrder, match="bytes is over the 1,048,576 a router takes"):
+        client.send(huge)
+    with pytest.raises(InvalidOrder, match="a symbol is ASCII text"):
+        client.send(CancelOrder("o1", "alice", "BTC-USDTÉ"))
+
+
+def test_a_timeout_of_any_length_is_one_wait() -> None:
+    """``timeout=float("inf")`` raised OverflowError after the order had gone out."""
+    assert [_poll_ms(s) for s in (float("inf"), 3e6, 1.5, 0.0004)] == [2**31 - 1, 2**31 - 1, 1500, 1]
+
+
+def test_a_client_used_in_a_forked_child_says_so(client: Client) -> None:
+    """The child's copy of the socket never answers: it spun at 100% CPU past every timeout."""
+    pid = os.fork()
+    if pid == 0:  # the child: only the check, then out, whatever happens
+        status = 1
+        try:
+            client.send(CancelOrder("o1", "alice", "BTC-USDT"), timeout=0.1)
+        except ZmxError as e:
+            status = 0 if "a process forked from it makes a client of its own" in str(e) else 2
+        finally:
+            os._exit(status)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert client.recv(0) is None  # still the parent's
+
+
+def test_a_single_endpoint_given_as_a_string_is_refused_with_the_cure() -> None:
+    with pytest.raises(ZmxError, match=r"Client\(\['tcp://127.0.0.1:9'\]\)"):
+        Client(FREE)  # type: ignore[arg-type]
 
 
 def test_a_closed_client_says_so(client: Client) -> None:

@@ -16,10 +16,17 @@ time, ``ClientClosed`` after ``close``; a front endpoint that is not one gives a
 when the client is made. Replies say what the cluster refused (``Reply.status``, and the
 events' reasons).
 
+``submit``, ``cancel`` and ``amend`` check their arguments before anything is sent: an
+``order_id`` or ``account`` that is not 1-64 printable ASCII characters, a symbol the client's
+topology does not have, or a ``spec`` of another symbol raise ``InvalidOrder``. ``send`` refuses
+a command of more than ``codec.MAX_MESSAGE_BYTES``, which a router would answer by cutting the
+client's connection and every request on it (``InvalidOrder``).
+
 ``send`` / ``recv`` pipeline (many requests in flight, replies in any order, matched by
 ``request_id``); ``request`` sends one command and waits for its reply, keeping the other
-replies that arrive meanwhile for later ``recv`` calls. A client is one ZeroMQ socket: use it
-from one thread.
+replies that arrive meanwhile for later ``recv`` calls. A timeout may be ``float("inf")``
+(wait as long as it takes). A client is one ZeroMQ socket: use it from one thread, and in the
+process that made it (a forked child makes its own: one used after a fork raises ``ZmxError``).
 
 Losing a router
 ---------------
@@ -69,6 +76,7 @@ VERSION_BYTE = bytes((codec.VERSION,))
 BAD_REPLY = "bad_reply"
 E = TypeVar("E", bound=Enum)
 HWM = 100_000  # queue bound per direction; the routers' replies must never be dropped for lack of room
+_POLL_MAX_MS = 2**31 - 1  # the longest wait one poll takes (a longer timeout waits in several)
 REPLY_MESSAGE_MAX = 1000  # bytes of a refusal's text that a Reply keeps
 
 
@@ -152,6 +160,12 @@ def parse_reply(frames: Sequence[bytes]) -> Reply | None:
     return Reply(request_id, status_text, (), bytes(payload[:REPLY_MESSAGE_MAX]).decode("utf-8", errors="replace"))
 
 
+def _poll_ms(seconds: float) -> int:
+    """A wait of ``seconds`` (> 0, maybe infinite) as one poll's milliseconds: at least 1, at
+    most what a poll takes (``int(inf)`` raised, after the request had gone out)."""
+    return 1 if seconds < 0.001 else _POLL_MAX_MS if seconds * 1000 >= _POLL_MAX_MS else int(seconds * 1000)
+
+
 def _choice(kind: type[E], value: object, what: str) -> E:
     try:
         return kind(value)
@@ -164,6 +178,9 @@ class Client:
 
     def __init__(self, front_endpoints: Sequence[str], *, context: zmq.Context[zmq.Socket[bytes]] | None = None,
                  symbols: dict[str, SymbolSpec] | None = None) -> None:
+        if isinstance(front_endpoints, str):
+            raise ZmxError(f"front_endpoints is a list of router front endpoints: Client([{front_endpoints!r}]), "
+                           f"not Client({front_endpoints!r})")
         if not front_endpoints:
             raise ValueError("a client needs at least one router front endpoint")
         self._context = context or zmq.Context.instance()
@@ -177,7 +194,8 @@ class Client:
         watch_peer(sock)
         # A name of its own, which every request names as its reply_to (docs/wire.md): a router
         # that hung past the pings answers what it held over the connection made again.
-        self.name = f"client.{os.getpid()}.{secrets.token_hex(6)}".encode()
+        self._pid = os.getpid()  # a forked child must not use this socket (see _check_process)
+        self.name = f"client.{self._pid}.{secrets.token_hex(6)}".encode()
         sock.setsockopt(zmq.ROUTING_ID, self.name)
         for endpoint in front_endpoints:
             if not isinstance(endpoint, str):
@@ -223,13 +241,21 @@ class Client:
         Returns as soon as ZeroMQ has taken the message. It waits (up to ``timeout`` s, then
         ``NoRouter``) only while no router is connected -- just after the client is made, or
         when every router is down -- or while every queue is full."""
+        symbol = command.symbol
+        if not isinstance(symbol, str) or not symbol.isascii():
+            raise InvalidOrder(f"a symbol is ASCII text like 'BTC-USDT', got {symbol!r:.80}")
+        body = codec.encode(command)
+        if len(body) > codec.MAX_MESSAGE_BYTES:
+            raise InvalidOrder(f"a {type(command).__name__} of {len(body):,} bytes is over the "
+                               f"{codec.MAX_MESSAGE_BYTES:,} a router takes (which would cut this client's "
+                               "connection, and every request on it)")
         request_id = next(self._ids)
-        frames = (encode_header(request_id, command.symbol), codec.encode(command), self.name)
-        self.send_frames(frames, timeout=timeout)
+        self.send_frames((encode_header(request_id, symbol), body, self.name), timeout=timeout)
         return request_id
 
     def send_frames(self, frames: Sequence[bytes], *, timeout: float = 5.0) -> None:
         """Send raw frames (any, even malformed ones: for tests) with ``send``'s waiting rule."""
+        self._check_process()
         try:
             self.socket.send_multipart(frames, zmq.NOBLOCK)
             return
@@ -241,7 +267,9 @@ class Client:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.socket.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+            if left <= 0 or not self.socket.poll(_poll_ms(left), zmq.POLLOUT):
+                if left > 0 and deadline - time.monotonic() > 0:
+                    continue  # a wait longer than one poll
                 raise NoRouter(f"no router took the request within {timeout} s "
                                f"(routers: {', '.join(self.endpoints)})")
             try:
@@ -255,6 +283,7 @@ class Client:
         there is none by then. Replies kept by ``request`` come first."""
         if self._kept:
             return self._kept.popleft()
+        self._check_process()
         return self._recv(time.monotonic() + timeout)
 
     def request(self, command: Command, timeout: float = 5.0) -> Reply:
@@ -293,8 +322,15 @@ class Client:
                     return reply
                 continue
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            if left <= 0:
                 return None
+            if not sock.poll(_poll_ms(left), zmq.POLLIN) and deadline - time.monotonic() <= 0:
+                return None
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise ZmxError(f"this client was made in process {self._pid}; a process forked from it makes a "
+                           "client of its own (the socket is the parent's: used here, it never answers)")
 
     def _check_open(self) -> None:
         if self.socket.closed:
@@ -308,8 +344,21 @@ class Client:
 
     # -- orders -------------------------------------------------------------------------
 
+    def _check_order(self, order_id: object, account: object, symbol: object) -> None:
+        """``InvalidOrder`` unless the ids are ids and the symbol one this client may know."""
+        for name, value in (("order_id", order_id), ("account", account)):
+            if not codec.is_valid_id(value):
+                raise InvalidOrder(f"{name} must be 1 to {codec.MAX_ID_LENGTH} printable ASCII characters, got "
+                                   f"{value!r:.80}")
+        if not isinstance(symbol, str) or not symbol.isascii() or (self.symbols and symbol not in self.symbols):
+            known = f": the topology of this client has {', '.join(self.symbols)}" if self.symbols else ""
+            raise InvalidOrder(f"unknown symbol {symbol!r:.80}{known}")
+
     def _spec(self, symbol: str, spec: SymbolSpec | None) -> SymbolSpec:
         if spec is not None:
+            if spec.symbol != symbol:
+                raise InvalidOrder(f"spec is the one of {spec.symbol!r}, not of {symbol!r}: its grid is not "
+                                   f"{symbol!r}'s")
             return spec
         try:
             return self.symbols[symbol]
@@ -324,6 +373,7 @@ class Client:
                        quantity: str, *, type: str = "limit", time_in_force: str = "gtc",
                        spec: SymbolSpec | None = None) -> SubmitOrder:
         """A ``SubmitOrder`` from decimal strings (``InvalidNumber`` if off the symbol's grid)."""
+        self._check_order(order_id, account, symbol)
         grid = self._spec(symbol, spec)
         ticks = None if price is None else grid.to_ticks(price)
         return SubmitOrder(order_id, account, symbol, _choice(Side, side, "side"), _choice(OrderType, type, "type"),
@@ -340,6 +390,7 @@ class Client:
 
     def cancel(self, order_id: str, account: str, symbol: str, *, timeout: float = 5.0) -> Reply:
         """Cancel a resting order and wait for the reply."""
+        self._check_order(order_id, account, symbol)
         return self.request(CancelOrder(order_id, account, symbol), timeout)
 
     def amend(self, order_id: str, account: str, symbol: str, *, price: str | None = None,
@@ -349,6 +400,7 @@ class Client:
         the reply."""
         if price is None and quantity is None:
             raise ZmxError("an amend changes the price, the quantity or both: give at least one")
+        self._check_order(order_id, account, symbol)
         grid = self._spec(symbol, spec)
         command = AmendOrder(order_id, account, symbol, None if price is None else grid.to_ticks(price),
                              None if quantity is None else grid.to_lots(quantity))
