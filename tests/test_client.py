@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -89,10 +90,13 @@ def test_a_cancel_or_amend_of_a_symbol_the_client_does_not_know_is_an_invalid_or
 
 
 def test_a_spec_of_another_symbol_is_refused(client: Client) -> None:
-    """A review's ETH-USDT order with BTC-USDT's spec became ten times the quantity asked."""
+    """A review's ETH-USDT order with BTC-USDT's spec became ten times the quantity asked. A
+    spec of its own still lets an order name a symbol the client's topology does not have."""
     btc = client.symbols["BTC-USDT"]
     with pytest.raises(InvalidOrder, match="spec is the one of 'BTC-USDT', not of 'ETH-USDT'"):
         client.submit_command("o1", "alice", "ETH-USDT", "buy", "1", "0.00001", spec=btc)
+    zzz = SymbolSpec("ZZZ-USDT", tick_size="0.01", lot_size="0.001")
+    assert client.submit_command("o1", "alice", "ZZZ-USDT", "buy", "1", "0.5", spec=zzz).quantity == 500
 
 
 def test_a_command_over_what_a_router_takes_is_refused_before_it_is_sent(client: Client) -> None:
@@ -112,9 +116,10 @@ def test_a_timeout_of_any_length_is_one_wait() -> None:
 def test_a_client_used_in_a_forked_child_says_so(client: Client) -> None:
     """The child's copy of the socket never answers: it spun at 100% CPU past every timeout."""
     pid = os.fork()
-    if pid == 0:  # the child: only the check, then out, whatever happens
+    if pid == 0:  # the child: only the check, then out, whatever happens (SIGALRM: a client that spins)
         status = 1
         try:
+            signal.alarm(5)
             client.send(CancelOrder("o1", "alice", "BTC-USDT"), timeout=0.1)
         except ZmxError as e:
             status = 0 if "a process forked from it makes a client of its own" in str(e) else 2

@@ -1601,13 +1601,15 @@ def gateway_with_two_resting_orders(tmp_path: Path) -> Iterator[tuple[Gateway, C
         yield gateway, conn, alice, engine
 
 
-@pytest.mark.parametrize("left_s_before, counted", [(0.0, "rejoin_jumps"), (REJOIN_S + 1, "gaps")])
-def test_the_feed_jump_of_a_channel_subscribed_again_at_once_is_no_loss(tmp_path: Path, left_s_before: float,
+@pytest.mark.parametrize("case, counted", [("at-once", "rejoin_jumps"), ("late", "gaps"), ("answered", "gaps")])
+def test_the_feed_jump_of_a_channel_subscribed_again_at_once_is_no_loss(tmp_path: Path, case: str,
                                                                          counted: str) -> None:
     """The channel's only subscriber leaves and comes back: what was published while the topic
-    was not subscribed never came, so the feed jumps. Just after, that is no loss (counted
-    ``rejoin_jumps``; a review saw 31 "lost" publications warned of, and every account's fills
-    asked again); a resubscription REJOIN_S after still counts a gap. (No node runs.)"""
+    was not subscribed never came, so the feed jumps. Just after, before the subscription's
+    answer, that is no loss (counted ``rejoin_jumps``, no fills asked; a review saw 31 "lost"
+    publications warned of, and every account's fills asked again). A jump REJOIN_S after, or
+    after the matcher's heartbeat answered the subscription, is a loss as ever: a gap, and
+    alice's fills asked. (No node runs.)"""
     with gateway_with_two_resting_orders(tmp_path) as (gateway, conn, _alice, engine):
 
         def publication(ts: int) -> bytes:
@@ -1620,13 +1622,21 @@ def test_the_feed_jump_of_a_channel_subscribed_again_at_once_is_no_loss(tmp_path
         feed_gateway(gateway, ["BTC-USDT"], frames[:2], until=lambda: gateway.channels["BTC-USDT"].feed_seq == 4,
                      endpoint="inproc://feed-1")
         gateway.unsubscribe(conn, "BTC-USDT")
-        gateway._left["BTC-USDT"] -= left_s_before
+        if case == "late":
+            gateway._left["BTC-USDT"] -= REJOIN_S + 1
         gateway.subscribe(conn, "BTC-USDT")
-        feed_gateway(gateway, ["BTC-USDT"], frames[2:3], endpoint="inproc://feed-2")  # seq 5: it had read 4
-        feed_gateway(gateway, ["BTC-USDT"], frames[4:], endpoint="inproc://feed-3")  # seq 7: 6 never came
-        assert gateway.channels["BTC-USDT"].feed_seq == 7
+        if case == "answered":  # nothing was published meanwhile: the answer is at 4, and 5 is lost on the way
+            answer = codec.encode_publication("BTC-USDT", [FeedHeartbeat("BTC-USDT", 4, 20)])
+            feed_gateway(gateway, ["BTC-USDT"], [answer], endpoint="inproc://feed-2")
+            feed_gateway(gateway, ["BTC-USDT"], frames[3:4], endpoint="inproc://feed-3")  # seq 6
+            assert gateway.channels["BTC-USDT"].feed_seq == 6
+        else:
+            feed_gateway(gateway, ["BTC-USDT"], frames[2:3], endpoint="inproc://feed-2")  # seq 5: it had read 4
+            feed_gateway(gateway, ["BTC-USDT"], frames[4:], endpoint="inproc://feed-3")  # seq 7: 6 never came
+            assert gateway.channels["BTC-USDT"].feed_seq == 7
         assert {key: gateway.counts[key] for key in ("gaps", "rejoin_jumps")} == {
             "gaps": 0, "rejoin_jumps": 0, counted: 1}
+        assert (("m1", "g1.alice") in gateway.fills_requests) == (counted == "gaps")
         gateway.unsubscribe(conn, "BTC-USDT")
 
 

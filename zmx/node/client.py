@@ -18,9 +18,10 @@ events' reasons).
 
 ``submit``, ``cancel`` and ``amend`` check their arguments before anything is sent: an
 ``order_id`` or ``account`` that is not 1-64 printable ASCII characters, a symbol the client's
-topology does not have, or a ``spec`` of another symbol raise ``InvalidOrder``. ``send`` refuses
-a command of more than ``codec.MAX_MESSAGE_BYTES``, which a router would answer by cutting the
-client's connection and every request on it (``InvalidOrder``).
+topology does not have (unless a ``spec`` of it is given), or a ``spec`` of another symbol
+raise ``InvalidOrder``. ``send`` refuses a symbol that is not ASCII, and a command of more than
+``codec.MAX_MESSAGE_BYTES``, which a router would answer by cutting the client's connection and
+every request on it (``InvalidOrder``).
 
 ``send`` / ``recv`` pipeline (many requests in flight, replies in any order, matched by
 ``request_id``); ``request`` sends one command and waits for its reply, keeping the other
@@ -281,9 +282,9 @@ class Client:
     def recv(self, timeout: float) -> Reply | None:
         """The next reply, waiting up to ``timeout`` s (0: only one already here); None if
         there is none by then. Replies kept by ``request`` come first."""
+        self._check_process()
         if self._kept:
             return self._kept.popleft()
-        self._check_process()
         return self._recv(time.monotonic() + timeout)
 
     def request(self, command: Command, timeout: float = 5.0) -> Reply:
@@ -344,13 +345,16 @@ class Client:
 
     # -- orders -------------------------------------------------------------------------
 
-    def _check_order(self, order_id: object, account: object, symbol: object) -> None:
-        """``InvalidOrder`` unless the ids are ids and the symbol one this client may know."""
+    def _check_order(self, order_id: object, account: object, symbol: object, spec: SymbolSpec | None = None
+                     ) -> None:
+        """``InvalidOrder`` unless the ids are ids and the symbol one this client may know (its
+        topology's, or the one of the ``spec`` given)."""
         for name, value in (("order_id", order_id), ("account", account)):
             if not codec.is_valid_id(value):
                 raise InvalidOrder(f"{name} must be 1 to {codec.MAX_ID_LENGTH} printable ASCII characters, got "
                                    f"{value!r:.80}")
-        if not isinstance(symbol, str) or not symbol.isascii() or (self.symbols and symbol not in self.symbols):
+        known = self.symbols and (spec is None or spec.symbol != symbol)
+        if not isinstance(symbol, str) or not symbol.isascii() or (known and symbol not in self.symbols):
             known = f": the topology of this client has {', '.join(self.symbols)}" if self.symbols else ""
             raise InvalidOrder(f"unknown symbol {symbol!r:.80}{known}")
 
@@ -373,7 +377,7 @@ class Client:
                        quantity: str, *, type: str = "limit", time_in_force: str = "gtc",
                        spec: SymbolSpec | None = None) -> SubmitOrder:
         """A ``SubmitOrder`` from decimal strings (``InvalidNumber`` if off the symbol's grid)."""
-        self._check_order(order_id, account, symbol)
+        self._check_order(order_id, account, symbol, spec)
         grid = self._spec(symbol, spec)
         ticks = None if price is None else grid.to_ticks(price)
         return SubmitOrder(order_id, account, symbol, _choice(Side, side, "side"), _choice(OrderType, type, "type"),
@@ -400,7 +404,7 @@ class Client:
         the reply."""
         if price is None and quantity is None:
             raise ZmxError("an amend changes the price, the quantity or both: give at least one")
-        self._check_order(order_id, account, symbol)
+        self._check_order(order_id, account, symbol, spec)
         grid = self._spec(symbol, spec)
         command = AmendOrder(order_id, account, symbol, None if price is None else grid.to_ticks(price),
                              None if quantity is None else grid.to_lots(quantity))

@@ -629,11 +629,13 @@ class ChannelState:
         self.feed_seq = -1
         self.snapshot_seq = 0
         self.snapshot_taken_ns = 0
-        # Subscribed again within REJOIN_S of the unsubscription (0: not): until then, the first
-        # jump of feed_seq is not a loss. Publications queued here before the unsubscription are
-        # still read (the topic matches again), and those published while it was unsubscribed
-        # never came: a jump, with nothing lost on the way (a review counted 31 "lost"
-        # publications, and fills asked again, for a client that resubscribed 100 times).
+        # Subscribed again within REJOIN_S of the unsubscription (0: not): a jump of feed_seq
+        # before the subscription's answer (the matcher's heartbeat, or the jump itself) is not
+        # a loss. Publications queued here before the unsubscription are still read (the topic
+        # matches again), and those published while it was unsubscribed never came: a jump,
+        # with nothing lost on the way (a review counted 31 "lost" publications, and fills asked
+        # again, for a client that resubscribed 100 times). A jump after the answer is a loss,
+        # as ever: the first heartbeat or jump ends the exemption, and so does a resync.
         self.rejoined_until = 0.0
         # this stats window (StatsWindow): publications taken, messages written to connections,
         # and the oldest a publication was when it was taken
@@ -1174,6 +1176,7 @@ class Gateway:
         state.snapshot_asked = 0.0
         state.subscribed_at = time.monotonic()  # the subscription is sent again on reconnection
         state.feed_seq, state.snapshot_seq = -1, 0  # a restarted publisher may go on from any seq
+        state.rejoined_until = 0.0
 
     # -- market data --------------------------------------------------------------------------------------
 
@@ -1214,12 +1217,14 @@ class Gateway:
                 if seq <= state.feed_seq or seq <= state.snapshot_seq and last.ts_ns > state.snapshot_taken_ns:
                     self._went_back(state, last.seq)  # see ChannelState.feed_seq
                 else:
-                    if seq > state.feed_seq + 1 and state.feed_seq >= 0:
+                    jump = seq > state.feed_seq + 1 and state.feed_seq >= 0
+                    if jump:
                         if state.rejoined_until and now < state.rejoined_until:
-                            state.rejoined_until = 0.0  # the time it was not subscribed (REJOIN_S)
-                            self.counts["rejoin_jumps"] += 1
+                            self.counts["rejoin_jumps"] += 1  # the time it was not subscribed (REJOIN_S)
                         else:
                             self._feed_gap(state, seq)
+                    if jump or beat:
+                        state.rejoined_until = 0.0  # the subscription's answer, or its jump, came
                     if beat:
                         self._heartbeat_ahead(state, last.seq)
                 state.feed_seq = last.seq
