@@ -816,10 +816,10 @@ class Matcher:
         subscription gets the heartbeat of each symbol it covers (the empty one, of every
         symbol: ``zmx probe`` without ``--symbol``): up to ``WELCOMED_PREFIXES`` distinct
         prefixes a call, so that a peer sending them in a loop costs a scan of the symbols for
-        each of 16, not of 512. Unsubscribe messages, other topics
-        (accounts) and anything else a peer sends are read and dropped;
-        at most one heartbeat per symbol goes out per call, so a peer that sends subscriptions
-        in a loop costs the matcher a read each, and its subscribers little.
+        each of 16, not of 512. Unsubscribe messages, other topics (accounts) and anything else
+        a peer sends are read and dropped; at most one heartbeat per symbol goes out per call,
+        so a peer that sends subscriptions in a loop costs the matcher a read each, and its
+        subscribers little.
         """
         pub = self.pub
         assert pub is not None

@@ -104,7 +104,7 @@ def store(directory: str | Path, gen: int, generations: Iterable[tuple[str, Iter
     path = Path(directory) / FILE_NAME
     keeper = _connect_reader(path)
     try:
-        keeper.execute("SELECT 1 FROM used_ids LIMIT 1").fetchone()
+        keeper.execute("SELECT 1 FROM used_ids LIMIT 1").fetchall()  # read to the end: no read left open
         return _store(_connect(path), gen, generations)
     finally:
         keeper.close()
