@@ -256,6 +256,23 @@ def start_matcher(cluster: Cluster, tmp_path: Path, zctx: zmq.Context, symbols: 
     return node, router
 
 
+def refused_start(cluster: Cluster) -> str:
+    """Start m1, which must refuse to start (exit status 1); what it logged."""
+    node = cluster.start("m1", wait=False)
+    assert node.proc.wait(TIMEOUT_MS / 1000) == 1
+    return node.log()
+
+
+def refused_with_a_new_tick(cluster: Cluster, text: str, symbol: str) -> str:
+    """The topology ``text`` with ``symbol``'s tick 0.01 made 0.1: m1 refuses to start; what it logged."""
+    assert cluster.topology is not None
+    entry = f'{symbol}: {{matcher: m1, tick_size: '
+    changed = text.replace(entry + '"0.01"', entry + '"0.1"', 1)
+    assert changed != text
+    cluster.topology.write_text(changed)
+    return refused_start(cluster)
+
+
 def snapshot_socket(zctx: zmq.Context, node: NodeProcess, kind: int = zmq.DEALER) -> zmq.Socket:
     sock = zctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -945,15 +962,13 @@ def test_a_matcher_whose_archive_of_used_ids_is_lost_does_not_start(
     assert len(_archived(archive)) >= 10  # a snapshot's child stored a generation (more under a light load)
 
     archive.unlink()
-    refused = cluster.start("m1", wait=False)
-    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
+    refused = refused_start(cluster)
     assert re.search(r"the archive of used order ids '.*used-ids.sqlite3' is missing, and snapshot \d+ says it "
-                     r"held \d+ id\(s\)", refused.log())
+                     r"held \d+ id\(s\)", refused)
     assert not archive.exists()
     archive.write_bytes(b"")  # emptied
-    refused = cluster.start("m1", wait=False)
-    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
-    assert "holds 0 id(s) of snapshot" in refused.log()
+    refused = refused_start(cluster)
+    assert "holds 0 id(s) of snapshot" in refused
 
     archive.write_bytes(kept)  # restored from a backup
     restarted = cluster.start("m1")
@@ -1044,11 +1059,8 @@ def test_a_matcher_that_cannot_recover_says_why_and_exits_1(cluster: Cluster, tm
     original = cluster.topology.read_text()
 
     # a new tick size would change what every journaled price means
-    cluster.topology.write_text(original.replace('BTC-USDT: {matcher: m1, tick_size: "0.01"',
-                                                 'BTC-USDT: {matcher: m1, tick_size: "0.1"', 1))
-    refused = cluster.start("m1", wait=False)
-    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
-    assert "changes the symbol's spec (tick_size 0.01 -> 0.1)" in refused.log()
+    refused = refused_with_a_new_tick(cluster, original, "BTC-USDT")
+    assert "changes the symbol's spec (tick_size 0.01 -> 0.1)" in refused
 
     # a damaged record in the middle of the journal
     cluster.topology.write_text(original)
@@ -1056,9 +1068,8 @@ def test_a_matcher_that_cannot_recover_says_why_and_exits_1(cluster: Cluster, tm
     data = bytearray(segment.read_bytes())
     data[len(data) // 2] ^= 0xFF
     segment.write_bytes(bytes(data))
-    refused = cluster.start("m1", wait=False)
-    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
-    assert f"journal segment {str(Path('var/m1') / segment.name)!r} is damaged at offset" in refused.log()
+    refused = refused_start(cluster)
+    assert f"journal segment {str(Path('var/m1') / segment.name)!r} is damaged at offset" in refused
 
     # repaired: the same books as before
     data[len(data) // 2] ^= 0xFF
@@ -1085,11 +1096,10 @@ def test_a_matcher_refuses_to_leave_behind_the_orders_of_a_symbol_moved_off_it(
     moved = original.replace("SOL-USDT: {matcher: m1", "SOL-USDT: {matcher: m2", 1)
     assert moved != original
     cluster.topology.write_text(moved)
-    refused = cluster.start("m1", wait=False)
-    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
+    refused = refused_start(cluster)
     assert ("holds books of symbols the topology no longer gives m1 (SOL-USDT: 1 resting order(s)): they would be "
-            "lost") in refused.log()
-    assert "start m1 once with ZMX_DROP_BOOKS=SOL-USDT to drop them" in refused.log()
+            "lost") in refused
+    assert "start m1 once with ZMX_DROP_BOOKS=SOL-USDT to drop them" in refused
 
     cluster.topology.write_text(original)
     back = cluster.start("m1")
@@ -1126,11 +1136,8 @@ def test_a_symbol_new_to_a_matcher_has_its_spec_recorded_before_its_first_order(
     assert type(router.order(1, limit("s1", "alice", "SOL-USDT", SELL, 200_000, 5))[0]) is OrderAccepted
     assert added.stop() == 0
     with_sol = cluster.topology.read_text()
-    cluster.topology.write_text(with_sol.replace('SOL-USDT: {matcher: m1, tick_size: "0.01"',
-                                                 'SOL-USDT: {matcher: m1, tick_size: "0.1"', 1))
-    refused = cluster.start("m1", wait=False)
-    assert refused.proc.wait(TIMEOUT_MS / 1000) == 1
-    assert "SOL-USDT: the topology changes the symbol's spec (tick_size 0.01 -> 0.1)" in refused.log()
+    refused = refused_with_a_new_tick(cluster, with_sol, "SOL-USDT")
+    assert "SOL-USDT: the topology changes the symbol's spec (tick_size 0.01 -> 0.1)" in refused
     cluster.topology.write_text(with_sol)
     back = cluster.start("m1")
     assert book_of(snapshot_socket(zctx, back), "SOL-USDT") == (1, [], [(200_000, 5)])
