@@ -124,8 +124,8 @@ SNAPSHOT_RETRY_S = 2.0  # a snapshot request with no answer by then is sent agai
 SNAPSHOT_RETIRE_S = 30.0  # an old snapshot connection is still read this long: a slow answer still counts
 SNAPSHOT_RETIRED_MAX = 2  # old snapshot connections kept per matcher (a matcher that is down makes one every 2 s)
 SUBSCRIBE_WAIT_S = 1.5  # longest wait for a new topic's first message before its snapshot is asked
-# A channel subscribed again this soon after its last subscriber left: its feed's first jump is the
-# time the topic was not subscribed, not a loss (see ChannelState.rejoined_until)
+# A channel subscribed again this soon after its last subscriber left: a jump of its feed before the
+# subscription's answer is the time the topic was not subscribed, not a loss (ChannelState.rejoined_until)
 REJOIN_S = 2.0
 SUB_BATCH = 4096  # publications read per loop turn before the connections are written to
 CLOSE_GRACE_S = 2.0  # a closing connection that does not finish by then is cut
