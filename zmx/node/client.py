@@ -269,7 +269,7 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.socket.poll(_poll_ms(left), zmq.POLLOUT):
-                if left > 0 and deadline - time.monotonic() > 0:
+                if time.monotonic() < deadline:
                     continue  # a wait longer than one poll
                 raise NoRouter(f"no router took the request within {timeout} s "
                                f"(routers: {', '.join(self.endpoints)})")
@@ -353,10 +353,10 @@ class Client:
             if not codec.is_valid_id(value):
                 raise InvalidOrder(f"{name} must be 1 to {codec.MAX_ID_LENGTH} printable ASCII characters, got "
                                    f"{value!r:.80}")
-        known = self.symbols and (spec is None or spec.symbol != symbol)
-        if not isinstance(symbol, str) or not symbol.isascii() or (known and symbol not in self.symbols):
-            known = f": the topology of this client has {', '.join(self.symbols)}" if self.symbols else ""
-            raise InvalidOrder(f"unknown symbol {symbol!r:.80}{known}")
+        listed = self.symbols and (spec is None or spec.symbol != symbol)  # (a spec of its own names it)
+        if not codec.is_valid_id(symbol) or (listed and symbol not in self.symbols):
+            has = f": the topology of this client has {', '.join(self.symbols)}" if self.symbols else ""
+            raise InvalidOrder(f"unknown symbol {symbol!r:.80}{has}")
 
     def _spec(self, symbol: str, spec: SymbolSpec | None) -> SymbolSpec:
         if spec is not None:
