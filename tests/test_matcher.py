@@ -696,6 +696,8 @@ def test_a_gateway_asks_an_accounts_fills_of_resting_orders_and_gets_them_again_
     symbols = ["BTC-USDT", "SOL-USDT"]
     node, router = start_matcher(cluster, tmp_path, zctx, symbols, snapshot_every=snapshot_every)
     router.wait_for(b"HELLO")
+    data = tmp_path / "var" / "m1"
+    at_start = {f.name for f in data.glob("snapshot-*.snap")}  # a new symbol's, written before it is ready
     commands = _stream(400, seed=5)
     heads = [router.request(i, cmd.symbol, cmd) for i, cmd in enumerate(commands)]
     made: list[OrderFilled] = []  # every maker fill, from the replies (they hold every event of a command)
@@ -713,6 +715,13 @@ def test_a_gateway_asks_an_accounts_fills_of_resting_orders_and_gets_them_again_
     middle = btc[len(btc) // 2].trade_id
 
     sock = snapshot_socket(zctx, node)
+    if snapshot_every < len(commands):
+        # A snapshot's child writes it while the matcher serves, and a kill -9 kills the child
+        # too: wait until one written after these commands began has landed (an atomic rename).
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while not [f for f in data.glob("snapshot-*.snap") if f.name not in at_start]:
+            assert time.monotonic() < deadline, "no snapshot landed"
+            book_of(sock, "BTC-USDT")  # a round trip, not a sleep
     seqs: dict[str, int] = {}
     name, complete_since_ns, got = fills_of(sock, "a1", {"BTC-USDT": 0, "SOL-USDT": 0, "ETH-USDT": 0}, seqs)
     assert name == "m1" and complete_since_ns <= min(f.ts_ns for f in made)  # all it ever made
