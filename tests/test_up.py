@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import selectors
 import signal
 import socket
@@ -23,8 +24,11 @@ from pathlib import Path
 import pytest
 from nodes import wait_gone, write_topology
 
+from zmx import codec
 from zmx.cli import builtin_topology_path
+from zmx.commands import CancelOrder
 from zmx.node.gateway import _cannot_listen
+from zmx.node.journal import Journal
 from zmx.node.runtime import READY_PREFIX, cannot_bind, load_topology
 from zmx.node.supervisor import (
     BACKOFF_FIRST,
@@ -211,6 +215,47 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path: Path, up: Callabl
     assert "is up" not in sup.out
     assert not node_processes(tmp_path)
     assert not (tmp_path / "var").exists()  # no matcher ever ran
+
+
+def test_up_waits_for_a_matcher_replaying_a_long_journal_as_long_as_it_says_so(
+        tmp_path: Path, up: Callable[..., Up]) -> None:
+    """A matcher's start replays its journal, about 200,000 commands a second here: one of a
+    few million took longer than zmx up waited for READY, so the start failed, and under
+    --restart the node was killed at every try. It now says every second that it goes on, and
+    zmx up waits as long as it does: here 5 s of replay under a --ready-timeout of 2 s."""
+    path = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]})
+    data = tmp_path / "var" / "m1"
+    data.mkdir(parents=True)
+    n = 1_000_000
+    record = codec.encode(CancelOrder("none", "a1", "BTC-USDT"))  # refused again on replay: unknown order
+    with Journal(data) as journal:
+        assert journal.recover() == (None, [])
+        for start in range(0, n, 100_000):
+            journal.append_batch([(1_000_000 + i, record) for i in range(start, start + 100_000)])
+    sup = up(path.name, "--ready-timeout", "2")
+    sup.wait_for("is up")
+    took = re.search(rf"m1 +\| .* recovered from no snapshot \+ {n} journaled command\(s\) in (\d+) ms", sup.err)
+    assert took is not None, sup.err
+    assert int(took[1]) > 2000, "the replay took less than --ready-timeout: nothing shown"
+    assert "STARTING" not in sup.out + sup.err  # zmx up takes those lines, they are not shown
+    sup.proc.send_signal(signal.SIGINT)
+    assert sup.finish() == 0, sup.err
+
+
+def test_up_gives_up_on_a_node_that_is_neither_ready_nor_says_it_is_starting(
+        tmp_path: Path, up: Callable[..., Up]) -> None:
+    """A matcher that hangs in its start, silently (its epoch file is a FIFO that nothing
+    writes: opening it blocks), is reported after --ready-timeout, and nothing is left."""
+    path = write_topology(tmp_path)
+    data = tmp_path / "var" / "m1"
+    data.mkdir(parents=True)
+    os.mkfifo(data / "epoch")
+    sup = up(path.name, "--ready-timeout", "2")
+    assert sup.finish() == 1
+    assert re.search(r"Error: node m1 \(matcher, pid \d+\) was not ready, and did not say it was still starting, "
+                     r"for 2 s \(zmx up --ready-timeout gives nodes longer\)", sup.err), sup.err
+    assert "is up" not in sup.out
+    assert not node_processes(tmp_path)
 
 
 def test_zmx_node_on_a_gateway_port_in_use_fails_and_never_says_it_serves(tmp_path: Path) -> None:

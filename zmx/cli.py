@@ -29,7 +29,7 @@ from rich.table import Table
 
 import zmx
 from zmx.exceptions import TopologyError, ZmxError
-from zmx.node.runtime import load_topology, read_topology_text
+from zmx.node.runtime import READY_TIMEOUT, load_topology, read_topology_text
 from zmx.topology import (
     GatewayLimits,
     GatewayNode,
@@ -181,7 +181,11 @@ def _topology_or_builtin(topology: Path | None) -> Path:
 @click.option("--restart", is_flag=True, help="restart a node that dies (backoff 0.5 s doubling to 10 s) "
                                               "instead of stopping the cluster")
 @click.option("--dry-run", is_flag=True, help="print the layout and what would start; start nothing")
-def up(topology: Path | None, restart: bool, dry_run: bool) -> None:
+@click.option("--ready-timeout", type=click.FloatRange(min=2, max=3600), default=READY_TIMEOUT,
+              show_default=True, metavar="SECONDS",
+              help="how long a node may go without being ready or saying that its start goes on (a matcher "
+              "replaying its journal says so every second)")
+def up(topology: Path | None, restart: bool, dry_run: bool, ready_timeout: float) -> None:
     """Run every node of TOPOLOGY on this machine (default: the built-in topology/local.yaml).
 
     Each node is a child process, started matchers first, then routers, relays and gateways;
@@ -199,7 +203,7 @@ def up(topology: Path | None, restart: bool, dry_run: bool) -> None:
         loaded = parse_topology(text, str(topology))
     except TopologyError as e:
         raise TopologyFailure(str(e)) from None
-    supervisor = Supervisor(loaded, topology, topology_text=text, restart=restart)
+    supervisor = Supervisor(loaded, topology, topology_text=text, restart=restart, ready_timeout=ready_timeout)
     if dry_run:
         console = Console(highlight=False)
         console.print(f"cluster {loaded.cluster!r} from {topology}", soft_wrap=True)

@@ -103,9 +103,8 @@ class MatcherNode:
     - ``snapshot_every``: write a book snapshot every this many journaled commands, so a
       restart replays at most that many (default 100000, at most ``SNAPSHOT_EVERY_MAX``).
       A replay reads and runs about 100,000 commands a second here (decode and engine, each
-      about 240,000 a second); under ``zmx up`` a node that is not ready within 20 s counts
-      as failed (and is started again, from the beginning, under ``--restart``), so keep it
-      to a million or so there.
+      about 240,000 a second), so a longer one delays the matcher's start; it says every
+      second that it goes on (``zmx up`` waits as long as it does).
     - ``heartbeat_ms``: interval of its heartbeats to the routers (default 200, at most a minute).
     """
 

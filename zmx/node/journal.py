@@ -105,13 +105,16 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from zmx.codec import MAX_MESSAGE_BYTES, decode
 from zmx.commands import COMMAND_TYPES, Command
 from zmx.exceptions import DecodeError, ZmxError
+
+if TYPE_CHECKING:
+    from zmx.node.runtime import StartProgress
 
 __all__ = ["FSYNC_MODES", "Journal", "JournalError", "SNAPSHOT_VERSION", "STOPPED"]
 
@@ -388,8 +391,8 @@ class Journal:
             return f"its count of archived order ids is {archived!r}"
         return engines, archived
 
-    def _read_segment(self, path: Path, last: bool, clean_end: int | None = None
-                      ) -> tuple[list[tuple[int, Command]], int]:
+    def _read_segment(self, path: Path, last: bool, clean_end: int | None = None,
+                      progress: StartProgress | None = None) -> tuple[list[tuple[int, Command]], int]:
         """The segment's records and where the last one ends. ``clean_end``: where a clean
         stop left its records (``STOPPED``); none of them may be missing, torn or zeros."""
         try:
@@ -432,6 +435,8 @@ class Journal:
                                    f"holds a {type(cmd).__name__}, not a command")
             records.append((ts_ns, cmd))  # type: ignore[arg-type]
             offset = next_offset
+            if progress is not None and len(records) & 0x3FFF == 0 and progress.due():
+                progress.say(f"reading journal segment {path.name}: {offset / 1e6:,.0f} of {end / 1e6:,.0f} MB")
         if clean_end is not None and offset < clean_end:
             raise _lost_after_clean_stop(
                 f"journal segment {str(path)!r} was cut short: it ends at offset {offset}, although the matcher "
@@ -450,10 +455,12 @@ class Journal:
         finally:
             os.close(fd)
 
-    def recover(self) -> tuple[dict[str, bytes] | None, list[tuple[int, Command]]]:
+    def recover(self, progress: StartProgress | None = None
+                ) -> tuple[dict[str, bytes] | None, list[tuple[int, Command]]]:
         """``(engines, replay)``: the newest valid snapshot's engine states (symbol ->
         ``MatchingEngine.snapshot()`` bytes; ``None`` without a snapshot) and every
-        ``(ts_ns, command)`` journaled after it, in order. Opens the journal for appending."""
+        ``(ts_ns, command)`` journaled after it, in order. Opens the journal for appending;
+        says how a long read goes on through ``progress``."""
         if self._fd >= 0:
             raise RuntimeError("recover() was already called")
         stopped = self._read_stopped()
@@ -474,7 +481,7 @@ class Journal:
             (engines, self.snapshot_archived), base = found, number
             break
         try:
-            replay, end = self._replay(stopped, segments, engines, base)
+            replay, end = self._replay(stopped, segments, engines, base, progress)
         except JournalError as e:
             if unusable:  # the cause: say so (the files are left as they were)
                 said = "; ".join(f"{path.name}: {problem}" for path, problem in unusable)
@@ -495,7 +502,7 @@ class Journal:
         return engines, replay
 
     def _replay(self, stopped: tuple[int, int] | None, segments: dict[int, Path], engines: dict[str, bytes] | None,
-                base: int) -> tuple[list[tuple[int, Command]], int]:
+                base: int, progress: StartProgress | None) -> tuple[list[tuple[int, Command]], int]:
         """The commands after snapshot ``base`` (``engines``; None: no snapshot) and where the
         last segment's records end; sets ``segment``. ``JournalError`` if they cannot all be read."""
         needed = [n for n in segments if n >= base]
@@ -519,7 +526,7 @@ class Journal:
         for number in needed:
             last = number == needed[-1]
             clean_end = stopped[1] if stopped is not None and last and stopped[0] == number else None
-            records, end = self._read_segment(segments[number], last, clean_end)
+            records, end = self._read_segment(segments[number], last, clean_end, progress)
             replay.extend(records)
         self.segment = needed[-1] if needed else base
         return replay, end

@@ -67,6 +67,7 @@ from zmx.node.journal import Journal, JournalError
 from zmx.node.recentfills import RecentFills
 from zmx.node.runtime import (
     POLL_MS,
+    StartProgress,
     Stopper,
     announce_ready,
     cannot_bind,
@@ -216,7 +217,8 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     """
     symbols = topology.symbols_of(name)
     started = time.perf_counter()
-    states, replay = journal.recover()
+    progress = StartProgress(name)  # a long journal takes a while: zmx up waits as long as it goes on
+    states, replay = journal.recover(progress)
     if states is None and not replay:  # say where it looked: a data_dir is relative to the working directory
         if epoch == 1:  # a first start here (or the matcher was started from another directory)
             log.info("new data_dir %s: empty books from seq 0", journal.directory.resolve())
@@ -276,7 +278,9 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     fills.complete_since_ns = 0 if states is None else max(changes, default=0) + 1 if all(changes) else time.time_ns()
     skipped: Counter[str] = Counter()
     failed = 0
-    for ts_ns, cmd in replay:
+    for i, (ts_ns, cmd) in enumerate(replay):
+        if i & 0x3FFF == 0 and progress.due():
+            progress.say(f"replaying the journal: {i:,} of {len(replay):,} commands")
         engine = engines.get(cmd.symbol)
         if engine is None:
             skipped[cmd.symbol] += 1

@@ -3,12 +3,15 @@
 A node process is started as ``zmx node NAME -t TOPOLOGY``. It binds its sockets, then
 prints exactly one line ``READY {"node": ..., "role": ..., ...}`` (JSON) on standard output,
 which is how ``zmx up`` and the tests know it is serving: the line is written by the node
-after its sockets are bound, never guessed with a sleep. It stops cleanly on SIGINT or
+after its sockets are bound, never guessed with a sleep. A start that takes long (a matcher
+replaying a long journal) says it is still going with ``STARTING {...}`` lines on standard
+output (``StartProgress``); ``zmx up`` waits for READY as long as they keep coming. It stops cleanly on SIGINT or
 SIGTERM: every loop polls its sockets with a short timeout and checks ``Stopper.stopped``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -20,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from os import PathLike
 from typing import Any
@@ -30,6 +34,10 @@ from zmx.exceptions import TopologyError
 from zmx.topology import Topology, parse_topology
 
 READY_PREFIX = "READY "
+STARTING_PREFIX = "STARTING "
+READY_TIMEOUT = 20.0  # seconds zmx up gives a node to print READY, from its start or its last STARTING line
+STARTING_EVERY_S = 1.0  # how often a long start says so on stdout (zmx up's --ready-timeout counts from the last)
+STARTING_LOG_EVERY_S = 10.0  # and in the log
 POLL_MS = 100  # how long a node loop may block before it looks at its Stopper again
 # Every connection a node or client makes (``watch_peer``) carries ZeroMQ's own pings: one that
 # gets no traffic back for PING_TIMEOUT_MS after a ping is dropped and made again, so a peer
@@ -188,15 +196,47 @@ def announce_ready(node: str, role: str, **details: Any) -> None:
     sys.stdout.flush()
 
 
-def parse_ready(line: str) -> dict[str, Any] | None:
-    """The details of a ``READY`` line, or None for any other line."""
-    if not line.startswith(READY_PREFIX):
+def parse_ready(line: str, prefix: str = READY_PREFIX) -> dict[str, Any] | None:
+    """The details of a ``READY`` line (or of a line with another ``prefix``: ``STARTING``),
+    or None for any other line."""
+    if not line.startswith(prefix):
         return None
     try:
-        details = json.loads(line[len(READY_PREFIX):])
+        details = json.loads(line[len(prefix):])
     except ValueError:
         return None
     return details if isinstance(details, dict) else None
+
+
+class StartProgress:
+    """How a node says that its start is long but going on: a ``STARTING`` line on stdout at
+    most every ``STARTING_EVERY_S``, and the same in the log every ``STARTING_LOG_EVERY_S``.
+
+    A loop calls ``due()`` every few thousand steps (one clock read) and ``say()`` when it is
+    due::
+
+        if i & 0x3FFF == 0 and progress.due():
+            progress.say(f"replaying the journal: {i:,} of {n:,} commands")
+    """
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        now = time.monotonic()
+        self._say_at = now + STARTING_EVERY_S
+        self._log_at = now + STARTING_LOG_EVERY_S
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._say_at
+
+    def say(self, what: str) -> None:
+        now = time.monotonic()
+        self._say_at = now + STARTING_EVERY_S
+        with contextlib.suppress(OSError, ValueError):  # nobody reads it (a closed stdout): the start goes on
+            sys.stdout.write(STARTING_PREFIX + json.dumps({"node": self.node, "what": what}) + "\n")
+            sys.stdout.flush()
+        if now >= self._log_at:
+            self._log_at = now + STARTING_LOG_EVERY_S
+            logging.getLogger("zmx.node").info("still starting: %s", what)
 
 
 def run_node(topology: Topology, name: str) -> int:

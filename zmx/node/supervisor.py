@@ -9,9 +9,12 @@ Lifetimes, in order:
    interpreter and the current directory (so relative ``data_dir``s land where the user runs
    ``zmx up``): matchers first, then routers, relays and gateways; the nodes of one role start
    together. A node is up when it prints its ``READY`` line (``zmx.node.runtime``), which it
-   does after its sockets are bound. A child that exits first, or is not ready within
-   ``ready_timeout``, fails the start: it is reported with its exit status and the tail of its
-   stderr, every other child is stopped, and ``zmx up`` exits 1 with nothing left running.
+   does after its sockets are bound. A node whose start is long (a matcher replaying a long
+   journal) says it is still going with a ``STARTING`` line every second, and each one gives
+   it ``ready_timeout`` more (``--ready-timeout``). A child that exits first, or is neither
+   ready nor heard from within ``ready_timeout``, fails the start: it is reported with its exit
+   status and the tail of its stderr, every other child is stopped, and ``zmx up`` exits 1 with
+   nothing left running.
 3. **Supervise** -- a child that dies is reported with its name and exit status. Without
    ``--restart`` the cluster is stopped and ``zmx up`` exits 1; with it the node is started
    again after a backoff (0.5 s, doubled at each death up to 10 s, back to 0.5 s once the node
@@ -54,11 +57,10 @@ from rich.console import Console
 from rich.table import Table
 
 import zmx
-from zmx.node.runtime import Stopper, die_with_parent, parse_ready
+from zmx.node.runtime import READY_TIMEOUT, STARTING_PREFIX, Stopper, die_with_parent, parse_ready
 from zmx.topology import GatewayNode, MatcherNode, Node, RelayNode, RouterNode, Topology
 
 START_ORDER = ("matcher", "router", "relay", "gateway")
-READY_TIMEOUT = 20.0  # seconds a node has to print READY
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
@@ -214,6 +216,7 @@ class Run:
     node: Node
     popen: subprocess.Popen[str]
     started: float  # time.monotonic()
+    heard: float = 0.0  # time.monotonic() of its start or its last STARTING line, while it is not ready
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
     ready: dict[str, Any] | None = None
     ready_at: float | None = None
@@ -341,7 +344,8 @@ class Supervisor:
                 popen.stdin.write(self.topology_text)  # type: ignore[arg-type]
             with contextlib.suppress(OSError):
                 popen.stdin.close()
-        run = Run(node=node, popen=popen, started=time.monotonic())
+        now = time.monotonic()
+        run = Run(node=node, popen=popen, started=now, heard=now)
         err = threading.Thread(target=self._read_stderr, args=(run,), name=f"{node.name}-stderr", daemon=True)
         out = threading.Thread(target=self._read_stdout, args=(run, err), name=f"{node.name}-stdout", daemon=True)
         run.readers = [err, out]
@@ -364,6 +368,8 @@ class Supervisor:
             details = parse_ready(line) if run.ready is None else None
             if details is not None:
                 self.events.put(("ready", run, details))
+            elif run.ready is None and parse_ready(line, STARTING_PREFIX) is not None:
+                self.events.put(("starting", run, None))  # (what it does goes to its log every 10 s)
             else:
                 self.output.raw(prefix + line + "\n", err=False)
         returncode = run.popen.wait()
@@ -373,17 +379,16 @@ class Supervisor:
     def _await_ready(self, group: list[Node]) -> bool:
         """Wait for every node of ``group`` to be READY; False (reported) if one fails or on a signal."""
         waiting = {node.name for node in group}
-        deadline = time.monotonic() + self.ready_timeout
         while waiting:
             if self.stopper.stopped:
                 self.output.print("interrupted while starting; stopping the nodes started so far", err=True)
                 return False
-            remaining = deadline - time.monotonic()
+            runs = [run for name in sorted(waiting) if (run := self.children[name].run) is not None]
+            remaining = min(run.heard for run in runs) + self.ready_timeout - time.monotonic()
             if remaining <= 0:
-                for name in sorted(waiting):
-                    run = self.children[name].run
-                    assert run is not None
-                    self._report_failure(run, f"was not ready after {self.ready_timeout:g} s")
+                for run in runs:
+                    if time.monotonic() - run.heard >= self.ready_timeout:
+                        self._report_failure(run, self._not_ready())
                 return False
             try:
                 kind, run, value = self.events.get(timeout=min(0.2, remaining))
@@ -391,7 +396,9 @@ class Supervisor:
                 continue
             if run is not self.children[run.node.name].run:
                 continue
-            if kind == "ready":
+            if kind == "starting":
+                run.heard = time.monotonic()
+            elif kind == "ready":
                 run.ready, run.ready_at = value, time.monotonic()
                 waiting.discard(run.node.name)
             else:
@@ -402,6 +409,10 @@ class Supervisor:
                 self._report_failure(run, f"{what}: {describe_status(value)}")
                 return False
         return True
+
+    def _not_ready(self) -> str:
+        return (f"was not ready, and did not say it was still starting, for {self.ready_timeout:g} s "
+                "(zmx up --ready-timeout gives nodes longer)")
 
     def _report_failure(self, run: Run, what: str) -> None:
         node = run.node
@@ -457,6 +468,9 @@ class Supervisor:
             child = self.children[run.node.name]
             if run is not child.run:
                 continue
+            if kind == "starting":
+                run.heard = time.monotonic()
+                continue
             if kind == "ready":
                 run.ready, run.ready_at = value, time.monotonic()
                 self.output.print(f"node {run.node.name} restarted (pid {run.pid}) and is ready")
@@ -497,9 +511,9 @@ class Supervisor:
         for child in self.children.values():
             run = child.run
             if (run is not None and run.ready is None and not run.stopping and not run.timed_out
-                    and now - run.started > self.ready_timeout and run.popen.poll() is None):
+                    and now - run.heard > self.ready_timeout and run.popen.poll() is None):
                 run.timed_out = True
-                self._report_failure(run, f"was not ready after {self.ready_timeout:g} s; killing it")
+                self._report_failure(run, f"{self._not_ready()}; killing it")
                 run.popen.kill()  # its exit arrives as an event and is handled as a death
 
     # -- stopping ------------------------------------------------------------------------
