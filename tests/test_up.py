@@ -22,6 +22,7 @@ from typing import IO
 from pathlib import Path
 
 import pytest
+import zmq
 from nodes import wait_gone, write_topology
 
 from zmx import codec
@@ -215,6 +216,36 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path: Path, up: Callabl
     assert "is up" not in sup.out
     assert not node_processes(tmp_path)
     assert not (tmp_path / "var").exists()  # no matcher ever ran
+
+
+def test_up_refuses_an_ipc_path_that_another_process_serves(tmp_path: Path, up: Callable[..., Up]) -> None:
+    """ZeroMQ removes an ipc path's file before it binds: a second cluster on the same paths
+    took them from the first without a word. zmx up refuses to start, zmx node to bind, and
+    the path stays its server's; a file that a dead process left behind is taken over."""
+    path = write_topology(tmp_path)
+    pub = load_topology(path).nodes["m2"].pub  # type: ignore[union-attr]
+    path.write_text(path.read_text().replace(f'pub: "{pub}"', 'pub: "ipc://m2.pub"'))  # relative to zmx up's cwd
+    with zmq.Context() as ctx, ctx.socket(zmq.PUB) as server:  # the other cluster's m2
+        server.bind(f"ipc://{tmp_path}/m2.pub")
+        inode = (tmp_path / "m2.pub").stat().st_ino
+        sup = up(path.name)
+        assert sup.finish() == 1
+        assert "Error: node 'm2' pub ipc://m2.pub: another process serves this ipc path" in sup.err, sup.err
+        assert "nothing was started" in sup.err
+        assert not node_processes(tmp_path) and not (tmp_path / "var").exists()
+        done = subprocess.run([sys.executable, "-m", "zmx.cli", "node", "m2", "-t", str(path)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode != 0 and READY_PREFIX not in done.stdout
+        assert ("cannot bind the pub socket to ipc://m2.pub: Address already in use (another process serves this "
+                "ipc path)") in done.stderr, done.stderr
+        assert (tmp_path / "m2.pub").stat().st_ino == inode  # still the server's
+    (tmp_path / "m2.pub").unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX) as dead:  # a file left behind: nothing accepts there
+        dead.bind(str(tmp_path / "m2.pub"))
+    sup = up(path.name)
+    sup.wait_for("is up")
+    sup.proc.send_signal(signal.SIGINT)
+    assert sup.finish() == 0, sup.err
 
 
 def test_up_waits_for_a_matcher_replaying_a_long_journal_as_long_as_it_says_so(

@@ -70,6 +70,7 @@ from zmx.node.runtime import (
     StartProgress,
     Stopper,
     announce_ready,
+    bind,
     cannot_bind,
     die_with_parent,
     keep_mmap_threshold,
@@ -510,7 +511,7 @@ class Matcher:
         for option, value in (options or {}).items():
             sock.setsockopt(option, value)
         try:
-            sock.bind(endpoint)
+            bind(sock, endpoint)
         except zmq.ZMQError as e:
             sock.close(0)
             raise _StartFailure(cannot_bind(f"the {what} socket", endpoint, e.errno, e.strerror)) from None

@@ -19,7 +19,7 @@ import time
 
 import zmq
 
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind, watch_peer
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready, bind, cannot_bind, watch_peer
 from zmx.topics import SUBSCRIPTION_MAX_BYTES
 from zmx.topology import RelayNode, Topology
 
@@ -65,7 +65,7 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         for endpoint in upstream:
             xsub.connect(endpoint)
         try:
-            xpub.bind(node.pub)
+            bind(xpub, node.pub)
         except zmq.ZMQError as e:
             log.error("%s", cannot_bind("the pub socket", node.pub, e.errno, e.strerror))
             raise SystemExit(1) from None

@@ -37,7 +37,7 @@ import msgpack
 import zmq
 
 from zmx.codec import MAX_ID_LENGTH, MAX_MESSAGE_BYTES, MAX_REPLY_BYTES, VERSION
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready, cannot_bind
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready, bind, cannot_bind
 from zmx.node.wire import BATCH_BYTES, REPS, REQS, REQUEST_HEAD, unpack_replies
 from zmx.node.wire import show as _show
 from zmx.topology import RouterNode, Topology
@@ -354,7 +354,7 @@ class _Router:
     def bind(self, what: str) -> None:
         sock, endpoint = (self.front, self.node.front) if what == "front" else (self.back, self.node.back)
         try:
-            sock.bind(endpoint)
+            bind(sock, endpoint)
         except zmq.ZMQError as e:
             log.error("%s", cannot_bind(f"the {what} socket", endpoint, e.errno, e.strerror))
             raise SystemExit(1) from None

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -94,6 +95,30 @@ def cannot_bind(what: str, address: str, error_number: int | None, reason: str |
         text += (" (the host is neither a name that resolves here nor an interface, such as eth0: check it, "
                  "or give an address)")
     return text
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """Whether ``endpoint`` is an ``ipc://`` path that a living process serves. ZeroMQ removes
+    the file before it binds, so a second node (of a second ``zmx up``, say) would take the path
+    from the first without a word and split the cluster's traffic between the two. (An
+    abstract ``ipc://@name`` in use is refused by the kernel; a file left by a process that
+    died accepts no connection and is taken over, as it should be.)"""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(endpoint[len("ipc://"):])
+        except OSError:
+            return False
+    return True
+
+
+def bind(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """``sock.bind(endpoint)``, refused with ``EADDRINUSE`` for an ipc path that another
+    process serves (``ipc_in_use``)."""
+    if ipc_in_use(endpoint):
+        raise zmq.ZMQError(errno.EADDRINUSE, "Address already in use (another process serves this ipc path)")
+    sock.bind(endpoint)
 
 
 def keep_mmap_threshold() -> bool:

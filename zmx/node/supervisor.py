@@ -3,8 +3,10 @@
 Lifetimes, in order:
 
 1. **Check** -- every TCP port the topology binds on this machine is tried (bound and
-   listened on with ``SO_REUSEADDR``, as ZeroMQ and asyncio do). A port in use refuses the
-   start before any process exists. Addresses of other hosts (``EADDRNOTAVAIL``) are skipped.
+   listened on with ``SO_REUSEADDR``, as ZeroMQ and asyncio do), and every ipc path is
+   connected to (``runtime.ipc_in_use``). A port in use, or a path that a process serves,
+   refuses the start before any process exists. Addresses of other hosts
+   (``EADDRNOTAVAIL``) are skipped.
 2. **Start** -- one child per node, ``python -m zmx.cli node NAME -t FILE`` with this
    interpreter and the current directory (so relative ``data_dir``s land where the user runs
    ``zmx up``): matchers first, then routers, relays and gateways; the nodes of one role start
@@ -57,7 +59,7 @@ from rich.console import Console
 from rich.table import Table
 
 import zmx
-from zmx.node.runtime import READY_TIMEOUT, STARTING_PREFIX, Stopper, die_with_parent, parse_ready
+from zmx.node.runtime import READY_TIMEOUT, STARTING_PREFIX, Stopper, die_with_parent, ipc_in_use, parse_ready
 from zmx.topology import GatewayNode, MatcherNode, Node, RelayNode, RouterNode, Topology
 
 START_ORDER = ("matcher", "router", "relay", "gateway")
@@ -275,7 +277,11 @@ class Supervisor:
         return [node for role in START_ORDER for node in self.topology.nodes_by_role(role)]
 
     def port_problems(self, nodes: list[Node]) -> list[str]:
-        return [p for p in map(port_problem, bound_ports(nodes)) if p is not None]
+        """Why the addresses ``nodes`` bind are not free: TCP ports in use, and ipc paths that a
+        living process serves (which ZeroMQ would take from it without a word)."""
+        problems = [p for p in map(port_problem, bound_ports(nodes)) if p is not None]
+        return problems + [f"node {node.name!r} {key} {endpoint}: another process serves this ipc path"
+                           for node in nodes for key, endpoint in node.endpoints if ipc_in_use(endpoint)]
 
     # -- zmx up --------------------------------------------------------------------------
 
@@ -297,7 +303,7 @@ class Supervisor:
             for problem in problems:
                 self.output.print(f"Error: {problem}", err=True)
             self.output.print(f"Error: cluster {self.topology.cluster!r} not started: nothing was started "
-                              f"(free the port{'s' if len(problems) > 1 else ''} or change {self.topology_path})",
+                              f"(free {'them' if len(problems) > 1 else 'it'} or change {self.topology_path})",
                               err=True)
             return EXIT_FAILED
         if not nodes:
