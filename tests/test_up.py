@@ -9,6 +9,7 @@ left, and kills any that would be, even when it fails.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import selectors
@@ -24,11 +25,14 @@ from pathlib import Path
 import pytest
 import zmq
 from nodes import wait_gone, write_topology
+from websockets.sync.client import connect
 
 from zmx import codec
 from zmx.cli import builtin_topology_path
 from zmx.commands import CancelOrder
+from zmx.events import OrderAccepted
 from zmx.node.gateway import _cannot_listen
+from zmx.node.client import Client
 from zmx.node.journal import Journal
 from zmx.node.runtime import READY_PREFIX, cannot_bind, load_topology
 from zmx.node.supervisor import (
@@ -244,6 +248,42 @@ def test_up_refuses_an_ipc_path_that_another_process_serves(tmp_path: Path, up: 
         dead.bind(str(tmp_path / "m2.pub"))
     sup = up(path.name)
     sup.wait_for("is up")
+    sup.proc.send_signal(signal.SIGINT)
+    assert sup.finish() == 0, sup.err
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_up_runs_a_cluster_on_ipv6_addresses(tmp_path: Path, up: Callable[..., Up]) -> None:
+    """The topology takes IPv6 endpoints (tcp://[::1]:PORT), but ZeroMQ uses IPv6 only with its
+    option on, which no socket had: every node failed to bind ("No such device"). Orders, the
+    feed through a relay, a gateway's snapshot and the probe, all over IPv6."""
+    path = write_topology(tmp_path, relay=True, gateways=1)
+    path.write_text(path.read_text().replace("127.0.0.1", "[::1]"))
+    topology = load_topology(path)
+    sup = up(path.name)
+    sup.wait_for("is up")
+    with Client([topology.nodes["r1"].front], symbols=topology.symbols) as client:  # type: ignore[union-attr]
+        reply = client.submit("o1", "alice", "BTC-USDT", "buy", "100", "1")
+    assert reply.status == "ok" and type(reply.events[0]) is OrderAccepted, reply
+    port = topology.nodes["g1"].port  # type: ignore[union-attr]
+    with connect(f"ws://[::1]:{port}", open_timeout=UP_TIMEOUT) as ws:
+        ws.send(json.dumps({"action": "subscribe", "channel": "BTC-USDT"}))
+        assert json.loads(ws.recv(UP_TIMEOUT))["type"] == "subscription_ack"
+        snapshot = json.loads(ws.recv(UP_TIMEOUT))
+    assert snapshot["type"] == "depth_snapshot" and snapshot["data"]["bids"] == [["100", "1"]], snapshot
+    done = subprocess.run([sys.executable, "-m", "zmx.cli", "probe", "x1", "-t", str(path), "-d", "1.5", "--json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["symbols"]["BTC-USDT"]["last_seq"] == 1  # the relay's feed: heartbeats at seq 1
     sup.proc.send_signal(signal.SIGINT)
     assert sup.finish() == 0, sup.err
 

@@ -67,7 +67,7 @@ from zmx.commands import AmendOrder, CancelOrder, Command, SubmitOrder
 from zmx.events import EVENT_TYPES, Event, FeedHeartbeat
 from zmx.exceptions import DecodeError, InvalidOrder, TopologyError, ZmxError
 from zmx.model import OrderType, Side, SymbolSpec, TimeInForce
-from zmx.node.runtime import watch_peer
+from zmx.node.runtime import connect, watch_peer
 from zmx.topology import RouterNode, Topology, connect_endpoint
 
 __all__ = ["BAD_REPLY", "Client", "ClientClosed", "NoRouter", "Reply", "RequestTimeout", "encode_header", "parse_reply"]
@@ -204,7 +204,7 @@ class Client:
                 raise ZmxError(f"a router front endpoint is a str (tcp://HOST:PORT or ipc://PATH), got "
                                f"{type(endpoint).__name__} {endpoint!r:.60}")
             try:
-                sock.connect(connect_endpoint(endpoint))
+                connect(sock, connect_endpoint(endpoint))
             except (zmq.ZMQError, TopologyError) as e:
                 sock.close(linger=0)
                 raise ZmxError(f"cannot connect to the router front {endpoint!r}: {e} "

@@ -81,6 +81,7 @@ from zmx.node.runtime import (
     Stopper,
     announce_ready,
     cannot_bind,
+    connect,
     die_with_parent,
     log_as_worker,
     settle_collector,
@@ -789,7 +790,7 @@ class Gateway:
         # whose process is stopped (or hung) still has its port accept connections.
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         for way in ways:
-            self.sub.connect(way[0])
+            connect(self.sub, way[0])
         self.connected_once: set[str] = set()
         # SUB endpoint -> when it was lost. A feed counts as lost from the start until its first
         # handshake: a gateway started while its upstream node is down moves to that node's
@@ -831,7 +832,7 @@ class Gateway:
             # the pings answers what it held once it goes on, over the connection made again,
             # instead of to the one the pings dropped.
             dealer.routing_id = self.reply_to
-            dealer.connect(connect_endpoint(router.front))
+            connect(dealer, connect_endpoint(router.front))
             self.dealers.append(dealer)
         self.snapshot_sockets: dict[str, zmq.Socket[bytes]] = {}  # matcher name -> DEALER to its snapshot service
         self.snapshot_renewed: dict[str, float] = {}  # matcher name -> when its DEALER was last made anew
@@ -1014,7 +1015,7 @@ class Gateway:
         sock.linger = 0
         sock.maxmsgsize = SNAPSHOT_MAX_BYTES
         watch_peer(sock)  # a matcher cut off is seen as gone (its monitor), and back within a second
-        sock.connect(connect_endpoint(matcher.snapshot))
+        connect(sock, connect_endpoint(matcher.snapshot))
         return sock
 
     def _renew_snapshot_socket(self, name: str) -> None:
@@ -1770,7 +1771,7 @@ class Gateway:
         ever. Once back, the feed's channels resync (``_read_monitor``)."""
         with contextlib.suppress(zmq.ZMQError):  # a connection given up is no longer known to the socket
             self.sub.disconnect(endpoint)
-        self.sub.connect(endpoint)
+        connect(self.sub, endpoint)
 
     def _fail_over(self, way: list[str], now: float) -> None:
         """The feed of ``way[0]`` is lost: move to the next way (a standby; after the last, the
@@ -1788,7 +1789,7 @@ class Gateway:
             self.sub.disconnect(old)
         self.feed_lost[new] = now  # until it is connected: one that never is gives way to the next in turn
         self.connected_once.add(new)  # so its connection resyncs the channels: what was lost meanwhile is lost
-        self.sub.connect(new)
+        connect(self.sub, new)
 
     def _close_retired_snapshot_sockets(self, now: float) -> None:
         retired = self.retired_snapshot_sockets

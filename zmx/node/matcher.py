@@ -72,6 +72,7 @@ from zmx.node.runtime import (
     announce_ready,
     bind,
     cannot_bind,
+    connect,
     die_with_parent,
     keep_mmap_threshold,
     settle_collector,
@@ -470,7 +471,7 @@ class Matcher:
         watch_peer(dealer)  # a router that vanished is noticed, and one back is connected again within a second
         monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         monitor.setsockopt(zmq.LINGER, 0)
-        dealer.connect(endpoint)
+        connect(dealer, endpoint)
         link = _Link(router, endpoint, dealer, monitor)
         self.dealers.add(dealer)
         self.monitors[monitor] = link

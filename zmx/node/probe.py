@@ -45,7 +45,7 @@ from zmx.codec import MAX_PUBLICATION_BYTES, decode_publication
 from zmx.events import FeedHeartbeat
 from zmx.exceptions import DecodeError
 from zmx.node.histogram import LatencyHistogram
-from zmx.node.runtime import POLL_MS, Stopper
+from zmx.node.runtime import POLL_MS, Stopper, connect
 from zmx.topics import is_private, topic
 
 __all__ = ["Interval", "LatencyHistogram", "ProbeStats", "SymbolStats", "interval_table", "run_probe",
@@ -219,7 +219,7 @@ def run_probe(endpoint: str, *, symbols: Iterable[str] = (), duration: float | N
         sub.rcvhwm = RCVHWM
         for prefix in prefixes:
             sub.subscribe(prefix)
-        sub.connect(endpoint)
+        connect(sub, endpoint)
         recv = sub.recv
         feed = stats.feed
         now_ns = time.time_ns

@@ -19,7 +19,7 @@ import time
 
 import zmq
 
-from zmx.node.runtime import POLL_MS, Stopper, announce_ready, bind, cannot_bind, watch_peer
+from zmx.node.runtime import POLL_MS, Stopper, announce_ready, bind, cannot_bind, connect, watch_peer
 from zmx.topics import SUBSCRIPTION_MAX_BYTES
 from zmx.topology import RelayNode, Topology
 
@@ -63,7 +63,7 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         # dead connection here for good: an XSUB that has no subscription to send never writes
         watch_peer(xsub)
         for endpoint in upstream:
-            xsub.connect(endpoint)
+            connect(xsub, endpoint)
         try:
             bind(xpub, node.pub)
         except zmq.ZMQError as e:

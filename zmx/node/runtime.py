@@ -115,10 +115,25 @@ def ipc_in_use(endpoint: str) -> bool:
 
 def bind(sock: zmq.Socket[Any], endpoint: str) -> None:
     """``sock.bind(endpoint)``, refused with ``EADDRINUSE`` for an ipc path that another
-    process serves (``ipc_in_use``)."""
+    process serves (``ipc_in_use``); IPv6 on for an IPv6 address (``connect``)."""
     if ipc_in_use(endpoint):
         raise zmq.ZMQError(errno.EADDRINUSE, "Address already in use (another process serves this ipc path)")
+    _allow_ipv6(sock, endpoint)
     sock.bind(endpoint)
+
+
+def connect(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """``sock.connect(endpoint)``, with ZeroMQ's IPv6 option on for an IPv6 address
+    (``tcp://[::1]:5560``): without it ZeroMQ takes IPv4 only, and such an endpoint failed
+    ("No such device"). Only then: with the option on, a host name such as ``localhost``
+    resolves to its IPv6 address, which a peer bound to 127.0.0.1 does not answer."""
+    _allow_ipv6(sock, endpoint)
+    sock.connect(endpoint)
+
+
+def _allow_ipv6(sock: zmq.Socket[Any], endpoint: str) -> None:
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
 
 
 def keep_mmap_threshold() -> bool:
