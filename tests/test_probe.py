@@ -187,6 +187,23 @@ def test_tables_show_rates_symbols_and_gaps() -> None:
     assert "(private)" not in text
 
 
+def test_tables_show_a_seq_that_went_back() -> None:
+    """A matcher that restarted without its history: no gap, and until the tables had a column
+    for it only --json said so."""
+    stats = ProbeStats()
+    for seq in (5, 6, 1):
+        stats.feed(book("BTC-USDT", seq, ts_ns=0), 3000)
+    console = Console(record=True, width=80)
+    console.print(interval_table("m1", stats.interval(1.0), stats, 1.0))
+    console.print(summary_table("m1", stats.summary(1.0)))
+    text = console.export_text()
+    headers = [[c.strip() for c in line.split("┃")] for line in text.splitlines() if "last seq" in line]
+    rows = [[c.strip() for c in line.split("│")] for line in text.splitlines() if "BTC-USDT" in line]
+    assert len(headers) == len(rows) == 2, text
+    for header, row in zip(headers, rows):
+        assert dict(zip(header, row))["back"] == "1" and dict(zip(header, row))["gaps"] == "0", text
+
+
 def test_tables_count_the_private_publications_in_a_row_of_their_own() -> None:
     """The messages column adds up to the total: the accounts' publications (fills of
     resting orders) are a row, not missing."""
@@ -314,6 +331,42 @@ def test_zmx_probe_refuses_a_bad_target(tmp_path: Path, args: list[str], message
     result = CliRunner().invoke(main, ["probe", "-t", str(path), "--duration", "1", *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+
+
+def test_zmx_probe_takes_a_wildcard_endpoint_as_this_machine(tmp_path: Path, context: zmq.Context,
+                                                             probes: list[ProbeProcess]) -> None:
+    """An operator pastes a bind address from a topology: ``tcp://*:PORT`` was checked as this
+    machine, then connected to as given, and ZeroMQ's refusal came as a traceback."""
+    port = free_ports(1)[0]
+    xpub = publisher(context, f"tcp://127.0.0.1:{port}")
+    probe = ProbeProcess([f"tcp://*:{port}", "--duration", "1", "--json"], tmp_path)
+    probes.append(probe)
+    wait_subscription(xpub, probe)
+    xpub.send(book("BTC-USDT", 7, time.time_ns()))
+    code, out, err = probe.finish()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["endpoint"] == f"tcp://127.0.0.1:{port}" and summary["symbols"]["BTC-USDT"]["last_seq"] == 7
+
+
+def test_zmx_probe_says_when_only_foreign_frames_arrived(tmp_path: Path, context: zmq.Context,
+                                                         probes: list[ProbeProcess]) -> None:
+    """Frames came, none a zmx publication: another publisher, not a quiet feed. It said
+    "nothing arrived ... is one publishing there?", which pointed the other way."""
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    xpub = publisher(context, endpoint)
+    probe = ProbeProcess([endpoint, "--duration", "1", "--json"], tmp_path)
+    probes.append(probe)
+    wait_subscription(xpub, probe)
+    for _ in range(3):
+        xpub.send(b"garbage")
+    code, out, err = probe.finish()
+    assert code == 1
+    summary = json.loads(out)
+    assert summary["decode_errors"] == 3 and summary["messages"] == 0
+    assert summary["last_decode_error"] and summary["last_decode_error"] in err
+    assert f"3 frame(s) arrived from {endpoint} in " in err and "none was a zmx publication" in err, err
+    assert "nothing arrived" not in err
 
 
 @pytest.mark.parametrize("as_json", [False, True])

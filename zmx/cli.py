@@ -258,7 +258,7 @@ def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], dur
     if as_json:
         stats, elapsed = run_probe(endpoint, symbols=symbols, duration=duration, stopper=stopper)
         click.echo(json.dumps({"target": target, "endpoint": endpoint, **stats.summary(elapsed)}))
-        _nothing_arrived(stats.messages, endpoint, elapsed)
+        _nothing_arrived(stats, endpoint, elapsed)
         return
     waiting = f"probe {target} ({endpoint}): waiting for the first second of data; Ctrl-C stops"
     with Live(waiting, console=console, auto_refresh=False, transient=False) as live:
@@ -274,18 +274,24 @@ def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], dur
     console.print(summary_table(f"{target} ({endpoint})", stats.summary(elapsed)))
     if stats.decode_errors:
         console.print(f"{stats.decode_errors} frame(s) did not decode; the last: {stats.last_error}", soft_wrap=True)
-    _nothing_arrived(stats.messages, endpoint, elapsed)
+    _nothing_arrived(stats, endpoint, elapsed)
 
 
-def _nothing_arrived(messages: int, endpoint: str, elapsed: float) -> None:
-    """Say so on stderr, and exit 1, when a probe heard nothing: ZeroMQ connects in silence, so
-    an endpoint where nobody publishes looks just like a quiet feed, and a script that runs
-    ``zmx probe --duration S`` to check a feed must be able to tell."""
-    if not messages:
+def _nothing_arrived(stats: Any, endpoint: str, elapsed: float) -> None:
+    """Say so on stderr, and exit 1, when a probe heard nothing it could read: ZeroMQ connects
+    in silence, so an endpoint where nobody publishes looks just like a quiet feed, and a script
+    that runs ``zmx probe --duration S`` to check a feed must be able to tell. Frames that all
+    failed to decode are another publisher's, not a quiet zmx feed: said so."""
+    if stats.messages:
+        return
+    if stats.decode_errors:
+        click.echo(f"zmx probe: {stats.decode_errors} frame(s) arrived from {endpoint} in {elapsed:.1f} s and none "
+                   f"was a zmx publication (the last: {stats.last_error}): is it a zmx matcher or relay?", err=True)
+    else:
         click.echo(f"zmx probe: nothing arrived from {endpoint} in {elapsed:.1f} s; a matcher or relay sends each "
                    "idle symbol's heartbeat about every second: is one publishing there (and owning the symbols "
                    "asked for)?", err=True)
-        raise SystemExit(1)
+    raise SystemExit(1)
 
 
 def _finite(value: float | None) -> float | None:
@@ -315,7 +321,7 @@ def _probe_endpoint(target: str, topology_path: Path | None, symbols: tuple[str,
                                      param_hint="'TARGET'") from None
         finally:
             context.term()
-        return target
+        return connect_endpoint(target)  # tcp://*:5560 -> tcp://127.0.0.1:5560, as for a node's pub
     loaded = _load(_topology_or_builtin(topology_path))
     try:
         node = loaded.node(target)

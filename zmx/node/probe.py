@@ -177,6 +177,7 @@ class ProbeStats:
             "messages_per_s": round(self.messages / duration, 1) if duration > 0 else None,
             "bytes_per_s": round(self.bytes / duration, 1) if duration > 0 else None,
             "decode_errors": self.decode_errors,
+            "last_decode_error": self.last_error,
             "private": self.private,
             "gaps": self.gaps,
             "symbols": {name: s.as_dict() for name, s in sorted(self.symbols.items())},
@@ -271,14 +272,16 @@ def _bytes(value: float) -> str:
 
 
 PRIVATE_ROW = "(private)"  # the row of the accounts' publications (fills of resting orders): no seq of their own
+# A symbol's columns: "back" counts its seq going back (a matcher that restarted without its
+# history: the event an operator most needs to see, and no gap)
 
 
 def _symbol_rows(table: Table, stats: ProbeStats) -> None:
     for name, s in sorted(stats.symbols.items()):
         table.add_row(name, f"{s.messages:,}", "-" if s.last_seq is None else str(s.last_seq),
-                      f"{s.gaps:,}", f"{s.heartbeats:,}")
+                      f"{s.gaps:,}", f"{s.backwards:,}", f"{s.heartbeats:,}")
     if stats.private:
-        table.add_row(PRIVATE_ROW, f"{stats.private:,}", "-", "-", "-")
+        table.add_row(PRIVATE_ROW, f"{stats.private:,}", "-", "-", "-", "-")
 
 
 def _symbols_table(stats: ProbeStats, title: str) -> Table:
@@ -287,6 +290,7 @@ def _symbols_table(stats: ProbeStats, title: str) -> Table:
     table.add_column("messages", justify="right")
     table.add_column("last seq", justify="right")
     table.add_column("gaps", justify="right")
+    table.add_column("back", justify="right")
     table.add_column("heartbeats", justify="right")
     _symbol_rows(table, stats)
     return table
@@ -320,12 +324,12 @@ def summary_table(target: str, summary: dict[str, Any]) -> Table:
                    _us(latency["p99"]), _us(latency["max"]))
     grid.add_row(totals)
     symbols = Table(title="symbols", title_justify="left")
-    for column in ("symbol", "messages", "last seq", "gaps", "heartbeats"):
+    for column in ("symbol", "messages", "last seq", "gaps", "back", "heartbeats"):
         symbols.add_column(column, justify="left" if column == "symbol" else "right", no_wrap=True)
     for name, s in summary["symbols"].items():
         symbols.add_row(name, f"{s['messages']:,}", "-" if s["last_seq"] is None else str(s["last_seq"]),
-                        f"{s['gaps']:,}", f"{s['heartbeats']:,}")
+                        f"{s['gaps']:,}", f"{s['backwards']:,}", f"{s['heartbeats']:,}")
     if summary["private"]:
-        symbols.add_row(PRIVATE_ROW, f"{summary['private']:,}", "-", "-", "-")
+        symbols.add_row(PRIVATE_ROW, f"{summary['private']:,}", "-", "-", "-", "-")
     grid.add_row(symbols)
     return grid
