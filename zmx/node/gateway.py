@@ -296,8 +296,6 @@ class Connection(asyncio.Protocol):
                 return
             failed = ws.parser_exc
             ws.receive_data(data)
-            if ws.parser_exc is not failed:
-                self._count_failure(ws.parser_exc)
             answered = False
             for event in ws.events_received():
                 if type(event) is Frame:
@@ -311,6 +309,8 @@ class Connection(asyncio.Protocol):
                 # a request websockets could not read, which it would leave unanswered (too
                 # long a line, too many headers: it answers those itself)
                 self._write(bad_request(ws.handshake_exc).serialize())
+            if ws.parser_exc is not failed and self.session is not None:  # (a plain HTTP client's is no 1002)
+                self._count_failure(ws.parser_exc)
             self._flush_ws(ws)
         finally:
             self._write_out()
