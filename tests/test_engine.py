@@ -905,6 +905,18 @@ def test_snapshot_and_restore_round_trip_with_partly_filled_orders(engine):
     assert twin.snapshot() == engine.snapshot()
 
 
+def test_restore_tells_how_far_it_is_every_16384_resting_orders() -> None:
+    """A book of millions takes seconds to restore: a matcher says so while it does (``zmx
+    up`` waits for a node only as long as it does)."""
+    engine = MatchingEngine(SymbolSpec(SYM, "0.01", "0.001"))
+    for i in range(40_000):
+        engine.handle(limit(f"o{i}", BUY, 1_000 + i % 500, 1), ts_ns=TS)
+    told: list[tuple[int, int]] = []
+    twin = MatchingEngine.restore(engine.snapshot(), lambda done, total: told.append((done, total)))
+    assert told == [(0, 40_000), (16_384, 40_000), (32_768, 40_000)]
+    assert twin.snapshot() == engine.snapshot()
+
+
 def test_changed_ns_is_the_time_of_the_command_that_made_the_seq_and_survives_a_snapshot(engine):
     assert (engine.seq, engine.changed_ns) == (0, 0)
     run(engine, limit("a1", SELL, 101, 10), ts=TS + 1)

@@ -662,6 +662,14 @@ def test_same_ipc_endpoint_twice() -> None:
     assert_error(text, 6, "node 'r1': back 'ipc:///tmp/zmx' is already used by node 'r1' front 'ipc:///tmp/zmx'")
 
 
+def test_same_ipc_file_spelled_twice() -> None:
+    """One file, two spellings: the second node to bind took it from the first (ZeroMQ
+    removes the file first), or a node refused its own path as another process's."""
+    text = replace_line(6, '  r1: {role: router, front: "ipc://var/r1", back: "ipc://./var//r1"}')
+    assert_error(text, 6, "node 'r1': back 'ipc://./var//r1' is already used by node 'r1' front 'ipc://var/r1'")
+    parse(replace_line(6, '  r1: {role: router, front: "ipc://@r1", back: "ipc://@./r1"}'))  # abstract: names
+
+
 # -- upstream -------------------------------------------------------------------------------
 
 

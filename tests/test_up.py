@@ -34,7 +34,7 @@ from zmx.events import OrderAccepted
 from zmx.node.gateway import _cannot_listen
 from zmx.node.client import Client
 from zmx.node.journal import Journal
-from zmx.node.runtime import READY_PREFIX, cannot_bind, load_topology
+from zmx.node.runtime import READY_PREFIX, cannot_bind, ipc_in_use, load_topology
 from zmx.node.supervisor import (
     BACKOFF_FIRST,
     BoundPort,
@@ -252,6 +252,43 @@ def test_up_refuses_an_ipc_path_that_another_process_serves(tmp_path: Path, up: 
     assert sup.finish() == 0, sup.err
 
 
+def test_ipc_in_use_knows_a_served_path_a_full_backlog_and_an_abstract_name(tmp_path: Path) -> None:
+    """What ZeroMQ would take without a word (it removes the file before it binds) is found
+    in use: a path a process serves, even one that accepts nothing (its backlog full: the
+    check's connect would have blocked), and an abstract name (checked by binding it)."""
+    path = tmp_path / "s.sock"
+    assert not ipc_in_use(f"ipc://{path}")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen(0)
+        assert ipc_in_use(f"ipc://{path}")
+        waiting = []
+        try:
+            while True:  # fill its backlog: it accepts nobody
+                client = socket.socket(socket.AF_UNIX)
+                client.setblocking(False)
+                waiting.append(client)
+                client.connect(str(path))
+        except BlockingIOError:
+            pass
+        assert ipc_in_use(f"ipc://{path}")
+        for client in waiting:
+            client.close()
+    assert not ipc_in_use(f"ipc://{path}")  # left behind, served by nobody
+    name = f"@zmx-test-{os.getpid()}-{time.monotonic_ns()}"
+    assert not ipc_in_use(f"ipc://{name}")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("\0" + name[1:])
+        assert ipc_in_use(f"ipc://{name}")
+
+
+def test_up_refuses_a_ready_timeout_that_is_not_a_number(tmp_path: Path, up: Callable[..., Up]) -> None:
+    """(nan passed the range check, and then no node ever timed out.)"""
+    sup = up("--ready-timeout", "nan")
+    assert sup.finish() == 2
+    assert "nan is not a number of seconds" in sup.err
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
@@ -288,29 +325,79 @@ def test_up_runs_a_cluster_on_ipv6_addresses(tmp_path: Path, up: Callable[..., U
     assert sup.finish() == 0, sup.err
 
 
-def test_up_waits_for_a_matcher_replaying_a_long_journal_as_long_as_it_says_so(
-        tmp_path: Path, up: Callable[..., Up]) -> None:
-    """A matcher's start replays its journal, about 200,000 commands a second here: one of a
-    few million took longer than zmx up waited for READY, so the start failed, and under
-    --restart the node was killed at every try. It now says every second that it goes on, and
-    zmx up waits as long as it does: here 5 s of replay under a --ready-timeout of 2 s."""
+LONG_JOURNAL = 1_000_000  # commands: about 5 s to read and replay here
+
+
+def long_journal(tmp_path: Path) -> Path:
+    """A topology of one matcher whose journal holds ``LONG_JOURNAL`` commands (cancels of an
+    order that is not there: refused again on replay), and no snapshot."""
     path = write_topology(tmp_path, matchers={"m1": ["BTC-USDT"]})
     data = tmp_path / "var" / "m1"
     data.mkdir(parents=True)
-    n = 1_000_000
-    record = codec.encode(CancelOrder("none", "a1", "BTC-USDT"))  # refused again on replay: unknown order
+    record = codec.encode(CancelOrder("none", "a1", "BTC-USDT"))
     with Journal(data) as journal:
         assert journal.recover() == (None, [])
-        for start in range(0, n, 100_000):
+        for start in range(0, LONG_JOURNAL, 100_000):
             journal.append_batch([(1_000_000 + i, record) for i in range(start, start + 100_000)])
+    return path
+
+
+def test_up_waits_for_a_matcher_replaying_a_long_journal_as_long_as_it_says_so(
+        tmp_path: Path, up: Callable[..., Up]) -> None:
+    """A matcher's start reads and replays its journal, 100,000 to 200,000 commands a second
+    here: one of a few million took longer than zmx up waited for READY, so the start failed,
+    and under --restart the node was killed at every try. It now says every second that it
+    goes on, and zmx up waits as long as it does: here 5 s under a --ready-timeout of 2 s."""
+    path = long_journal(tmp_path)
     sup = up(path.name, "--ready-timeout", "2")
     sup.wait_for("is up")
-    took = re.search(rf"m1 +\| .* recovered from no snapshot \+ {n} journaled command\(s\) in (\d+) ms", sup.err)
+    took = re.search(rf"m1 +\| .* recovered from no snapshot \+ {LONG_JOURNAL} journaled command\(s\) in (\d+) ms",
+                     sup.err)
     assert took is not None, sup.err
     assert int(took[1]) > 2000, "the replay took less than --ready-timeout: nothing shown"
     assert "STARTING" not in sup.out + sup.err  # zmx up takes those lines, they are not shown
     sup.proc.send_signal(signal.SIGINT)
     assert sup.finish() == 0, sup.err
+
+
+def test_a_matcher_stopped_while_it_replays_stops_at_once_and_starts_again_whole(tmp_path: Path) -> None:
+    """SIGTERM in the middle of a long replay: it read and replayed to the end, wrote its
+    snapshot, and only then stopped (zmx up had killed it by then, 5 s after its SIGTERM). It
+    stops at once, exit 0, and its next start recovers everything. Its first line on stdout is
+    READY unless its parent asks for STARTING lines: ``zmx node ... | head -1`` read a STARTING
+    line, and the READY after it killed the matcher (a closed pipe)."""
+    path = long_journal(tmp_path)
+    command = [sys.executable, "-m", "zmx.cli", "node", "m1", "-t", str(path)]
+    node = subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, ZMX_STARTING_LINES="1"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        first = node.stdout.readline()
+        assert first.startswith("STARTING {"), first  # in the middle of its start
+        node.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = node.communicate(timeout=EXIT_TIMEOUT)
+        assert node.returncode == 0, err
+        assert time.monotonic() - started < 2.0, err  # not at the end of the replay
+        assert "stopped while starting" in err and "Traceback" not in err, err
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.communicate()
+    again = subprocess.Popen(command, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert again.stdout is not None
+        first = again.stdout.readline()  # without ZMX_STARTING_LINES: READY is the first line
+        assert first.startswith(READY_PREFIX), first
+        again.send_signal(signal.SIGTERM)
+        _, err = again.communicate(timeout=EXIT_TIMEOUT)
+        assert again.returncode == 0, err
+        assert f"recovered from no snapshot + {LONG_JOURNAL} journaled command(s)" in err, err
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.communicate()
 
 
 def test_up_gives_up_on_a_node_that_is_neither_ready_nor_says_it_is_starting(

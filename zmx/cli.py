@@ -182,7 +182,7 @@ def _topology_or_builtin(topology: Path | None) -> Path:
                                               "instead of stopping the cluster")
 @click.option("--dry-run", is_flag=True, help="print the layout and what would start; start nothing")
 @click.option("--ready-timeout", type=click.FloatRange(min=2, max=3600), default=READY_TIMEOUT,
-              show_default=True, metavar="SECONDS",
+              show_default=True, metavar="SECONDS", callback=lambda _ctx, _param, value: _finite(value),
               help="how long a node may go without being ready or saying that its start goes on (a matcher "
               "replaying its journal says so every second)")
 def up(topology: Path | None, restart: bool, dry_run: bool, ready_timeout: float) -> None:

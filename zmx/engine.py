@@ -13,7 +13,7 @@ and turned into one ``BookChanged`` at the end.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 import msgpack
 
@@ -456,8 +456,9 @@ class MatchingEngine:
         return msgpack.packb(state)
 
     @classmethod
-    def restore(cls, data: bytes) -> MatchingEngine:
-        """An engine in exactly the state that ``snapshot()`` recorded."""
+    def restore(cls, data: bytes, progress: Callable[[int, int], None] | None = None) -> MatchingEngine:
+        """An engine in exactly the state that ``snapshot()`` recorded; ``progress(done, total)``
+        is called every 16,384 resting orders put back (a book of millions takes seconds)."""
         version, spec_fields, seq, next_trade_id, used_ids, orders, *rest = msgpack.unpackb(data)
         if version not in (1, 2, SNAPSHOT_VERSION) or len(rest) != version - 1:
             raise ValueError(f"engine snapshot version {version} is not supported (expected {SNAPSHOT_VERSION})")
@@ -466,9 +467,12 @@ class MatchingEngine:
         engine.changed_ns = rest[0] if rest else 0  # version 1 did not keep it: unknown until the next change
         engine.next_trade_id = next_trade_id
         engine._used_ids = {f"{account}\x00{order_id}" for account, order_id in used_ids}
-        for order_id, account, side, price, quantity, filled, remaining, tif in orders:
-            engine.book.add(Order(order_id, account, Side(side), price, quantity, filled, remaining,
-                                  TimeInForce(tif)))
+        add = engine.book.add
+        for start in range(0, len(orders), 0x4000):
+            if progress is not None:
+                progress(start, len(orders))
+            for order_id, account, side, price, quantity, filled, remaining, tif in orders[start:start + 0x4000]:
+                add(Order(order_id, account, Side(side), price, quantity, filled, remaining, TimeInForce(tif)))
         return engine
 
     def resting(self) -> int:

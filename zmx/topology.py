@@ -102,9 +102,9 @@ class MatcherNode:
       ``never`` (left to the operating system).
     - ``snapshot_every``: write a book snapshot every this many journaled commands, so a
       restart replays at most that many (default 100000, at most ``SNAPSHOT_EVERY_MAX``).
-      A replay reads and runs about 100,000 commands a second here (decode and engine, each
-      about 240,000 a second), so a longer one delays the matcher's start; it says every
-      second that it goes on (``zmx up`` waits as long as it does).
+      A replay reads and runs 100,000 to 200,000 commands a second here (decode and engine,
+      each about 240,000 a second), so a longer one delays the matcher's start; it says how
+      far it is as it goes (``zmx up`` waits as long as it does; docs/operations.md, "Ready").
     - ``heartbeat_ms``: interval of its heartbeats to the routers (default 200, at most a minute).
     """
 
@@ -599,7 +599,9 @@ class _Parser:
         if other is None:
             raise _Problem(line, f"{where}{key} {text!r} is not a ZeroMQ endpoint ({_ZMQ_ENDPOINT_HELP}, "
                                  f"like {example!r})")
-        self._bind(_Address(other.group(1), other.group(2), 0), f"{where}{key} {text!r}", line)
+        path = other.group(2)  # one file however it is spelled (ipc://x.pub, ipc://./x.pub); not an abstract @name
+        self._bind(_Address("ipc", path if path.startswith("@") else posixpath.normpath(path), 0),
+                   f"{where}{key} {text!r}", line)
         return text
 
     def _listen(self, mapping: _Map, key: str, where: str) -> str:

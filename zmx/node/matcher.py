@@ -42,7 +42,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import msgpack
 import zmq
@@ -58,7 +58,7 @@ from zmx.codec import (
     join_publication,
     pack_records,
 )
-from zmx.commands import COMMAND_TYPES, CancelOrder
+from zmx.commands import COMMAND_TYPES, CancelOrder, Command
 from zmx.engine import MAX_MATCHES, NO_MATCH_LIMIT, MatchingEngine
 from zmx.events import PUBLIC_EVENT_TYPES, FeedHeartbeat, OrderFilled
 from zmx.exceptions import DecodeError, ZmxError
@@ -68,6 +68,7 @@ from zmx.node.recentfills import RecentFills
 from zmx.node.runtime import (
     POLL_MS,
     StartProgress,
+    StartStopped,
     Stopper,
     announce_ready,
     bind,
@@ -197,12 +198,29 @@ def _any_order_engine(symbol: str, topology: Topology) -> MatchingEngine | None:
         return None
 
 
-def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills, epoch: int
-             ) -> tuple[dict[str, MatchingEngine], str, UsedIds, list[str]]:
+def _restoring(progress: StartProgress, symbol: str) -> Callable[[int, int], None]:
+    """``MatchingEngine.restore``'s progress callback for ``symbol``."""
+    def tell(done: int, total: int) -> None:
+        if progress.due():
+            progress.say(f"restoring the book of {symbol}: {done:,} of {total:,} resting orders")
+    return tell
+
+
+def _saying(replay: list[tuple[int, Command]], progress: StartProgress) -> Iterator[tuple[int, Command]]:
+    """The journal's commands, in order, saying every 16,384 how far the replay is."""
+    for start in range(0, len(replay), 0x4000):
+        if progress.due():
+            progress.say(f"replaying the journal: {start:,} of {len(replay):,} commands")
+        yield from replay[start:start + 0x4000]
+
+
+def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills, epoch: int,
+             progress: StartProgress) -> tuple[dict[str, MatchingEngine], str, UsedIds, list[str]]:
     """The engines of ``name``'s symbols as the journal left them, the snapshot to write at
     once, and the archive of their old order ids (``zmx.node.usedids``), attached to them
     before the replay: a command is replayed against the ids it was first checked against.
-    The replayed commands' fills of resting orders go into ``fills``.
+    The replayed commands' fills of resting orders go into ``fills``. A long read, replay or
+    restore says so through ``progress`` (and gives up on a stop: ``StartStopped``).
 
     The snapshot to write at once: ``"must"`` when there is none yet or a symbol is new here
     (it must land before anything is handled: it records the new symbols' specs), ``"may"``
@@ -219,7 +237,6 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     """
     symbols = topology.symbols_of(name)
     started = time.perf_counter()
-    progress = StartProgress(name)  # a long journal takes a while: zmx up waits as long as it goes on
     states, replay = journal.recover(progress)
     if states is None and not replay:  # say where it looked: a data_dir is relative to the working directory
         if epoch == 1:  # a first start here (or the matcher was started from another directory)
@@ -247,7 +264,7 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
             engines[symbol] = MatchingEngine(spec, max_matches=NO_MATCH_LIMIT)
             continue
         try:
-            engine = MatchingEngine.restore(state)
+            engine = MatchingEngine.restore(state, _restoring(progress, symbol))
         except Exception as e:  # noqa: BLE001 - any failure to read it is reported the same way
             raise _StartFailure(f"{symbol}: the engine snapshot in the journal cannot be restored: {e}") from None
         if engine.spec.describe() != spec.describe():
@@ -280,9 +297,7 @@ def _restore(topology: Topology, name: str, journal: Journal, fills: RecentFills
     fills.complete_since_ns = 0 if states is None else max(changes, default=0) + 1 if all(changes) else time.time_ns()
     skipped: Counter[str] = Counter()
     failed = 0
-    for i, (ts_ns, cmd) in enumerate(replay):
-        if i & 0x3FFF == 0 and progress.due():
-            progress.say(f"replaying the journal: {i:,} of {len(replay):,} commands")
+    for ts_ns, cmd in _saying(replay, progress):
         engine = engines.get(cmd.symbol)
         if engine is None:
             skipped[cmd.symbol] += 1
@@ -403,8 +418,10 @@ class Matcher:
 
     # -- start ------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, stopper: Stopper | None = None) -> None:
+        """Bind, recover the books (giving up on a stop: ``StartStopped``), connect."""
         node = self.node
+        progress = StartProgress(self.name, stopper)  # a long start says so: zmx up waits as long as it goes on
         self.ctx = zmq.Context()
         # An XPUB, to hear each new subscription to a symbol (XPUB_VERBOSE: every subscriber's,
         # not only the first) and answer it with the symbol's heartbeat at once; see welcome().
@@ -415,11 +432,11 @@ class Matcher:
             self.journal = Journal(node.data_dir, fsync=node.fsync)
             self.epoch = self.journal.bump_epoch()
             self.engines, snapshot_now, self.used_ids, older = _restore(self.topology, self.name, self.journal,
-                                                                        self.fills, self.epoch)
+                                                                        self.fills, self.epoch, progress)
             self.loading_ids = self.used_ids.loading
             landed = True
             if snapshot_now or self.journal.since_snapshot >= node.snapshot_every:
-                landed = self.snapshot_at_start(required=snapshot_now == "must")
+                landed = self.snapshot_at_start(progress, required=snapshot_now == "must")
             if not landed and older:  # replayed next time from the older snapshot: as it was handled
                 for symbol in older:
                     self.engines[symbol].max_matches = NO_MATCH_LIMIT
@@ -434,7 +451,7 @@ class Matcher:
         self.poller.register(self.snap, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
 
-    def snapshot_at_start(self, *, required: bool) -> bool:
+    def snapshot_at_start(self, progress: StartProgress, *, required: bool) -> bool:
         """A snapshot of the recovered engines, written here, before serving: the first one of a
         data directory, and the first after a symbol came to this matcher, which record each
         symbol's spec so that a later replay uses the right one (``required``); then one
@@ -448,8 +465,15 @@ class Matcher:
         journal, used_ids = self.journal, self.used_ids
         assert journal is not None and used_ids is not None
         number = journal.rotate()
+        states = {}
+        for i, (symbol, engine) in enumerate(self.engines.items()):
+            if progress.due():
+                progress.say(f"writing snapshot {number}: {i} of {len(self.engines)} books ({symbol} next)")
+            states[symbol] = engine.snapshot()
+        if progress.due():
+            progress.say(f"writing snapshot {number}")
         try:
-            journal.store_snapshot(number, {s: e.snapshot() for s, e in self.engines.items()}, used_ids.total)
+            journal.store_snapshot(number, states, used_ids.total)
         except OSError as e:
             if required:
                 raise
@@ -1165,10 +1189,13 @@ def run(topology: Topology, name: str, stopper: Stopper) -> None:
         raise SystemExit(1) from None
     try:
         try:
-            matcher.start()
+            matcher.start(stopper)
         except _StartFailure as e:
             log.error("%s", e)
             raise SystemExit(1) from None
+        except StartStopped:
+            log.info("stopped while starting; the next start recovers from where this one began")
+            return
         # The collector's full passes would otherwise stall the loop for tens of milliseconds
         # (measured: p99 ack latency).
         settle_collector()

@@ -11,7 +11,6 @@ SIGTERM: every loop polls its sockets with a short timeout and checks ``Stopper.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -38,6 +37,7 @@ READY_PREFIX = "READY "
 STARTING_PREFIX = "STARTING "
 READY_TIMEOUT = 20.0  # seconds zmx up gives a node to print READY, from its start or its last STARTING line
 STARTING_EVERY_S = 1.0  # how often a long start says so on stdout (zmx up's --ready-timeout counts from the last)
+STARTING_ENV = "ZMX_STARTING_LINES"  # "1": print them (zmx up sets it; without it stdout has READY alone)
 STARTING_LOG_EVERY_S = 10.0  # and in the log
 POLL_MS = 100  # how long a node loop may block before it looks at its Stopper again
 # Every connection a node or client makes (``watch_peer``) carries ZeroMQ's own pings: one that
@@ -97,19 +97,33 @@ def cannot_bind(what: str, address: str, error_number: int | None, reason: str |
     return text
 
 
+IPC_CHECK_TIMEOUT_S = 1.0  # (a connect to a listener whose backlog is full would block: it fails at once instead)
+
+
 def ipc_in_use(endpoint: str) -> bool:
     """Whether ``endpoint`` is an ``ipc://`` path that a living process serves. ZeroMQ removes
     the file before it binds, so a second node (of a second ``zmx up``, say) would take the path
     from the first without a word and split the cluster's traffic between the two. (An
-    abstract ``ipc://@name`` in use is refused by the kernel; a file left by a process that
-    died accepts no connection and is taken over, as it should be.)"""
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+    abstract ``ipc://@name`` in use is refused by the kernel, and checked here by binding it; a
+    file left by a process that died accepts no connection and is taken over, as it should be;
+    one that cannot be checked, for want of permission, counts as in use.)"""
+    if not endpoint.startswith("ipc://"):
         return False
+    path = endpoint[len("ipc://"):]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(endpoint[len("ipc://"):])
-        except OSError:
+        if path.startswith("@"):  # abstract: the name is in use if it cannot be bound
+            try:
+                probe.bind("\0" + path[1:])
+            except OSError as e:
+                return e.errno == errno.EADDRINUSE
             return False
+        probe.settimeout(IPC_CHECK_TIMEOUT_S)
+        try:
+            probe.connect(path)
+        except (PermissionError, TimeoutError, BlockingIOError):
+            return True  # a socket it may not reach, or a listener that does not accept (its backlog full)
+        except OSError:
+            return False  # nothing there, a file left behind (refused), or a path ZeroMQ refuses too
     return True
 
 
@@ -248,6 +262,10 @@ def parse_ready(line: str, prefix: str = READY_PREFIX) -> dict[str, Any] | None:
     return details if isinstance(details, dict) else None
 
 
+class StartStopped(BaseException):  # noqa: N818 - not an error: a stop (as KeyboardInterrupt), past `except Exception`
+    """SIGINT or SIGTERM came while a node was starting (``StartProgress.due``)."""
+
+
 class StartProgress:
     """How a node says that its start is long but going on: a ``STARTING`` line on stdout at
     most every ``STARTING_EVERY_S``, and the same in the log every ``STARTING_LOG_EVERY_S``.
@@ -259,21 +277,32 @@ class StartProgress:
             progress.say(f"replaying the journal: {i:,} of {n:,} commands")
     """
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, stopper: Stopper | None = None) -> None:
         self.node = node
+        self.stopper = stopper
+        # Only for a parent that asks (STARTING_ENV): one that reads the first line for READY
+        # (zmx node ... | head -1, say) would get this instead, and the node a closed pipe.
+        self._lines = os.environ.get(STARTING_ENV) == "1"
         now = time.monotonic()
         self._say_at = now + STARTING_EVERY_S
         self._log_at = now + STARTING_LOG_EVERY_S
 
     def due(self) -> bool:
+        """Whether ``say`` is due; ``StartStopped`` once SIGINT or SIGTERM came (``stopper``):
+        a long start gives up at once rather than run to its end."""
+        if self.stopper is not None and self.stopper.stopped:
+            raise StartStopped()
         return time.monotonic() >= self._say_at
 
     def say(self, what: str) -> None:
         now = time.monotonic()
         self._say_at = now + STARTING_EVERY_S
-        with contextlib.suppress(OSError, ValueError):  # nobody reads it (a closed stdout): the start goes on
-            sys.stdout.write(STARTING_PREFIX + json.dumps({"node": self.node, "what": what}) + "\n")
-            sys.stdout.flush()
+        if self._lines:
+            try:
+                sys.stdout.write(STARTING_PREFIX + json.dumps({"node": self.node, "what": what}) + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError, AttributeError):  # nobody reads them (stdout closed, or None)
+                self._lines = False
         if now >= self._log_at:
             self._log_at = now + STARTING_LOG_EVERY_S
             logging.getLogger("zmx.node").info("still starting: %s", what)

@@ -3,17 +3,18 @@
 Lifetimes, in order:
 
 1. **Check** -- every TCP port the topology binds on this machine is tried (bound and
-   listened on with ``SO_REUSEADDR``, as ZeroMQ and asyncio do), and every ipc path is
-   connected to (``runtime.ipc_in_use``). A port in use, or a path that a process serves,
-   refuses the start before any process exists. Addresses of other hosts
+   listened on with ``SO_REUSEADDR``, as ZeroMQ and asyncio do), and every ipc path or
+   abstract name is checked (``runtime.ipc_in_use``). A port in use, or a path that a
+   process serves, refuses the start before any process exists. Addresses of other hosts
    (``EADDRNOTAVAIL``) are skipped.
 2. **Start** -- one child per node, ``python -m zmx.cli node NAME -t FILE`` with this
    interpreter and the current directory (so relative ``data_dir``s land where the user runs
    ``zmx up``): matchers first, then routers, relays and gateways; the nodes of one role start
    together. A node is up when it prints its ``READY`` line (``zmx.node.runtime``), which it
-   does after its sockets are bound. A node whose start is long (a matcher replaying a long
-   journal) says it is still going with a ``STARTING`` line every second, and each one gives
-   it ``ready_timeout`` more (``--ready-timeout``). A child that exits first, or is neither
+   does after its sockets are bound. A node whose start is long (a matcher reading and
+   replaying a long journal, restoring a big book) says it is still going with a ``STARTING``
+   line every second (asked for with ``ZMX_STARTING_LINES=1``), and each one gives it
+   ``ready_timeout`` more (``--ready-timeout``). A child that exits first, or is neither
    ready nor heard from within ``ready_timeout``, fails the start: it is reported with its exit
    status and the tail of its stderr, every other child is stopped, and ``zmx up`` exits 1 with
    nothing left running.
@@ -59,7 +60,15 @@ from rich.console import Console
 from rich.table import Table
 
 import zmx
-from zmx.node.runtime import READY_TIMEOUT, STARTING_PREFIX, Stopper, die_with_parent, ipc_in_use, parse_ready
+from zmx.node.runtime import (
+    READY_TIMEOUT,
+    STARTING_ENV,
+    STARTING_PREFIX,
+    Stopper,
+    die_with_parent,
+    ipc_in_use,
+    parse_ready,
+)
 from zmx.topology import GatewayNode, MatcherNode, Node, RelayNode, RouterNode, Topology
 
 START_ORDER = ("matcher", "router", "relay", "gateway")
@@ -334,7 +343,7 @@ class Supervisor:
 
     def _spawn(self, node: Node) -> Run:
         """Start ``node``'s process (from the main thread: see PR_SET_PDEATHSIG above)."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{STARTING_ENV: "1"})  # its STARTING lines, please
         # The children run the zmx this supervisor runs, wherever the user starts it from.
         source_root = str(Path(zmx.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
