@@ -34,7 +34,8 @@ from zmx.events import OrderAccepted
 from zmx.node.gateway import _cannot_listen
 from zmx.node.client import Client
 from zmx.node.journal import Journal
-from zmx.node.runtime import READY_PREFIX, cannot_bind, ipc_in_use, load_topology
+from zmx.node.runtime import IPC_IN_USE, READY_PREFIX, cannot_bind, ipc_problem, load_topology
+from zmx.node.runtime import connect as runtime_connect
 from zmx.node.supervisor import (
     BACKOFF_FIRST,
     BoundPort,
@@ -252,16 +253,17 @@ def test_up_refuses_an_ipc_path_that_another_process_serves(tmp_path: Path, up: 
     assert sup.finish() == 0, sup.err
 
 
-def test_ipc_in_use_knows_a_served_path_a_full_backlog_and_an_abstract_name(tmp_path: Path) -> None:
+def test_ipc_problem_knows_a_served_path_a_full_backlog_and_an_abstract_name(tmp_path: Path) -> None:
     """What ZeroMQ would take without a word (it removes the file before it binds) is found
     in use: a path a process serves, even one that accepts nothing (its backlog full: the
     check's connect would have blocked), and an abstract name (checked by binding it)."""
     path = tmp_path / "s.sock"
-    assert not ipc_in_use(f"ipc://{path}")
+    in_use = (errno.EADDRINUSE, IPC_IN_USE)
+    assert ipc_problem(f"ipc://{path}") is None
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(path))
         server.listen(0)
-        assert ipc_in_use(f"ipc://{path}")
+        assert ipc_problem(f"ipc://{path}") == in_use
         waiting = []
         try:
             while True:  # fill its backlog: it accepts nobody
@@ -271,15 +273,15 @@ def test_ipc_in_use_knows_a_served_path_a_full_backlog_and_an_abstract_name(tmp_
                 client.connect(str(path))
         except BlockingIOError:
             pass
-        assert ipc_in_use(f"ipc://{path}")
+        assert ipc_problem(f"ipc://{path}") == in_use
         for client in waiting:
             client.close()
-    assert not ipc_in_use(f"ipc://{path}")  # left behind, served by nobody
+    assert ipc_problem(f"ipc://{path}") is None  # left behind, served by nobody
     name = f"@zmx-test-{os.getpid()}-{time.monotonic_ns()}"
-    assert not ipc_in_use(f"ipc://{name}")
+    assert ipc_problem(f"ipc://{name}") is None
     with socket.socket(socket.AF_UNIX) as server:
         server.bind("\0" + name[1:])
-        assert ipc_in_use(f"ipc://{name}")
+        assert ipc_problem(f"ipc://{name}") == in_use
 
 
 def test_up_refuses_a_ready_timeout_that_is_not_a_number(tmp_path: Path, up: Callable[..., Up]) -> None:
@@ -296,6 +298,18 @@ def _ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+def test_the_ipv6_option_follows_each_endpoint_a_socket_connects() -> None:
+    """ZeroMQ reads the option at each connect: left on after an IPv6 endpoint, a relay's or a
+    gateway's next connect to a host name went to its IPv6 address (localhost as ::1 first,
+    Debian's /etc/hosts), where a peer bound to 127.0.0.1 never answered."""
+    with zmq.Context() as ctx, ctx.socket(zmq.SUB) as sub:
+        sub.linger = 0
+        runtime_connect(sub, "tcp://[::1]:19001")
+        assert sub.getsockopt(zmq.IPV6) == 1
+        runtime_connect(sub, "tcp://localhost:19002")
+        assert sub.getsockopt(zmq.IPV6) == 0
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
@@ -648,6 +662,28 @@ def test_port_check_names_a_port_in_use_and_skips_other_hosts() -> None:
         # 192.0.2.1 (TEST-NET-1) is no address of this machine: another host's port, not checked
         assert port_problem(BoundPort("m1", "pub", f"tcp://192.0.2.1:{port}", "192.0.2.1", port)) is None
     assert port_problem(BoundPort("m1", "pub", f"tcp://127.0.0.1:{port}", "127.0.0.1", port)) is None
+
+
+def test_port_check_tries_the_addresses_a_node_binds_of_a_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where localhost is ::1 first (Debian's /etc/hosts), the check tried ::1 alone, while
+    ZeroMQ binds localhost's IPv4 address: a port taken there was not found. A gateway binds
+    every address of its host (asyncio), so any of them taken is found."""
+    real = socket.getaddrinfo
+
+    def ipv6_first(host: str, *args: object, **kwargs: object) -> list:
+        if host == "localhost":
+            return real("::1", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert port_problem(BoundPort("m1", "pub", f"tcp://localhost:{port}", "localhost", port)) == \
+            f"node 'm1' pub tcp://localhost:{port}: port {port} is already in use"
+        assert port_problem(BoundPort("g1", "listen", f"localhost:{port}", "localhost", port)) == \
+            f"node 'g1' listen localhost:{port}: port {port} is already in use"
 
 
 def test_exit_statuses_read_as_a_user_expects() -> None:

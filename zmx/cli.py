@@ -272,7 +272,7 @@ def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], dur
     if not console.is_terminal:
         console.line()  # Live ends its last render with a newline only on a terminal
     console.print(summary_table(f"{target} ({endpoint})", stats.summary(elapsed)))
-    if stats.decode_errors:
+    if stats.decode_errors and stats.messages:  # (with none, _nothing_arrived says it)
         console.print(f"{stats.decode_errors} frame(s) did not decode; the last: {stats.last_error}", soft_wrap=True)
     _nothing_arrived(stats, endpoint, elapsed)
 

@@ -401,6 +401,9 @@ class Connection(asyncio.Protocol):
         if ws.eof_sent:
             # websockets read what came after the request as frames and gave up (a second
             # request sent without waiting, say): this one is answered, and the connection ends.
+            # After an upgrade, that was the client's first frame: a WebSocket's failure, counted.
+            if response.status_code == 101:
+                self._count_failure(ws.parser_exc)
             self._write(response.serialize())
             return
         ws.send_response(response)

@@ -100,38 +100,46 @@ def cannot_bind(what: str, address: str, error_number: int | None, reason: str |
 IPC_CHECK_TIMEOUT_S = 1.0  # (a connect to a listener whose backlog is full would block: it fails at once instead)
 
 
-def ipc_in_use(endpoint: str) -> bool:
-    """Whether ``endpoint`` is an ``ipc://`` path that a living process serves. ZeroMQ removes
-    the file before it binds, so a second node (of a second ``zmx up``, say) would take the path
-    from the first without a word and split the cluster's traffic between the two. (An
-    abstract ``ipc://@name`` in use is refused by the kernel, and checked here by binding it; a
-    file left by a process that died accepts no connection and is taken over, as it should be;
-    one that cannot be checked, for want of permission, counts as in use.)"""
+IPC_IN_USE = "another process serves this ipc path"
+
+
+def ipc_problem(endpoint: str) -> tuple[int, str] | None:
+    """``(errno, why)`` if ``endpoint`` is an ``ipc://`` path not to bind: one that a living
+    process serves (``EADDRINUSE``), or one this process may not check (``EACCES``). ZeroMQ
+    removes the file before it binds, so a second node (of a second ``zmx up``, say) would take
+    the path from the first without a word and split the cluster's traffic between the two.
+    (An abstract ``ipc://@name`` in use is refused by the kernel, and checked here by binding
+    it; a file left by a process that died accepts no connection and is taken over, as it
+    should be.)"""
     if not endpoint.startswith("ipc://"):
-        return False
+        return None
     path = endpoint[len("ipc://"):]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         if path.startswith("@"):  # abstract: the name is in use if it cannot be bound
             try:
                 probe.bind("\0" + path[1:])
             except OSError as e:
-                return e.errno == errno.EADDRINUSE
-            return False
+                return (errno.EADDRINUSE, IPC_IN_USE) if e.errno == errno.EADDRINUSE else None
+            return None
         probe.settimeout(IPC_CHECK_TIMEOUT_S)
         try:
             probe.connect(path)
-        except (PermissionError, TimeoutError, BlockingIOError):
-            return True  # a socket it may not reach, or a listener that does not accept (its backlog full)
+        except PermissionError:
+            return errno.EACCES, "cannot check whether another process serves this ipc path: permission denied"
+        except (TimeoutError, BlockingIOError):
+            return errno.EADDRINUSE, IPC_IN_USE  # a listener that accepts nobody (its backlog full)
         except OSError:
-            return False  # nothing there, a file left behind (refused), or a path ZeroMQ refuses too
-    return True
+            return None  # nothing there, a file left behind (refused), or a path ZeroMQ refuses too
+    return errno.EADDRINUSE, IPC_IN_USE
 
 
 def bind(sock: zmq.Socket[Any], endpoint: str) -> None:
-    """``sock.bind(endpoint)``, refused with ``EADDRINUSE`` for an ipc path that another
-    process serves (``ipc_in_use``); IPv6 on for an IPv6 address (``connect``)."""
-    if ipc_in_use(endpoint):
-        raise zmq.ZMQError(errno.EADDRINUSE, "Address already in use (another process serves this ipc path)")
+    """``sock.bind(endpoint)``, refused (``ZMQError``) for an ipc path not to take
+    (``ipc_problem``); IPv6 on for an IPv6 address (``connect``)."""
+    problem = ipc_problem(endpoint)
+    if problem is not None:
+        error, why = problem
+        raise zmq.ZMQError(error, f"{os.strerror(error)} ({why})")
     _allow_ipv6(sock, endpoint)
     sock.bind(endpoint)
 
@@ -146,8 +154,9 @@ def connect(sock: zmq.Socket[Any], endpoint: str) -> None:
 
 
 def _allow_ipv6(sock: zmq.Socket[Any], endpoint: str) -> None:
-    if endpoint.startswith("tcp://["):
-        sock.setsockopt(zmq.IPV6, 1)
+    # ZeroMQ reads the option at each connect: set for this endpoint alone (a relay's XSUB, a
+    # gateway's SUB connect several, and a host name after an IPv6 one resolved to IPv6 too)
+    sock.setsockopt(zmq.IPV6, 1 if endpoint.startswith("tcp://[") else 0)
 
 
 def keep_mmap_threshold() -> bool:

@@ -4,7 +4,7 @@ Lifetimes, in order:
 
 1. **Check** -- every TCP port the topology binds on this machine is tried (bound and
    listened on with ``SO_REUSEADDR``, as ZeroMQ and asyncio do), and every ipc path or
-   abstract name is checked (``runtime.ipc_in_use``). A port in use, or a path that a
+   abstract name is checked (``runtime.ipc_problem``). A port in use, or a path that a
    process serves, refuses the start before any process exists. Addresses of other hosts
    (``EADDRNOTAVAIL``) are skipped.
 2. **Start** -- one child per node, ``python -m zmx.cli node NAME -t FILE`` with this
@@ -66,7 +66,7 @@ from zmx.node.runtime import (
     STARTING_PREFIX,
     Stopper,
     die_with_parent,
-    ipc_in_use,
+    ipc_problem,
     parse_ready,
 )
 from zmx.topology import GatewayNode, MatcherNode, Node, RelayNode, RouterNode, Topology
@@ -115,7 +115,11 @@ def bound_ports(nodes: list[Node]) -> list[BoundPort]:
 
 
 def port_problem(address: BoundPort) -> str | None:
-    """Why ``address`` cannot be bound on this machine, or None (free, or another host's)."""
+    """Why ``address`` cannot be bound on this machine, or None (free, or another host's).
+
+    Tried as its node binds it: ZeroMQ one address, an IPv6 one only in brackets (a name, such
+    as localhost, its IPv4 address: ``runtime.connect``); a gateway every address of its host,
+    as asyncio does."""
     host = address.host.strip("[]")
     if host in ("*", ""):
         host = "0.0.0.0"
@@ -123,18 +127,25 @@ def port_problem(address: BoundPort) -> str | None:
         infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
         return None  # a name this machine cannot resolve: not one of its addresses
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if address.endpoint.startswith("tcp://"):
+        family = socket.AF_INET6 if address.host.startswith("[") else socket.AF_INET
+        infos = [info for info in infos if info[0] == family][:1]
+    for family, kind, proto, _, sockaddr in infos:
         try:
-            probe.bind(sockaddr)
-            probe.listen(1)
-        except OSError as e:
-            if e.errno == errno.EADDRNOTAVAIL:
-                return None  # another host's address
-            if e.errno == errno.EADDRINUSE:
-                return f"{address.describe()}: port {address.port} is already in use"
-            return f"{address.describe()}: cannot bind port {address.port}: {e.strerror or e}"
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine has not (no IPv6): the node itself says it cannot bind
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+                probe.listen(1)
+            except OSError as e:
+                if e.errno == errno.EADDRNOTAVAIL:
+                    continue  # another host's address
+                if e.errno == errno.EADDRINUSE:
+                    return f"{address.describe()}: port {address.port} is already in use"
+                return f"{address.describe()}: cannot bind port {address.port}: {e.strerror or e}"
     return None
 
 
@@ -289,8 +300,12 @@ class Supervisor:
         """Why the addresses ``nodes`` bind are not free: TCP ports in use, and ipc paths that a
         living process serves (which ZeroMQ would take from it without a word)."""
         problems = [p for p in map(port_problem, bound_ports(nodes)) if p is not None]
-        return problems + [f"node {node.name!r} {key} {endpoint}: another process serves this ipc path"
-                           for node in nodes for key, endpoint in node.endpoints if ipc_in_use(endpoint)]
+        for node in nodes:
+            for key, endpoint in node.endpoints:
+                problem = ipc_problem(endpoint)
+                if problem is not None:
+                    problems.append(f"node {node.name!r} {key} {endpoint}: {problem[1]}")
+        return problems
 
     # -- zmx up --------------------------------------------------------------------------
 
