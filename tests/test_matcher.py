@@ -45,7 +45,7 @@ from zmx.node import matcher as matcher_module
 from zmx.node.journal import Journal
 from zmx.node.runtime import load_topology
 from zmx.node.wire import pack_requests, unpack_replies
-from zmx.topics import topic
+from zmx.topics import MAX_TOPIC_BYTES, account_topic, topic
 
 TIMEOUT_MS = 10_000
 BUY, SELL = Side.BUY, Side.SELL
@@ -531,6 +531,19 @@ def test_a_subscription_longer_than_any_topic_drops_its_sender(cluster: Cluster,
     name, events = codec.decode_publication(sub.recv())
     assert name == "BTC-USDT" and heartbeat(events)
     assert node.proc.poll() is None
+
+
+def test_a_subscriber_to_the_longest_topic_is_served(cluster: Cluster, tmp_path: Path, zctx: zmq.Context) -> None:
+    """The bound above counted a subscription as its 0/1 byte and a topic, but libzmq 4.3 sends
+    it as ZMTP 3.1's SUBSCRIBE command, 10 bytes and the topic: a subscriber to a topic of 120
+    to 128 bytes (an account of 119 to 126, which FILLS takes) was dropped at every connect."""
+    node, _ = start_matcher(cluster, tmp_path, zctx, ["BTC-USDT"])
+    longest = account_topic("a" * (MAX_TOPIC_BYTES - 2))
+    assert len(longest) == MAX_TOPIC_BYTES
+    sub = subscriber(zctx, node.ready["pub"], longest, topic("BTC-USDT"))  # type: ignore[index]
+    assert sub.poll(TIMEOUT_MS), "the subscriber to the longest topic was dropped"
+    name, events = codec.decode_publication(sub.recv())
+    assert name == "BTC-USDT" and heartbeat(events)
 
 
 def test_malformed_frames_to_the_matcher_are_refused_or_dropped(cluster: Cluster, tmp_path: Path,

@@ -25,10 +25,13 @@ PRIVATE_PREFIX = "@"
 MAX_TOPIC_BYTES = 128
 _MAX_NAME_BYTES = MAX_TOPIC_BYTES - 1
 # The most a subscription message to a PUB side of the cluster (a matcher's, a relay's) can
-# hold: its 0/1 byte and a topic. Those sockets refuse longer ones (ZMQ_MAXMSGSIZE: the peer is
-# disconnected), which a peer could otherwise use to make the socket build a deep subscription
-# trie, with a lot of memory and CPU, and crash it when the trie is walked.
-SUBSCRIPTION_MAX_BYTES = 1 + MAX_TOPIC_BYTES
+# hold: a topic after ZMTP 3.1's SUBSCRIBE command name (b"\x09SUBSCRIBE", 10 bytes, what
+# libzmq 4.3 sends; ZMTP 3.0's 0/1 byte is shorter). Those sockets refuse longer ones
+# (ZMQ_MAXMSGSIZE: the peer is disconnected), which a peer could otherwise use to make the
+# socket build a deep subscription trie, with a lot of memory and CPU, and crash it when the
+# trie is walked. (At 1 + 128 a subscriber to a topic over 119 bytes was dropped, again and
+# again as it connected again.)
+SUBSCRIPTION_MAX_BYTES = len(b"\x09SUBSCRIBE") + MAX_TOPIC_BYTES
 
 
 def topic(symbol: str) -> bytes:
