@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,29 @@ def test_check_missing_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(main, ["check", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
     assert "nope.yaml: cannot read the topology" in result.stderr
+
+
+def test_check_and_dry_run_show_values_as_written(runner: CliRunner, tmp_path: Path) -> None:
+    """Values went through rich's markup: "var/[red]m1[/red]" was shown as var/m1, another
+    directory than the one used, and "[/x]" stopped zmx check with a traceback."""
+    path = tmp_path / "[red]odd.yaml"
+    path.write_text(LOCAL.read_text(encoding="utf-8").replace('"var/m1"', '"var/[red]m1[/red]"')
+                    .replace('"var/m2"', '"var/[/x]m2"'), encoding="utf-8")
+    for args in (["check", str(path)], ["up", str(path), "--dry-run"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert "var/[red]m1[/red]" in result.stdout and "var/[/x]m2" in result.stdout, result.stdout
+        assert "[red]odd.yaml" in result.stdout
+
+
+def test_check_of_a_fifo_nobody_writes_says_it_is_empty(tmp_path: Path) -> None:
+    """(The open waited for a writer, for ever.)"""
+    fifo = tmp_path / "topology.yaml"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-m", "zmx.cli", "check", str(fifo)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2
+    assert "the topology is empty" in done.stderr
 
 
 def test_check_needs_a_topology(runner: CliRunner) -> None:

@@ -321,7 +321,11 @@ def test_zmx_probe_a_node_of_a_topology_for_one_symbol(tmp_path: Path, context: 
     (["m1", "--symbol", "ETH-USDT"], "node 'm1' does not publish 'ETH-USDT'"),
     (["tcp://127.0.0.1:5999", "--symbol", "@alice"], "must not start with '@'"),
     (["http://127.0.0.1:80"], "is not a ZeroMQ endpoint"),
-    (["tcp://bad"], "'tcp://bad': Invalid argument (expected tcp://host:port"),  # was a traceback
+    (["tcp://bad"], "'tcp://bad' is not tcp://host:port"),  # was a traceback
+    # ZeroMQ connected these somewhere, and the probe said "nothing arrived" (exit 1)
+    (["tcp://:19990"], "'tcp://:19990' is not tcp://host:port"),
+    (["tcp://127.0.0.1:19990;x"], "'tcp://127.0.0.1:19990;x' is not tcp://host:port"),
+    (["tcp://127.0.0.1:151062"], "port 151062 of tcp://127.0.0.1:151062 is not one of 1-65535"),
     # ZeroMQ would take the port modulo 65536 (19742): another node's feed
     (["tcp://127.0.0.1:85278"], "port 85278 of tcp://127.0.0.1:85278 is not one of 1-65535"),
     (["m1", "--duration", "nan"], "nan is not a number of seconds"),  # (it ran on forever)

@@ -295,6 +295,41 @@ def test_a_character_yaml_does_not_allow_is_named_with_its_line_and_column(chara
     assert_error(text, 6, f"YAML syntax error: character {shown} at column 5 is not allowed in YAML")
 
 
+@pytest.mark.parametrize("value, says", [
+    ("!!int abc", "cannot read 'abc' as int"),
+    ("!!float abc", "cannot read 'abc' as float"),
+    ("!!bool maybe", "cannot read 'maybe' as bool"),
+    ("!!timestamp abc", "cannot read 'abc' as timestamp"),
+    ("9" * 5000, "cannot read '9999"),  # more digits than Python turns into an int
+])
+def test_a_value_yaml_cannot_construct_is_an_error_at_its_line(value: str, says: str) -> None:
+    """PyYAML's constructors raise plain Python errors for these: a traceback from zmx check."""
+    text = replace_line(9, f'  g1: {{role: gateway, listen: "127.0.0.1:8765", workers: {value}}}')
+    message = assert_error(text, 9, f"YAML error: {says}")
+    assert len(message) < 400, message  # the value is not repeated whole
+
+
+@pytest.mark.parametrize("line, where", [
+    ('  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", data_dir: "var/\\0m1"}',
+     "node 'm1': data_dir 'var/\\x00m1' holds a control character (U+0000 at 5)"),
+    ('  m1: {role: matcher, pub: "ipc:///tmp/a\\0b", snapshot: "tcp://127.0.0.1:5561", data_dir: "var/m1"}',
+     "node 'm1': pub 'ipc:///tmp/a\\x00b' holds a control character (U+0000 at 13)"),
+    ('  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", data_dir: "var/m1\\n"}',
+     "node 'm1': data_dir 'var/m1\\n' holds a control character (U+000A at 7)"),
+])
+def test_a_control_character_in_a_path_or_an_endpoint_is_refused(line: str, where: str) -> None:
+    """Checked as valid, a NUL in data_dir then stopped the matcher with a traceback, and one
+    in an ipc endpoint made ZeroMQ bind the path cut at it (two such endpoints clashed
+    unseen); a newline made a directory whose name ends in one."""
+    assert_error(replace_line(7, line), 7, where)
+
+
+def test_a_port_of_six_digits_is_said_to_be_out_of_range() -> None:
+    text = replace_line(7, '  m1: {role: matcher, pub: "tcp://127.0.0.1:151062", snapshot: "tcp://127.0.0.1:5561", '
+                           'data_dir: "var/m1"}')
+    assert_error(text, 7, "pub 'tcp://127.0.0.1:151062': port 151062 is not in 1-65535")
+
+
 def _on_hosts(text: str) -> str:
     """BASE with r1 on 10.0.0.1, the matchers on 10.0.0.2 and the gateway listening everywhere."""
     text = text.replace("tcp://127.0.0.1:555", "tcp://10.0.0.1:555")

@@ -157,7 +157,7 @@ def main() -> None:
 def check(topology: Path) -> None:
     """Validate TOPOLOGY (a YAML file) and print its layout."""
     loaded = _load(topology)
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)
     counts = ", ".join(f"{len(loaded.nodes_by_role(role))} {role}(s)"
                        for role in ("router", "matcher", "relay", "gateway") if loaded.nodes_by_role(role))
     console.print(f"{topology}: cluster {loaded.cluster!r} is valid: {counts}, {len(loaded.symbols)} symbol(s)",
@@ -205,7 +205,7 @@ def up(topology: Path | None, restart: bool, dry_run: bool, ready_timeout: float
         raise TopologyFailure(str(e)) from None
     supervisor = Supervisor(loaded, topology, topology_text=text, restart=restart, ready_timeout=ready_timeout)
     if dry_run:
-        console = Console(highlight=False)
+        console = Console(highlight=False, markup=False)
         console.print(f"cluster {loaded.cluster!r} from {topology}", soft_wrap=True)
         _print_layout(console, loaded)
         nodes = supervisor.plan()
@@ -254,7 +254,7 @@ def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], dur
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--symbol'") from None
     stopper = Stopper().install()
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)
     if as_json:
         stats, elapsed = run_probe(endpoint, symbols=symbols, duration=duration, stopper=stopper)
         click.echo(json.dumps({"target": target, "endpoint": endpoint, **stats.summary(elapsed)}))
@@ -432,6 +432,8 @@ class BenchGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.commands:
             return self.commands[cmd_name]
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", cmd_name):  # (a name too long for a file was a traceback)
+            return None
         perf_dir = _perf_dir(ctx, required=False)
         script = perf_dir / f"bench_{cmd_name}.py"
         return _scenario_command(cmd_name, script) if script.is_file() else None
@@ -477,7 +479,7 @@ def bench_list(ctx: click.Context) -> None:
         results = perf_dir / "results" / f"{name}.json"
         table.add_row(name, _describe(perf_dir / f"bench_{name}.py"),
                       f"results/{results.name} ({_run_at(results)})" if results.is_file() else "-")
-    Console(highlight=False).print(table)
+    Console(highlight=False, markup=False).print(table)
     click.echo("run one: zmx bench SCENARIO [--quick]; then zmx bench report updates the README's table")
 
 
@@ -503,6 +505,8 @@ def _scenario_command(name: str, script: Path) -> click.Command:
         results = perf_dir / "results" / f"{name}.json"
         before = results.stat().st_mtime_ns if results.is_file() else None
         code = _run_benchmark(name, script, list(args))
+        if code == 2:  # argparse's usage error: the script said what is wrong; nothing ran
+            raise SystemExit(2)
         if code != 0:
             raise click.ClickException(f"benchmark {name} failed (exit status {code})" if code > 0 else
                                        f"benchmark {name} was killed by signal {-code}")
@@ -512,7 +516,7 @@ def _scenario_command(name: str, script: Path) -> click.Command:
             return
         rows = _load_results(results).get("summary")
         if rows:
-            Console(highlight=False).print(_summary_table(f"{name}: summary", rows))
+            Console(highlight=False, markup=False).print(_summary_table(f"{name}: summary", rows))
         if not group.params.get("no_plot"):
             _plot(perf_dir, results, strict=False)
 
@@ -528,7 +532,7 @@ def _run_benchmark(name: str, script: Path, args: list[str]) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, markup=False)
     env = {**os.environ, PROGRESS_ENV: "1", PROG_ENV: f"zmx bench {name}", "PYTHONUNBUFFERED": "1"}
     if console.is_terminal and "COLUMNS" not in os.environ:
         env["COLUMNS"] = str(console.width)  # the benchmark's own tables at our width

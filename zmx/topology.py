@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode
+from yaml.nodes import Node as YamlNode
 from yaml.reader import ReaderError
 
 from zmx.exceptions import InvalidNumber, TopologyError
@@ -349,8 +350,8 @@ class Topology:
 # -- endpoints ------------------------------------------------------------------------------
 
 _HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+)"
-_TCP = re.compile(rf"tcp://({_HOST}):([0-9]{{1,5}})")
-_HOST_PORT = re.compile(rf"({_HOST}):([0-9]{{1,5}})")
+_TCP = re.compile(rf"tcp://({_HOST}):([0-9]{{1,10}})")  # (range-checked where used)
+_HOST_PORT = re.compile(rf"({_HOST}):([0-9]{{1,10}})")
 _IPC = re.compile(r"(ipc)://(\S+)")
 _WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "[::]", "::"})
 _CONNECTED_TO = {"router": ("front", "back"), "matcher": ("pub", "snapshot"), "relay": ("pub",)}  # by other nodes
@@ -375,10 +376,13 @@ def connect_endpoint(endpoint: str) -> str:
 
     A wildcard host only makes sense for ``bind``; on this machine the loopback address
     reaches it. Other endpoints are returned unchanged. A port outside 1-65535 raises
-    ``TopologyError`` (ZeroMQ would take it modulo 65536: another node's port).
+    ``TopologyError`` (ZeroMQ would take it modulo 65536: another node's port), and so does a
+    ``tcp://`` endpoint that is not ``tcp://host:port``.
     """
     m = _TCP.fullmatch(endpoint)
     if m is None:
+        if endpoint.startswith("tcp://"):  # (ZeroMQ takes tcp://:5560 or tcp://host:5560;x as something else)
+            raise TopologyError(f"{endpoint!r:.80} is not tcp://host:port")
         return endpoint
     if not 0 < int(m.group(2)) <= 65535:
         raise TopologyError(f"port {m.group(2)} of {endpoint} is not one of 1-65535")
@@ -426,6 +430,11 @@ class _Map(dict):  # type: ignore[type-arg]
     key_lines: dict[Any, int]
 
 
+def _short(text: str, most: int = 60) -> str:
+    """``text`` quoted, cut to ``most`` characters (a message must not repeat a huge value)."""
+    return repr(text) if len(text) <= most else repr(text[:most]) + f"... ({len(text):,} characters)"
+
+
 class _Loader(yaml.SafeLoader):
     """``SafeLoader`` that keeps line numbers, refuses duplicate keys and resolves no floats.
 
@@ -438,6 +447,17 @@ class _Loader(yaml.SafeLoader):
         first: [(tag, rx) for tag, rx in resolvers if tag not in (_FLOAT_TAG, _INT_TAG)]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
+
+    def construct_object(self, node: YamlNode, deep: bool = False) -> Any:
+        """PyYAML's, with what its constructors raise as plain Python errors (an explicit tag on
+        a value it cannot take, ``!!int abc``; an integer of more digits than Python converts)
+        turned into a ``ConstructorError`` at the value's line."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+            value = node.value if isinstance(node.value, str) else node.id
+            raise ConstructorError(None, None, f"cannot read {_short(value)} as {node.tag.rsplit(':', 1)[-1]} "
+                                               f"({_short(str(e))})", node.start_mark) from None
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> _Map:  # type: ignore[override]
         if not isinstance(node, MappingNode):
@@ -577,6 +597,10 @@ class _Parser:
             raise _Problem(line, f"{where}{key} must be a string like {example!r}, got {_kind(value)}")
         if not value:
             raise _Problem(line, f"{where}{key} is empty; expected something like {example!r}")
+        bad = next((i for i, c in enumerate(value) if c < " " or c == "\x7f"), None)
+        if bad is not None:  # a NUL cut a path or an ipc endpoint short where it was used; a newline made a name
+            raise _Problem(line, f"{where}{key} {_short(value)} holds a control character (U+{ord(value[bad]):04X} "
+                                 f"at {bad + 1}); expected something like {example!r}")
         return value
 
     # -- endpoints ------------------------------------------------------------------------

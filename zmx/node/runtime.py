@@ -194,7 +194,11 @@ def read_topology_text(path: str | PathLike[str]) -> str:
     """The text of the topology file at ``path`` (``TopologyError`` if it cannot be a topology's)."""
     source = str(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        # Opened without waiting: a FIFO that nobody writes would block the open for ever (it
+        # then reads as empty); one with a writer, /dev/stdin say, is read as it comes.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        with open(fd, encoding="utf-8") as f:
             text = f.read(MAX_TOPOLOGY_BYTES + 1)
         if len(text) > MAX_TOPOLOGY_BYTES:
             raise TopologyError(f"{source}: more than {MAX_TOPOLOGY_BYTES:,} characters: not a topology "

@@ -282,8 +282,8 @@ class Supervisor:
         self.restart = restart
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
-        self.output = _Output(console or _Console(highlight=False),
-                              err_console or _Console(stderr=True, highlight=False))
+        self.output = _Output(console or _Console(highlight=False, markup=False),
+                              err_console or _Console(stderr=True, highlight=False, markup=False))
         self.events: queue.Queue[tuple[str, Run, Any]] = queue.Queue()
         self.children: dict[str, Child] = {}
         self.stopper = Stopper()
