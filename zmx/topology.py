@@ -407,6 +407,23 @@ class _Address:
         return self.host == other.host or self.host in _WILDCARD_HOSTS or other.host in _WILDCARD_HOSTS
 
 
+def _holders(path: str) -> list[str]:
+    """The directories that hold the normalised ``path``: ``var/m1`` -> ``var``, ``.``;
+    ``/srv/m1`` -> ``/srv``, ``/``; ``../m1`` -> ``..`` (not ``.``: it is not inside it)."""
+    if path in (".", "/"):
+        return []
+    found = []
+    head = posixpath.dirname(path)
+    while head and head not in found:
+        found.append(head)
+        if head == "/":
+            break
+        head = posixpath.dirname(head)
+    if not path.startswith(("/", "..")):
+        found.append(".")
+    return found
+
+
 def _normal_host(host: str) -> str:
     return "127.0.0.1" if host.lower() == "localhost" else host.lower()
 
@@ -557,7 +574,8 @@ _ROLE_KEYS: dict[str, dict[str, bool]] = {
 class _Parser:
     def __init__(self, data: _Map) -> None:
         self.data = data
-        self.bound: list[tuple[_Address, str, int]] = []  # address, "node 'm1' pub '...'", line
+        # (transport, port or ipc path) -> [(address, "node 'm1' pub '...'", line)]: only those can clash
+        self.bound: dict[tuple[str, int | str], list[tuple[_Address, str, int]]] = {}
 
     # -- small checks -------------------------------------------------------------------
 
@@ -644,13 +662,15 @@ class _Parser:
 
     def _bind(self, address: _Address, what: str, line: int) -> None:
         """Remember an address taken by ``what`` ("node 'm1': pub '...'"); refuse it if taken."""
-        for other, other_what, other_line in self.bound:
+        taken = self.bound.setdefault((address.transport, address.port if address.transport == "tcp"
+                                       else address.host), [])
+        for other, other_what, other_line in taken:
             if address.clashes(other):
                 if address.transport == "tcp":
                     raise _Problem(line, f"{what} uses port {address.port}, already used by {other_what} "
                                          f"(line {other_line})")
                 raise _Problem(line, f"{what} is already used by {other_what} (line {other_line})")
-        self.bound.append((address, what.replace(": ", " ", 1), line))
+        taken.append((address, what.replace(": ", " ", 1), line))
 
     # -- the file -------------------------------------------------------------------------
 
@@ -845,22 +865,25 @@ class _Parser:
     # -- checks across nodes --------------------------------------------------------------
 
     def _check_data_dirs(self, nodes: dict[str, Node], entries: _Map) -> None:
-        seen: list[tuple[str, str]] = []  # normalised dir, node name
+        seen: dict[str, str] = {}  # normalised dir -> node name
+        around: dict[str, str] = {}  # a directory holding a seen one -> that one's node name
         for node in nodes.values():
             if not isinstance(node, MatcherNode):
                 continue
             path = posixpath.normpath(node.data_dir.replace("\\", "/"))
             line = entries[node.name].key_lines["data_dir"]
-            for other_path, other in seen:
-                if path == other_path:
-                    raise _Problem(line, f"node {node.name!r}: data_dir {node.data_dir!r} is also the data_dir of "
-                                         f"node {other!r}; two matchers would write the same journal")
-                inner, outer = sorted((path, other_path), key=len, reverse=True)
-                if outer == "." or inner.startswith(outer.rstrip("/") + "/"):  # (outer "/" ends with one)
-                    other_dir = nodes[other].data_dir  # type: ignore[union-attr]
-                    raise _Problem(line, f"node {node.name!r}: data_dir {node.data_dir!r} and the data_dir "
-                                         f"{other_dir!r} of node {other!r} are nested")
-            seen.append((path, node.name))
+            if path in seen:
+                raise _Problem(line, f"node {node.name!r}: data_dir {node.data_dir!r} is also the data_dir of "
+                                     f"node {seen[path]!r}; two matchers would write the same journal")
+            outer = _holders(path)
+            other = next((seen[p] for p in outer if p in seen), None) or around.get(path)
+            if other is not None:
+                other_dir = nodes[other].data_dir  # type: ignore[union-attr]
+                raise _Problem(line, f"node {node.name!r}: data_dir {node.data_dir!r} and the data_dir "
+                                     f"{other_dir!r} of node {other!r} are nested")
+            seen[path] = node.name
+            for p in outer:
+                around.setdefault(p, node.name)
 
     def _check_heartbeats(self, nodes: dict[str, Node], entries: _Map) -> None:
         matchers = [n for n in nodes.values() if isinstance(n, MatcherNode)]
@@ -951,22 +974,30 @@ class _Parser:
             hosts_of[node.name] = frozenset(
                 h for h in map(_normal_host, filter(None, hosts)) if h not in _WILDCARD_HOSTS and not _is_loopback(h))
 
+        by_role: dict[str, list[Node]] = {}
+        feeds: dict[str, list[Node]] = {}  # a matcher's or relay's name -> the nodes that connect to its pub
+        for n in topology.nodes.values():
+            by_role.setdefault(n.role, []).append(n)
+            if isinstance(n, (RelayNode, GatewayNode)):
+                for name in (*n.upstream, *getattr(n, "standby", ())):
+                    feeds.setdefault(name, []).append(n)
+
         def connectors(node: Node, key: str) -> list[Node]:
-            nodes = topology.nodes.values()
             if node.role == "router":
-                return [n for n in nodes if n.role == ("gateway" if key == "front" else "matcher")]
+                return by_role.get("gateway" if key == "front" else "matcher", [])
             if key == "snapshot":  # every gateway asks books of the matchers themselves
-                return [n for n in nodes if n.role == "gateway"]
-            return [n for n in nodes if isinstance(n, (RelayNode, GatewayNode))
-                    and node.name in (*n.upstream, *getattr(n, "standby", ()))]
+                return by_role.get("gateway", [])
+            return feeds.get(node.name, [])
 
         for node in topology.nodes.values():
+            own = hosts_of[node.name]
+            if not own:  # a node on loopback and wildcard addresses only could be on any host
+                continue
             for key in _CONNECTED_TO.get(node.role, ()):
                 endpoint = getattr(node, key)
                 host = _endpoint_host(endpoint)
                 if host is None or not _is_loopback(_normal_host(host)):
                     continue
-                own = hosts_of[node.name]
                 for other in connectors(node, key):
                     theirs = hosts_of[other.name]
                     if own and theirs and not own & theirs:
