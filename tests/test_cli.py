@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from click.testing import CliRunner
 import zmx
 from zmx import cli
 from zmx.cli import builtin_topology_path, main
+from zmx.exceptions import TopologyError
+from zmx.node import runtime
+from zmx.node.runtime import read_topology_text
 from zmx.topology import GatewayLimits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,14 +114,23 @@ def test_check_and_dry_run_show_values_as_written(runner: CliRunner, tmp_path: P
         assert "[red]odd.yaml" in result.stdout
 
 
-def test_check_of_a_fifo_nobody_writes_says_it_is_empty(tmp_path: Path) -> None:
-    """(The open waited for a writer, for ever.)"""
+def test_a_topology_fifo_waits_for_a_late_writer_and_not_for_ever(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """(zmx check, up, node and probe waited for ever on a FIFO nobody wrote to; the first fix
+    read one whose writer came late as empty.)"""
     fifo = tmp_path / "topology.yaml"
     os.mkfifo(fifo)
-    done = subprocess.run([sys.executable, "-m", "zmx.cli", "check", str(fifo)], capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 2
-    assert "the topology is empty" in done.stderr
+    monkeypatch.setattr(runtime, "FIFO_WAIT_S", 0.3)
+    with pytest.raises(TopologyError, match="topology.yaml: a FIFO that nobody wrote to in 0.3 s"):
+        read_topology_text(fifo)
+    monkeypatch.setattr(runtime, "FIFO_WAIT_S", 30.0)
+    got: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: got.update(text=read_topology_text(fifo)))
+    reader.start()
+    with open(fifo, "w", encoding="utf-8") as writer:  # (this open waits for the reader's)
+        writer.write("cluster: late\n")
+    reader.join(30)
+    assert got == {"text": "cluster: late\n"}
 
 
 def test_check_needs_a_topology(runner: CliRunner) -> None:

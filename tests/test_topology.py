@@ -590,12 +590,14 @@ def test_two_matchers_never_share_a_data_dir() -> None:
     m1 = ('  m1: {role: matcher, pub: "tcp://127.0.0.1:5560", snapshot: "tcp://127.0.0.1:5561", '
           'data_dir: "%s"}')
     for outer, inner in (("/srv/zmx/m1", "/srv/zmx/m1/sub"), ("/", "/srv/zmx/m2"), (".", "var/m2"),
-                         ("..", "../m2"), ("../zmx", "../zmx/m2")):
+                         ("..", "../m2"), ("../zmx", "../zmx/m2"), ("..", "."), ("../..", "var/m2"),
+                         ("../..", "../m2"), (".", "..foo"), ("/", "//srv/m2")):
         assert_error(replace_line(8, line % inner, replace_line(7, m1 % outer)), 8,
                      f"node 'm2': data_dir '{inner}' and the data_dir '{outer}' of node 'm1' are nested")
         assert_error(replace_line(8, line % outer, replace_line(7, m1 % inner)), 8,  # either way round
                      f"node 'm2': data_dir '{outer}' and the data_dir '{inner}' of node 'm1' are nested")
-    for first, second in ((".", "../m2"), ("var/m1", "../var/m1"), ("/srv/a", "/srv/ab")):  # side by side
+    for first, second in ((".", "../m2"), ("var/m1", "../var/m1"), ("/srv/a", "/srv/ab"), ("../a", "../../b"),
+                          (".", "/srv/m2")):  # side by side (the last two nest only if started in ../b, /srv)
         topology = parse(replace_line(8, line % second, replace_line(7, m1 % first)))
         assert topology.node("m2").data_dir == second  # type: ignore[union-attr]
 

@@ -403,10 +403,13 @@ def _order(name: str) -> tuple[int, str]:
     return (SCENARIO_ORDER.index(name) if name in SCENARIO_ORDER else len(SCENARIO_ORDER), name)
 
 
+SCENARIO_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def scenarios(perf_dir: Path) -> list[str]:
-    """The scenarios of a perf directory: one per ``bench_NAME.py``."""
+    """The scenarios of a perf directory: one per ``bench_NAME.py`` (NAME: ``SCENARIO_NAME``)."""
     names = [p.stem.removeprefix("bench_") for p in perf_dir.glob("bench_*.py")]
-    return sorted((n for n in names if n not in BENCH_COMMANDS), key=_order)
+    return sorted((n for n in names if n not in BENCH_COMMANDS and SCENARIO_NAME.fullmatch(n)), key=_order)
 
 
 def _describe(script: Path) -> str:
@@ -432,7 +435,7 @@ class BenchGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.commands:
             return self.commands[cmd_name]
-        if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", cmd_name):  # (a name too long for a file was a traceback)
+        if not SCENARIO_NAME.fullmatch(cmd_name):  # (a name too long for a file was a traceback)
             return None
         perf_dir = _perf_dir(ctx, required=False)
         script = perf_dir / f"bench_{cmd_name}.py"
@@ -550,7 +553,7 @@ def _run_benchmark(name: str, script: Path, args: list[str]) -> int:
                for stream, is_err in ((proc.stdout, False), (proc.stderr, True))]
     for reader in readers:
         reader.start()
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=console, redirect_stdout=sys.stdout.isatty())
     try:
         with bar:

@@ -349,7 +349,7 @@ class Topology:
 
 # -- endpoints ------------------------------------------------------------------------------
 
-_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+)"
+_HOST = r"(?:\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]|[^\s:/\[\]]+)"  # ([fe80::1%eth0]: a zone)
 _TCP = re.compile(rf"tcp://({_HOST}):([0-9]{{1,10}})")  # (range-checked where used)
 _HOST_PORT = re.compile(rf"({_HOST}):([0-9]{{1,10}})")
 _IPC = re.compile(r"(ipc)://(\S+)")
@@ -407,21 +407,18 @@ class _Address:
         return self.host == other.host or self.host in _WILDCARD_HOSTS or other.host in _WILDCARD_HOSTS
 
 
-def _holders(path: str) -> list[str]:
-    """The directories that hold the normalised ``path``: ``var/m1`` -> ``var``, ``.``;
-    ``/srv/m1`` -> ``/srv``, ``/``; ``../m1`` -> ``..`` (not ``.``: it is not inside it)."""
-    if path in (".", "/"):
-        return []
-    found = []
-    head = posixpath.dirname(path)
-    while head and head not in found:
-        found.append(head)
-        if head == "/":
-            break
-        head = posixpath.dirname(head)
-    if not path.startswith(("/", "..")):
-        found.append(".")
-    return found
+def _place(data_dir: str) -> tuple[int, tuple[str, ...]]:
+    """Where a data dir is, to compare with another: ``(-1, parts)`` for an absolute path,
+    ``(climbs, parts after them)`` for a relative one (``../../a/b`` -> ``(2, ("a", "b"))``;
+    ``.`` -> ``(0, ())``). Backslashes are taken as slashes, ``//`` as ``/``."""
+    path = posixpath.normpath(re.sub("/+", "/", data_dir.replace("\\", "/")))
+    if path.startswith("/"):
+        return -1, tuple(p for p in path.split("/") if p)
+    parts = [] if path == "." else path.split("/")
+    up = 0
+    while up < len(parts) and parts[up] == "..":
+        up += 1
+    return up, tuple(parts[up:])
 
 
 def _normal_host(host: str) -> str:
@@ -615,7 +612,7 @@ class _Parser:
             raise _Problem(line, f"{where}{key} must be a string like {example!r}, got {_kind(value)}")
         if not value:
             raise _Problem(line, f"{where}{key} is empty; expected something like {example!r}")
-        bad = next((i for i, c in enumerate(value) if c < " " or c == "\x7f"), None)
+        bad = next((i for i, c in enumerate(value) if c < " " or "\x7f" <= c <= "\x9f"), None)
         if bad is not None:  # a NUL cut a path or an ipc endpoint short where it was used; a newline made a name
             raise _Problem(line, f"{where}{key} {_short(value)} holds a control character (U+{ord(value[bad]):04X} "
                                  f"at {bad + 1}); expected something like {example!r}")
@@ -865,25 +862,41 @@ class _Parser:
     # -- checks across nodes --------------------------------------------------------------
 
     def _check_data_dirs(self, nodes: dict[str, Node], entries: _Map) -> None:
-        seen: dict[str, str] = {}  # normalised dir -> node name
-        around: dict[str, str] = {}  # a directory holding a seen one -> that one's node name
+        """No two matchers' data dirs are the same, or one inside the other. A relative one is
+        its ``..`` climbs and the rest (``_place``): two with as many climbs nest when one's rest
+        starts with the other's; with more climbs, only a bare chain (``..``, ``../..``) holds
+        the other (``..`` holds ``.`` and ``../x``, not ``../../y``), whatever the directory
+        the nodes start in."""
+        seen: dict[tuple[int, tuple[str, ...]], str] = {}  # place -> node name
+        around: dict[tuple[int, tuple[str, ...]], str] = {}  # a place holding a seen one -> its node name
+        chains: dict[int, str] = {}  # climbs of a bare relative chain ("." is 0) -> node name
+        climbs: dict[int, str] = {}  # climbs of any relative one -> node name
         for node in nodes.values():
             if not isinstance(node, MatcherNode):
                 continue
-            path = posixpath.normpath(node.data_dir.replace("\\", "/"))
+            place = _place(node.data_dir)
             line = entries[node.name].key_lines["data_dir"]
-            if path in seen:
+            if place in seen:
                 raise _Problem(line, f"node {node.name!r}: data_dir {node.data_dir!r} is also the data_dir of "
-                                     f"node {seen[path]!r}; two matchers would write the same journal")
-            outer = _holders(path)
-            other = next((seen[p] for p in outer if p in seen), None) or around.get(path)
+                                     f"node {seen[place]!r}; two matchers would write the same journal")
+            up, rest = place
+            outer = [(up, rest[:n]) for n in range(len(rest))]
+            other = next((seen[p] for p in outer if p in seen), None) or around.get(place)
+            if other is None and up >= 0:  # relative
+                other = next((name for c, name in chains.items() if c > up), None)
+                if other is None and not rest:
+                    other = next((name for c, name in climbs.items() if c < up), None)
             if other is not None:
                 other_dir = nodes[other].data_dir  # type: ignore[union-attr]
                 raise _Problem(line, f"node {node.name!r}: data_dir {node.data_dir!r} and the data_dir "
                                      f"{other_dir!r} of node {other!r} are nested")
-            seen[path] = node.name
+            seen[place] = node.name
             for p in outer:
                 around.setdefault(p, node.name)
+            if up >= 0:
+                climbs.setdefault(up, node.name)
+                if not rest:
+                    chains[up] = node.name
 
     def _check_heartbeats(self, nodes: dict[str, Node], entries: _Map) -> None:
         matchers = [n for n in nodes.values() if isinstance(n, MatcherNode)]

@@ -20,8 +20,10 @@ import importlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -183,6 +185,7 @@ def settle_collector() -> None:
 # A topology is a page or two of YAML; past this it is not one (a device such as /dev/zero,
 # or the wrong file), and it is refused before it is read whole
 MAX_TOPOLOGY_BYTES = 1 << 20
+FIFO_WAIT_S = 10.0  # for a writer to a topology given as a FIFO
 
 
 def load_topology(path: str | PathLike[str]) -> Topology:
@@ -194,11 +197,24 @@ def read_topology_text(path: str | PathLike[str]) -> str:
     """The text of the topology file at ``path`` (``TopologyError`` if it cannot be a topology's)."""
     source = str(path)
     try:
-        # Opened without waiting: a FIFO that nobody writes would block the open for ever (it
-        # then reads as empty); one with a writer, /dev/stdin say, is read as it comes.
+        # Opened without waiting (a FIFO that nobody writes would block the open for ever); a
+        # FIFO is then given FIFO_WAIT_S for a writer to come (/dev/stdin, <(...), a script's).
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        os.set_blocking(fd, True)
-        with open(fd, encoding="utf-8") as f:
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            if stat.S_ISFIFO(mode):
+                waiting = select.poll()
+                waiting.register(fd, select.POLLIN)
+                if not waiting.poll(FIFO_WAIT_S * 1000):
+                    raise TopologyError(f"{source}: a FIFO that nobody wrote to in {FIFO_WAIT_S:g} s")
+            os.set_blocking(fd, True)
+            f = open(fd, encoding="utf-8")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             text = f.read(MAX_TOPOLOGY_BYTES + 1)
         if len(text) > MAX_TOPOLOGY_BYTES:
             raise TopologyError(f"{source}: more than {MAX_TOPOLOGY_BYTES:,} characters: not a topology "
