@@ -4,9 +4,11 @@ A node process is started as ``zmx node NAME -t TOPOLOGY``. It binds its sockets
 prints exactly one line ``READY {"node": ..., "role": ..., ...}`` (JSON) on standard output,
 which is how ``zmx up`` and the tests know it is serving: the line is written by the node
 after its sockets are bound, never guessed with a sleep. A start that takes long (a matcher
-replaying a long journal) says it is still going with ``STARTING {...}`` lines on standard
-output (``StartProgress``); ``zmx up`` waits for READY as long as they keep coming. It stops cleanly on SIGINT or
-SIGTERM: every loop polls its sockets with a short timeout and checks ``Stopper.stopped``.
+replaying a long journal) says how far it is (``StartProgress``): in its log, and, for a
+parent that asks with ``ZMX_STARTING_LINES=1`` (``zmx up``), in ``STARTING {...}`` lines
+before READY; ``zmx up`` waits for READY as long as they keep coming. It stops cleanly on
+SIGINT or SIGTERM: every loop polls its sockets with a short timeout and checks
+``Stopper.stopped`` (a long start, at each ``StartProgress.due``).
 """
 
 from __future__ import annotations
@@ -99,9 +101,7 @@ def cannot_bind(what: str, address: str, error_number: int | None, reason: str |
     return text
 
 
-IPC_CHECK_TIMEOUT_S = 1.0  # (a connect to a listener whose backlog is full would block: it fails at once instead)
-
-
+IPC_CHECK_TIMEOUT_S = 1.0  # a bound for the check's connect (a unix one answers at once: a full backlog, EAGAIN)
 IPC_IN_USE = "another process serves this ipc path"
 
 
@@ -302,8 +302,10 @@ class StartProgress:
     A loop calls ``due()`` every few thousand steps (one clock read) and ``say()`` when it is
     due::
 
-        if i & 0x3FFF == 0 and progress.due():
-            progress.say(f"replaying the journal: {i:,} of {n:,} commands")
+        for start in range(0, len(commands), 0x4000):
+            if progress.due():
+                progress.say(f"replaying the journal: {start:,} of {len(commands):,} commands")
+            ...  # the chunk commands[start:start + 0x4000]
     """
 
     def __init__(self, node: str, stopper: Stopper | None = None) -> None:
