@@ -19,9 +19,12 @@ or oversized frames), or to silence one symbol's feed.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import itertools
 import json
+import logging
 import queue
 import random
 import re
@@ -41,7 +44,9 @@ from nodes import Cluster, NodeProcess, write_topology
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
+from test_gateway_memory import Gateway as OneConnectionGateway
 from test_gateway_memory import Transport
+from test_gateway_memory import opened as opened_in_process
 from ws import Clients, WsClient, as_decimal_levels, checksum, matcher_book, same_book
 
 from zmx import codec
@@ -637,6 +642,36 @@ def test_pings_and_big_messages_count_toward_the_rate_limit(clients: Clients) ->
 def frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
     """A client frame (masked), to send on a connection's socket as it is."""
     return Frame(opcode, data, fin=fin).serialize(mask=True, extensions=[])
+
+
+def test_a_message_the_gateway_fails_on_closes_that_connection_alone_with_1011(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """(In process, the gateway played by the harness of test_gateway_memory.) A bug in handling
+    a message, as the error message of a value nested too deep to show was, killed the
+    connection with a traceback in the log: it is one ERROR line, a close with 1011 and a count."""
+
+    class Broken:
+        account = "g1.alice"
+
+        def receive(self, data: bytes, now: float) -> list:
+            raise RecursionError("maximum recursion depth exceeded")
+
+    async def run() -> tuple[OneConnectionGateway, Transport]:
+        gateway = OneConnectionGateway()
+        gateway.counts = collections.Counter()  # type: ignore[attr-defined]
+        conn, transport, _ = opened_in_process(gateway, split=False)
+        conn.session = Broken()  # type: ignore[assignment]
+        transport.written.clear()
+        conn.data_received(frame(Opcode.TEXT, b'{"action": "ping"}'))
+        return gateway, transport
+
+    with caplog.at_level(logging.ERROR, logger="zmx.gateway"):
+        gateway, transport = asyncio.run(run())
+    assert gateway.counts == {"internal_error_closed": 1}  # type: ignore[attr-defined]
+    assert transport.written[:1] == b"\x88" and transport.written[2:4] == (1011).to_bytes(2, "big"), transport.written
+    assert ("connection g1.alice: a message it sent could not be handled (RecursionError: maximum recursion depth "
+            "exceeded); closing it") in caplog.text
+    assert "Traceback" not in caplog.text
 
 
 def test_a_message_in_fragments_is_read_whole_whatever_other_connections_send_meanwhile(clients: Clients) -> None:

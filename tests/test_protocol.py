@@ -122,6 +122,18 @@ def test_ping_answers_pong():
     assert reply(session(), {"action": "ping"}) == {"type": "pong"}
 
 
+@pytest.mark.parametrize("field", ["id", "side", "type", "time_in_force"])
+def test_a_value_nested_deeper_than_json_is_written_is_invalid_field(field):
+    """orjson reads 1,024 levels but writes 255: an id or a choice 300 deep was read, then its
+    error message could not show it, and the connection died with a traceback in the log."""
+    message = {"action": "submit_order", "order_id": "o1", "symbol": "BTC-USDT", "side": "buy", "type": "limit",
+               "time_in_force": "gtc", "price": "1", "quantity": "1", "id": 1}
+    text = orjson.dumps(message).decode().replace(f'"{field}":', f'"{field}":' + "[" * 300 + "]" * 300 + ',"x":', 1)
+    answer = reply(session(), text)
+    assert_error(answer, "invalid_field", None if field == "id" else 1)
+    assert f"'{field}'" in answer["message"] and "an array nested too deeply to show" in answer["message"], answer
+
+
 @pytest.mark.parametrize("request_id", ["req-1", "", "x" * 64, 7, 0, -5, 2**63 - 1, -(2**63)])
 def test_the_id_is_echoed_when_it_is_a_string_or_a_64_bit_integer(request_id):
     message = reply(session(), {"action": "ping", "id": request_id})

@@ -263,7 +263,13 @@ def _show(value: object) -> str:
     cut inside its quotes)."""
     if type(value) is str and len(value) > 36:
         value = value[:33] + "..."
-    text = orjson.dumps(value).decode() if not isinstance(value, (set, bytes)) else repr(value)
+    if isinstance(value, (set, bytes)):
+        text = repr(value)
+    else:
+        try:
+            text = orjson.dumps(value).decode()
+        except TypeError:  # (orjson.JSONEncodeError) nested deeper than orjson writes: read, never shown
+            text = f"{_json_kind(value)} nested too deeply to show"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
