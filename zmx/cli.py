@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,24 @@ def builtin_topology_path() -> Path:
     return Path(zmx.__file__).resolve().parent.parent / "topology" / "local.yaml"
 
 
-def _load(path: Path) -> Topology:
+@contextlib.contextmanager
+def _topology_failure() -> Iterator[None]:
+    """A ``TopologyError`` inside, as the CLI says it: one line, exit status 2."""
     try:
-        return load_topology(path)
+        yield
     except TopologyError as e:
         raise TopologyFailure(str(e)) from None
+
+
+def _load(path: Path) -> Topology:
+    with _topology_failure():
+        return load_topology(path)
+
+
+def _console(**options: Any) -> Console:
+    """A console that prints what it is given as it is: no rich markup (a topology's
+    ``var/[red]m1`` is a path; ``[/x]`` in one was a traceback) and no highlighting."""
+    return Console(highlight=False, markup=False, **options)
 
 
 def _nodes_table(topology: Topology) -> Table:
@@ -157,7 +171,7 @@ def main() -> None:
 def check(topology: Path) -> None:
     """Validate TOPOLOGY (a YAML file) and print its layout."""
     loaded = _load(topology)
-    console = Console(highlight=False, markup=False)
+    console = _console()
     counts = ", ".join(f"{len(loaded.nodes_by_role(role))} {role}(s)"
                        for role in ("router", "matcher", "relay", "gateway") if loaded.nodes_by_role(role))
     console.print(f"{topology}: cluster {loaded.cluster!r} is valid: {counts}, {len(loaded.symbols)} symbol(s)",
@@ -198,14 +212,12 @@ def up(topology: Path | None, restart: bool, dry_run: bool, ready_timeout: float
     from zmx.node.supervisor import Supervisor, where_to_connect
 
     topology = _topology_or_builtin(topology)
-    try:
+    with _topology_failure():
         text = read_topology_text(topology)
         loaded = parse_topology(text, str(topology))
-    except TopologyError as e:
-        raise TopologyFailure(str(e)) from None
     supervisor = Supervisor(loaded, topology, topology_text=text, restart=restart, ready_timeout=ready_timeout)
     if dry_run:
-        console = Console(highlight=False, markup=False)
+        console = _console()
         console.print(f"cluster {loaded.cluster!r} from {topology}", soft_wrap=True)
         _print_layout(console, loaded)
         nodes = supervisor.plan()
@@ -254,7 +266,7 @@ def probe(target: str, topology_path: Path | None, symbols: tuple[str, ...], dur
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--symbol'") from None
     stopper = Stopper().install()
-    console = Console(highlight=False, markup=False)
+    console = _console()
     if as_json:
         stats, elapsed = run_probe(endpoint, symbols=symbols, duration=duration, stopper=stopper)
         click.echo(json.dumps({"target": target, "endpoint": endpoint, **stats.summary(elapsed)}))
@@ -352,16 +364,12 @@ def node(name: str, topology_path: Path, topology_on_stdin: bool) -> None:
     from zmx.node.runtime import MAX_TOPOLOGY_BYTES, run_node
 
     if topology_on_stdin:
-        try:
+        with _topology_failure():
             topology = parse_topology(sys.stdin.read(MAX_TOPOLOGY_BYTES + 1), str(topology_path))
-        except TopologyError as e:
-            raise TopologyFailure(str(e)) from None
     else:
         topology = _load(topology_path)
-    try:
+    with _topology_failure():
         topology.node(name)
-    except TopologyError as e:
-        raise TopologyFailure(str(e)) from None
     try:
         code = run_node(topology, name)
     except (ZmxError, OSError) as e:  # e.g. its port is taken: say so, without a traceback
@@ -482,7 +490,7 @@ def bench_list(ctx: click.Context) -> None:
         results = perf_dir / "results" / f"{name}.json"
         table.add_row(name, _describe(perf_dir / f"bench_{name}.py"),
                       f"results/{results.name} ({_run_at(results)})" if results.is_file() else "-")
-    Console(highlight=False, markup=False).print(table)
+    _console().print(table)
     click.echo("run one: zmx bench SCENARIO [--quick]; then zmx bench report updates the README's table")
 
 
@@ -519,7 +527,7 @@ def _scenario_command(name: str, script: Path) -> click.Command:
             return
         rows = _load_results(results).get("summary")
         if rows:
-            Console(highlight=False, markup=False).print(_summary_table(f"{name}: summary", rows))
+            _console().print(_summary_table(f"{name}: summary", rows))
         if not group.params.get("no_plot"):
             _plot(perf_dir, results, strict=False)
 
@@ -535,7 +543,7 @@ def _run_benchmark(name: str, script: Path, args: list[str]) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True, highlight=False, markup=False)
+    console = _console(stderr=True)
     env = {**os.environ, PROGRESS_ENV: "1", PROG_ENV: f"zmx bench {name}", "PYTHONUNBUFFERED": "1"}
     if console.is_terminal and "COLUMNS" not in os.environ:
         env["COLUMNS"] = str(console.width)  # the benchmark's own tables at our width
